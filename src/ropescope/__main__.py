@@ -1,0 +1,3 @@
+from ropescope.cli import main
+
+raise SystemExit(main())
