@@ -121,6 +121,10 @@ def attention_statistics(
         # Bins depend only on the distance, so one lookup table serves every block.
         bin_of_distance = distance_bins(torch.arange(k_len, device=device), distance_edges.to(device), distance_scale)
 
+    # sum_j p_j s_ij = q_i . sum_j p_j k_j: with a column of ones after k, one matmul P @ [k | 1] gives both the
+    # softmax denominator and the score average, the way flash attention computes P @ V, instead of
+    # elementwise passes over the block.
+    keys_and_ones = torch.cat([k, torch.ones(*k.shape[:-1], 1, dtype=compute_dtype, device=device)], dim=-1)
     entropy = torch.empty(batch, heads, q_len, dtype=torch.float32, device=device)
     distance_mass = (
         torch.empty(batch, heads, q_len, n_bins, dtype=torch.float32, device=device) if n_bins else None
@@ -141,57 +145,53 @@ def attention_statistics(
             if not causal:
                 key_end = min(k_len, last_position + sliding_window)
 
-        running_max = torch.full((batch, heads, rows), -math.inf, dtype=torch.float64, device=device)
-        total = torch.zeros(batch, heads, rows, dtype=torch.float64, device=device)
-        weighted = torch.zeros(batch, heads, rows, dtype=torch.float64, device=device)  # sum p * (s - max)
+        # Online softmax state per query row: running maximum m, and sum_j exp(s_j - m) * [k_j | 1].
+        running_max = torch.full((batch, kv_heads, group * rows, 1), -math.inf, dtype=torch.float64, device=device)
+        weighted_keys = torch.zeros(batch, kv_heads, group * rows, head_dim + 1, dtype=torch.float64, device=device)
         mass = torch.zeros(batch, heads, rows, n_bins, dtype=torch.float64, device=device) if n_bins else None
 
         for k_start in range(key_begin, key_end, chunk_size):
             k_stop = min(k_start + chunk_size, key_end)
-            scores = torch.matmul(q_block, k[:, :, k_start:k_stop].transpose(-1, -2))
-            scores = scores.view(batch, heads, rows, k_stop - k_start)
-            relative = query_positions[:, None] - torch.arange(k_start, k_stop, device=device)[None, :]
+            scores = torch.matmul(q_block, k[:, :, k_start:k_stop].transpose(-1, -2))  # [b, kv, group*rows, keys]
             # Only blocks that cross the diagonal or the window's edge need a mask.
             crosses_diagonal = causal and k_stop - 1 > first_position
             crosses_window = sliding_window is not None and (
                 last_position - k_start >= sliding_window
                 or (not causal and k_stop - 1 - first_position >= sliding_window)
             )
-            visible = None
-            if crosses_diagonal:
-                visible = relative >= 0
-            if crosses_window:
-                in_window = relative.abs() < sliding_window
-                visible = in_window if visible is None else visible & in_window
-            if visible is not None:
-                scores.masked_fill_(~visible, -math.inf)
+            relative = None
+            if crosses_diagonal or crosses_window or mass is not None:
+                relative = query_positions[:, None] - torch.arange(k_start, k_stop, device=device)[None, :]
+            if crosses_diagonal or crosses_window:
+                hidden = torch.zeros_like(relative, dtype=torch.bool)
+                if crosses_diagonal:
+                    hidden |= relative < 0
+                if crosses_window:
+                    hidden |= relative.abs() >= sliding_window
+                scores.view(batch, heads, rows, -1).masked_fill_(hidden, -math.inf)
 
-            block_max = scores.amax(dim=-1).to(torch.float64)
-            new_max = torch.maximum(running_max, block_max)
+            new_max = torch.maximum(running_max, scores.amax(dim=-1, keepdim=True).to(torch.float64))
             # A row with no visible key yet keeps -inf; shift it by 0 so exp gives 0 rather than NaN.
             shift = torch.where(torch.isinf(new_max), torch.zeros_like(new_max), new_max)
             correction = torch.exp(running_max - shift)
-            moved = torch.where(total > 0, running_max - shift, torch.zeros_like(shift))
-            scores.sub_(shift.to(scores.dtype)[..., None])
-            probabilities = torch.exp(scores)
-            if visible is not None:
-                scores.masked_fill_(~visible, 0.0)  # 0 * -inf would poison the weighted sum
-            block_total = probabilities.sum(dim=-1, dtype=torch.float64)
-            block_weighted = torch.linalg.vecdot(probabilities, scores).to(torch.float64)
-            # Rescale the old sums to the new maximum: sum p (s - new) = c * (A + Z * (old - new)).
-            weighted = correction * (weighted + total * moved) + block_weighted
-            total = correction * total + block_total
+            probabilities = scores.sub_(shift.to(compute_dtype)).exp_()
+            block_sums = torch.matmul(probabilities, keys_and_ones[:, :, k_start:k_stop])
+            weighted_keys = correction * weighted_keys + block_sums.to(torch.float64)
             running_max = new_max
             if mass is not None:
                 distance = relative.abs() if not causal else relative.clamp(min=0)
                 bins = bin_of_distance[distance].expand(batch, heads, rows, k_stop - k_start)
-                block_mass = torch.zeros(batch, heads, rows, n_bins, dtype=probabilities.dtype, device=device)
-                block_mass.scatter_add_(-1, bins, probabilities)
-                mass = correction[..., None] * mass + block_mass.to(torch.float64)
+                block_mass = torch.zeros(batch, heads, rows, n_bins, dtype=compute_dtype, device=device)
+                block_mass.scatter_add_(-1, bins, probabilities.view(batch, heads, rows, -1))
+                mass = correction.view(batch, heads, rows, 1) * mass + block_mass.to(torch.float64)
 
-        entropy[:, :, q_start:q_end] = (torch.log(total) - weighted / total).to(torch.float32)
+        total = weighted_keys[..., -1:]
+        # H = logsumexp(s) - sum p s / sum p, with logsumexp = m + log Z and sum p s = q . sum p k.
+        mean_score = (q_block.to(torch.float64) * weighted_keys[..., :-1]).sum(-1, keepdim=True) / total
+        block_entropy = running_max + torch.log(total) - mean_score
+        entropy[:, :, q_start:q_end] = block_entropy.view(batch, heads, rows).to(torch.float32)
         if mass is not None:
-            distance_mass[:, :, q_start:q_end] = (mass / total[..., None]).to(torch.float32)
+            distance_mass[:, :, q_start:q_end] = (mass / total.view(batch, heads, rows, 1)).to(torch.float32)
     return AttentionStatistics(entropy, distance_mass)
 
 
