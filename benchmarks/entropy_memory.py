@@ -32,10 +32,10 @@ def build_model(model_name: str):
         return model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    # Stand-in of the shipped default's size while it is not available: 4 layers of 4 heads of 32.
+    # Stand-in with the shipped default's shape (pretrain defaults: hidden 128, 4 layers of 4 heads, vocab 4096).
     torch.manual_seed(0)
     config = LlamaConfig(
-        hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+        hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
         head_dim=32, vocab_size=4096, max_position_embeddings=256,
     )
     return LlamaForCausalLM._from_config(config, attn_implementation="sdpa").eval()
