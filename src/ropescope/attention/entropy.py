@@ -113,6 +113,8 @@ def attention_statistics(
     if backend not in ("auto", "blocks"):
         raise ValueError(f"backend={backend!r}; accepted: auto, blocks")
     scale = head_dim**-0.5 if scale is None else scale
+    if sliding_window is not None and sliding_window >= k_len:
+        sliding_window = None  # the window covers every key: plain causal attention
     if (
         backend == "auto" and distance_edges is None and sliding_window is None and q.device.type == "cpu"
         and q.dtype == torch.float32 and k.dtype == torch.float32 and (not causal or q_len == k_len)
@@ -222,8 +224,8 @@ def _fused_entropy(q: torch.Tensor, k: torch.Tensor, *, scale: float, causal: bo
     output, logsumexp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         torch.cat([q, zeros_q], dim=-1), torch.cat([k, zeros_k], dim=-1), values, 0.0, causal, scale=scale
     )[:2]
-    mean_score = scale * (q.to(torch.float64) * output[..., :head_dim].to(torch.float64)).sum(-1)
-    return (logsumexp.to(torch.float64) - mean_score).to(torch.float32)
+    mean_score = torch.linalg.vecdot(q, output[..., :head_dim])  # float32 is enough: no cancellation here
+    return logsumexp - scale * mean_score
 
 
 def attention_entropy(
