@@ -218,7 +218,7 @@ _YARN_PARAMS = {
 METHODS: dict[str, RopeMethod] = {
     method.name: method
     for method in [
-        RopeMethod("default", _default, {}, "original RoPE (Su et al. 2021)"),
+        RopeMethod("default", _default, {}, "original RoPE (Su et al. 2021)", transformers_type="default"),
         RopeMethod(
             "linear", _linear, {"factor": REQUIRED},
             "position interpolation, PI (Chen et al. 2023): positions divided by factor",
