@@ -72,7 +72,47 @@ def _run_freqs(args) -> int:
     return 0
 
 
-SUBCOMMANDS: list = [_add_methods, _add_freqs]  # the `_add_*` functions, in the order `--help` lists them
+def _add_study(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "study", help="train, evaluate and analyse every method of a config, then write the report")
+    parser.add_argument("config", nargs="?", help="study TOML (default: the shipped default study)")
+    parser.add_argument("--quick", action="store_true", help="the small shipped plan (seconds to a minute)")
+    parser.add_argument("--out", default="results", help="output folder: database, checkpoints, report")
+    parser.add_argument("--force", action="store_true", help="redo every cell, even those already recorded")
+    parser.set_defaults(func=_run_study)
+
+
+def _run_study(args) -> int:
+    from ropescope.study.config import load_config, quick_config_path
+    from ropescope.study.report import build_report
+    from ropescope.study.runner import run_study
+
+    if args.quick and args.config:
+        raise RopescopeError("give a config file or --quick, not both")
+    config = load_config(quick_config_path() if args.quick else args.config)
+    counts = run_study(config, args.out, force=args.force)
+    paths = build_report(args.out)
+    print(f"cells: {counts['done']} run, {counts['skipped']} already recorded, {counts['failed']} failed")
+    print(f"report: {paths['html']}\nsummary: {paths['summary']}")
+    print(paths["summary"].read_text().split("## Figures")[0])
+    return 1 if counts["failed"] else 0
+
+
+def _add_report(subparsers) -> None:
+    parser = subparsers.add_parser("report", help="rebuild a study's report from its results database")
+    parser.add_argument("out", help="the study's output folder")
+    parser.set_defaults(func=_run_report)
+
+
+def _run_report(args) -> int:
+    from ropescope.study.report import build_report
+
+    paths = build_report(args.out)
+    print(f"report: {paths['html']}\nsummary: {paths['summary']}")
+    return 0
+
+
+SUBCOMMANDS: list = [_add_methods, _add_freqs, _add_study, _add_report]  # the `_add_*` functions, in the order `--help` lists them
 
 
 def build_parser() -> argparse.ArgumentParser:
