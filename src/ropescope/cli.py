@@ -29,3 +29,114 @@ def main(argv: list[str] | None = None) -> int:
     except RopescopeError as error:
         print(f"ropescope {args.command}: error: {error}", file=sys.stderr)
         return 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation: ppl, passkey, needle
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers, e.g. 256,512,1024")
+
+
+def _number_list(text: str) -> list[float]:
+    try:
+        return [float(item) if "." in item else int(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers, e.g. 0,25,50,75,100")
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="default", help="'default' (the shipped model) or a local model folder")
+    parser.add_argument("--method", default=None, help="RoPE extension applied at evaluation (see `ropescope methods`)")
+    parser.add_argument("--factor", type=float, default=None, help="extension factor (e.g. 4)")
+    parser.add_argument("--original-length", type=int, default=None,
+                        help="pretrained context length the extension starts from (default: the model's)")
+    parser.add_argument("--out", default=None, help="rows file, .json or .csv")
+    parser.add_argument("--plot", default=None, help="figure file, e.g. out.png")
+
+
+def _print_cells(rows: list[dict], value: str) -> None:
+    cells: dict = {}
+    for row in rows:
+        cells.setdefault((row["length"], row["depth_percent"]), []).append(float(row[value]))
+    for (length, depth), scores in sorted(cells.items()):
+        print(f"length {length:>7}  depth {depth:>5g}%  {value} {sum(scores) / len(scores):.3f}  (n={len(scores)})")
+
+
+def _add_ppl(subparsers) -> None:
+    parser = subparsers.add_parser("ppl", help="perplexity against length (truncated and sliding-window protocols)")
+    _add_model_arguments(parser)
+    parser.add_argument("--lengths", type=_int_list, default=[256, 512, 1024, 2048])
+    parser.add_argument("--corpus", default=None, help="corpus path (default: the shipped corpus)")
+    parser.add_argument("--split", default="validation", help="split of the shipped corpus")
+    parser.add_argument("--protocol", choices=["truncated", "sliding", "both"], default="both")
+    parser.add_argument("--stride", type=int, default=None, help="sliding-window stride (default: half the window)")
+    parser.add_argument("--documents", type=int, default=4, help="how many long documents to evaluate")
+    parser.add_argument("--chunk-size", type=int, default=1024, help="positions per output-head chunk")
+    parser.set_defaults(func=_run_ppl)
+
+
+def _run_ppl(args) -> int:
+    from ropescope.eval.perplexity import PROTOCOLS, run_perplexity
+
+    rows = run_perplexity(args.model, args.lengths, PROTOCOLS if args.protocol == "both" else [args.protocol],
+                          args.stride, args.method, args.factor, args.original_length, args.corpus, args.split,
+                          args.documents, args.chunk_size, out=args.out, plot=args.plot)
+    for row in rows:
+        print(f"{row['protocol']:>9}  length {row['length']:>7}  ppl {row['perplexity']:10.3f}  "
+              f"nll {row['nll']:.4f}  tokens {row['tokens_scored']}")
+    return 0
+
+
+def _add_passkey(subparsers) -> None:
+    parser = subparsers.add_parser("passkey", help="passkey retrieval accuracy over lengths x depths")
+    _add_model_arguments(parser)
+    parser.add_argument("--lengths", type=_int_list, default=[256, 512, 1024])
+    parser.add_argument("--depths", type=_number_list, default=[0, 25, 50, 75, 100], help="depth percents, 0..100")
+    parser.add_argument("--trials", type=int, default=5, help="keys per cell")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.set_defaults(func=_run_passkey)
+
+
+def _run_passkey(args) -> int:
+    from ropescope.eval.passkey import run_passkey
+
+    rows = run_passkey(args.model, args.lengths, args.depths, args.trials, args.seed, args.method, args.factor,
+                       args.original_length, batch_size=args.batch_size, out=args.out, plot=args.plot)
+    _print_cells(rows, "score")
+    return 0
+
+
+def _add_needle(subparsers) -> None:
+    from ropescope.eval.needle import ANSWER, NEEDLE, QUESTION
+
+    parser = subparsers.add_parser("needle", help="needle-in-a-haystack retrieval over lengths x depths")
+    _add_model_arguments(parser)
+    parser.add_argument("--lengths", type=_int_list, default=[256, 512, 1024])
+    parser.add_argument("--depths", type=_number_list, default=[0, 25, 50, 75, 100], help="depth percents, 0..100")
+    parser.add_argument("--trials", type=int, default=1, help="haystacks per cell")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--corpus", default=None, help="haystack corpus path (default: the shipped corpus)")
+    parser.add_argument("--split", default="validation", help="split of the shipped corpus")
+    parser.add_argument("--needle", default=NEEDLE)
+    parser.add_argument("--question", default=QUESTION, help="ends where the answer should start")
+    parser.add_argument("--answer", default=ANSWER)
+    parser.set_defaults(func=_run_needle)
+
+
+def _run_needle(args) -> int:
+    from ropescope.eval.needle import run_needle
+
+    rows = run_needle(args.model, args.lengths, args.depths, args.trials, args.seed, args.method, args.factor,
+                      args.original_length, args.corpus, args.split, args.needle, args.question, args.answer,
+                      out=args.out, plot=args.plot)
+    _print_cells(rows, "score")
+    return 0
+
+
+SUBCOMMANDS += [_add_ppl, _add_passkey, _add_needle]

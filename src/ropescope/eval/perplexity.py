@@ -4,7 +4,7 @@
   pass (the L - 1 predicted tokens).
 - sliding: each of those documents, cut to the longest length, is scored with a window of L tokens moved by
   `stride`; each window scores only the tokens no earlier window scored (Press et al. 2022; the Hugging Face
-  perplexity guide), so every token is scored once, with up to L - 1 tokens of context.
+  perplexity guide), so with stride < L every token is scored once, with at least L - stride tokens of context.
 
 The loss never materialises `length x vocab` logits: the decoder runs once to its final hidden states, and the
 output head plus log-softmax run over chunks of positions (at 128K tokens and a 32K vocabulary the full logits
@@ -95,7 +95,9 @@ def window_nll(model, input_ids: torch.Tensor, score_from: int = 1, chunk_size: 
 def sliding_windows(num_tokens: int, window: int, stride: int) -> list[tuple[int, int, int]]:
     """The windows of the sliding protocol as (begin, end, score_from), end exclusive, score_from within the window.
 
-    The first window scores from its second token; each later one scores its tokens past the previous end.
+    Each window scores its tokens past the previous window's end, all with context: with stride < window every
+    token but the first is scored exactly once; with stride == window (non-overlapping) a window's first token,
+    which has no context, is not scored.
     """
     spans = []
     previous_end = 0
