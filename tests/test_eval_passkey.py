@@ -90,7 +90,7 @@ def test_model_folder_without_tokenizer(tmp_path):
     with pytest.raises(RopescopeError, match="has no tokenizer"):
         run_passkey(model=str(tmp_path), out=tmp_path / "rows.json")
     assert not (tmp_path / "rows.json").exists()
-    with pytest.raises(RopescopeError, match="neither 'default' nor a local model folder"):
+    with pytest.raises(RopescopeError, match="is not a folder; give .default. or a local"):
         run_passkey(model=str(tmp_path / "missing"))
 
 

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import math
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +13,6 @@ import torch
 from ropescope.errors import RopescopeError
 
 ROW_SUFFIXES = (".json", ".csv")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -101,29 +98,18 @@ class EvalModel:
                 "original_length": self.original_length}
 
 
-def _model_folder(model: str) -> Path:
-    if model == "default":
-        from ropescope.models import default_model_path
-
-        return Path(default_model_path())
-    folder = Path(model)
-    if not folder.is_dir():
-        raise RopescopeError(f"model {model!r} is neither 'default' nor a local model folder")
-    if not (folder / "config.json").is_file():
-        raise RopescopeError(f"model folder {model!r} has no config.json; give a Hugging Face model folder")
-    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
-        raise RopescopeError(
-            f"model folder {model!r} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
-            "save the tokenizer next to the weights"
-        )
-    return folder
-
-
 def check_model_args(model: str, method: str | None, factor: float | None, original_length: int | None) -> Path:
-    """Check the model argument and the extension flags; return the model folder."""
-    folder = _model_folder(str(model))
+    """Check the model argument (a folder with config and tokenizer) and the extension flags; return the folder."""
+    from ropescope.models import resolve_model_path
+
+    folder = resolve_model_path(str(model))
     if method is None and (factor is not None or original_length is not None):
         raise RopescopeError("factor/original_length given without method; add e.g. method='ntk'")
+    if method is not None:
+        from ropescope.rope import METHODS
+
+        if method not in METHODS:
+            raise RopescopeError(f"unknown RoPE method {method!r}; accepted: {', '.join(METHODS)}")
     if factor is not None and not (isinstance(factor, (int, float)) and factor >= 1):
         raise RopescopeError(f"factor={factor!r} is below 1; a context extension factor is >= 1")
     if original_length is not None:
@@ -145,11 +131,7 @@ def build_spec(folder: Path, method: str | None, factor: float | None, original_
         return None
     from ropescope.rope import simple_spec
 
-    kwargs = {}
-    if factor is not None:
-        kwargs["factor"] = float(factor)
-    kwargs["original_max_position_embeddings"] = original_length or _pretrained_length(folder)
-    return simple_spec(method, **{key: value for key, value in kwargs.items() if value is not None})
+    return simple_spec(method, None if factor is None else float(factor), original_length or _pretrained_length(folder))
 
 
 def load_eval_model(model: str = "default", method: str | None = None, factor: float | None = None,
@@ -160,12 +142,16 @@ def load_eval_model(model: str = "default", method: str | None = None, factor: f
     from ropescope.models import load_model
 
     loaded, tokenizer = load_model(str(model), spec=spec)
+    if spec is None:  # a checkpoint saved after `extend` carries its own extension
+        from ropescope.patch import spec_from_config
+
+        spec = spec_from_config(loaded.config)
     params = getattr(spec, "params", {}) or {}
     return EvalModel(
         model=loaded,
         tokenizer=tokenizer,
         model_label=str(model),
-        method=method or "default",
+        method=spec.method if spec is not None else "default",
         factor=float(factor) if factor is not None else params.get("factor"),
         original_length=original_length or params.get("original_max_position_embeddings") or _pretrained_length(folder),
     )
@@ -220,18 +206,7 @@ def first_integer(text: str) -> str | None:
 
 def write_rows(rows: list[dict], path) -> Path:
     """Write rows to `path` (.json: a list of objects; .csv: a header of every key seen), atomically."""
+    from ropescope.results import write_csv, write_json
+
     path = check_output_path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    if path.suffix.lower() == ".json":
-        temporary.write_text(json.dumps(rows, indent=1) + "\n")
-    else:
-        fields: list[str] = []
-        for row in rows:
-            fields.extend(key for key in row if key not in fields)
-        with open(temporary, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(rows)
-    os.replace(temporary, path)
-    return path
+    return write_json(rows, path) if path.suffix.lower() == ".json" else write_csv(rows, path)

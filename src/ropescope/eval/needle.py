@@ -142,7 +142,7 @@ def evaluate_needle(model, tokenizer, documents: list[str], lengths, depths=(0, 
     if max_new_tokens is None:
         max_new_tokens = len(encode(tokenizer, " " + answer)) + 8
     check_positive("max_new_tokens", max_new_tokens)
-    labels = {"model": "model", "method": "default", "factor": None, "original_length": None, **(labels or {})}
+    labels = dict(labels or {})  # the caller names the model; a study adds its own labels
     model.eval()
     rows = []
     with tqdm(total=len(lengths) * len(depths) * trials, desc="needle", unit="prompt",

@@ -107,14 +107,14 @@ def evaluate_passkey(model, tokenizer, lengths, depths=(0, 25, 50, 75, 100), tri
                      progress: bool | None = None) -> list[dict]:
     """Passkey accuracy over lengths x depths x trials on a loaded model; one row per trial.
 
-    labels: the model/method/factor fields every row carries (defaults: unnamed model, its own RoPE).
+    labels: fields every row carries (model, method, factor, ...), put first.
     """
     lengths = check_lengths(lengths)
     depths = check_depths(depths)
     check_positive("trials", trials)
     check_positive("max_new_tokens", max_new_tokens)
     check_positive("batch_size", batch_size)
-    labels = {"model": "model", "method": "default", "factor": None, "original_length": None, **(labels or {})}
+    labels = dict(labels or {})  # the caller names the model; a study adds its own labels
     model.eval()
     rows = []
     total = len(lengths) * len(depths) * trials

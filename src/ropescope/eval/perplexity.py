@@ -171,7 +171,7 @@ def evaluate_perplexity(model, tokenizer, documents: list[str], lengths, protoco
     if max_documents is not None:
         check_positive("max_documents", max_documents)
     texts = long_documents(tokenizer, documents, max(lengths), max_documents)
-    labels = {"model": "model", "method": "default", "factor": None, "original_length": None, **(labels or {})}
+    labels = dict(labels or {})  # the caller names the model; a study adds its own labels
     model.eval()
 
     def forward_tokens(protocol, length):
