@@ -134,6 +134,15 @@ def build_spec(folder: Path, method: str | None, factor: float | None, original_
     return simple_spec(method, None if factor is None else float(factor), original_length or _pretrained_length(folder))
 
 
+def load_tokenizer(model: str = "default"):
+    """The model's tokenizer alone (quick), to check inputs in tokens before the weights are loaded."""
+    from transformers import AutoTokenizer
+
+    from ropescope.models import resolve_model_path
+
+    return AutoTokenizer.from_pretrained(resolve_model_path(str(model)))
+
+
 def load_eval_model(model: str = "default", method: str | None = None, factor: float | None = None,
                     original_length: int | None = None) -> EvalModel:
     """Load `model` ('default' or a local folder) with `method` applied at evaluation time (None: as trained)."""

@@ -30,6 +30,7 @@ from ropescope.eval.common import (
     encode,
     greedy_continuations,
     load_eval_model,
+    load_tokenizer,
     special_prefix,
     write_rows,
 )
@@ -210,8 +211,8 @@ def run_needle(model: str = "default", lengths=(256, 512, 1024), depths=(0, 25, 
     from ropescope.data import load_corpus
 
     documents = load_corpus(corpus, split=split)
+    check_haystack(load_tokenizer(model), documents, max(lengths))  # before the weights load
     loaded = load_eval_model(model, method, factor, original_length)
-    check_haystack(loaded.tokenizer, documents, max(lengths))
     rows = evaluate_needle(loaded.model, loaded.tokenizer, documents, lengths, depths, trials, seed, needle,
                            question, answer, max_new_tokens, batch_size, labels=loaded.labels(), progress=progress)
     if out is not None:

@@ -25,6 +25,7 @@ from ropescope.eval.common import (
     first_integer,
     greedy_continuations,
     load_eval_model,
+    load_tokenizer,
     check_model_args,
     special_prefix,
     write_rows,
@@ -165,6 +166,7 @@ def run_passkey(model: str = "default", lengths=(256, 512, 1024), depths=(0, 25,
     check_positive("trials", trials)
     out, plot = check_output_path(out), check_plot_path(plot)
     check_model_args(model, method, factor, original_length)
+    passkey_case(load_tokenizer(model), min(lengths), 0, 0, seed)  # the shortest prompt fits, before the weights load
     loaded = load_eval_model(model, method, factor, original_length)
     rows = evaluate_passkey(loaded.model, loaded.tokenizer, lengths, depths, trials, seed, max_new_tokens,
                             batch_size, labels=loaded.labels(), progress=progress)

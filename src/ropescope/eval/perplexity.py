@@ -27,6 +27,7 @@ from ropescope.eval.common import (
     check_positive,
     encode,
     load_eval_model,
+    load_tokenizer,
     special_prefix,
     write_rows,
 )
@@ -225,6 +226,7 @@ def run_perplexity(model: str = "default", lengths=(256, 512, 1024, 2048), proto
     from ropescope.data import load_corpus
 
     documents = load_corpus(corpus, split=split)
+    long_documents(load_tokenizer(model), documents, max(lengths), 1)  # the corpus check, before the weights load
     loaded = load_eval_model(model, method, factor, original_length)
     rows = evaluate_perplexity(loaded.model, loaded.tokenizer, documents, lengths, protocols, stride, max_documents,
                                chunk_size, labels=loaded.labels(), progress=progress)
