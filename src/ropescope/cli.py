@@ -112,34 +112,123 @@ def _run_report(args) -> int:
     return 0
 
 
-SUBCOMMANDS: list = [_add_methods, _add_freqs, _add_study, _add_report]  # the `_add_*` functions, in the order `--help` lists them
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation: ppl, passkey, needle
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ropescope", description=__doc__.splitlines()[0])
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in SUBCOMMANDS:
-        add(subparsers)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _int_list(text: str) -> list[int]:
     try:
-        return args.func(args) or 0
-    except RopescopeError as error:
-        print(f"ropescope {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        return [int(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers, e.g. 256,512,1024")
+
+
+def _number_list(text: str) -> list[float]:
+    try:
+        return [float(item) if "." in item else int(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers, e.g. 0,25,50,75,100")
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="default", help="'default' (the shipped model) or a local model folder")
+    parser.add_argument("--method", default=None, help="RoPE extension applied at evaluation (see `ropescope methods`)")
+    _add_rope_arguments(parser)
+    parser.add_argument("--out", default=None, help="rows file, .json or .csv")
+    parser.add_argument("--plot", default=None, help="figure file, e.g. out.png")
+
+
+def _print_cells(rows: list[dict], value: str) -> None:
+    cells: dict = {}
+    for row in rows:
+        cells.setdefault((row["length"], row["depth_percent"]), []).append(float(row[value]))
+    for (length, depth), scores in sorted(cells.items()):
+        print(f"length {length:>7}  depth {depth:>5g}%  {value} {sum(scores) / len(scores):.3f}  (n={len(scores)})")
+
+
+def _add_ppl(subparsers) -> None:
+    parser = subparsers.add_parser("ppl", help="perplexity against length (truncated and sliding-window protocols)")
+    _add_model_arguments(parser)
+    parser.add_argument("--lengths", type=_int_list, default=[256, 512, 1024, 2048])
+    parser.add_argument("--corpus", default=None, help="corpus path (default: the shipped corpus)")
+    parser.add_argument("--split", default="validation", help="split of the shipped corpus")
+    parser.add_argument("--protocol", choices=["truncated", "sliding", "both"], default="both")
+    parser.add_argument("--stride", type=int, default=None, help="sliding-window stride (default: half the window)")
+    parser.add_argument("--documents", type=int, default=4, help="how many long documents to evaluate")
+    parser.add_argument("--chunk-size", type=int, default=1024, help="positions per output-head chunk")
+    parser.set_defaults(func=_run_ppl)
+
+
+def _run_ppl(args) -> int:
+    from ropescope.eval.perplexity import PROTOCOLS, run_perplexity
+
+    rows = run_perplexity(args.model, args.lengths, PROTOCOLS if args.protocol == "both" else [args.protocol],
+                          args.stride, args.method, args.factor, args.original_length, args.corpus, args.split,
+                          args.documents, args.chunk_size, out=args.out, plot=args.plot)
+    for row in rows:
+        print(f"{row['protocol']:>9}  length {row['length']:>7}  ppl {row['perplexity']:10.3f}  "
+              f"nll {row['nll']:.4f}  tokens {row['tokens_scored']}")
+    return 0
+
+
+def _add_passkey(subparsers) -> None:
+    parser = subparsers.add_parser("passkey", help="passkey retrieval accuracy over lengths x depths")
+    _add_model_arguments(parser)
+    parser.add_argument("--lengths", type=_int_list, default=[256, 512, 1024])
+    parser.add_argument("--depths", type=_number_list, default=[0, 25, 50, 75, 100], help="depth percents, 0..100")
+    parser.add_argument("--trials", type=int, default=5, help="keys per cell")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.set_defaults(func=_run_passkey)
+
+
+def _run_passkey(args) -> int:
+    from ropescope.eval.passkey import run_passkey
+
+    rows = run_passkey(args.model, args.lengths, args.depths, args.trials, args.seed, args.method, args.factor,
+                       args.original_length, batch_size=args.batch_size, out=args.out, plot=args.plot)
+    _print_cells(rows, "score")
+    return 0
+
+
+def _add_needle(subparsers) -> None:
+    from ropescope.eval.needle import ANSWER, NEEDLE, QUESTION
+
+    parser = subparsers.add_parser("needle", help="needle-in-a-haystack retrieval over lengths x depths")
+    _add_model_arguments(parser)
+    parser.add_argument("--lengths", type=_int_list, default=[256, 512, 1024])
+    parser.add_argument("--depths", type=_number_list, default=[0, 25, 50, 75, 100], help="depth percents, 0..100")
+    parser.add_argument("--trials", type=int, default=1, help="haystacks per cell")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--corpus", default=None, help="haystack corpus path (default: the shipped corpus)")
+    parser.add_argument("--split", default="validation", help="split of the shipped corpus")
+    parser.add_argument("--needle", default=NEEDLE)
+    parser.add_argument("--question", default=QUESTION, help="ends where the answer should start")
+    parser.add_argument("--answer", default=ANSWER)
+    parser.set_defaults(func=_run_needle)
+
+
+def _run_needle(args) -> int:
+    from ropescope.eval.needle import run_needle
+
+    rows = run_needle(args.model, args.lengths, args.depths, args.trials, args.seed, args.method, args.factor,
+                      args.original_length, args.corpus, args.split, args.needle, args.question, args.answer,
+                      out=args.out, plot=args.plot)
+    _print_cells(rows, "score")
+    return 0
+
+
+
+
+def _add_analysis_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="default", help="'default' (the shipped model) or a local model folder")
     parser.add_argument("--chunk-size", type=int, default=512, help="queries / keys per block of the streaming pass")
 
 
 def _add_entropy(subparsers) -> None:
     parser = subparsers.add_parser("entropy", help="attention entropy against position, per method (streamed)")
-    _add_model_arguments(parser)
+    _add_analysis_model_arguments(parser)
     parser.add_argument("--method", action="append", help="RoPE extension (repeatable); default: default (none)")
     parser.add_argument("--factor", type=float, default=4.0, help="extension factor (default 4)")
     parser.add_argument("--lengths", type=int, nargs="+", help="sequence lengths (default: 1x, 2x, 4x pretrained)")
@@ -161,7 +250,7 @@ def _run_entropy(args) -> int:
 
 def _add_patterns(subparsers) -> None:
     parser = subparsers.add_parser("patterns", help="attention against key distance and pattern preservation")
-    _add_model_arguments(parser)
+    _add_analysis_model_arguments(parser)
     parser.add_argument("--method", action="append", help="RoPE extension (repeatable); the original is always included")
     parser.add_argument("--factor", type=float, default=4.0, help="extension factor (default 4)")
     parser.add_argument("--length", type=int, help="extended length (default factor x pretrained)")
@@ -187,7 +276,7 @@ def _run_patterns(args) -> int:
 
 def _add_uncertainty(subparsers) -> None:
     parser = subparsers.add_parser("uncertainty", help="answering-query entropy against passkey / needle errors")
-    _add_model_arguments(parser)
+    _add_analysis_model_arguments(parser)
     parser.add_argument("rows", help="evaluation rows (.csv or .json) from passkey / needle evaluation")
     parser.add_argument("--method", action="append", help="only rows of this method (repeatable)")
     parser.add_argument("--factor", type=float, help="only rows of this factor")
@@ -210,4 +299,25 @@ def _run_uncertainty(args) -> int:
     return 0
 
 
-SUBCOMMANDS += [_add_entropy, _add_patterns, _add_uncertainty]
+# the `_add_*` functions, in the order `ropescope --help` lists them
+SUBCOMMANDS: list = [
+    _add_study, _add_report, _add_methods, _add_freqs, _add_ppl, _add_passkey, _add_needle,
+    _add_entropy, _add_patterns, _add_uncertainty,
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ropescope", description=__doc__.splitlines()[0])
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in SUBCOMMANDS:
+        add(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except RopescopeError as error:
+        print(f"ropescope {args.command}: error: {error}", file=sys.stderr)
+        return 2

@@ -339,3 +339,71 @@ def plot_entropy_heatmap(rows: list[dict], path):
             figure.colorbar(image, ax=axis)
     figure.tight_layout()
     return save_figure(figure, path)
+
+
+def _series_label(row: dict) -> str:
+    label = f"{row.get('model', 'model')} / {row.get('method', 'default')}"
+    if row.get("factor") not in (None, ""):
+        label += f" x{row['factor']:g}" if isinstance(row["factor"], (int, float)) else f" x{row['factor']}"
+    return label
+
+
+def plot_perplexity(rows: list[dict], path, pretrained_length: int | None = None) -> Path:
+    """Perplexity against evaluation length, one line per model/method (and protocol, when several).
+
+    rows: perplexity rows (length, perplexity, model, method, factor, protocol). Log-2 x axis; the pretrained
+    length, when given, drawn as a dashed vertical line.
+    """
+    rows = [row for row in rows if row.get("task", "perplexity") == "perplexity"]
+    protocols = sorted({row.get("protocol") for row in rows}, key=str)
+    series: dict[str, list[tuple[int, float]]] = {}
+    for row in rows:
+        label = _series_label(row) + (f" ({row['protocol']})" if len(protocols) > 1 else "")
+        series.setdefault(label, []).append((int(row["length"]), float(row["perplexity"])))
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for label, points in series.items():
+        points.sort()
+        axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+    axes.set_xscale("log", base=2)
+    axes.set_yscale("log")
+    lengths = sorted({int(row["length"]) for row in rows})
+    if lengths:
+        axes.set_xticks(lengths, [str(length) for length in lengths])
+    if pretrained_length:
+        axes.axvline(pretrained_length, color="grey", linestyle="--", linewidth=1)
+        axes.annotate(f"pretrained {pretrained_length}", (pretrained_length, 1), xycoords=("data", "axes fraction"),
+                      xytext=(3, -12), textcoords="offset points", fontsize=8, color="grey")
+    axes.set_xlabel("evaluation length (tokens)")
+    axes.set_ylabel("perplexity")
+    axes.set_title("Perplexity against length")
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend(fontsize=8)
+    return save_figure(figure, path)
+
+
+def plot_retrieval_heatmap(rows: list[dict], path, title: str | None = None, value: str = "score") -> Path:
+    """The needle-in-a-haystack heatmap: mean `value` per cell, length on x, depth percent on y (0 at the top).
+
+    rows: passkey or needle rows (length, depth_percent, score). Green is found, red is missed.
+    """
+    lengths = sorted({int(row["length"]) for row in rows})
+    depths = sorted({float(row["depth_percent"]) for row in rows})
+    cells: dict[tuple[int, float], list[float]] = {}
+    for row in rows:
+        cells.setdefault((int(row["length"]), float(row["depth_percent"])), []).append(float(row[value]))
+    grid = [[(sum(cells[(length, depth)]) / len(cells[(length, depth)])) if (length, depth) in cells else math.nan
+             for length in lengths] for depth in depths]
+    figure, axes = plt.subplots(figsize=(1.2 + 0.9 * len(lengths), 1.2 + 0.45 * len(depths)))
+    image = axes.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+    for y, line in enumerate(grid):
+        for x, cell in enumerate(line):
+            if not math.isnan(cell):
+                axes.text(x, y, f"{cell:.2f}", ha="center", va="center", fontsize=7)
+    axes.set_xticks(range(len(lengths)), [str(length) for length in lengths])
+    axes.set_yticks(range(len(depths)), [f"{depth:g}" for depth in depths])
+    axes.set_xlabel("context length (tokens)")
+    axes.set_ylabel("needle depth (%)")
+    task = rows[0].get("task", "retrieval") if rows else "retrieval"
+    axes.set_title(title or f"{task}: {_series_label(rows[0]) if rows else ''}")
+    figure.colorbar(image, ax=axes, label="accuracy" if value == "score" and task == "passkey" else value)
+    return save_figure(figure, path)
