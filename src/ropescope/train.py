@@ -348,9 +348,9 @@ def train(config: TrainConfig) -> Path:
     bar = tqdm(total=config.steps, initial=state.step, desc=f"train {config.method} @ {config.length}",
                disable=None if (show and config.progress is None) else not show)
     permutations: dict = {}
+    last_step_end = time.perf_counter()
     try:
         while state.step < config.steps:
-            started = time.perf_counter()
             loss_sum = torch.zeros((), device=accelerator.device)
             for micro_step in range(config.grad_accum):
                 indices = block_indices(state.step, micro_step, accelerator.process_index, len(blocks), config,
@@ -370,7 +370,10 @@ def train(config: TrainConfig) -> Path:
             optimizer.zero_grad(set_to_none=True)
             # Every block has the same token count, so the mean of the per-process means is the global mean.
             step_loss = accelerator.reduce(loss_sum / config.grad_accum, reduction="mean").item()
-            tokens_per_s = tokens_per_step / (time.perf_counter() - started)
+            # Wall clock from one step's end to the next: the bookkeeping (metrics, bar, checkpoints) counts too.
+            now = time.perf_counter()
+            tokens_per_s = tokens_per_step / (now - last_step_end)
+            last_step_end = now
             state.step += 1
 
             if metrics is not None:
