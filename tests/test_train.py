@@ -39,17 +39,15 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict:
-    """A tiny random Llama with its tokenizer in a folder, and a corpus folder with train/validation splits."""
+    """A tiny random Llama with its tokenizer in a folder, and a corpus of 120 short documents."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     root = tmp_path_factory.mktemp("tiny")
     rng = random.Random(0)
     documents = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(40, 120))) + "." for _ in range(120)]
-    corpus = root / "corpus"
-    corpus.mkdir()
-    (corpus / "train.txt").write_text("\n\n".join(documents[:100]) + "\n")
-    (corpus / "validation.txt").write_text("\n\n".join(documents[100:]) + "\n")
+    corpus = root / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": document}) + "\n" for document in documents))
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -251,3 +249,11 @@ def test_an_output_folder_with_another_run_is_refused_unless_resume_or_overwrite
     (stranger / "notes.txt").write_text("mine")
     assert "not a ropescope training run" in _cli_error(capsys, ["train", *_cli_args(config), "--out", str(stranger),
                                                                "--overwrite"])
+
+
+def test_a_full_spec_replaces_method_and_factor(tiny, tmp_path):
+    out = train(_config(tiny, tmp_path / "spec", steps=1, spec={"method": "linear", "factor": 3.0}))
+    config = json.loads((out / "config.json").read_text())
+    assert config["rope_parameters"]["rope_type"] == "linear"
+    assert config["rope_parameters"]["factor"] == 3.0
+    assert json.loads((out / "run.json").read_text())["spec"] == {"method": "linear", "factor": 3.0}

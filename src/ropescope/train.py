@@ -47,7 +47,8 @@ class TrainConfig:
     model: str = "default"  # "default" (the shipped model) or a local Hugging Face folder
     method: str = "yarn"  # a name in ropescope.rope.METHODS
     factor: float = 4.0
-    original_length: int | None = None  # original_max_position_embeddings; None = the model's max_position_embeddings
+    original_length: int | None = None  # original_max_position_embeddings; None = the model's pretrained length
+    spec: dict | None = None  # a full RopeSpec.to_dict(); when given, it replaces method, factor and original_length
     length: int = 1024  # tokens per training block
     steps: int = 100  # optimizer steps
     corpus: str | None = None  # a corpus path for ropescope.data.load_corpus; None = the shipped corpus
@@ -76,8 +77,9 @@ def validate(config: TrainConfig) -> None:
     """Check every value a user can get wrong that needs no model or data: one RopescopeError line each."""
     from ropescope.rope import METHODS
 
-    if config.method not in METHODS:
-        raise RopescopeError(f"method={config.method!r} is unknown; accepted: {', '.join(METHODS)}")
+    method = config.spec.get("method") if config.spec is not None else config.method
+    if method not in METHODS:
+        raise RopescopeError(f"method={method!r} is unknown; accepted: {', '.join(METHODS)}")
     positive = {"length": config.length, "steps": config.steps, "batch_size": config.batch_size,
                 "grad_accum": config.grad_accum}
     for name, value in positive.items():
@@ -202,9 +204,15 @@ def _training_blocks(tokenizer, config: TrainConfig, global_batch: int) -> torch
 
     documents = load_corpus(config.corpus, split="train")
     needed = config.steps * global_batch  # a run that outlasts the corpus goes round it again, reshuffled
-    blocks = list(islice(token_blocks(tokenizer, documents, block_length=config.length), needed))
+    try:
+        blocks = list(islice(token_blocks(tokenizer, documents, block_length=config.length), needed))
+    except RopescopeError:  # not one block; the message below says what a run needs
+        blocks = []
     if len(blocks) < global_batch:
-        corpus_tokens = sum(len(tokenizer(document)["input_ids"]) for document in documents)
+        # Counted as token_blocks counts: no special tokens, one separator between documents.
+        separators = (len(documents) - 1) if tokenizer.eos_token_id is not None else 0
+        corpus_tokens = separators + sum(
+            len(tokenizer(document, add_special_tokens=False)["input_ids"]) for document in documents)
         name = config.corpus or "the shipped corpus"
         raise RopescopeError(
             f"length={config.length}: corpus {name} (train split) holds {corpus_tokens} tokens, and one global batch "
@@ -278,8 +286,9 @@ def train(config: TrainConfig) -> Path:
     from ropescope import extend
     from transformers import AutoTokenizer
 
-    from ropescope.models import default_model_path, load_model
-    from ropescope.rope import simple_spec
+    from ropescope.models import load_model, resolve_model_path
+    from ropescope.patch import pretrained_rope
+    from ropescope.rope import RopeSpec, simple_spec
 
     validate(config)
     out = Path(config.out)
@@ -294,14 +303,16 @@ def train(config: TrainConfig) -> Path:
 
     # The data, the model, the extension: all checked before the first file is written; the data first, as
     # it needs only the tokenizer, and a corpus too short for the length should not wait for a large model.
-    model_path = default_model_path() if config.model == "default" else Path(config.model)
-    if not model_path.is_dir():
-        raise RopescopeError(f"model={config.model!r} is not 'default' or a local Hugging Face model folder")
+    model_path = resolve_model_path(config.model)
     blocks = _training_blocks(AutoTokenizer.from_pretrained(model_path), config, global_batch)
     set_seed(config.seed)
-    model, tokenizer = load_model(str(model_path))
-    original_length = config.original_length or model.config.max_position_embeddings
-    spec = simple_spec(config.method, factor=config.factor, original_max_position_embeddings=original_length)
+    model, tokenizer = load_model(model_path)
+    if config.spec is not None:
+        spec = RopeSpec.from_dict(config.spec)
+    else:
+        # The length the model was pretrained at, even when the checkpoint already carries an extension.
+        original_length = config.original_length or pretrained_rope(model.config)[1]
+        spec = simple_spec(config.method, factor=config.factor, original_max_position_embeddings=original_length)
     extend(model, spec)
     accelerator.wait_for_everyone()  # every process has looked at `out` before the main one changes it
 
@@ -310,7 +321,7 @@ def train(config: TrainConfig) -> Path:
         if config.overwrite and out.exists():
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
-        run = {"config": identity, "spec": {"method": spec.method, "params": dict(spec.params)},
+        run = {"config": identity, "spec": spec.to_dict(),
                "num_processes": num_processes, "corpus_blocks": len(blocks)}
         _write_atomic(out / "run.json", json.dumps(run, indent=2, default=str) + "\n")
     accelerator.wait_for_everyone()
@@ -345,7 +356,7 @@ def train(config: TrainConfig) -> Path:
 
     tokens_per_step = global_batch * config.length
     show = accelerator.is_local_main_process and config.progress is not False
-    bar = tqdm(total=config.steps, initial=state.step, desc=f"train {config.method} @ {config.length}",
+    bar = tqdm(total=config.steps, initial=state.step, desc=f"train {spec.label()} @ {config.length}",
                disable=None if (show and config.progress is None) else not show)
     permutations: dict = {}
     last_step_end = time.perf_counter()
