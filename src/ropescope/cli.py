@@ -7,6 +7,7 @@ that calls the library. User mistakes arrive as `RopescopeError` and leave as on
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from ropescope.errors import RopescopeError
@@ -321,3 +322,64 @@ def main(argv: list[str] | None = None) -> int:
     except RopescopeError as error:
         print(f"ropescope {args.command}: error: {error}", file=sys.stderr)
         return 2
+
+
+def _add_train(subparsers) -> None:
+    from ropescope.train import MIXED_PRECISION, SCHEDULES, TrainConfig
+
+    defaults = TrainConfig(out="")
+    parser = subparsers.add_parser(
+        "train", help="continual pretraining with a RoPE extension (also under `accelerate launch`)",
+        description="Fine-tune a model with a RoPE extension on blocks of --length tokens; write a Hugging Face "
+                    "checkpoint that loads with the extension active. Runs under `accelerate launch` as it is.")
+    parser.add_argument("--model", default=defaults.model, help="'default' (the shipped model) or a local folder")
+    parser.add_argument("--method", default=defaults.method, help="extension method (see `ropescope methods`)")
+    parser.add_argument("--factor", type=float, default=defaults.factor)
+    parser.add_argument("--original-length", type=int, default=None,
+                        help="original_max_position_embeddings (default: the model's max_position_embeddings)")
+    parser.add_argument("--length", type=int, default=defaults.length, help="tokens per training block")
+    parser.add_argument("--steps", type=int, default=defaults.steps, help="optimizer steps")
+    parser.add_argument("--corpus", default=None, help="corpus path (default: the shipped corpus)")
+    parser.add_argument("--out", required=True, help="run folder")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="blocks per process per micro-step")
+    parser.add_argument("--grad-accum", type=int, default=defaults.grad_accum, help="micro-steps per optimizer step")
+    parser.add_argument("--lr", type=float, default=defaults.learning_rate, help="peak learning rate")
+    parser.add_argument("--schedule", choices=SCHEDULES, default=defaults.schedule)
+    parser.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
+    parser.add_argument("--min-lr-ratio", type=float, default=defaults.min_lr_ratio)
+    parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    parser.add_argument("--max-grad-norm", type=float, default=defaults.max_grad_norm, help="0 = no clipping")
+    parser.add_argument("--mixed-precision", choices=MIXED_PRECISION, default=defaults.mixed_precision,
+                        help="auto = bf16 on a GPU that supports it, else float32")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--lora-rank", type=int, default=defaults.lora_rank, help="0 = full fine-tune")
+    parser.add_argument("--lora-alpha", type=float, default=defaults.lora_alpha)
+    parser.add_argument("--lora-dropout", type=float, default=defaults.lora_dropout)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every,
+                        help="steps between resumable checkpoints (0 = none)")
+    parser.add_argument("--keep-checkpoints", type=int, default=defaults.keep_checkpoints)
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help="replace the run in --out")
+    parser.set_defaults(func=_run_train)
+
+
+def _run_train(args) -> int:
+    from ropescope.train import TrainConfig, train
+
+    config = TrainConfig(
+        out=args.out, model=args.model, method=args.method, factor=args.factor,
+        original_length=args.original_length, length=args.length, steps=args.steps, corpus=args.corpus,
+        batch_size=args.batch_size, grad_accum=args.grad_accum, learning_rate=args.lr, schedule=args.schedule,
+        warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay,
+        max_grad_norm=args.max_grad_norm, mixed_precision=args.mixed_precision,
+        gradient_checkpointing=args.gradient_checkpointing, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout, seed=args.seed, checkpoint_every=args.checkpoint_every,
+        keep_checkpoints=args.keep_checkpoints, resume=args.resume, overwrite=args.overwrite)
+    out = train(config)
+    if os.environ.get("RANK", "0") == "0":  # under `accelerate launch`, one line, not one per process
+        print(out)
+    return 0
+
+
+SUBCOMMANDS.append(_add_train)
