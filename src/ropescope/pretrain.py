@@ -364,7 +364,9 @@ def pretrain(config: PretrainConfig, progress: bool | None = None) -> Path:
         "config": dataclasses.asdict(config),
         "parameters": parameters,
         "train_tokens": int(tokens.numel()),
-        "final_loss": sum(losses[-config.log_every:]) / max(len(losses[-config.log_every:]), 1) if losses else None,
+        # mean training loss of every `log_every` steps of this session (a resumed run starts at its checkpoint)
+        "loss_curve": [round(sum(chunk) / len(chunk), 4) for chunk in
+                       (losses[i : i + config.log_every] for i in range(0, len(losses), config.log_every))],
         "wall_seconds": round(elapsed_before + time.time() - started, 1),
         "torch": torch.__version__,
         "python": sys.version.split()[0],
