@@ -375,6 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # ropescope's own bars say what is going on
     try:
         return args.func(args) or 0
     except RopescopeError as error:
