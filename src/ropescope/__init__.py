@@ -1,6 +1,20 @@
 """ropescope: extend the context window of RoPE language models, and see through attention why it works."""
 
+from ropescope.attention.entropy import attention_entropy
 from ropescope.errors import RopescopeError
+from ropescope.models import default_model_path, load_model
+from ropescope.patch import extend
+from ropescope.rope import METHODS, RopeSpec, rope_frequencies, simple_spec
 
-__all__ = ["RopescopeError"]
+__all__ = [
+    "METHODS",
+    "RopeSpec",
+    "RopescopeError",
+    "attention_entropy",
+    "default_model_path",
+    "extend",
+    "load_model",
+    "rope_frequencies",
+    "simple_spec",
+]
 __version__ = "0.1.0"

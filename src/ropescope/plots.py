@@ -1,16 +1,222 @@
-"""Every figure, drawn from rows (lists of dicts) with matplotlib's Agg backend and saved to a path."""
+"""Every figure ropescope draws: one function per figure, each drawn from rows (lists of dicts) and saved to a path."""
 
 from __future__ import annotations
 
 import math
+import os
 from collections import defaultdict
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+
+def save_figure(figure, path: str | Path) -> Path:
+    """Save atomically (temp file, then rename), so an interrupted run never leaves half an image."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp{path.suffix}")
+    figure.savefig(temporary, dpi=120, bbox_inches="tight")
+    plt.close(figure)
+    os.replace(temporary, path)
+    return path
+
+
+def _series(rows: list[dict], key: str, x: str, y: str) -> dict[str, tuple[list, list]]:
+    series: dict[str, tuple[list, list]] = defaultdict(lambda: ([], []))
+    for row in rows:
+        xs, ys = series[row[key]]
+        xs.append(row[x])
+        ys.append(row[y])
+    return series
+
+
+def plot_frequencies(rows: list[dict], path: str | Path, pretrained_length: int | None = None) -> Path:
+    """Per-pair rotation wavelength of each method (left) and its ratio to the original RoPE (right).
+
+    rows: {"method", "pair", "wavelength", "ratio"}. The figure that tells PI (every pair stretched by the factor)
+    from NTK (fast pairs kept, slow ones stretched) from YaRN (fast kept, slow interpolated, a ramp between).
+    """
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for method, (pairs, wavelengths) in _series(rows, "method", "pair", "wavelength").items():
+        left.plot(pairs, wavelengths, marker=".", label=method)
+    for method, (pairs, ratios) in _series(rows, "method", "pair", "ratio").items():
+        right.plot(pairs, ratios, marker=".", label=method)
+    if pretrained_length:
+        left.axhline(pretrained_length, color="grey", linestyle="--", linewidth=1)
+        left.annotate(f"pretrained length {pretrained_length}", (0, pretrained_length), color="grey",
+                      xytext=(2, 3), textcoords="offset points", fontsize=8)
+    left.set(yscale="log", xlabel="dimension pair i", ylabel="wavelength 2π/θᵢ (tokens)",
+             title="Rotation wavelength per dimension pair")
+    right.set(yscale="log", xlabel="dimension pair i", ylabel="wavelength / original wavelength",
+              title="Stretch relative to the original RoPE")
+    right.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    right.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    for axis in (left, right):
+        axis.grid(True, which="both", alpha=0.3)
+    right.legend(fontsize=8)
+    return save_figure(figure, path)
+
+
+def _mean_by(rows: list[dict], keys: tuple[str, ...], value: str) -> dict[tuple, float]:
+    groups: dict[tuple, list[float]] = defaultdict(list)
+    for row in rows:
+        if row.get(value) is not None:
+            groups[tuple(row[key] for key in keys)].append(float(row[value]))
+    return {key: sum(values) / len(values) for key, values in groups.items()}
+
+
+def plot_retrieval_grid(rows: list[dict], path: str | Path, title: str = "Passkey retrieval accuracy") -> Path:
+    """Small multiples of the retrieval heatmap (length on x, depth on y), one panel per variant.
+
+    rows: {"variant", "length", "depth_percent", "score"}.
+    """
+    variants = list(dict.fromkeys(row["variant"] for row in rows))
+    lengths = sorted({int(row["length"]) for row in rows})
+    depths = sorted({float(row["depth_percent"]) for row in rows})
+    cells = _mean_by(rows, ("variant", "length", "depth_percent"), "score")
+    columns = min(4, len(variants))
+    lines = -(-len(variants) // columns)
+    figure, axes = plt.subplots(lines, columns, figsize=(0.8 + 0.75 * len(lengths) * columns, 0.8 + 2.6 * lines),
+                                squeeze=False)
+    for index, axis in enumerate(axes.flat):
+        if index >= len(variants):
+            axis.axis("off")
+            continue
+        variant = variants[index]
+        grid = [[cells.get((variant, length, depth), float("nan")) for length in lengths] for depth in depths]
+        image = axis.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+        axis.set_xticks(range(len(lengths)), [str(length) for length in lengths], fontsize=7)
+        axis.set_yticks(range(len(depths)), [f"{depth:g}" for depth in depths], fontsize=7)
+        axis.set_title(variant, fontsize=9)
+        if index % columns == 0:
+            axis.set_ylabel("depth (%)")
+        if index // columns == lines - 1:
+            axis.set_xlabel("length (tokens)")
+    figure.colorbar(image, ax=axes, shrink=0.8, label="accuracy")
+    figure.suptitle(title)
+    return save_figure(figure, path)
+
+
+def plot_pattern_vs_perplexity(points: list[dict], path: str | Path, length: int) -> Path:
+    """Finding 1: divergence from the pretrained attention pattern against perplexity at `length`, per variant.
+
+    points: {"variant", "js_divergence", "perplexity"}.
+    """
+    figure, axis = plt.subplots(figsize=(6.5, 4.5))
+    for point in points:
+        axis.scatter(point["js_divergence"], point["perplexity"], s=40)
+        axis.annotate(point["variant"], (point["js_divergence"], point["perplexity"]), fontsize=8,
+                      xytext=(4, 3), textcoords="offset points")
+    axis.set(yscale="log", xlabel="Jensen-Shannon divergence from the pretrained pattern (lower = preserved)",
+             ylabel=f"perplexity at {length} tokens", title="Pattern preservation and extrapolation")
+    axis.grid(True, which="both", alpha=0.3)
+    return save_figure(figure, path)
+
+
+def plot_entropy_by_outcome(rows: list[dict], path: str | Path, auroc: float | None) -> Path:
+    """Finding 2: the answering query's attention entropy on correct and failed retrievals, per length.
+
+    rows: {"length", "entropy", "correct"}.
+    """
+    lengths = sorted({int(row["length"]) for row in rows})
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for offset, (outcome, colour) in zip((-0.15, 0.15), ((True, "tab:green"), (False, "tab:red"))):
+        xs, ys = [], []
+        for index, length in enumerate(lengths):
+            values = [row["entropy"] for row in rows if int(row["length"]) == length and bool(row["correct"]) is outcome]
+            xs += [index + offset] * len(values)
+            ys += values
+        axis.scatter(xs, ys, s=14, alpha=0.6, color=colour, label="correct" if outcome else "failed")
+    axis.set_xticks(range(len(lengths)), [str(length) for length in lengths])
+    auroc_text = "n/a" if auroc is None else f"{auroc:.2f}"
+    axis.set(xlabel="context length (tokens)", ylabel="entropy of the answering query (nats)",
+             title=f"Attention entropy and retrieval errors (AUROC {auroc_text})")
+    axis.grid(True, alpha=0.3)
+    axis.legend()
+    return save_figure(figure, path)
+
+
+def plot_training_length(entropy_points: list[dict], perplexity_points: list[dict], path: str | Path,
+                         entropy_length: int, perplexity_length: int) -> Path:
+    """Finding 3: entropy (left) and perplexity (right) against the continual-pretraining length, per method.
+
+    points: {"method_name", "train_length", "entropy" | "perplexity"}; train_length 0 = not fine-tuned.
+    """
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for axis, points, value in ((left, entropy_points, "entropy"), (right, perplexity_points, "perplexity")):
+        for method, (xs, ys) in _series(points, "method_name", "train_length", value).items():
+            order = sorted(range(len(xs)), key=lambda index: xs[index])
+            axis.plot([xs[i] for i in order], [ys[i] for i in order], marker="o", label=method)
+        axis.grid(True, alpha=0.3)
+        axis.set_xlabel("continual-pretraining length (tokens; 0 = none)")
+    left.set(ylabel=f"mean attention entropy at {entropy_length} tokens (nats)", title="Entropy")
+    right.set(ylabel=f"perplexity at {perplexity_length} tokens", yscale="log", title="Perplexity")
+    right.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    right.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    left.legend(fontsize=8)
+    figure.tight_layout()
+    return save_figure(figure, path)
+
+
+def plot_entropy_vs_position(rows: list[dict], path: str | Path, pretrained_length: int | None = None,
+                             length: int | None = None) -> Path:
+    """Mean attention entropy (over layers and heads) against query position, one line per variant.
+
+    rows: {"variant", "length", "position", "entropy"} (position: the centre of a query-position bin).
+    `length`: which evaluation length to draw (default: the longest).
+    """
+    length = length or max(int(row["length"]) for row in rows)
+    means = _mean_by([row for row in rows if int(row["length"]) == length], ("variant", "position"), "entropy")
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for variant in dict.fromkeys(variant for variant, _ in means):
+        points = sorted((position, value) for (name, position), value in means.items() if name == variant)
+        axis.plot([p for p, _ in points], [v for _, v in points], marker=".", label=variant)
+    if pretrained_length:
+        axis.axvline(pretrained_length, color="grey", linestyle="--", linewidth=1)
+        axis.annotate(f"pretrained {pretrained_length}", (pretrained_length, 0), xycoords=("data", "axes fraction"),
+                      xytext=(3, 5), textcoords="offset points", fontsize=8, color="grey")
+    axis.set(xlabel="query position (tokens)", ylabel="attention entropy (nats, mean over layers and heads)",
+             title=f"Attention entropy against position, {length}-token inputs")
+    axis.grid(True, alpha=0.3)
+    axis.legend(fontsize=8)
+    return save_figure(figure, path)
+
+
+def plot_attention_distance_by_variant(rows: list[dict], path: str | Path) -> Path:
+    """The paper's Figure 2 view: attention mass against key distance at the pretrained length and at the
+    extended length (distance divided by the length ratio), one panel per variant, mean over layers and heads.
+
+    rows: {"variant", "length", "distance_bin", "distance_start", "mass"}.
+    """
+    variants = list(dict.fromkeys(row["variant"] for row in rows))
+    columns = min(4, len(variants))
+    lines = -(-len(variants) // columns)
+    figure, axes = plt.subplots(lines, columns, figsize=(3.4 * columns, 2.8 * lines), squeeze=False,
+                                sharey=True)
+    masses = _mean_by(rows, ("variant", "length", "distance_start"), "mass")
+    for index, axis in enumerate(axes.flat):
+        if index >= len(variants):
+            axis.axis("off")
+            continue
+        variant = variants[index]
+        for length in sorted({key[1] for key in masses if key[0] == variant}):
+            points = sorted((start, mass) for (name, size, start), mass in masses.items()
+                            if name == variant and size == length)
+            axis.plot([max(start, 0.5) for start, _ in points], [mass for _, mass in points], marker=".",
+                      label=f"{length} tokens")
+        axis.set(xscale="log", yscale="log", title=variant)
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend(fontsize=7)
+        if index // columns == lines - 1:
+            axis.set_xlabel("key distance, in pretrained-length units")
+        if index % columns == 0:
+            axis.set_ylabel("attention mass")
+    figure.suptitle("Attention against distance: pretrained vs extended length")
+    return save_figure(figure, path)
 
 def _method_label(row: dict) -> str:
     """'yarn x4' for an extension, the bare method where there is no factor."""
@@ -19,16 +225,6 @@ def _method_label(row: dict) -> str:
     if factor in (None, "", 1, 1.0) or method in ("default", "none"):
         return str(method)
     return f"{method} x{float(factor):g}"
-
-
-def _save(figure, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.stem + ".tmp" + path.suffix)  # keeps the suffix that picks the format
-    figure.savefig(temporary, dpi=120, bbox_inches="tight")
-    plt.close(figure)
-    temporary.replace(path)
-    return path
 
 
 def _mean(values) -> float:
@@ -61,7 +257,7 @@ def plot_entropy_profile(rows: list[dict], path, *, pretrained_length: int | Non
     axes.set_ylabel("attention entropy (nats)" + ("" if layer is None else f", layer {layer}"))
     axes.set_title("Attention entropy by position" + (" (mean over layers and heads)" if layer is None else ""))
     axes.legend(fontsize=8)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def plot_attention_distance(rows: list[dict], path, *, layer: int | None = None):
@@ -86,7 +282,7 @@ def plot_attention_distance(rows: list[dict], path, *, layer: int | None = None)
         axis.set_title(f"length {length}")
         axis.legend(fontsize=8)
     axes[0][0].set_ylabel("attention mass" + ("" if layer is None else f", layer {layer}"))
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def plot_pattern_preservation(rows: list[dict], path):
@@ -107,7 +303,7 @@ def plot_pattern_preservation(rows: list[dict], path):
     axes.set_ylabel("JS divergence from pretrained pattern (nats)")
     axes.set_title("Pattern preservation (lower = pattern kept)")
     axes.legend(fontsize=8)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def plot_entropy_heatmap(rows: list[dict], path):
@@ -142,4 +338,72 @@ def plot_entropy_heatmap(rows: list[dict], path):
             axis.set_title(f"{label}: {title}")
             figure.colorbar(image, ax=axis)
     figure.tight_layout()
-    return _save(figure, path)
+    return save_figure(figure, path)
+
+
+def _series_label(row: dict) -> str:
+    label = f"{row.get('model', 'model')} / {row.get('method', 'default')}"
+    if row.get("factor") not in (None, ""):
+        label += f" x{row['factor']:g}" if isinstance(row["factor"], (int, float)) else f" x{row['factor']}"
+    return label
+
+
+def plot_perplexity(rows: list[dict], path, pretrained_length: int | None = None) -> Path:
+    """Perplexity against evaluation length, one line per model/method (and protocol, when several).
+
+    rows: perplexity rows (length, perplexity, model, method, factor, protocol). Log-2 x axis; the pretrained
+    length, when given, drawn as a dashed vertical line.
+    """
+    rows = [row for row in rows if row.get("task", "perplexity") == "perplexity"]
+    protocols = sorted({row.get("protocol") for row in rows}, key=str)
+    series: dict[str, list[tuple[int, float]]] = {}
+    for row in rows:
+        label = _series_label(row) + (f" ({row['protocol']})" if len(protocols) > 1 else "")
+        series.setdefault(label, []).append((int(row["length"]), float(row["perplexity"])))
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for label, points in series.items():
+        points.sort()
+        axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+    axes.set_xscale("log", base=2)
+    axes.set_yscale("log")
+    lengths = sorted({int(row["length"]) for row in rows})
+    if lengths:
+        axes.set_xticks(lengths, [str(length) for length in lengths])
+    if pretrained_length:
+        axes.axvline(pretrained_length, color="grey", linestyle="--", linewidth=1)
+        axes.annotate(f"pretrained {pretrained_length}", (pretrained_length, 1), xycoords=("data", "axes fraction"),
+                      xytext=(3, -12), textcoords="offset points", fontsize=8, color="grey")
+    axes.set_xlabel("evaluation length (tokens)")
+    axes.set_ylabel("perplexity")
+    axes.set_title("Perplexity against length")
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend(fontsize=8)
+    return save_figure(figure, path)
+
+
+def plot_retrieval_heatmap(rows: list[dict], path, title: str | None = None, value: str = "score") -> Path:
+    """The needle-in-a-haystack heatmap: mean `value` per cell, length on x, depth percent on y (0 at the top).
+
+    rows: passkey or needle rows (length, depth_percent, score). Green is found, red is missed.
+    """
+    lengths = sorted({int(row["length"]) for row in rows})
+    depths = sorted({float(row["depth_percent"]) for row in rows})
+    cells: dict[tuple[int, float], list[float]] = {}
+    for row in rows:
+        cells.setdefault((int(row["length"]), float(row["depth_percent"])), []).append(float(row[value]))
+    grid = [[(sum(cells[(length, depth)]) / len(cells[(length, depth)])) if (length, depth) in cells else math.nan
+             for length in lengths] for depth in depths]
+    figure, axes = plt.subplots(figsize=(1.2 + 0.9 * len(lengths), 1.2 + 0.45 * len(depths)))
+    image = axes.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+    for y, line in enumerate(grid):
+        for x, cell in enumerate(line):
+            if not math.isnan(cell):
+                axes.text(x, y, f"{cell:.2f}", ha="center", va="center", fontsize=7)
+    axes.set_xticks(range(len(lengths)), [str(length) for length in lengths])
+    axes.set_yticks(range(len(depths)), [f"{depth:g}" for depth in depths])
+    axes.set_xlabel("context length (tokens)")
+    axes.set_ylabel("needle depth (%)")
+    task = rows[0].get("task", "retrieval") if rows else "retrieval"
+    axes.set_title(title or f"{task}: {_series_label(rows[0]) if rows else ''}")
+    figure.colorbar(image, ax=axes, label="accuracy" if value == "score" and task == "passkey" else value)
+    return save_figure(figure, path)

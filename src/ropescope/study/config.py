@@ -1,0 +1,201 @@
+"""The study config: one TOML file naming the model, corpus, methods, continual-pretraining lengths, evaluation
+and analysis grids. Validated once, here, with errors that name the key; everything downstream trusts it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from ropescope.errors import RopescopeError
+from ropescope.rope import METHODS, RopeSpec
+
+ORIGINAL = "original"  # the variant that is the pretrained model as it is
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    path: str = "default"
+    pretrained_length: int | None = None  # None: the model's max_position_embeddings
+
+
+@dataclass(frozen=True)
+class CorpusSection:
+    path: str = "default"
+
+
+@dataclass(frozen=True)
+class TrainingSection:
+    lengths: list[int] = field(default_factory=lambda: [512, 1024])  # continual-pretraining lengths
+    steps: int = 30
+    tokens_per_step: int = 8192  # the batch is tokens_per_step // length blocks, so lengths see equal tokens
+    learning_rate: float = 3e-4
+    warmup_steps: int = 5
+    include_untrained: bool = True  # also evaluate each extension applied without training ("NAME@0")
+
+
+@dataclass(frozen=True)
+class EvaluationSection:
+    perplexity_lengths: list[int] = field(default_factory=lambda: [256, 512, 1024, 2048, 4096])
+    perplexity_documents: int = 4
+    passkey_lengths: list[int] = field(default_factory=lambda: [256, 512, 1024, 2048])
+    passkey_depths: list[float] = field(default_factory=lambda: [0.0, 25.0, 50.0, 75.0, 100.0])
+    passkey_trials: int = 2
+
+
+@dataclass(frozen=True)
+class AnalysisSection:
+    entropy_lengths: list[int] = field(default_factory=lambda: [256, 1024, 2048])
+    entropy_samples: int = 2
+    pattern_length: int = 1024  # the extended length whose attention pattern is compared with the pretrained one
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    corpus: CorpusSection = field(default_factory=CorpusSection)
+    methods: dict[str, RopeSpec] = field(default_factory=dict)
+    training: TrainingSection = field(default_factory=TrainingSection)
+    evaluation: EvaluationSection = field(default_factory=EvaluationSection)
+    analysis: AnalysisSection = field(default_factory=AnalysisSection)
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["methods"] = {name: spec.to_dict() for name, spec in self.methods.items()}
+        return data
+
+
+def fingerprint(*parts: Any) -> str:
+    """A stable short hash of JSON-able parts: a cell is redone when the config behind it changes."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def default_config_path() -> Path:
+    return Path(str(resources.files("ropescope") / "configs" / "default.toml"))
+
+
+def quick_config_path() -> Path:
+    return Path(str(resources.files("ropescope") / "configs" / "quick.toml"))
+
+
+def load_config(path: str | Path | None = None) -> StudyConfig:
+    """Read and validate a study config; None is the shipped default."""
+    path = Path(path) if path is not None else default_config_path()
+    if not path.is_file():
+        raise RopescopeError(f"study config {str(path)!r} does not exist")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as error:
+        raise RopescopeError(f"study config {str(path)!r} is not valid TOML: {error}") from None
+    return parse_config(data, source=path.name)
+
+
+def _section(cls, data: Any, name: str, source: str):
+    if not isinstance(data, dict):
+        raise RopescopeError(f"{source}: [{name}] must be a table, got {data!r}")
+    accepted = {item.name: item for item in fields(cls)}
+    for key in data:
+        if key not in accepted:
+            raise RopescopeError(f"{source}: unknown key '{name}.{key}'; accepted: {', '.join(accepted)}")
+    values = {}
+    for key, value in data.items():
+        values[key] = _checked(f"{name}.{key}", value, accepted[key].type, source)
+    return cls(**values)
+
+
+def _checked(key: str, value: Any, type_name: str, source: str) -> Any:
+    """Check one value against its declared type (written as a string under `from __future__ import annotations`)."""
+    def fail(expected: str):
+        raise RopescopeError(f"{source}: '{key}' = {value!r} must be {expected}")
+
+    if type_name in ("int", "int | None"):
+        if value is None and "None" in type_name:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            fail("a positive integer")
+        return value
+    if type_name == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            fail("a positive number")
+        return float(value)
+    if type_name == "bool":
+        if not isinstance(value, bool):
+            fail("true or false")
+        return value
+    if type_name == "str":
+        if not isinstance(value, str) or not value:
+            fail("a non-empty string")
+        return value
+    if type_name == "list[int]":
+        if not isinstance(value, list) or not value or any(
+            isinstance(item, bool) or not isinstance(item, int) or item <= 0 for item in value
+        ):
+            fail("a non-empty list of positive integers")
+        if sorted(set(value)) != value:
+            fail("sorted ascending without repeats")
+        return value
+    if type_name == "list[float]":
+        if not isinstance(value, list) or not value or any(
+            isinstance(item, bool) or not isinstance(item, (int, float)) or not 0 <= item <= 100 for item in value
+        ):
+            fail("a non-empty list of depths in percent, each within 0..100")
+        return [float(item) for item in value]
+    raise AssertionError(f"no checker for {type_name}")  # a field type this parser does not know: a bug
+
+
+def _methods(data: Any, pretrained_length: int | None, source: str) -> dict[str, RopeSpec]:
+    if not isinstance(data, dict) or not data:
+        raise RopescopeError(f"{source}: [methods] needs at least one [methods.NAME] table with a 'method' key")
+    methods = {}
+    for name, table in data.items():
+        if not isinstance(table, dict) or "method" not in table:
+            raise RopescopeError(f"{source}: [methods.{name}] needs a 'method' key; accepted: {', '.join(METHODS)}")
+        if "@" in name:
+            raise RopescopeError(f"{source}: method name {name!r} may not contain '@'")
+        params = {key: value for key, value in table.items() if key != "method"}
+        accepted = METHODS.get(table["method"], None)
+        if accepted and "original_max_position_embeddings" in accepted.params and pretrained_length:
+            params.setdefault("original_max_position_embeddings", pretrained_length)
+        try:
+            methods[name] = RopeSpec(table["method"], **params)
+        except RopescopeError as error:
+            raise RopescopeError(f"{source}: [methods.{name}]: {error}") from None
+    return methods
+
+
+def _model_length(model: str, source: str) -> int:
+    from ropescope.models import resolve_model_path
+
+    config = json.loads((resolve_model_path(model) / "config.json").read_text())
+    if not isinstance(config.get("max_position_embeddings"), int):
+        raise RopescopeError(f"{source}: set 'model.pretrained_length': the model config does not give it")
+    return config["max_position_embeddings"]
+
+
+def parse_config(data: dict, source: str = "study config") -> StudyConfig:
+    sections = {"model": ModelSection, "corpus": CorpusSection, "training": TrainingSection,
+                "evaluation": EvaluationSection, "analysis": AnalysisSection}
+    accepted = [*sections, "methods", "seed"]
+    for key in data:
+        if key not in accepted:
+            raise RopescopeError(f"{source}: unknown key {key!r}; accepted: {', '.join(accepted)}")
+    parsed = {name: _section(cls, data.get(name, {}), name, source) for name, cls in sections.items()}
+    if parsed["model"].pretrained_length is None:
+        parsed["model"] = ModelSection(parsed["model"].path, _model_length(parsed["model"].path, source))
+    seed = data.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise RopescopeError(f"{source}: 'seed' = {seed!r} must be a non-negative integer")
+    methods = _methods(data.get("methods"), parsed["model"].pretrained_length, source)
+    if parsed["analysis"].pattern_length not in parsed["analysis"].entropy_lengths:
+        raise RopescopeError(
+            f"{source}: 'analysis.pattern_length' = {parsed['analysis'].pattern_length} must be one of "
+            f"analysis.entropy_lengths {parsed['analysis'].entropy_lengths}"
+        )
+    return StudyConfig(methods=methods, seed=seed, **parsed)

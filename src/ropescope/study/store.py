@@ -1,0 +1,96 @@
+"""The results database: SQLite in the study folder. A cell's rows and its 'done' mark are committed in one
+transaction, so a kill at any moment leaves each cell either wholly recorded or not at all.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS cells (
+    cell TEXT PRIMARY KEY,      -- e.g. 'passkey/yarn@1024'
+    kind TEXT NOT NULL,         -- train, perplexity, passkey, entropy, patterns, uncertainty
+    variant TEXT NOT NULL,      -- original, yarn@0, yarn@1024, ...
+    config_hash TEXT NOT NULL,  -- fingerprint of the configuration that produced the rows
+    status TEXT NOT NULL,       -- done or failed
+    error TEXT,
+    seconds REAL,
+    finished REAL
+);
+CREATE TABLE IF NOT EXISTS rows (
+    cell TEXT NOT NULL REFERENCES cells(cell),
+    kind TEXT NOT NULL,
+    variant TEXT NOT NULL,
+    data TEXT NOT NULL          -- one result row as JSON
+);
+CREATE INDEX IF NOT EXISTS rows_by_kind ON rows(kind);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+class ResultStore:
+    """`ResultStore(path)`; `is_done(cell, config_hash)`, `record(...)`, `record_failure(...)`, `rows(kind)`."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.connection = sqlite3.connect(self.path)
+        self.connection.executescript(SCHEMA)
+        self.connection.commit()
+
+    def close(self) -> None:
+        self.connection.close()
+
+    def __enter__(self) -> "ResultStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def is_done(self, cell: str, config_hash: str) -> bool:
+        found = self.connection.execute(
+            "SELECT 1 FROM cells WHERE cell = ? AND config_hash = ? AND status = 'done'", (cell, config_hash)
+        ).fetchone()
+        return found is not None
+
+    def record(self, cell: str, kind: str, variant: str, config_hash: str, rows: list[dict], seconds: float) -> None:
+        """Replace the cell's rows and mark it done, in one transaction."""
+        with self.connection:
+            self.connection.execute("DELETE FROM rows WHERE cell = ?", (cell,))
+            self.connection.executemany(
+                "INSERT INTO rows (cell, kind, variant, data) VALUES (?, ?, ?, ?)",
+                [(cell, kind, variant, json.dumps(row, default=str)) for row in rows],
+            )
+            self.connection.execute(
+                "INSERT OR REPLACE INTO cells VALUES (?, ?, ?, ?, 'done', NULL, ?, ?)",
+                (cell, kind, variant, config_hash, seconds, time.time()),
+            )
+
+    def record_failure(self, cell: str, kind: str, variant: str, config_hash: str, error: str, seconds: float):
+        with self.connection:
+            self.connection.execute("DELETE FROM rows WHERE cell = ?", (cell,))
+            self.connection.execute(
+                "INSERT OR REPLACE INTO cells VALUES (?, ?, ?, ?, 'failed', ?, ?, ?)",
+                (cell, kind, variant, config_hash, error, seconds, time.time()),
+            )
+
+    def rows(self, kind: str) -> list[dict]:
+        cursor = self.connection.execute("SELECT data FROM rows WHERE kind = ? ORDER BY rowid", (kind,))
+        return [json.loads(data) for (data,) in cursor]
+
+    def cells(self) -> list[dict]:
+        cursor = self.connection.execute(
+            "SELECT cell, kind, variant, config_hash, status, error, seconds FROM cells ORDER BY rowid")
+        names = [column[0] for column in cursor.description]
+        return [dict(zip(names, values)) for values in cursor]
+
+    def set_meta(self, key: str, value) -> None:
+        with self.connection:
+            self.connection.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value)))
+
+    def meta(self, key: str, default=None):
+        found = self.connection.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return default if found is None else json.loads(found[0])
