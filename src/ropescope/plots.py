@@ -61,6 +61,286 @@ def plot_frequencies(rows: list[dict], path: str | Path, pretrained_length: int 
     return save_figure(figure, path)
 
 
+def _mean_by(rows: list[dict], keys: tuple[str, ...], value: str) -> dict[tuple, float]:
+    groups: dict[tuple, list[float]] = defaultdict(list)
+    for row in rows:
+        if row.get(value) is not None:
+            groups[tuple(row[key] for key in keys)].append(float(row[value]))
+    return {key: sum(values) / len(values) for key, values in groups.items()}
+
+
+def plot_retrieval_grid(rows: list[dict], path: str | Path, title: str = "Passkey retrieval accuracy") -> Path:
+    """Small multiples of the retrieval heatmap (length on x, depth on y), one panel per variant.
+
+    rows: {"variant", "length", "depth_percent", "score"}.
+    """
+    variants = list(dict.fromkeys(row["variant"] for row in rows))
+    lengths = sorted({int(row["length"]) for row in rows})
+    depths = sorted({float(row["depth_percent"]) for row in rows})
+    cells = _mean_by(rows, ("variant", "length", "depth_percent"), "score")
+    columns = min(4, len(variants))
+    lines = -(-len(variants) // columns)
+    figure, axes = plt.subplots(lines, columns, figsize=(0.8 + 0.75 * len(lengths) * columns, 0.8 + 2.6 * lines),
+                                squeeze=False)
+    for index, axis in enumerate(axes.flat):
+        if index >= len(variants):
+            axis.axis("off")
+            continue
+        variant = variants[index]
+        grid = [[cells.get((variant, length, depth), float("nan")) for length in lengths] for depth in depths]
+        image = axis.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+        axis.set_xticks(range(len(lengths)), [str(length) for length in lengths], fontsize=7)
+        axis.set_yticks(range(len(depths)), [f"{depth:g}" for depth in depths], fontsize=7)
+        axis.set_title(variant, fontsize=9)
+        if index % columns == 0:
+            axis.set_ylabel("depth (%)")
+        if index // columns == lines - 1:
+            axis.set_xlabel("length (tokens)")
+    figure.colorbar(image, ax=axes, shrink=0.8, label="accuracy")
+    figure.suptitle(title)
+    return save_figure(figure, path)
+
+
+def plot_pattern_vs_perplexity(points: list[dict], path: str | Path, length: int) -> Path:
+    """Finding 1: divergence from the pretrained attention pattern against perplexity at `length`, per variant.
+
+    points: {"variant", "js_divergence", "perplexity"}.
+    """
+    figure, axis = plt.subplots(figsize=(6.5, 4.5))
+    for point in points:
+        axis.scatter(point["js_divergence"], point["perplexity"], s=40)
+        axis.annotate(point["variant"], (point["js_divergence"], point["perplexity"]), fontsize=8,
+                      xytext=(4, 3), textcoords="offset points")
+    axis.set(yscale="log", xlabel="Jensen-Shannon divergence from the pretrained pattern (lower = preserved)",
+             ylabel=f"perplexity at {length} tokens", title="Pattern preservation and extrapolation")
+    axis.grid(True, which="both", alpha=0.3)
+    return save_figure(figure, path)
+
+
+def plot_entropy_by_outcome(rows: list[dict], path: str | Path, auroc: float | None) -> Path:
+    """Finding 2: the answering query's attention entropy on correct and failed retrievals, per length.
+
+    rows: {"length", "entropy", "correct"}.
+    """
+    lengths = sorted({int(row["length"]) for row in rows})
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for offset, (outcome, colour) in zip((-0.15, 0.15), ((True, "tab:green"), (False, "tab:red"))):
+        xs, ys = [], []
+        for index, length in enumerate(lengths):
+            values = [row["entropy"] for row in rows if int(row["length"]) == length and bool(row["correct"]) is outcome]
+            xs += [index + offset] * len(values)
+            ys += values
+        axis.scatter(xs, ys, s=14, alpha=0.6, color=colour, label="correct" if outcome else "failed")
+    axis.set_xticks(range(len(lengths)), [str(length) for length in lengths])
+    auroc_text = "n/a" if auroc is None else f"{auroc:.2f}"
+    axis.set(xlabel="context length (tokens)", ylabel="entropy of the answering query (nats)",
+             title=f"Attention entropy and retrieval errors (AUROC {auroc_text})")
+    axis.grid(True, alpha=0.3)
+    axis.legend()
+    return save_figure(figure, path)
+
+
+def plot_training_length(entropy_points: list[dict], perplexity_points: list[dict], path: str | Path,
+                         entropy_length: int, perplexity_length: int) -> Path:
+    """Finding 3: entropy (left) and perplexity (right) against the continual-pretraining length, per method.
+
+    points: {"method_name", "train_length", "entropy" | "perplexity"}; train_length 0 = not fine-tuned.
+    """
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for axis, points, value in ((left, entropy_points, "entropy"), (right, perplexity_points, "perplexity")):
+        for method, (xs, ys) in _series(points, "method_name", "train_length", value).items():
+            order = sorted(range(len(xs)), key=lambda index: xs[index])
+            axis.plot([xs[i] for i in order], [ys[i] for i in order], marker="o", label=method)
+        axis.grid(True, alpha=0.3)
+        axis.set_xlabel("continual-pretraining length (tokens; 0 = none)")
+    left.set(ylabel=f"mean attention entropy at {entropy_length} tokens (nats)", title="Entropy")
+    right.set(ylabel=f"perplexity at {perplexity_length} tokens", yscale="log", title="Perplexity")
+    right.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    right.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    left.legend(fontsize=8)
+    figure.tight_layout()
+    return save_figure(figure, path)
+
+
+def plot_entropy_vs_position(rows: list[dict], path: str | Path, pretrained_length: int | None = None,
+                             length: int | None = None) -> Path:
+    """Mean attention entropy (over layers and heads) against query position, one line per variant.
+
+    rows: {"variant", "length", "position", "entropy"} (position: the centre of a query-position bin).
+    `length`: which evaluation length to draw (default: the longest).
+    """
+    length = length or max(int(row["length"]) for row in rows)
+    means = _mean_by([row for row in rows if int(row["length"]) == length], ("variant", "position"), "entropy")
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for variant in dict.fromkeys(variant for variant, _ in means):
+        points = sorted((position, value) for (name, position), value in means.items() if name == variant)
+        axis.plot([p for p, _ in points], [v for _, v in points], marker=".", label=variant)
+    if pretrained_length:
+        axis.axvline(pretrained_length, color="grey", linestyle="--", linewidth=1)
+        axis.annotate(f"pretrained {pretrained_length}", (pretrained_length, 0), xycoords=("data", "axes fraction"),
+                      xytext=(3, 5), textcoords="offset points", fontsize=8, color="grey")
+    axis.set(xlabel="query position (tokens)", ylabel="attention entropy (nats, mean over layers and heads)",
+             title=f"Attention entropy against position, {length}-token inputs")
+    axis.grid(True, alpha=0.3)
+    axis.legend(fontsize=8)
+    return save_figure(figure, path)
+
+
+def plot_attention_distance_by_variant(rows: list[dict], path: str | Path) -> Path:
+    """The paper's Figure 2 view: attention mass against key distance at the pretrained length and at the
+    extended length (distance divided by the length ratio), one panel per variant, mean over layers and heads.
+
+    rows: {"variant", "length", "distance_bin", "distance_start", "mass"}.
+    """
+    variants = list(dict.fromkeys(row["variant"] for row in rows))
+    columns = min(4, len(variants))
+    lines = -(-len(variants) // columns)
+    figure, axes = plt.subplots(lines, columns, figsize=(3.4 * columns, 2.8 * lines), squeeze=False,
+                                sharey=True)
+    masses = _mean_by(rows, ("variant", "length", "distance_start"), "mass")
+    for index, axis in enumerate(axes.flat):
+        if index >= len(variants):
+            axis.axis("off")
+            continue
+        variant = variants[index]
+        for length in sorted({key[1] for key in masses if key[0] == variant}):
+            points = sorted((start, mass) for (name, size, start), mass in masses.items()
+                            if name == variant and size == length)
+            axis.plot([max(start, 0.5) for start, _ in points], [mass for _, mass in points], marker=".",
+                      label=f"{length} tokens")
+        axis.set(xscale="log", yscale="log", title=variant)
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend(fontsize=7)
+        if index // columns == lines - 1:
+            axis.set_xlabel("key distance, in pretrained-length units")
+        if index % columns == 0:
+            axis.set_ylabel("attention mass")
+    figure.suptitle("Attention against distance: pretrained vs extended length")
+    return save_figure(figure, path)
+
+def _method_label(row: dict) -> str:
+    """'yarn x4' for an extension, the bare method where there is no factor."""
+    method = row.get("method") or "default"
+    factor = row.get("factor")
+    if factor in (None, "", 1, 1.0) or method in ("default", "none"):
+        return str(method)
+    return f"{method} x{float(factor):g}"
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else math.nan
+
+
+def plot_entropy_profile(rows: list[dict], path, *, pretrained_length: int | None = None, layer: int | None = None):
+    """Attention entropy against query position, one line per method (mean over layers and heads, or one layer);
+    the pretrained length as a vertical line. Rows from `ropescope.attention.profiles.entropy_profile`."""
+    lines: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+    lengths = {row["length"] for row in rows}
+    uniform: dict[float, float] = {}
+    for row in rows:
+        if layer is not None and row["layer"] != layer:
+            continue
+        label = _method_label(row) + (f" @{row['length']}" if len(lengths) > 1 else "")
+        middle = (row["position_start"] + row["position_end"] - 1) / 2
+        lines[label][middle].append(row["entropy"])
+        uniform[middle] = row["entropy_max"]
+    figure, axes = plt.subplots(figsize=(7, 4))
+    for label, points in sorted(lines.items()):
+        positions = sorted(points)
+        axes.plot(positions, [_mean(points[p]) for p in positions], label=label)
+    positions = sorted(uniform)
+    axes.plot(positions, [uniform[p] for p in positions], color="grey", linestyle=":", label="uniform attention")
+    if pretrained_length:
+        axes.axvline(pretrained_length, color="black", linestyle="--", linewidth=1, label="pretrained length")
+    axes.set_xlabel("query position")
+    axes.set_ylabel("attention entropy (nats)" + ("" if layer is None else f", layer {layer}"))
+    axes.set_title("Attention entropy by position" + (" (mean over layers and heads)" if layer is None else ""))
+    axes.legend(fontsize=8)
+    return save_figure(figure, path)
+
+
+def plot_attention_distance(rows: list[dict], path, *, layer: int | None = None):
+    """The paper's Figure 2 view: attention mass against (rescaled) key distance, one panel per length, one line
+    per method (mean over layers and heads, or one layer). Rows from `patterns.distance_distribution`."""
+    panels: dict[int, dict[str, dict[int, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    edges: dict[int, tuple[int, int]] = {}
+    for row in rows:
+        if layer is not None and row["layer"] != layer:
+            continue
+        label = row.get("role") or _method_label(row)
+        panels[row["length"]][label][row["bin"]].append(row["mass"])
+        edges[row["bin"]] = (row["distance_start"], row["distance_end"])
+    lengths = sorted(panels)
+    figure, axes = plt.subplots(1, len(lengths), figsize=(5 * len(lengths), 4), sharey=True, squeeze=False)
+    bins = sorted(edges)
+    for axis, length in zip(axes[0], lengths):
+        for label, masses in sorted(panels[length].items()):
+            axis.plot(bins, [_mean(masses[b]) for b in bins], marker="o", markersize=3, label=label)
+        axis.set_xticks(bins, [f"{edges[b][0]}" for b in bins], rotation=60, fontsize=7)
+        axis.set_xlabel("key distance x pretrained/length (bin start)")
+        axis.set_title(f"length {length}")
+        axis.legend(fontsize=8)
+    axes[0][0].set_ylabel("attention mass" + ("" if layer is None else f", layer {layer}"))
+    return save_figure(figure, path)
+
+
+def plot_pattern_preservation(rows: list[dict], path):
+    """Jensen-Shannon divergence from the pretrained pattern (mean over layers), per method and length.
+    Rows from `patterns.pattern_preservation` (the layer == "mean" rows)."""
+    values: dict[str, dict[int, float]] = defaultdict(dict)
+    for row in rows:
+        if row["layer"] == "mean":
+            values[_method_label(row)][row["length"]] = row["js_divergence"]
+    labels = sorted(values)
+    lengths = sorted({length for per in values.values() for length in per})
+    figure, axes = plt.subplots(figsize=(max(5, 1.2 * len(labels) * max(1, len(lengths))), 4))
+    width = 0.8 / max(1, len(lengths))
+    for index, length in enumerate(lengths):
+        axes.bar([i + index * width for i in range(len(labels))],
+                 [values[label].get(length, math.nan) for label in labels], width=width, label=f"length {length}")
+    axes.set_xticks([i + width * (len(lengths) - 1) / 2 for i in range(len(labels))], labels)
+    axes.set_ylabel("JS divergence from pretrained pattern (nats)")
+    axes.set_title("Pattern preservation (lower = pattern kept)")
+    axes.legend(fontsize=8)
+    return save_figure(figure, path)
+
+
+def plot_entropy_heatmap(rows: list[dict], path):
+    """Accuracy and answering-query entropy laid out as the needle grid (depth x length), side by side, one pair
+    of panels per method. Rows from `uncertainty.retrieval_attention` (evaluation rows with entropy)."""
+    from ropescope.attention.uncertainty import as_bool
+
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for row in rows:
+        groups[_method_label(row)].append(row)
+    figure, axes = plt.subplots(len(groups), 2, figsize=(11, 3.6 * len(groups)), squeeze=False)
+    for (label, group), (accuracy_axis, entropy_axis) in zip(sorted(groups.items()), axes):
+        lengths = sorted({row["length"] for row in group})
+        depths = sorted({float(row["depth_percent"]) for row in group})
+        cells: dict[tuple, list[dict]] = defaultdict(list)
+        for row in group:
+            cells[(float(row["depth_percent"]), row["length"])].append(row)
+
+        def grid(value):
+            return [[_mean(value(r) for r in cells[(depth, length)]) for length in lengths] for depth in depths]
+
+        for axis, values, title, colormap in (
+            (accuracy_axis, grid(lambda r: float(as_bool(r["correct"]))), "accuracy", "RdYlGn"),
+            (entropy_axis, grid(lambda r: float(r["entropy"])), "answer-query entropy (nats)", "viridis"),
+        ):
+            image = axis.imshow(values, aspect="auto", cmap=colormap, origin="upper",
+                                vmin=0.0 if title == "accuracy" else None, vmax=1.0 if title == "accuracy" else None)
+            axis.set_xticks(range(len(lengths)), [str(length) for length in lengths], rotation=45, fontsize=8)
+            axis.set_yticks(range(len(depths)), [f"{depth:g}" for depth in depths], fontsize=8)
+            axis.set_xlabel("context length")
+            axis.set_ylabel("needle depth (%)")
+            axis.set_title(f"{label}: {title}")
+            figure.colorbar(image, ax=axis)
+    figure.tight_layout()
+    return save_figure(figure, path)
+
+
 def _series_label(row: dict) -> str:
     label = f"{row.get('model', 'model')} / {row.get('method', 'default')}"
     if row.get("factor") not in (None, ""):

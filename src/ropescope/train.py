@@ -1,0 +1,423 @@
+"""Continual pretraining with a RoPE extension: a plain loop over accelerate, readable top to bottom.
+
+    ropescope train --model default --method yarn --factor 4 --length 1024 --steps 200 --out runs/yarn-1024
+    accelerate launch --num_processes 8 -m ropescope train ...        # the same loop, data parallel (or FSDP)
+
+The model gets the extension (`extend`), then trains on causal-LM loss over blocks of `length` tokens. The run
+folder ends up holding a Hugging Face checkpoint (safetensors weights, a config that carries the rope
+parameters, the tokenizer) that `from_pretrained` loads with the extension active, plus `metrics.csv`, `run.json`
+and the resumable checkpoints under `checkpoints/`.
+
+Data order is a pure function of (seed, step): step s trains on global batch s of a seeded shuffle of the
+corpus blocks, whatever the number of processes. Each process takes its own slice of that global batch, so N
+processes with 1/N of the per-process batch follow the same loss trajectory as one process, and a resumed run
+needs nothing but the step to find its place in the data.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ropescope.errors import RopescopeError
+
+SCHEDULES = ("cosine", "linear", "constant")
+MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]  # the attention projections, where RoPE acts
+METRICS_FIELDS = ["step", "loss", "lr", "tokens_per_s"]
+# Fields that do not change what the run computes: a resumed run may differ in these.
+_NOT_IDENTITY = {"out", "resume", "overwrite", "progress", "checkpoint_every", "keep_checkpoints", "batch_size"}
+
+
+@dataclass
+class TrainConfig:
+    """One continual-pretraining run. Batch sizes count blocks of `length` tokens."""
+
+    out: str | Path  # run folder: the final checkpoint, metrics.csv, run.json, checkpoints/
+    model: str = "default"  # "default" (the shipped model) or a local Hugging Face folder
+    method: str = "yarn"  # a name in ropescope.rope.METHODS
+    factor: float = 4.0
+    original_length: int | None = None  # original_max_position_embeddings; None = the model's pretrained length
+    spec: dict | None = None  # a full RopeSpec.to_dict(); when given, it replaces method, factor and original_length
+    length: int = 1024  # tokens per training block
+    steps: int = 100  # optimizer steps
+    corpus: str | None = None  # a corpus path for ropescope.data.load_corpus; None = the shipped corpus
+    batch_size: int = 1  # blocks per process per micro-step
+    grad_accum: int = 1  # micro-steps per optimizer step
+    learning_rate: float = 1e-4
+    schedule: str = "cosine"  # cosine | linear | constant, after the warm-up
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1  # where cosine and linear decay end, as a fraction of learning_rate
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # 0 turns clipping off
+    mixed_precision: str = "auto"  # auto = bf16 on a GPU that supports it, else float32
+    gradient_checkpointing: bool = False
+    lora_rank: int = 0  # 0 = full fine-tune; > 0 trains LoRA adapters on the attention projections (peft)
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    seed: int = 0
+    checkpoint_every: int = 0  # steps between resumable checkpoints; 0 = none
+    keep_checkpoints: int = 2  # the newest this many resumable checkpoints are kept
+    resume: bool = False  # continue the run in `out` from its newest checkpoint
+    overwrite: bool = False  # replace the run in `out`
+    progress: bool | None = None  # tqdm bar; None = only on a terminal
+
+
+def validate(config: TrainConfig) -> None:
+    """Check every value a user can get wrong that needs no model or data: one RopescopeError line each."""
+    from ropescope.rope import METHODS
+
+    method = config.spec.get("method") if config.spec is not None else config.method
+    if method not in METHODS:
+        raise RopescopeError(f"method={method!r} is unknown; accepted: {', '.join(METHODS)}")
+    positive = {"length": config.length, "steps": config.steps, "batch_size": config.batch_size,
+                "grad_accum": config.grad_accum}
+    for name, value in positive.items():
+        if not isinstance(value, int) or value <= 0:
+            raise RopescopeError(f"{name}={value!r} is not a positive integer")
+    if not config.learning_rate > 0:
+        raise RopescopeError(f"learning_rate={config.learning_rate} must be > 0")
+    if config.schedule not in SCHEDULES:
+        raise RopescopeError(f"schedule={config.schedule!r} is unknown; accepted: {', '.join(SCHEDULES)}")
+    if not 0 <= config.warmup_steps <= config.steps:
+        raise RopescopeError(f"warmup_steps={config.warmup_steps} is outside 0..steps ({config.steps})")
+    if not 0 <= config.min_lr_ratio <= 1:
+        raise RopescopeError(f"min_lr_ratio={config.min_lr_ratio} is outside 0..1")
+    if config.mixed_precision not in MIXED_PRECISION:
+        raise RopescopeError(
+            f"mixed_precision={config.mixed_precision!r} is unknown; accepted: {', '.join(MIXED_PRECISION)}")
+    for name in ("checkpoint_every", "lora_rank", "max_grad_norm", "weight_decay"):
+        if getattr(config, name) < 0:
+            raise RopescopeError(f"{name}={getattr(config, name)} must be >= 0")
+    if config.keep_checkpoints < 1:
+        raise RopescopeError(f"keep_checkpoints={config.keep_checkpoints} must be >= 1")
+    if config.original_length is not None and config.original_length <= 0:
+        raise RopescopeError(f"original_length={config.original_length} is not a positive integer")
+    if config.resume and config.overwrite:
+        raise RopescopeError("resume and overwrite both set; pass one: resume continues the run, overwrite replaces it")
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warm-up, then cosine/linear decay or constant."""
+    if step < config.warmup_steps:
+        return config.learning_rate * (step + 1) / config.warmup_steps
+    if config.schedule == "constant":
+        return config.learning_rate
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    decay = 0.5 * (1 + math.cos(math.pi * progress)) if config.schedule == "cosine" else 1 - progress
+    floor = config.min_lr_ratio * config.learning_rate
+    return floor + (config.learning_rate - floor) * decay
+
+
+class _LrMultiplier:
+    """LambdaLR's factor for `lr_at`; a class, not a lambda, so the scheduler's state_dict can hold it."""
+
+    def __init__(self, config: TrainConfig):
+        self.config = config
+
+    def __call__(self, step: int) -> float:
+        return lr_at(step, self.config) / self.config.learning_rate
+
+
+class _TrainState:
+    """The loop position, saved with every checkpoint: the data position is a function of `step` alone."""
+
+    def __init__(self):
+        self.step = 0  # optimizer steps finished
+
+    def state_dict(self) -> dict:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+
+
+def block_indices(step: int, micro_step: int, process_index: int, num_blocks: int, config: TrainConfig,
+                  num_processes: int, generator_cache: dict | None = None) -> list[int]:
+    """Corpus block indices one process trains on at (step, micro_step).
+
+    Global batch `step` is slots [step * G, (step + 1) * G) of an endless stream of seeded per-epoch shuffles of
+    the `num_blocks` blocks, G = batch_size * num_processes * grad_accum; the process's slice of it depends on
+    (micro_step, process_index) only, so the set of blocks per step does not depend on the process count.
+    """
+    global_batch = config.batch_size * num_processes * config.grad_accum
+    first = step * global_batch + (micro_step * num_processes + process_index) * config.batch_size
+    cache = generator_cache if generator_cache is not None else {}
+    indices = []
+    for slot in range(first, first + config.batch_size):
+        epoch, position = divmod(slot, num_blocks)
+        if epoch not in cache:
+            generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
+            cache.clear()  # one epoch's permutation at a time is enough: slots only move forward
+            cache[epoch] = torch.randperm(num_blocks, generator=generator)
+        indices.append(int(cache[epoch][position]))
+    return indices
+
+
+def _identity(config: TrainConfig, global_batch: int) -> dict:
+    """What makes two runs the same run: every field that changes the computation, with the global batch."""
+    fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in _NOT_IDENTITY}
+    fields["global_batch"] = global_batch
+    return json.loads(json.dumps(fields, default=str))
+
+
+def _check_out(config: TrainConfig, identity: dict) -> None:
+    """Refuse an output folder that holds another run (or anything else) unless told to resume or overwrite."""
+    out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise RopescopeError(f"out={out} is a file; give a folder")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    run_file = out / "run.json"
+    if not run_file.exists():
+        raise RopescopeError(f"out={out} holds files that are not a ropescope training run; give an empty or new folder")
+    if config.overwrite:
+        return
+    previous = json.loads(run_file.read_text())["config"]
+    differences = sorted(k for k in set(previous) | set(identity) if previous.get(k) != identity.get(k))
+    if differences:
+        detail = ", ".join(f"{k}={previous.get(k)!r} there vs {identity.get(k)!r} here" for k in differences[:3])
+        raise RopescopeError(f"out={out} holds a different run ({detail}); pass overwrite to replace it, "
+                             "or give another folder")
+    if not config.resume:
+        raise RopescopeError(f"out={out} already holds this run; pass resume to continue it or overwrite to start over")
+
+
+def _training_blocks(tokenizer, config: TrainConfig, global_batch: int) -> torch.Tensor:
+    """The corpus's train split as blocks of `length` tokens, at most as many as the run consumes.
+
+    Returns: LongTensor[num_blocks, length]. Raises RopescopeError if the corpus cannot fill one global batch.
+    """
+    from itertools import islice
+
+    from ropescope.data import load_corpus, token_blocks
+
+    documents = load_corpus(config.corpus, split="train")
+    needed = config.steps * global_batch  # a run that outlasts the corpus goes round it again, reshuffled
+    try:
+        blocks = list(islice(token_blocks(tokenizer, documents, block_length=config.length), needed))
+    except RopescopeError:  # not one block; the message below says what a run needs
+        blocks = []
+    if len(blocks) < global_batch:
+        # Counted as token_blocks counts: no special tokens, one separator between documents.
+        separators = (len(documents) - 1) if tokenizer.eos_token_id is not None else 0
+        corpus_tokens = separators + sum(
+            len(tokenizer(document, add_special_tokens=False)["input_ids"]) for document in documents)
+        name = config.corpus or "the shipped corpus"
+        raise RopescopeError(
+            f"length={config.length}: corpus {name} (train split) holds {corpus_tokens} tokens, and one global batch "
+            f"of {global_batch} blocks needs {global_batch * config.length}; lower length or batch size, "
+            "or give a larger corpus")
+    return torch.stack(blocks)
+
+
+def _newest_checkpoint(out: Path) -> Path | None:
+    folders = sorted((out / "checkpoints").glob("step-*")) if (out / "checkpoints").exists() else []
+    return folders[-1] if folders else None
+
+
+def _save_checkpoint(accelerator, out: Path, step: int, keep: int) -> None:
+    """Save model, optimizer, scheduler, RNG and loop state for `step`, atomically: a temp folder, then rename."""
+    folder = out / "checkpoints" / f"step-{step:08d}"
+    temporary = out / "checkpoints" / f".tmp-step-{step:08d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(temporary, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(temporary))
+    accelerator.wait_for_everyone()  # every process has written its part (its RNG state, its FSDP shard)
+    if accelerator.is_main_process:
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(temporary, folder)
+        for old in sorted((out / "checkpoints").glob("step-*"))[:-keep]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def _metrics_rows(path: Path, up_to_step: int) -> list[dict]:
+    if not path.exists():
+        return []
+    with path.open(newline="") as file:
+        return [row for row in csv.DictReader(file) if int(row["step"]) <= up_to_step]
+
+
+def _start_metrics(path: Path, keep_rows: list[dict]):
+    """Rewrite metrics.csv with the rows the resumed state has already produced; return it open for appending."""
+    temporary = path.with_name(path.name + ".tmp")
+    with temporary.open("w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=METRICS_FIELDS)
+        writer.writeheader()
+        writer.writerows(keep_rows)
+    os.replace(temporary, path)
+    return path.open("a", newline="")
+
+
+def _mixed_precision(config: TrainConfig) -> str:
+    if config.mixed_precision != "auto":
+        return config.mixed_precision
+    on_gpu = torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true")
+    return "bf16" if on_gpu and torch.cuda.is_bf16_supported() else "no"
+
+
+def train(config: TrainConfig) -> Path:
+    """Fine-tune `config.model` with the extension `config.method` at `config.length`; return the run folder.
+
+    Runs as it is on one process, and under `accelerate launch` on many (DDP or FSDP, as accelerate is set up).
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm import tqdm
+
+    from ropescope import extend
+    from transformers import AutoTokenizer
+
+    from ropescope.models import load_model, resolve_model_path
+    from ropescope.patch import pretrained_rope
+    from ropescope.rope import RopeSpec, simple_spec
+
+    validate(config)
+    out = Path(config.out)
+    # Launched as several processes on a machine without CUDA, accelerate would run each process alone unless
+    # told it is on CPU; told, it joins them with gloo (torchrun and `accelerate launch --multi_gpu` both work).
+    launched_on_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    accelerator = Accelerator(mixed_precision=_mixed_precision(config), cpu=launched_on_cpu)
+    num_processes = accelerator.num_processes
+    global_batch = config.batch_size * num_processes * config.grad_accum
+    identity = _identity(config, global_batch)
+    _check_out(config, identity)
+
+    # The data, the model, the extension: all checked before the first file is written; the data first, as
+    # it needs only the tokenizer, and a corpus too short for the length should not wait for a large model.
+    model_path = resolve_model_path(config.model)
+    blocks = _training_blocks(AutoTokenizer.from_pretrained(model_path), config, global_batch)
+    set_seed(config.seed)
+    model, tokenizer = load_model(model_path)
+    if config.spec is not None:
+        spec = RopeSpec.from_dict(config.spec)
+    else:
+        # The length the model was pretrained at, even when the checkpoint already carries an extension.
+        original_length = config.original_length or pretrained_rope(model.config)[1]
+        spec = simple_spec(config.method, factor=config.factor, original_max_position_embeddings=original_length)
+    extend(model, spec)
+    accelerator.wait_for_everyone()  # every process has looked at `out` before the main one changes it
+
+    resume_from = _newest_checkpoint(out) if config.resume else None
+    if accelerator.is_main_process:
+        if config.overwrite and out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        run = {"config": identity, "spec": spec.to_dict(),
+               "num_processes": num_processes, "corpus_blocks": len(blocks)}
+        _write_atomic(out / "run.json", json.dumps(run, indent=2, default=str) + "\n")
+    accelerator.wait_for_everyone()
+
+    model.train()
+    model.config.use_cache = False  # no KV cache while training; put back before saving
+    if config.gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if config.lora_rank:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                          target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
+        model = get_peft_model(model, lora)
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay,
+                                  betas=(0.9, 0.95))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    # Not prepared: accelerate would step a prepared scheduler once per process, and our step is global.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _LrMultiplier(config))
+    state = _TrainState()
+    accelerator.register_for_checkpointing(scheduler, state)
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+
+    metrics_path = out / "metrics.csv"
+    metrics_file = None
+    if accelerator.is_main_process:
+        metrics_file = _start_metrics(metrics_path, _metrics_rows(metrics_path, state.step))
+    metrics = csv.DictWriter(metrics_file, fieldnames=METRICS_FIELDS) if metrics_file else None
+
+    tokens_per_step = global_batch * config.length
+    show = accelerator.is_local_main_process and config.progress is not False
+    bar = tqdm(total=config.steps, initial=state.step, desc=f"train {spec.label()} @ {config.length}",
+               disable=None if (show and config.progress is None) else not show)
+    permutations: dict = {}
+    last_step_end = time.perf_counter()
+    try:
+        while state.step < config.steps:
+            loss_sum = torch.zeros((), device=accelerator.device)
+            for micro_step in range(config.grad_accum):
+                indices = block_indices(state.step, micro_step, accelerator.process_index, len(blocks), config,
+                                        num_processes, permutations)
+                input_ids = blocks[indices].to(accelerator.device, non_blocking=True)
+                last = micro_step == config.grad_accum - 1
+                # Gradients are all-reduced only on the last micro-step: the others accumulate locally.
+                with nullcontext() if last else accelerator.no_sync(model):
+                    loss = model(input_ids=input_ids, labels=input_ids).loss
+                    accelerator.backward(loss / config.grad_accum)
+                loss_sum += loss.detach()
+            if config.max_grad_norm:
+                accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            # Every block has the same token count, so the mean of the per-process means is the global mean.
+            step_loss = accelerator.reduce(loss_sum / config.grad_accum, reduction="mean").item()
+            # Wall clock from one step's end to the next: the bookkeeping (metrics, bar, checkpoints) counts too.
+            now = time.perf_counter()
+            tokens_per_s = tokens_per_step / (now - last_step_end)
+            last_step_end = now
+            state.step += 1
+
+            if metrics is not None:
+                metrics.writerow({"step": state.step, "loss": repr(step_loss), "lr": repr(lr),
+                                  "tokens_per_s": f"{tokens_per_s:.1f}"})
+                metrics_file.flush()
+            bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens_per_s:.0f}")
+            bar.update(1)
+            if config.checkpoint_every and state.step % config.checkpoint_every == 0 and state.step < config.steps:
+                _save_checkpoint(accelerator, out, state.step, config.keep_checkpoints)
+    finally:
+        bar.close()
+        if metrics_file is not None:
+            metrics_file.close()
+
+    _save_final(accelerator, model, tokenizer, out, lora=bool(config.lora_rank))
+    return out
+
+
+def _save_final(accelerator, model, tokenizer, out: Path, lora: bool) -> None:
+    """Write the Hugging Face checkpoint: safetensors weights, config with the rope parameters, tokenizer."""
+    accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(model)
+    if lora:
+        # Merged, the checkpoint is a plain model again: from_pretrained needs neither peft nor ropescope.
+        unwrapped = unwrapped.merge_and_unload()
+        state_dict = None
+    else:
+        state_dict = accelerator.get_state_dict(model)  # gathers FSDP shards on the main process
+    if accelerator.is_main_process:
+        if unwrapped.is_activation_checkpointing:
+            unwrapped.activation_checkpointing_disable()
+        unwrapped.config.use_cache = True
+        unwrapped.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+    accelerator.wait_for_everyone()

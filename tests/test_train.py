@@ -1,0 +1,259 @@
+"""Continual pretraining: equivalence across process counts and accumulation, exact resume, bad input.
+
+Everything runs on a tiny random Llama (hidden 64, 2 layers) with a small byte-level BPE tokenizer trained here,
+saved as a local Hugging Face folder, so the real loading path is exercised without downloads.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ropescope.cli import main
+from ropescope.train import TrainConfig, block_indices, lr_at, train
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+WORDS = ("the river ran past old stone walls while green birds sang of rain and light over quiet hills "
+         "a small boat drifted near the mill where children counted seven bright lanterns").split()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine a second spinning thread makes tiny steps 100x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict:
+    """A tiny random Llama with its tokenizer in a folder, and a corpus of 120 short documents."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    root = tmp_path_factory.mktemp("tiny")
+    rng = random.Random(0)
+    documents = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(40, 120))) + "." for _ in range(120)]
+    corpus = root / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": document}) + "\n" for document in documents))
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(documents, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>",
+                                   bos_token="<|endoftext|>", unk_token="<|endoftext|>")
+    model_dir = root / "model"
+    fast.save_pretrained(model_dir)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
+                         eos_token_id=fast.eos_token_id, bos_token_id=fast.eos_token_id)
+    LlamaForCausalLM(config).save_pretrained(model_dir)
+    return {"model": str(model_dir), "corpus": str(corpus), "root": root}
+
+
+def _config(tiny, out, **overrides) -> TrainConfig:
+    values = dict(out=out, model=tiny["model"], corpus=tiny["corpus"], method="yarn", factor=2.0, length=48,
+                  steps=4, batch_size=4, learning_rate=3e-3, warmup_steps=1, progress=False)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def _losses(out) -> list[tuple[int, float]]:
+    with (Path(out) / "metrics.csv").open(newline="") as file:
+        return [(int(row["step"]), float(row["loss"])) for row in csv.DictReader(file)]
+
+
+def _env() -> dict:
+    env = dict(os.environ, PYTHONPATH=str(SRC), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env.pop("RANK", None)
+    return env
+
+
+def _cli_args(config: TrainConfig) -> list[str]:
+    return ["--model", config.model, "--corpus", config.corpus, "--method", config.method, "--factor",
+            str(config.factor), "--length", str(config.length), "--steps", str(config.steps), "--batch-size",
+            str(config.batch_size), "--lr", str(config.learning_rate), "--warmup-steps", str(config.warmup_steps),
+            "--checkpoint-every", str(config.checkpoint_every), "--out", str(config.out)]
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    config = TrainConfig(out="x", steps=10, warmup_steps=2, learning_rate=1.0, min_lr_ratio=0.1)
+    assert [lr_at(s, config) for s in (0, 1)] == [0.5, 1.0]
+    assert lr_at(2, config) == pytest.approx(1.0)
+    assert lr_at(6, config) == pytest.approx(0.1 + 0.9 * 0.5)  # halfway through the cosine
+    linear = TrainConfig(out="x", steps=10, warmup_steps=0, learning_rate=1.0, min_lr_ratio=0.0, schedule="linear")
+    assert lr_at(5, linear) == pytest.approx(0.5)
+
+
+def test_each_global_batch_is_the_same_blocks_whatever_the_process_count():
+    for step in range(7):  # 7 steps of 8 blocks over 20 blocks: crosses two epoch boundaries
+        one = block_indices(step, 0, 0, 20, TrainConfig(out="x", batch_size=8), 1)
+        two = [i for rank in range(2) for i in block_indices(step, 0, rank, 20, TrainConfig(out="x", batch_size=4), 2)]
+        accumulated = [i for micro in range(2) for rank in range(2)
+                       for i in block_indices(step, micro, rank, 20, TrainConfig(out="x", batch_size=2, grad_accum=2), 2)]
+        assert one == two == accumulated
+    epoch = [i for step in range(5) for i in block_indices(step, 0, 0, 20, TrainConfig(out="x", batch_size=4), 1)]
+    assert sorted(epoch) == list(range(20))  # an epoch visits every block once
+
+
+def test_train_writes_a_checkpoint_that_loads_with_the_extension_active(tiny, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from ropescope import extend
+    from ropescope.models import load_model
+    from ropescope.rope import simple_spec
+
+    out = train(_config(tiny, tmp_path / "run", steps=3))
+    assert [step for step, _ in _losses(out)] == [1, 2, 3]
+    assert {"model.safetensors", "config.json", "tokenizer.json", "metrics.csv", "run.json"} <= {
+        p.name for p in out.iterdir()}
+
+    loaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    # The same trained weights on the original model with the extension applied by hand: same logits.
+    reference, _ = load_model(tiny["model"])
+    extend(reference, simple_spec("yarn", factor=2.0, original_max_position_embeddings=64))
+    reference.load_state_dict(load_file(out / "model.safetensors"), strict=False)
+    reference.tie_weights()
+    input_ids = torch.randint(0, 300, (1, 150))  # past the original 64 positions and the 48 trained on
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids).logits, reference.eval()(input_ids).logits, atol=1e-5, rtol=1e-5)
+    base, _ = load_model(tiny["model"])
+    with torch.no_grad():
+        assert not torch.allclose(loaded(input_ids).logits, base(input_ids).logits, atol=1e-3)
+
+
+def test_gradient_accumulation_and_checkpointing_match_one_big_batch(tiny, tmp_path):
+    big = _losses(train(_config(tiny, tmp_path / "big", steps=3)))
+    accumulated = _losses(train(_config(tiny, tmp_path / "acc", steps=3, batch_size=2, grad_accum=2,
+                                        gradient_checkpointing=True)))
+    assert [s for s, _ in big] == [s for s, _ in accumulated]
+    torch.testing.assert_close([l for _, l in accumulated], [l for _, l in big], rtol=1e-5, atol=1e-6)
+
+
+def test_two_processes_with_half_the_batch_follow_the_one_process_trajectory(tiny, tmp_path):
+    one = _config(tiny, tmp_path / "one", steps=4, batch_size=4)
+    two = _config(tiny, tmp_path / "two", steps=4, batch_size=2)
+    with socket.socket() as probe:  # a free port, so parallel test runs do not collide
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    # `--multi_gpu` is accelerate's multi-process launcher (torchrun); without CUDA, train() joins the processes
+    # over gloo. (`--cpu` would start one process: accelerate's CPU launcher spreads only through mpirun.)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(port), "-m", "ropescope", "train", *_cli_args(two)]
+    result = subprocess.run(launch, env=_env(), capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((two.out / "run.json").read_text())["num_processes"] == 2
+    expected = _losses(train(one))
+    got = _losses(two.out)
+    assert [s for s, _ in got] == [s for s, _ in expected] == [1, 2, 3, 4]
+    torch.testing.assert_close([l for _, l in got], [l for _, l in expected], rtol=1e-5, atol=1e-6)
+    assert expected[-1][1] < expected[0][1]  # it learns
+
+
+def test_a_killed_run_resumes_on_the_exact_trajectory(tiny, tmp_path):
+    steps, every = 150, 10
+    reference = _losses(train(_config(tiny, tmp_path / "reference", steps=steps, batch_size=2, length=32)))
+
+    killed = _config(tiny, tmp_path / "killed", steps=steps, batch_size=2, length=32, checkpoint_every=every)
+    process = subprocess.Popen([sys.executable, "-m", "ropescope", "train", *_cli_args(killed)], env=_env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    checkpoints = killed.out / "checkpoints"
+    deadline = time.monotonic() + 120
+    while not (checkpoints.exists() and list(checkpoints.glob("step-*"))):
+        assert process.poll() is None, process.stderr.read().decode()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    process.stderr.close()
+    assert not (killed.out / "model.safetensors").exists(), "the run finished before it could be killed"
+    assert len(_losses(killed.out)) < steps
+
+    killed.resume = True
+    train(killed)
+    resumed = _losses(killed.out)
+    assert [s for s, _ in resumed] == list(range(1, steps + 1))  # no step lost, none repeated
+    torch.testing.assert_close([l for _, l in resumed], [l for _, l in reference], rtol=1e-5, atol=1e-6)
+
+
+def test_lora_trains_adapters_and_saves_a_merged_plain_checkpoint(tiny, tmp_path):
+    from safetensors.torch import load_file
+
+    out = train(_config(tiny, tmp_path / "lora", steps=2, lora_rank=4))
+    weights = load_file(out / "model.safetensors")
+    assert not any("lora" in name for name in weights)
+    base = load_file(Path(tiny["model"]) / "model.safetensors")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(weights[name], base[name])  # the merged adapter moved the projection
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert torch.equal(weights[name], base[name])  # and nothing outside the adapted projections
+
+
+def _cli_error(capsys, argv) -> str:
+    assert main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+@pytest.mark.parametrize("change, expected", [
+    (["--length", "0"], "length=0 is not a positive integer"),
+    (["--length", "-5"], "length=-5 is not a positive integer"),
+    (["--method", "nope"], "method='nope' is unknown; accepted: default, linear"),
+    (["--length", "100000"], "tokens, and one global batch of 4 blocks needs 400000"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(tiny, tmp_path, capsys, change, expected):
+    out = tmp_path / "run"
+    argv = ["train", *_cli_args(_config(tiny, out)), *change]
+    assert expected in _cli_error(capsys, argv)
+    assert not out.exists()
+
+
+def test_an_output_folder_with_another_run_is_refused_unless_resume_or_overwrite(tiny, tmp_path, capsys):
+    config = _config(tiny, tmp_path / "run", steps=1)
+    argv = ["train", *_cli_args(config)]
+    assert main(argv) == 0
+    capsys.readouterr()
+    before = (config.out / "metrics.csv").read_text()
+
+    message = _cli_error(capsys, [*argv, "--lr", "0.01"])
+    assert "holds a different run (learning_rate=0.003 there vs 0.01 here)" in message
+    assert "already holds this run; pass resume" in _cli_error(capsys, argv)
+    assert "holds a different run" in _cli_error(capsys, [*argv, "--lr", "0.01", "--resume"])
+    assert (config.out / "metrics.csv").read_text() == before  # refused before writing anything
+
+    assert main([*argv, "--lr", "0.01", "--overwrite"]) == 0
+    capsys.readouterr()
+    assert json.loads((config.out / "run.json").read_text())["config"]["learning_rate"] == 0.01
+
+    stranger = tmp_path / "stranger"
+    stranger.mkdir()
+    (stranger / "notes.txt").write_text("mine")
+    assert "not a ropescope training run" in _cli_error(capsys, ["train", *_cli_args(config), "--out", str(stranger),
+                                                               "--overwrite"])
+
+
+def test_a_full_spec_replaces_method_and_factor(tiny, tmp_path):
+    out = train(_config(tiny, tmp_path / "spec", steps=1, spec={"method": "linear", "factor": 3.0}))
+    config = json.loads((out / "config.json").read_text())
+    assert config["rope_parameters"]["rope_type"] == "linear"
+    assert config["rope_parameters"]["factor"] == 3.0
+    assert json.loads((out / "run.json").read_text())["spec"] == {"method": "linear", "factor": 3.0}
