@@ -282,10 +282,9 @@ def train(config: TrainConfig) -> Path:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from tqdm import tqdm
-
-    from ropescope import extend
     from transformers import AutoTokenizer
 
+    from ropescope import extend
     from ropescope.models import load_model, resolve_model_path
     from ropescope.patch import pretrained_rope
     from ropescope.rope import RopeSpec, simple_spec
