@@ -113,7 +113,198 @@ def _run_report(args) -> int:
     return 0
 
 
-SUBCOMMANDS: list = [_add_methods, _add_freqs, _add_study, _add_report]  # the `_add_*` functions, in the order `--help` lists them
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation: ppl, passkey, needle
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers, e.g. 256,512,1024")
+
+
+def _number_list(text: str) -> list[float]:
+    try:
+        return [float(item) if "." in item else int(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers, e.g. 0,25,50,75,100")
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="default", help="'default' (the shipped model) or a local model folder")
+    parser.add_argument("--method", default=None, help="RoPE extension applied at evaluation (see `ropescope methods`)")
+    _add_rope_arguments(parser)
+    parser.add_argument("--out", default=None, help="rows file, .json or .csv")
+    parser.add_argument("--plot", default=None, help="figure file, e.g. out.png")
+
+
+def _print_cells(rows: list[dict], value: str) -> None:
+    cells: dict = {}
+    for row in rows:
+        cells.setdefault((row["length"], row["depth_percent"]), []).append(float(row[value]))
+    for (length, depth), scores in sorted(cells.items()):
+        print(f"length {length:>7}  depth {depth:>5g}%  {value} {sum(scores) / len(scores):.3f}  (n={len(scores)})")
+
+
+def _add_ppl(subparsers) -> None:
+    parser = subparsers.add_parser("ppl", help="perplexity against length (truncated and sliding-window protocols)")
+    _add_model_arguments(parser)
+    parser.add_argument("--lengths", type=_int_list, default=[256, 512, 1024, 2048])
+    parser.add_argument("--corpus", default=None, help="corpus path (default: the shipped corpus)")
+    parser.add_argument("--split", default="validation", help="split of the shipped corpus")
+    parser.add_argument("--protocol", choices=["truncated", "sliding", "both"], default="both")
+    parser.add_argument("--stride", type=int, default=None, help="sliding-window stride (default: half the window)")
+    parser.add_argument("--documents", type=int, default=4, help="how many long documents to evaluate")
+    parser.add_argument("--chunk-size", type=int, default=1024, help="positions per output-head chunk")
+    parser.set_defaults(func=_run_ppl)
+
+
+def _run_ppl(args) -> int:
+    from ropescope.eval.perplexity import PROTOCOLS, run_perplexity
+
+    rows = run_perplexity(args.model, args.lengths, PROTOCOLS if args.protocol == "both" else [args.protocol],
+                          args.stride, args.method, args.factor, args.original_length, args.corpus, args.split,
+                          args.documents, args.chunk_size, out=args.out, plot=args.plot)
+    for row in rows:
+        print(f"{row['protocol']:>9}  length {row['length']:>7}  ppl {row['perplexity']:10.3f}  "
+              f"nll {row['nll']:.4f}  tokens {row['tokens_scored']}")
+    return 0
+
+
+def _add_passkey(subparsers) -> None:
+    parser = subparsers.add_parser("passkey", help="passkey retrieval accuracy over lengths x depths")
+    _add_model_arguments(parser)
+    parser.add_argument("--lengths", type=_int_list, default=[256, 512, 1024])
+    parser.add_argument("--depths", type=_number_list, default=[0, 25, 50, 75, 100], help="depth percents, 0..100")
+    parser.add_argument("--trials", type=int, default=5, help="keys per cell")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.set_defaults(func=_run_passkey)
+
+
+def _run_passkey(args) -> int:
+    from ropescope.eval.passkey import run_passkey
+
+    rows = run_passkey(args.model, args.lengths, args.depths, args.trials, args.seed, args.method, args.factor,
+                       args.original_length, batch_size=args.batch_size, out=args.out, plot=args.plot)
+    _print_cells(rows, "score")
+    return 0
+
+
+def _add_needle(subparsers) -> None:
+    from ropescope.eval.needle import ANSWER, NEEDLE, QUESTION
+
+    parser = subparsers.add_parser("needle", help="needle-in-a-haystack retrieval over lengths x depths")
+    _add_model_arguments(parser)
+    parser.add_argument("--lengths", type=_int_list, default=[256, 512, 1024])
+    parser.add_argument("--depths", type=_number_list, default=[0, 25, 50, 75, 100], help="depth percents, 0..100")
+    parser.add_argument("--trials", type=int, default=1, help="haystacks per cell")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--corpus", default=None, help="haystack corpus path (default: the shipped corpus)")
+    parser.add_argument("--split", default="validation", help="split of the shipped corpus")
+    parser.add_argument("--needle", default=NEEDLE)
+    parser.add_argument("--question", default=QUESTION, help="ends where the answer should start")
+    parser.add_argument("--answer", default=ANSWER)
+    parser.set_defaults(func=_run_needle)
+
+
+def _run_needle(args) -> int:
+    from ropescope.eval.needle import run_needle
+
+    rows = run_needle(args.model, args.lengths, args.depths, args.trials, args.seed, args.method, args.factor,
+                      args.original_length, args.corpus, args.split, args.needle, args.question, args.answer,
+                      out=args.out, plot=args.plot)
+    _print_cells(rows, "score")
+    return 0
+
+
+
+
+def _add_analysis_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="default", help="'default' (the shipped model) or a local model folder")
+    parser.add_argument("--chunk-size", type=int, default=512, help="queries / keys per block of the streaming pass")
+
+
+def _add_entropy(subparsers) -> None:
+    parser = subparsers.add_parser("entropy", help="attention entropy against position, per method (streamed)")
+    _add_analysis_model_arguments(parser)
+    parser.add_argument("--method", action="append", help="RoPE extension (repeatable); default: default (none)")
+    parser.add_argument("--factor", type=float, default=4.0, help="extension factor (default 4)")
+    parser.add_argument("--lengths", type=int, nargs="+", help="sequence lengths (default: 1x, 2x, 4x pretrained)")
+    parser.add_argument("--samples", type=int, default=4, help="token blocks per length (default 4)")
+    parser.add_argument("--split", default="validation", choices=["train", "validation", "test"])
+    parser.add_argument("--position-bin-size", type=int, help="query positions per bin (default length / 64)")
+    parser.add_argument("--out", default="results/entropy", help="folder for entropy.csv and entropy.png")
+    parser.set_defaults(func=_run_entropy)
+
+
+def _run_entropy(args) -> int:
+    from ropescope.attention.runs import run_entropy
+
+    run_entropy(args.model, args.method or ["default"], args.factor, args.lengths, args.samples, args.out,
+                split=args.split, chunk_size=args.chunk_size, position_bin_size=args.position_bin_size)
+    print(f"wrote {args.out}/entropy.csv and entropy.png")
+    return 0
+
+
+def _add_patterns(subparsers) -> None:
+    parser = subparsers.add_parser("patterns", help="attention against key distance and pattern preservation")
+    _add_analysis_model_arguments(parser)
+    parser.add_argument("--method", action="append", help="RoPE extension (repeatable); the original is always included")
+    parser.add_argument("--factor", type=float, default=4.0, help="extension factor (default 4)")
+    parser.add_argument("--length", type=int, help="extended length (default factor x pretrained)")
+    parser.add_argument("--samples", type=int, default=4, help="token blocks per length (default 4)")
+    parser.add_argument("--split", default="validation", choices=["train", "validation", "test"])
+    parser.add_argument("--query-fraction", type=float, default=0.125, help="last fraction of positions used as queries")
+    parser.add_argument("--bins-per-octave", type=int, default=1, help="distance bins per doubling (default 1)")
+    parser.add_argument("--out", default="results/patterns", help="folder for the rows and plots")
+    parser.set_defaults(func=_run_patterns)
+
+
+def _run_patterns(args) -> int:
+    from ropescope.attention.runs import run_patterns
+
+    scores = run_patterns(args.model, args.method or [], args.factor, args.length, args.samples, args.out,
+                          split=args.split, query_fraction=args.query_fraction,
+                          bins_per_octave=args.bins_per_octave, chunk_size=args.chunk_size)
+    for row in scores:
+        if row["layer"] == "mean":
+            print(f"{row['method']:>14} @ {row['length']:>6}: JS from pretrained pattern {row['js_divergence']:.4f}")
+    return 0
+
+
+def _add_uncertainty(subparsers) -> None:
+    parser = subparsers.add_parser("uncertainty", help="answering-query entropy against passkey / needle errors")
+    _add_analysis_model_arguments(parser)
+    parser.add_argument("rows", help="evaluation rows (.csv or .json) from passkey / needle evaluation")
+    parser.add_argument("--method", action="append", help="only rows of this method (repeatable)")
+    parser.add_argument("--factor", type=float, help="only rows of this factor")
+    parser.add_argument("--haystack-split", default="test", choices=["train", "validation", "test"],
+                        help="corpus split the needle haystacks were drawn from")
+    parser.add_argument("--out", default="results/uncertainty", help="folder for the rows, summary and heatmap")
+    parser.set_defaults(func=_run_uncertainty)
+
+
+def _run_uncertainty(args) -> int:
+    from ropescope.attention.runs import run_uncertainty
+
+    summary = run_uncertainty(args.rows, args.model, args.out, methods=args.method, factor=args.factor,
+                              haystack_split=args.haystack_split, chunk_size=args.chunk_size)
+    for row in summary:
+        if row["layer"] == "mean":
+            print(f"{row['method']} {row['task']}: entropy correct {row['entropy_correct']:.3f} vs failed "
+                  f"{row['entropy_failed']:.3f}, AUROC {row['auroc_entropy_predicts_failure']:.3f} "
+                  f"({row['failures']}/{row['cells']} failed)")
+    return 0
+
+
+# the `_add_*` functions, in the order `ropescope --help` lists them
+SUBCOMMANDS: list = [
+    _add_study, _add_report, _add_methods, _add_freqs, _add_ppl, _add_passkey, _add_needle,
+    _add_entropy, _add_patterns, _add_uncertainty,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections import defaultdict
 from pathlib import Path
@@ -185,7 +186,7 @@ def plot_entropy_vs_position(rows: list[dict], path: str | Path, pretrained_leng
     return save_figure(figure, path)
 
 
-def plot_attention_distance(rows: list[dict], path: str | Path) -> Path:
+def plot_attention_distance_by_variant(rows: list[dict], path: str | Path) -> Path:
     """The paper's Figure 2 view: attention mass against key distance at the pretrained length and at the
     extended length (distance divided by the length ratio), one panel per variant, mean over layers and heads.
 
@@ -215,4 +216,194 @@ def plot_attention_distance(rows: list[dict], path: str | Path) -> Path:
         if index % columns == 0:
             axis.set_ylabel("attention mass")
     figure.suptitle("Attention against distance: pretrained vs extended length")
+    return save_figure(figure, path)
+
+def _method_label(row: dict) -> str:
+    """'yarn x4' for an extension, the bare method where there is no factor."""
+    method = row.get("method") or "default"
+    factor = row.get("factor")
+    if factor in (None, "", 1, 1.0) or method in ("default", "none"):
+        return str(method)
+    return f"{method} x{float(factor):g}"
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else math.nan
+
+
+def plot_entropy_profile(rows: list[dict], path, *, pretrained_length: int | None = None, layer: int | None = None):
+    """Attention entropy against query position, one line per method (mean over layers and heads, or one layer);
+    the pretrained length as a vertical line. Rows from `ropescope.attention.profiles.entropy_profile`."""
+    lines: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+    lengths = {row["length"] for row in rows}
+    uniform: dict[float, float] = {}
+    for row in rows:
+        if layer is not None and row["layer"] != layer:
+            continue
+        label = _method_label(row) + (f" @{row['length']}" if len(lengths) > 1 else "")
+        middle = (row["position_start"] + row["position_end"] - 1) / 2
+        lines[label][middle].append(row["entropy"])
+        uniform[middle] = row["entropy_max"]
+    figure, axes = plt.subplots(figsize=(7, 4))
+    for label, points in sorted(lines.items()):
+        positions = sorted(points)
+        axes.plot(positions, [_mean(points[p]) for p in positions], label=label)
+    positions = sorted(uniform)
+    axes.plot(positions, [uniform[p] for p in positions], color="grey", linestyle=":", label="uniform attention")
+    if pretrained_length:
+        axes.axvline(pretrained_length, color="black", linestyle="--", linewidth=1, label="pretrained length")
+    axes.set_xlabel("query position")
+    axes.set_ylabel("attention entropy (nats)" + ("" if layer is None else f", layer {layer}"))
+    axes.set_title("Attention entropy by position" + (" (mean over layers and heads)" if layer is None else ""))
+    axes.legend(fontsize=8)
+    return save_figure(figure, path)
+
+
+def plot_attention_distance(rows: list[dict], path, *, layer: int | None = None):
+    """The paper's Figure 2 view: attention mass against (rescaled) key distance, one panel per length, one line
+    per method (mean over layers and heads, or one layer). Rows from `patterns.distance_distribution`."""
+    panels: dict[int, dict[str, dict[int, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    edges: dict[int, tuple[int, int]] = {}
+    for row in rows:
+        if layer is not None and row["layer"] != layer:
+            continue
+        label = row.get("role") or _method_label(row)
+        panels[row["length"]][label][row["bin"]].append(row["mass"])
+        edges[row["bin"]] = (row["distance_start"], row["distance_end"])
+    lengths = sorted(panels)
+    figure, axes = plt.subplots(1, len(lengths), figsize=(5 * len(lengths), 4), sharey=True, squeeze=False)
+    bins = sorted(edges)
+    for axis, length in zip(axes[0], lengths):
+        for label, masses in sorted(panels[length].items()):
+            axis.plot(bins, [_mean(masses[b]) for b in bins], marker="o", markersize=3, label=label)
+        axis.set_xticks(bins, [f"{edges[b][0]}" for b in bins], rotation=60, fontsize=7)
+        axis.set_xlabel("key distance x pretrained/length (bin start)")
+        axis.set_title(f"length {length}")
+        axis.legend(fontsize=8)
+    axes[0][0].set_ylabel("attention mass" + ("" if layer is None else f", layer {layer}"))
+    return save_figure(figure, path)
+
+
+def plot_pattern_preservation(rows: list[dict], path):
+    """Jensen-Shannon divergence from the pretrained pattern (mean over layers), per method and length.
+    Rows from `patterns.pattern_preservation` (the layer == "mean" rows)."""
+    values: dict[str, dict[int, float]] = defaultdict(dict)
+    for row in rows:
+        if row["layer"] == "mean":
+            values[_method_label(row)][row["length"]] = row["js_divergence"]
+    labels = sorted(values)
+    lengths = sorted({length for per in values.values() for length in per})
+    figure, axes = plt.subplots(figsize=(max(5, 1.2 * len(labels) * max(1, len(lengths))), 4))
+    width = 0.8 / max(1, len(lengths))
+    for index, length in enumerate(lengths):
+        axes.bar([i + index * width for i in range(len(labels))],
+                 [values[label].get(length, math.nan) for label in labels], width=width, label=f"length {length}")
+    axes.set_xticks([i + width * (len(lengths) - 1) / 2 for i in range(len(labels))], labels)
+    axes.set_ylabel("JS divergence from pretrained pattern (nats)")
+    axes.set_title("Pattern preservation (lower = pattern kept)")
+    axes.legend(fontsize=8)
+    return save_figure(figure, path)
+
+
+def plot_entropy_heatmap(rows: list[dict], path):
+    """Accuracy and answering-query entropy laid out as the needle grid (depth x length), side by side, one pair
+    of panels per method. Rows from `uncertainty.retrieval_attention` (evaluation rows with entropy)."""
+    from ropescope.attention.uncertainty import as_bool
+
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for row in rows:
+        groups[_method_label(row)].append(row)
+    figure, axes = plt.subplots(len(groups), 2, figsize=(11, 3.6 * len(groups)), squeeze=False)
+    for (label, group), (accuracy_axis, entropy_axis) in zip(sorted(groups.items()), axes):
+        lengths = sorted({row["length"] for row in group})
+        depths = sorted({float(row["depth_percent"]) for row in group})
+        cells: dict[tuple, list[dict]] = defaultdict(list)
+        for row in group:
+            cells[(float(row["depth_percent"]), row["length"])].append(row)
+
+        def grid(value):
+            return [[_mean(value(r) for r in cells[(depth, length)]) for length in lengths] for depth in depths]
+
+        for axis, values, title, colormap in (
+            (accuracy_axis, grid(lambda r: float(as_bool(r["correct"]))), "accuracy", "RdYlGn"),
+            (entropy_axis, grid(lambda r: float(r["entropy"])), "answer-query entropy (nats)", "viridis"),
+        ):
+            image = axis.imshow(values, aspect="auto", cmap=colormap, origin="upper",
+                                vmin=0.0 if title == "accuracy" else None, vmax=1.0 if title == "accuracy" else None)
+            axis.set_xticks(range(len(lengths)), [str(length) for length in lengths], rotation=45, fontsize=8)
+            axis.set_yticks(range(len(depths)), [f"{depth:g}" for depth in depths], fontsize=8)
+            axis.set_xlabel("context length")
+            axis.set_ylabel("needle depth (%)")
+            axis.set_title(f"{label}: {title}")
+            figure.colorbar(image, ax=axis)
+    figure.tight_layout()
+    return save_figure(figure, path)
+
+
+def _series_label(row: dict) -> str:
+    label = f"{row.get('model', 'model')} / {row.get('method', 'default')}"
+    if row.get("factor") not in (None, ""):
+        label += f" x{row['factor']:g}" if isinstance(row["factor"], (int, float)) else f" x{row['factor']}"
+    return label
+
+
+def plot_perplexity(rows: list[dict], path, pretrained_length: int | None = None) -> Path:
+    """Perplexity against evaluation length, one line per model/method (and protocol, when several).
+
+    rows: perplexity rows (length, perplexity, model, method, factor, protocol). Log-2 x axis; the pretrained
+    length, when given, drawn as a dashed vertical line.
+    """
+    rows = [row for row in rows if row.get("task", "perplexity") == "perplexity"]
+    protocols = sorted({row.get("protocol") for row in rows}, key=str)
+    series: dict[str, list[tuple[int, float]]] = {}
+    for row in rows:
+        label = _series_label(row) + (f" ({row['protocol']})" if len(protocols) > 1 else "")
+        series.setdefault(label, []).append((int(row["length"]), float(row["perplexity"])))
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for label, points in series.items():
+        points.sort()
+        axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+    axes.set_xscale("log", base=2)
+    axes.set_yscale("log")
+    lengths = sorted({int(row["length"]) for row in rows})
+    if lengths:
+        axes.set_xticks(lengths, [str(length) for length in lengths])
+    if pretrained_length:
+        axes.axvline(pretrained_length, color="grey", linestyle="--", linewidth=1)
+        axes.annotate(f"pretrained {pretrained_length}", (pretrained_length, 1), xycoords=("data", "axes fraction"),
+                      xytext=(3, -12), textcoords="offset points", fontsize=8, color="grey")
+    axes.set_xlabel("evaluation length (tokens)")
+    axes.set_ylabel("perplexity")
+    axes.set_title("Perplexity against length")
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend(fontsize=8)
+    return save_figure(figure, path)
+
+
+def plot_retrieval_heatmap(rows: list[dict], path, title: str | None = None, value: str = "score") -> Path:
+    """The needle-in-a-haystack heatmap: mean `value` per cell, length on x, depth percent on y (0 at the top).
+
+    rows: passkey or needle rows (length, depth_percent, score). Green is found, red is missed.
+    """
+    lengths = sorted({int(row["length"]) for row in rows})
+    depths = sorted({float(row["depth_percent"]) for row in rows})
+    cells: dict[tuple[int, float], list[float]] = {}
+    for row in rows:
+        cells.setdefault((int(row["length"]), float(row["depth_percent"])), []).append(float(row[value]))
+    grid = [[(sum(cells[(length, depth)]) / len(cells[(length, depth)])) if (length, depth) in cells else math.nan
+             for length in lengths] for depth in depths]
+    figure, axes = plt.subplots(figsize=(1.2 + 0.9 * len(lengths), 1.2 + 0.45 * len(depths)))
+    image = axes.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+    for y, line in enumerate(grid):
+        for x, cell in enumerate(line):
+            if not math.isnan(cell):
+                axes.text(x, y, f"{cell:.2f}", ha="center", va="center", fontsize=7)
+    axes.set_xticks(range(len(lengths)), [str(length) for length in lengths])
+    axes.set_yticks(range(len(depths)), [f"{depth:g}" for depth in depths])
+    axes.set_xlabel("context length (tokens)")
+    axes.set_ylabel("needle depth (%)")
+    task = rows[0].get("task", "retrieval") if rows else "retrieval"
+    axes.set_title(title or f"{task}: {_series_label(rows[0]) if rows else ''}")
+    figure.colorbar(image, ax=axes, label="accuracy" if value == "score" and task == "passkey" else value)
     return save_figure(figure, path)

@@ -110,7 +110,7 @@ def draw_figures(rows: dict[str, list[dict]], findings: list[Finding], pretraine
         add("attention_distance", "Attention against distance",
             "Attention mass per key-distance bin at the pretrained length and at the extended length, distance "
             "divided by the length ratio: overlapping curves mean the extension kept the pretrained pattern.",
-            lambda path: plots.plot_attention_distance(distribution, path))
+            lambda path: plots.plot_attention_distance_by_variant(distribution, path))
     finding_one, finding_two, finding_three = findings
     if finding_one.reproduced is not None:
         points = [{"variant": v, "js_divergence": js, "perplexity": finding_one.numbers["perplexity"][v]}

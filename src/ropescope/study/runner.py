@@ -101,6 +101,22 @@ class Study:
     def checkpoint_dir(self, variant: Variant) -> Path:
         return self.out / "checkpoints" / variant.name
 
+    def original_variant(self) -> Variant:
+        """The pretrained model as it is: the reference every extension's attention is compared with."""
+        return Variant("original", "original", RopeSpec("default"), 0)
+
+    def samples(self, tokenizer, length: int, count: int) -> list:
+        """The first `count` validation blocks of `length` tokens (the same blocks for every variant)."""
+        from itertools import islice
+
+        from ropescope.data import token_blocks
+
+        blocks = list(islice(token_blocks(tokenizer, self.documents("validation"), length), count))
+        if len(blocks) < count:
+            raise RopescopeError(
+                f"the validation corpus fills {len(blocks)} blocks of {length} tokens; the study needs {count}")
+        return blocks
+
     def documents(self, split: str) -> list[str]:
         from ropescope.data import load_corpus
 
@@ -141,6 +157,7 @@ def run_study(
     counts = {"done": 0, "skipped": 0, "failed": 0}
     cells = plan_cells(config)
     with ResultStore(study.out / DATABASE) as store:
+        study.store = store
         store.set_meta("config", config.to_dict())
         store.set_meta("pretrained_length", config.model.pretrained_length)
         for number, cell in enumerate(cells, 1):

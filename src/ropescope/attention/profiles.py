@@ -1,0 +1,84 @@
+"""Entropy profiles: mean attention entropy per layer, head and query-position bin, averaged over samples."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+from tqdm.auto import tqdm
+
+from ropescope.attention.capture import layer_entropies
+from ropescope.attention.entropy import DEFAULT_CHUNK_SIZE
+from ropescope.errors import RopescopeError
+
+
+def position_bins(length: int, bin_size: int) -> list[tuple[int, int]]:
+    """Consecutive query-position bins [start, end) of `bin_size` tokens covering 0..length (the last may be short)."""
+    return [(start, min(start + bin_size, length)) for start in range(0, length, bin_size)]
+
+
+def bin_positions(values: torch.Tensor, bin_size: int) -> torch.Tensor:
+    """Sum of `values` [..., length] over consecutive position bins: [..., n_bins]."""
+    length = values.shape[-1]
+    index = torch.arange(length, device=values.device) // bin_size
+    summed = torch.zeros(*values.shape[:-1], int(index[-1]) + 1, dtype=torch.float64, device=values.device)
+    return summed.index_add_(-1, index, values.to(torch.float64))
+
+
+def entropy_profile(
+    model,
+    samples: Iterable[torch.Tensor],
+    *,
+    position_bin_size: int | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    labels: Mapping | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    """Mean attention entropy per (layer, head, query-position bin) over `samples`.
+
+    samples: LongTensor[length] token blocks, all of one length (unpadded); each is one forward pass.
+    position_bin_size: tokens per query-position bin (default: length / 64, at least 1).
+    labels: fields copied into every row (model, method, factor, ...).
+    Returns rows {**labels, length, layer, head, position_start, position_end, entropy, entropy_max, samples}:
+    entropy in nats, the mean over the bin's queries and the samples; entropy_max = mean of log(position + 1),
+    the entropy of uniform attention over the visible keys, for scale.
+    """
+    sums = None
+    count = 0
+    length = None
+    for sample in tqdm(samples, desc="entropy", unit="sample", disable=None if progress else True):
+        sample = torch.as_tensor(sample)
+        if sample.dim() != 1:
+            raise RopescopeError(f"a sample has shape {tuple(sample.shape)}; expected one token block [length]")
+        if length is None:
+            length = len(sample)
+            position_bin_size = position_bin_size or max(1, length // 64)
+            if position_bin_size < 1:
+                raise RopescopeError(f"position_bin_size={position_bin_size} must be >= 1")
+        elif len(sample) != length:
+            raise RopescopeError(f"samples have lengths {length} and {len(sample)}; one profile needs one length")
+        entropy = layer_entropies(model, sample[None], chunk_size=chunk_size)[:, 0]  # [layers, heads, length]
+        binned = bin_positions(entropy, position_bin_size)
+        sums = binned if sums is None else sums + binned
+        count += 1
+    if count == 0:
+        raise RopescopeError("no samples: the profile needs at least one token block")
+    bins = position_bins(length, position_bin_size)
+    uniform = bin_positions(torch.log(torch.arange(1, length + 1, dtype=torch.float64)), position_bin_size)
+    rows = []
+    layers, heads, _ = sums.shape
+    for layer in range(layers):
+        for head in range(heads):
+            for index, (start, end) in enumerate(bins):
+                rows.append({
+                    **(labels or {}),
+                    "length": length,
+                    "layer": layer,
+                    "head": head,
+                    "position_start": start,
+                    "position_end": end,
+                    "entropy": float(sums[layer, head, index]) / (count * (end - start)),
+                    "entropy_max": float(uniform[index]) / (end - start),
+                    "samples": count,
+                })
+    return rows

@@ -1,0 +1,224 @@
+"""Needle in a haystack (after gkamradt's LLMTest_NeedleInAHaystack): a sentence hidden in real text, asked about.
+
+The haystack is corpus text (documents joined by blank lines) cut to fill the prompt exactly; the needle goes
+in at the sentence boundary at or before `depth_percent` of the haystack; the prompt ends with the question,
+worded so a base model completes it with the answer. Scores: `correct` when the answer appears in the greedy
+continuation (case and punctuation ignored), and `score`, the ROUGE-1 recall of the answer's words in the
+continuation (each answer word counted at most as often as it appears in the continuation).
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+import re
+from collections import Counter
+
+import torch
+from tqdm.auto import tqdm
+
+from ropescope.errors import RopescopeError
+from ropescope.eval.cases import PromptCase
+from ropescope.eval.common import (
+    check_depth,
+    check_depths,
+    check_lengths,
+    check_model_args,
+    check_output_path,
+    check_plot_path,
+    check_positive,
+    encode,
+    greedy_continuations,
+    load_eval_model,
+    load_tokenizer,
+    special_prefix,
+    write_rows,
+)
+
+NEEDLE = "The secret ingredient of the king's pie is a spoonful of wild honey."
+QUESTION = "What is the secret ingredient of the king's pie? The secret ingredient of the king's pie is"
+ANSWER = "a spoonful of wild honey"
+
+DOCUMENT_SEPARATOR = "\n\n"
+QUESTION_SEPARATOR = "\n\n"
+SENTENCE_END = re.compile(r"[.!?][\"')\]]*\s*$")
+SENTENCE_SEARCH_TOKENS = 200  # how far back from the exact depth to look for a sentence end
+
+
+@functools.lru_cache(maxsize=256)
+def _document_ids(tokenizer, text: str) -> tuple[int, ...]:
+    return tuple(encode(tokenizer, text + DOCUMENT_SEPARATOR))
+
+
+def haystack_ids(tokenizer, documents: list[str], start_document: int, needed: int) -> list[int]:
+    """`needed` tokens of the documents joined by blank lines, from `start_document` on (wrapping round)."""
+    ids: list[int] = []
+    for step in range(len(documents)):
+        ids.extend(_document_ids(tokenizer, documents[(start_document + step) % len(documents)]))
+        if len(ids) >= needed:
+            return ids[:needed]
+    raise RopescopeError(
+        f"the haystack corpus has {len(ids)} tokens in all; a prompt of this length needs {needed} of haystack"
+    )
+
+
+def corpus_token_count(tokenizer, documents: list[str], needed: int) -> int:
+    """Tokens of the documents joined (counting stops once `needed` is reached)."""
+    total = 0
+    for document in documents:
+        total += len(_document_ids(tokenizer, document))
+        if total >= needed:
+            break
+    return total
+
+
+def _sentence_boundary(tokenizer, ids: list[int], target: int) -> int:
+    """The index at or before `target` that follows a sentence end (`target` itself if none is near)."""
+    if target <= 0 or target >= len(ids):
+        return max(0, min(target, len(ids)))
+    for index in range(target, max(0, target - SENTENCE_SEARCH_TOKENS), -1):
+        if SENTENCE_END.search(tokenizer.decode(ids[index - 1 : index])):
+            return index
+    return target
+
+
+def needle_case(tokenizer, haystack_documents: list[str], length: int, depth_percent: float, trial: int,
+                seed: int = 0, needle: str = NEEDLE, question: str = QUESTION, answer: str = ANSWER) -> PromptCase:
+    """The needle prompt of exactly `length` tokens: [special prefix] haystack with the needle at depth, question.
+
+    The trial (and seed) picks the document the haystack starts from, so trials see different text.
+    """
+    check_positive("length", length)
+    check_depth(depth_percent)
+    if not haystack_documents:
+        raise RopescopeError("the haystack corpus has no documents")
+    prefix = special_prefix(tokenizer)
+    needle_ids = encode(tokenizer, " " + needle.strip())
+    question_ids = encode(tokenizer, QUESTION_SEPARATOR + question.strip())
+    haystack_length = length - len(prefix) - len(needle_ids) - len(question_ids)
+    if haystack_length < 0:
+        raise RopescopeError(
+            f"length={length} is too short for the needle and question; it needs at least "
+            f"{length - haystack_length} tokens"
+        )
+    start_document = random.Random(f"needle:{seed}:{trial}").randrange(len(haystack_documents))
+    haystack = haystack_ids(tokenizer, haystack_documents, start_document, haystack_length)
+    insert_at = _sentence_boundary(tokenizer, haystack, round(haystack_length * depth_percent / 100))
+    ids = prefix + haystack[:insert_at] + needle_ids + haystack[insert_at:] + question_ids
+    needle_start = len(prefix) + insert_at
+    return PromptCase(
+        input_ids=torch.tensor(ids, dtype=torch.long),
+        answer=answer.strip(),
+        needle_start=needle_start,
+        needle_end=needle_start + len(needle_ids),
+        question_position=len(ids) - 1,
+    )
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def score_needle(continuation: str, answer: str) -> tuple[bool, float]:
+    """(exact: the answer's words appear in order in the continuation, ROUGE-1 recall of the answer's words)."""
+    answer_words, continuation_words = _words(answer), _words(continuation)
+    if not answer_words:
+        return False, 0.0
+    exact = f" {' '.join(answer_words)} " in f" {' '.join(continuation_words)} "
+    overlap = Counter(answer_words) & Counter(continuation_words)
+    return exact, sum(overlap.values()) / len(answer_words)
+
+
+def evaluate_needle(model, tokenizer, documents: list[str], lengths, depths=(0, 25, 50, 75, 100), trials: int = 1,
+                    seed: int = 0, needle: str = NEEDLE, question: str = QUESTION, answer: str = ANSWER,
+                    max_new_tokens: int | None = None, batch_size: int = 4, labels: dict | None = None,
+                    progress: bool | None = None) -> list[dict]:
+    """Needle retrieval over lengths x depths x trials on a loaded model; one row per trial."""
+    lengths = check_lengths(lengths)
+    depths = check_depths(depths)
+    check_positive("trials", trials)
+    check_positive("batch_size", batch_size)
+    check_needle_text(needle, question, answer)
+    check_haystack(tokenizer, documents, max(lengths))
+    if max_new_tokens is None:
+        max_new_tokens = len(encode(tokenizer, " " + answer)) + 8
+    check_positive("max_new_tokens", max_new_tokens)
+    labels = dict(labels or {})  # the caller names the model; a study adds its own labels
+    model.eval()
+    rows = []
+    with tqdm(total=len(lengths) * len(depths) * trials, desc="needle", unit="prompt",
+              disable=None if progress is None else not progress) as bar:
+        for length in lengths:
+            for depth in depths:
+                cases = [needle_case(tokenizer, documents, length, depth, trial, seed, needle, question, answer)
+                         for trial in range(trials)]
+                for start in range(0, trials, batch_size):
+                    batch = cases[start : start + batch_size]
+                    generated = greedy_continuations(model, torch.stack([c.input_ids for c in batch]), max_new_tokens)
+                    for offset, (case, tokens) in enumerate(zip(batch, generated)):
+                        continuation = tokenizer.decode(tokens, skip_special_tokens=True)
+                        exact, recall = score_needle(continuation, case.answer)
+                        rows.append({
+                            **labels,
+                            "task": "needle",
+                            "length": case.length,
+                            "depth_percent": depth,
+                            "trial": start + offset,
+                            "seed": seed,
+                            "score": recall,
+                            "correct": exact,
+                            "prediction": continuation.strip(),
+                            "answer": case.answer,
+                            "needle_start": case.needle_start,
+                            "needle_end": case.needle_end,
+                            "question_position": case.question_position,
+                        })
+                    bar.update(len(batch))
+    return rows
+
+
+def check_needle_text(needle: str, question: str, answer: str) -> None:
+    for name, text in (("needle", needle), ("question", question), ("answer", answer)):
+        if not isinstance(text, str) or not text.strip():
+            raise RopescopeError(f"{name}={text!r} is empty; give a non-empty sentence")
+    if not _words(answer):
+        raise RopescopeError(f"answer={answer!r} has no words or digits to score")
+
+
+def check_haystack(tokenizer, documents: list[str], longest: int) -> None:
+    """The corpus must hold at least `longest` tokens of haystack in all."""
+    if not documents:
+        raise RopescopeError("the haystack corpus has no documents")
+    total = corpus_token_count(tokenizer, documents, longest)
+    if total < longest:
+        raise RopescopeError(
+            f"the haystack corpus is {total} tokens long; the longest length {longest} needs at least {longest}"
+        )
+
+
+def run_needle(model: str = "default", lengths=(256, 512, 1024), depths=(0, 25, 50, 75, 100), trials: int = 1,
+               seed: int = 0, method: str | None = None, factor: float | None = None,
+               original_length: int | None = None, corpus=None, split: str = "validation", needle: str = NEEDLE,
+               question: str = QUESTION, answer: str = ANSWER, max_new_tokens: int | None = None,
+               batch_size: int = 4, out=None, plot=None, progress: bool | None = None) -> list[dict]:
+    """`ropescope needle`: load model and corpus, run the grid, write rows and the heatmap."""
+    lengths = check_lengths(lengths)
+    depths = check_depths(depths)
+    check_positive("trials", trials)
+    check_needle_text(needle, question, answer)
+    out, plot = check_output_path(out), check_plot_path(plot)
+    check_model_args(model, method, factor, original_length)
+    from ropescope.data import load_corpus
+
+    documents = load_corpus(corpus, split=split)
+    check_haystack(load_tokenizer(model), documents, max(lengths))  # before the weights load
+    loaded = load_eval_model(model, method, factor, original_length)
+    rows = evaluate_needle(loaded.model, loaded.tokenizer, documents, lengths, depths, trials, seed, needle,
+                           question, answer, max_new_tokens, batch_size, labels=loaded.labels(), progress=progress)
+    if out is not None:
+        write_rows(rows, out)
+    if plot is not None:
+        from ropescope.plots import plot_retrieval_heatmap
+
+        plot_retrieval_heatmap(rows, plot, title=f"needle: {loaded.model_label}, {loaded.method}")
+    return rows

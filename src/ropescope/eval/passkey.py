@@ -1,0 +1,179 @@
+"""Passkey retrieval (Mohtashami & Jaggi 2023): a 5-digit key hidden in repeated filler, asked for at the end.
+
+A grid of lengths (tokens of the model's own tokenizer) x depths (percent of the filler before the key), N trials
+per cell, each trial a different random key; greedy decoding of a few tokens, the first integer compared exactly.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+
+import torch
+from tqdm.auto import tqdm
+
+from ropescope.errors import RopescopeError
+from ropescope.eval.cases import PromptCase
+from ropescope.eval.common import (
+    check_depth,
+    check_depths,
+    check_lengths,
+    check_output_path,
+    check_plot_path,
+    check_positive,
+    encode,
+    first_integer,
+    greedy_continuations,
+    load_eval_model,
+    load_tokenizer,
+    check_model_args,
+    special_prefix,
+    write_rows,
+)
+from ropescope.passkey_format import FILLER, KEY_DIGITS, KEY_LINE, QUESTION
+
+FILLER_SENTENCES = [sentence + "." for sentence in re.split(r"\.\s*", FILLER) if sentence]
+
+
+def passkey_key(trial: int, seed: int = 0) -> str:
+    """The key of a trial: KEY_DIGITS random digits, no leading zero; the same for every cell of the grid."""
+    rng = random.Random(f"passkey:{seed}:{trial}")
+    return str(rng.randrange(10 ** (KEY_DIGITS - 1), 10**KEY_DIGITS))
+
+
+def _filler_sentence_ids(tokenizer) -> list[list[int]]:
+    # Each sentence with its leading space, so concatenated ids equal the tokenization of the running text.
+    return [encode(tokenizer, " " + sentence) for sentence in FILLER_SENTENCES]
+
+
+def passkey_case(tokenizer, length: int, depth_percent: float, trial: int, seed: int = 0) -> PromptCase:
+    """The passkey prompt of exactly `length` tokens with the key line at `depth_percent` of the filler.
+
+    Layout: [special prefix] filler-before, key line, filler-after, question. The filler-after is whole filler
+    sentences (so the question follows a complete sentence) and the filler-before ends with a complete FILLER
+    repetition right before the key line; the filler-before is cut at its start to make the total exact, as a
+    window into a longer document would be. The key sits within one sentence of the requested depth.
+    """
+    check_positive("length", length)
+    check_depth(depth_percent)
+    key = passkey_key(trial, seed)
+    prefix = special_prefix(tokenizer)
+    needle = encode(tokenizer, " " + KEY_LINE.format(key=key))
+    question = encode(tokenizer, " " + QUESTION)
+    filler_budget = length - len(prefix) - len(needle) - len(question)
+    if filler_budget < 0:
+        raise RopescopeError(
+            f"length={length} is too short for a passkey prompt; it needs at least {length - filler_budget} tokens"
+        )
+    sentences = _filler_sentence_ids(tokenizer)
+
+    # Filler after the key: whole sentences continuing the cycle, as many as brings the key nearest the depth.
+    target_after = filler_budget - round(filler_budget * depth_percent / 100)
+    after: list[int] = []
+    index = 0
+    while True:
+        sentence = sentences[index % len(sentences)]
+        grown = len(after) + len(sentence)
+        if grown > filler_budget or abs(grown - target_after) >= abs(len(after) - target_after):
+            break
+        after.extend(sentence)
+        index += 1
+
+    # Filler before the key: the tail of a stream of full FILLER repetitions ending at the key line.
+    before_length = filler_budget - len(after)
+    before: list[int] = []
+    while len(before) < before_length:
+        before = [token for sentence in sentences for token in sentence] + before
+    before = before[len(before) - before_length :] if before_length else []
+
+    ids = prefix + before + needle + after + question
+    needle_start = len(prefix) + len(before)
+    return PromptCase(
+        input_ids=torch.tensor(ids, dtype=torch.long),
+        answer=key,
+        needle_start=needle_start,
+        needle_end=needle_start + len(needle),
+        question_position=len(ids) - 1,
+    )
+
+
+def score_passkey(continuation: str, key: str) -> tuple[str | None, bool]:
+    """(first integer in the continuation, whether it equals the key exactly)."""
+    predicted = first_integer(continuation)
+    return predicted, predicted == key
+
+
+def evaluate_passkey(model, tokenizer, lengths, depths=(0, 25, 50, 75, 100), trials: int = 5, seed: int = 0,
+                     max_new_tokens: int = 8, batch_size: int = 8, labels: dict | None = None,
+                     progress: bool | None = None) -> list[dict]:
+    """Passkey accuracy over lengths x depths x trials on a loaded model; one row per trial.
+
+    labels: fields every row carries (model, method, factor, ...), put first.
+    """
+    lengths = check_lengths(lengths)
+    depths = check_depths(depths)
+    check_positive("trials", trials)
+    check_positive("max_new_tokens", max_new_tokens)
+    check_positive("batch_size", batch_size)
+    labels = dict(labels or {})  # the caller names the model; a study adds its own labels
+    model.eval()
+    rows = []
+    total = len(lengths) * len(depths) * trials
+    with tqdm(total=total, desc="passkey", unit="prompt", disable=None if progress is None else not progress) as bar:
+        for length in lengths:
+            for depth in depths:
+                cases = [passkey_case(tokenizer, length, depth, trial, seed) for trial in range(trials)]
+                for start in range(0, trials, batch_size):
+                    batch = cases[start : start + batch_size]
+                    generated = greedy_continuations(model, torch.stack([c.input_ids for c in batch]), max_new_tokens)
+                    for offset, (case, tokens) in enumerate(zip(batch, generated)):
+                        continuation = tokenizer.decode(tokens, skip_special_tokens=True)
+                        predicted, correct = score_passkey(continuation, case.answer)
+                        rows.append({
+                            **labels,
+                            "task": "passkey",
+                            "length": case.length,
+                            "depth_percent": depth,
+                            "trial": start + offset,
+                            "seed": seed,
+                            "score": float(correct),
+                            "correct": correct,
+                            "prediction": predicted if predicted is not None else continuation.strip(),
+                            "answer": case.answer,
+                            "needle_start": case.needle_start,
+                            "needle_end": case.needle_end,
+                            "question_position": case.question_position,
+                        })
+                    bar.update(len(batch))
+    return rows
+
+
+def accuracy_by_cell(rows: list[dict]) -> dict[tuple[int, float], float]:
+    """Mean score per (length, depth_percent)."""
+    cells: dict[tuple[int, float], list[float]] = {}
+    for row in rows:
+        cells.setdefault((row["length"], row["depth_percent"]), []).append(row["score"])
+    return {cell: sum(scores) / len(scores) for cell, scores in cells.items()}
+
+
+def run_passkey(model: str = "default", lengths=(256, 512, 1024), depths=(0, 25, 50, 75, 100), trials: int = 5,
+                seed: int = 0, method: str | None = None, factor: float | None = None,
+                original_length: int | None = None, max_new_tokens: int = 8, batch_size: int = 8,
+                out=None, plot=None, progress: bool | None = None) -> list[dict]:
+    """`ropescope passkey`: load the model (with an extension if asked), run the grid, write rows and heatmap."""
+    lengths = check_lengths(lengths)
+    depths = check_depths(depths)
+    check_positive("trials", trials)
+    out, plot = check_output_path(out), check_plot_path(plot)
+    check_model_args(model, method, factor, original_length)
+    passkey_case(load_tokenizer(model), min(lengths), 0, 0, seed)  # the shortest prompt fits, before the weights load
+    loaded = load_eval_model(model, method, factor, original_length)
+    rows = evaluate_passkey(loaded.model, loaded.tokenizer, lengths, depths, trials, seed, max_new_tokens,
+                            batch_size, labels=loaded.labels(), progress=progress)
+    if out is not None:
+        write_rows(rows, out)
+    if plot is not None:
+        from ropescope.plots import plot_retrieval_heatmap
+
+        plot_retrieval_heatmap(rows, plot, title=f"passkey: {loaded.model_label}, {loaded.method}")
+    return rows

@@ -1,0 +1,239 @@
+"""Perplexity against length, by the two protocols of the PI / YaRN evaluations.
+
+- truncated: each document of at least the longest length is cut to its first L tokens and scored in one forward
+  pass (the L - 1 predicted tokens).
+- sliding: each of those documents, cut to the longest length, is scored with a window of L tokens moved by
+  `stride`; each window scores only the tokens no earlier window scored (Press et al. 2022; the Hugging Face
+  perplexity guide), so with stride < L every token is scored once, with at least L - stride tokens of context.
+
+The loss never materialises `length x vocab` logits: the decoder runs once to its final hidden states, and the
+output head plus log-softmax run over chunks of positions (at 128K tokens and a 32K vocabulary the full logits
+alone are 16 GB).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from tqdm.auto import tqdm
+
+from ropescope.errors import RopescopeError
+from ropescope.eval.common import (
+    check_lengths,
+    check_model_args,
+    check_output_path,
+    check_plot_path,
+    check_positive,
+    encode,
+    load_eval_model,
+    load_tokenizer,
+    special_prefix,
+    write_rows,
+)
+
+PROTOCOLS = ("truncated", "sliding")
+DEFAULT_CHUNK = 1024
+
+
+def chunked_nll(hidden: torch.Tensor, targets: torch.Tensor, output_head, chunk_size: int = DEFAULT_CHUNK,
+                logit_transform=None) -> float:
+    """Sum of -log p(target) over positions, the head applied `chunk_size` positions at a time.
+
+    hidden: [n, hidden_size] final hidden states of the positions that predict; targets: LongTensor[n].
+    output_head: maps [m, hidden_size] -> [m, vocab] logits. Returns the sum in float64.
+    """
+    total = torch.zeros((), dtype=torch.float64)
+    for start in range(0, hidden.shape[0], chunk_size):
+        logits = output_head(hidden[start : start + chunk_size]).float()
+        if logit_transform is not None:
+            logits = logit_transform(logits)
+        log_probs = torch.log_softmax(logits, dim=-1)
+        picked = log_probs.gather(-1, targets[start : start + chunk_size, None].to(log_probs.device))
+        total -= picked.sum().double().cpu()
+    return float(total)
+
+
+def _logit_transform(model):
+    """The step between lm_head and the logits some families add (Cohere's scale, Gemma 2's soft-capping)."""
+    config = model.config
+    scale = getattr(config, "logit_scale", None)
+    softcap = getattr(config, "final_logit_softcapping", None)
+    if not scale and not softcap:
+        return None
+
+    def transform(logits):
+        if scale:
+            logits = logits * scale
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        return logits
+
+    return transform
+
+
+@torch.inference_mode()
+def window_nll(model, input_ids: torch.Tensor, score_from: int = 1, chunk_size: int = DEFAULT_CHUNK) -> tuple[float, int]:
+    """(sum of NLL, tokens scored) for tokens `score_from`..end of each row of `input_ids`, context = the row.
+
+    input_ids: LongTensor[batch, window] or [window]. Token t is predicted from the hidden state at t - 1.
+    """
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    score_from = max(1, score_from)
+    window = input_ids.shape[1]
+    if score_from >= window:
+        return 0.0, 0
+    device = next(model.parameters()).device
+    input_ids = input_ids.to(device)
+    hidden = model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+    predicting = hidden[:, score_from - 1 : window - 1].reshape(-1, hidden.shape[-1])
+    targets = input_ids[:, score_from:].reshape(-1)
+    total = chunked_nll(predicting, targets, model.get_output_embeddings(), chunk_size, _logit_transform(model))
+    return total, int(targets.numel())
+
+
+def sliding_windows(num_tokens: int, window: int, stride: int) -> list[tuple[int, int, int]]:
+    """The windows of the sliding protocol as (begin, end, score_from), end exclusive, score_from within the window.
+
+    Each window scores its tokens past the previous window's end, all with context: with stride < window every
+    token but the first is scored exactly once; with stride == window (non-overlapping) a window's first token,
+    which has no context, is not scored.
+    """
+    spans = []
+    previous_end = 0
+    for begin in range(0, num_tokens, stride):
+        end = min(begin + window, num_tokens)
+        spans.append((begin, end, max(1, previous_end - begin)))
+        previous_end = end
+        if end == num_tokens:
+            break
+    return spans
+
+
+def sliding_window_nll(model, tokens: torch.Tensor, window: int, stride: int,
+                       chunk_size: int = DEFAULT_CHUNK) -> tuple[float, int]:
+    """(sum of NLL, tokens scored) of a 1-D token sequence under the sliding protocol."""
+    total, count = 0.0, 0
+    for begin, end, score_from in sliding_windows(int(tokens.shape[0]), window, stride):
+        nll, scored = window_nll(model, tokens[begin:end], score_from, chunk_size)
+        total, count = total + nll, count + scored
+    return total, count
+
+
+def check_stride(stride, lengths) -> None:
+    if stride is None:
+        return
+    check_positive("stride", stride)
+    if stride > min(lengths):
+        raise RopescopeError(f"stride={stride} is longer than the shortest length {min(lengths)}; use <= {min(lengths)}")
+
+
+def check_protocols(protocols) -> list[str]:
+    protocols = [protocols] if isinstance(protocols, str) else list(protocols)
+    for protocol in protocols:
+        if protocol not in PROTOCOLS:
+            raise RopescopeError(f"protocol={protocol!r} is unknown; accepted: {', '.join(PROTOCOLS)}")
+    if not protocols:
+        raise RopescopeError(f"no protocol given; accepted: {', '.join(PROTOCOLS)}")
+    return protocols
+
+
+def long_documents(tokenizer, documents: list[str], longest: int, max_documents: int | None) -> list[torch.Tensor]:
+    """The first `max_documents` documents of at least `longest` tokens, each cut to `longest` tokens."""
+    prefix = special_prefix(tokenizer)
+    selected, longest_seen = [], 0
+    for document in documents:
+        ids = prefix + encode(tokenizer, document)
+        longest_seen = max(longest_seen, len(ids))
+        if len(ids) >= longest:
+            selected.append(torch.tensor(ids[:longest], dtype=torch.long))
+            if max_documents is not None and len(selected) == max_documents:
+                break
+    if not selected:
+        raise RopescopeError(
+            f"the corpus has no document of at least {longest} tokens (its longest has {longest_seen}); "
+            "give shorter lengths or a corpus with longer documents"
+        )
+    return selected
+
+
+def evaluate_perplexity(model, tokenizer, documents: list[str], lengths, protocols=PROTOCOLS, stride: int | None = None,
+                        max_documents: int | None = 4, chunk_size: int = DEFAULT_CHUNK, labels: dict | None = None,
+                        progress: bool | None = None) -> list[dict]:
+    """Perplexity at each length by each protocol; one row per (protocol, length).
+
+    stride: the sliding protocol's step (None: half the window). max_documents: how many long documents to use.
+    """
+    lengths = check_lengths(lengths)
+    protocols = check_protocols(protocols)
+    check_stride(stride, lengths)
+    check_positive("chunk_size", chunk_size)
+    if max_documents is not None:
+        check_positive("max_documents", max_documents)
+    texts = long_documents(tokenizer, documents, max(lengths), max_documents)
+    labels = dict(labels or {})  # the caller names the model; a study adds its own labels
+    model.eval()
+
+    def forward_tokens(protocol, length):
+        step = stride or max(1, length // 2)
+        per_document = length if protocol == "truncated" else sum(end - begin for begin, end, _ in
+                                                                    sliding_windows(max(lengths), length, step))
+        return per_document * len(texts)
+
+    plan = [(protocol, length) for protocol in protocols for length in lengths]
+    rows = []
+    with tqdm(total=sum(forward_tokens(*cell) for cell in plan), desc="perplexity", unit="tok", unit_scale=True,
+              disable=None if progress is None else not progress) as bar:
+        for protocol, length in plan:
+            step = stride or max(1, length // 2)
+            total, count = 0.0, 0
+            for tokens in texts:
+                if protocol == "truncated":
+                    nll, scored = window_nll(model, tokens[:length], 1, chunk_size)
+                else:
+                    nll, scored = sliding_window_nll(model, tokens, length, step, chunk_size)
+                total, count = total + nll, count + scored
+                bar.update(forward_tokens(protocol, length) // len(texts))
+            mean_nll = total / count
+            rows.append({
+                **labels,
+                "task": "perplexity",
+                "protocol": protocol,
+                "length": length,
+                "stride": step if protocol == "sliding" else None,
+                "documents": len(texts),
+                "tokens_scored": count,
+                "nll": mean_nll,
+                "perplexity": math.exp(mean_nll),
+            })
+    return rows
+
+
+def run_perplexity(model: str = "default", lengths=(256, 512, 1024, 2048), protocols=PROTOCOLS,
+                   stride: int | None = None, method: str | None = None, factor: float | None = None,
+                   original_length: int | None = None, corpus=None, split: str = "validation",
+                   max_documents: int | None = 4, chunk_size: int = DEFAULT_CHUNK, out=None, plot=None,
+                   progress: bool | None = None) -> list[dict]:
+    """`ropescope ppl`: load the model (with an extension if asked) and corpus, evaluate, write rows and plot."""
+    lengths = check_lengths(lengths)
+    protocols = check_protocols(protocols)
+    check_stride(stride, lengths)
+    if max_documents is not None:
+        check_positive("max_documents", max_documents)
+    out, plot = check_output_path(out), check_plot_path(plot)
+    check_model_args(model, method, factor, original_length)
+    from ropescope.data import load_corpus
+
+    documents = load_corpus(corpus, split=split)
+    long_documents(load_tokenizer(model), documents, max(lengths), 1)  # the corpus check, before the weights load
+    loaded = load_eval_model(model, method, factor, original_length)
+    rows = evaluate_perplexity(loaded.model, loaded.tokenizer, documents, lengths, protocols, stride, max_documents,
+                               chunk_size, labels=loaded.labels(), progress=progress)
+    if out is not None:
+        write_rows(rows, out)
+    if plot is not None:
+        from ropescope.plots import plot_perplexity
+
+        plot_perplexity(rows, plot, pretrained_length=loaded.original_length)
+    return rows

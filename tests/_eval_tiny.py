@@ -1,0 +1,47 @@
+"""A tiny byte-level BPE tokenizer and a tiny random Llama for the evaluation tests (built in a second, offline)."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from ropescope.passkey_format import FILLER, KEY_LINE, QUESTION
+
+PROSE = (
+    "It was the best of times, it was the worst of times. The king walked slowly through the garden, "
+    "and the queen followed him with a lantern. Rain fell on the old stone walls of the castle all night. "
+    "What light through yonder window breaks? It is the east, and the sun is rising over the hills. "
+    "The secret ingredient of the pie is a spoonful of honey, said the baker to the curious boy.\n\n"
+)
+
+DOCUMENTS = [
+    PROSE * 3,
+    (PROSE.replace("king", "duke").replace("queen", "duchess")) * 6,
+    PROSE[::-1].replace(".", ". ") * 2,
+]
+
+
+@functools.lru_cache(maxsize=2)
+def tiny_tokenizer(with_bos: bool = True) -> PreTrainedTokenizerFast:
+    """Byte-level BPE (vocabulary about 400) trained on the passkey format and some prose."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    texts = [FILLER * 4, KEY_LINE.format(key=48213) + " " + QUESTION, *DOCUMENTS]
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    if with_bos:
+        tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>")
+
+
+def tiny_llama(vocab_size: int, seed: int = 0, max_position_embeddings: int = 256) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_position_embeddings,
+                         attn_implementation="sdpa")
+    return LlamaForCausalLM(config).eval()

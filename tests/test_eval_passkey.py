@@ -1,0 +1,102 @@
+"""Passkey: the case builder puts the key where it says, at the exact length; scoring; grid rows; bad input."""
+
+import json
+
+import pytest
+import torch
+
+from _eval_tiny import tiny_llama, tiny_tokenizer
+from ropescope.cli import main
+from ropescope.errors import RopescopeError
+from ropescope.eval.passkey import evaluate_passkey, passkey_case, passkey_key, run_passkey, score_passkey
+from ropescope.passkey_format import KEY_DIGITS, KEY_LINE, QUESTION
+from ropescope.plots import plot_retrieval_heatmap
+
+
+@pytest.mark.parametrize("with_bos", [True, False])
+@pytest.mark.parametrize("length", [80, 131, 256])
+def test_case_puts_the_key_where_it_says(with_bos, length):
+    tokenizer = tiny_tokenizer(with_bos)
+    starts = []
+    for depth in (0, 10, 25, 50, 75, 90, 100):
+        case = passkey_case(tokenizer, length, depth, trial=3, seed=7)
+        ids = case.input_ids.tolist()
+        assert case.length == length and case.input_ids.dtype == torch.long
+        assert tokenizer.decode(ids[case.needle_start : case.needle_end]).strip() == KEY_LINE.format(key=case.answer)
+        assert case.question_position == length - 1
+        assert tokenizer.decode(ids[case.needle_end :]).endswith(QUESTION)
+        assert tokenizer.decode(ids).endswith(QUESTION) and case.answer not in tokenizer.decode(ids[case.needle_end :])
+        assert (ids[0] == tokenizer.bos_token_id) == with_bos
+        filler = length - (case.needle_end - case.needle_start) - len(tokenizer(" " + QUESTION,
+                                                                                 add_special_tokens=False).input_ids)
+        # the key sits within one filler sentence (at most 8 tokens here) of the requested depth
+        assert abs((case.needle_start - int(with_bos)) - depth / 100 * (filler - int(with_bos))) <= 8
+        starts.append(case.needle_start)
+    assert starts == sorted(starts)
+
+
+def test_case_is_deterministic_and_keys_vary():
+    tokenizer = tiny_tokenizer()
+    first, again = passkey_case(tokenizer, 128, 40, 2), passkey_case(tokenizer, 128, 40, 2)
+    assert torch.equal(first.input_ids, again.input_ids) and first.answer == again.answer
+    keys = {passkey_key(trial) for trial in range(20)}
+    assert len(keys) == 20 and all(len(key) == KEY_DIGITS and key[0] != "0" for key in keys)
+    assert passkey_key(0, seed=1) != passkey_key(0, seed=0)
+
+
+def test_scoring_takes_the_first_integer_exactly():
+    assert score_passkey(" 48213. Remember it.", "48213") == ("48213", True)
+    assert score_passkey(" 4821 3", "48213") == ("4821", False)
+    assert score_passkey(" 482130", "48213") == ("482130", False)
+    assert score_passkey(" the grass", "48213") == (None, False)
+
+
+def test_grid_rows_and_heatmap(tmp_path):
+    tokenizer = tiny_tokenizer()
+    model = tiny_llama(len(tokenizer))
+    rows = evaluate_passkey(model, tokenizer, [80, 120], depths=[0, 50, 100], trials=2, batch_size=2,
+                            labels={"model": "tiny", "method": "ntk", "factor": 2.0}, progress=False)
+    assert len(rows) == 2 * 3 * 2
+    fields = {"model", "method", "factor", "task", "length", "depth_percent", "trial", "score", "correct",
+              "prediction", "answer", "needle_start", "needle_end", "question_position"}
+    for row in rows:
+        assert fields <= set(row) and row["task"] == "passkey" and row["method"] == "ntk"
+        case = passkey_case(tokenizer, row["length"], row["depth_percent"], row["trial"])
+        assert (row["needle_start"], row["needle_end"], row["answer"]) == (case.needle_start, case.needle_end,
+                                                                           case.answer)
+        assert row["score"] == float(row["correct"] is True)
+    json.dumps(rows)
+    assert plot_retrieval_heatmap(rows, tmp_path / "passkey.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"lengths": [-5]}, "length=-5 is not a positive integer"),
+    ({"lengths": [512, 256]}, "lengths [512, 256] are not strictly increasing"),
+    ({"depths": [0, 120]}, "depth_percent=120 is outside 0..100"),
+    ({"depths": [-1]}, "depth_percent=-1 is outside 0..100"),
+    ({"trials": 0}, "trials=0 is not a positive integer"),
+    ({"out": "rows.txt"}, "must end in .json or .csv"),
+])
+def test_bad_grid_input_fails_before_any_file(tmp_path, kwargs, message):
+    arguments = {"model": str(tmp_path), "out": tmp_path / "rows.json", **kwargs}
+    with pytest.raises(RopescopeError) as error:
+        run_passkey(**arguments)
+    assert message in str(error.value) and "\n" not in str(error.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_model_folder_without_tokenizer(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(RopescopeError, match="has no tokenizer"):
+        run_passkey(model=str(tmp_path), out=tmp_path / "rows.json")
+    assert not (tmp_path / "rows.json").exists()
+    with pytest.raises(RopescopeError, match="is not a folder; give .default. or a local"):
+        run_passkey(model=str(tmp_path / "missing"))
+
+
+def test_too_short_length_and_cli_error_line(tmp_path, capsys):
+    with pytest.raises(RopescopeError, match="too short for a passkey prompt; it needs at least"):
+        passkey_case(tiny_tokenizer(), 20, 50, 0)
+    assert main(["passkey", "--model", str(tmp_path), "--depths", "0,101", "--out", str(tmp_path / "r.json")]) == 2
+    assert capsys.readouterr().err.strip() == "ropescope passkey: error: depth_percent=101 is outside 0..100"
+    assert list(tmp_path.iterdir()) == []
