@@ -300,30 +300,6 @@ def _run_uncertainty(args) -> int:
     return 0
 
 
-# the `_add_*` functions, in the order `ropescope --help` lists them
-SUBCOMMANDS: list = [
-    _add_study, _add_report, _add_methods, _add_freqs, _add_ppl, _add_passkey, _add_needle,
-    _add_entropy, _add_patterns, _add_uncertainty,
-]
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ropescope", description=__doc__.splitlines()[0])
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in SUBCOMMANDS:
-        add(subparsers)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args) or 0
-    except RopescopeError as error:
-        print(f"ropescope {args.command}: error: {error}", file=sys.stderr)
-        return 2
-
-
 def _add_train(subparsers) -> None:
     from ropescope.train import MIXED_PRECISION, SCHEDULES, TrainConfig
 
@@ -382,4 +358,25 @@ def _run_train(args) -> int:
     return 0
 
 
-SUBCOMMANDS.append(_add_train)
+# the `_add_*` functions, in the order `ropescope --help` lists them
+SUBCOMMANDS: list = [
+    _add_study, _add_report, _add_methods, _add_freqs, _add_train, _add_ppl, _add_passkey, _add_needle,
+    _add_entropy, _add_patterns, _add_uncertainty,
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ropescope", description=__doc__.splitlines()[0])
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in SUBCOMMANDS:
+        add(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except RopescopeError as error:
+        print(f"ropescope {args.command}: error: {error}", file=sys.stderr)
+        return 2
