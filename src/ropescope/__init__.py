@@ -1,5 +1,6 @@
 """ropescope: extend the context window of RoPE language models, and see through attention why it works."""
 
+from ropescope.attention.entropy import attention_entropy
 from ropescope.errors import RopescopeError
 from ropescope.models import default_model_path, load_model
 from ropescope.patch import extend
@@ -9,6 +10,7 @@ __all__ = [
     "METHODS",
     "RopeSpec",
     "RopescopeError",
+    "attention_entropy",
     "default_model_path",
     "extend",
     "load_model",

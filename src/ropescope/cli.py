@@ -375,8 +375,46 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # ropescope's own bars say what is going on
     try:
         return args.func(args) or 0
     except RopescopeError as error:
         print(f"ropescope {args.command}: error: {error}", file=sys.stderr)
         return 2
+
+
+def _add_pretrain(subparsers) -> None:
+    from ropescope.pretrain import PretrainConfig
+
+    defaults = PretrainConfig(output="")
+    parser = subparsers.add_parser(
+        "pretrain",
+        help="pretrain a small Llama with original RoPE (the defaults rebuild the shipped model)",
+        description="Pretrain a small LlamaForCausalLM with original RoPE at a short context, with a share of "
+        "synthetic passkey examples. The defaults rebuild the shipped default model.",
+    )
+    parser.add_argument("--output", required=True, help="folder to write the model and tokenizer into")
+    parser.add_argument("--corpus", default=None, help="local corpus (default: the shipped corpus); its train split is used")
+    for name, kind in (("seed", int), ("steps", int), ("batch_size", int), ("context_length", int),
+                       ("learning_rate", float), ("warmup_steps", int), ("passkey_share", float),
+                       ("vocab_size", int), ("hidden_size", int), ("num_layers", int), ("num_heads", int),
+                       ("intermediate_size", int), ("threads", int), ("checkpoint_every", int), ("log_every", int)):
+        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=getattr(defaults, name),
+                            help=f"(default: {getattr(defaults, name)})")
+    parser.add_argument("--checkpoint-dir", default=None, help="where periodic checkpoints go (default: OUTPUT.checkpoint)")
+    parser.set_defaults(func=_run_pretrain)
+
+
+def _run_pretrain(args) -> int:
+    from ropescope.pretrain import PretrainConfig, pretrain
+
+    fields = {field for field in PretrainConfig.__dataclass_fields__}
+    config = PretrainConfig(**{key: value for key, value in vars(args).items() if key in fields})
+    output = pretrain(config)
+    print(f"wrote {output}")
+    return 0
+
+
+SUBCOMMANDS.append(_add_pretrain)

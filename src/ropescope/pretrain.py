@@ -1,0 +1,378 @@
+"""Pretrain the shipped default: a small LlamaForCausalLM with original RoPE at a short context.
+
+Reads top to bottom: train a byte-level BPE tokenizer on the train split, tokenize the split once, then a plain
+AdamW loop over random windows of `context_length` tokens, of which a share are synthetic passkey examples
+(format in `ropescope.passkey_format`) so the model learns to retrieve a key from anywhere in its context.
+Seeded and deterministic on a given machine; checkpoints every `checkpoint_every` steps and resumes from the
+last one; the output folder (HF config, safetensors weights, tokenizer) appears atomically at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ropescope.data import load_corpus
+from ropescope.errors import RopescopeError
+from ropescope.passkey_format import FILLER, KEY_DIGITS, KEY_LINE, QUESTION
+
+END_OF_TEXT = "<|endoftext|>"
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+@dataclass
+class PretrainConfig:
+    """Everything that determines a pretraining run; the defaults build the shipped model."""
+
+    output: str
+    corpus: str | None = None  # None: the shipped corpus (its train split is used)
+    seed: int = 0
+    steps: int = 1300
+    batch_size: int = 8
+    context_length: int = 256  # the pretrained length
+    learning_rate: float = 3e-3
+    warmup_steps: int = 100
+    min_learning_rate_ratio: float = 0.1  # cosine decay ends at this fraction of the peak
+    weight_decay: float = 0.1
+    passkey_share: float = 0.25  # fraction of the rows in a batch that are synthetic passkey examples
+    passkey_min_length: int = 48
+    vocab_size: int = 4096
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 384
+    rope_theta: float = 10000.0
+    threads: int = 2
+    checkpoint_every: int = 100
+    log_every: int = 25
+    checkpoint_dir: str | None = None  # None: "<output>.checkpoint" beside the output folder
+
+    def validate(self) -> "PretrainConfig":
+        positive = ("steps", "batch_size", "context_length", "vocab_size", "hidden_size", "num_layers", "num_heads",
+                    "intermediate_size", "threads", "checkpoint_every", "log_every")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise RopescopeError(f"{name}={value!r} must be a positive integer")
+        if not 0.0 <= self.passkey_share <= 1.0:
+            raise RopescopeError(f"passkey_share={self.passkey_share} is outside 0..1")
+        if not self.learning_rate > 0:
+            raise RopescopeError(f"learning_rate={self.learning_rate} must be positive")
+        if self.hidden_size % self.num_heads:
+            raise RopescopeError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
+        if (self.hidden_size // self.num_heads) % 2:
+            raise RopescopeError(f"head_dim={self.hidden_size // self.num_heads} must be even for RoPE")
+        if self.vocab_size < 300:
+            raise RopescopeError(f"vocab_size={self.vocab_size} is below 300 (256 bytes + merges + special)")
+        if not self.passkey_min_length <= self.context_length:
+            raise RopescopeError(
+                f"passkey_min_length={self.passkey_min_length} exceeds context_length={self.context_length}"
+            )
+        return self
+
+    @property
+    def checkpoint_path(self) -> Path:
+        folder = Path(self.checkpoint_dir) if self.checkpoint_dir else Path(str(self.output).rstrip("/") + ".checkpoint")
+        return folder
+
+
+def train_tokenizer(documents: list[str], vocab_size: int):
+    """A byte-level BPE tokenizer (HF fast tokenizer) trained on `documents`; every digit is its own token.
+
+    Digits are split before BPE so a number is read and written digit by digit: a passkey is copied one digit
+    per step instead of depending on which digit groups happened to be merged.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[END_OF_TEXT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(documents, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token=END_OF_TEXT,
+        eos_token=END_OF_TEXT,
+        unk_token=END_OF_TEXT,
+        pad_token=END_OF_TEXT,
+        model_max_length=1_000_000,  # RoPE has no hard limit; the pretrained length lives in the model config
+    )
+
+
+def build_model(config: PretrainConfig, tokenizer):
+    """A freshly initialised LlamaForCausalLM (original RoPE, tied embeddings, sdpa attention)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model_config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_heads,
+        head_dim=config.hidden_size // config.num_heads,
+        max_position_embeddings=config.context_length,
+        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model_config._attn_implementation = "sdpa"
+    return LlamaForCausalLM(model_config)
+
+
+class PasskeyExamples:
+    """Synthetic passkey examples as token ids: filler, the key line at a random depth, filler, question, key.
+
+    Pieces are tokenized once and joined at token level, with varied separators (space, newline), filler cut at
+    a sentence or at any token, and an optional leading end-of-text token, so the model does not overfit to one
+    exact layout of the evaluation prompt.
+    """
+
+    SEPARATORS = (" ", "\n", "\n\n")
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.eos = tokenizer.eos_token_id
+        sentences = [sentence.strip() + "." for sentence in FILLER.split(".") if sentence.strip()]
+        self.sentences = [self._ids(sentence) for sentence in sentences]
+        self.sentences_after_space = [self._ids(" " + sentence) for sentence in sentences]
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _filler(self, count: int, start_sentence: int, at_sentence: bool) -> list[int]:
+        """`count` filler tokens starting at sentence `start_sentence`; cut at a sentence end if `at_sentence`."""
+        ids: list[int] = []
+        index = start_sentence
+        while len(ids) < count:
+            sentence = self.sentences[index % len(self.sentences)] if not ids else self.sentences_after_space[index % len(self.sentences)]
+            if at_sentence and len(ids) + len(sentence) > count:
+                break
+            ids.extend(sentence)
+            index += 1
+        return ids[:count]
+
+    def sample(self, length: int, generator: torch.Generator) -> list[int]:
+        """One example of exactly `length` tokens whose last tokens are " <key>" (the answer)."""
+
+        def randint(low: int, high: int) -> int:  # inclusive bounds
+            return int(torch.randint(low, high + 1, (1,), generator=generator))
+
+        key = str(randint(10 ** (KEY_DIGITS - 1), 10**KEY_DIGITS - 1))
+        separator_before = self.SEPARATORS[randint(0, 2)]
+        separator_after = self.SEPARATORS[randint(0, 2)]
+        separator_question = self.SEPARATORS[randint(0, 2)]
+        answer = self._ids(" " + key)
+        question = self._ids(separator_question + QUESTION)
+        leading = [self.eos] if randint(0, 1) else []
+        filler_budget = length - len(leading) - len(question) - len(answer)
+        depth = randint(0, 1000) / 1000
+        at_sentence = bool(randint(0, 1))
+        start_sentence = 0 if randint(0, 2) else randint(0, len(self.sentences) - 1)
+        needle = self._ids(KEY_LINE.format(key=key))
+        before_count = round(depth * max(filler_budget - len(needle) - 2, 0))
+        before = self._filler(before_count, start_sentence, at_sentence)
+        needle = (self._ids(separator_before + KEY_LINE.format(key=key)) if before else needle) + self._ids(separator_after)
+        after_count = max(filler_budget - len(before) - len(needle), 0)
+        after = self._filler(after_count, start_sentence + len(before), False)
+        ids = leading + before + needle + after + question + answer
+        return ids[-length:] if len(ids) > length else ids
+
+
+def _learning_rate(step: int, config: PretrainConfig) -> float:
+    """Linear warm-up, then cosine decay to `min_learning_rate_ratio` of the peak."""
+    if step < config.warmup_steps:
+        return config.learning_rate * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(config.steps - config.warmup_steps, 1)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return config.learning_rate * (config.min_learning_rate_ratio + (1 - config.min_learning_rate_ratio) * cosine)
+
+
+def _batch(tokens: torch.Tensor, passkeys: PasskeyExamples, config: PretrainConfig, generator: torch.Generator):
+    """(input_ids, labels) of shape [batch_size, context_length]: random windows of the train tokens, with rows
+    replaced by a passkey example (then eos and corpus text to fill the row) at rate `passkey_share`."""
+    length = config.context_length
+    starts = torch.randint(0, tokens.numel() - length, (config.batch_size,), generator=generator)
+    rows = torch.stack([tokens[start : start + length] for start in starts.tolist()]).long()
+    is_passkey = torch.rand(config.batch_size, generator=generator) < config.passkey_share
+    for row in torch.nonzero(is_passkey).flatten().tolist():
+        example_length = int(torch.randint(config.passkey_min_length, length + 1, (1,), generator=generator))
+        example = passkeys.sample(example_length, generator)
+        if len(example) < length:  # fill the rest of the row with text after an end-of-text token
+            example = example + [passkeys.eos] + rows[row, : length - len(example) - 1].tolist()
+        rows[row] = torch.tensor(example[:length], dtype=torch.long)
+    return rows, rows.clone()
+
+
+def _save_checkpoint(folder: Path, model, optimizer, step: int, generator: torch.Generator, config: PretrainConfig,
+                     elapsed: float) -> None:
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "step": step,
+        "generator": generator.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "config": dataclasses.asdict(config),
+        "elapsed_seconds": elapsed,
+    }
+    temporary = folder / (CHECKPOINT_FILE + ".tmp")
+    torch.save(state, temporary)
+    os.replace(temporary, folder / CHECKPOINT_FILE)
+
+
+def _same_run(saved: dict, config: PretrainConfig) -> bool:
+    """A checkpoint resumes only the run that wrote it (fields that do not change the model may differ)."""
+    ignore = {"output", "checkpoint_dir", "checkpoint_every", "log_every", "threads"}
+    current = dataclasses.asdict(config)
+    return all(saved.get(key) == value for key, value in current.items() if key not in ignore)
+
+
+def _write_output(output: Path, model, tokenizer, summary: dict) -> None:
+    """Write the HF model folder beside `output`, then swap it in, so `output` is never half-written."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = output.with_name(output.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    (staging / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    retired = output.with_name(output.name + ".old")
+    shutil.rmtree(retired, ignore_errors=True)
+    if output.exists():
+        os.replace(output, retired)
+    os.replace(staging, output)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def pretrain(config: PretrainConfig, progress: bool | None = None) -> Path:
+    """Run the pretraining described by `config`; returns the output folder (HF model + tokenizer).
+
+    Resumes from `<checkpoint_dir>/checkpoint.pt` when it was written by the same configuration.
+    """
+    config.validate()
+    output = Path(config.output)
+    if output.exists() and not output.is_dir():
+        raise RopescopeError(f"output={str(output)!r} exists and is not a folder")
+    documents = load_corpus(config.corpus, split="train")
+    torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    checkpoint_folder = config.checkpoint_path
+    checkpoint_folder.mkdir(parents=True, exist_ok=True)
+
+    # The tokenizer is part of the checkpoint: a resumed run must see exactly the same ids.
+    tokenizer_folder = checkpoint_folder / "tokenizer"
+    saved_state = None
+    if (checkpoint_folder / CHECKPOINT_FILE).is_file():
+        saved_state = torch.load(checkpoint_folder / CHECKPOINT_FILE, weights_only=False)
+        if not _same_run(saved_state["config"], config):
+            raise RopescopeError(
+                f"checkpoint in {str(checkpoint_folder)!r} was written by a different configuration; "
+                "delete it or pass another --checkpoint-dir"
+            )
+    if saved_state is not None and tokenizer_folder.is_dir():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
+    else:
+        tokenizer = train_tokenizer(documents, config.vocab_size)
+        tokenizer.save_pretrained(tokenizer_folder)
+
+    separator = [tokenizer.eos_token_id]
+    ids: list[int] = []
+    for document in documents:
+        ids.extend(tokenizer(document, add_special_tokens=False)["input_ids"] + separator)
+    tokens = torch.tensor(ids, dtype=torch.int32)  # int32 halves the memory of the one copy we keep
+    del ids
+    if tokens.numel() <= config.context_length:
+        raise RopescopeError(
+            f"train split has {tokens.numel()} tokens; context_length={config.context_length} needs more than that"
+        )
+
+    model = build_model(config, tokenizer)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.learning_rate, betas=(0.9, 0.95), eps=1e-8,
+    )
+    generator = torch.Generator().manual_seed(config.seed)
+    start_step, elapsed_before = 0, 0.0
+    if saved_state is not None:
+        model.load_state_dict(saved_state["model"])
+        optimizer.load_state_dict(saved_state["optimizer"])
+        generator.set_state(saved_state["generator"])
+        torch.set_rng_state(saved_state["torch_rng"])
+        start_step, elapsed_before = saved_state["step"], saved_state["elapsed_seconds"]
+        print(f"resuming from step {start_step} ({checkpoint_folder / CHECKPOINT_FILE})", flush=True)
+    del saved_state
+
+    passkeys = PasskeyExamples(tokenizer)
+    parameters = sum(p.numel() for p in model.parameters())
+    print(
+        f"pretraining {parameters / 1e6:.2f}M parameters on {tokens.numel()} train tokens, "
+        f"{config.steps} steps of {config.batch_size}x{config.context_length} tokens",
+        flush=True,
+    )
+    model.train()
+    started = time.time()
+    losses: list[float] = []
+    bar = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps, desc="pretrain", unit="step",
+               disable=None if progress is None else not progress)  # None: a bar only on a terminal
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = _learning_rate(step, config)
+        input_ids, labels = _batch(tokens, passkeys, config, generator)
+        loss = model(input_ids=input_ids, labels=labels).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+        done = step + 1
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+        if done % config.log_every == 0 or done == config.steps:
+            seconds = time.time() - started
+            recent = sum(losses[-config.log_every:]) / len(losses[-config.log_every:])
+            rate = (done - start_step) * config.batch_size * config.context_length / max(seconds, 1e-9)
+            print(f"step {done}/{config.steps} loss {recent:.4f} lr {_learning_rate(step, config):.2e} "
+                  f"{rate:.0f} tokens/s elapsed {elapsed_before + seconds:.0f}s", flush=True)
+        if done % config.checkpoint_every == 0 and done < config.steps:
+            _save_checkpoint(checkpoint_folder, model, optimizer, done, generator, config,
+                             elapsed_before + time.time() - started)
+
+    model.eval()
+    summary = {
+        "config": dataclasses.asdict(config),
+        "parameters": parameters,
+        "train_tokens": int(tokens.numel()),
+        # mean training loss of every `log_every` steps of this session (a resumed run starts at its checkpoint)
+        "loss_curve": [round(sum(chunk) / len(chunk), 4) for chunk in
+                       (losses[i : i + config.log_every] for i in range(0, len(losses), config.log_every))],
+        "wall_seconds": round(elapsed_before + time.time() - started, 1),
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+    }
+    summary["config"]["output"] = None  # a machine path says nothing about the model
+    summary["config"]["checkpoint_dir"] = None
+    _write_output(output, model, tokenizer, summary)
+    shutil.rmtree(checkpoint_folder, ignore_errors=True)
+    return output
