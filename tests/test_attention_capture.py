@@ -51,7 +51,8 @@ def test_capture_leaves_outputs_unchanged_and_sees_rotated_keys():
 def test_capture_works_over_eager_too():
     model = tiny_model("qwen2", attn_implementation="eager")
     input_ids = torch.randint(0, VOCAB, (1, 25), generator=torch.Generator().manual_seed(4))
-    torch.testing.assert_close(layer_entropies(model, input_ids).double(), eager_entropies(model, input_ids), atol=1e-4, rtol=0)
+    captured = layer_entropies(model, input_ids).double()
+    torch.testing.assert_close(captured, eager_entropies(model, input_ids), atol=1e-4, rtol=0)
     assert model.config._attn_implementation == "eager"
 
 
