@@ -219,6 +219,8 @@ def _cli_error(capsys, argv) -> str:
     (["--length", "-5"], "length=-5 is not a positive integer"),
     (["--method", "nope"], "method='nope' is unknown; accepted: default, linear"),
     (["--length", "100000"], "tokens, and one global batch of 4 blocks needs 400000"),
+    (["--factor", "0.5"], "yarn factor=0.5 must be >= 1"),
+    (["--model", "/nonexistent/model"], "model '/nonexistent/model' is not a folder"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tiny, tmp_path, capsys, change, expected):
     out = tmp_path / "run"

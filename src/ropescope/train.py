@@ -282,10 +282,9 @@ def train(config: TrainConfig) -> Path:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from tqdm import tqdm
+    from transformers import AutoConfig, AutoTokenizer
 
     from ropescope import extend
-    from transformers import AutoTokenizer
-
     from ropescope.models import load_model, resolve_model_path
     from ropescope.patch import pretrained_rope
     from ropescope.rope import RopeSpec, simple_spec
@@ -301,18 +300,18 @@ def train(config: TrainConfig) -> Path:
     identity = _identity(config, global_batch)
     _check_out(config, identity)
 
-    # The data, the model, the extension: all checked before the first file is written; the data first, as
-    # it needs only the tokenizer, and a corpus too short for the length should not wait for a large model.
+    # The extension, the data, the model: all checked before the first file is written; the model last, so
+    # a bad factor or a corpus too short for the length does not wait for a large model to load.
     model_path = resolve_model_path(config.model)
-    blocks = _training_blocks(AutoTokenizer.from_pretrained(model_path), config, global_batch)
-    set_seed(config.seed)
-    model, tokenizer = load_model(model_path)
     if config.spec is not None:
         spec = RopeSpec.from_dict(config.spec)
     else:
         # The length the model was pretrained at, even when the checkpoint already carries an extension.
-        original_length = config.original_length or pretrained_rope(model.config)[1]
+        original_length = config.original_length or pretrained_rope(AutoConfig.from_pretrained(model_path))[1]
         spec = simple_spec(config.method, factor=config.factor, original_max_position_embeddings=original_length)
+    blocks = _training_blocks(AutoTokenizer.from_pretrained(model_path), config, global_batch)
+    set_seed(config.seed)
+    model, tokenizer = load_model(model_path)
     extend(model, spec)
     accelerator.wait_for_everyone()  # every process has looked at `out` before the main one changes it
 
