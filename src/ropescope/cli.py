@@ -50,6 +50,7 @@ def _add_pretrain(subparsers) -> None:
                        ("intermediate_size", int), ("threads", int), ("checkpoint_every", int), ("log_every", int)):
         parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=getattr(defaults, name),
                             help=f"(default: {getattr(defaults, name)})")
+    parser.add_argument("--init-from", default=None, help="continue from this saved model folder (and its tokenizer)")
     parser.add_argument("--checkpoint-dir", default=None, help="where periodic checkpoints go (default: OUTPUT.checkpoint)")
     parser.set_defaults(func=_run_pretrain)
 

@@ -59,6 +59,8 @@ class PretrainConfig:
     checkpoint_every: int = 100
     log_every: int = 25
     checkpoint_dir: str | None = None  # None: "<output>.checkpoint" beside the output folder
+    # Continue from a saved model folder (its tokenizer and architecture; the size fields above are then unused).
+    init_from: str | None = None
 
     def validate(self) -> "PretrainConfig":
         positive = ("steps", "batch_size", "context_length", "vocab_size", "hidden_size", "num_layers", "num_heads",
@@ -83,6 +85,8 @@ class PretrainConfig:
             raise RopescopeError(
                 f"passkey_min_length={self.passkey_min_length} exceeds context_length={self.context_length}"
             )
+        if self.init_from is not None and not (Path(self.init_from) / "config.json").is_file():
+            raise RopescopeError(f"init_from={self.init_from!r} is not a saved model folder (no config.json in it)")
         return self
 
     @property
@@ -316,6 +320,11 @@ def pretrain(config: PretrainConfig, progress: bool | None = None) -> Path:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
+    elif config.init_from is not None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(config.init_from)
+        tokenizer.save_pretrained(tokenizer_folder)
     else:
         tokenizer = train_tokenizer(documents, config.vocab_size)
         tokenizer.save_pretrained(tokenizer_folder)
@@ -331,7 +340,12 @@ def pretrain(config: PretrainConfig, progress: bool | None = None) -> Path:
             f"train split has {tokens.numel()} tokens; context_length={config.context_length} needs more than that"
         )
 
-    model = build_model(config, tokenizer)
+    if config.init_from is not None:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(config.init_from, dtype=torch.float32, attn_implementation="sdpa")
+    else:
+        model = build_model(config, tokenizer)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW(
@@ -397,6 +411,8 @@ def pretrain(config: PretrainConfig, progress: bool | None = None) -> Path:
     }
     summary["config"]["output"] = None  # a machine path says nothing about the model
     summary["config"]["checkpoint_dir"] = None
+    if config.init_from is not None:
+        summary["config"]["init_from"] = Path(config.init_from).name
     _write_output(output, model, tokenizer, summary)
     shutil.rmtree(checkpoint_folder, ignore_errors=True)
     return output
