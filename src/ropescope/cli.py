@@ -45,7 +45,7 @@ def _add_pretrain(subparsers) -> None:
     parser.add_argument("--corpus", default=None, help="local corpus (default: the shipped corpus); its train split is used")
     for name, kind in (("seed", int), ("steps", int), ("batch_size", int), ("context_length", int),
                        ("learning_rate", float), ("warmup_steps", int), ("passkey_share", float),
-                       ("answer_loss_weight", float),
+                       ("answer_loss_weight", float), ("passkey_packed_share", float), ("passkey_min_length", int),
                        ("vocab_size", int), ("hidden_size", int), ("num_layers", int), ("num_heads", int),
                        ("intermediate_size", int), ("threads", int), ("checkpoint_every", int), ("log_every", int)):
         parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=getattr(defaults, name),

@@ -48,6 +48,9 @@ class PretrainConfig:
     # Weight of an extra loss term, the mean loss over the answer tokens of the passkey examples: in the plain
     # language-model loss a key's 5 digits are ~1% of the batch's tokens and retrieval is learned too late.
     answer_loss_weight: float = 1.0
+    # Share of the passkey rows that pack several short examples (passkey_min_length..2x tokens each): the
+    # retrieval circuit forms on short distances first, then carries over to the whole context.
+    passkey_packed_share: float = 0.5
     passkey_min_length: int = 48
     vocab_size: int = 4096
     hidden_size: int = 128
@@ -71,8 +74,9 @@ class PretrainConfig:
                 raise RopescopeError(f"{name}={value!r} must be a positive integer")
         if self.answer_loss_weight < 0:
             raise RopescopeError(f"answer_loss_weight={self.answer_loss_weight} must be at least 0")
-        if not 0.0 <= self.passkey_share <= 1.0:
-            raise RopescopeError(f"passkey_share={self.passkey_share} is outside 0..1")
+        for name in ("passkey_share", "passkey_packed_share"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise RopescopeError(f"{name}={getattr(self, name)} is outside 0..1")
         if not self.learning_rate > 0:
             raise RopescopeError(f"learning_rate={self.learning_rate} must be positive")
         if self.hidden_size % self.num_heads:
@@ -226,13 +230,24 @@ def _batch(tokens: torch.Tensor, passkeys: PasskeyExamples, config: PretrainConf
     rows = torch.stack([tokens[start : start + length] for start in starts.tolist()]).long()
     is_passkey = torch.rand(config.batch_size, generator=generator) < config.passkey_share
     is_answer = torch.zeros_like(rows, dtype=torch.bool)
+    is_packed = torch.rand(config.batch_size, generator=generator) < config.passkey_packed_share
+    shortest = config.passkey_min_length
     for row in torch.nonzero(is_passkey).flatten().tolist():
-        example_length = int(torch.randint(config.passkey_min_length, length + 1, (1,), generator=generator))
-        example = passkeys.sample(example_length, generator)
-        is_answer[row, len(example) - KEY_DIGITS - 1 : len(example)] = True
-        if len(example) < length:  # fill the rest of the row with text after an end-of-text token
-            example = example + [passkeys.eos] + rows[row, : length - len(example) - 1].tolist()
-        rows[row] = torch.tensor(example[:length], dtype=torch.long)
+        if is_packed[row]:  # several short examples back to back: many retrievals per row, short distances
+            lengths = []
+            while sum(lengths) + len(lengths) + 2 * shortest + 1 <= length:
+                lengths.append(int(torch.randint(shortest, 2 * shortest + 1, (1,), generator=generator)))
+        else:
+            lengths = [int(torch.randint(shortest, length + 1, (1,), generator=generator))]
+        packed: list[int] = []
+        for example_length in lengths:
+            example = passkeys.sample(example_length, generator)
+            packed += example
+            is_answer[row, len(packed) - KEY_DIGITS - 1 : len(packed)] = True
+            packed.append(passkeys.eos)
+        # Fill the rest of the row with corpus text (after the end-of-text token that closes the last example).
+        packed = packed[:length] + rows[row, : max(length - len(packed), 0)].tolist()
+        rows[row] = torch.tensor(packed[:length], dtype=torch.long)
     return rows, is_answer
 
 
