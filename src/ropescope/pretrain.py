@@ -50,7 +50,7 @@ class PretrainConfig:
     answer_loss_weight: float = 1.0
     # Share of the passkey rows that pack several short examples (passkey_min_length..2x tokens each): the
     # retrieval circuit forms on short distances first, then carries over to the whole context.
-    passkey_packed_share: float = 0.5
+    passkey_packed_share: float = 0.0
     passkey_min_length: int = 48
     vocab_size: int = 4096
     hidden_size: int = 128
