@@ -37,9 +37,10 @@ def _add_pretrain(subparsers) -> None:
     defaults = PretrainConfig(output="")
     parser = subparsers.add_parser(
         "pretrain",
-        help="pretrain a small Llama with original RoPE (the defaults rebuild the shipped model)",
+        help="pretrain a small Llama with original RoPE (the shipped model's recipe is in its MODEL_CARD)",
         description="Pretrain a small LlamaForCausalLM with original RoPE at a short context, with a share of "
-        "synthetic passkey examples. The defaults rebuild the shipped default model.",
+        "synthetic passkey examples. The defaults are the first of the two stages that build the shipped model "
+        "(src/ropescope/default/MODEL_CARD.md gives both commands).",
     )
     parser.add_argument("--output", required=True, help="folder to write the model and tokenizer into")
     parser.add_argument("--corpus", default=None, help="local corpus (default: the shipped corpus); its train split is used")

@@ -32,7 +32,7 @@ CHECKPOINT_FILE = "checkpoint.pt"
 
 @dataclass
 class PretrainConfig:
-    """Everything that determines a pretraining run; the defaults build the shipped model."""
+    """Everything that determines a pretraining run; the defaults are stage 1 of the shipped model (MODEL_CARD.md)."""
 
     output: str
     corpus: str | None = None  # None: the shipped corpus (its train split is used)
