@@ -39,7 +39,7 @@ def _add_pretrain(subparsers) -> None:
         "pretrain",
         help="pretrain a small Llama with original RoPE (the shipped model's recipe is in its MODEL_CARD)",
         description="Pretrain a small LlamaForCausalLM with original RoPE at a short context, with a share of "
-        "synthetic passkey examples. The defaults are the first of the two stages that build the shipped model "
+        "synthetic passkey examples. The defaults are the first of the three stages that build the shipped model "
         "(src/ropescope/default/MODEL_CARD.md gives both commands).",
     )
     parser.add_argument("--output", required=True, help="folder to write the model and tokenizer into")
