@@ -91,3 +91,14 @@ def test_bad_configuration_is_one_line(corpus, tmp_path, capsys):
         pretrain(tiny(corpus, tmp_path / "m", hidden_size=30, num_heads=4))
     assert main(["pretrain", "--output", str(tmp_path / "m"), "--corpus", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_continue_from_a_saved_model(corpus, tmp_path):
+    first = pretrain(tiny(corpus, tmp_path / "first", steps=10), progress=False)
+    second = pretrain(tiny(corpus, tmp_path / "second", steps=10, init_from=str(first), passkey_share=0.75,
+                           passkey_packed_share=1.0, passkey_min_length=40), progress=False)
+    assert AutoTokenizer.from_pretrained(second).get_vocab() == AutoTokenizer.from_pretrained(first).get_vocab()
+    summary = json.loads((second / "training_summary.json").read_text())
+    assert summary["config"]["init_from"] == "first"
+    with pytest.raises(RopescopeError, match="init_from"):
+        pretrain(tiny(corpus, tmp_path / "third", init_from=str(tmp_path / "nowhere")))

@@ -402,18 +402,21 @@ def _add_pretrain(subparsers) -> None:
     defaults = PretrainConfig(output="")
     parser = subparsers.add_parser(
         "pretrain",
-        help="pretrain a small Llama with original RoPE (the defaults rebuild the shipped model)",
+        help="pretrain a small Llama with original RoPE (the shipped model's recipe is in its MODEL_CARD)",
         description="Pretrain a small LlamaForCausalLM with original RoPE at a short context, with a share of "
-        "synthetic passkey examples. The defaults rebuild the shipped default model.",
+        "synthetic passkey examples. The defaults are the first of the three stages that build the shipped model "
+        "(src/ropescope/default/MODEL_CARD.md gives both commands).",
     )
     parser.add_argument("--output", required=True, help="folder to write the model and tokenizer into")
     parser.add_argument("--corpus", default=None, help="local corpus (default: the shipped corpus); its train split is used")
     for name, kind in (("seed", int), ("steps", int), ("batch_size", int), ("context_length", int),
                        ("learning_rate", float), ("warmup_steps", int), ("passkey_share", float),
+                       ("answer_loss_weight", float), ("passkey_packed_share", float), ("passkey_min_length", int),
                        ("vocab_size", int), ("hidden_size", int), ("num_layers", int), ("num_heads", int),
                        ("intermediate_size", int), ("threads", int), ("checkpoint_every", int), ("log_every", int)):
         parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=getattr(defaults, name),
                             help=f"(default: {getattr(defaults, name)})")
+    parser.add_argument("--init-from", default=None, help="continue from this saved model folder (and its tokenizer)")
     parser.add_argument("--checkpoint-dir", default=None, help="where periodic checkpoints go (default: OUTPUT.checkpoint)")
     parser.set_defaults(func=_run_pretrain)
 

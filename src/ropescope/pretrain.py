@@ -32,19 +32,25 @@ CHECKPOINT_FILE = "checkpoint.pt"
 
 @dataclass
 class PretrainConfig:
-    """Everything that determines a pretraining run; the defaults build the shipped model."""
+    """Everything that determines a pretraining run; the defaults are stage 1 of the shipped model (MODEL_CARD.md)."""
 
     output: str
     corpus: str | None = None  # None: the shipped corpus (its train split is used)
     seed: int = 0
-    steps: int = 1300
+    steps: int = 1000
     batch_size: int = 8
     context_length: int = 256  # the pretrained length
     learning_rate: float = 3e-3
-    warmup_steps: int = 100
+    warmup_steps: int = 50
     min_learning_rate_ratio: float = 0.1  # cosine decay ends at this fraction of the peak
     weight_decay: float = 0.1
-    passkey_share: float = 0.25  # fraction of the rows in a batch that are synthetic passkey examples
+    passkey_share: float = 0.3  # fraction of the rows in a batch that are synthetic passkey examples
+    # Weight of an extra loss term, the mean loss over the answer tokens of the passkey examples: in the plain
+    # language-model loss a key's 5 digits are ~1% of the batch's tokens and retrieval is learned too late.
+    answer_loss_weight: float = 1.0
+    # Share of the passkey rows that pack several short examples (passkey_min_length..2x tokens each): the
+    # retrieval circuit forms on short distances first, then carries over to the whole context.
+    passkey_packed_share: float = 0.0
     passkey_min_length: int = 48
     vocab_size: int = 4096
     hidden_size: int = 128
@@ -56,6 +62,8 @@ class PretrainConfig:
     checkpoint_every: int = 100
     log_every: int = 25
     checkpoint_dir: str | None = None  # None: "<output>.checkpoint" beside the output folder
+    # Continue from a saved model folder (its tokenizer and architecture; the size fields above are then unused).
+    init_from: str | None = None
 
     def validate(self) -> "PretrainConfig":
         positive = ("steps", "batch_size", "context_length", "vocab_size", "hidden_size", "num_layers", "num_heads",
@@ -64,8 +72,11 @@ class PretrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise RopescopeError(f"{name}={value!r} must be a positive integer")
-        if not 0.0 <= self.passkey_share <= 1.0:
-            raise RopescopeError(f"passkey_share={self.passkey_share} is outside 0..1")
+        if self.answer_loss_weight < 0:
+            raise RopescopeError(f"answer_loss_weight={self.answer_loss_weight} must be at least 0")
+        for name in ("passkey_share", "passkey_packed_share"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise RopescopeError(f"{name}={getattr(self, name)} is outside 0..1")
         if not self.learning_rate > 0:
             raise RopescopeError(f"learning_rate={self.learning_rate} must be positive")
         if self.hidden_size % self.num_heads:
@@ -78,6 +89,8 @@ class PretrainConfig:
             raise RopescopeError(
                 f"passkey_min_length={self.passkey_min_length} exceeds context_length={self.context_length}"
             )
+        if self.init_from is not None and not (Path(self.init_from) / "config.json").is_file():
+            raise RopescopeError(f"init_from={self.init_from!r} is not a saved model folder (no config.json in it)")
         return self
 
     @property
@@ -209,19 +222,49 @@ def _learning_rate(step: int, config: PretrainConfig) -> float:
 
 
 def _batch(tokens: torch.Tensor, passkeys: PasskeyExamples, config: PretrainConfig, generator: torch.Generator):
-    """(input_ids, labels) of shape [batch_size, context_length]: random windows of the train tokens, with rows
-    replaced by a passkey example (then eos and corpus text to fill the row) at rate `passkey_share`."""
+    """(input_ids, is_answer), both [batch_size, context_length]: random windows of the train tokens, with rows
+    replaced by a passkey example (then eos and corpus text to fill the row) at rate `passkey_share`;
+    is_answer marks the tokens of each example's answer (" " and the key's digits)."""
     length = config.context_length
     starts = torch.randint(0, tokens.numel() - length, (config.batch_size,), generator=generator)
     rows = torch.stack([tokens[start : start + length] for start in starts.tolist()]).long()
     is_passkey = torch.rand(config.batch_size, generator=generator) < config.passkey_share
+    is_answer = torch.zeros_like(rows, dtype=torch.bool)
+    is_packed = torch.rand(config.batch_size, generator=generator) < config.passkey_packed_share
+    shortest = config.passkey_min_length
     for row in torch.nonzero(is_passkey).flatten().tolist():
-        example_length = int(torch.randint(config.passkey_min_length, length + 1, (1,), generator=generator))
-        example = passkeys.sample(example_length, generator)
-        if len(example) < length:  # fill the rest of the row with text after an end-of-text token
-            example = example + [passkeys.eos] + rows[row, : length - len(example) - 1].tolist()
-        rows[row] = torch.tensor(example[:length], dtype=torch.long)
-    return rows, rows.clone()
+        if is_packed[row]:  # several short examples back to back: many retrievals per row, short distances
+            lengths = []
+            while sum(lengths) + len(lengths) + 2 * shortest + 1 <= length:
+                lengths.append(int(torch.randint(shortest, 2 * shortest + 1, (1,), generator=generator)))
+        else:
+            lengths = [int(torch.randint(shortest, length + 1, (1,), generator=generator))]
+        packed: list[int] = []
+        for example_length in lengths:
+            example = passkeys.sample(example_length, generator)
+            packed += example
+            is_answer[row, len(packed) - KEY_DIGITS - 1 : len(packed)] = True
+            packed.append(passkeys.eos)
+        # Fill the rest of the row with corpus text (after the end-of-text token that closes the last example).
+        packed = packed[:length] + rows[row, : max(length - len(packed), 0)].tolist()
+        rows[row] = torch.tensor(packed[:length], dtype=torch.long)
+    return rows, is_answer
+
+
+def _loss(model, input_ids: torch.Tensor, is_answer: torch.Tensor, answer_loss_weight: float) -> torch.Tensor:
+    """Next-token cross-entropy over every token, plus `answer_loss_weight` x the mean over answer tokens.
+
+    input_ids, is_answer: [batch, length]; returns a scalar.
+    """
+    logits = model(input_ids=input_ids).logits[:, :-1]
+    targets = input_ids[:, 1:]
+    per_token = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
+                                                  reduction="none")
+    loss = per_token.mean()
+    answer = is_answer[:, 1:].reshape(-1)
+    if answer_loss_weight and answer.any():
+        loss = loss + answer_loss_weight * per_token[answer].mean()
+    return loss
 
 
 def _save_checkpoint(folder: Path, model, optimizer, step: int, generator: torch.Generator, config: PretrainConfig,
@@ -292,6 +335,11 @@ def pretrain(config: PretrainConfig, progress: bool | None = None) -> Path:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
+    elif config.init_from is not None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(config.init_from)
+        tokenizer.save_pretrained(tokenizer_folder)
     else:
         tokenizer = train_tokenizer(documents, config.vocab_size)
         tokenizer.save_pretrained(tokenizer_folder)
@@ -307,7 +355,12 @@ def pretrain(config: PretrainConfig, progress: bool | None = None) -> Path:
             f"train split has {tokens.numel()} tokens; context_length={config.context_length} needs more than that"
         )
 
-    model = build_model(config, tokenizer)
+    if config.init_from is not None:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(config.init_from, dtype=torch.float32, attn_implementation="sdpa")
+    else:
+        model = build_model(config, tokenizer)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW(
@@ -340,8 +393,8 @@ def pretrain(config: PretrainConfig, progress: bool | None = None) -> Path:
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = _learning_rate(step, config)
-        input_ids, labels = _batch(tokens, passkeys, config, generator)
-        loss = model(input_ids=input_ids, labels=labels).loss
+        input_ids, is_answer = _batch(tokens, passkeys, config, generator)
+        loss = _loss(model, input_ids, is_answer, config.answer_loss_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -373,6 +426,8 @@ def pretrain(config: PretrainConfig, progress: bool | None = None) -> Path:
     }
     summary["config"]["output"] = None  # a machine path says nothing about the model
     summary["config"]["checkpoint_dir"] = None
+    if config.init_from is not None:
+        summary["config"]["init_from"] = Path(config.init_from).name
     _write_output(output, model, tokenizer, summary)
     shutil.rmtree(checkpoint_folder, ignore_errors=True)
     return output

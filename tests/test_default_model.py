@@ -1,0 +1,67 @@
+"""The shipped model loads with plain transformers and its model card's claims hold (on small samples)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ropescope.data import load_corpus
+from ropescope.models import default_model_path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import measure_default_model as measure  # noqa: E402
+
+MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(default_model_path(), dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(default_model_path())
+
+
+def test_shipped_files_are_small_hf_files():
+    folder = default_model_path()
+    assert folder == Path(measure.__file__).resolve().parents[1] / "src" / "ropescope" / "default" / "model"
+    assert all((folder / name).is_file() for name in MODEL_FILES)
+    assert sum(file.stat().st_size for file in folder.iterdir()) < 25 * 2**20
+
+
+def test_shipped_model_is_a_small_llama_with_original_rope(shipped):
+    model, tokenizer = shipped
+    config = model.config
+    assert type(model).__name__ == "LlamaForCausalLM" and config.max_position_embeddings == 256
+    assert config.rope_parameters["rope_type"] == "default"
+    assert 1e6 < sum(p.numel() for p in model.parameters()) < 5e6
+    assert len(tokenizer) == config.vocab_size and tokenizer.eos_token_id == config.eos_token_id
+    tokens = tokenizer.convert_ids_to_tokens(tokenizer(" 48213", add_special_tokens=False)["input_ids"])
+    assert tokens[-5:] == list("48213")  # one token per digit: a key is copied digit by digit
+
+
+def test_perplexity_at_256_beats_unigram_and_collapses_beyond(shipped):
+    model, tokenizer = shipped
+    blocks_256 = measure.validation_blocks(tokenizer, 256, 16)
+    model_256 = measure.perplexity(model, blocks_256)
+    # Unigram counts from part of the train split: close to the full-split baseline and quick to compute.
+    unigram = measure.unigram_perplexity(tokenizer, load_corpus(None, "train")[:40], torch.cat(blocks_256))
+    assert model_256 < 0.5 * unigram
+    model_1024 = measure.perplexity(model, measure.validation_blocks(tokenizer, 1024, 4))
+    assert model_1024 > 1.3 * model_256  # MODEL_CARD: 122 at 1,024 against 81 at 256
+
+
+@pytest.mark.xfail(reason="MODEL_CARD known shortfall: the shipped weights retrieve 27% of keys at 256, target 90%")
+def test_passkey_retrieval_within_256(shipped):
+    model, tokenizer = shipped
+    within = measure.passkey_rows(model, tokenizer, 256, depths=(0, 20, 40, 60, 80, 100), trials=2, seed=1)
+    assert all(row["length"] == 256 for row in within)
+    assert measure.accuracy(within) >= 0.9
+
+
+def test_passkey_retrieval_collapses_at_1024(shipped):
+    model, tokenizer = shipped
+    beyond = measure.passkey_rows(model, tokenizer, 1024, depths=(0, 25, 50, 75, 100), trials=1, seed=1)
+    assert all(row["length"] == 1024 for row in beyond)
+    assert measure.accuracy(beyond) <= 0.2
