@@ -9,6 +9,7 @@ the memory available. Prints a table and the ratios (b)/(a) and (c)/(a).
 
     PYTHONPATH=src python benchmarks/entropy_memory.py                  # 1K..16K, plus 32K for (a) and (b)
     PYTHONPATH=src python benchmarks/entropy_memory.py --lengths 1024 2048 --streaming-lengths
+    PYTHONPATH=src python benchmarks/entropy_memory.py --backend blocks --modes plain stream   # the blocked loop
 """
 
 from __future__ import annotations
@@ -32,10 +33,10 @@ def build_model(model_name: str):
         return model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    # Stand-in of the shipped default's size while it is not available: 4 layers of 4 heads of 32.
+    # Stand-in with the shipped default's shape (pretrain defaults: hidden 128, 4 layers of 4 heads, vocab 4096).
     torch.manual_seed(0)
     config = LlamaConfig(
-        hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+        hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
         head_dim=32, vocab_size=4096, max_position_embeddings=256,
     )
     return LlamaForCausalLM._from_config(config, attn_implementation="sdpa").eval()
@@ -46,7 +47,7 @@ def current_rss_bytes() -> int:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def worker(mode: str, length: int, model_name: str, threads: int) -> dict:
+def worker(mode: str, length: int, model_name: str, threads: int, backend: str) -> dict:
     import torch
 
     from ropescope.attention.capture import forward_for_statistics, layer_entropies
@@ -62,7 +63,7 @@ def worker(mode: str, length: int, model_name: str, threads: int) -> dict:
         if mode == "plain":
             forward_for_statistics(model, ids)
         elif mode == "stream":
-            layer_entropies(model, ids)
+            layer_entropies(model, ids, backend=backend)
         else:
             with torch.no_grad():
                 weights = model(ids, use_cache=False, logits_to_keep=1, output_attentions=True).attentions
@@ -102,7 +103,7 @@ def eager_bytes_needed(model_name: str, length: int) -> int:
 
 def measure(mode: str, length: int, args) -> dict:
     command = [sys.executable, __file__, "--worker", mode, str(length), "--model", args.model,
-               "--threads", str(args.threads)]
+               "--threads", str(args.threads), "--backend", args.backend]
     completed = subprocess.run(command, capture_output=True, text=True)
     if completed.returncode != 0:
         return {"mode": mode, "length": length, "skipped": f"failed: {completed.stderr.strip().splitlines()[-1:]}"}
@@ -116,21 +117,24 @@ def main() -> None:
                         help="lengths where only (a) and (b) run")
     parser.add_argument("--model", default="random", help="'random' (a stand-in of the default's size), 'default' or a path")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per measurement")
+    parser.add_argument("--backend", default="auto", choices=["auto", "blocks"],
+                        help="entropy backend of (b): auto (fused CPU kernel) or blocks (the online-softmax loop)")
+    parser.add_argument("--modes", nargs="+", default=["plain", "stream", "eager"], choices=["plain", "stream", "eager"])
     parser.add_argument("--memory-fraction", type=float, default=0.6,
                         help="skip (c) when it would need more than this fraction of the available memory")
     parser.add_argument("--worker", nargs=2, metavar=("MODE", "LENGTH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker[0], int(args.worker[1]), args.model, args.threads)))
+        print(json.dumps(worker(args.worker[0], int(args.worker[1]), args.model, args.threads, args.backend)))
         return
 
     gib = 2**30
-    print(f"model={args.model} threads={args.threads} available={available_bytes() / gib:.1f} GiB")
+    print(f"model={args.model} backend={args.backend} threads={args.threads} available={available_bytes() / gib:.1f} GiB")
     header = f"{'length':>7} | {'mode':>6} | {'peak RSS GiB':>12} | {'forward +GiB':>12} | {'seconds':>8} | {'mem x(a)':>8} | {'time x(a)':>9}"
     print(header)
     print("-" * len(header))
     for length in args.lengths + args.streaming_lengths:
-        modes = ["plain", "stream"] + (["eager"] if length in args.lengths else [])
+        modes = [mode for mode in args.modes if mode != "eager" or length in args.lengths]
         results = {}
         for mode in modes:
             needed = eager_bytes_needed(args.model, length) if mode == "eager" else 0

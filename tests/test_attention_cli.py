@@ -1,131 +1,115 @@
-"""`ropescope entropy | patterns | uncertainty` end to end on a tiny saved model, with stand-ins for the model
-loader, the RoPE registry, the corpus and the passkey case builder."""
+"""`ropescope entropy | patterns | uncertainty` end to end on a tiny saved model, its corpus, and rows from
+`ropescope passkey` / `ropescope needle`."""
 
 import json
-import sys
-import types
-from dataclasses import dataclass
 
 import pytest
-import torch
 
-from attention_models import VOCAB, tiny_model
+from _eval_tiny import DOCUMENTS, tiny_llama, tiny_tokenizer
 from ropescope.attention.io import read_rows, write_rows
 from ropescope.cli import main
 from ropescope.errors import RopescopeError
 
 
-@dataclass
-class Case:
-    input_ids: torch.Tensor
-    answer: str
-    needle_start: int
-    needle_end: int
-    question_position: int
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny_attention")
+    tokenizer = tiny_tokenizer()
+    tiny_llama(len(tokenizer), max_position_embeddings=32).save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    (root / "corpus").mkdir()
+    for index, text in enumerate(DOCUMENTS):
+        (root / "corpus" / f"doc{index}.txt").write_text(text)
+    return root
 
 
-def passkey_case(tokenizer, length, depth_percent, trial, seed=0):
-    ids = torch.randint(0, VOCAB, (length,), generator=torch.Generator().manual_seed(trial))
-    start = int((length - 8) * depth_percent / 100)
-    return Case(ids, "12345", start, start + 4, length - 1)
+def corpus_arguments(folders):
+    return ["--model", str(folders / "model"), "--corpus", str(folders / "corpus"), "--split", "train"]
 
 
-@pytest.fixture
-def saved_model(tmp_path, monkeypatch):
-    folder = tmp_path / "model"
-    tiny_model("llama").save_pretrained(folder)
-    loaded_specs = []
-
-    def load_model(path, spec=None):
-        loaded_specs.append(spec)
-        return tiny_model("llama"), object()
-
-    def token_blocks(tokenizer, documents, block_length):
-        generator = torch.Generator().manual_seed(block_length)
-        for _ in range(3):
-            yield torch.randint(0, VOCAB, (block_length,), generator=generator)
-
-    fakes = {
-        "ropescope.models": dict(load_model=load_model, default_model_path=lambda: str(folder)),
-        "ropescope.rope": dict(METHODS={"default": None, "linear": None, "yarn": None},
-                               simple_spec=lambda method, **params: (method, params)),
-        "ropescope.data": dict(load_corpus=lambda path=None, split="validation": ["text"], token_blocks=token_blocks),
-        "ropescope.eval": {},
-        "ropescope.eval.passkey": dict(passkey_case=passkey_case),
-    }
-    for name, attributes in fakes.items():
-        module = types.ModuleType(name)
-        module.__dict__.update(attributes)
-        monkeypatch.setitem(sys.modules, name, module)
-    return folder, loaded_specs
-
-
-def test_entropy_command(saved_model, tmp_path):
-    folder, specs = saved_model
+def test_entropy_command(folders, tmp_path):
     out = tmp_path / "entropy"
-    code = main(["entropy", "--model", str(folder), "--method", "default", "--method", "linear", "--lengths", "48",
-                 "--samples", "2", "--out", str(out)])
-    assert code == 0
+    assert main(["entropy", *corpus_arguments(folders), "--method", "default", "--method", "linear",
+                 "--factor", "2", "--lengths", "32", "64", "--samples", "2", "--out", str(out)]) == 0
     rows = read_rows(out / "entropy.csv")
-    assert {row["method"] for row in rows} == {"default", "linear"}
-    assert {row["factor"] for row in rows} == {None, 4.0}
-    assert (out / "entropy.png").stat().st_size > 0
-    assert specs == [None, ("linear", {"factor": 4.0, "original_max_position_embeddings": 256})]
+    assert {(row["method"], row["factor"], row["length"]) for row in rows} == {
+        ("default", None, 32), ("default", None, 64), ("linear", 2.0, 32), ("linear", 2.0, 64)}
+    assert {row["pretrained_length"] for row in rows} == {32} and {row["samples"] for row in rows} == {2}
+    assert (out / "entropy.png").stat().st_size > 1000
 
 
-def test_patterns_command(saved_model, tmp_path, capsys):
-    folder, _ = saved_model
+def test_patterns_command(folders, tmp_path, capsys):
     out = tmp_path / "patterns"
-    # Pretend the model was pretrained at 32 tokens, so the extended length stays small.
-    config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 32}))
-    assert main(["patterns", "--model", str(folder), "--method", "yarn", "--factor", "2", "--samples", "1",
+    assert main(["patterns", *corpus_arguments(folders), "--method", "yarn", "--factor", "2", "--samples", "1",
                  "--out", str(out)]) == 0
     scores = read_rows(out / "patterns_preservation.csv")
     means = {(row["method"], row["length"]): row["js_divergence"] for row in scores if row["layer"] == "mean"}
     assert set(means) == {("default", 32), ("default", 64), ("yarn", 32), ("yarn", 64)}
-    assert means[("default", 32)] == 0
+    assert means[("default", 32)] == 0 and all(0 <= value <= 0.7 for value in means.values())
+    distances = read_rows(out / "patterns_distance.csv")
+    assert {row["distance_scale"] for row in distances} == {1.0, 2.0}
     assert (out / "attention_distance.png").exists() and (out / "pattern_preservation.png").exists()
     assert "JS from pretrained pattern" in capsys.readouterr().out
 
 
-def test_uncertainty_command(saved_model, tmp_path, capsys):
-    folder, _ = saved_model
-    rows = [
-        {"model": "tiny", "method": "default", "factor": None, "task": "passkey", "length": 40,
-         "depth_percent": depth, "trial": trial, "score": 1.0, "correct": (depth + trial) % 2 == 0,
-         "prediction": "", "answer": "12345", **{field: getattr(passkey_case(None, 40, depth, trial), field)
-                                                  for field in ("needle_start", "needle_end", "question_position")}}
-        for depth in (0, 50, 100) for trial in (0, 1)
-    ]
-    rows_path = write_rows(rows, tmp_path / "passkey.csv")
+def test_uncertainty_on_passkey_and_needle_rows(folders, tmp_path, capsys):
+    model = str(folders / "model")
+    passkey_rows = tmp_path / "passkey.csv"
+    assert main(["passkey", "--model", model, "--lengths", "70,90", "--depths", "0,50,100", "--trials", "2",
+                 "--out", str(passkey_rows)]) == 0
+    assert main(["passkey", "--model", model, "--method", "ntk", "--factor", "2", "--lengths", "70",
+                 "--depths", "50", "--trials", "1", "--out", str(tmp_path / "ntk.json")]) == 0
+    needle_rows = tmp_path / "needle.json"
+    assert main(["needle", *corpus_arguments(folders), "--lengths", "80", "--depths", "0,50", "--answer", "honey",
+                 "--out", str(needle_rows)]) == 0
+    combined = read_rows(passkey_rows) + json.loads((tmp_path / "ntk.json").read_text())
+    combined += json.loads(needle_rows.read_text())
+    for row in combined:  # a random model fails every cell; pretend trial 0 succeeded to have both classes
+        row["correct"] = row["trial"] == 0
+    rows_path = write_rows(combined, tmp_path / "all.json")
     out = tmp_path / "uncertainty"
-    assert main(["uncertainty", str(rows_path), "--model", str(folder), "--out", str(out)]) == 0
+    assert main(["uncertainty", str(rows_path), *corpus_arguments(folders), "--out", str(out)]) == 0
     results = read_rows(out / "uncertainty.csv")
-    assert len(results) == 6 and all(row["entropy"] > 0 for row in results)
+    assert len(results) == 12 + 1 + 2
+    assert all(0 < row["entropy"] <= row["entropy_max"] + 1e-5 and 0 <= row["needle_mass"] <= 1 for row in results)
     summary = json.loads((out / "uncertainty_summary.json").read_text())
-    assert summary[0]["layer"] == "mean" and summary[0]["failures"] == 3
-    assert (out / "entropy_heatmap.png").exists()
+    assert {(row["method"], row["task"]) for row in summary} == {("default", "passkey"), ("ntk", "passkey"),
+                                                                ("default", "needle")}
+    assert {row["layer"] for row in summary} == {"mean", 0, 1}
+    default_passkey = [row for row in summary if row["task"] == "passkey" and row["method"] == "default"]
+    assert default_passkey[0]["failures"] == 6 and 0 <= default_passkey[0]["auroc_entropy_predicts_failure"] <= 1
+    assert (out / "entropy_heatmap.png").stat().st_size > 1000
     assert "AUROC" in capsys.readouterr().out
 
 
-def test_user_mistakes_are_one_line(saved_model, tmp_path, capsys):
-    folder, _ = saved_model
-    assert main(["entropy", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
-    assert main(["entropy", "--model", str(folder), "--method", "pi", "--out", str(tmp_path / "x")]) == 2
-    assert main(["uncertainty", str(tmp_path / "rows.txt"), "--model", str(folder)]) == 2
+@pytest.mark.parametrize("argv,message", [
+    (["entropy", "--method", "warp"], "unknown RoPE method 'warp'"),
+    (["entropy", "--lengths", "100000"], "fewer than one block: block_length=100000"),
+    (["entropy", "--samples", "0"], "samples=0 is not a positive integer"),
+    (["patterns", "--query-fraction", "0"], "query_fraction=0.0 is outside (0, 1]"),
+])
+def test_command_errors_are_one_line_and_write_nothing(folders, tmp_path, capsys, argv, message):
+    out = tmp_path / "out"
+    assert main([*argv, *corpus_arguments(folders), "--out", str(out)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert message in error and "\n" not in error
+    assert not out.exists()
+
+
+def test_uncertainty_errors(folders, tmp_path, capsys):
+    model = str(folders / "model")
+    assert main(["uncertainty", str(tmp_path / "rows.txt"), "--model", model]) == 2
+    write_rows([{"task": "passkey", "length": 70}], tmp_path / "partial.csv")
+    assert main(["uncertainty", str(tmp_path / "partial.csv"), "--model", model]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
-    assert len(errors) == 3 and "neither 'default' nor a local model folder" in errors[0]
-    assert "method='pi' is unknown" in errors[1] and "must end in .csv or .json" in errors[2]
-    assert not (tmp_path / "x").exists()
+    assert "must end in .csv or .json" in errors[0] and "lack the field 'depth_percent'" in errors[1]
 
 
 def test_rows_round_trip(tmp_path):
     rows = [{"a": 1, "b": 2.5, "c": True, "d": None, "e": "text"}, {"a": 2, "f": "new"}]
     for suffix in (".csv", ".json"):
-        path = write_rows(rows, tmp_path / f"rows{suffix}")
-        back = read_rows(path)
+        back = read_rows(write_rows(rows, tmp_path / f"rows{suffix}"))
         assert back[0]["a"] == 1 and back[0]["b"] == 2.5 and back[0]["c"] is True and back[0]["e"] == "text"
-        assert not path.with_name(path.name + ".tmp").exists()
+        assert back[0]["d"] is None
     with pytest.raises(RopescopeError, match="must end in"):
         write_rows(rows, tmp_path / "rows.txt")

@@ -53,21 +53,27 @@ SHAPES = [
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("causal", [True, False])
-def test_entropy_equals_float64_brute_force(shape, causal):
+@pytest.mark.parametrize("backend", ["blocks", "auto"])
+def test_entropy_equals_float64_brute_force(shape, causal, backend):
     batch, heads, kv_heads, q_len, k_len, head_dim, chunk, query_chunk = shape
     generator = torch.Generator().manual_seed(hash((shape, causal)) % 2**31)
     # Large scores (x3) make peaked distributions, where a naive formula loses precision.
     q = 3 * torch.randn(batch, heads, q_len, head_dim, generator=generator)
     k = torch.randn(batch, kv_heads, k_len, head_dim, generator=generator)
     expected, _ = brute_force(q, k, causal=causal)
-    streamed = attention_statistics(q, k, causal=causal, chunk_size=chunk, query_chunk_size=query_chunk).entropy
+    streamed = attention_statistics(
+        q, k, causal=causal, chunk_size=chunk, query_chunk_size=query_chunk, backend=backend
+    ).entropy
     assert streamed.shape == (batch, heads, q_len)
     assert streamed.dtype == torch.float32
     torch.testing.assert_close(streamed.double(), expected, atol=1e-4, rtol=0)
-    torch.testing.assert_close(attention_entropy(q, k, causal=causal, chunk_size=chunk).double(), expected, atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        attention_entropy(q, k, causal=causal, chunk_size=chunk, backend=backend).double(), expected, atol=1e-4, rtol=0
+    )
 
 
-def test_random_shapes_against_brute_force():
+@pytest.mark.parametrize("backend", ["blocks", "auto"])
+def test_random_shapes_against_brute_force(backend):
     generator = torch.Generator().manual_seed(0)
     for _ in range(12):
         kv_heads = int(torch.randint(1, 3, (1,), generator=generator))
@@ -81,7 +87,7 @@ def test_random_shapes_against_brute_force():
         q = torch.randn(2, heads, q_len, head_dim, generator=generator)
         k = torch.randn(2, kv_heads, k_len, head_dim, generator=generator)
         expected, _ = brute_force(q, k, causal=causal, scale=scale)
-        streamed = attention_entropy(q, k, causal=causal, scale=scale, chunk_size=chunk)
+        streamed = attention_entropy(q, k, causal=causal, scale=scale, chunk_size=chunk, backend=backend)
         torch.testing.assert_close(streamed.double(), expected, atol=1e-4, rtol=0)
 
 
@@ -137,5 +143,7 @@ def test_half_precision_inputs_are_computed_in_float32():
 def test_bad_shapes_are_refused():
     with pytest.raises(ValueError, match="multiple"):
         attention_entropy(torch.zeros(1, 3, 4, 8), torch.zeros(1, 2, 4, 8))
+    with pytest.raises(ValueError, match="backend='fast'"):
+        attention_entropy(torch.zeros(1, 2, 4, 8), torch.zeros(1, 2, 4, 8), backend="fast")
     with pytest.raises(ValueError, match="q_len=5"):
         attention_entropy(torch.zeros(1, 2, 5, 8), torch.zeros(1, 2, 4, 8))

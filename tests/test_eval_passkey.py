@@ -8,6 +8,7 @@ import torch
 from _eval_tiny import tiny_llama, tiny_tokenizer
 from ropescope.cli import main
 from ropescope.errors import RopescopeError
+from ropescope.models import default_model_path, load_model
 from ropescope.eval.passkey import evaluate_passkey, passkey_case, passkey_key, run_passkey, score_passkey
 from ropescope.passkey_format import KEY_DIGITS, KEY_LINE, QUESTION
 from ropescope.plots import plot_retrieval_heatmap
@@ -100,3 +101,17 @@ def test_too_short_length_and_cli_error_line(tmp_path, capsys):
     assert main(["passkey", "--model", str(tmp_path), "--depths", "0,101", "--out", str(tmp_path / "r.json")]) == 2
     assert capsys.readouterr().err.strip() == "ropescope passkey: error: depth_percent=101 is outside 0..100"
     assert list(tmp_path.iterdir()) == []
+
+
+SHIPPED = default_model_path()
+
+
+@pytest.mark.skipif(not (SHIPPED / "config.json").is_file(), reason="the shipped model is not built yet")
+def test_shipped_model_retrieves_within_its_pretrained_length_and_fails_beyond():
+    """Original RoPE: high accuracy at the pretrained length (256), collapse at 4x it (1024)."""
+    model, tokenizer = load_model("default")
+    rows = evaluate_passkey(model, tokenizer, [256, 1024], depths=[0, 25, 50, 75, 100], trials=4, batch_size=10,
+                            progress=False)
+    accuracy = {length: sum(r["score"] for r in rows if r["length"] == length) / 20 for length in (256, 1024)}
+    assert accuracy[256] >= 0.8, accuracy
+    assert accuracy[1024] <= 0.2, accuracy

@@ -227,6 +227,13 @@ def _add_analysis_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunk-size", type=int, default=512, help="queries / keys per block of the streaming pass")
 
 
+def _add_analysis_corpus_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--original-length", type=int, dest="original_length",
+                        help="the pretrained context length (default: from the model's config)")
+    parser.add_argument("--corpus", default=None, help="corpus path (default: the shipped corpus)")
+    parser.add_argument("--split", default="validation", choices=["train", "validation", "test"])
+
+
 def _add_entropy(subparsers) -> None:
     parser = subparsers.add_parser("entropy", help="attention entropy against position, per method (streamed)")
     _add_analysis_model_arguments(parser)
@@ -234,7 +241,7 @@ def _add_entropy(subparsers) -> None:
     parser.add_argument("--factor", type=float, default=4.0, help="extension factor (default 4)")
     parser.add_argument("--lengths", type=int, nargs="+", help="sequence lengths (default: 1x, 2x, 4x pretrained)")
     parser.add_argument("--samples", type=int, default=4, help="token blocks per length (default 4)")
-    parser.add_argument("--split", default="validation", choices=["train", "validation", "test"])
+    _add_analysis_corpus_arguments(parser)
     parser.add_argument("--position-bin-size", type=int, help="query positions per bin (default length / 64)")
     parser.add_argument("--out", default="results/entropy", help="folder for entropy.csv and entropy.png")
     parser.set_defaults(func=_run_entropy)
@@ -244,7 +251,8 @@ def _run_entropy(args) -> int:
     from ropescope.attention.runs import run_entropy
 
     run_entropy(args.model, args.method or ["default"], args.factor, args.lengths, args.samples, args.out,
-                split=args.split, chunk_size=args.chunk_size, position_bin_size=args.position_bin_size)
+                original_length=args.original_length, corpus=args.corpus, split=args.split,
+                chunk_size=args.chunk_size, position_bin_size=args.position_bin_size)
     print(f"wrote {args.out}/entropy.csv and entropy.png")
     return 0
 
@@ -256,7 +264,7 @@ def _add_patterns(subparsers) -> None:
     parser.add_argument("--factor", type=float, default=4.0, help="extension factor (default 4)")
     parser.add_argument("--length", type=int, help="extended length (default factor x pretrained)")
     parser.add_argument("--samples", type=int, default=4, help="token blocks per length (default 4)")
-    parser.add_argument("--split", default="validation", choices=["train", "validation", "test"])
+    _add_analysis_corpus_arguments(parser)
     parser.add_argument("--query-fraction", type=float, default=0.125, help="last fraction of positions used as queries")
     parser.add_argument("--bins-per-octave", type=int, default=1, help="distance bins per doubling (default 1)")
     parser.add_argument("--out", default="results/patterns", help="folder for the rows and plots")
@@ -267,7 +275,8 @@ def _run_patterns(args) -> int:
     from ropescope.attention.runs import run_patterns
 
     scores = run_patterns(args.model, args.method or [], args.factor, args.length, args.samples, args.out,
-                          split=args.split, query_fraction=args.query_fraction,
+                          original_length=args.original_length, corpus=args.corpus, split=args.split,
+                          query_fraction=args.query_fraction,
                           bins_per_octave=args.bins_per_octave, chunk_size=args.chunk_size)
     for row in scores:
         if row["layer"] == "mean":
@@ -281,7 +290,8 @@ def _add_uncertainty(subparsers) -> None:
     parser.add_argument("rows", help="evaluation rows (.csv or .json) from passkey / needle evaluation")
     parser.add_argument("--method", action="append", help="only rows of this method (repeatable)")
     parser.add_argument("--factor", type=float, help="only rows of this factor")
-    parser.add_argument("--haystack-split", default="test", choices=["train", "validation", "test"],
+    parser.add_argument("--corpus", default=None, help="haystack corpus of needle rows (default: the shipped corpus)")
+    parser.add_argument("--split", default="validation", choices=["train", "validation", "test"],
                         help="corpus split the needle haystacks were drawn from")
     parser.add_argument("--out", default="results/uncertainty", help="folder for the rows, summary and heatmap")
     parser.set_defaults(func=_run_uncertainty)
@@ -291,7 +301,7 @@ def _run_uncertainty(args) -> int:
     from ropescope.attention.runs import run_uncertainty
 
     summary = run_uncertainty(args.rows, args.model, args.out, methods=args.method, factor=args.factor,
-                              haystack_split=args.haystack_split, chunk_size=args.chunk_size)
+                              corpus=args.corpus, split=args.split, chunk_size=args.chunk_size)
     for row in summary:
         if row["layer"] == "mean":
             print(f"{row['method']} {row['task']}: entropy correct {row['entropy_correct']:.3f} vs failed "

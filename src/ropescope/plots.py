@@ -349,21 +349,25 @@ def _series_label(row: dict) -> str:
 
 
 def plot_perplexity(rows: list[dict], path, pretrained_length: int | None = None) -> Path:
-    """Perplexity against evaluation length, one line per model/method (and protocol, when several).
+    """Perplexity against evaluation length, one colour per model/method, one line style per protocol.
 
     rows: perplexity rows (length, perplexity, model, method, factor, protocol). Log-2 x axis; the pretrained
     length, when given, drawn as a dashed vertical line.
     """
     rows = [row for row in rows if row.get("task", "perplexity") == "perplexity"]
     protocols = sorted({row.get("protocol") for row in rows}, key=str)
-    series: dict[str, list[tuple[int, float]]] = {}
+    series: dict[tuple[str, str], list[tuple[int, float]]] = {}
     for row in rows:
-        label = _series_label(row) + (f" ({row['protocol']})" if len(protocols) > 1 else "")
-        series.setdefault(label, []).append((int(row["length"]), float(row["perplexity"])))
+        series.setdefault((_series_label(row), row.get("protocol")), []).append((int(row["length"]),
+                                                                                 float(row["perplexity"])))
+    colors = {label: f"C{index}" for index, label in enumerate(dict.fromkeys(label for label, _ in series))}
+    styles = {protocol: ("-", "--", ":", "-.")[index % 4] for index, protocol in enumerate(protocols)}
     figure, axes = plt.subplots(figsize=(7, 4.5))
-    for label, points in series.items():
+    for (label, protocol), points in series.items():
         points.sort()
-        axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+        name = label + (f" ({protocol})" if len(protocols) > 1 else "")
+        axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", color=colors[label],
+                  linestyle=styles[protocol], label=name)
     axes.set_xscale("log", base=2)
     axes.set_yscale("log")
     lengths = sorted({int(row["length"]) for row in rows})

@@ -124,18 +124,21 @@ def forward_for_statistics(model, input_ids: torch.Tensor) -> None:
         model(input_ids=input_ids.to(device), use_cache=False, logits_to_keep=1)
 
 
-def layer_entropies(model, input_ids: torch.Tensor, *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
+def layer_entropies(
+    model, input_ids: torch.Tensor, *, chunk_size: int = DEFAULT_CHUNK_SIZE, backend: str = "auto"
+) -> torch.Tensor:
     """Attention entropy of every layer, head and query position during one forward pass of `input_ids`.
 
     input_ids: LongTensor[batch, seq] (or [seq]), unpadded. Returns float32 [layers, batch, heads, seq],
     natural log. Memory stays near that of a plain forward: each layer's q, k are reduced as they appear.
+    backend: as in `attention_entropy` ("auto" or "blocks").
     """
     per_layer: dict[int, torch.Tensor] = {}
 
     def record(attention: LayerAttention) -> None:
         per_layer[attention.layer] = attention_entropy(
             attention.query, attention.key, scale=attention.scaling,
-            sliding_window=attention.sliding_window, chunk_size=chunk_size,
+            sliding_window=attention.sliding_window, chunk_size=chunk_size, backend=backend,
         ).cpu()
 
     with capture_attention(model, record):

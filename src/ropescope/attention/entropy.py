@@ -78,6 +78,7 @@ def attention_statistics(
     sliding_window: int | None = None,
     distance_edges: torch.Tensor | None = None,
     distance_scale: float = 1.0,
+    backend: str = "auto",
 ) -> AttentionStatistics:
     """Exact attention entropy (and optionally mass per key-distance bin) of every query, block by block.
 
@@ -92,6 +93,9 @@ def attention_statistics(
     sliding_window: query i sees only keys with i - j < sliding_window (Mistral / Qwen2 convention).
     distance_edges: LongTensor[n_bins] of left bin edges (`distance_bin_edges`); the key distance is i - j
         (|i - j| without causal masking), divided by `distance_scale` before binning.
+    backend: "blocks" runs the blocked online softmax below; "auto" (default) hands entropy-only requests on
+        float32 CPU tensors (no sliding window; causal only with q_len == k_len) to PyTorch's CPU flash-attention
+        kernel, which runs the same online softmax fused, with values [k | 1] (see `_fused_entropy`).
     Returns AttentionStatistics(entropy [batch, heads, q_len], distance_mass [batch, heads, q_len, n_bins] or None).
     """
     batch, heads, q_len, head_dim = q.shape
@@ -106,7 +110,16 @@ def attention_statistics(
         raise ValueError("chunk sizes must be >= 1")
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"sliding_window={sliding_window} must be >= 1")
+    if backend not in ("auto", "blocks"):
+        raise ValueError(f"backend={backend!r}; accepted: auto, blocks")
     scale = head_dim**-0.5 if scale is None else scale
+    if sliding_window is not None and sliding_window >= k_len:
+        sliding_window = None  # the window covers every key: plain causal attention
+    if (
+        backend == "auto" and distance_edges is None and sliding_window is None and q.device.type == "cpu"
+        and q.dtype == torch.float32 and k.dtype == torch.float32 and (not causal or q_len == k_len)
+    ):
+        return AttentionStatistics(_fused_entropy(q, k, scale=scale, causal=causal), None)
     query_chunk_size = query_chunk_size or chunk_size
     group = heads // kv_heads
     device = q.device
@@ -195,6 +208,26 @@ def attention_statistics(
     return AttentionStatistics(entropy, distance_mass)
 
 
+def _fused_entropy(q: torch.Tensor, k: torch.Tensor, *, scale: float, causal: bool) -> torch.Tensor:
+    """Entropy through PyTorch's CPU flash-attention kernel: [batch, heads, q_len] float32.
+
+    With values v = [k | 1] the kernel returns O = softmax(s) @ [k | 1] and logsumexp(s), blocked with an
+    online softmax like the loop in `attention_statistics` but fused: H = logsumexp(s) - scale * q . O[..., :d].
+    The kernel wants one head size for q, k and v, so q and k get a zero column (scores are unchanged).
+    q_len == k_len when causal (the kernel's causal mask is aligned top-left).
+    """
+    batch, heads, q_len, head_dim = q.shape
+    k = k.repeat_interleave(heads // k.shape[1], dim=1)
+    zeros_q = q.new_zeros(batch, heads, q_len, 1)
+    zeros_k = k.new_zeros(batch, heads, k.shape[2], 1)
+    values = torch.cat([k, torch.ones_like(zeros_k)], dim=-1)
+    output, logsumexp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        torch.cat([q, zeros_q], dim=-1), torch.cat([k, zeros_k], dim=-1), values, 0.0, causal, scale=scale
+    )[:2]
+    mean_score = torch.linalg.vecdot(q, output[..., :head_dim])  # float32 is enough: no cancellation here
+    return logsumexp - scale * mean_score
+
+
 def attention_entropy(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -203,6 +236,7 @@ def attention_entropy(
     scale: float | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     sliding_window: int | None = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Natural-log entropy of each query's attention distribution, streamed over key blocks.
 
@@ -212,5 +246,5 @@ def attention_entropy(
     holding more than one [query chunk x key chunk] block of scores. See `attention_statistics`.
     """
     return attention_statistics(
-        q, k, causal=causal, scale=scale, chunk_size=chunk_size, sliding_window=sliding_window
+        q, k, causal=causal, scale=scale, chunk_size=chunk_size, sliding_window=sliding_window, backend=backend
     ).entropy

@@ -1,10 +1,9 @@
-"""Rows to and from CSV / JSON files; writes are atomic (a temporary file, then a rename)."""
+"""Rows to and from CSV / JSON files: writes through `ropescope.results` (atomic), reads with CSV values typed."""
 
 from __future__ import annotations
 
 import csv
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,19 +22,10 @@ def check_rows_path(path: str | Path) -> Path:
 
 def write_rows(rows: Sequence[dict], path: str | Path) -> Path:
     """Write rows as CSV (columns: the union of the rows' fields, in first-seen order) or as a JSON list."""
+    from ropescope.results import write_csv, write_json
+
     path = check_rows_path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "w", newline="") as file:
-        if path.suffix == ".json":
-            json.dump(list(rows), file, indent=1)
-        else:
-            fields = list(dict.fromkeys(field for row in rows for field in row))
-            writer = csv.DictWriter(file, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(rows)
-    os.replace(temporary, path)
-    return path
+    return write_json(list(rows), path) if path.suffix == ".json" else write_csv(list(rows), path)
 
 
 def _parse(value: str):

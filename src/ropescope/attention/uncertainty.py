@@ -108,12 +108,16 @@ def retrieval_attention(
 
 def rebuild_cases(tokenizer, rows: Sequence[Mapping], *, haystack_documents: Sequence[str] | None = None,
                   seed: int = 0) -> list:
-    """The prompt of every evaluation row, rebuilt deterministically by the evaluation's case builders."""
+    """The prompt of every evaluation row, rebuilt deterministically by the evaluation's case builders.
+
+    A row's own `seed` wins over `seed`; needle rows need the haystack documents the evaluation used.
+    """
     cases = []
     for row in rows:
         task = row.get("task")
+        row_seed = row.get("seed")
         arguments = dict(length=int(row["length"]), depth_percent=float(row["depth_percent"]),
-                         trial=int(row["trial"]), seed=int(row.get("seed", seed) or seed))
+                         trial=int(row["trial"]), seed=seed if row_seed in (None, "") else int(row_seed))
         if task == "passkey":
             from ropescope.eval.passkey import passkey_case
 

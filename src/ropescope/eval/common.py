@@ -11,6 +11,10 @@ from pathlib import Path
 import torch
 
 from ropescope.errors import RopescopeError
+from ropescope.models import load_model, resolve_model_path
+from ropescope.patch import spec_from_config
+from ropescope.results import write_csv, write_json
+from ropescope.rope import METHODS, simple_spec
 
 ROW_SUFFIXES = (".json", ".csv")
 
@@ -100,14 +104,10 @@ class EvalModel:
 
 def check_model_args(model: str, method: str | None, factor: float | None, original_length: int | None) -> Path:
     """Check the model argument (a folder with config and tokenizer) and the extension flags; return the folder."""
-    from ropescope.models import resolve_model_path
-
     folder = resolve_model_path(str(model))
     if method is None and (factor is not None or original_length is not None):
         raise RopescopeError("factor/original_length given without method; add e.g. method='ntk'")
     if method is not None:
-        from ropescope.rope import METHODS
-
         if method not in METHODS:
             raise RopescopeError(f"unknown RoPE method {method!r}; accepted: {', '.join(METHODS)}")
     if factor is not None and not (isinstance(factor, (int, float)) and factor >= 1):
@@ -129,16 +129,12 @@ def build_spec(folder: Path, method: str | None, factor: float | None, original_
     """The RopeSpec for `method` (None: no extension, the model's own RoPE)."""
     if method is None:
         return None
-    from ropescope.rope import simple_spec
-
     return simple_spec(method, None if factor is None else float(factor), original_length or _pretrained_length(folder))
 
 
 def load_tokenizer(model: str = "default"):
     """The model's tokenizer alone (quick), to check inputs in tokens before the weights are loaded."""
     from transformers import AutoTokenizer
-
-    from ropescope.models import resolve_model_path
 
     return AutoTokenizer.from_pretrained(resolve_model_path(str(model)))
 
@@ -148,12 +144,8 @@ def load_eval_model(model: str = "default", method: str | None = None, factor: f
     """Load `model` ('default' or a local folder) with `method` applied at evaluation time (None: as trained)."""
     folder = check_model_args(model, method, factor, original_length)
     spec = build_spec(folder, method, factor, original_length)
-    from ropescope.models import load_model
-
     loaded, tokenizer = load_model(str(model), spec=spec)
     if spec is None:  # a checkpoint saved after `extend` carries its own extension
-        from ropescope.patch import spec_from_config
-
         spec = spec_from_config(loaded.config)
     params = getattr(spec, "params", {}) or {}
     return EvalModel(
@@ -215,7 +207,5 @@ def first_integer(text: str) -> str | None:
 
 def write_rows(rows: list[dict], path) -> Path:
     """Write rows to `path` (.json: a list of objects; .csv: a header of every key seen), atomically."""
-    from ropescope.results import write_csv, write_json
-
     path = check_output_path(path)
     return write_json(rows, path) if path.suffix.lower() == ".json" else write_csv(rows, path)

@@ -172,6 +172,8 @@ def evaluate_needle(model, tokenizer, documents: list[str], lengths, depths=(0, 
                             "needle_start": case.needle_start,
                             "needle_end": case.needle_end,
                             "question_position": case.question_position,
+                            "needle": needle,
+                            "question": question,
                         })
                     bar.update(len(batch))
     return rows
