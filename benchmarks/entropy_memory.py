@@ -115,11 +115,13 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
     parser.add_argument("--streaming-lengths", type=int, nargs="*", default=[32768],
                         help="lengths where only (a) and (b) run")
-    parser.add_argument("--model", default="random", help="'random' (a stand-in of the default's size), 'default' or a path")
+    parser.add_argument("--model", default="random",
+                        help="'random' (a stand-in of the default's shape), 'default' or a path")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per measurement")
     parser.add_argument("--backend", default="auto", choices=["auto", "blocks"],
                         help="entropy backend of (b): auto (fused CPU kernel) or blocks (the online-softmax loop)")
-    parser.add_argument("--modes", nargs="+", default=["plain", "stream", "eager"], choices=["plain", "stream", "eager"])
+    parser.add_argument("--modes", nargs="+", default=["plain", "stream", "eager"],
+                        choices=["plain", "stream", "eager"])
     parser.add_argument("--memory-fraction", type=float, default=0.6,
                         help="skip (c) when it would need more than this fraction of the available memory")
     parser.add_argument("--worker", nargs=2, metavar=("MODE", "LENGTH"), help=argparse.SUPPRESS)
@@ -129,8 +131,10 @@ def main() -> None:
         return
 
     gib = 2**30
-    print(f"model={args.model} backend={args.backend} threads={args.threads} available={available_bytes() / gib:.1f} GiB")
-    header = f"{'length':>7} | {'mode':>6} | {'peak RSS GiB':>12} | {'forward +GiB':>12} | {'seconds':>8} | {'mem x(a)':>8} | {'time x(a)':>9}"
+    print(f"model={args.model} backend={args.backend} threads={args.threads} "
+          f"available={available_bytes() / gib:.1f} GiB")
+    header = (f"{'length':>7} | {'mode':>6} | {'peak RSS GiB':>12} | {'forward +GiB':>12} | {'seconds':>8} | "
+              f"{'mem x(a)':>8} | {'time x(a)':>9}")
     print(header)
     print("-" * len(header))
     for length in args.lengths + args.streaming_lengths:
@@ -141,7 +145,8 @@ def main() -> None:
             budget = args.memory_fraction * available_bytes()
             if needed > budget:
                 results[mode] = {"mode": mode, "length": length,
-                                 "skipped": f"needs ~{needed / gib:.1f} GiB for N x N attention, budget {budget / gib:.1f} GiB"}
+                                 "skipped": f"needs ~{needed / gib:.1f} GiB for N x N attention, "
+                                            f"budget {budget / gib:.1f} GiB"}
             else:
                 results[mode] = measure(mode, length, args)
             result, plain = results[mode], results.get("plain", {})

@@ -14,6 +14,7 @@ VOCAB = 100
 SIZES = dict(
     hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
     vocab_size=VOCAB, max_position_embeddings=256,
+    initializer_range=0.2,  # large enough for peaked, position-dependent attention (0.02 gives near-uniform)
 )
 FAMILIES = {
     "llama": (LlamaConfig, LlamaForCausalLM, {}),

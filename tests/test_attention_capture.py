@@ -6,6 +6,8 @@ import torch
 from attention_models import VOCAB, eager_entropies, tiny_model
 from ropescope.attention.capture import LayerAttention, capture_attention, layer_entropies
 from ropescope.errors import RopescopeError
+from ropescope.patch import extend
+from ropescope.rope import simple_spec
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
@@ -17,6 +19,19 @@ def test_capture_equals_eager_output_attentions(family):
     assert captured.shape == (2, 2, 4, 37)  # layers, batch, heads, positions
     torch.testing.assert_close(captured.double(), expected, atol=1e-4, rtol=0)
     assert model.config._attn_implementation == "sdpa"  # restored
+
+
+@pytest.mark.parametrize("method", ["yarn", "dynamic"])
+def test_capture_sees_the_rotation_of_an_extended_model(method):
+    """After `extend` replaced the rotary module, the capture still equals eager attention beyond the pretrained
+    length (and differs from the unextended model)."""
+    model = tiny_model("llama")
+    input_ids = torch.randint(0, VOCAB, (1, 70), generator=torch.Generator().manual_seed(5))
+    original = layer_entropies(model, input_ids)
+    extend(model, simple_spec(method, factor=4.0, original_max_position_embeddings=32))
+    captured = layer_entropies(model, input_ids)
+    torch.testing.assert_close(captured.double(), eager_entropies(model, input_ids), atol=1e-4, rtol=0)
+    assert not torch.allclose(captured, original, atol=1e-3)
 
 
 def test_sliding_window_reaches_the_statistics():
@@ -51,7 +66,8 @@ def test_capture_leaves_outputs_unchanged_and_sees_rotated_keys():
 def test_capture_works_over_eager_too():
     model = tiny_model("qwen2", attn_implementation="eager")
     input_ids = torch.randint(0, VOCAB, (1, 25), generator=torch.Generator().manual_seed(4))
-    torch.testing.assert_close(layer_entropies(model, input_ids).double(), eager_entropies(model, input_ids), atol=1e-4, rtol=0)
+    captured = layer_entropies(model, input_ids).double()
+    torch.testing.assert_close(captured, eager_entropies(model, input_ids), atol=1e-4, rtol=0)
     assert model.config._attn_implementation == "eager"
 
 

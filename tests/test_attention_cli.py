@@ -30,7 +30,7 @@ def corpus_arguments(folders):
 def test_entropy_command(folders, tmp_path):
     out = tmp_path / "entropy"
     assert main(["entropy", *corpus_arguments(folders), "--method", "default", "--method", "linear",
-                 "--factor", "2", "--lengths", "32", "64", "--samples", "2", "--out", str(out)]) == 0
+                 "--factor", "2", "--lengths", "32,64", "--samples", "2", "--out", str(out)]) == 0
     rows = read_rows(out / "entropy.csv")
     assert {(row["method"], row["factor"], row["length"]) for row in rows} == {
         ("default", None, 32), ("default", None, 64), ("linear", 2.0, 32), ("linear", 2.0, 64)}

@@ -127,7 +127,8 @@ def test_distance_mass_sums_to_one_and_matches_brute_force(shape, causal, distan
         distance_edges=edges, distance_scale=distance_scale,
     )
     assert result.distance_mass.shape == (batch, heads, q_len, len(edges))
-    torch.testing.assert_close(result.distance_mass.sum(-1).double(), torch.ones(batch, heads, q_len, dtype=torch.float64), atol=1e-5, rtol=0)
+    ones = torch.ones(batch, heads, q_len, dtype=torch.float64)
+    torch.testing.assert_close(result.distance_mass.sum(-1).double(), ones, atol=1e-5, rtol=0)
     torch.testing.assert_close(result.distance_mass.double(), expected_mass, atol=1e-5, rtol=0)
     torch.testing.assert_close(result.entropy.double(), expected_entropy, atol=1e-4, rtol=0)
 

@@ -9,6 +9,7 @@ from _eval_tiny import tiny_llama, tiny_tokenizer
 from ropescope.cli import main
 from ropescope.errors import RopescopeError
 from ropescope.models import default_model_path, load_model
+from ropescope.eval.common import greedy_continuations
 from ropescope.eval.passkey import evaluate_passkey, passkey_case, passkey_key, run_passkey, score_passkey
 from ropescope.passkey_format import KEY_DIGITS, KEY_LINE, QUESTION
 from ropescope.plots import plot_retrieval_heatmap
@@ -115,3 +116,12 @@ def test_shipped_model_retrieves_within_its_pretrained_length_and_fails_beyond()
     accuracy = {length: sum(r["score"] for r in rows if r["length"] == length) / 20 for length in (256, 1024)}
     assert accuracy[256] >= 0.8, accuracy
     assert accuracy[1024] <= 0.2, accuracy
+
+
+def test_greedy_decoding_equals_transformers_generate():
+    tokenizer = tiny_tokenizer()
+    model = tiny_llama(len(tokenizer), seed=3)
+    prompts = torch.stack([passkey_case(tokenizer, 90, depth, 0).input_ids for depth in (0, 60)])
+    expected = model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=6, do_sample=False,
+                              pad_token_id=tokenizer.eos_token_id)[:, prompts.shape[1] :]
+    assert torch.equal(greedy_continuations(model, prompts, 6), expected)

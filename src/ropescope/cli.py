@@ -239,7 +239,8 @@ def _add_entropy(subparsers) -> None:
     _add_analysis_model_arguments(parser)
     parser.add_argument("--method", action="append", help="RoPE extension (repeatable); default: default (none)")
     parser.add_argument("--factor", type=float, default=4.0, help="extension factor (default 4)")
-    parser.add_argument("--lengths", type=int, nargs="+", help="sequence lengths (default: 1x, 2x, 4x pretrained)")
+    parser.add_argument("--lengths", type=_int_list, help="sequence lengths, e.g. 256,512,1024 (default: 1x, 2x, 4x "
+                        "pretrained)")
     parser.add_argument("--samples", type=int, default=4, help="token blocks per length (default 4)")
     _add_analysis_corpus_arguments(parser)
     parser.add_argument("--position-bin-size", type=int, help="query positions per bin (default length / 64)")

@@ -377,6 +377,9 @@ def plot_perplexity(rows: list[dict], path, pretrained_length: int | None = None
         axes.axvline(pretrained_length, color="grey", linestyle="--", linewidth=1)
         axes.annotate(f"pretrained {pretrained_length}", (pretrained_length, 1), xycoords=("data", "axes fraction"),
                       xytext=(3, -12), textcoords="offset points", fontsize=8, color="grey")
+    for axis in (axes.yaxis,):  # plain numbers, not 2.2 x 10^2, on a log axis spanning less than a decade
+        axis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        axis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
     axes.set_xlabel("evaluation length (tokens)")
     axes.set_ylabel("perplexity")
     axes.set_title("Perplexity against length")

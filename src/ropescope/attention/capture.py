@@ -67,7 +67,8 @@ def attention_modules(model) -> list[torch.nn.Module]:
     """The self-attention modules of a supported model, in layer order."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise RopescopeError(f"model type {model_type!r} is not supported; accepted: {', '.join(SUPPORTED_MODEL_TYPES)}")
+        accepted = ", ".join(SUPPORTED_MODEL_TYPES)
+        raise RopescopeError(f"model type {model_type!r} is not supported; accepted: {accepted}")
     modules = [
         module
         for module in model.modules()

@@ -39,7 +39,7 @@ def distance_distribution(
     bins_per_octave: int = 1,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     labels: Mapping | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> list[dict]:
     """Attention mass per rescaled key-distance bin of the last queries, per layer and head, over `samples`.
 
@@ -57,7 +57,7 @@ def distance_distribution(
     length = None
     sums: dict[int, torch.Tensor] = {}
     count = 0
-    for sample in tqdm(samples, desc="distance", unit="sample", disable=None if progress else True):
+    for sample in tqdm(samples, desc="distance", unit="sample", disable=None if progress is None else not progress):
         sample = torch.as_tensor(sample)
         if sample.dim() != 1:
             raise RopescopeError(f"a sample has shape {tuple(sample.shape)}; expected one token block [length]")

@@ -32,13 +32,13 @@ def entropy_profile(
     position_bin_size: int | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     labels: Mapping | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> list[dict]:
     """Mean attention entropy per (layer, head, query-position bin) over `samples`.
 
     samples: LongTensor[length] token blocks, all of one length (unpadded); each is one forward pass.
     position_bin_size: tokens per query-position bin (default: length / 64, at least 1).
-    labels: fields copied into every row (model, method, factor, ...).
+    labels: fields copied into every row (model, method, factor, ...). progress: tqdm bar (None: only on a terminal).
     Returns rows {**labels, length, layer, head, position_start, position_end, entropy, entropy_max, samples}:
     entropy in nats, the mean over the bin's queries and the samples; entropy_max = mean of log(position + 1),
     the entropy of uniform attention over the visible keys, for scale.
@@ -46,7 +46,7 @@ def entropy_profile(
     sums = None
     count = 0
     length = None
-    for sample in tqdm(samples, desc="entropy", unit="sample", disable=None if progress else True):
+    for sample in tqdm(samples, desc="entropy", unit="sample", disable=None if progress is None else not progress):
         sample = torch.as_tensor(sample)
         if sample.dim() != 1:
             raise RopescopeError(f"a sample has shape {tuple(sample.shape)}; expected one token block [length]")

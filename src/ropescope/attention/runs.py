@@ -28,7 +28,8 @@ def pretrained_length_of(model: str, original_length: int | None = None) -> int:
 
 
 def load_for_method(model: str, method: str, factor: float | None, original_length: int | None):
-    """The model with `method` applied ('default' / 'none': as trained), as an `EvalModel` (model, tokenizer, labels)."""
+    """The model with `method` applied ('default' / 'none': as trained), as an `EvalModel` (model, tokenizer,
+    labels)."""
     from ropescope.eval.common import load_eval_model
 
     if method in NO_EXTENSION:
@@ -98,7 +99,7 @@ def run_entropy(model: str, methods: Sequence[str], factor: float | None, length
         for length in lengths:
             rows += entropy_profile(
                 loaded.model, blocks[length], chunk_size=chunk_size, position_bin_size=position_bin_size,
-                progress=progress is not False,
+                progress=progress,
                 labels={**loaded.labels(), "pretrained_length": pretrained_length, "split": split},
             )
     out_dir = Path(out_dir)
@@ -113,7 +114,8 @@ def run_patterns(model: str, methods: Sequence[str], factor: float | None, lengt
                  progress: bool | None = None) -> list[dict]:
     """Attention against distance at the pretrained and the extended length for every method, and each method's
     pattern preservation (JS divergence from the original model at the pretrained length).
-    Writes out_dir/patterns_distance.csv, patterns_preservation.csv, attention_distance.png, pattern_preservation.png."""
+    Writes out_dir/patterns_distance.csv, patterns_preservation.csv, attention_distance.png and
+    pattern_preservation.png."""
     from ropescope.attention.io import write_rows
     from ropescope.attention.patterns import distance_distribution, pattern_preservation
     from ropescope.plots import plot_attention_distance, plot_pattern_preservation
@@ -135,7 +137,7 @@ def run_patterns(model: str, methods: Sequence[str], factor: float | None, lengt
         for current in sorted(blocks):
             distributions[(method, current)] = loaded.labels(), distance_distribution(
                 loaded.model, blocks[current], pretrained_length=pretrained_length, query_fraction=query_fraction,
-                bins_per_octave=bins_per_octave, chunk_size=chunk_size, progress=progress is not False,
+                bins_per_octave=bins_per_octave, chunk_size=chunk_size, progress=progress,
                 labels={**loaded.labels(), "split": split},
             )
     reference = distributions[("default", pretrained_length)][1]
@@ -199,7 +201,7 @@ def run_uncertainty(rows_path: str | Path, model: str, out_dir: str | Path, *, m
     for (method, group_factor, group_original_length), group in groups.items():
         loaded = load_for_method(model, method, group_factor, group_original_length)
         results += retrieval_attention(loaded.model, cases[(method, group_factor, group_original_length)], group,
-                                       chunk_size=chunk_size, progress=progress is not False)
+                                       chunk_size=chunk_size, progress=progress)
     out_dir = Path(out_dir)
     write_rows(results, out_dir / "uncertainty.csv")
     summary = failure_summary(results)

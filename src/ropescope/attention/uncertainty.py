@@ -70,7 +70,7 @@ def retrieval_attention(
     rows: Sequence[Mapping],
     *,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> list[dict]:
     """One row per evaluation cell: the evaluation row plus the answering query's attention statistics.
 
@@ -83,7 +83,8 @@ def retrieval_attention(
     if len(cases) != len(rows):
         raise RopescopeError(f"{len(cases)} prompt cases for {len(rows)} evaluation rows; they must pair up")
     out = []
-    for case, row in tqdm(list(zip(cases, rows)), desc="uncertainty", unit="cell", disable=None if progress else True):
+    pairs = list(zip(cases, rows))
+    for case, row in tqdm(pairs, desc="uncertainty", unit="cell", disable=None if progress is None else not progress):
         for field in ("needle_start", "needle_end", "question_position"):
             if row.get(field) not in (None, "") and int(row[field]) != int(getattr(case, field)):
                 raise RopescopeError(

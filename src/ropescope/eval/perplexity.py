@@ -48,9 +48,10 @@ def chunked_nll(hidden: torch.Tensor, targets: torch.Tensor, output_head, chunk_
         logits = output_head(hidden[start : start + chunk_size]).float()
         if logit_transform is not None:
             logits = logit_transform(logits)
-        log_probs = torch.log_softmax(logits, dim=-1)
-        picked = log_probs.gather(-1, targets[start : start + chunk_size, None].to(log_probs.device))
-        total -= picked.sum().double().cpu()
+        # cross_entropy is the fused log-softmax + pick that the transformers loss uses too
+        nll = torch.nn.functional.cross_entropy(logits, targets[start : start + chunk_size].to(logits.device),
+                                                reduction="sum")
+        total += nll.double().cpu()
     return float(total)
 
 

@@ -32,17 +32,17 @@ class CorpusSection:
 @dataclass(frozen=True)
 class TrainingSection:
     lengths: list[int] = field(default_factory=lambda: [512, 1024])  # continual-pretraining lengths
-    steps: int = 30
-    tokens_per_step: int = 8192  # the batch is tokens_per_step // length blocks, so lengths see equal tokens
-    learning_rate: float = 3e-4
-    warmup_steps: int = 5
+    steps: int = 25
+    tokens_per_step: int = 4096  # the batch is tokens_per_step // length blocks, so lengths see equal tokens
+    learning_rate: float = 1e-3
+    warmup_steps: int = 3
     include_untrained: bool = True  # also evaluate each extension applied without training ("NAME@0")
 
 
 @dataclass(frozen=True)
 class EvaluationSection:
     perplexity_lengths: list[int] = field(default_factory=lambda: [256, 512, 1024, 2048, 4096])
-    perplexity_documents: int = 4
+    perplexity_documents: int = 2
     passkey_lengths: list[int] = field(default_factory=lambda: [256, 512, 1024, 2048])
     passkey_depths: list[float] = field(default_factory=lambda: [0.0, 25.0, 50.0, 75.0, 100.0])
     passkey_trials: int = 2
