@@ -5,7 +5,8 @@
 Each extension (factor 4 over the pretrained 256 tokens) is fine-tuned with `ropescope.train` at each length on
 the same number of tokens per step (the study's plan: batch = tokens_per_step / length), one run at a time. Then
 the original model, each extension applied without training, and every fine-tuned model are scored on the validation split: perplexity over non-overlapping
-windows of `--eval-length` tokens (every token of a window predicted from the window's earlier tokens only).
+windows of `--eval-length` tokens (every token of a window predicted from the window's earlier tokens only), and
+the same restricted to the tokens past the pretrained length (where an unextended model has never been).
 Rows go to `OUT/finetunes.csv`; a table is printed.
 """
 
@@ -30,16 +31,18 @@ METHODS = {"pi": "linear", "ntk": "ntk", "yarn": "yarn"}
 
 
 @torch.no_grad()
-def window_perplexity(model, tokenizer, documents: list[str], length: int, windows: int) -> tuple[float, int]:
-    """exp(mean next-token NLL) over the first `windows` non-overlapping `length`-token windows; and their count."""
-    total_nll, total_tokens, count = 0.0, 0, 0
+def window_perplexity(model, tokenizer, documents: list[str], length: int, windows: int,
+                      pretrained_length: int) -> tuple[float, float, int]:
+    """Perplexity over the first `windows` non-overlapping `length`-token windows: over every predicted token,
+    and over the tokens at positions past `pretrained_length` only; and the window count."""
+    nll_sum = torch.zeros(length - 1, dtype=torch.float64)  # per target position, summed over windows
+    count = 0
     for block in islice(token_blocks(tokenizer, documents, block_length=length), windows):
-        input_ids = block.unsqueeze(0)
-        loss = model(input_ids=input_ids, labels=input_ids).loss  # mean over length - 1 predictions
-        total_nll += loss.item() * (length - 1)
-        total_tokens += length - 1
+        logits = model(input_ids=block.unsqueeze(0)).logits[0, :-1]
+        nll_sum += torch.nn.functional.cross_entropy(logits.float(), block[1:], reduction="none").double()
         count += 1
-    return math.exp(total_nll / total_tokens), count
+    mean = nll_sum / count
+    return math.exp(mean.mean().item()), math.exp(mean[pretrained_length:].mean().item()), count
 
 
 def write_rows(path: Path, rows: list[dict]) -> None:
@@ -77,15 +80,17 @@ def main() -> None:
     def score(name: str, model_path, method: str, train_length: int, train_seconds: float | None,
               spec=None) -> None:
         model, tokenizer = load_model(model_path, spec)  # a fine-tuned checkpoint comes back with its extension
-        ppl, windows = window_perplexity(model, tokenizer, validation, args.eval_length, args.eval_windows)
+        ppl, ppl_beyond, windows = window_perplexity(model, tokenizer, validation, args.eval_length,
+                                                     args.eval_windows, args.pretrained_length)
         rows.append({"name": name, "method": method, "factor": None if method == "default" else args.factor,
                      "train_length": train_length, "steps": args.steps if train_length else 0,
                      "tokens_per_step": args.tokens_per_step if train_length else 0,
                      "train_seconds": None if train_seconds is None else round(train_seconds, 1),
                      "eval_length": args.eval_length, "eval_windows": windows, "perplexity": round(ppl, 3),
+                     "perplexity_beyond_pretrained": round(ppl_beyond, 3),
                      "threads": args.threads})
         write_rows(out / "finetunes.csv", rows)
-        print(f"{name:>10}: perplexity@{args.eval_length} {ppl:10.3f}"
+        print(f"{name:>10}: perplexity@{args.eval_length} {ppl:8.2f}  past {args.pretrained_length}: {ppl_beyond:8.2f}"
               + ("" if train_seconds is None else f"   fine-tune {train_seconds:6.1f} s"), flush=True)
 
     score("original", args.model, "default", 0, None)
