@@ -67,6 +67,8 @@ def test_entropy_error_finding():
     finding = finding_entropy_errors(rows, 256)
     assert finding.reproduced is True and finding.numbers["auroc"] == 1.0
     assert finding_entropy_errors(rows[:5], 256).reproduced is None
+    lonely = finding_entropy_errors(rows[:5] + rows[5:9], 256)  # 4 failures: too few to tell
+    assert lonely.reproduced is None and "needs at least 5 of each" in lonely.sentence
 
 
 def test_training_length_finding():

@@ -212,10 +212,11 @@ def plot_attention_distance_by_variant(rows: list[dict], path: str | Path) -> Pa
         axis.grid(True, which="both", alpha=0.3)
         axis.legend(fontsize=7)
         if index // columns == lines - 1:
-            axis.set_xlabel("key distance, in pretrained-length units")
+            axis.set_xlabel("key distance x pretrained / input length")
         if index % columns == 0:
             axis.set_ylabel("attention mass")
     figure.suptitle("Attention against distance: pretrained vs extended length")
+    figure.tight_layout()
     return save_figure(figure, path)
 
 def _method_label(row: dict) -> str:

@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from statistics import mean
 
 
+MIN_CASES_PER_OUTCOME = 5  # fewer correct (or failed) retrievals than this make an AUROC meaningless
+
+
 @dataclass
 class Finding:
     number: int
@@ -110,9 +113,9 @@ def finding_entropy_errors(uncertainty_rows: list[dict], pretrained_length: int)
     numbers = {"cases": len(rows), "failed": len(failed), "correct": len(correct), "auroc": area,
                "mean_entropy_failed": mean(failed) if failed else None,
                "mean_entropy_correct": mean(correct) if correct else None}
-    if area is None:
-        return Finding(2, claim, None, f"Not tested: the {len(rows)} retrieval cases are all "
-                       f"{'correct' if not failed else 'failed'}, so nothing separates them.", numbers)
+    if min(len(failed), len(correct)) < MIN_CASES_PER_OUTCOME:
+        return Finding(2, claim, None, f"Not tested: {len(correct)} correct and {len(failed)} failed retrievals; "
+                       f"telling them apart needs at least {MIN_CASES_PER_OUTCOME} of each.", numbers)
     reproduced = area >= 0.6 and mean(failed) > mean(correct)
     sentence = (
         f"{'Reproduced' if reproduced else 'Not reproduced'}: the answering query's attention entropy is "
