@@ -32,8 +32,8 @@ class CorpusSection:
 @dataclass(frozen=True)
 class TrainingSection:
     lengths: list[int] = field(default_factory=lambda: [512, 1024])  # continual-pretraining lengths
-    steps: int = 25
-    tokens_per_step: int = 4096  # the batch is tokens_per_step // length blocks, so lengths see equal tokens
+    steps: int = 40
+    tokens_per_step: int = 8192  # the batch is tokens_per_step // length blocks, so lengths see equal tokens
     learning_rate: float = 1e-3
     warmup_steps: int = 3
     include_untrained: bool = True  # also evaluate each extension applied without training ("NAME@0")
@@ -42,10 +42,10 @@ class TrainingSection:
 @dataclass(frozen=True)
 class EvaluationSection:
     perplexity_lengths: list[int] = field(default_factory=lambda: [256, 512, 1024, 2048, 4096])
-    perplexity_documents: int = 2
+    perplexity_documents: int = 4
     passkey_lengths: list[int] = field(default_factory=lambda: [256, 512, 1024, 2048])
     passkey_depths: list[float] = field(default_factory=lambda: [0.0, 25.0, 50.0, 75.0, 100.0])
-    passkey_trials: int = 2
+    passkey_trials: int = 4
 
 
 @dataclass(frozen=True)
