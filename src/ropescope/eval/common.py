@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from ropescope.errors import RopescopeError
 from ropescope.models import load_model, resolve_model_path
@@ -194,6 +195,32 @@ def greedy_continuations(model, input_ids: torch.Tensor, max_new_tokens: int) ->
             break
         output = model(input_ids=next_token, past_key_values=output.past_key_values, use_cache=True)
     return torch.cat(generated, dim=1).cpu()
+
+
+def retrieval_grid(model, tokenizer, lengths, depths, trials: int, build_case, max_new_tokens: int,
+                   batch_size: int, desc: str, progress: bool | None):
+    """Greedy continuations over lengths x depths x trials, generated in batches of equal-length prompts.
+
+    build_case(length, depth, trial) -> PromptCase. Yields (depth, trial, case, continuation text).
+    """
+    model.eval()
+    with tqdm(total=len(lengths) * len(depths) * trials, desc=desc, unit="prompt",
+              disable=None if progress is None else not progress) as bar:
+        for length in lengths:
+            for depth in depths:
+                cases = [build_case(length, depth, trial) for trial in range(trials)]
+                for start in range(0, trials, batch_size):
+                    batch = cases[start : start + batch_size]
+                    generated = greedy_continuations(model, torch.stack([c.input_ids for c in batch]), max_new_tokens)
+                    for offset, (case, tokens) in enumerate(zip(batch, generated)):
+                        yield depth, start + offset, case, tokenizer.decode(tokens, skip_special_tokens=True)
+                    bar.update(len(batch))
+
+
+def case_fields(case) -> dict:
+    """Where the needle and the question sit in the prompt: what the attention analysis looks at."""
+    return {"length": case.length, "answer": case.answer, "needle_start": case.needle_start,
+            "needle_end": case.needle_end, "question_position": case.question_position}
 
 
 def first_integer(text: str) -> str | None:

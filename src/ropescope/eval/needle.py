@@ -15,7 +15,6 @@ import re
 from collections import Counter
 
 import torch
-from tqdm.auto import tqdm
 
 from ropescope.errors import RopescopeError
 from ropescope.eval.cases import PromptCase
@@ -28,7 +27,8 @@ from ropescope.eval.common import (
     check_plot_path,
     check_positive,
     encode,
-    greedy_continuations,
+    case_fields,
+    retrieval_grid,
     load_eval_model,
     load_tokenizer,
     special_prefix,
@@ -144,38 +144,19 @@ def evaluate_needle(model, tokenizer, documents: list[str], lengths, depths=(0, 
         max_new_tokens = len(encode(tokenizer, " " + answer)) + 8
     check_positive("max_new_tokens", max_new_tokens)
     labels = dict(labels or {})  # the caller names the model; a study adds its own labels
-    model.eval()
     rows = []
-    with tqdm(total=len(lengths) * len(depths) * trials, desc="needle", unit="prompt",
-              disable=None if progress is None else not progress) as bar:
-        for length in lengths:
-            for depth in depths:
-                cases = [needle_case(tokenizer, documents, length, depth, trial, seed, needle, question, answer)
-                         for trial in range(trials)]
-                for start in range(0, trials, batch_size):
-                    batch = cases[start : start + batch_size]
-                    generated = greedy_continuations(model, torch.stack([c.input_ids for c in batch]), max_new_tokens)
-                    for offset, (case, tokens) in enumerate(zip(batch, generated)):
-                        continuation = tokenizer.decode(tokens, skip_special_tokens=True)
-                        exact, recall = score_needle(continuation, case.answer)
-                        rows.append({
-                            **labels,
-                            "task": "needle",
-                            "length": case.length,
-                            "depth_percent": depth,
-                            "trial": start + offset,
-                            "seed": seed,
-                            "score": recall,
-                            "correct": exact,
-                            "prediction": continuation.strip(),
-                            "answer": case.answer,
-                            "needle_start": case.needle_start,
-                            "needle_end": case.needle_end,
-                            "question_position": case.question_position,
-                            "needle": needle,
-                            "question": question,
-                        })
-                    bar.update(len(batch))
+    grid = retrieval_grid(
+        model, tokenizer, lengths, depths, trials,
+        lambda length, depth, trial: needle_case(tokenizer, documents, length, depth, trial, seed, needle, question,
+                                                 answer),
+        max_new_tokens, batch_size, "needle", progress)
+    for depth, trial, case, continuation in grid:
+        exact, recall = score_needle(continuation, case.answer)
+        rows.append({
+            **labels, "task": "needle", **case_fields(case), "depth_percent": depth, "trial": trial, "seed": seed,
+            "score": recall, "correct": exact, "prediction": continuation.strip(), "needle": needle,
+            "question": question,
+        })
     return rows
 
 

@@ -10,7 +10,6 @@ import random
 import re
 
 import torch
-from tqdm.auto import tqdm
 
 from ropescope.errors import RopescopeError
 from ropescope.eval.cases import PromptCase
@@ -23,7 +22,8 @@ from ropescope.eval.common import (
     check_positive,
     encode,
     first_integer,
-    greedy_continuations,
+    case_fields,
+    retrieval_grid,
     load_eval_model,
     load_tokenizer,
     check_model_args,
@@ -116,35 +116,17 @@ def evaluate_passkey(model, tokenizer, lengths, depths=(0, 25, 50, 75, 100), tri
     check_positive("max_new_tokens", max_new_tokens)
     check_positive("batch_size", batch_size)
     labels = dict(labels or {})  # the caller names the model; a study adds its own labels
-    model.eval()
     rows = []
-    total = len(lengths) * len(depths) * trials
-    with tqdm(total=total, desc="passkey", unit="prompt", disable=None if progress is None else not progress) as bar:
-        for length in lengths:
-            for depth in depths:
-                cases = [passkey_case(tokenizer, length, depth, trial, seed) for trial in range(trials)]
-                for start in range(0, trials, batch_size):
-                    batch = cases[start : start + batch_size]
-                    generated = greedy_continuations(model, torch.stack([c.input_ids for c in batch]), max_new_tokens)
-                    for offset, (case, tokens) in enumerate(zip(batch, generated)):
-                        continuation = tokenizer.decode(tokens, skip_special_tokens=True)
-                        predicted, correct = score_passkey(continuation, case.answer)
-                        rows.append({
-                            **labels,
-                            "task": "passkey",
-                            "length": case.length,
-                            "depth_percent": depth,
-                            "trial": start + offset,
-                            "seed": seed,
-                            "score": float(correct),
-                            "correct": correct,
-                            "prediction": predicted if predicted is not None else continuation.strip(),
-                            "answer": case.answer,
-                            "needle_start": case.needle_start,
-                            "needle_end": case.needle_end,
-                            "question_position": case.question_position,
-                        })
-                    bar.update(len(batch))
+    grid = retrieval_grid(model, tokenizer, lengths, depths, trials,
+                          lambda length, depth, trial: passkey_case(tokenizer, length, depth, trial, seed),
+                          max_new_tokens, batch_size, "passkey", progress)
+    for depth, trial, case, continuation in grid:
+        predicted, correct = score_passkey(continuation, case.answer)
+        rows.append({
+            **labels, "task": "passkey", **case_fields(case), "depth_percent": depth, "trial": trial, "seed": seed,
+            "score": float(correct), "correct": correct,
+            "prediction": predicted if predicted is not None else continuation.strip(),
+        })
     return rows
 
 
