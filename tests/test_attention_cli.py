@@ -6,7 +6,7 @@ import json
 import pytest
 
 from _eval_tiny import DOCUMENTS, tiny_llama, tiny_tokenizer
-from ropescope.attention.io import read_rows, write_rows
+from ropescope.results import read_rows, write_rows
 from ropescope.cli import main
 from ropescope.errors import RopescopeError
 
@@ -102,7 +102,7 @@ def test_uncertainty_errors(folders, tmp_path, capsys):
     write_rows([{"task": "passkey", "length": 70}], tmp_path / "partial.csv")
     assert main(["uncertainty", str(tmp_path / "partial.csv"), "--model", model]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
-    assert "must end in .csv or .json" in errors[0] and "lack the field 'depth_percent'" in errors[1]
+    assert "must end in .json or .csv" in errors[0] and "lack the field 'depth_percent'" in errors[1]
 
 
 def test_rows_round_trip(tmp_path):

@@ -14,7 +14,7 @@ from ropescope.eval.perplexity import (
     sliding_windows,
     window_nll,
 )
-from ropescope.eval.common import write_rows
+from ropescope.results import write_rows
 from ropescope.plots import plot_perplexity
 
 

@@ -8,6 +8,8 @@ import json
 import os
 from pathlib import Path
 
+from ropescope.errors import RopescopeError
+
 
 def write_atomically(path: str | Path, text: str) -> Path:
     path = Path(path)
@@ -32,10 +34,43 @@ def write_json(rows: list[dict], path: str | Path) -> Path:
     return write_atomically(path, json.dumps(rows, indent=1, default=str) + "\n")
 
 
-def read_rows(path: str | Path) -> list[dict]:
-    """Rows back from a .json or .csv file written above (CSV values come back as strings)."""
+ROW_SUFFIXES = (".json", ".csv")
+
+
+def check_rows_path(path: str | Path) -> Path:
+    """A rows file path ending in .json or .csv; checked before any work, so nothing is half written."""
     path = Path(path)
-    if path.suffix == ".json":
-        return json.loads(path.read_text())
+    if path.suffix.lower() not in ROW_SUFFIXES:
+        raise RopescopeError(f"rows file {str(path)!r} must end in .json or .csv")
+    if path.is_dir():
+        raise RopescopeError(f"rows file {str(path)!r} is a directory")
+    return path
+
+
+def write_rows(rows: list[dict], path: str | Path) -> Path:
+    """Rows as a JSON list of objects or as CSV (columns: every key seen), by the file's suffix."""
+    path = check_rows_path(path)
+    return write_json(list(rows), path) if path.suffix.lower() == ".json" else write_csv(list(rows), path)
+
+
+def _typed(value: str):
+    for convert in (int, float):
+        try:
+            return convert(value)
+        except ValueError:
+            pass
+    return {"True": True, "False": False, "": None}.get(value, value)
+
+
+def read_rows(path: str | Path) -> list[dict]:
+    """Rows back from a file written by `write_rows`; CSV numbers and True/False come back typed."""
+    path = check_rows_path(path)
+    if not path.is_file():
+        raise RopescopeError(f"rows file {str(path)!r} does not exist")
+    if path.suffix.lower() == ".json":
+        rows = json.loads(path.read_text())
+        if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+            raise RopescopeError(f"rows file {str(path)!r} must hold a JSON list of objects")
+        return rows
     with path.open(newline="") as handle:
-        return list(csv.DictReader(handle))
+        return [{key: _typed(value) for key, value in row.items()} for row in csv.DictReader(handle)]

@@ -82,7 +82,7 @@ def run_entropy(model: str, methods: Sequence[str], factor: float | None, length
                 split: str = "validation", chunk_size: int = 512, position_bin_size: int | None = None,
                 progress: bool | None = None) -> list[dict]:
     """Entropy profiles of every method at every length -> out_dir/entropy.csv and out_dir/entropy.png."""
-    from ropescope.attention.io import write_rows
+    from ropescope.results import write_rows
     from ropescope.attention.profiles import entropy_profile
     from ropescope.plots import plot_entropy_profile
 
@@ -116,7 +116,7 @@ def run_patterns(model: str, methods: Sequence[str], factor: float | None, lengt
     pattern preservation (JS divergence from the original model at the pretrained length).
     Writes out_dir/patterns_distance.csv, patterns_preservation.csv, attention_distance.png and
     pattern_preservation.png."""
-    from ropescope.attention.io import write_rows
+    from ropescope.results import write_rows
     from ropescope.attention.patterns import distance_distribution, pattern_preservation
     from ropescope.plots import plot_attention_distance, plot_pattern_preservation
 
@@ -167,7 +167,7 @@ def run_uncertainty(rows_path: str | Path, model: str, out_dir: str | Path, *, m
     """Answering-query entropy and needle mass for every evaluation row (from `ropescope passkey` / `needle`),
     grouped by (method, factor, original_length) so that each group runs on the model it was evaluated with.
     Writes out_dir/uncertainty.csv, uncertainty_summary.json and entropy_heatmap.png; returns the summary."""
-    from ropescope.attention.io import read_rows, write_rows
+    from ropescope.results import read_rows, write_rows
     from ropescope.attention.uncertainty import failure_summary, rebuild_cases, retrieval_attention
     from ropescope.eval.common import check_positive, load_tokenizer
     from ropescope.plots import plot_entropy_heatmap

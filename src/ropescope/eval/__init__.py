@@ -2,7 +2,7 @@
 a haystack. Each has an `evaluate_*` function over a loaded model and a `run_*` function behind its command."""
 
 from ropescope.eval.cases import PromptCase
-from ropescope.eval.common import write_rows
+from ropescope.results import write_rows
 from ropescope.eval.needle import evaluate_needle, needle_case, run_needle
 from ropescope.eval.passkey import evaluate_passkey, passkey_case, run_passkey
 from ropescope.eval.perplexity import evaluate_perplexity, run_perplexity

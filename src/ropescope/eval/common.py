@@ -14,10 +14,9 @@ from tqdm.auto import tqdm
 from ropescope.errors import RopescopeError
 from ropescope.models import load_model, resolve_model_path
 from ropescope.patch import spec_from_config
-from ropescope.results import write_csv, write_json
+from ropescope.results import check_rows_path
 from ropescope.rope import METHODS, simple_spec
 
-ROW_SUFFIXES = (".json", ".csv")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -64,14 +63,7 @@ def check_positive(name: str, value) -> None:
 
 def check_output_path(path) -> Path | None:
     """A rows file ending in .json or .csv (or None for no file)."""
-    if path is None:
-        return None
-    path = Path(path)
-    if path.suffix.lower() not in ROW_SUFFIXES:
-        raise RopescopeError(f"output file {str(path)!r} must end in .json or .csv")
-    if path.exists() and path.is_dir():
-        raise RopescopeError(f"output file {str(path)!r} is a directory")
-    return path
+    return None if path is None else check_rows_path(path)
 
 
 def check_plot_path(path) -> Path | None:
@@ -226,13 +218,3 @@ def case_fields(case) -> dict:
 def first_integer(text: str) -> str | None:
     match = re.search(r"\d+", text)
     return match.group(0) if match else None
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Rows out
-
-
-def write_rows(rows: list[dict], path) -> Path:
-    """Write rows to `path` (.json: a list of objects; .csv: a header of every key seen), atomically."""
-    path = check_output_path(path)
-    return write_json(rows, path) if path.suffix.lower() == ".json" else write_csv(rows, path)

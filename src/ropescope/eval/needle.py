@@ -32,8 +32,8 @@ from ropescope.eval.common import (
     load_eval_model,
     load_tokenizer,
     special_prefix,
-    write_rows,
 )
+from ropescope.results import write_rows
 
 NEEDLE = "The secret ingredient of the king's pie is a spoonful of wild honey."
 QUESTION = "What is the secret ingredient of the king's pie? The secret ingredient of the king's pie is"

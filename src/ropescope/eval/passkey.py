@@ -28,8 +28,8 @@ from ropescope.eval.common import (
     load_tokenizer,
     check_model_args,
     special_prefix,
-    write_rows,
 )
+from ropescope.results import write_rows
 from ropescope.passkey_format import FILLER, KEY_DIGITS, KEY_LINE, QUESTION
 
 FILLER_SENTENCES = [sentence + "." for sentence in re.split(r"\.\s*", FILLER) if sentence]

@@ -29,8 +29,8 @@ from ropescope.eval.common import (
     load_eval_model,
     load_tokenizer,
     special_prefix,
-    write_rows,
 )
+from ropescope.results import write_rows
 
 PROTOCOLS = ("truncated", "sliding")
 DEFAULT_CHUNK = 1024
