@@ -417,7 +417,7 @@ def pretrain(config: PretrainConfig, progress: bool | None = None) -> Path:
         "config": dataclasses.asdict(config),
         "parameters": parameters,
         "train_tokens": int(tokens.numel()),
-        # mean training loss of every `log_every` steps of this session (a resumed run starts at its checkpoint)
+        # mean training loss of every `log_every` steps of this run (a resumed run starts at its checkpoint)
         "loss_curve": [round(sum(chunk) / len(chunk), 4) for chunk in
                        (losses[i : i + config.log_every] for i in range(0, len(losses), config.log_every))],
         "wall_seconds": round(elapsed_before + time.time() - started, 1),
