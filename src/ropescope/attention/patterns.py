@@ -21,10 +21,10 @@ import math
 from collections.abc import Iterable, Mapping
 
 import torch
-from tqdm.auto import tqdm
 
 from ropescope.attention.capture import LayerAttention, capture_attention, forward_for_statistics
 from ropescope.attention.entropy import DEFAULT_CHUNK_SIZE, attention_statistics, distance_bin_edges
+from ropescope.attention.profiles import one_length_samples
 from ropescope.errors import RopescopeError
 
 DISTRIBUTION_FIELDS = ("layer", "head", "bin", "distance_start", "distance_end", "mass", "queries", "samples")
@@ -57,16 +57,11 @@ def distance_distribution(
     length = None
     sums: dict[int, torch.Tensor] = {}
     count = 0
-    for sample in tqdm(samples, desc="distance", unit="sample", disable=None if progress is None else not progress):
-        sample = torch.as_tensor(sample)
-        if sample.dim() != 1:
-            raise RopescopeError(f"a sample has shape {tuple(sample.shape)}; expected one token block [length]")
+    for sample in one_length_samples(samples, "distribution", "distance", progress):
         if length is None:
             length = len(sample)
             queries = max(1, math.ceil(query_fraction * length))
             distance_scale = length / pretrained_length
-        elif len(sample) != length:
-            raise RopescopeError(f"samples have lengths {length} and {len(sample)}; one distribution needs one length")
 
         def record(attention: LayerAttention) -> None:
             mass = attention_statistics(
@@ -80,8 +75,6 @@ def distance_distribution(
         with capture_attention(model, record):
             forward_for_statistics(model, sample[None])
         count += 1
-    if count == 0:
-        raise RopescopeError("no samples: the distribution needs at least one token block")
     ends = edges.tolist()[1:] + [pretrained_length]
     rows = []
     for layer in sorted(sums):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 from tqdm.auto import tqdm
@@ -23,6 +23,22 @@ def bin_positions(values: torch.Tensor, bin_size: int) -> torch.Tensor:
     index = torch.arange(length, device=values.device) // bin_size
     summed = torch.zeros(*values.shape[:-1], int(index[-1]) + 1, dtype=torch.float64, device=values.device)
     return summed.index_add_(-1, index, values.to(torch.float64))
+
+
+def one_length_samples(samples: Iterable, what: str, desc: str, progress: bool | None) -> Iterator[torch.Tensor]:
+    """Each sample as a 1-D token block, all of one length, with a progress bar; at least one, or one error line."""
+    length = None
+    for sample in tqdm(samples, desc=desc, unit="sample", disable=None if progress is None else not progress):
+        sample = torch.as_tensor(sample)
+        if sample.dim() != 1:
+            raise RopescopeError(f"a sample has shape {tuple(sample.shape)}; expected one token block [length]")
+        if length is None:
+            length = len(sample)
+        elif len(sample) != length:
+            raise RopescopeError(f"samples have lengths {length} and {len(sample)}; one {what} needs one length")
+        yield sample
+    if length is None:
+        raise RopescopeError(f"no samples: the {what} needs at least one token block")
 
 
 def entropy_profile(
@@ -46,23 +62,16 @@ def entropy_profile(
     sums = None
     count = 0
     length = None
-    for sample in tqdm(samples, desc="entropy", unit="sample", disable=None if progress is None else not progress):
-        sample = torch.as_tensor(sample)
-        if sample.dim() != 1:
-            raise RopescopeError(f"a sample has shape {tuple(sample.shape)}; expected one token block [length]")
+    for sample in one_length_samples(samples, "profile", "entropy", progress):
         if length is None:
             length = len(sample)
             position_bin_size = position_bin_size or max(1, length // 64)
             if position_bin_size < 1:
                 raise RopescopeError(f"position_bin_size={position_bin_size} must be >= 1")
-        elif len(sample) != length:
-            raise RopescopeError(f"samples have lengths {length} and {len(sample)}; one profile needs one length")
         entropy = layer_entropies(model, sample[None], chunk_size=chunk_size)[:, 0]  # [layers, heads, length]
         binned = bin_positions(entropy, position_bin_size)
         sums = binned if sums is None else sums + binned
         count += 1
-    if count == 0:
-        raise RopescopeError("no samples: the profile needs at least one token block")
     bins = position_bins(length, position_bin_size)
     uniform = bin_positions(torch.log(torch.arange(1, length + 1, dtype=torch.float64)), position_bin_size)
     rows = []
