@@ -45,3 +45,14 @@ def tiny_llama(vocab_size: int, seed: int = 0, max_position_embeddings: int = 25
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_position_embeddings,
                          attn_implementation="sdpa")
     return LlamaForCausalLM(config).eval()
+
+
+def tiny_folders(root, max_position_embeddings: int):
+    """`root/model` (a tiny saved Llama with its tokenizer) and `root/corpus` (the documents as .txt files)."""
+    tokenizer = tiny_tokenizer()
+    tiny_llama(len(tokenizer), max_position_embeddings=max_position_embeddings).save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    (root / "corpus").mkdir()
+    for index, text in enumerate(DOCUMENTS):
+        (root / "corpus" / f"doc{index}.txt").write_text(text)
+    return root

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from _eval_tiny import DOCUMENTS, tiny_llama, tiny_tokenizer
+from _eval_tiny import tiny_folders
 from ropescope.results import read_rows, write_rows
 from ropescope.cli import main
 from ropescope.errors import RopescopeError
@@ -13,14 +13,7 @@ from ropescope.errors import RopescopeError
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny_attention")
-    tokenizer = tiny_tokenizer()
-    tiny_llama(len(tokenizer), max_position_embeddings=32).save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    (root / "corpus").mkdir()
-    for index, text in enumerate(DOCUMENTS):
-        (root / "corpus" / f"doc{index}.txt").write_text(text)
-    return root
+    return tiny_folders(tmp_path_factory.mktemp("tiny_attention"), max_position_embeddings=32)
 
 
 def corpus_arguments(folders):

@@ -4,20 +4,13 @@ import json
 
 import pytest
 
-from _eval_tiny import DOCUMENTS, tiny_llama, tiny_tokenizer
+from _eval_tiny import tiny_folders
 from ropescope.cli import main
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    tokenizer = tiny_tokenizer()
-    tiny_llama(len(tokenizer), max_position_embeddings=64).save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    (root / "corpus").mkdir()
-    for index, text in enumerate(DOCUMENTS):
-        (root / "corpus" / f"doc{index}.txt").write_text(text)
-    return root
+    return tiny_folders(tmp_path_factory.mktemp("tiny"), max_position_embeddings=64)
 
 
 def test_ppl_command(folders, tmp_path, capsys):
