@@ -5,7 +5,8 @@
 - unigram baseline: perplexity of a unigram model (add-one smoothed counts of the train split's tokens) on the
   validation tokens;
 - perplexity of the model, original RoPE, on consecutive validation blocks of 256, 1024 and 2048 tokens
-  (mean negative log-likelihood over every predicted token of a block);
+  (mean negative log-likelihood over every predicted token of a block), and over the tokens past position 256
+  only, where original RoPE meets relative distances it never saw;
 - passkey retrieval at 256 and 1024 tokens: depths 0, 10, ..., 100 %, several trials each, greedy decoding a few
   tokens after the prompt and comparing the first integer with the key exactly.
 
@@ -33,6 +34,8 @@ from ropescope.data import load_corpus, token_blocks  # noqa: E402
 from ropescope.models import default_model_path  # noqa: E402
 from ropescope.passkey_format import FILLER, KEY_DIGITS, KEY_LINE, QUESTION  # noqa: E402
 
+PRETRAINED_LENGTH = 256
+
 
 def load(path: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -53,15 +56,18 @@ def unigram_perplexity(tokenizer, train_documents: list[str], tokens: torch.Tens
 
 
 @torch.no_grad()
-def perplexity(model, blocks: list[torch.Tensor], batch_size: int = 4) -> float:
-    """exp(mean NLL) over every predicted token of the blocks (each LongTensor[length])."""
+def perplexity(model, blocks: list[torch.Tensor], batch_size: int = 4, from_position: int = 0) -> float:
+    """exp(mean NLL) over the predicted tokens of the blocks (each LongTensor[length]) whose position in the block
+    is at least `from_position` (0: every predicted token; 256: only the tokens past the pretrained length)."""
     total_nll, total_count = 0.0, 0
+    first = max(from_position, 1)  # position 0 is never predicted
     for start in range(0, len(blocks), batch_size):
         batch = torch.stack(blocks[start : start + batch_size])
-        logits = model(input_ids=batch).logits[:, :-1].float()
-        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1), reduction="sum")
+        logits = model(input_ids=batch).logits[:, first - 1 : -1].float()
+        targets = batch[:, first:]
+        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum")
         total_nll += nll.item()
-        total_count += batch[:, 1:].numel()
+        total_count += targets.numel()
     return math.exp(total_nll / total_count)
 
 
@@ -133,6 +139,10 @@ def main() -> None:
         blocks = validation_blocks(tokenizer, length, args.max_tokens // length)
         summary[f"perplexity_{length}"] = perplexity(model, blocks)
         print(f"perplexity at {length}: {summary[f'perplexity_{length}']:.2f} ({len(blocks)} blocks)", flush=True)
+        if length > PRETRAINED_LENGTH:
+            summary[f"perplexity_{length}_past_{PRETRAINED_LENGTH}"] = perplexity(model, blocks, from_position=PRETRAINED_LENGTH)
+            print(f"  tokens past position {PRETRAINED_LENGTH}: "
+                  f"{summary[f'perplexity_{length}_past_{PRETRAINED_LENGTH}']:.2f}", flush=True)
     print(f"unigram baseline perplexity: {summary['unigram_perplexity']:.2f}", flush=True)
 
     rows = []

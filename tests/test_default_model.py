@@ -48,11 +48,29 @@ def test_perplexity_at_256_beats_unigram_and_collapses_beyond(shipped):
     # Unigram counts from part of the train split: close to the full-split baseline and quick to compute.
     unigram = measure.unigram_perplexity(tokenizer, load_corpus(None, "train")[:40], torch.cat(blocks_256))
     assert model_256 < 0.5 * unigram
-    model_1024 = measure.perplexity(model, measure.validation_blocks(tokenizer, 1024, 4))
-    assert model_1024 > 1.3 * model_256  # MODEL_CARD: 122 at 1,024 against 81 at 256
+    blocks_1024 = measure.validation_blocks(tokenizer, 1024, 4)
+    # MODEL_CARD: 63 at 256; at 1,024, 114 over whole blocks and 138 over the tokens past position 256.
+    assert measure.perplexity(model, blocks_1024) > 1.4 * model_256
+    assert measure.perplexity(model, blocks_1024, from_position=256) > 1.8 * model_256
 
 
-@pytest.mark.xfail(strict=True, reason="MODEL_CARD known shortfall: the shipped weights retrieve 55% of keys at 256, target 90%")
+def test_perplexity_from_a_position_scores_only_the_later_tokens():
+    torch.manual_seed(0)
+    vocabulary, length = 7, 12
+    logits = torch.randn(2, length, vocabulary)
+
+    class FixedLogits(torch.nn.Module):
+        def forward(self, input_ids):
+            return type("Output", (), {"logits": logits[: input_ids.shape[0]]})
+
+    blocks = [torch.randint(0, vocabulary, (length,)) for _ in range(2)]
+    log_probabilities = torch.log_softmax(logits, dim=-1)
+    for start in (0, 1, 5, 11):
+        scored = [-log_probabilities[b, p - 1, blocks[b][p]].item() for b in range(2) for p in range(max(start, 1), length)]
+        expected = torch.tensor(scored, dtype=torch.float64).mean().exp().item()
+        assert measure.perplexity(FixedLogits(), blocks, from_position=start) == pytest.approx(expected, rel=1e-5)
+
+
 def test_passkey_retrieval_within_256(shipped):
     model, tokenizer = shipped
     within = measure.passkey_rows(model, tokenizer, 256, depths=(0, 20, 40, 60, 80, 100), trials=2, seed=1)
