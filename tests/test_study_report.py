@@ -55,9 +55,9 @@ def test_report_from_database_alone(tmp_path):
     assert figures == ["attention_distance.png", "entropy_position.png", "finding1.png", "finding2.png",
                        "finding3.png", "passkey.png", "perplexity.png"]
     assert page.count("data:image/png;base64,") == 7 and "src=\"figures/" not in page  # self-contained
-    assert "1. **Extensions that keep the pretrained attention pattern extrapolate better.** — reproduced" in summary
-    assert "2. **High attention entropy goes with retrieval errors.** — reproduced" in summary
-    assert "3. **A longer continual-pretraining length lowers attention entropy and improves results.** — reproduced" in summary
+    assert "1. **Extensions that keep the pretrained attention pattern extrapolate better.** Reproduced:" in summary
+    assert "2. **High attention entropy goes with retrieval errors.** Reproduced:" in summary
+    assert "3. **A longer continual-pretraining length lowers attention entropy and improves results.** Reproduced for" in summary
     assert "| variant | ppl@256 | ppl@512 | ppl@1024 | passkey@256 | passkey@512 | passkey@1024 |" in summary
     original = next(line for line in summary.splitlines() if line.startswith("| original |"))
     assert re.search(r"\| original \| 20\.0 \| 80\.0 \| 320\.0 \| 100% \| 0% \| 0% \|", original), original

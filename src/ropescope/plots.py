@@ -61,6 +61,14 @@ def plot_frequencies(rows: list[dict], path: str | Path, pretrained_length: int 
     return save_figure(figure, path)
 
 
+def _perplexity_axis(axis, values: list[float]) -> None:
+    """A log y axis only where the range needs it (over 20x), and plain tick numbers (not 2.2 x 10^2) either way."""
+    if values and max(values) > 20 * min(values):
+        axis.set_yscale("log")
+    axis.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    axis.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+
+
 def _mean_by(rows: list[dict], keys: tuple[str, ...], value: str) -> dict[tuple, float]:
     groups: dict[tuple, list[float]] = defaultdict(list)
     for row in rows:
@@ -111,8 +119,9 @@ def plot_pattern_vs_perplexity(points: list[dict], path: str | Path, length: int
         axis.scatter(point["js_divergence"], point["perplexity"], s=40)
         axis.annotate(point["variant"], (point["js_divergence"], point["perplexity"]), fontsize=8,
                       xytext=(4, 3), textcoords="offset points")
-    axis.set(yscale="log", xlabel="Jensen-Shannon divergence from the pretrained pattern (lower = preserved)",
+    axis.set(xlabel="Jensen-Shannon divergence from the pretrained pattern (lower = preserved)",
              ylabel=f"perplexity at {length} tokens", title="Pattern preservation and extrapolation")
+    _perplexity_axis(axis, [point["perplexity"] for point in points])
     axis.grid(True, which="both", alpha=0.3)
     return save_figure(figure, path)
 
@@ -154,9 +163,8 @@ def plot_training_length(entropy_points: list[dict], perplexity_points: list[dic
         axis.grid(True, alpha=0.3)
         axis.set_xlabel("continual-pretraining length (tokens; 0 = none)")
     left.set(ylabel=f"mean attention entropy at {entropy_length} tokens (nats)", title="Entropy")
-    right.set(ylabel=f"perplexity at {perplexity_length} tokens", yscale="log", title="Perplexity")
-    right.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-    right.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    right.set(ylabel=f"perplexity at {perplexity_length} tokens", title="Perplexity")
+    _perplexity_axis(right, [point["perplexity"] for point in perplexity_points])
     left.legend(fontsize=8)
     figure.tight_layout()
     return save_figure(figure, path)
@@ -370,10 +378,7 @@ def plot_perplexity(rows: list[dict], path, pretrained_length: int | None = None
         axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", color=colors[label],
                   linestyle=styles[protocol], label=name)
     axes.set_xscale("log", base=2)
-    values = [float(row["perplexity"]) for row in rows]
-    if values and max(values) > 20 * min(values):  # a log axis only where the range needs it, so ticks stay readable
-        axes.set_yscale("log")
-        axes.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    _perplexity_axis(axes, [float(row["perplexity"]) for row in rows])
     lengths = sorted({int(row["length"]) for row in rows})
     if lengths:
         axes.set_xticks(lengths, [str(length) for length in lengths])
@@ -381,9 +386,6 @@ def plot_perplexity(rows: list[dict], path, pretrained_length: int | None = None
         axes.axvline(pretrained_length, color="grey", linestyle="--", linewidth=1)
         axes.annotate(f"pretrained {pretrained_length}", (pretrained_length, 1), xycoords=("data", "axes fraction"),
                       xytext=(3, -12), textcoords="offset points", fontsize=8, color="grey")
-    for axis in (axes.yaxis,):  # plain numbers, not 2.2 x 10^2, on a log axis spanning less than a decade
-        axis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-        axis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
     axes.set_xlabel("evaluation length (tokens)")
     axes.set_ylabel("perplexity")
     axes.set_title("Perplexity against length")

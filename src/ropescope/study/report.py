@@ -175,7 +175,7 @@ def _summary_markdown(header, table, findings, figures, failed, pretrained_lengt
     parts = [f"# ropescope study summary\n\nPretrained length: {pretrained_length} tokens.\n",
              "## Findings of arXiv 2406.13282\n"]
     for finding in findings:
-        parts.append(f"{finding.number}. **{finding.claim}** — {_verdict(finding)}. {finding.sentence}")
+        parts.append(f"{finding.number}. **{finding.claim}** {finding.sentence}")  # the sentence opens with the verdict
     parts += ["\n## Results\n", _markdown_table(header, table), "\n## Figures\n"]
     parts += [f"![{figure.title}](figures/{figure.path.name})" for figure in figures]
     if failed:
