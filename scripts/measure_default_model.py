@@ -56,19 +56,26 @@ def unigram_perplexity(tokenizer, train_documents: list[str], tokens: torch.Tens
 
 
 @torch.no_grad()
-def perplexity(model, blocks: list[torch.Tensor], batch_size: int = 4, from_position: int = 0) -> float:
-    """exp(mean NLL) over the predicted tokens of the blocks (each LongTensor[length]) whose position in the block
-    is at least `from_position` (0: every predicted token; 256: only the tokens past the pretrained length)."""
-    total_nll, total_count = 0.0, 0
-    first = max(from_position, 1)  # position 0 is never predicted
+def token_nll(model, blocks: list[torch.Tensor], batch_size: int = 4) -> torch.Tensor:
+    """Negative log-likelihood of every predicted token of the blocks (each LongTensor[length]):
+    float64 [blocks, length - 1], column j being the prediction of position j + 1."""
+    rows = []
     for start in range(0, len(blocks), batch_size):
         batch = torch.stack(blocks[start : start + batch_size])
-        logits = model(input_ids=batch).logits[:, first - 1 : -1].float()
-        targets = batch[:, first:]
-        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum")
-        total_nll += nll.item()
-        total_count += targets.numel()
-    return math.exp(total_nll / total_count)
+        logits = model(input_ids=batch).logits[:, :-1].float()
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")
+        rows.append(nll.double())
+    return torch.cat(rows)
+
+
+def perplexity_from_nll(nll: torch.Tensor, from_position: int = 0) -> float:
+    """exp(mean NLL) over the tokens (of `token_nll`'s output) at positions >= `from_position`
+    (0: every predicted token; 256: only the tokens past the pretrained length)."""
+    return math.exp(nll[:, max(from_position, 1) - 1 :].mean().item())  # position 0 is never predicted
+
+
+def perplexity(model, blocks: list[torch.Tensor], batch_size: int = 4, from_position: int = 0) -> float:
+    return perplexity_from_nll(token_nll(model, blocks, batch_size), from_position)
 
 
 def validation_blocks(tokenizer, length: int, max_blocks: int) -> list[torch.Tensor]:
@@ -137,10 +144,11 @@ def main() -> None:
     summary["unigram_perplexity"] = unigram_perplexity(tokenizer, load_corpus(None, "train"), torch.cat(blocks_256))
     for length in (256, 1024, 2048):
         blocks = validation_blocks(tokenizer, length, args.max_tokens // length)
-        summary[f"perplexity_{length}"] = perplexity(model, blocks)
+        nll = token_nll(model, blocks)
+        summary[f"perplexity_{length}"] = perplexity_from_nll(nll)
         print(f"perplexity at {length}: {summary[f'perplexity_{length}']:.2f} ({len(blocks)} blocks)", flush=True)
         if length > PRETRAINED_LENGTH:
-            summary[f"perplexity_{length}_past_{PRETRAINED_LENGTH}"] = perplexity(model, blocks, from_position=PRETRAINED_LENGTH)
+            summary[f"perplexity_{length}_past_{PRETRAINED_LENGTH}"] = perplexity_from_nll(nll, PRETRAINED_LENGTH)
             print(f"  tokens past position {PRETRAINED_LENGTH}: "
                   f"{summary[f'perplexity_{length}_past_{PRETRAINED_LENGTH}']:.2f}", flush=True)
     print(f"unigram baseline perplexity: {summary['unigram_perplexity']:.2f}", flush=True)
