@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tomllib
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import Field, asdict, dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -15,13 +15,10 @@ from typing import Any
 from ropescope.errors import RopescopeError
 from ropescope.rope import METHODS, RopeSpec
 
-ORIGINAL = "original"  # the variant that is the pretrained model as it is
-
-
 @dataclass(frozen=True)
 class ModelSection:
     path: str = "default"
-    pretrained_length: int | None = None  # None: the model's max_position_embeddings
+    original_max_position_embeddings: int | None = None  # the pretrained length; None: the model's max_position_embeddings
 
 
 @dataclass(frozen=True)
@@ -36,6 +33,8 @@ class TrainingSection:
     tokens_per_step: int = 8192  # the batch is tokens_per_step // length blocks, so lengths see equal tokens
     learning_rate: float = 1e-3
     warmup_steps: int = 3
+    # the fraction of training blocks that are synthetic passkey examples instead of corpus text
+    retrieval_mix: float = field(default=0.0, metadata={"check": "fraction"})
     include_untrained: bool = True  # also evaluate each extension applied without training ("NAME@0")
 
 
@@ -106,15 +105,21 @@ def _section(cls, data: Any, name: str, source: str):
             raise RopescopeError(f"{source}: unknown key '{name}.{key}'; accepted: {', '.join(accepted)}")
     values = {}
     for key, value in data.items():
-        values[key] = _checked(f"{name}.{key}", value, accepted[key].type, source)
+        values[key] = _checked(f"{name}.{key}", value, accepted[key], source)
     return cls(**values)
 
 
-def _checked(key: str, value: Any, type_name: str, source: str) -> Any:
-    """Check one value against its declared type (written as a string under `from __future__ import annotations`)."""
+def _checked(key: str, value: Any, declared: Field, source: str) -> Any:
+    """Check one value against its field's declared type (a string under `from __future__ import annotations`)
+    or its `check` metadata."""
     def fail(expected: str):
         raise RopescopeError(f"{source}: '{key}' = {value!r} must be {expected}")
 
+    type_name = declared.type
+    if declared.metadata.get("check") == "fraction":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+            fail("a number in [0, 1)")
+        return float(value)
     if type_name in ("int", "int | None"):
         if value is None and "None" in type_name:
             return None
@@ -150,7 +155,7 @@ def _checked(key: str, value: Any, type_name: str, source: str) -> Any:
     raise AssertionError(f"no checker for {type_name}")  # a field type this parser does not know: a bug
 
 
-def _methods(data: Any, pretrained_length: int | None, source: str) -> dict[str, RopeSpec]:
+def _methods(data: Any, original_max_position_embeddings: int, source: str) -> dict[str, RopeSpec]:
     if not isinstance(data, dict) or not data:
         raise RopescopeError(f"{source}: [methods] needs at least one [methods.NAME] table with a 'method' key")
     methods = {}
@@ -161,8 +166,8 @@ def _methods(data: Any, pretrained_length: int | None, source: str) -> dict[str,
             raise RopescopeError(f"{source}: method name {name!r} may not contain '@'")
         params = {key: value for key, value in table.items() if key != "method"}
         accepted = METHODS.get(table["method"], None)
-        if accepted and "original_max_position_embeddings" in accepted.params and pretrained_length:
-            params.setdefault("original_max_position_embeddings", pretrained_length)
+        if accepted and "original_max_position_embeddings" in accepted.params:
+            params.setdefault("original_max_position_embeddings", original_max_position_embeddings)
         try:
             methods[name] = RopeSpec(table["method"], **params)
         except RopescopeError as error:
@@ -175,7 +180,7 @@ def _model_length(model: str, source: str) -> int:
 
     config = json.loads((resolve_model_path(model) / "config.json").read_text())
     if not isinstance(config.get("max_position_embeddings"), int):
-        raise RopescopeError(f"{source}: set 'model.pretrained_length': the model config does not give it")
+        raise RopescopeError(f"{source}: set 'model.original_max_position_embeddings': the model config does not give it")
     return config["max_position_embeddings"]
 
 
@@ -187,12 +192,12 @@ def parse_config(data: dict, source: str = "study config") -> StudyConfig:
         if key not in accepted:
             raise RopescopeError(f"{source}: unknown key {key!r}; accepted: {', '.join(accepted)}")
     parsed = {name: _section(cls, data.get(name, {}), name, source) for name, cls in sections.items()}
-    if parsed["model"].pretrained_length is None:
+    if parsed["model"].original_max_position_embeddings is None:
         parsed["model"] = ModelSection(parsed["model"].path, _model_length(parsed["model"].path, source))
     seed = data.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise RopescopeError(f"{source}: 'seed' = {seed!r} must be a non-negative integer")
-    methods = _methods(data.get("methods"), parsed["model"].pretrained_length, source)
+    methods = _methods(data.get("methods"), parsed["model"].original_max_position_embeddings, source)
     if parsed["analysis"].pattern_length not in parsed["analysis"].entropy_lengths:
         raise RopescopeError(
             f"{source}: 'analysis.pattern_length' = {parsed['analysis'].pattern_length} must be one of "
