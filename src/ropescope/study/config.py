@@ -54,6 +54,21 @@ class AnalysisSection:
     pattern_length: int = 1024  # the extended length whose attention pattern is compared with the pretrained one
 
 
+EXECUTORS = ("local", "ray")
+RESOURCE_KEYS = ("num_cpus", "num_gpus", "memory", "resources")  # Ray's task options
+
+
+@dataclass(frozen=True)
+class ExecutionSection:
+    """How cells run; never part of a cell's fingerprint (the rows do not depend on it)."""
+
+    executor: str = field(default="local", metadata={"check": "executor"})  # local: one after another here
+    address: str | None = None  # Ray cluster address ("auto", "ray://host:10001"); None: RAY_ADDRESS or a local one
+    max_retries: int = field(default=2, metadata={"check": "count"})  # reruns of a cell whose worker or node died
+    # per stage name, Ray task options: {"train": {"num_gpus": 1}}; Ray's default is one CPU per task
+    resources: dict[str, dict] = field(default_factory=dict, metadata={"check": "resources"})
+
+
 @dataclass(frozen=True)
 class StudyConfig:
     model: ModelSection = field(default_factory=ModelSection)
@@ -62,6 +77,7 @@ class StudyConfig:
     training: TrainingSection = field(default_factory=TrainingSection)
     evaluation: EvaluationSection = field(default_factory=EvaluationSection)
     analysis: AnalysisSection = field(default_factory=AnalysisSection)
+    execution: ExecutionSection = field(default_factory=ExecutionSection)
     seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -115,11 +131,27 @@ def _checked(key: str, value: Any, declared: Field, source: str) -> Any:
     def fail(expected: str):
         raise RopescopeError(f"{source}: '{key}' = {value!r} must be {expected}")
 
-    type_name = declared.type
-    if declared.metadata.get("check") == "fraction":
+    type_name, check = declared.type, declared.metadata.get("check")
+    if check == "fraction":
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
             fail("a number in [0, 1)")
         return float(value)
+    if check == "executor":
+        if value not in EXECUTORS:
+            fail(f"one of {', '.join(EXECUTORS)}")
+        return value
+    if check == "count":
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            fail("a non-negative integer")
+        return value
+    if check == "resources":
+        if not isinstance(value, dict):
+            fail("a table of stage name = {num_cpus = ..., num_gpus = ...}")
+        return {stage: _stage_resources(f"{key}.{stage}", options, source) for stage, options in value.items()}
+    if type_name == "str | None":
+        if not isinstance(value, str) or not value:
+            fail("a non-empty string")
+        return value
     if type_name in ("int", "int | None"):
         if value is None and "None" in type_name:
             return None
@@ -155,6 +187,29 @@ def _checked(key: str, value: Any, declared: Field, source: str) -> Any:
     raise AssertionError(f"no checker for {type_name}")  # a field type this parser does not know: a bug
 
 
+def _stage_resources(key: str, options: Any, source: str) -> dict:
+    """One stage's Ray task options: num_cpus and num_gpus (fractions allowed), memory in bytes, custom
+    resources by name."""
+    def fail(expected: str):
+        raise RopescopeError(f"{source}: '{key}' = {options!r} must be {expected}")
+
+    def amount(value: Any) -> bool:
+        return not isinstance(value, bool) and isinstance(value, (int, float)) and value >= 0
+
+    if not isinstance(options, dict):
+        fail(f"a table with keys among {', '.join(RESOURCE_KEYS)}")
+    for name, value in options.items():
+        if name not in RESOURCE_KEYS:
+            raise RopescopeError(f"{source}: unknown key '{key}.{name}'; accepted: {', '.join(RESOURCE_KEYS)}")
+        if name == "memory" and (not amount(value) or not isinstance(value, int)):
+            fail("memory as a whole number of bytes")
+        if name == "resources" and (not isinstance(value, dict) or not all(map(amount, value.values()))):
+            fail("resources as a table of custom resource = amount")
+        if name in ("num_cpus", "num_gpus") and not amount(value):
+            fail(f"{name} as a non-negative number")
+    return dict(options)
+
+
 def _methods(data: Any, original_max_position_embeddings: int, source: str) -> dict[str, RopeSpec]:
     if not isinstance(data, dict) or not data:
         raise RopescopeError(f"{source}: [methods] needs at least one [methods.NAME] table with a 'method' key")
@@ -186,7 +241,7 @@ def _model_length(model: str, source: str) -> int:
 
 def parse_config(data: dict, source: str = "study config") -> StudyConfig:
     sections = {"model": ModelSection, "corpus": CorpusSection, "training": TrainingSection,
-                "evaluation": EvaluationSection, "analysis": AnalysisSection}
+                "evaluation": EvaluationSection, "analysis": AnalysisSection, "execution": ExecutionSection}
     accepted = [*sections, "methods", "seed"]
     for key in data:
         if key not in accepted:
