@@ -73,11 +73,12 @@ class Recorder:
         self.running += 1
         self.log(f"{cell.name} ... ({self.status()})")
 
-    def done(self, cell: Cell, rows: list[dict], seconds: float) -> None:
+    def done(self, cell: Cell, rows: list[dict], seconds: float, where: str = "") -> None:
+        """where: the machine that ran it, when not this process (" on node ...")."""
         self.store.record(cell.name, cell.stage.name, cell.variant.name, cell.fingerprint, rows, seconds)
         self.running -= 1
         self.counts["done"] += 1
-        self.log(f"{cell.name} done in {seconds:.1f}s ({self.status()})")
+        self.log(f"{cell.name} done in {seconds:.1f}s{where} ({self.status()})")
 
     def failed(self, cell: Cell, error: str, message: str, seconds: float) -> None:
         self.store.record_failure(cell.name, cell.stage.name, cell.variant.name, cell.fingerprint, error, seconds)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import ray
 from ray.exceptions import GetTimeoutError, RayError, RayTaskError
+from ray.util import get_node_ip_address
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ropescope.errors import RopescopeError
@@ -80,7 +81,7 @@ class Outcome:
 
     rows: list[dict] | None
     seconds: float
-    node: str  # the Ray node id that ran it
+    node: str  # where it ran: the Ray node's id and address
     error: str | None = None  # the traceback
     message: str | None = None  # one line
 
@@ -93,7 +94,7 @@ def run_cell_task(cell: Cell, config: StudyConfig, out: str, progress: bool | No
 
     device = "cuda" if ray.get_gpu_ids() else "cpu"
     context = StageContext(config, Path(out), required_rows, progress, device=device)
-    node = ray.get_runtime_context().get_node_id()
+    node = f"{ray.get_runtime_context().get_node_id()[:8]} ({get_node_ip_address()})"
     started = time.perf_counter()
     try:
         rows = execute_cell(cell, context)
@@ -174,7 +175,7 @@ def run_ray(cells: Sequence[Cell], config: StudyConfig, out: Path, store: Result
                     unavailable.add(cell.name)
                     recorder.failed(cell, outcome.error, outcome.message, outcome.seconds)
                 else:
-                    recorder.done(cell, outcome.rows, outcome.seconds)
+                    recorder.done(cell, outcome.rows, outcome.seconds, f" on node {outcome.node}")
     finally:
         # Ctrl-C, or a user mistake in one cell: nothing outstanding is recorded; the next run redoes it
         for reference, cell in running.items():
