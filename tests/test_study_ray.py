@@ -97,31 +97,49 @@ def test_a_worker_killed_mid_fine_tune_is_retried_and_recorded_once(cluster, loc
     assert recorded_rows(tmp_path / "study") == local_reference
 
 
-def test_a_killed_driver_reruns_only_unfinished_cells(cluster, local_reference, tmp_path):
-    folder = tmp_path / "study"
-    script = ("import sys; from ropescope.study.config import load_config, quick_config_path; "
-              "from ropescope.study.runner import run_study; "
-              "run_study(load_config(quick_config_path()), sys.argv[1], executor='ray', address=sys.argv[2])")
-    driver = subprocess.Popen([sys.executable, "-c", script, str(folder), cluster.address],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+DRIVER = ("import sys; from ropescope.study.config import load_config, quick_config_path; "
+          "from ropescope.study.runner import run_study; "
+          "run_study(load_config(quick_config_path()), sys.argv[1], executor='ray', address=sys.argv[2])")
+
+
+def _interrupted_driver(cluster, folder, signal_number) -> tuple[dict, str]:
+    """Start a driver in its own process, send it `signal_number` once training and one more cell are recorded;
+    (the cells recorded then, its output)."""
+    driver = subprocess.Popen([sys.executable, "-c", DRIVER, str(folder), cluster.address], text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + 300
-    states = {}
-    while time.time() < deadline and driver.poll() is None:  # kill it once training and one more cell are in
+    while time.time() < deadline and driver.poll() is None:
         states = _states_or_empty(folder)
         if states.get("train/yarn@512") == "done" and len(states) >= 2:
             break
         time.sleep(0.2)
-    assert driver.poll() is None, "the study finished before its driver could be killed"
-    driver.send_signal(signal.SIGKILL)
-    driver.wait()
+    assert driver.poll() is None, "the study finished before its driver could be interrupted"
+    driver.send_signal(signal_number)
+    output, _ = driver.communicate(timeout=120)
+    assert driver.returncode != 0
     finished = _states_or_empty(folder)
-    assert 2 <= len(finished) < len(plan_cells(QUICK))
+    assert 2 <= len(finished) < len(plan_cells(QUICK)) and set(finished.values()) == {"done"}
+    return finished, output
+
+
+def _resume(folder, finished, reference) -> None:
     lines = []
     counts = run_study(QUICK, folder, executor="ray", log=lines.append)
     assert counts["skipped"] == len(finished) and counts["failed"] == 0
     assert counts["done"] + counts["skipped"] == len(plan_cells(QUICK))
-    assert not any(line.startswith(tuple(finished)) for line in lines)
-    assert recorded_rows(folder) == local_reference
+    assert not any(line.startswith(tuple(finished)) for line in lines)  # recorded cells are not redone
+    assert recorded_rows(folder) == reference
+
+
+def test_a_killed_driver_reruns_only_unfinished_cells(cluster, local_reference, tmp_path):
+    finished, _ = _interrupted_driver(cluster, tmp_path / "study", signal.SIGKILL)
+    _resume(tmp_path / "study", finished, local_reference)
+
+
+def test_ctrl_c_cancels_the_running_cells_and_keeps_the_recorded_ones(cluster, local_reference, tmp_path):
+    finished, output = _interrupted_driver(cluster, tmp_path / "study", signal.SIGINT)
+    assert "KeyboardInterrupt" in output and "running cells; the next run redoes them" in output, output
+    _resume(tmp_path / "study", finished, local_reference)
 
 
 def _states_or_empty(folder) -> dict:
