@@ -236,6 +236,11 @@ def test_force_redoes_every_cell(tmp_path):
     ("[training]\nsteps = 0", "'training.steps' = 0 must be a positive integer"),
     ("[training]\nretrieval_mix = 1.0", "'training.retrieval_mix' = 1.0 must be a number in [0, 1)"),
     ("[training]\nretrieval_mix = -0.1", "'training.retrieval_mix' = -0.1 must be a number in [0, 1)"),
+    ("[execution]\nexecutor = 'dask'", "'execution.executor' = 'dask' must be one of local, ray"),
+    ("[execution]\nmax_retries = -1", "'execution.max_retries' = -1 must be a non-negative integer"),
+    ("[execution.resources]\ntrain = {gpus = 1}", "unknown key 'execution.resources.train.gpus'"),
+    ("[execution.resources]\ntrain = {num_gpus = -1}", "'execution.resources.train.num_gpus' = -1 must be"),
+    ("[execution.resources]\ntrian = {num_gpus = 1}", "unknown stage 'execution.resources.trian'; accepted: train, perp"),
     ("[evaluation]\npasskey_lengths = [1024, 512]", "must be sorted ascending"),
 ])
 def test_bad_config_is_one_line_naming_the_key(text, message, tmp_path, capsys):

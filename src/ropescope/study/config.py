@@ -18,7 +18,8 @@ from ropescope.rope import METHODS, RopeSpec
 @dataclass(frozen=True)
 class ModelSection:
     path: str = "default"
-    original_max_position_embeddings: int | None = None  # the pretrained length; None: the model's max_position_embeddings
+    # the pretrained context length; None: the model's max_position_embeddings
+    original_max_position_embeddings: int | None = None
 
 
 @dataclass(frozen=True)
@@ -190,23 +191,24 @@ def _checked(key: str, value: Any, declared: Field, source: str) -> Any:
 def _stage_resources(key: str, options: Any, source: str) -> dict:
     """One stage's Ray task options: num_cpus and num_gpus (fractions allowed), memory in bytes, custom
     resources by name."""
-    def fail(expected: str):
-        raise RopescopeError(f"{source}: '{key}' = {options!r} must be {expected}")
-
     def amount(value: Any) -> bool:
         return not isinstance(value, bool) and isinstance(value, (int, float)) and value >= 0
 
     if not isinstance(options, dict):
-        fail(f"a table with keys among {', '.join(RESOURCE_KEYS)}")
+        raise RopescopeError(f"{source}: '{key}' = {options!r} must be a table with keys among "
+                             f"{', '.join(RESOURCE_KEYS)}")
     for name, value in options.items():
         if name not in RESOURCE_KEYS:
             raise RopescopeError(f"{source}: unknown key '{key}.{name}'; accepted: {', '.join(RESOURCE_KEYS)}")
-        if name == "memory" and (not amount(value) or not isinstance(value, int)):
-            fail("memory as a whole number of bytes")
-        if name == "resources" and (not isinstance(value, dict) or not all(map(amount, value.values()))):
-            fail("resources as a table of custom resource = amount")
-        if name in ("num_cpus", "num_gpus") and not amount(value):
-            fail(f"{name} as a non-negative number")
+        if name == "memory":
+            valid, expected = amount(value) and isinstance(value, int), "a whole number of bytes"
+        elif name == "resources":
+            valid = isinstance(value, dict) and all(map(amount, value.values()))
+            expected = "a table of custom resource = amount"
+        else:
+            valid, expected = amount(value), "a non-negative number"
+        if not valid:
+            raise RopescopeError(f"{source}: '{key}.{name}' = {value!r} must be {expected}")
     return dict(options)
 
 
@@ -235,7 +237,8 @@ def _model_length(model: str, source: str) -> int:
 
     config = json.loads((resolve_model_path(model) / "config.json").read_text())
     if not isinstance(config.get("max_position_embeddings"), int):
-        raise RopescopeError(f"{source}: set 'model.original_max_position_embeddings': the model config does not give it")
+        raise RopescopeError(
+            f"{source}: set 'model.original_max_position_embeddings': the model config does not give it")
     return config["max_position_embeddings"]
 
 
