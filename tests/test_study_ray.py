@@ -78,8 +78,9 @@ def test_ray_study_equals_the_local_study_and_uses_both_nodes(cluster, local_ref
     assert again["skipped"] == len(plan_cells(QUICK)) and again["done"] == 0
 
 
-def test_a_worker_killed_mid_fine_tune_is_retried_and_recorded_once(cluster, local_reference, tmp_path):
+def test_a_killed_worker_is_retried_and_a_raising_cell_recorded_as_failed(cluster, local_reference, tmp_path):
     real_train = next(stage.run for stage in STAGES if stage.name == "train")
+    real_passkey = next(stage.run for stage in STAGES if stage.name == "passkey")
     killed = tmp_path / "killed-once"
 
     def train_killed_once(context, variant):
@@ -88,13 +89,28 @@ def test_a_worker_killed_mid_fine_tune_is_retried_and_recorded_once(cluster, loc
             threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGKILL)).start()
         return real_train(context, variant)
 
-    stages = tuple(replace(stage, run=train_killed_once) if stage.name == "train" else stage for stage in STAGES)
+    def passkey_failing_on_original(context, variant):
+        if variant.name == "original":
+            raise RuntimeError("out of memory (simulated)")
+        return real_passkey(context, variant)
+
+    replaced = {"train": train_killed_once, "passkey": passkey_failing_on_original}
+    stages = tuple(replace(stage, run=replaced.get(stage.name, stage.run)) for stage in STAGES)
+    folder = tmp_path / "study"
     lines = []
-    counts = run_study(QUICK, tmp_path / "study", executor="ray", log=lines.append, stages=stages)
+    counts = run_study(QUICK, folder, executor="ray", log=lines.append, stages=stages)
     assert killed.exists() and int(killed.read_text()) != os.getpid()
-    assert counts == {"done": len(plan_cells(QUICK)), "skipped": 0, "failed": 0, "blocked": 0}, lines
+    assert counts == {"done": len(plan_cells(QUICK)) - 2, "skipped": 0, "failed": 1, "blocked": 1}, lines
     assert sum(line.startswith("train/yarn@512 done") for line in lines) == 1
-    assert recorded_rows(tmp_path / "study") == local_reference
+    assert "passkey/original FAILED" in "\n".join(lines)
+    states = cell_states(folder)
+    assert states["passkey/original"] == "failed" and "uncertainty/original" not in states  # it reads those rows
+    expected = {cell: rows for cell, rows in local_reference.items() if not cell.endswith("/original")
+                or cell.startswith(("perplexity", "entropy", "patterns"))}
+    assert recorded_rows(folder) == expected
+    again = run_study(QUICK, folder, executor="ray", log=lambda line: None)
+    assert again == {"done": 2, "skipped": len(plan_cells(QUICK)) - 2, "failed": 0, "blocked": 0}
+    assert recorded_rows(folder) == local_reference
 
 
 DRIVER = ("import sys; from ropescope.study.config import load_config, quick_config_path; "

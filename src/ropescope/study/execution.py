@@ -58,6 +58,7 @@ class Recorder:
         self.store, self.total, self.log = store, total, log
         self.counts = {"done": 0, "skipped": skipped, "failed": 0, "blocked": 0}
         self.running = 0
+        self.unavailable: set[str] = set()  # cells that failed or were blocked in this run
 
     @property
     def pending(self) -> int:
@@ -84,11 +85,18 @@ class Recorder:
         self.store.record_failure(cell.name, cell.stage.name, cell.variant.name, cell.fingerprint, error, seconds)
         self.running -= 1
         self.counts["failed"] += 1
+        self.unavailable.add(cell.name)
         self.log(f"{cell.name} FAILED after {seconds:.1f}s: {message} ({self.status()})")
 
-    def blocked(self, cell: Cell, requirement: str) -> None:
+    def blocked(self, cell: Cell) -> bool:
+        """True (and logged) when a cell this one requires failed or was blocked in this run: it is not run."""
+        requirement = next((name for name in cell.requires if name in self.unavailable), None)
+        if requirement is None:
+            return False
         self.counts["blocked"] += 1
+        self.unavailable.add(cell.name)
         self.log(f"{cell.name} not run: {requirement} failed ({self.status()})")
+        return True
 
     def cancelled(self, cell: Cell) -> None:
         """A started cell that will not finish now (interrupted): nothing is recorded, the next run redoes it."""
@@ -98,14 +106,10 @@ class Recorder:
 def run_local(cells: Sequence[Cell], context: StageContext, recorder: Recorder, *, force: bool,
               stop_after: int | None) -> None:
     """Run the cells in order in this process; a cell whose requirement failed in this run is not run."""
-    unavailable: set[str] = set()  # failed or not run now
     for cell in cells:
         if stop_after is not None and recorder.counts["done"] + recorder.counts["failed"] >= stop_after:
             return
-        failed_requirement = next((name for name in cell.requires if name in unavailable), None)
-        if failed_requirement is not None:
-            recorder.blocked(cell, failed_requirement)
-            unavailable.add(cell.name)
+        if recorder.blocked(cell):
             continue
         prepare(cell, context.out, force)
         recorder.started(cell)
@@ -118,6 +122,5 @@ def run_local(cells: Sequence[Cell], context: StageContext, recorder: Recorder, 
         except Exception as error:  # one broken cell must not sink the study; it is retried next run
             recorder.failed(cell, traceback.format_exc(), f"{type(error).__name__}: {error}",
                             time.perf_counter() - started)
-            unavailable.add(cell.name)
             continue
         recorder.done(cell, rows, time.perf_counter() - started)

@@ -131,22 +131,18 @@ def run_ray(cells: Sequence[Cell], config: StudyConfig, out: Path, store: Result
     remote = ray.remote(run_cell_task)
     warn_unschedulable(cells, execution.resources, recorder.log)
     waiting = list(cells)
-    outstanding = {cell.name for cell in cells}  # not yet recorded in this run
-    unavailable: set[str] = set()  # failed now, or not run because a requirement failed
     running: dict[ray.ObjectRef, Cell] = {}
     try:
         while waiting or running:
+            unrecorded = {cell.name for cell in waiting} | {cell.name for cell in running.values()}
             for cell in list(waiting):
-                if stop_after is not None and sum(recorder.counts[k] for k in ("done", "failed")) + len(running) \
+                if stop_after is not None and recorder.counts["done"] + recorder.counts["failed"] + len(running) \
                         >= stop_after:
                     waiting.clear()
                     break
-                failed_requirement = next((name for name in cell.requires if name in unavailable), None)
-                if failed_requirement is not None:
+                if recorder.blocked(cell):
                     waiting.remove(cell)
-                    unavailable.add(cell.name)
-                    recorder.blocked(cell, failed_requirement)
-                elif not any(name in outstanding for name in cell.requires):
+                elif not any(name in unrecorded for name in cell.requires):
                     waiting.remove(cell)
                     prepare(cell, out, force)
                     required = {name: store.cell_rows(name) for name in cell.requires}
@@ -160,7 +156,6 @@ def run_ray(cells: Sequence[Cell], config: StudyConfig, out: Path, store: Result
             finished, _ = ray.wait(list(running), num_returns=1)
             for reference in finished:
                 cell = running.pop(reference)
-                outstanding.discard(cell.name)
                 try:
                     outcome = ray.get(reference)
                 except RayTaskError as error:
@@ -172,7 +167,6 @@ def run_ray(cells: Sequence[Cell], config: StudyConfig, out: Path, store: Result
                     outcome = Outcome(None, 0.0, "", str(error), f"{type(error).__name__} (after "
                                       f"{execution.max_retries} retries)")
                 if outcome.rows is None:
-                    unavailable.add(cell.name)
                     recorder.failed(cell, outcome.error, outcome.message, outcome.seconds)
                 else:
                     recorder.done(cell, outcome.rows, outcome.seconds, f" on node {outcome.node}")
