@@ -63,5 +63,6 @@ def unigram_perplexity(tokenizer, train_documents: list[str], tokens: torch.Tens
         counts.update(tokenizer(document, add_special_tokens=False)["input_ids"])
     vocabulary = len(tokenizer)
     total = sum(counts.values()) + vocabulary
-    log_probabilities = torch.tensor([math.log((counts[i] + 1) / total) for i in range(vocabulary)], dtype=torch.float64)
+    log_probabilities = torch.tensor([math.log((counts[i] + 1) / total) for i in range(vocabulary)],
+                                     dtype=torch.float64)
     return math.exp(-log_probabilities[tokens].mean().item())

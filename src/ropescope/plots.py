@@ -194,7 +194,8 @@ def training_length_figure(entropy_points: list[dict], perplexity_points: list[d
 def plot_training_length(entropy_points: list[dict], perplexity_points: list[dict], path: str | Path,
                          entropy_length: int, perplexity_length: int) -> Path:
     """`training_length_figure`, saved to `path`."""
-    return save_figure(training_length_figure(entropy_points, perplexity_points, entropy_length, perplexity_length), path)
+    figure = training_length_figure(entropy_points, perplexity_points, entropy_length, perplexity_length)
+    return save_figure(figure, path)
 
 
 def entropy_vs_position_figure(rows: list[dict], pretrained_length: int | None = None,

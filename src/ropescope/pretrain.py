@@ -277,7 +277,8 @@ def _setup_model(config: PretrainConfig, tokenizer):
 
 
 def _train_loop(config: PretrainConfig, model, optimizer, tokens: torch.Tensor, passkeys: PasskeyPrompts,
-                generator: torch.Generator, start_step: int, elapsed_before: float, progress: bool | None) -> list[float]:
+                generator: torch.Generator, start_step: int, elapsed_before: float,
+                progress: bool | None) -> list[float]:
     """Optimizer steps `start_step`..`steps`, checkpointing every `checkpoint_every`; returns each step's loss."""
     model.train()
     started = time.time()

@@ -29,6 +29,7 @@ from ropescope.eval.common import (
 from ropescope.results import write_rows
 from ropescope.passkey_format import KEY_DIGITS, PasskeyPrompts
 
+
 def passkey_key(trial: int, seed: int = 0) -> str:
     """The key of a trial: KEY_DIGITS random digits, no leading zero; the same for every cell of the grid."""
     rng = random.Random(f"passkey:{seed}:{trial}")
