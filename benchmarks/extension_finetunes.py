@@ -13,9 +13,6 @@ Rows go to `OUT/finetunes.csv`; a table is printed.
 from __future__ import annotations
 
 import argparse
-import csv
-import math
-import os
 import time
 from itertools import islice
 from pathlib import Path
@@ -24,34 +21,22 @@ import torch
 
 from ropescope.data import load_corpus, token_blocks
 from ropescope.models import load_model
+from ropescope.nll import blocks_nll, perplexity_from_nll
+from ropescope.results import write_rows
 from ropescope.rope import simple_spec
 from ropescope.train import TrainConfig, train
 
 METHODS = {"pi": "linear", "ntk": "ntk", "yarn": "yarn"}
 
 
-@torch.no_grad()
 def window_perplexity(model, tokenizer, documents: list[str], length: int, windows: int,
-                      pretrained_length: int) -> tuple[float, float, int]:
+                      original_max_position_embeddings: int) -> tuple[float, float, int]:
     """Perplexity over the first `windows` non-overlapping `length`-token windows: over every predicted token,
-    and over the tokens at positions past `pretrained_length` only; and the window count."""
-    nll_sum = torch.zeros(length - 1, dtype=torch.float64)  # per target position, summed over windows
-    count = 0
-    for block in islice(token_blocks(tokenizer, documents, block_length=length), windows):
-        logits = model(input_ids=block.unsqueeze(0)).logits[0, :-1]
-        nll_sum += torch.nn.functional.cross_entropy(logits.float(), block[1:], reduction="none").double()
-        count += 1
-    mean = nll_sum / count
-    return math.exp(mean.mean().item()), math.exp(mean[pretrained_length:].mean().item()), count
-
-
-def write_rows(path: Path, rows: list[dict]) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    with temporary.open("w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(temporary, path)
+    and over the tokens at positions past `original_max_position_embeddings` only; and the window count."""
+    blocks = list(islice(token_blocks(tokenizer, documents, block_length=length), windows))
+    nll = blocks_nll(model, blocks, batch_size=1)
+    return (perplexity_from_nll(nll), perplexity_from_nll(nll, original_max_position_embeddings + 1),
+            len(blocks))
 
 
 def main() -> None:
@@ -60,7 +45,7 @@ def main() -> None:
     parser.add_argument("--corpus", default=None)
     parser.add_argument("--out", required=True)
     parser.add_argument("--factor", type=float, default=4.0)
-    parser.add_argument("--pretrained-length", type=int, default=256)
+    parser.add_argument("--original-max-position-embeddings", type=int, default=256)
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--tokens-per-step", type=int, default=8192)
@@ -81,7 +66,7 @@ def main() -> None:
               spec=None) -> None:
         model, tokenizer = load_model(model_path, spec)  # a fine-tuned checkpoint comes back with its extension
         ppl, ppl_beyond, windows = window_perplexity(model, tokenizer, validation, args.eval_length,
-                                                     args.eval_windows, args.pretrained_length)
+                                                     args.eval_windows, args.original_max_position_embeddings)
         rows.append({"name": name, "method": method, "factor": None if method == "default" else args.factor,
                      "train_length": train_length, "steps": args.steps if train_length else 0,
                      "tokens_per_step": args.tokens_per_step if train_length else 0,
@@ -89,13 +74,13 @@ def main() -> None:
                      "eval_length": args.eval_length, "eval_windows": windows, "perplexity": round(ppl, 3),
                      "perplexity_beyond_pretrained": round(ppl_beyond, 3),
                      "threads": args.threads})
-        write_rows(out / "finetunes.csv", rows)
-        print(f"{name:>10}: perplexity@{args.eval_length} {ppl:8.2f}  past {args.pretrained_length}: {ppl_beyond:8.2f}"
+        write_rows(rows, out / "finetunes.csv")
+        print(f"{name:>10}: perplexity@{args.eval_length} {ppl:8.2f}  past {args.original_max_position_embeddings}: {ppl_beyond:8.2f}"
               + ("" if train_seconds is None else f"   fine-tune {train_seconds:6.1f} s"), flush=True)
 
     score("original", args.model, "default", 0, None)
     for name, method in METHODS.items():  # each extension applied as it is, without fine-tuning
-        spec = simple_spec(method, factor=args.factor, original_max_position_embeddings=args.pretrained_length)
+        spec = simple_spec(method, factor=args.factor, original_max_position_embeddings=args.original_max_position_embeddings)
         score(f"{name}@0", args.model, method, 0, None, spec)
     for name, method in METHODS.items():
         for length in args.lengths:

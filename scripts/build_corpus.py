@@ -21,15 +21,12 @@ import configparser
 import gzip
 import io
 import json
-import os
 import re
-import sys
 import tarfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from ropescope.data import SPLITS, default_corpus_path, split_documents  # noqa: E402
+from ropescope.data import SPLITS, default_corpus_path, split_documents
+from ropescope.results import write_atomically
 
 # About 8,000 tokens of the shipped tokenizer: long enough to fill a 4,096-token evaluation from one document.
 DOCUMENT_CHARACTERS = 30_000
@@ -110,9 +107,7 @@ def write_jsonl_gz(path: Path, records: list[dict]) -> None:
     with gzip.GzipFile(filename="", mode="wb", fileobj=buffer, mtime=0, compresslevel=9) as handle:
         for record in records:
             handle.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_bytes(buffer.getvalue())
-    os.replace(temporary, path)
+    write_atomically(path, buffer.getvalue())
 
 
 def main() -> None:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from attention_models import VOCAB, eager_entropies, tiny_model
+from tests.helpers import VOCAB, eager_entropies, tiny_model
 from ropescope.attention.capture import LayerAttention, capture_attention, layer_entropies
 from ropescope.errors import RopescopeError
 from ropescope.patch import extend

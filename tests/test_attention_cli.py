@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from _eval_tiny import tiny_folders
+from tests.helpers import tiny_folders
 from ropescope.results import read_rows, write_rows
 from ropescope.cli import main
 from ropescope.errors import RopescopeError

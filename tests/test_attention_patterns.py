@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from attention_models import VOCAB, tiny_model
+from tests.helpers import VOCAB, tiny_model
 from ropescope.attention.entropy import distance_bin_edges
 from ropescope.attention.patterns import distance_distribution, jensen_shannon, pattern_preservation
 from ropescope.errors import RopescopeError

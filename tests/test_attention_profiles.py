@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from attention_models import VOCAB, eager_entropies, tiny_model
+from tests.helpers import VOCAB, eager_entropies, tiny_model
 from ropescope.attention.profiles import bin_positions, entropy_profile, position_bins
 from ropescope.errors import RopescopeError
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from attention_models import VOCAB, tiny_model
+from tests.helpers import VOCAB, tiny_model
 from ropescope.attention.uncertainty import answer_attention, auroc, failure_summary, retrieval_attention
 from ropescope.errors import RopescopeError
 

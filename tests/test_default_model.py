@@ -1,19 +1,27 @@
 """The shipped model loads with plain transformers and its model card's claims hold (on small samples)."""
 
-import sys
+from itertools import islice
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ropescope.data import load_corpus
+import ropescope
+from ropescope.data import load_corpus, token_blocks
+from ropescope.eval.passkey import evaluate_passkey
 from ropescope.models import default_model_path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import measure_default_model as measure  # noqa: E402
+from ropescope.nll import blocks_nll, perplexity_from_nll, unigram_perplexity
 
 MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+
+
+def validation_blocks(tokenizer, length: int, count: int) -> list[torch.Tensor]:
+    return list(islice(token_blocks(tokenizer, load_corpus(None, "validation"), length), count))
+
+
+def accuracy(rows: list[dict]) -> float:
+    return sum(row["score"] for row in rows) / len(rows)
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +33,7 @@ def shipped():
 
 def test_shipped_files_are_small_hf_files():
     folder = default_model_path()
-    assert folder == Path(measure.__file__).resolve().parents[1] / "src" / "ropescope" / "default" / "model"
+    assert folder == Path(ropescope.__file__).resolve().parent / "default" / "model"
     assert all((folder / name).is_file() for name in MODEL_FILES)
     assert sum(file.stat().st_size for file in folder.iterdir()) < 25 * 2**20
 
@@ -43,16 +51,16 @@ def test_shipped_model_is_a_small_llama_with_original_rope(shipped):
 
 def test_perplexity_at_256_beats_unigram_and_collapses_beyond(shipped):
     model, tokenizer = shipped
-    blocks_256 = measure.validation_blocks(tokenizer, 256, 16)
-    model_256 = measure.perplexity(model, blocks_256)
+    blocks_256 = validation_blocks(tokenizer, 256, 16)
+    model_256 = perplexity_from_nll(blocks_nll(model, blocks_256))
     # Unigram counts from part of the train split: close to the full-split baseline and quick to compute.
-    unigram = measure.unigram_perplexity(tokenizer, load_corpus(None, "train")[:40], torch.cat(blocks_256))
+    unigram = unigram_perplexity(tokenizer, load_corpus(None, "train")[:40], torch.cat(blocks_256))
     assert model_256 < 0.5 * unigram
-    blocks_1024 = measure.validation_blocks(tokenizer, 1024, 4)
+    blocks_1024 = validation_blocks(tokenizer, 1024, 4)
     # MODEL_CARD: 63 at 256; at 1,024, 114 over whole blocks and 138 over the tokens past position 256.
-    nll_1024 = measure.token_nll(model, blocks_1024)
-    assert measure.perplexity_from_nll(nll_1024) > 1.4 * model_256
-    assert measure.perplexity_from_nll(nll_1024, from_position=256) > 1.8 * model_256
+    nll_1024 = blocks_nll(model, blocks_1024)
+    assert perplexity_from_nll(nll_1024) > 1.4 * model_256
+    assert perplexity_from_nll(nll_1024, from_position=256) > 1.8 * model_256
 
 
 def test_perplexity_from_a_position_scores_only_the_later_tokens():
@@ -69,18 +77,21 @@ def test_perplexity_from_a_position_scores_only_the_later_tokens():
     for start in (0, 1, 5, 11):
         scored = [-log_probabilities[b, p - 1, blocks[b][p]].item() for b in range(2) for p in range(max(start, 1), length)]
         expected = torch.tensor(scored, dtype=torch.float64).mean().exp().item()
-        assert measure.perplexity(FixedLogits(), blocks, from_position=start) == pytest.approx(expected, rel=1e-5)
+        got = perplexity_from_nll(blocks_nll(FixedLogits(), blocks), from_position=start)
+        assert got == pytest.approx(expected, rel=1e-5)
 
 
 def test_passkey_retrieval_within_256(shipped):
     model, tokenizer = shipped
-    within = measure.passkey_rows(model, tokenizer, 256, depths=(0, 20, 40, 60, 80, 100), trials=2, seed=1)
-    assert all(row["length"] == 256 for row in within)
-    assert measure.accuracy(within) >= 0.9
+    within = evaluate_passkey(model, tokenizer, [256], depths=(0, 20, 40, 60, 80, 100), trials=2, seed=1,
+                              progress=False)
+    assert len(within) == 12 and all(row["length"] == 256 for row in within)
+    assert accuracy(within) >= 0.9
 
 
 def test_passkey_retrieval_collapses_at_1024(shipped):
     model, tokenizer = shipped
-    beyond = measure.passkey_rows(model, tokenizer, 1024, depths=(0, 25, 50, 75, 100), trials=1, seed=1)
-    assert all(row["length"] == 1024 for row in beyond)
-    assert measure.accuracy(beyond) <= 0.2
+    beyond = evaluate_passkey(model, tokenizer, [1024], depths=(0, 25, 50, 75, 100), trials=1, seed=1,
+                              progress=False)
+    assert len(beyond) == 5 and all(row["length"] == 1024 for row in beyond)
+    assert accuracy(beyond) <= 0.2

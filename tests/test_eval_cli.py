@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from _eval_tiny import tiny_folders
+from tests.helpers import tiny_folders
 from ropescope.cli import main
 
 

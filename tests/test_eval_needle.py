@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from _eval_tiny import DOCUMENTS, tiny_llama, tiny_tokenizer
+from tests.helpers import DOCUMENTS, tiny_llama, tiny_tokenizer
 from ropescope.errors import RopescopeError
 from ropescope.eval.needle import ANSWER, NEEDLE, QUESTION, evaluate_needle, needle_case, score_needle
 

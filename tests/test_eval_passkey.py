@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from _eval_tiny import tiny_llama, tiny_tokenizer
+from tests.helpers import tiny_llama, tiny_tokenizer
 from ropescope.cli import main
 from ropescope.errors import RopescopeError
 from ropescope.models import load_model

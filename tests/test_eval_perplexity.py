@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from _eval_tiny import DOCUMENTS, tiny_llama, tiny_tokenizer
+from tests.helpers import DOCUMENTS, tiny_llama, tiny_tokenizer
 from ropescope.errors import RopescopeError
 from ropescope.eval.perplexity import (
     evaluate_perplexity,

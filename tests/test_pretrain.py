@@ -8,8 +8,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import ropescope.pretrain as pretrain_module
 from ropescope.cli import main
 from ropescope.errors import RopescopeError
-from ropescope.passkey_format import QUESTION
-from ropescope.pretrain import PasskeyExamples, PretrainConfig, pretrain, train_tokenizer
+from ropescope.passkey_format import QUESTION, PasskeyPrompts
+from ropescope.pretrain import PretrainConfig, pretrain, train_tokenizer
 
 TEXT = [
     f"Scene {i}. Enter the king and the queen, with lords attending. The king speaks of the storm, "
@@ -44,7 +44,7 @@ def test_tiny_pretraining_loss_falls_and_output_loads(corpus, tmp_path):
     assert model.config.max_position_embeddings == 64 and model.config.tie_word_embeddings
     assert model.config.rope_parameters["rope_type"] == "default"
     assert len(tokenizer) == model.config.vocab_size
-    assert not (tmp_path / "model.checkpoint").exists() and not (tmp_path / "model.partial").exists()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["corpus", "model"]  # no checkpoint, no temporary
 
 
 def test_resume_after_a_kill_gives_the_same_model(corpus, tmp_path, monkeypatch):
@@ -73,12 +73,13 @@ def test_tokenizer_splits_digits_and_passkey_examples_end_with_the_key():
     tokenizer = train_tokenizer(TEXT, 320)
     tokens = tokenizer.convert_ids_to_tokens(tokenizer("The pass key is 48213.", add_special_tokens=False)["input_ids"])
     assert tokens[-6:] == ["4", "8", "2", "1", "3", "."]
-    examples = PasskeyExamples(tokenizer)
+    examples = PasskeyPrompts(tokenizer)
     generator = torch.Generator().manual_seed(0)
     for length in (48, 100, 256):
-        ids = examples.sample(length, generator)
+        ids, answer_length = examples.training_example(length, generator)
         text = tokenizer.decode(ids)
-        assert len(ids) == length
+        assert len(ids) == length and answer_length == 6  # " " and one token per digit
+        assert tokenizer.decode(ids[-answer_length:]) == " " + text.rsplit(" ", 1)[-1]
         key = text.rsplit(" ", 1)[-1]
         assert len(key) == 5 and key.isdigit() and text.endswith(f"{QUESTION} {key}")
         assert f"The pass key is {key}. Remember it." in text or length == 48

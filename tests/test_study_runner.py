@@ -2,20 +2,26 @@
 finished cells skipped, every cell recorded exactly once."""
 
 import json
+import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
 import time
 from collections import Counter
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
 from ropescope.cli import main
 from ropescope.errors import RopescopeError
-from ropescope.study import stages
+from ropescope.models import default_model_path
+from ropescope.rope import RopeSpec
 from ropescope.study.config import load_config, parse_config, quick_config_path
+from ropescope.study.plan import check_registry
 from ropescope.study.runner import DATABASE, plan_cells, plan_variants, run_study
+from ropescope.study.stages import STAGE_NAMES, STAGES, Stage
 
 QUICK = load_config(quick_config_path())
 
@@ -30,6 +36,32 @@ def cell_states(folder) -> dict:
         return dict(connection.execute("SELECT cell, status FROM cells"))
 
 
+def recorded(folder) -> dict:
+    """{cell: (finished time, [rows])}: a cell run again gets a new finished time."""
+    with sqlite3.connect(folder / DATABASE) as connection:
+        finished = dict(connection.execute("SELECT cell, finished FROM cells"))
+        rows = {}
+        for cell, data in connection.execute("SELECT cell, data FROM rows ORDER BY rowid"):
+            rows.setdefault(cell, []).append(json.loads(data))
+    return {cell: (time, rows.get(cell, [])) for cell, time in finished.items()}
+
+
+def with_stage(name: str, run) -> tuple[Stage, ...]:
+    """The registry with one stage's `run` replaced."""
+    return tuple(replace(stage, run=run) if stage.name == name else stage for stage in STAGES)
+
+
+def fake_stages(calls: list) -> tuple[Stage, ...]:
+    """Every stage replaced by one that records its cell and returns one row."""
+    def fake(context, variant, stage):
+        calls.append(f"{stage}/{variant.name}")
+        return [{"x": 1}]
+
+    return tuple(replace(stage, run=lambda context, variant, stage=stage.name: fake(context, variant, stage),
+                         writes_checkpoint=False)
+                 for stage in STAGES)
+
+
 @pytest.fixture(scope="module")
 def finished_study(tmp_path_factory):
     folder = tmp_path_factory.mktemp("uninterrupted")
@@ -40,10 +72,16 @@ def finished_study(tmp_path_factory):
 def test_quick_study_runs_every_cell(finished_study):
     folder, counts = finished_study
     cells = plan_cells(QUICK)
-    assert counts == {"done": len(cells), "skipped": 0, "failed": 0}
+    assert counts == {"done": len(cells), "skipped": 0, "failed": 0, "blocked": 0}
     assert set(cell_states(folder).values()) == {"done"} and len(cell_states(folder)) == len(cells)
     assert [variant.name for variant in plan_variants(QUICK)] == ["original", "yarn@512"]
+    assert [cell.name for cell in cells] == [  # the registry's order, variants in study order within a stage
+        "train/yarn@512", *(f"{stage}/{variant}" for stage in STAGE_NAMES[1:] for variant in ("original", "yarn@512"))]
     assert (folder / "checkpoints" / "yarn@512" / "config.json").is_file()
+    labels = {cell: (data[0]["variant"], data[0]["train_length"], "model" in data[0])
+              for cell, (_, data) in recorded(folder).items()}
+    assert labels["perplexity/original"] == ("original", None, False)  # None: not fine-tuned
+    assert labels["train/yarn@512"] == labels["passkey/yarn@512"] == ("yarn@512", 512, False)
     rows = row_counts(folder)
     evaluation = QUICK.evaluation
     assert rows["passkey/original"] == len(evaluation.passkey_lengths) * len(evaluation.passkey_depths) * evaluation.passkey_trials
@@ -55,8 +93,73 @@ def test_rerun_skips_finished_cells(finished_study, tmp_path):
     folder, _ = finished_study
     before = row_counts(folder)
     counts = run_study(QUICK, folder, log=lambda line: None)
-    assert counts == {"done": 0, "skipped": len(plan_cells(QUICK)), "failed": 0}
+    assert counts == {"done": 0, "skipped": len(plan_cells(QUICK)), "failed": 0, "blocked": 0}
     assert row_counts(folder) == before
+
+
+def _grown_study(finished_study, tmp_path, config) -> tuple[dict, dict, list[str]]:
+    """Copy the finished quick study, run `config` in the copy; (cells before, cells after, cells run)."""
+    reference, _ = finished_study
+    folder = tmp_path / "grown"
+    shutil.copytree(reference, folder)
+    before = recorded(folder)
+    lines = []
+    counts = run_study(config, folder, log=lines.append)
+    ran = [line.split(" done in ")[0] for line in lines if " done in " in line]
+    assert counts["done"] == len(ran) and counts["skipped"] == len(before) and counts["failed"] == 0
+    return before, recorded(folder), ran
+
+
+def test_one_more_training_length_runs_only_the_new_variant(finished_study, tmp_path):
+    config = replace(QUICK, training=replace(QUICK.training, lengths=[512, 768]))
+    before, after, ran = _grown_study(finished_study, tmp_path, config)
+    new = [cell.name for cell in plan_cells(config) if cell.variant.name == "yarn@768"]
+    assert sorted(ran) == sorted(new) and len(new) == len(STAGES)
+    assert {cell: after[cell] for cell in before} == before  # old cells neither rerun nor rewritten
+    assert after["train/yarn@768"][1][0]["train_length"] == 768
+
+
+def test_one_more_method_runs_only_its_cells(finished_study, tmp_path):
+    config = replace(QUICK, methods={**QUICK.methods, "pi": RopeSpec("linear", factor=2.0)})
+    before, after, ran = _grown_study(finished_study, tmp_path, config)
+    assert sorted(ran) == sorted(cell.name for cell in plan_cells(config) if cell.variant.method_name == "pi")
+    assert len(ran) == len(STAGES)  # pi@512: train and every evaluation
+    assert {cell: after[cell] for cell in before} == before
+
+
+def test_fingerprints_cover_only_what_a_cell_depends_on():
+    def prints(config):
+        return {cell.name: cell.fingerprint for cell in plan_cells(config)}
+
+    quick = prints(QUICK)
+    grown = prints(replace(QUICK, training=replace(QUICK.training, lengths=[512, 768], include_untrained=True)))
+    assert quick.items() <= grown.items()
+    # an evaluation length changes that stage's cells only (and the uncertainty cells, which read passkey rows)
+    evaluation = replace(QUICK.evaluation, passkey_lengths=[256, 512, 1024])
+    changed = {name for name, value in prints(replace(QUICK, evaluation=evaluation)).items() if quick[name] != value}
+    assert changed == {"passkey/original", "passkey/yarn@512", "uncertainty/original", "uncertainty/yarn@512"}
+    # a training setting changes the fine-tuned variant's cells only
+    training = replace(QUICK.training, steps=3)
+    changed = {name for name, value in prints(replace(QUICK, training=training)).items() if quick[name] != value}
+    assert changed == {cell.name for cell in plan_cells(QUICK) if cell.variant.name == "yarn@512"}
+
+
+def test_an_evaluation_length_reruns_only_that_stage(tmp_path):
+    calls = []
+    run_study(QUICK, tmp_path, log=lambda line: None, stages=fake_stages(calls))
+    calls.clear()
+    evaluation = replace(QUICK.evaluation, perplexity_lengths=[256, 512, 1024])
+    counts = run_study(replace(QUICK, evaluation=evaluation), tmp_path, log=lambda line: None,
+                       stages=fake_stages(calls))
+    assert sorted(calls) == ["perplexity/original", "perplexity/yarn@512"] and counts["done"] == 2
+
+
+def test_the_registry_orders_stages_after_what_they_require():
+    check_registry(STAGES)
+    for stage in STAGES:
+        assert all(STAGE_NAMES.index(name) < STAGE_NAMES.index(stage.name) for name in stage.requires)
+    with pytest.raises(AssertionError, match="requires"):
+        check_registry(STAGES[::-1])
 
 
 def test_killed_study_resumes_with_one_row_set_per_cell(finished_study, tmp_path):
@@ -92,35 +195,34 @@ def _states_or_empty(folder) -> dict:
         return {}
 
 
-def test_a_crashing_cell_is_recorded_and_retried(finished_study, tmp_path, monkeypatch):
+def test_a_crashing_cell_is_recorded_and_retried(finished_study, tmp_path):
     folder = tmp_path / "crash"
-    real = stages.perplexity
+    real = next(stage.run for stage in STAGES if stage.name == "passkey")
     calls = []
 
-    def crash_once(study, variant):
+    def crash_once(context, variant):
         calls.append(variant.name)
         if len(calls) == 1:
             raise RuntimeError("out of memory (simulated)")
-        return real(study, variant)
+        return real(context, variant)
 
-    monkeypatch.setattr(stages, "perplexity", crash_once)
-    first = run_study(QUICK, folder, log=lambda line: None)
-    assert first["failed"] == 1 and cell_states(folder)["perplexity/original"] == "failed"
+    first = run_study(QUICK, folder, log=lambda line: None, stages=with_stage("passkey", crash_once))
+    # the uncertainty cell reads the passkey rows: it waits for the rerun
+    assert first["failed"] == 1 and first["blocked"] == 1 and cell_states(folder)["passkey/original"] == "failed"
+    assert "uncertainty/original" not in cell_states(folder)
     second = run_study(QUICK, folder, log=lambda line: None)
-    assert second == {"done": 1, "skipped": len(plan_cells(QUICK)) - 1, "failed": 0}
+    assert second == {"done": 2, "skipped": len(plan_cells(QUICK)) - 2, "failed": 0, "blocked": 0}
     assert set(cell_states(folder).values()) == {"done"}
+    assert row_counts(folder) == row_counts(finished_study[0])
 
 
-def test_force_redoes_every_cell(finished_study, tmp_path, monkeypatch):
-    folder, _ = finished_study
+def test_force_redoes_every_cell(tmp_path):
     redone = []
-    for stage in ("train", "perplexity", "passkey", "entropy", "patterns", "uncertainty"):
-        monkeypatch.setattr(stages, stage, lambda study, variant, stage=stage: redone.append(stage) or [{"x": 1}])
-    counts = run_study(QUICK, tmp_path / "forced", log=lambda line: None)
+    counts = run_study(QUICK, tmp_path / "forced", log=lambda line: None, stages=fake_stages(redone))
     assert counts["done"] == len(plan_cells(QUICK))
     redone.clear()
-    counts = run_study(QUICK, tmp_path / "forced", force=True, log=lambda line: None)
-    assert counts["done"] == len(plan_cells(QUICK)) and len(redone) == len(plan_cells(QUICK))
+    counts = run_study(QUICK, tmp_path / "forced", force=True, log=lambda line: None, stages=fake_stages(redone))
+    assert counts["done"] == len(plan_cells(QUICK)) and sorted(redone) == sorted(c.name for c in plan_cells(QUICK))
 
 
 @pytest.mark.parametrize("text,message", [
@@ -132,11 +234,18 @@ def test_force_redoes_every_cell(finished_study, tmp_path, monkeypatch):
     ("[evaluation]\nperplexity_lengths = [-256]", "'evaluation.perplexity_lengths' = [-256] must be"),
     ("[evaluation]\npasskey_depths = [0, 150]", "'evaluation.passkey_depths' = [0, 150] must be"),
     ("[training]\nsteps = 0", "'training.steps' = 0 must be a positive integer"),
+    ("[training]\nretrieval_mix = 1.0", "'training.retrieval_mix' = 1.0 must be a number in [0, 1)"),
+    ("[training]\nretrieval_mix = -0.1", "'training.retrieval_mix' = -0.1 must be a number in [0, 1)"),
+    ("[execution]\nexecutor = 'dask'", "'execution.executor' = 'dask' must be one of local, ray"),
+    ("[execution]\nmax_retries = -1", "'execution.max_retries' = -1 must be a non-negative integer"),
+    ("[execution.resources]\ntrain = {gpus = 1}", "unknown key 'execution.resources.train.gpus'"),
+    ("[execution.resources]\ntrain = {num_gpus = -1}", "'execution.resources.train.num_gpus' = -1 must be"),
+    ("[execution.resources]\ntrian = {num_gpus = 1}", "unknown stage 'execution.resources.trian'; accepted: train, perp"),
     ("[evaluation]\npasskey_lengths = [1024, 512]", "must be sorted ascending"),
 ])
 def test_bad_config_is_one_line_naming_the_key(text, message, tmp_path, capsys):
     path = tmp_path / "study.toml"
-    path.write_text("[model]\npretrained_length = 256\n[methods.original]\nmethod = 'default'\n" + text)
+    path.write_text("[model]\noriginal_max_position_embeddings = 256\n[methods.original]\nmethod = 'default'\n" + text)
     assert main(["study", str(path), "--out", str(tmp_path / "out")]) == 2
     error = capsys.readouterr().err
     assert message in error and error.count("\n") == 1, error
@@ -144,8 +253,15 @@ def test_bad_config_is_one_line_naming_the_key(text, message, tmp_path, capsys):
 
 
 def test_config_parsing_fills_the_pretrained_length(tmp_path):
-    config = parse_config({"model": {"pretrained_length": 512}, "methods": {"y": {"method": "yarn", "factor": 2.0}}})
+    config = parse_config({"model": {"original_max_position_embeddings": 512},
+                           "methods": {"y": {"method": "yarn", "factor": 2.0}}})
     assert config.methods["y"].params["original_max_position_embeddings"] == 512
+    assert config.training.retrieval_mix == 0.0
+    read = parse_config({"model": {"path": "default"}, "training": {"retrieval_mix": 0.25},
+                         "methods": {"y": {"method": "yarn", "factor": 2.0}}})
+    assert read.training.retrieval_mix == 0.25
+    shipped = json.loads((Path(default_model_path()) / "config.json").read_text())["max_position_embeddings"]
+    assert read.model.original_max_position_embeddings == shipped
     with pytest.raises(RopescopeError, match="does not exist"):
         load_config(tmp_path / "missing.toml")
     (tmp_path / "bad.toml").write_text("[model\n")

@@ -259,3 +259,83 @@ def test_a_full_spec_replaces_method_and_factor(tiny, tmp_path):
     assert config["rope_parameters"]["rope_type"] == "linear"
     assert config["rope_parameters"]["factor"] == 3.0
     assert json.loads((out / "run.json").read_text())["spec"] == {"method": "linear", "factor": 3.0}
+
+
+def _tokenizer(tiny):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny["model"])
+
+
+@pytest.mark.parametrize("mix", [-0.1, 1.0, 1.5])
+def test_retrieval_mix_outside_zero_to_one_is_refused(mix):
+    from ropescope.errors import RopescopeError
+    from ropescope.train import validate
+
+    with pytest.raises(RopescopeError, match=f"retrieval_mix={mix} is outside"):
+        validate(TrainConfig(out="x", retrieval_mix=mix))
+
+
+def test_retrieval_mix_puts_passkey_examples_of_the_training_length_with_answer_masks(tiny):
+    from ropescope.passkey_format import KEY_LINE, QUESTION, PasskeyPrompts
+    from ropescope.train import micro_batch
+
+    tokenizer = _tokenizer(tiny)
+    length = 96
+    config = TrainConfig(out="x", length=length, batch_size=64, retrieval_mix=0.5, seed=3)
+    blocks = torch.randint(0, 300, (80, length), generator=torch.Generator().manual_seed(0))
+    slots, indices = range(64, 128), list(range(64))
+    input_ids, is_answer = micro_batch(blocks, slots, indices, config, PasskeyPrompts(tokenizer))
+    assert input_ids.shape == is_answer.shape == (64, length)
+    passkey_rows = [row for row in range(64) if not torch.equal(input_ids[row], blocks[row])]
+    assert 16 <= len(passkey_rows) <= 48  # about half, drawn per slot
+    for row in range(64):
+        ids = input_ids[row].tolist()
+        if row not in passkey_rows:
+            assert not is_answer[row].any()
+            continue
+        text = tokenizer.decode(ids)
+        key = text.rsplit(" ", 1)[-1]
+        assert len(key) == 5 and key.isdigit() and text.endswith(f"{QUESTION} {key}")
+        assert KEY_LINE.format(key=key).split(".")[0] in text  # the key line with the same key, earlier
+        marked = [position for position in range(length) if is_answer[row, position]]
+        assert marked == list(range(marked[0], length))  # the answer is the last tokens of the row
+        assert tokenizer.decode([ids[position] for position in marked]) == f" {key}"
+
+    # A slot's draw does not depend on which micro-batch or process it lands in.
+    first, first_answer = micro_batch(blocks, range(64, 96), indices[:32], config, PasskeyPrompts(tokenizer))
+    assert torch.equal(first, input_ids[:32]) and torch.equal(first_answer, is_answer[:32])
+
+
+def test_without_retrieval_mix_the_batch_is_the_corpus_blocks_and_the_run_identity_is_unchanged(tiny, tmp_path):
+    from ropescope.train import micro_batch
+
+    blocks = torch.randint(0, 300, (10, 8))
+    input_ids, is_answer = micro_batch(blocks, range(3), [4, 1, 7], TrainConfig(out="x", length=8), None)
+    assert torch.equal(input_ids, blocks[[4, 1, 7]]) and is_answer is None
+    out = train(_config(tiny, tmp_path / "plain", steps=1))
+    assert "retrieval_mix" not in json.loads((out / "run.json").read_text())["config"]
+
+
+def test_the_answer_loss_is_added_to_the_language_model_loss(tiny):
+    from transformers import AutoModelForCausalLM
+
+    from ropescope.train import _loss
+
+    model = AutoModelForCausalLM.from_pretrained(tiny["model"]).eval()
+    input_ids = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(1))
+    is_answer = torch.zeros_like(input_ids, dtype=torch.bool)
+    is_answer[0, 14:20] = True
+    is_answer[1, 17:20] = True
+    with torch.no_grad():
+        log_probabilities = torch.log_softmax(model(input_ids).logits.double(), dim=-1)
+        nll = -log_probabilities[:, :-1].gather(-1, input_ids[:, 1:, None])[..., 0]  # [2, 19], float64
+        expected = nll.mean() + nll[is_answer[:, 1:]].mean()
+        torch.testing.assert_close(_loss(model, input_ids, is_answer).double(), expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(_loss(model, input_ids, None).double(), nll.mean(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_run_with_retrieval_mix_trains_and_records_it(tiny, tmp_path):
+    out = train(_config(tiny, tmp_path / "mix", steps=2, length=64, retrieval_mix=0.5))
+    assert [step for step, _ in _losses(out)] == [1, 2]
+    assert json.loads((out / "run.json").read_text())["config"]["retrieval_mix"] == 0.5

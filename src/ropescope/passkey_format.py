@@ -1,10 +1,128 @@
 """The passkey retrieval format the field uses (Mohtashami & Jaggi 2023; the YaRN and PI evaluations).
 
-One definition, shared by the synthetic examples mixed into pretraining and by the evaluation, so that the
-shipped model is asked exactly what it was taught.
+One definition and one prompt builder, shared by the synthetic examples mixed into training (`ropescope
+pretrain`, `ropescope train --retrieval-mix`) and by the evaluation, so that a model is asked exactly what it
+was taught. The evaluation prompt has one fixed layout; a training example varies the layout around it
+(separators, where the filler is cut, a leading end-of-text token) so a model does not overfit to one exact
+layout of the evaluation prompt.
 """
+
+from __future__ import annotations
+
+import torch
+
+from ropescope.errors import RopescopeError
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 KEY_LINE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "What is the pass key? The pass key is"
 KEY_DIGITS = 5
+FILLER_SENTENCES = [sentence.strip() + "." for sentence in FILLER.split(".") if sentence.strip()]
+# Separators a training example puts around the key line and before the question.
+TRAINING_SEPARATORS = (" ", "\n", "\n\n")
+
+
+class PasskeyPrompts:
+    """Passkey prompts as token ids of one tokenizer; the filler sentences are tokenized once.
+
+    Pieces are joined at token level; each piece inside running text starts with its separator (" " + sentence),
+    so the joined ids equal the tokenization of the running text for the usual BPE tokenizers.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.eos = tokenizer.eos_token_id
+        self.sentences = [self.ids(sentence) for sentence in FILLER_SENTENCES]  # at the start of a text
+        self.spaced_sentences = [self.ids(" " + sentence) for sentence in FILLER_SENTENCES]  # after a sentence
+
+    def ids(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def evaluation_prompt(self, length: int, depth_percent: float, key: str,
+                          prefix: list[int] = ()) -> tuple[list[int], int, int]:
+        """(ids, needle_start, needle_end): the evaluation prompt of exactly `length` tokens.
+
+        Layout: prefix (the tokenizer's special tokens), filler-before, key line, filler-after, question. The
+        filler-after is whole filler sentences (so the question follows a complete sentence) and the filler-before
+        ends with a complete FILLER repetition right before the key line; the filler-before is cut at its start to
+        make the total exact, as a window into a longer document would be. The key line sits within one sentence
+        of `depth_percent` of the filler; its tokens are ids[needle_start:needle_end].
+        """
+        prefix = list(prefix)
+        needle = self.ids(" " + KEY_LINE.format(key=key))
+        question = self.ids(" " + QUESTION)
+        filler_budget = length - len(prefix) - len(needle) - len(question)
+        if filler_budget < 0:
+            raise RopescopeError(
+                f"length={length} is too short for a passkey prompt; it needs at least {length - filler_budget} tokens"
+            )
+        sentences = self.spaced_sentences
+
+        # Filler after the key: whole sentences continuing the cycle, as many as brings the key nearest the depth.
+        target_after = filler_budget - round(filler_budget * depth_percent / 100)
+        after: list[int] = []
+        index = 0
+        while True:
+            sentence = sentences[index % len(sentences)]
+            grown = len(after) + len(sentence)
+            if grown > filler_budget or abs(grown - target_after) >= abs(len(after) - target_after):
+                break
+            after.extend(sentence)
+            index += 1
+
+        # Filler before the key: the tail of a stream of full FILLER repetitions ending at the key line.
+        before_length = filler_budget - len(after)
+        before: list[int] = []
+        while len(before) < before_length:
+            before = [token for sentence in sentences for token in sentence] + before
+        before = before[len(before) - before_length :] if before_length else []
+
+        needle_start = len(prefix) + len(before)
+        return prefix + before + needle + after + question, needle_start, needle_start + len(needle)
+
+    def _training_filler(self, count: int, start_sentence: int, at_sentence: bool) -> list[int]:
+        """`count` filler tokens starting at sentence `start_sentence`; cut at a sentence end if `at_sentence`."""
+        ids: list[int] = []
+        index = start_sentence
+        while len(ids) < count:
+            pieces = self.spaced_sentences if ids else self.sentences
+            sentence = pieces[index % len(pieces)]
+            if at_sentence and len(ids) + len(sentence) > count:
+                break
+            ids.extend(sentence)
+            index += 1
+        return ids[:count]
+
+    def training_example(self, length: int, generator: torch.Generator) -> tuple[list[int], int]:
+        """(ids, answer_length): one training example of exactly `length` tokens (at most, if `length` is shorter
+        than the key line, question and answer together) whose last `answer_length` tokens are the answer " <key>".
+
+        Filler, the key line at a random depth, filler, the question, the answer; the key, the depth, the
+        separators, where the filler starts and whether it is cut at a sentence or any token are drawn from
+        `generator`, in a fixed order (a seeded generator gives the same example).
+        """
+
+        def randint(low: int, high: int) -> int:  # inclusive bounds
+            return int(torch.randint(low, high + 1, (1,), generator=generator))
+
+        key = str(randint(10 ** (KEY_DIGITS - 1), 10**KEY_DIGITS - 1))
+        separator_before = TRAINING_SEPARATORS[randint(0, 2)]
+        separator_after = TRAINING_SEPARATORS[randint(0, 2)]
+        separator_question = TRAINING_SEPARATORS[randint(0, 2)]
+        answer = self.ids(" " + key)
+        question = self.ids(separator_question + QUESTION)
+        leading = [self.eos] if randint(0, 1) and self.eos is not None else []
+        filler_budget = length - len(leading) - len(question) - len(answer)
+        depth = randint(0, 1000) / 1000
+        at_sentence = bool(randint(0, 1))
+        start_sentence = 0 if randint(0, 2) else randint(0, len(self.sentences) - 1)
+        needle = self.ids(KEY_LINE.format(key=key))
+        before_count = round(depth * max(filler_budget - len(needle) - 2, 0))
+        before = self._training_filler(before_count, start_sentence, at_sentence)
+        if before:
+            needle = self.ids(separator_before + KEY_LINE.format(key=key))
+        needle = needle + self.ids(separator_after)
+        after_count = max(filler_budget - len(before) - len(needle), 0)
+        after = self._training_filler(after_count, start_sentence + len(before), False)
+        ids = leading + before + needle + after + question + answer
+        return (ids[-length:] if len(ids) > length else ids), len(answer)

@@ -1,9 +1,9 @@
-"""Every figure ropescope draws: one function per figure, each drawn from rows (lists of dicts) and saved to a path."""
+"""Every figure ropescope draws, from rows (lists of dicts): `NAME_figure(rows, ...)` draws one and returns the
+matplotlib Figure (what a test inspects); `plot_NAME(rows, path, ...)` draws it and saves it atomically to `path`."""
 
 from __future__ import annotations
 
 import math
-import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -12,17 +12,18 @@ import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from ropescope.results import atomic_path  # noqa: E402
 
 
 def save_figure(figure, path: str | Path) -> Path:
-    """Save atomically (temp file, then rename), so an interrupted run never leaves half an image."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp{path.suffix}")
-    figure.savefig(temporary, dpi=120, bbox_inches="tight")
+    """Save atomically (a unique temporary file, then rename), so an interrupted run never leaves half an image;
+    the figure is closed (its artists stay readable)."""
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, dpi=120, bbox_inches="tight")
     plt.close(figure)
-    os.replace(temporary, path)
-    return path
+    return Path(path)
 
 
 def _series(rows: list[dict], key: str, x: str, y: str) -> dict[str, tuple[list, list]]:
@@ -34,7 +35,7 @@ def _series(rows: list[dict], key: str, x: str, y: str) -> dict[str, tuple[list,
     return series
 
 
-def plot_frequencies(rows: list[dict], path: str | Path, pretrained_length: int | None = None) -> Path:
+def frequencies_figure(rows: list[dict], pretrained_length: int | None = None) -> Figure:
     """Per-pair rotation wavelength of each method (left) and its ratio to the original RoPE (right).
 
     rows: {"method", "pair", "wavelength", "ratio"}. The figure that tells PI (every pair stretched by the factor)
@@ -58,7 +59,12 @@ def plot_frequencies(rows: list[dict], path: str | Path, pretrained_length: int 
     for axis in (left, right):
         axis.grid(True, which="both", alpha=0.3)
     right.legend(fontsize=8)
-    return save_figure(figure, path)
+    return figure
+
+
+def plot_frequencies(rows: list[dict], path: str | Path, pretrained_length: int | None = None) -> Path:
+    """`frequencies_figure`, saved to `path`."""
+    return save_figure(frequencies_figure(rows, pretrained_length=pretrained_length), path)
 
 
 def _perplexity_axis(axis, values: list[float]) -> None:
@@ -77,7 +83,7 @@ def _mean_by(rows: list[dict], keys: tuple[str, ...], value: str) -> dict[tuple,
     return {key: sum(values) / len(values) for key, values in groups.items()}
 
 
-def plot_retrieval_grid(rows: list[dict], path: str | Path, title: str = "Passkey retrieval accuracy") -> Path:
+def retrieval_grid_figure(rows: list[dict], title: str = "Passkey retrieval accuracy") -> Figure:
     """Small multiples of the retrieval heatmap (length on x, depth on y), one panel per variant.
 
     rows: {"variant", "length", "depth_percent", "score"}.
@@ -106,10 +112,15 @@ def plot_retrieval_grid(rows: list[dict], path: str | Path, title: str = "Passke
             axis.set_xlabel("length (tokens)")
     figure.colorbar(image, ax=axes, shrink=0.8, label="accuracy")
     figure.suptitle(title)
-    return save_figure(figure, path)
+    return figure
 
 
-def plot_pattern_vs_perplexity(points: list[dict], path: str | Path, length: int) -> Path:
+def plot_retrieval_grid(rows: list[dict], path: str | Path, title: str = "Passkey retrieval accuracy") -> Path:
+    """`retrieval_grid_figure`, saved to `path`."""
+    return save_figure(retrieval_grid_figure(rows, title=title), path)
+
+
+def pattern_vs_perplexity_figure(points: list[dict], length: int) -> Figure:
     """Finding 1: divergence from the pretrained attention pattern against perplexity at `length`, per variant.
 
     points: {"variant", "js_divergence", "perplexity"}.
@@ -123,10 +134,15 @@ def plot_pattern_vs_perplexity(points: list[dict], path: str | Path, length: int
              ylabel=f"perplexity at {length} tokens", title="Pattern preservation and extrapolation")
     _perplexity_axis(axis, [point["perplexity"] for point in points])
     axis.grid(True, which="both", alpha=0.3)
-    return save_figure(figure, path)
+    return figure
 
 
-def plot_entropy_by_outcome(rows: list[dict], path: str | Path, auroc: float | None) -> Path:
+def plot_pattern_vs_perplexity(points: list[dict], path: str | Path, length: int) -> Path:
+    """`pattern_vs_perplexity_figure`, saved to `path`."""
+    return save_figure(pattern_vs_perplexity_figure(points, length=length), path)
+
+
+def entropy_by_outcome_figure(rows: list[dict], auroc: float | None) -> Figure:
     """Finding 2: the answering query's attention entropy on correct and failed retrievals, per length.
 
     rows: {"length", "entropy", "correct"}.
@@ -146,11 +162,16 @@ def plot_entropy_by_outcome(rows: list[dict], path: str | Path, auroc: float | N
              title=f"Attention entropy and retrieval errors (AUROC {auroc_text})")
     axis.grid(True, alpha=0.3)
     axis.legend()
-    return save_figure(figure, path)
+    return figure
 
 
-def plot_training_length(entropy_points: list[dict], perplexity_points: list[dict], path: str | Path,
-                         entropy_length: int, perplexity_length: int) -> Path:
+def plot_entropy_by_outcome(rows: list[dict], path: str | Path, auroc: float | None) -> Path:
+    """`entropy_by_outcome_figure`, saved to `path`."""
+    return save_figure(entropy_by_outcome_figure(rows, auroc=auroc), path)
+
+
+def training_length_figure(entropy_points: list[dict], perplexity_points: list[dict], entropy_length: int,
+                           perplexity_length: int) -> Figure:
     """Finding 3: entropy (left) and perplexity (right) against the continual-pretraining length, per method.
 
     points: {"method_name", "train_length", "entropy" | "perplexity"}; train_length 0 = not fine-tuned.
@@ -167,11 +188,18 @@ def plot_training_length(entropy_points: list[dict], perplexity_points: list[dic
     _perplexity_axis(right, [point["perplexity"] for point in perplexity_points])
     left.legend(fontsize=8)
     figure.tight_layout()
+    return figure
+
+
+def plot_training_length(entropy_points: list[dict], perplexity_points: list[dict], path: str | Path,
+                         entropy_length: int, perplexity_length: int) -> Path:
+    """`training_length_figure`, saved to `path`."""
+    figure = training_length_figure(entropy_points, perplexity_points, entropy_length, perplexity_length)
     return save_figure(figure, path)
 
 
-def plot_entropy_vs_position(rows: list[dict], path: str | Path, pretrained_length: int | None = None,
-                             length: int | None = None) -> Path:
+def entropy_vs_position_figure(rows: list[dict], pretrained_length: int | None = None,
+                               length: int | None = None) -> Figure:
     """Mean attention entropy (over layers and heads) against query position, one line per variant.
 
     rows: {"variant", "length", "position", "entropy"} (position: the centre of a query-position bin).
@@ -191,10 +219,16 @@ def plot_entropy_vs_position(rows: list[dict], path: str | Path, pretrained_leng
              title=f"Attention entropy against position, {length}-token inputs")
     axis.grid(True, alpha=0.3)
     axis.legend(fontsize=8)
-    return save_figure(figure, path)
+    return figure
 
 
-def plot_attention_distance_by_variant(rows: list[dict], path: str | Path) -> Path:
+def plot_entropy_vs_position(rows: list[dict], path: str | Path, pretrained_length: int | None = None,
+                             length: int | None = None) -> Path:
+    """`entropy_vs_position_figure`, saved to `path`."""
+    return save_figure(entropy_vs_position_figure(rows, pretrained_length=pretrained_length, length=length), path)
+
+
+def attention_distance_by_variant_figure(rows: list[dict]) -> Figure:
     """The paper's Figure 2 view: attention mass against key distance at the pretrained length and at the
     extended length (distance divided by the length ratio), one panel per variant, mean over layers and heads.
 
@@ -225,10 +259,16 @@ def plot_attention_distance_by_variant(rows: list[dict], path: str | Path) -> Pa
             axis.set_ylabel("attention mass")
     figure.suptitle("Attention against distance: pretrained vs extended length")
     figure.tight_layout()
-    return save_figure(figure, path)
+    return figure
 
-def _method_label(row: dict) -> str:
-    """'yarn x4' for an extension, the bare method where there is no factor."""
+
+def plot_attention_distance_by_variant(rows: list[dict], path: str | Path) -> Path:
+    """`attention_distance_by_variant_figure`, saved to `path`."""
+    return save_figure(attention_distance_by_variant_figure(rows), path)
+
+
+def method_label(row: dict) -> str:
+    """'yarn x4' for an extension, the bare method where there is no factor (RopeSpec.label's form, from a row)."""
     method = row.get("method") or "default"
     factor = row.get("factor")
     if factor in (None, "", 1, 1.0) or method in ("default", "none"):
@@ -241,7 +281,8 @@ def _mean(values) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
-def plot_entropy_profile(rows: list[dict], path, *, pretrained_length: int | None = None, layer: int | None = None):
+def entropy_profile_figure(rows: list[dict], *, pretrained_length: int | None = None,
+                           layer: int | None = None) -> Figure:
     """Attention entropy against query position, one line per method (mean over layers and heads, or one layer);
     the pretrained length as a vertical line. Rows from `ropescope.attention.profiles.entropy_profile`."""
     lines: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
@@ -250,7 +291,7 @@ def plot_entropy_profile(rows: list[dict], path, *, pretrained_length: int | Non
     for row in rows:
         if layer is not None and row["layer"] != layer:
             continue
-        label = _method_label(row) + (f" @{row['length']}" if len(lengths) > 1 else "")
+        label = method_label(row) + (f" @{row['length']}" if len(lengths) > 1 else "")
         middle = (row["position_start"] + row["position_end"] - 1) / 2
         lines[label][middle].append(row["entropy"])
         uniform[middle] = row["entropy_max"]
@@ -266,10 +307,16 @@ def plot_entropy_profile(rows: list[dict], path, *, pretrained_length: int | Non
     axes.set_ylabel("attention entropy (nats)" + ("" if layer is None else f", layer {layer}"))
     axes.set_title("Attention entropy by position" + (" (mean over layers and heads)" if layer is None else ""))
     axes.legend(fontsize=8)
-    return save_figure(figure, path)
+    return figure
 
 
-def plot_attention_distance(rows: list[dict], path, *, layer: int | None = None):
+def plot_entropy_profile(rows: list[dict], path, *, pretrained_length: int | None = None,
+                         layer: int | None = None) -> Path:
+    """`entropy_profile_figure`, saved to `path`."""
+    return save_figure(entropy_profile_figure(rows, pretrained_length=pretrained_length, layer=layer), path)
+
+
+def attention_distance_figure(rows: list[dict], *, layer: int | None = None) -> Figure:
     """The paper's Figure 2 view: attention mass against (rescaled) key distance, one panel per length, one line
     per method (mean over layers and heads, or one layer). Rows from `patterns.distance_distribution`."""
     panels: dict[int, dict[str, dict[int, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
@@ -277,7 +324,7 @@ def plot_attention_distance(rows: list[dict], path, *, layer: int | None = None)
     for row in rows:
         if layer is not None and row["layer"] != layer:
             continue
-        label = row.get("role") or _method_label(row)
+        label = row.get("role") or method_label(row)
         panels[row["length"]][label][row["bin"]].append(row["mass"])
         edges[row["bin"]] = (row["distance_start"], row["distance_end"])
     lengths = sorted(panels)
@@ -291,16 +338,21 @@ def plot_attention_distance(rows: list[dict], path, *, layer: int | None = None)
         axis.set_title(f"length {length}")
         axis.legend(fontsize=8)
     axes[0][0].set_ylabel("attention mass" + ("" if layer is None else f", layer {layer}"))
-    return save_figure(figure, path)
+    return figure
 
 
-def plot_pattern_preservation(rows: list[dict], path):
+def plot_attention_distance(rows: list[dict], path, *, layer: int | None = None) -> Path:
+    """`attention_distance_figure`, saved to `path`."""
+    return save_figure(attention_distance_figure(rows, layer=layer), path)
+
+
+def pattern_preservation_figure(rows: list[dict]) -> Figure:
     """Jensen-Shannon divergence from the pretrained pattern (mean over layers), per method and length.
     Rows from `patterns.pattern_preservation` (the layer == "mean" rows)."""
     values: dict[str, dict[int, float]] = defaultdict(dict)
     for row in rows:
         if row["layer"] == "mean":
-            values[_method_label(row)][row["length"]] = row["js_divergence"]
+            values[method_label(row)][row["length"]] = row["js_divergence"]
     labels = sorted(values)
     lengths = sorted({length for per in values.values() for length in per})
     figure, axes = plt.subplots(figsize=(max(5, 1.2 * len(labels) * max(1, len(lengths))), 4))
@@ -312,17 +364,22 @@ def plot_pattern_preservation(rows: list[dict], path):
     axes.set_ylabel("JS divergence from pretrained pattern (nats)")
     axes.set_title("Pattern preservation (lower = pattern kept)")
     axes.legend(fontsize=8)
-    return save_figure(figure, path)
+    return figure
 
 
-def plot_entropy_heatmap(rows: list[dict], path):
+def plot_pattern_preservation(rows: list[dict], path) -> Path:
+    """`pattern_preservation_figure`, saved to `path`."""
+    return save_figure(pattern_preservation_figure(rows), path)
+
+
+def entropy_heatmap_figure(rows: list[dict]) -> Figure:
     """Accuracy and answering-query entropy laid out as the needle grid (depth x length), side by side, one pair
     of panels per method. Rows from `uncertainty.retrieval_attention` (evaluation rows with entropy)."""
     from ropescope.attention.uncertainty import as_bool
 
     groups: dict[str, list[dict]] = defaultdict(list)
     for row in rows:
-        groups[_method_label(row)].append(row)
+        groups[method_label(row)].append(row)
     figure, axes = plt.subplots(len(groups), 2, figsize=(11, 3.6 * len(groups)), squeeze=False)
     for (label, group), (accuracy_axis, entropy_axis) in zip(sorted(groups.items()), axes):
         lengths = sorted({row["length"] for row in group})
@@ -347,17 +404,19 @@ def plot_entropy_heatmap(rows: list[dict], path):
             axis.set_title(f"{label}: {title}")
             figure.colorbar(image, ax=axis)
     figure.tight_layout()
-    return save_figure(figure, path)
+    return figure
+
+
+def plot_entropy_heatmap(rows: list[dict], path) -> Path:
+    """`entropy_heatmap_figure`, saved to `path`."""
+    return save_figure(entropy_heatmap_figure(rows), path)
 
 
 def _series_label(row: dict) -> str:
-    label = f"{row.get('model', 'model')} / {row.get('method', 'default')}"
-    if row.get("factor") not in (None, ""):
-        label += f" x{row['factor']:g}" if isinstance(row["factor"], (int, float)) else f" x{row['factor']}"
-    return label
+    return f"{row.get('model', 'model')} / {method_label(row)}"
 
 
-def plot_perplexity(rows: list[dict], path, pretrained_length: int | None = None) -> Path:
+def perplexity_figure(rows: list[dict], pretrained_length: int | None = None) -> Figure:
     """Perplexity against evaluation length, one colour per model/method, one line style per protocol.
 
     rows: perplexity rows (length, perplexity, model, method, factor, protocol). Log-2 x axis; the pretrained
@@ -391,10 +450,15 @@ def plot_perplexity(rows: list[dict], path, pretrained_length: int | None = None
     axes.set_title("Perplexity against length")
     axes.grid(True, which="both", alpha=0.3)
     axes.legend(fontsize=8)
-    return save_figure(figure, path)
+    return figure
 
 
-def plot_retrieval_heatmap(rows: list[dict], path, title: str | None = None, value: str = "score") -> Path:
+def plot_perplexity(rows: list[dict], path, pretrained_length: int | None = None) -> Path:
+    """`perplexity_figure`, saved to `path`."""
+    return save_figure(perplexity_figure(rows, pretrained_length=pretrained_length), path)
+
+
+def retrieval_heatmap_figure(rows: list[dict], title: str | None = None, value: str = "score") -> Figure:
     """The needle-in-a-haystack heatmap: mean `value` per cell, length on x, depth percent on y (0 at the top).
 
     rows: passkey or needle rows (length, depth_percent, score). Green is found, red is missed.
@@ -419,4 +483,9 @@ def plot_retrieval_heatmap(rows: list[dict], path, title: str | None = None, val
     task = rows[0].get("task", "retrieval") if rows else "retrieval"
     axes.set_title(title or f"{task}: {_series_label(rows[0]) if rows else ''}")
     figure.colorbar(image, ax=axes, label="accuracy" if value == "score" and task == "passkey" else value)
-    return save_figure(figure, path)
+    return figure
+
+
+def plot_retrieval_heatmap(rows: list[dict], path, title: str | None = None, value: str = "score") -> Path:
+    """`retrieval_heatmap_figure`, saved to `path`."""
+    return save_figure(retrieval_heatmap_figure(rows, title=title, value=value), path)

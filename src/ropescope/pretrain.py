@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import os
 import shutil
 import sys
 import time
@@ -24,10 +22,15 @@ from tqdm import tqdm
 
 from ropescope.data import load_corpus
 from ropescope.errors import RopescopeError
-from ropescope.passkey_format import FILLER, KEY_DIGITS, KEY_LINE, QUESTION
+from ropescope.nll import answer_nll, next_token_nll
+from ropescope.passkey_format import PasskeyPrompts
+from ropescope.results import atomic_path, run_differences
+from ropescope.schedule import learning_rate
 
 END_OF_TEXT = "<|endoftext|>"
 CHECKPOINT_FILE = "checkpoint.pt"
+# Fields that do not change the model: a checkpoint resumes a run that differs only in these.
+NOT_IDENTITY = ("output", "checkpoint_dir", "checkpoint_every", "log_every", "threads")
 
 
 @dataclass
@@ -153,75 +156,7 @@ def build_model(config: PretrainConfig, tokenizer):
     return LlamaForCausalLM(model_config)
 
 
-class PasskeyExamples:
-    """Synthetic passkey examples as token ids: filler, the key line at a random depth, filler, question, key.
-
-    Pieces are tokenized once and joined at token level, with varied separators (space, newline), filler cut at
-    a sentence or at any token, and an optional leading end-of-text token, so the model does not overfit to one
-    exact layout of the evaluation prompt.
-    """
-
-    SEPARATORS = (" ", "\n", "\n\n")
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.eos = tokenizer.eos_token_id
-        sentences = [sentence.strip() + "." for sentence in FILLER.split(".") if sentence.strip()]
-        self.sentences = [self._ids(sentence) for sentence in sentences]
-        self.sentences_after_space = [self._ids(" " + sentence) for sentence in sentences]
-
-    def _ids(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def _filler(self, count: int, start_sentence: int, at_sentence: bool) -> list[int]:
-        """`count` filler tokens starting at sentence `start_sentence`; cut at a sentence end if `at_sentence`."""
-        ids: list[int] = []
-        index = start_sentence
-        while len(ids) < count:
-            sentence = self.sentences[index % len(self.sentences)] if not ids else self.sentences_after_space[index % len(self.sentences)]
-            if at_sentence and len(ids) + len(sentence) > count:
-                break
-            ids.extend(sentence)
-            index += 1
-        return ids[:count]
-
-    def sample(self, length: int, generator: torch.Generator) -> list[int]:
-        """One example of exactly `length` tokens whose last tokens are " <key>" (the answer)."""
-
-        def randint(low: int, high: int) -> int:  # inclusive bounds
-            return int(torch.randint(low, high + 1, (1,), generator=generator))
-
-        key = str(randint(10 ** (KEY_DIGITS - 1), 10**KEY_DIGITS - 1))
-        separator_before = self.SEPARATORS[randint(0, 2)]
-        separator_after = self.SEPARATORS[randint(0, 2)]
-        separator_question = self.SEPARATORS[randint(0, 2)]
-        answer = self._ids(" " + key)
-        question = self._ids(separator_question + QUESTION)
-        leading = [self.eos] if randint(0, 1) else []
-        filler_budget = length - len(leading) - len(question) - len(answer)
-        depth = randint(0, 1000) / 1000
-        at_sentence = bool(randint(0, 1))
-        start_sentence = 0 if randint(0, 2) else randint(0, len(self.sentences) - 1)
-        needle = self._ids(KEY_LINE.format(key=key))
-        before_count = round(depth * max(filler_budget - len(needle) - 2, 0))
-        before = self._filler(before_count, start_sentence, at_sentence)
-        needle = (self._ids(separator_before + KEY_LINE.format(key=key)) if before else needle) + self._ids(separator_after)
-        after_count = max(filler_budget - len(before) - len(needle), 0)
-        after = self._filler(after_count, start_sentence + len(before), False)
-        ids = leading + before + needle + after + question + answer
-        return ids[-length:] if len(ids) > length else ids
-
-
-def _learning_rate(step: int, config: PretrainConfig) -> float:
-    """Linear warm-up, then cosine decay to `min_learning_rate_ratio` of the peak."""
-    if step < config.warmup_steps:
-        return config.learning_rate * (step + 1) / config.warmup_steps
-    progress = (step - config.warmup_steps) / max(config.steps - config.warmup_steps, 1)
-    cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-    return config.learning_rate * (config.min_learning_rate_ratio + (1 - config.min_learning_rate_ratio) * cosine)
-
-
-def _batch(tokens: torch.Tensor, passkeys: PasskeyExamples, config: PretrainConfig, generator: torch.Generator):
+def _batch(tokens: torch.Tensor, passkeys: PasskeyPrompts, config: PretrainConfig, generator: torch.Generator):
     """(input_ids, is_answer), both [batch_size, context_length]: random windows of the train tokens, with rows
     replaced by a passkey example (then eos and corpus text to fill the row) at rate `passkey_share`;
     is_answer marks the tokens of each example's answer (" " and the key's digits)."""
@@ -241,9 +176,9 @@ def _batch(tokens: torch.Tensor, passkeys: PasskeyExamples, config: PretrainConf
             lengths = [int(torch.randint(shortest, length + 1, (1,), generator=generator))]
         packed: list[int] = []
         for example_length in lengths:
-            example = passkeys.sample(example_length, generator)
+            example, answer_length = passkeys.training_example(example_length, generator)
             packed += example
-            is_answer[row, len(packed) - KEY_DIGITS - 1 : len(packed)] = True
+            is_answer[row, len(packed) - answer_length : len(packed)] = True
             packed.append(passkeys.eos)
         # Fill the rest of the row with corpus text (after the end-of-text token that closes the last example).
         packed = packed[:length] + rows[row, : max(length - len(packed), 0)].tolist()
@@ -252,19 +187,18 @@ def _batch(tokens: torch.Tensor, passkeys: PasskeyExamples, config: PretrainConf
 
 
 def _loss(model, input_ids: torch.Tensor, is_answer: torch.Tensor, answer_loss_weight: float) -> torch.Tensor:
-    """Next-token cross-entropy over every token, plus `answer_loss_weight` x the mean over answer tokens.
+    """Next-token NLL over every token, plus `answer_loss_weight` x the mean over answer tokens.
 
     input_ids, is_answer: [batch, length]; returns a scalar.
     """
-    logits = model(input_ids=input_ids).logits[:, :-1]
-    targets = input_ids[:, 1:]
-    per_token = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
-                                                  reduction="none")
+    per_token = next_token_nll(model(input_ids=input_ids).logits, input_ids)
     loss = per_token.mean()
-    answer = is_answer[:, 1:].reshape(-1)
-    if answer_loss_weight and answer.any():
-        loss = loss + answer_loss_weight * per_token[answer].mean()
-    return loss
+    answer = answer_nll(per_token, is_answer) if answer_loss_weight else None
+    return loss if answer is None else loss + answer_loss_weight * answer
+
+
+def _learning_rate(step: int, config: PretrainConfig) -> float:
+    return learning_rate(step, config.learning_rate, config.steps, config.warmup_steps, config.min_learning_rate_ratio)
 
 
 def _save_checkpoint(folder: Path, model, optimizer, step: int, generator: torch.Generator, config: PretrainConfig,
@@ -278,83 +212,55 @@ def _save_checkpoint(folder: Path, model, optimizer, step: int, generator: torch
         "config": dataclasses.asdict(config),
         "elapsed_seconds": elapsed,
     }
-    temporary = folder / (CHECKPOINT_FILE + ".tmp")
-    torch.save(state, temporary)
-    os.replace(temporary, folder / CHECKPOINT_FILE)
+    with atomic_path(folder / CHECKPOINT_FILE) as temporary:
+        torch.save(state, temporary)
 
 
-def _same_run(saved: dict, config: PretrainConfig) -> bool:
-    """A checkpoint resumes only the run that wrote it (fields that do not change the model may differ)."""
-    ignore = {"output", "checkpoint_dir", "checkpoint_every", "log_every", "threads"}
-    current = dataclasses.asdict(config)
-    return all(saved.get(key) == value for key, value in current.items() if key not in ignore)
+def _load_checkpoint(config: PretrainConfig) -> dict | None:
+    """The saved state of this run, if a checkpoint exists; a checkpoint of another run is refused."""
+    path = config.checkpoint_path / CHECKPOINT_FILE
+    if not path.is_file():
+        return None
+    saved = torch.load(path, weights_only=False)
+    if run_differences(saved["config"], dataclasses.asdict(config), ignore=NOT_IDENTITY):
+        raise RopescopeError(
+            f"checkpoint in {str(config.checkpoint_path)!r} was written by a different configuration; "
+            "delete it or pass another --checkpoint-dir"
+        )
+    return saved
 
 
-def _write_output(output: Path, model, tokenizer, summary: dict) -> None:
-    """Write the HF model folder beside `output`, then swap it in, so `output` is never half-written."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = output.with_name(output.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging, safe_serialization=True)
-    tokenizer.save_pretrained(staging)
-    (staging / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    retired = output.with_name(output.name + ".old")
-    shutil.rmtree(retired, ignore_errors=True)
-    if output.exists():
-        os.replace(output, retired)
-    os.replace(staging, output)
-    shutil.rmtree(retired, ignore_errors=True)
+def _setup_tokenizer(config: PretrainConfig, documents: list[str], resuming: bool):
+    """The run's tokenizer, kept in the checkpoint folder: a resumed run must see exactly the same ids."""
+    from transformers import AutoTokenizer
 
-
-def pretrain(config: PretrainConfig, progress: bool | None = None) -> Path:
-    """Run the pretraining described by `config`; returns the output folder (HF model + tokenizer).
-
-    Resumes from `<checkpoint_dir>/checkpoint.pt` when it was written by the same configuration.
-    """
-    config.validate()
-    output = Path(config.output)
-    if output.exists() and not output.is_dir():
-        raise RopescopeError(f"output={str(output)!r} exists and is not a folder")
-    documents = load_corpus(config.corpus, split="train")
-    torch.set_num_threads(config.threads)
-    torch.manual_seed(config.seed)
-    checkpoint_folder = config.checkpoint_path
-    checkpoint_folder.mkdir(parents=True, exist_ok=True)
-
-    # The tokenizer is part of the checkpoint: a resumed run must see exactly the same ids.
-    tokenizer_folder = checkpoint_folder / "tokenizer"
-    saved_state = None
-    if (checkpoint_folder / CHECKPOINT_FILE).is_file():
-        saved_state = torch.load(checkpoint_folder / CHECKPOINT_FILE, weights_only=False)
-        if not _same_run(saved_state["config"], config):
-            raise RopescopeError(
-                f"checkpoint in {str(checkpoint_folder)!r} was written by a different configuration; "
-                "delete it or pass another --checkpoint-dir"
-            )
-    if saved_state is not None and tokenizer_folder.is_dir():
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
-    elif config.init_from is not None:
-        from transformers import AutoTokenizer
-
+    folder = config.checkpoint_path / "tokenizer"
+    if resuming and folder.is_dir():
+        return AutoTokenizer.from_pretrained(folder)
+    if config.init_from is not None:
         tokenizer = AutoTokenizer.from_pretrained(config.init_from)
-        tokenizer.save_pretrained(tokenizer_folder)
     else:
         tokenizer = train_tokenizer(documents, config.vocab_size)
-        tokenizer.save_pretrained(tokenizer_folder)
+    tokenizer.save_pretrained(folder)
+    return tokenizer
 
+
+def _setup_tokens(tokenizer, documents: list[str], context_length: int) -> torch.Tensor:
+    """The train split as one int32 stream of token ids, an end-of-text token after each document."""
     separator = [tokenizer.eos_token_id]
     ids: list[int] = []
     for document in documents:
         ids.extend(tokenizer(document, add_special_tokens=False)["input_ids"] + separator)
     tokens = torch.tensor(ids, dtype=torch.int32)  # int32 halves the memory of the one copy we keep
-    del ids
-    if tokens.numel() <= config.context_length:
+    if tokens.numel() <= context_length:
         raise RopescopeError(
-            f"train split has {tokens.numel()} tokens; context_length={config.context_length} needs more than that"
+            f"train split has {tokens.numel()} tokens; context_length={context_length} needs more than that"
         )
+    return tokens
 
+
+def _setup_model(config: PretrainConfig, tokenizer):
+    """The model (fresh, or `init_from`) and its AdamW optimizer (no weight decay on norms and biases)."""
     if config.init_from is not None:
         from transformers import AutoModelForCausalLM
 
@@ -367,24 +273,13 @@ def pretrain(config: PretrainConfig, progress: bool | None = None) -> Path:
         [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=config.learning_rate, betas=(0.9, 0.95), eps=1e-8,
     )
-    generator = torch.Generator().manual_seed(config.seed)
-    start_step, elapsed_before = 0, 0.0
-    if saved_state is not None:
-        model.load_state_dict(saved_state["model"])
-        optimizer.load_state_dict(saved_state["optimizer"])
-        generator.set_state(saved_state["generator"])
-        torch.set_rng_state(saved_state["torch_rng"])
-        start_step, elapsed_before = saved_state["step"], saved_state["elapsed_seconds"]
-        print(f"resuming from step {start_step} ({checkpoint_folder / CHECKPOINT_FILE})", flush=True)
-    del saved_state
+    return model, optimizer
 
-    passkeys = PasskeyExamples(tokenizer)
-    parameters = sum(p.numel() for p in model.parameters())
-    print(
-        f"pretraining {parameters / 1e6:.2f}M parameters on {tokens.numel()} train tokens, "
-        f"{config.steps} steps of {config.batch_size}x{config.context_length} tokens",
-        flush=True,
-    )
+
+def _train_loop(config: PretrainConfig, model, optimizer, tokens: torch.Tensor, passkeys: PasskeyPrompts,
+                generator: torch.Generator, start_step: int, elapsed_before: float,
+                progress: bool | None) -> list[float]:
+    """Optimizer steps `start_step`..`steps`, checkpointing every `checkpoint_every`; returns each step's loss."""
     model.train()
     started = time.time()
     losses: list[float] = []
@@ -409,18 +304,20 @@ def pretrain(config: PretrainConfig, progress: bool | None = None) -> Path:
             print(f"step {done}/{config.steps} loss {recent:.4f} lr {_learning_rate(step, config):.2e} "
                   f"{rate:.0f} tokens/s elapsed {elapsed_before + seconds:.0f}s", flush=True)
         if done % config.checkpoint_every == 0 and done < config.steps:
-            _save_checkpoint(checkpoint_folder, model, optimizer, done, generator, config,
+            _save_checkpoint(config.checkpoint_path, model, optimizer, done, generator, config,
                              elapsed_before + time.time() - started)
+    return losses
 
-    model.eval()
+
+def _summary(config: PretrainConfig, parameters: int, train_tokens: int, losses: list[float], seconds: float) -> dict:
     summary = {
         "config": dataclasses.asdict(config),
         "parameters": parameters,
-        "train_tokens": int(tokens.numel()),
+        "train_tokens": train_tokens,
         # mean training loss of every `log_every` steps of this run (a resumed run starts at its checkpoint)
         "loss_curve": [round(sum(chunk) / len(chunk), 4) for chunk in
                        (losses[i : i + config.log_every] for i in range(0, len(losses), config.log_every))],
-        "wall_seconds": round(elapsed_before + time.time() - started, 1),
+        "wall_seconds": round(seconds, 1),
         "torch": torch.__version__,
         "python": sys.version.split()[0],
     }
@@ -428,6 +325,57 @@ def pretrain(config: PretrainConfig, progress: bool | None = None) -> Path:
     summary["config"]["checkpoint_dir"] = None
     if config.init_from is not None:
         summary["config"]["init_from"] = Path(config.init_from).name
+    return summary
+
+
+def _write_output(output: Path, model, tokenizer, summary: dict) -> None:
+    """The HF model folder, written aside and swapped in, so `output` is never half-written."""
+    with atomic_path(output) as staging:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        (staging / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+
+
+def pretrain(config: PretrainConfig, progress: bool | None = None) -> Path:
+    """Run the pretraining described by `config`; returns the output folder (HF model + tokenizer).
+
+    Resumes from `<checkpoint_dir>/checkpoint.pt` when it was written by the same configuration.
+    """
+    config.validate()
+    output = Path(config.output)
+    if output.exists() and not output.is_dir():
+        raise RopescopeError(f"output={str(output)!r} exists and is not a folder")
+    documents = load_corpus(config.corpus, split="train")
+    torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    config.checkpoint_path.mkdir(parents=True, exist_ok=True)
+    saved_state = _load_checkpoint(config)
+    tokenizer = _setup_tokenizer(config, documents, resuming=saved_state is not None)
+    tokens = _setup_tokens(tokenizer, documents, config.context_length)
+    model, optimizer = _setup_model(config, tokenizer)
+
+    generator = torch.Generator().manual_seed(config.seed)
+    start_step, elapsed_before = 0, 0.0
+    if saved_state is not None:
+        model.load_state_dict(saved_state["model"])
+        optimizer.load_state_dict(saved_state["optimizer"])
+        generator.set_state(saved_state["generator"])
+        torch.set_rng_state(saved_state["torch_rng"])
+        start_step, elapsed_before = saved_state["step"], saved_state["elapsed_seconds"]
+        print(f"resuming from step {start_step} ({config.checkpoint_path / CHECKPOINT_FILE})", flush=True)
+    del saved_state
+
+    parameters = sum(p.numel() for p in model.parameters())
+    print(
+        f"pretraining {parameters / 1e6:.2f}M parameters on {tokens.numel()} train tokens, "
+        f"{config.steps} steps of {config.batch_size}x{config.context_length} tokens",
+        flush=True,
+    )
+    started = time.time()
+    losses = _train_loop(config, model, optimizer, tokens, PasskeyPrompts(tokenizer), generator, start_step,
+                         elapsed_before, progress)
+    model.eval()
+    summary = _summary(config, parameters, int(tokens.numel()), losses, elapsed_before + time.time() - started)
     _write_output(output, model, tokenizer, summary)
-    shutil.rmtree(checkpoint_folder, ignore_errors=True)
+    shutil.rmtree(config.checkpoint_path, ignore_errors=True)
     return output

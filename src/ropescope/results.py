@@ -3,21 +3,65 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import os
+import shutil
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterable, Iterator, Mapping
 
 from ropescope.errors import RopescopeError
 
 
-def write_atomically(path: str | Path, text: str) -> Path:
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A fresh temporary path beside `path` to write to; renamed onto `path` when the block ends without error.
+
+    The temporary name is unique (tempfile), so two runs writing the same file never share it; on error it is
+    removed and `path` is left as it was. Works for a file or a folder (a writer such as save_pretrained that
+    creates the folder itself): an existing folder at `path` is replaced whole.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
-    return path
+    # mkdtemp reserves the name; the writer gets a path inside no one else uses, then we rename it out.
+    holder = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    temporary = holder / path.name
+    try:
+        yield temporary
+        if temporary.is_dir() and path.is_dir():
+            # os.replace cannot put a folder over a non-empty folder: move the old one aside first.
+            retired = holder / (path.name + ".old")
+            os.replace(path, retired)
+        os.replace(temporary, path)
+    finally:
+        shutil.rmtree(holder, ignore_errors=True)
+
+
+def write_atomically(path: str | Path, content: str | bytes) -> Path:
+    """Write text or bytes to `path` through a unique temporary file in the same folder, then rename."""
+    with atomic_path(path) as temporary:
+        if isinstance(content, bytes):
+            temporary.write_bytes(content)
+        else:
+            temporary.write_text(content, encoding="utf-8")
+    return Path(path)
+
+
+def run_identity(config, ignore: Iterable[str] = (), **extra) -> dict:
+    """What makes two runs the same run: a config dataclass's fields but `ignore`d ones (those that do not change
+    what the run computes), plus `extra`, as JSON values (so a saved identity compares equal to a fresh one)."""
+    fields = {key: value for key, value in dataclasses.asdict(config).items() if key not in set(ignore)}
+    return json.loads(json.dumps({**fields, **extra}, default=str))
+
+
+def run_differences(saved: Mapping, current: Mapping, ignore: Iterable[str] = ()) -> list[str]:
+    """The keys, sorted, whose values differ between two run identities (a missing key counts as None), `ignore`d
+    keys aside; empty when both name the same run."""
+    ignore = set(ignore)
+    return sorted(key for key in set(saved) | set(current) if key not in ignore and saved.get(key) != current.get(key))
 
 
 def write_csv(rows: list[dict], path: str | Path) -> Path:

@@ -17,24 +17,26 @@ needs nothing but the step to find its place in the data.
 from __future__ import annotations
 
 import csv
-import dataclasses
+import io
 import json
-import math
 import os
 import shutil
 import time
-from contextlib import nullcontext
-from dataclasses import dataclass
+from contextlib import ExitStack, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ropescope.errors import RopescopeError
+from ropescope.nll import answer_nll, next_token_nll
+from ropescope.results import atomic_path, run_differences, run_identity, write_atomically
+from ropescope.schedule import SCHEDULES, learning_rate
 
-SCHEDULES = ("cosine", "linear", "constant")
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]  # the attention projections, where RoPE acts
 METRICS_FIELDS = ["step", "loss", "lr", "tokens_per_s"]
+ANSWER_LOSS_WEIGHT = 1.0  # the weight of the passkey answer loss, as in `ropescope pretrain`
 # Fields that do not change what the run computes: a resumed run may differ in these.
 _NOT_IDENTITY = {"out", "resume", "overwrite", "progress", "checkpoint_every", "keep_checkpoints", "batch_size"}
 
@@ -71,6 +73,10 @@ class TrainConfig:
     resume: bool = False  # continue the run in `out` from its newest checkpoint
     overwrite: bool = False  # replace the run in `out`
     progress: bool | None = None  # tqdm bar; None = only on a terminal
+    retrieval_mix: float = field(default=0.0, metadata={"help": (
+        "fraction of training blocks replaced by synthetic passkey examples of the training length (the generator "
+        "`ropescope pretrain` uses), with an extra loss on the answer tokens; keeps retrieval through the "
+        "fine-tune. 0 = plain text only")})
 
 
 def validate(config: TrainConfig) -> None:
@@ -103,20 +109,16 @@ def validate(config: TrainConfig) -> None:
         raise RopescopeError(f"keep_checkpoints={config.keep_checkpoints} must be >= 1")
     if config.original_length is not None and config.original_length <= 0:
         raise RopescopeError(f"original_length={config.original_length} is not a positive integer")
+    if not 0 <= config.retrieval_mix < 1:
+        raise RopescopeError(f"retrieval_mix={config.retrieval_mix} is outside [0, 1)")
     if config.resume and config.overwrite:
         raise RopescopeError("resume and overwrite both set; pass one: resume continues the run, overwrite replaces it")
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warm-up, then cosine/linear decay or constant."""
-    if step < config.warmup_steps:
-        return config.learning_rate * (step + 1) / config.warmup_steps
-    if config.schedule == "constant":
-        return config.learning_rate
-    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-    decay = 0.5 * (1 + math.cos(math.pi * progress)) if config.schedule == "cosine" else 1 - progress
-    floor = config.min_lr_ratio * config.learning_rate
-    return floor + (config.learning_rate - floor) * decay
+    """Learning rate for optimizer step `step` (0-based): `ropescope.schedule.learning_rate` with the run's settings."""
+    return learning_rate(step, config.learning_rate, config.steps, config.warmup_steps, config.min_lr_ratio,
+                         config.schedule)
 
 
 class _LrMultiplier:
@@ -142,19 +144,25 @@ class _TrainState:
         self.step = int(state["step"])
 
 
-def block_indices(step: int, micro_step: int, process_index: int, num_blocks: int, config: TrainConfig,
-                  num_processes: int, generator_cache: dict | None = None) -> list[int]:
-    """Corpus block indices one process trains on at (step, micro_step).
+def block_slots(step: int, micro_step: int, process_index: int, config: TrainConfig, num_processes: int) -> range:
+    """The positions in the endless block stream one process trains on at (step, micro_step).
 
-    Global batch `step` is slots [step * G, (step + 1) * G) of an endless stream of seeded per-epoch shuffles of
-    the `num_blocks` blocks, G = batch_size * num_processes * grad_accum; the process's slice of it depends on
-    (micro_step, process_index) only, so the set of blocks per step does not depend on the process count.
+    Global batch `step` is slots [step * G, (step + 1) * G), G = batch_size * num_processes * grad_accum; the
+    process's slice of it depends on (micro_step, process_index) only, so the set of slots per step does not
+    depend on the process count.
     """
     global_batch = config.batch_size * num_processes * config.grad_accum
     first = step * global_batch + (micro_step * num_processes + process_index) * config.batch_size
+    return range(first, first + config.batch_size)
+
+
+def block_indices(step: int, micro_step: int, process_index: int, num_blocks: int, config: TrainConfig,
+                  num_processes: int, generator_cache: dict | None = None) -> list[int]:
+    """Corpus block indices one process trains on at (step, micro_step): its `block_slots` in an endless stream
+    of seeded per-epoch shuffles of the `num_blocks` blocks."""
     cache = generator_cache if generator_cache is not None else {}
     indices = []
-    for slot in range(first, first + config.batch_size):
+    for slot in block_slots(step, micro_step, process_index, config, num_processes):
         epoch, position = divmod(slot, num_blocks)
         if epoch not in cache:
             generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
@@ -164,11 +172,45 @@ def block_indices(step: int, micro_step: int, process_index: int, num_blocks: in
     return indices
 
 
+def _slot_generator(seed: int, slot: int) -> torch.Generator:
+    """The random stream of one slot's passkey draw: a function of (seed, slot), apart from the block shuffles'."""
+    return torch.Generator().manual_seed((seed << 40) + (1 << 39) + slot)
+
+
+def micro_batch(blocks: torch.Tensor, slots: range, indices: list[int], config: TrainConfig,
+                passkeys=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(input_ids, is_answer) of one micro-batch: the corpus blocks `indices`, each replaced with probability
+    `retrieval_mix` (drawn per slot, so the same whatever the process count or a resume) by a passkey example of
+    `length` tokens from `passkeys` (a `PasskeyPrompts`), as `ropescope pretrain` mixes them in.
+
+    blocks: LongTensor[num_blocks, length]. Returns input_ids: LongTensor[batch_size, length] and is_answer:
+    bool [batch_size, length] marking each example's answer tokens, or None when no passkey was drawn.
+    """
+    input_ids = blocks[indices]
+    if not config.retrieval_mix:
+        return input_ids, None
+    input_ids = input_ids.clone()
+    is_answer = torch.zeros_like(input_ids, dtype=torch.bool)
+    for row, slot in enumerate(slots):
+        generator = _slot_generator(config.seed, slot)
+        if float(torch.rand((), generator=generator)) >= config.retrieval_mix:
+            continue
+        example, answer_length = passkeys.training_example(config.length, generator)
+        end = len(example)  # where the answer ends
+        if end < config.length:  # a length too short for the whole layout: corpus text fills the row
+            separator = [] if passkeys.eos is None else [passkeys.eos]
+            example = example + separator + input_ids[row, : config.length - end - len(separator)].tolist()
+        input_ids[row] = torch.tensor(example, dtype=torch.long)
+        is_answer[row, end - answer_length : end] = True
+    return input_ids, (is_answer if is_answer.any() else None)
+
+
 def _identity(config: TrainConfig, global_batch: int) -> dict:
     """What makes two runs the same run: every field that changes the computation, with the global batch."""
-    fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in _NOT_IDENTITY}
-    fields["global_batch"] = global_batch
-    return json.loads(json.dumps(fields, default=str))
+    identity = run_identity(config, ignore=_NOT_IDENTITY, global_batch=global_batch)
+    if not config.retrieval_mix:
+        del identity["retrieval_mix"]  # a run without it is the same run as before the option existed
+    return identity
 
 
 def _check_out(config: TrainConfig, identity: dict) -> None:
@@ -184,7 +226,7 @@ def _check_out(config: TrainConfig, identity: dict) -> None:
     if config.overwrite:
         return
     previous = json.loads(run_file.read_text())["config"]
-    differences = sorted(k for k in set(previous) | set(identity) if previous.get(k) != identity.get(k))
+    differences = run_differences(previous, identity)
     if differences:
         detail = ", ".join(f"{k}={previous.get(k)!r} there vs {identity.get(k)!r} here" for k in differences[:3])
         raise RopescopeError(f"out={out} holds a different run ({detail}); pass overwrite to replace it, "
@@ -228,25 +270,19 @@ def _newest_checkpoint(out: Path) -> Path | None:
 
 def _save_checkpoint(accelerator, out: Path, step: int, keep: int) -> None:
     """Save model, optimizer, scheduler, RNG and loop state for `step`, atomically: a temp folder, then rename."""
+    from accelerate.utils import broadcast_object_list
+
     folder = out / "checkpoints" / f"step-{step:08d}"
-    temporary = out / "checkpoints" / f".tmp-step-{step:08d}"
+    with ExitStack() as stack:
+        # The main process picks the unique temporary folder; every process writes its part there.
+        temporary = [stack.enter_context(atomic_path(folder)) if accelerator.is_main_process else None]
+        temporary = broadcast_object_list(temporary)[0]
+        accelerator.save_state(str(temporary))
+        accelerator.wait_for_everyone()  # every process has written its part (its RNG state, its FSDP shard)
     if accelerator.is_main_process:
-        shutil.rmtree(temporary, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(temporary))
-    accelerator.wait_for_everyone()  # every process has written its part (its RNG state, its FSDP shard)
-    if accelerator.is_main_process:
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(temporary, folder)
         for old in sorted((out / "checkpoints").glob("step-*"))[:-keep]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
 
 
 def _metrics_rows(path: Path, up_to_step: int) -> list[dict]:
@@ -258,12 +294,11 @@ def _metrics_rows(path: Path, up_to_step: int) -> list[dict]:
 
 def _start_metrics(path: Path, keep_rows: list[dict]):
     """Rewrite metrics.csv with the rows the resumed state has already produced; return it open for appending."""
-    temporary = path.with_name(path.name + ".tmp")
-    with temporary.open("w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=METRICS_FIELDS)
-        writer.writeheader()
-        writer.writerows(keep_rows)
-    os.replace(temporary, path)
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=METRICS_FIELDS)
+    writer.writeheader()
+    writer.writerows(keep_rows)
+    write_atomically(path, buffer.getvalue())
     return path.open("a", newline="")
 
 
@@ -274,57 +309,45 @@ def _mixed_precision(config: TrainConfig) -> str:
     return "bf16" if on_gpu and torch.cuda.is_bf16_supported() else "no"
 
 
-def train(config: TrainConfig) -> Path:
-    """Fine-tune `config.model` with the extension `config.method` at `config.length`; return the run folder.
-
-    Runs as it is on one process, and under `accelerate launch` on many (DDP or FSDP, as accelerate is set up).
-    """
+def _setup_accelerator(config: TrainConfig):
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from tqdm import tqdm
-    from transformers import AutoConfig, AutoTokenizer
 
-    from ropescope import extend
-    from ropescope.models import load_model, resolve_model_path
-    from ropescope.patch import pretrained_rope
-    from ropescope.rope import RopeSpec, simple_spec
-
-    validate(config)
-    out = Path(config.out)
     # Launched as several processes on a machine without CUDA, accelerate would run each process alone unless
     # told it is on CPU; told, it joins them with gloo (torchrun and `accelerate launch --multi_gpu` both work).
     launched_on_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    accelerator = Accelerator(mixed_precision=_mixed_precision(config), cpu=launched_on_cpu)
-    num_processes = accelerator.num_processes
-    global_batch = config.batch_size * num_processes * config.grad_accum
-    identity = _identity(config, global_batch)
-    _check_out(config, identity)
+    return Accelerator(mixed_precision=_mixed_precision(config), cpu=launched_on_cpu)
 
-    # The extension, the data, the model: all checked before the first file is written; the model last, so
-    # a bad factor or a corpus too short for the length does not wait for a large model to load.
-    model_path = resolve_model_path(config.model)
+
+def _rope_spec(config: TrainConfig, model_path: Path):
+    from transformers import AutoConfig
+
+    from ropescope.patch import pretrained_rope
+    from ropescope.rope import RopeSpec, simple_spec
+
     if config.spec is not None:
-        spec = RopeSpec.from_dict(config.spec)
-    else:
-        # The length the model was pretrained at, even when the checkpoint already carries an extension.
-        original_length = config.original_length or pretrained_rope(AutoConfig.from_pretrained(model_path))[1]
-        spec = simple_spec(config.method, factor=config.factor, original_max_position_embeddings=original_length)
-    blocks = _training_blocks(AutoTokenizer.from_pretrained(model_path), config, global_batch)
-    set_seed(config.seed)
-    model, tokenizer = load_model(model_path)
-    extend(model, spec)
-    accelerator.wait_for_everyone()  # every process has looked at `out` before the main one changes it
+        return RopeSpec.from_dict(config.spec)
+    # The length the model was pretrained at, even when the checkpoint already carries an extension.
+    original = config.original_length or pretrained_rope(AutoConfig.from_pretrained(model_path))[1]
+    return simple_spec(config.method, factor=config.factor, original_max_position_embeddings=original)
 
+
+def _start_run_folder(accelerator, config: TrainConfig, identity: dict, spec, num_blocks: int) -> Path | None:
+    """Create (or clear, on overwrite) the run folder and write run.json; return the checkpoint to resume from."""
+    out = Path(config.out)
     resume_from = _newest_checkpoint(out) if config.resume else None
     if accelerator.is_main_process:
         if config.overwrite and out.exists():
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
         run = {"config": identity, "spec": spec.to_dict(),
-               "num_processes": num_processes, "corpus_blocks": len(blocks)}
-        _write_atomic(out / "run.json", json.dumps(run, indent=2, default=str) + "\n")
+               "num_processes": accelerator.num_processes, "corpus_blocks": num_blocks}
+        write_atomically(out / "run.json", json.dumps(run, indent=2, default=str) + "\n")
     accelerator.wait_for_everyone()
+    return resume_from
 
+
+def _prepare_model(config: TrainConfig, model):
+    """Training mode, activation checkpointing and LoRA adapters as the config asks."""
     model.train()
     model.config.use_cache = False  # no KV cache while training; put back before saving
     if config.gradient_checkpointing:
@@ -335,7 +358,11 @@ def train(config: TrainConfig) -> Path:
         lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                           target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
         model = get_peft_model(model, lora)
+    return model
 
+
+def _setup_optimizer(accelerator, config: TrainConfig, model, resume_from: Path | None):
+    """(model, optimizer, scheduler, state), prepared by accelerate and restored from `resume_from` if given."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay,
                                   betas=(0.9, 0.95))
@@ -346,16 +373,34 @@ def train(config: TrainConfig) -> Path:
     accelerator.register_for_checkpointing(scheduler, state)
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
+    return model, optimizer, scheduler, state
 
+
+def _loss(model, input_ids: torch.Tensor, is_answer: torch.Tensor | None) -> torch.Tensor:
+    """The causal-LM loss (transformers' own), plus, when the micro-batch holds passkey examples, the mean loss
+    over their answer tokens, as `ropescope pretrain` adds it (weight ANSWER_LOSS_WEIGHT)."""
+    outputs = model(input_ids=input_ids, labels=input_ids)
+    if is_answer is None:
+        return outputs.loss
+    return outputs.loss + ANSWER_LOSS_WEIGHT * answer_nll(next_token_nll(outputs.logits, input_ids), is_answer)
+
+
+def _train_loop(accelerator, config: TrainConfig, model, optimizer, scheduler, state: _TrainState,
+                blocks: torch.Tensor, passkeys, label: str) -> None:
+    """Optimizer steps from `state.step` to `config.steps`: metrics.csv, the progress bar, periodic checkpoints."""
+    from tqdm import tqdm
+
+    out = Path(config.out)
+    num_processes = accelerator.num_processes
     metrics_path = out / "metrics.csv"
     metrics_file = None
     if accelerator.is_main_process:
         metrics_file = _start_metrics(metrics_path, _metrics_rows(metrics_path, state.step))
     metrics = csv.DictWriter(metrics_file, fieldnames=METRICS_FIELDS) if metrics_file else None
 
-    tokens_per_step = global_batch * config.length
+    tokens_per_step = config.batch_size * num_processes * config.grad_accum * config.length
     show = accelerator.is_local_main_process and config.progress is not False
-    bar = tqdm(total=config.steps, initial=state.step, desc=f"train {spec.label()} @ {config.length}",
+    bar = tqdm(total=config.steps, initial=state.step, desc=f"train {label} @ {config.length}",
                disable=None if (show and config.progress is None) else not show)
     permutations: dict = {}
     last_step_end = time.perf_counter()
@@ -363,13 +408,16 @@ def train(config: TrainConfig) -> Path:
         while state.step < config.steps:
             loss_sum = torch.zeros((), device=accelerator.device)
             for micro_step in range(config.grad_accum):
+                slots = block_slots(state.step, micro_step, accelerator.process_index, config, num_processes)
                 indices = block_indices(state.step, micro_step, accelerator.process_index, len(blocks), config,
                                         num_processes, permutations)
-                input_ids = blocks[indices].to(accelerator.device, non_blocking=True)
+                input_ids, is_answer = micro_batch(blocks, slots, indices, config, passkeys)
+                input_ids = input_ids.to(accelerator.device, non_blocking=True)
+                is_answer = None if is_answer is None else is_answer.to(accelerator.device)
                 last = micro_step == config.grad_accum - 1
                 # Gradients are all-reduced only on the last micro-step: the others accumulate locally.
                 with nullcontext() if last else accelerator.no_sync(model):
-                    loss = model(input_ids=input_ids, labels=input_ids).loss
+                    loss = _loss(model, input_ids, is_answer)
                     accelerator.backward(loss / config.grad_accum)
                 loss_sum += loss.detach()
             if config.max_grad_norm:
@@ -399,8 +447,42 @@ def train(config: TrainConfig) -> Path:
         if metrics_file is not None:
             metrics_file.close()
 
-    _save_final(accelerator, model, tokenizer, out, lora=bool(config.lora_rank))
-    return out
+
+def train(config: TrainConfig) -> Path:
+    """Fine-tune `config.model` with the extension `config.method` at `config.length`; return the run folder.
+
+    Runs as it is on one process, and under `accelerate launch` on many (DDP or FSDP, as accelerate is set up).
+    """
+    from accelerate.utils import set_seed
+    from transformers import AutoTokenizer
+
+    from ropescope import extend
+    from ropescope.models import load_model, resolve_model_path
+    from ropescope.passkey_format import PasskeyPrompts
+
+    validate(config)
+    accelerator = _setup_accelerator(config)
+    global_batch = config.batch_size * accelerator.num_processes * config.grad_accum
+    identity = _identity(config, global_batch)
+    _check_out(config, identity)
+
+    # The extension, the data, the model: all checked before the first file is written; the model last, so
+    # a bad factor or a corpus too short for the length does not wait for a large model to load.
+    model_path = resolve_model_path(config.model)
+    spec = _rope_spec(config, model_path)
+    blocks = _training_blocks(AutoTokenizer.from_pretrained(model_path), config, global_batch)
+    set_seed(config.seed)
+    model, tokenizer = load_model(model_path)
+    extend(model, spec)
+    accelerator.wait_for_everyone()  # every process has looked at `out` before the main one changes it
+
+    resume_from = _start_run_folder(accelerator, config, identity, spec, len(blocks))
+    model = _prepare_model(config, model)
+    model, optimizer, scheduler, state = _setup_optimizer(accelerator, config, model, resume_from)
+    passkeys = PasskeyPrompts(tokenizer) if config.retrieval_mix else None
+    _train_loop(accelerator, config, model, optimizer, scheduler, state, blocks, passkeys, spec.label())
+    _save_final(accelerator, model, tokenizer, Path(config.out), lora=bool(config.lora_rank))
+    return Path(config.out)
 
 
 def _save_final(accelerator, model, tokenizer, out: Path, lora: bool) -> None:

@@ -7,11 +7,9 @@ per cell, each trial a different random key; greedy decoding of a few tokens, th
 from __future__ import annotations
 
 import random
-import re
 
 import torch
 
-from ropescope.errors import RopescopeError
 from ropescope.eval.cases import PromptCase
 from ropescope.eval.common import (
     check_depth,
@@ -20,7 +18,6 @@ from ropescope.eval.common import (
     check_output_path,
     check_plot_path,
     check_positive,
-    encode,
     first_integer,
     case_fields,
     retrieval_grid,
@@ -30,9 +27,7 @@ from ropescope.eval.common import (
     special_prefix,
 )
 from ropescope.results import write_rows
-from ropescope.passkey_format import FILLER, KEY_DIGITS, KEY_LINE, QUESTION
-
-FILLER_SENTENCES = [sentence + "." for sentence in re.split(r"\.\s*", FILLER) if sentence]
+from ropescope.passkey_format import KEY_DIGITS, PasskeyPrompts
 
 
 def passkey_key(trial: int, seed: int = 0) -> str:
@@ -41,60 +36,18 @@ def passkey_key(trial: int, seed: int = 0) -> str:
     return str(rng.randrange(10 ** (KEY_DIGITS - 1), 10**KEY_DIGITS))
 
 
-def _filler_sentence_ids(tokenizer) -> list[list[int]]:
-    # Each sentence with its leading space, so concatenated ids equal the tokenization of the running text.
-    return [encode(tokenizer, " " + sentence) for sentence in FILLER_SENTENCES]
-
-
 def passkey_case(tokenizer, length: int, depth_percent: float, trial: int, seed: int = 0) -> PromptCase:
     """The passkey prompt of exactly `length` tokens with the key line at `depth_percent` of the filler.
 
-    Layout: [special prefix] filler-before, key line, filler-after, question. The filler-after is whole filler
-    sentences (so the question follows a complete sentence) and the filler-before ends with a complete FILLER
-    repetition right before the key line; the filler-before is cut at its start to make the total exact, as a
-    window into a longer document would be. The key sits within one sentence of the requested depth.
+    The layout is `PasskeyPrompts.evaluation_prompt`'s, after the tokenizer's special prefix (a BOS token).
     """
     check_positive("length", length)
     check_depth(depth_percent)
     key = passkey_key(trial, seed)
-    prefix = special_prefix(tokenizer)
-    needle = encode(tokenizer, " " + KEY_LINE.format(key=key))
-    question = encode(tokenizer, " " + QUESTION)
-    filler_budget = length - len(prefix) - len(needle) - len(question)
-    if filler_budget < 0:
-        raise RopescopeError(
-            f"length={length} is too short for a passkey prompt; it needs at least {length - filler_budget} tokens"
-        )
-    sentences = _filler_sentence_ids(tokenizer)
-
-    # Filler after the key: whole sentences continuing the cycle, as many as brings the key nearest the depth.
-    target_after = filler_budget - round(filler_budget * depth_percent / 100)
-    after: list[int] = []
-    index = 0
-    while True:
-        sentence = sentences[index % len(sentences)]
-        grown = len(after) + len(sentence)
-        if grown > filler_budget or abs(grown - target_after) >= abs(len(after) - target_after):
-            break
-        after.extend(sentence)
-        index += 1
-
-    # Filler before the key: the tail of a stream of full FILLER repetitions ending at the key line.
-    before_length = filler_budget - len(after)
-    before: list[int] = []
-    while len(before) < before_length:
-        before = [token for sentence in sentences for token in sentence] + before
-    before = before[len(before) - before_length :] if before_length else []
-
-    ids = prefix + before + needle + after + question
-    needle_start = len(prefix) + len(before)
-    return PromptCase(
-        input_ids=torch.tensor(ids, dtype=torch.long),
-        answer=key,
-        needle_start=needle_start,
-        needle_end=needle_start + len(needle),
-        question_position=len(ids) - 1,
-    )
+    ids, needle_start, needle_end = PasskeyPrompts(tokenizer).evaluation_prompt(length, depth_percent, key,
+                                                                                special_prefix(tokenizer))
+    return PromptCase(input_ids=torch.tensor(ids, dtype=torch.long), answer=key, needle_start=needle_start,
+                      needle_end=needle_end, question_position=len(ids) - 1)
 
 
 def score_passkey(continuation: str, key: str) -> tuple[str | None, bool]:
@@ -128,14 +81,6 @@ def evaluate_passkey(model, tokenizer, lengths, depths=(0, 25, 50, 75, 100), tri
             "prediction": predicted if predicted is not None else continuation.strip(),
         })
     return rows
-
-
-def accuracy_by_cell(rows: list[dict]) -> dict[tuple[int, float], float]:
-    """Mean score per (length, depth_percent)."""
-    cells: dict[tuple[int, float], list[float]] = {}
-    for row in rows:
-        cells.setdefault((row["length"], row["depth_percent"]), []).append(row["score"])
-    return {cell: sum(scores) / len(scores) for cell, scores in cells.items()}
 
 
 def run_passkey(model: str = "default", lengths=(256, 512, 1024), depths=(0, 25, 50, 75, 100), trials: int = 5,

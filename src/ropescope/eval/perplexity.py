@@ -30,6 +30,7 @@ from ropescope.eval.common import (
     load_tokenizer,
     special_prefix,
 )
+from ropescope.nll import token_nll
 from ropescope.results import write_rows
 
 PROTOCOLS = ("truncated", "sliding")
@@ -48,10 +49,7 @@ def chunked_nll(hidden: torch.Tensor, targets: torch.Tensor, output_head, chunk_
         logits = output_head(hidden[start : start + chunk_size]).float()
         if logit_transform is not None:
             logits = logit_transform(logits)
-        # cross_entropy is the fused log-softmax + pick that the transformers loss uses too
-        nll = torch.nn.functional.cross_entropy(logits, targets[start : start + chunk_size].to(logits.device),
-                                                reduction="sum")
-        total += nll.double().cpu()
+        total += token_nll(logits, targets[start : start + chunk_size], reduction="sum").double().cpu()
     return float(total)
 
 

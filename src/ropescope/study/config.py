@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tomllib
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import Field, asdict, dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -15,13 +15,11 @@ from typing import Any
 from ropescope.errors import RopescopeError
 from ropescope.rope import METHODS, RopeSpec
 
-ORIGINAL = "original"  # the variant that is the pretrained model as it is
-
-
 @dataclass(frozen=True)
 class ModelSection:
     path: str = "default"
-    pretrained_length: int | None = None  # None: the model's max_position_embeddings
+    # the pretrained context length; None: the model's max_position_embeddings
+    original_max_position_embeddings: int | None = None
 
 
 @dataclass(frozen=True)
@@ -36,6 +34,8 @@ class TrainingSection:
     tokens_per_step: int = 8192  # the batch is tokens_per_step // length blocks, so lengths see equal tokens
     learning_rate: float = 1e-3
     warmup_steps: int = 3
+    # the fraction of training blocks that are synthetic passkey examples instead of corpus text
+    retrieval_mix: float = field(default=0.0, metadata={"check": "fraction"})
     include_untrained: bool = True  # also evaluate each extension applied without training ("NAME@0")
 
 
@@ -55,6 +55,21 @@ class AnalysisSection:
     pattern_length: int = 1024  # the extended length whose attention pattern is compared with the pretrained one
 
 
+EXECUTORS = ("local", "ray")
+RESOURCE_KEYS = ("num_cpus", "num_gpus", "memory", "resources")  # Ray's task options
+
+
+@dataclass(frozen=True)
+class ExecutionSection:
+    """How cells run; never part of a cell's fingerprint (the rows do not depend on it)."""
+
+    executor: str = field(default="local", metadata={"check": "executor"})  # local: one after another here
+    address: str | None = None  # Ray cluster address ("auto", "ray://host:10001"); None: RAY_ADDRESS or a local one
+    max_retries: int = field(default=2, metadata={"check": "count"})  # reruns of a cell whose worker or node died
+    # per stage name, Ray task options: {"train": {"num_gpus": 1}}; Ray's default is one CPU per task
+    resources: dict[str, dict] = field(default_factory=dict, metadata={"check": "resources"})
+
+
 @dataclass(frozen=True)
 class StudyConfig:
     model: ModelSection = field(default_factory=ModelSection)
@@ -63,6 +78,7 @@ class StudyConfig:
     training: TrainingSection = field(default_factory=TrainingSection)
     evaluation: EvaluationSection = field(default_factory=EvaluationSection)
     analysis: AnalysisSection = field(default_factory=AnalysisSection)
+    execution: ExecutionSection = field(default_factory=ExecutionSection)
     seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -106,15 +122,37 @@ def _section(cls, data: Any, name: str, source: str):
             raise RopescopeError(f"{source}: unknown key '{name}.{key}'; accepted: {', '.join(accepted)}")
     values = {}
     for key, value in data.items():
-        values[key] = _checked(f"{name}.{key}", value, accepted[key].type, source)
+        values[key] = _checked(f"{name}.{key}", value, accepted[key], source)
     return cls(**values)
 
 
-def _checked(key: str, value: Any, type_name: str, source: str) -> Any:
-    """Check one value against its declared type (written as a string under `from __future__ import annotations`)."""
+def _checked(key: str, value: Any, declared: Field, source: str) -> Any:
+    """Check one value against its field's declared type (a string under `from __future__ import annotations`)
+    or its `check` metadata."""
     def fail(expected: str):
         raise RopescopeError(f"{source}: '{key}' = {value!r} must be {expected}")
 
+    type_name, check = declared.type, declared.metadata.get("check")
+    if check == "fraction":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+            fail("a number in [0, 1)")
+        return float(value)
+    if check == "executor":
+        if value not in EXECUTORS:
+            fail(f"one of {', '.join(EXECUTORS)}")
+        return value
+    if check == "count":
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            fail("a non-negative integer")
+        return value
+    if check == "resources":
+        if not isinstance(value, dict):
+            fail("a table of stage name = {num_cpus = ..., num_gpus = ...}")
+        return {stage: _stage_resources(f"{key}.{stage}", options, source) for stage, options in value.items()}
+    if type_name == "str | None":
+        if not isinstance(value, str) or not value:
+            fail("a non-empty string")
+        return value
     if type_name in ("int", "int | None"):
         if value is None and "None" in type_name:
             return None
@@ -150,7 +188,31 @@ def _checked(key: str, value: Any, type_name: str, source: str) -> Any:
     raise AssertionError(f"no checker for {type_name}")  # a field type this parser does not know: a bug
 
 
-def _methods(data: Any, pretrained_length: int | None, source: str) -> dict[str, RopeSpec]:
+def _stage_resources(key: str, options: Any, source: str) -> dict:
+    """One stage's Ray task options: num_cpus and num_gpus (fractions allowed), memory in bytes, custom
+    resources by name."""
+    def amount(value: Any) -> bool:
+        return not isinstance(value, bool) and isinstance(value, (int, float)) and value >= 0
+
+    if not isinstance(options, dict):
+        raise RopescopeError(f"{source}: '{key}' = {options!r} must be a table with keys among "
+                             f"{', '.join(RESOURCE_KEYS)}")
+    for name, value in options.items():
+        if name not in RESOURCE_KEYS:
+            raise RopescopeError(f"{source}: unknown key '{key}.{name}'; accepted: {', '.join(RESOURCE_KEYS)}")
+        if name == "memory":
+            valid, expected = amount(value) and isinstance(value, int), "a whole number of bytes"
+        elif name == "resources":
+            valid = isinstance(value, dict) and all(map(amount, value.values()))
+            expected = "a table of custom resource = amount"
+        else:
+            valid, expected = amount(value), "a non-negative number"
+        if not valid:
+            raise RopescopeError(f"{source}: '{key}.{name}' = {value!r} must be {expected}")
+    return dict(options)
+
+
+def _methods(data: Any, original_max_position_embeddings: int, source: str) -> dict[str, RopeSpec]:
     if not isinstance(data, dict) or not data:
         raise RopescopeError(f"{source}: [methods] needs at least one [methods.NAME] table with a 'method' key")
     methods = {}
@@ -161,8 +223,8 @@ def _methods(data: Any, pretrained_length: int | None, source: str) -> dict[str,
             raise RopescopeError(f"{source}: method name {name!r} may not contain '@'")
         params = {key: value for key, value in table.items() if key != "method"}
         accepted = METHODS.get(table["method"], None)
-        if accepted and "original_max_position_embeddings" in accepted.params and pretrained_length:
-            params.setdefault("original_max_position_embeddings", pretrained_length)
+        if accepted and "original_max_position_embeddings" in accepted.params:
+            params.setdefault("original_max_position_embeddings", original_max_position_embeddings)
         try:
             methods[name] = RopeSpec(table["method"], **params)
         except RopescopeError as error:
@@ -175,24 +237,25 @@ def _model_length(model: str, source: str) -> int:
 
     config = json.loads((resolve_model_path(model) / "config.json").read_text())
     if not isinstance(config.get("max_position_embeddings"), int):
-        raise RopescopeError(f"{source}: set 'model.pretrained_length': the model config does not give it")
+        raise RopescopeError(
+            f"{source}: set 'model.original_max_position_embeddings': the model config does not give it")
     return config["max_position_embeddings"]
 
 
 def parse_config(data: dict, source: str = "study config") -> StudyConfig:
     sections = {"model": ModelSection, "corpus": CorpusSection, "training": TrainingSection,
-                "evaluation": EvaluationSection, "analysis": AnalysisSection}
+                "evaluation": EvaluationSection, "analysis": AnalysisSection, "execution": ExecutionSection}
     accepted = [*sections, "methods", "seed"]
     for key in data:
         if key not in accepted:
             raise RopescopeError(f"{source}: unknown key {key!r}; accepted: {', '.join(accepted)}")
     parsed = {name: _section(cls, data.get(name, {}), name, source) for name, cls in sections.items()}
-    if parsed["model"].pretrained_length is None:
+    if parsed["model"].original_max_position_embeddings is None:
         parsed["model"] = ModelSection(parsed["model"].path, _model_length(parsed["model"].path, source))
     seed = data.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise RopescopeError(f"{source}: 'seed' = {seed!r} must be a non-negative integer")
-    methods = _methods(data.get("methods"), parsed["model"].pretrained_length, source)
+    methods = _methods(data.get("methods"), parsed["model"].original_max_position_embeddings, source)
     if parsed["analysis"].pattern_length not in parsed["analysis"].entropy_lengths:
         raise RopescopeError(
             f"{source}: 'analysis.pattern_length' = {parsed['analysis'].pattern_length} must be one of "

@@ -1,56 +1,98 @@
-"""One function per study stage: `stage(study, variant) -> rows`. Each composes library functions only."""
+"""The study's stages, registered once, in the order they run: `STAGES`.
+
+A `Stage` declares its name, the stages whose cells (of the same variant) it needs first, the config values its
+result depends on (`settings`: these, and the cells it requires, make a cell's fingerprint), and
+`run(context, variant) -> rows`. Each run composes library functions only. Adding a stage is one function and
+one entry in `STAGES`.
+"""
 
 from __future__ import annotations
 
 import csv
+from collections.abc import Callable
+from dataclasses import dataclass
 
-from ropescope.study.runner import Study, Variant
+from ropescope.study.config import StudyConfig
+from ropescope.study.context import ORIGINAL_VARIANT, StageContext, Variant
 
 
-def train(study: Study, variant: Variant) -> list[dict]:
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    run: Callable[[StageContext, Variant], list[dict]]
+    settings: Callable[[StudyConfig, Variant], dict]  # exactly the config values the stage's rows depend on
+    requires: tuple[str, ...] = ()  # stages whose cell of the same variant must finish first (when it has one)
+    fine_tuned_only: bool = False  # the stage has a cell only for fine-tuned variants
+    writes_checkpoint: bool = False  # its cell is finished only while the variant's checkpoint exists
+
+    def applies(self, variant: Variant) -> bool:
+        return variant.fine_tuned or not self.fine_tuned_only
+
+
+def train_settings(config: StudyConfig, variant: Variant) -> dict:
+    training = config.training
+    return {"length": variant.train_length, "steps": training.steps, "tokens_per_step": training.tokens_per_step,
+            "learning_rate": training.learning_rate, "warmup_steps": training.warmup_steps,
+            "retrieval_mix": training.retrieval_mix}
+
+
+def train(context: StageContext, variant: Variant) -> list[dict]:
     """Continual pretraining of the extension at `variant.train_length`; rows are the training curve."""
     from ropescope.train import TrainConfig
     from ropescope.train import train as run_training
 
-    settings = study.config.training
-    out = study.checkpoint_dir(variant)
+    settings = context.config.training
+    out = context.checkpoint_dir(variant)
+    # TrainConfig gains retrieval_mix with the retrieval-mix training change; until then only a nonzero mix is passed
+    mix = {"retrieval_mix": settings.retrieval_mix} if settings.retrieval_mix else {}
     run_training(TrainConfig(
-        model=study.config.model.path,
+        model=context.config.model.path,
         spec=variant.spec.to_dict(),
         length=variant.train_length,
         steps=settings.steps,
-        corpus=None if study.config.corpus.path == "default" else study.config.corpus.path,
+        corpus=context.corpus,
         batch_size=max(1, settings.tokens_per_step // variant.train_length),
         learning_rate=settings.learning_rate,
         warmup_steps=settings.warmup_steps,
-        seed=study.config.seed,
+        seed=context.config.seed,
         out=str(out),
         overwrite=True,
-        progress=study.progress,
+        progress=context.progress,
+        **mix,
     ))
     with (out / "metrics.csv").open(newline="") as handle:
         return [{key: float(value) for key, value in row.items() if value != ""} for row in csv.DictReader(handle)]
 
 
-def perplexity(study: Study, variant: Variant) -> list[dict]:
+def perplexity_settings(config: StudyConfig, variant: Variant) -> dict:
+    return {"lengths": config.evaluation.perplexity_lengths, "documents": config.evaluation.perplexity_documents}
+
+
+def perplexity(context: StageContext, variant: Variant) -> list[dict]:
     from ropescope.eval.perplexity import evaluate_perplexity
 
-    model, tokenizer = study.load(variant)
-    settings = study.config.evaluation
+    model, tokenizer = context.load(variant)
+    settings = context.config.evaluation
     return evaluate_perplexity(
-        model, tokenizer, study.documents("validation"), settings.perplexity_lengths, protocols=("truncated",),
-        max_documents=settings.perplexity_documents, progress=study.progress,
+        model, tokenizer, context.documents("validation"), settings.perplexity_lengths, protocols=("truncated",),
+        max_documents=settings.perplexity_documents, progress=context.progress,
     )
 
 
-def passkey(study: Study, variant: Variant) -> list[dict]:
+def passkey_settings(config: StudyConfig, variant: Variant) -> dict:
+    evaluation = config.evaluation
+    return {"lengths": evaluation.passkey_lengths, "depths": evaluation.passkey_depths,
+            "trials": evaluation.passkey_trials}
+
+
+def passkey(context: StageContext, variant: Variant) -> list[dict]:
     from ropescope.eval.passkey import evaluate_passkey
 
-    model, tokenizer = study.load(variant)
-    settings = study.config.evaluation
+    model, tokenizer = context.load(variant)
+    settings = context.config.evaluation
     return evaluate_passkey(
         model, tokenizer, settings.passkey_lengths, settings.passkey_depths, trials=settings.passkey_trials,
-        seed=study.config.seed, progress=study.progress,
+        seed=context.config.seed, progress=context.progress,
     )
 
 
@@ -58,50 +100,73 @@ def _with_position(rows: list[dict]) -> list[dict]:
     return [{**row, "position": (row["position_start"] + row["position_end"] - 1) / 2} for row in rows]
 
 
-def entropy(study: Study, variant: Variant) -> list[dict]:
+def entropy_settings(config: StudyConfig, variant: Variant) -> dict:
+    return {"lengths": config.analysis.entropy_lengths, "samples": config.analysis.entropy_samples}
+
+
+def entropy(context: StageContext, variant: Variant) -> list[dict]:
     """Attention entropy per layer, head and query-position bin at each analysis length."""
     from ropescope.attention.profiles import entropy_profile
 
-    model, tokenizer = study.load(variant)
-    settings = study.config.analysis
+    model, tokenizer = context.load(variant)
+    settings = context.config.analysis
     rows = []
     for length in settings.entropy_lengths:
-        samples = study.samples(tokenizer, length, settings.entropy_samples)
+        samples = context.samples(tokenizer, length, settings.entropy_samples)
         rows += _with_position(entropy_profile(model, samples, position_bin_size=max(1, length // 32),
-                                               progress=study.progress))
+                                               progress=context.progress))
     return rows
 
 
-def patterns(study: Study, variant: Variant) -> list[dict]:
+def patterns_settings(config: StudyConfig, variant: Variant) -> dict:
+    # the original model at its pretrained length (model.original_max_position_embeddings) is the reference
+    return {"pattern_length": config.analysis.pattern_length, "samples": config.analysis.entropy_samples}
+
+
+def patterns(context: StageContext, variant: Variant) -> list[dict]:
     """Attention against key distance at the pretrained and the extended length, and how well the variant keeps
     the pattern: the reference is the original model at its pretrained length (the paper's Figure 2(a))."""
     from ropescope.attention.patterns import distance_distribution, pattern_preservation
 
-    pretrained_length = study.config.model.pretrained_length
-    extended_length = study.config.analysis.pattern_length
-    count = study.config.analysis.entropy_samples
-    original, tokenizer = study.load(study.original_variant())
-    reference = distance_distribution(original, study.samples(tokenizer, pretrained_length, count),
-                                      pretrained_length=pretrained_length, progress=study.progress)
-    model, tokenizer = study.load(variant)
-    at_pretrained = distance_distribution(model, study.samples(tokenizer, pretrained_length, count),
-                                          pretrained_length=pretrained_length, progress=study.progress)
-    extended = distance_distribution(model, study.samples(tokenizer, extended_length, count),
-                                     pretrained_length=pretrained_length, progress=study.progress)
+    pretrained_length = context.config.model.original_max_position_embeddings
+    extended_length = context.config.analysis.pattern_length
+    count = context.config.analysis.entropy_samples
+    original, tokenizer = context.load(ORIGINAL_VARIANT)
+    reference = distance_distribution(original, context.samples(tokenizer, pretrained_length, count),
+                                      pretrained_length=pretrained_length, progress=context.progress)
+    model, tokenizer = context.load(variant)
+    at_pretrained = distance_distribution(model, context.samples(tokenizer, pretrained_length, count),
+                                          pretrained_length=pretrained_length, progress=context.progress)
+    extended = distance_distribution(model, context.samples(tokenizer, extended_length, count),
+                                     pretrained_length=pretrained_length, progress=context.progress)
     preservation = [row for row in pattern_preservation(reference, extended) if row["layer"] != "mean"]
     return ([{**row, "row_type": "distribution"} for row in at_pretrained + extended]
             + [{**row, "row_type": "preservation"} for row in preservation])
 
 
-def uncertainty(study: Study, variant: Variant) -> list[dict]:
+def no_settings(config: StudyConfig, variant: Variant) -> dict:
+    return {}
+
+
+def uncertainty(context: StageContext, variant: Variant) -> list[dict]:
     """The answering query's attention entropy and needle mass for every passkey cell of this variant."""
     from ropescope.attention.uncertainty import rebuild_cases, retrieval_attention
 
-    evaluated = [row for row in study.store.rows("passkey") if row["variant"] == variant.name]
-    if not evaluated:
-        raise RuntimeError(f"no passkey rows for {variant.name}: its passkey cell has not finished")
-    model, tokenizer = study.load(variant)
-    cases = rebuild_cases(tokenizer, evaluated, seed=study.config.seed)
+    evaluated = context.required_rows("passkey", variant)
+    model, tokenizer = context.load(variant)
+    cases = rebuild_cases(tokenizer, evaluated, seed=context.config.seed)
     fields = ("length", "depth_percent", "trial", "correct", "entropy", "needle_mass", "entropy_max")
     return [{key: row[key] for key in fields}
-            for row in retrieval_attention(model, cases, evaluated, progress=study.progress)]
+            for row in retrieval_attention(model, cases, evaluated, progress=context.progress)]
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("train", train, train_settings, fine_tuned_only=True, writes_checkpoint=True),
+    Stage("perplexity", perplexity, perplexity_settings, requires=("train",)),
+    Stage("passkey", passkey, passkey_settings, requires=("train",)),
+    Stage("entropy", entropy, entropy_settings, requires=("train",)),
+    Stage("patterns", patterns, patterns_settings, requires=("train",)),
+    # its settings are the passkey cell's: they reach the fingerprint through `requires`
+    Stage("uncertainty", uncertainty, no_settings, requires=("train", "passkey")),
+)
+STAGE_NAMES: tuple[str, ...] = tuple(stage.name for stage in STAGES)

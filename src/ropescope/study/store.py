@@ -9,6 +9,8 @@ import sqlite3
 import time
 from pathlib import Path
 
+DATABASE = "results.sqlite"  # the results database's file name inside a study folder
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS cells (
     cell TEXT PRIMARY KEY,      -- e.g. 'passkey/yarn@1024'
@@ -32,7 +34,8 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 
 
 class ResultStore:
-    """`ResultStore(path)`; `is_done(cell, config_hash)`, `record(...)`, `record_failure(...)`, `rows(kind)`."""
+    """`ResultStore(path)`; `is_done(cell, config_hash)`, `record(...)`, `record_failure(...)`, `rows(kind)`,
+    `cell_rows(cell)`."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -76,6 +79,11 @@ class ResultStore:
                 "INSERT OR REPLACE INTO cells VALUES (?, ?, ?, ?, 'failed', ?, ?, ?)",
                 (cell, kind, variant, config_hash, error, seconds, time.time()),
             )
+
+    def cell_rows(self, cell: str) -> list[dict]:
+        """The rows of one recorded cell, in the order they were recorded."""
+        cursor = self.connection.execute("SELECT data FROM rows WHERE cell = ? ORDER BY rowid", (cell,))
+        return [json.loads(data) for (data,) in cursor]
 
     def rows(self, kind: str) -> list[dict]:
         cursor = self.connection.execute("SELECT data FROM rows WHERE kind = ? ORDER BY rowid", (kind,))

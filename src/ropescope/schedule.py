@@ -1,0 +1,24 @@
+"""The learning-rate schedule of every training loop (`ropescope train`, `ropescope pretrain`)."""
+
+from __future__ import annotations
+
+import math
+
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+def learning_rate(step: int, peak: float, total_steps: int, warmup_steps: int = 0, min_ratio: float = 0.1,
+                  shape: str = "cosine") -> float:
+    """The learning rate of optimizer step `step` (0-based) of `total_steps`.
+
+    Linear warm-up to `peak` over `warmup_steps` steps, then `shape`: cosine or linear decay from `peak` to
+    `min_ratio * peak` at the last step, or constant at `peak`.
+    """
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    if shape == "constant":
+        return peak
+    progress = min((step - warmup_steps) / max(1, total_steps - warmup_steps), 1.0)
+    decay = 0.5 * (1 + math.cos(math.pi * progress)) if shape == "cosine" else 1 - progress
+    floor = min_ratio * peak
+    return floor + (peak - floor) * decay

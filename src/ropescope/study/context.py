@@ -1,0 +1,121 @@
+"""What a study stage works on: the `Variant` it evaluates and the `StageContext` it runs in (the config, the
+output folder, model loading, evaluation samples and the rows of the cells it requires). Stages and the runner
+both import this module; it imports neither.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import TypedDict
+
+from ropescope.errors import RopescopeError
+from ropescope.rope import RopeSpec
+from ropescope.study.config import StudyConfig
+
+
+class VariantLabels(TypedDict):
+    """The fields every study result row carries, before the stage's own fields and its `cell`."""
+
+    variant: str
+    method_name: str
+    method: str
+    factor: float | None
+    train_length: int | None  # None: the extension applied without fine-tuning
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One model the study evaluates: a method, fine-tuned at `train_length` tokens or (None) applied as is."""
+
+    name: str  # "original", "yarn@0", "yarn@1024"
+    method_name: str  # the [methods.NAME] key
+    spec: RopeSpec
+    train_length: int | None = None
+
+    @property
+    def is_original(self) -> bool:
+        return self.spec.method == "default"
+
+    @property
+    def fine_tuned(self) -> bool:
+        return self.train_length is not None
+
+    def labels(self) -> VariantLabels:
+        return VariantLabels(
+            variant=self.name, method_name=self.method_name, method=self.spec.method,
+            factor=self.spec.params.get("factor"), train_length=self.train_length,
+        )
+
+
+ORIGINAL_VARIANT = Variant("original", "original", RopeSpec("default"))  # the pretrained model as it is
+
+
+def plan_variants(config: StudyConfig) -> list[Variant]:
+    """Every variant of a config in study order: per method, as is ("NAME@0") and then per training length."""
+    variants = []
+    for name, spec in config.methods.items():
+        if spec.method == "default":
+            variants.append(Variant(name, name, spec))
+            continue
+        if config.training.include_untrained:
+            variants.append(Variant(f"{name}@0", name, spec))
+        variants += [Variant(f"{name}@{length}", name, spec, length) for length in config.training.lengths]
+    return variants
+
+
+def cell_name(stage: str, variant: Variant) -> str:
+    return f"{stage}/{variant.name}"
+
+
+def checkpoint_dir(out: str | Path, variant: Variant) -> Path:
+    """Where a fine-tuned variant's checkpoint lives inside the study folder."""
+    return Path(out) / "checkpoints" / variant.name
+
+
+@dataclass
+class StageContext:
+    """Everything a stage may use besides its variant. `required_rows(stage, variant)` returns the recorded rows
+    of a cell the running stage declared in `requires` (the runner fills it; a stage never reads the database)."""
+
+    config: StudyConfig
+    out: Path
+    required_rows: Callable[[str, Variant], list[dict]]
+    progress: bool | None = None
+    device: str = "cpu"
+    _documents: dict[str, list[str]] = field(default_factory=dict, repr=False)
+
+    def checkpoint_dir(self, variant: Variant) -> Path:
+        return checkpoint_dir(self.out, variant)
+
+    @property
+    def corpus(self) -> str | None:
+        """The corpus path for ropescope.data: None is the shipped corpus."""
+        return None if self.config.corpus.path == "default" else self.config.corpus.path
+
+    def documents(self, split: str) -> list[str]:
+        from ropescope.data import load_corpus
+
+        if split not in self._documents:
+            self._documents[split] = load_corpus(self.corpus, split=split)
+        return self._documents[split]
+
+    def samples(self, tokenizer, length: int, count: int) -> list:
+        """The first `count` validation blocks of `length` tokens (the same blocks for every variant)."""
+        from ropescope.data import token_blocks
+
+        blocks = list(islice(token_blocks(tokenizer, self.documents("validation"), length), count))
+        if len(blocks) < count:
+            raise RopescopeError(
+                f"the validation corpus fills {len(blocks)} blocks of {length} tokens; the study needs {count}")
+        return blocks
+
+    def load(self, variant: Variant):
+        """(model, tokenizer) of a variant: its fine-tuned checkpoint, or the base model extended as is."""
+        from ropescope.models import load_model
+
+        if variant.fine_tuned:
+            return load_model(self.checkpoint_dir(variant), device=self.device)
+        return load_model(self.config.model.path, None if variant.is_original else variant.spec, device=self.device)

@@ -1,0 +1,179 @@
+"""The Ray executor: every cell a Ray task with its stage's resources, started as soon as the cells it requires
+are recorded; independent cells run side by side as far as the cluster allows.
+
+The driver (this process) is the only writer of the results database: a task returns its rows and the driver
+records them in one transaction, as the local executor does. Tasks read and write checkpoints under the study
+folder, which must therefore be on storage every node sees (checked before the first cell). A task whose worker
+process or node dies is rerun by Ray up to `max_retries` times; an exception inside a stage is not retried (it
+is recorded as a failed cell, like locally). Ctrl-C cancels the outstanding tasks; recorded cells stay recorded.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+from ray.exceptions import GetTimeoutError, RayError, RayTaskError
+from ray.util import get_node_ip_address
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from ropescope.errors import RopescopeError
+from ropescope.study.config import StudyConfig
+from ropescope.study.context import StageContext, Variant, cell_name
+from ropescope.study.execution import Recorder, execute_cell, prepare
+from ropescope.study.plan import Cell
+from ropescope.study.store import ResultStore
+
+MARKER_TIMEOUT_S = 120  # a node that cannot start a zero-CPU task in this long is not answering
+
+
+def connect(address: str | None) -> bool:
+    """Join the Ray instance this process already uses, or `address`; True when this call started Ray."""
+    if ray.is_initialized():
+        return False
+    try:
+        ray.init(address=address, log_to_driver=False, include_dashboard=False)
+    except (ConnectionError, ValueError) as error:
+        raise RopescopeError(f"cannot reach a Ray cluster at {address!r}: {error}") from None
+    return True
+
+
+def _read_marker(path: str) -> str | None:
+    """Runs on a node: the marker's text, or None when the node does not see the file."""
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return None
+
+
+def check_shared_storage(out: Path) -> None:
+    """Refuse (RopescopeError) when a node of the cluster does not see `out`: the driver writes a marker file,
+    and one task per alive node reads it."""
+    token = uuid.uuid4().hex
+    marker = out / f".ropescope-marker-{token}"
+    marker.write_text(token)
+    try:
+        reader = ray.remote(num_cpus=0, max_retries=0)(_read_marker)
+        nodes = [node for node in ray.nodes() if node["Alive"]]
+        answers = [reader.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False))
+                   .remote(str(marker)) for node in nodes]
+        try:
+            seen = ray.get(answers, timeout=MARKER_TIMEOUT_S)
+        except GetTimeoutError:
+            raise RopescopeError(f"Ray nodes did not answer within {MARKER_TIMEOUT_S}s whether they see {out}")
+        blind = [node["NodeManagerAddress"] for node, text in zip(nodes, seen) if text != token]
+        if blind:
+            raise RopescopeError(
+                f"the study folder {out} is not visible on Ray node(s) {', '.join(blind)}: give --out a path on "
+                f"storage every node mounts")
+    finally:
+        marker.unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a cell's task sends back to the driver: its rows, or the error that stopped it."""
+
+    rows: list[dict] | None
+    seconds: float
+    node: str  # where it ran: the Ray node's id and address
+    error: str | None = None  # the traceback
+    message: str | None = None  # one line
+
+
+def run_cell_task(cell: Cell, config: StudyConfig, out: str, progress: bool | None,
+                  required: dict[str, list[dict]]) -> Outcome:
+    """Runs on a worker. A task given a GPU evaluates on it. A RopescopeError (a user mistake) propagates."""
+    def required_rows(stage: str, variant: Variant) -> list[dict]:
+        return required[cell_name(stage, variant)]
+
+    device = "cuda" if ray.get_gpu_ids() else "cpu"
+    context = StageContext(config, Path(out), required_rows, progress, device=device)
+    node = f"{ray.get_runtime_context().get_node_id()[:8]} ({get_node_ip_address()})"
+    started = time.perf_counter()
+    try:
+        rows = execute_cell(cell, context)
+    except RopescopeError:
+        raise
+    except Exception as error:  # recorded as a failed cell, retried on the next run
+        return Outcome(None, time.perf_counter() - started, node, traceback.format_exc(),
+                       f"{type(error).__name__}: {error}")
+    return Outcome(rows, time.perf_counter() - started, node)
+
+
+def warn_unschedulable(cells: Sequence[Cell], resources: dict[str, dict], log) -> None:
+    """A stage asking for more of a resource than any node has would wait forever (unless an autoscaler adds
+    such a node): say so once."""
+    largest: dict[str, float] = {}
+    for node in ray.nodes():
+        if node["Alive"]:
+            for name, amount in node["Resources"].items():
+                largest[name] = max(largest.get(name, 0.0), amount)
+    for stage in dict.fromkeys(cell.stage.name for cell in cells):
+        options = resources.get(stage, {})
+        asked = {"CPU": options.get("num_cpus", 1), "GPU": options.get("num_gpus", 0),
+                 "memory": options.get("memory", 0), **options.get("resources", {})}
+        for name, amount in asked.items():
+            if amount and amount > largest.get(name, 0.0):
+                log(f"warning: stage {stage} asks for {name}={amount:g} but the largest Ray node has "
+                    f"{largest.get(name, 0.0):g}: its cells wait until such a node joins")
+
+
+def run_ray(cells: Sequence[Cell], config: StudyConfig, out: Path, store: ResultStore, recorder: Recorder, *,
+            force: bool, stop_after: int | None, progress: bool | None) -> None:
+    """Submit each cell once the cells it requires are recorded; record each result as it arrives."""
+    execution = config.execution
+    remote = ray.remote(run_cell_task)
+    warn_unschedulable(cells, execution.resources, recorder.log)
+    waiting = list(cells)
+    running: dict[ray.ObjectRef, Cell] = {}
+    try:
+        while waiting or running:
+            unrecorded = {cell.name for cell in waiting} | {cell.name for cell in running.values()}
+            for cell in list(waiting):
+                if stop_after is not None and recorder.counts["done"] + recorder.counts["failed"] + len(running) \
+                        >= stop_after:
+                    waiting.clear()
+                    break
+                if recorder.blocked(cell):
+                    waiting.remove(cell)
+                elif not any(name in unrecorded for name in cell.requires):
+                    waiting.remove(cell)
+                    prepare(cell, out, force)
+                    required = {name: store.cell_rows(name) for name in cell.requires}
+                    options = {"max_retries": execution.max_retries, "name": cell.name,
+                               **execution.resources.get(cell.stage.name, {})}
+                    running[remote.options(**options).remote(cell, config, str(out), progress, required)] = cell
+                    recorder.started(cell)
+            if not running:
+                assert not waiting, "cells wait on cells that never run"  # a registry out of order: a bug
+                continue
+            finished, _ = ray.wait(list(running), num_returns=1)
+            for reference in finished:
+                cell = running.pop(reference)
+                try:
+                    outcome = ray.get(reference)
+                except RayTaskError as error:
+                    if isinstance(error.cause, RopescopeError):  # a user mistake: stop, as the local executor does
+                        recorder.cancelled(cell)
+                        raise error.cause from None
+                    raise
+                except RayError as error:  # the worker or its node died, max_retries times over
+                    outcome = Outcome(None, 0.0, "", str(error), f"{type(error).__name__} (after "
+                                      f"{execution.max_retries} retries)")
+                if outcome.rows is None:
+                    recorder.failed(cell, outcome.error, outcome.message, outcome.seconds)
+                else:
+                    recorder.done(cell, outcome.rows, outcome.seconds, f" on node {outcome.node}")
+    finally:
+        # Ctrl-C, or a user mistake in one cell: nothing outstanding is recorded; the next run redoes it
+        for reference, cell in running.items():
+            ray.cancel(reference, force=True)
+            recorder.cancelled(cell)
+        if running:
+            recorder.log(f"cancelled {len(running)} running cells; the next run redoes them")

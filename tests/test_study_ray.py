@@ -1,0 +1,172 @@
+"""The Ray executor on a two-node cluster simulated on this machine: the quick study gives the local executor's
+numbers, cells run on both nodes, a worker killed mid-fine-tune is retried and its cell recorded once, a killed
+driver's rerun skips finished cells, and a study folder the workers cannot see is refused."""
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import replace
+
+import pytest
+import ray
+from ray.cluster_utils import Cluster
+
+from ropescope.errors import RopescopeError
+from ropescope.study import ray_executor
+from ropescope.study.config import load_config, quick_config_path
+from ropescope.study.runner import DATABASE, plan_cells, run_study
+from ropescope.study.stages import STAGES
+
+pytestmark = pytest.mark.slow
+QUICK = load_config(quick_config_path())
+TIMING = {"tokens_per_s"}  # measured, not computed: differs from run to run
+
+
+def recorded_rows(folder) -> dict[str, list[dict]]:
+    """{cell: rows without timing fields}, rows in the order the cell produced them."""
+    with sqlite3.connect(folder / DATABASE) as connection:
+        cells = {}
+        for cell, data in connection.execute("SELECT cell, data FROM rows ORDER BY rowid"):
+            cells.setdefault(cell, []).append({k: v for k, v in json.loads(data).items() if k not in TIMING})
+    return cells
+
+
+def cell_states(folder) -> dict:
+    with sqlite3.connect(folder / DATABASE) as connection:
+        return dict(connection.execute("SELECT cell, status FROM cells"))
+
+
+@pytest.fixture(scope="module")
+def local_reference(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("local")
+    run_study(QUICK, folder, log=lambda line: None)
+    return recorded_rows(folder)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """Two Ray nodes of one CPU each in this machine; the test process is the driver."""
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def test_ray_study_equals_the_local_study_and_uses_both_nodes(cluster, local_reference, tmp_path):
+    lines = []
+    counts = run_study(QUICK, tmp_path, executor="ray", log=lines.append)
+    assert counts == {"done": len(plan_cells(QUICK)), "skipped": 0, "failed": 0, "blocked": 0}
+    assert recorded_rows(tmp_path) == local_reference  # number for number
+    nodes = {line.split(" on node ")[1].split(" ")[0] for line in lines if " on node " in line}
+    assert nodes == {node["NodeID"][:8] for node in ray.nodes() if node["Alive"]}, lines
+    assert len(nodes) == 2
+    # a cell starts only once the cells it requires are recorded
+    finished = {line.split(" done in ")[0]: number for number, line in enumerate(lines) if " done in " in line}
+    started = {line.split(" ... ")[0]: number for number, line in enumerate(lines) if " ... " in line}
+    for cell in plan_cells(QUICK):
+        assert all(finished[required] < started[cell.name] for required in cell.requires)
+        assert started[cell.name] < finished[cell.name]
+    again = run_study(QUICK, tmp_path, executor="ray", log=lambda line: None)
+    assert again["skipped"] == len(plan_cells(QUICK)) and again["done"] == 0
+
+
+def test_a_killed_worker_is_retried_and_a_raising_cell_recorded_as_failed(cluster, local_reference, tmp_path):
+    real_train = next(stage.run for stage in STAGES if stage.name == "train")
+    real_passkey = next(stage.run for stage in STAGES if stage.name == "passkey")
+    killed = tmp_path / "killed-once"
+
+    def train_killed_once(context, variant):
+        if not killed.exists():  # the first attempt: this worker process dies a second into training
+            killed.write_text(str(os.getpid()))
+            threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGKILL)).start()
+        return real_train(context, variant)
+
+    def passkey_failing_on_original(context, variant):
+        if variant.name == "original":
+            raise RuntimeError("out of memory (simulated)")
+        return real_passkey(context, variant)
+
+    replaced = {"train": train_killed_once, "passkey": passkey_failing_on_original}
+    stages = tuple(replace(stage, run=replaced.get(stage.name, stage.run)) for stage in STAGES)
+    folder = tmp_path / "study"
+    lines = []
+    counts = run_study(QUICK, folder, executor="ray", log=lines.append, stages=stages)
+    assert killed.exists() and int(killed.read_text()) != os.getpid()
+    assert counts == {"done": len(plan_cells(QUICK)) - 2, "skipped": 0, "failed": 1, "blocked": 1}, lines
+    assert sum(line.startswith("train/yarn@512 done") for line in lines) == 1
+    assert "passkey/original FAILED" in "\n".join(lines)
+    states = cell_states(folder)
+    assert states["passkey/original"] == "failed" and "uncertainty/original" not in states  # it reads those rows
+    expected = {cell: rows for cell, rows in local_reference.items() if not cell.endswith("/original")
+                or cell.startswith(("perplexity", "entropy", "patterns"))}
+    assert recorded_rows(folder) == expected
+    again = run_study(QUICK, folder, executor="ray", log=lambda line: None)
+    assert again == {"done": 2, "skipped": len(plan_cells(QUICK)) - 2, "failed": 0, "blocked": 0}
+    assert recorded_rows(folder) == local_reference
+
+
+DRIVER = ("import sys; from ropescope.study.config import load_config, quick_config_path; "
+          "from ropescope.study.runner import run_study; "
+          "run_study(load_config(quick_config_path()), sys.argv[1], executor='ray', address=sys.argv[2])")
+
+
+def _interrupted_driver(cluster, folder, signal_number) -> tuple[dict, str]:
+    """Start a driver in its own process, send it `signal_number` once training and one more cell are recorded;
+    (the cells recorded then, its output)."""
+    driver = subprocess.Popen([sys.executable, "-c", DRIVER, str(folder), cluster.address], text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 300
+    while time.time() < deadline and driver.poll() is None:
+        states = _states_or_empty(folder)
+        if states.get("train/yarn@512") == "done" and len(states) >= 2:
+            break
+        time.sleep(0.2)
+    assert driver.poll() is None, "the study finished before its driver could be interrupted"
+    driver.send_signal(signal_number)
+    output, _ = driver.communicate(timeout=120)
+    assert driver.returncode != 0
+    finished = _states_or_empty(folder)
+    assert 2 <= len(finished) < len(plan_cells(QUICK)) and set(finished.values()) == {"done"}
+    return finished, output
+
+
+def _resume(folder, finished, reference) -> None:
+    lines = []
+    counts = run_study(QUICK, folder, executor="ray", log=lines.append)
+    assert counts["skipped"] == len(finished) and counts["failed"] == 0
+    assert counts["done"] + counts["skipped"] == len(plan_cells(QUICK))
+    assert not any(line.startswith(tuple(finished)) for line in lines)  # recorded cells are not redone
+    assert recorded_rows(folder) == reference
+
+
+def test_a_killed_driver_reruns_only_unfinished_cells(cluster, local_reference, tmp_path):
+    finished, _ = _interrupted_driver(cluster, tmp_path / "study", signal.SIGKILL)
+    _resume(tmp_path / "study", finished, local_reference)
+
+
+def test_ctrl_c_cancels_the_running_cells_and_keeps_the_recorded_ones(cluster, local_reference, tmp_path):
+    finished, output = _interrupted_driver(cluster, tmp_path / "study", signal.SIGINT)
+    assert "KeyboardInterrupt" in output and "running cells; the next run redoes them" in output, output
+    _resume(tmp_path / "study", finished, local_reference)
+
+
+def _states_or_empty(folder) -> dict:
+    try:
+        return cell_states(folder)
+    except sqlite3.OperationalError:  # the driver is creating the database right now
+        return {}
+
+
+def test_a_study_folder_the_workers_cannot_see_is_refused(cluster, tmp_path, monkeypatch):
+    monkeypatch.setattr(ray_executor, "_read_marker", lambda path: None)  # as on a node without the mount
+    with pytest.raises(RopescopeError, match="is not visible on Ray node"):
+        run_study(QUICK, tmp_path / "study", executor="ray", log=lambda line: None)
+    assert not (tmp_path / "study").exists()
