@@ -21,6 +21,9 @@ from ropescope.rows import RunLabels
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+# Examples for the refusal message; support follows from the config (a causal LM with rope_parameters), not this list.
+ROTARY_EXAMPLES = ("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2",
+                   "gemma3_text", "phi3", "stablelm", "olmo2", "granite", "cohere", "smollm3")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 # Hub files never needed to load a transformers checkpoint (original consolidated weights, other frameworks).
 SKIPPED_HUB_FILES = ["original/*", "*.pth", "*.gguf", "*.msgpack", "*.h5", "*.ot", "*.onnx", "*.tflite"]
@@ -87,10 +90,10 @@ def _hub_snapshot(text: str) -> ModelSource:
         folder = snapshot_download(repo_id, revision=revision, ignore_patterns=SKIPPED_HUB_FILES,
                                    local_files_only=constants.HF_HUB_OFFLINE)
     except LocalEntryNotFoundError:
+        fetch = f"download {repo_id}{f' --revision {revision}' if revision else ''}"
         raise RopescopeError(
-            f"model {text!r} is not in the Hugging Face cache and the Hub is offline; fetch it with "
-            f"`hf download {repo_id}{f' --revision {revision}' if revision else ''}` (or `huggingface-cli download "
-            f"{repo_id}`), or unset HF_HUB_OFFLINE"
+            f"model {text!r} is not in the Hugging Face cache and the Hub is offline; fetch it with `hf {fetch}` "
+            f"(or `huggingface-cli {fetch}`) where there is network, or unset HF_HUB_OFFLINE"
         ) from None
     except Exception as error:  # repository not found, gated, no network: one line naming the id
         raise RopescopeError(f"model {text!r} could not be fetched from the Hugging Face Hub: "
@@ -102,7 +105,6 @@ def _hub_snapshot(text: str) -> ModelSource:
 def load_config(model: str | Path | ModelSource):
     """The transformers config of a causal LM with rotary position embeddings (anything else is refused)."""
     from transformers import AutoConfig
-    from transformers.modeling_rope_utils import RotaryEmbeddingConfigMixin
 
     source = model if isinstance(model, ModelSource) else resolve_model(model)
     try:
@@ -110,10 +112,11 @@ def load_config(model: str | Path | ModelSource):
     except (ValueError, KeyError) as error:
         raise RopescopeError(f"model {source.name!r}: transformers cannot read its config: "
                              f"{str(error).splitlines()[0]}") from None
-    if _causal_lm_class(config) is None or not isinstance(config, RotaryEmbeddingConfigMixin):
+    if _causal_lm_class(config) is None or not getattr(config.get_text_config(), "rope_parameters", None):
         raise RopescopeError(
             f"model {source.name!r} is a {config.model_type!r} model, not a causal LM with rotary position "
-            f"embeddings; accepted model types: {', '.join(rotary_causal_lm_types())}"
+            f"embeddings; accepted: a model type with a causal-LM class in transformers and rope_parameters in its "
+            f"config, as {', '.join(ROTARY_EXAMPLES)} and their kin"
         )
     return config
 
@@ -125,22 +128,6 @@ def _causal_lm_class(config):
         return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     except KeyError:
         return None
-
-
-def rotary_causal_lm_types() -> list[str]:
-    """The model types transformers has a causal-LM class for whose config carries rotary position embeddings."""
-    from transformers import CONFIG_MAPPING
-    from transformers.modeling_rope_utils import RotaryEmbeddingConfigMixin
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    accepted = []
-    for model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        try:
-            if issubclass(CONFIG_MAPPING[model_type], RotaryEmbeddingConfigMixin):
-                accepted.append(model_type)
-        except (KeyError, ImportError, AttributeError):  # a family whose optional dependencies are missing
-            continue
-    return sorted(accepted)
 
 
 def original_max_position_embeddings_of(model: str | Path | ModelSource) -> int:
