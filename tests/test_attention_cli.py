@@ -9,7 +9,7 @@ from _eval_tiny import tiny_folders
 from ropescope.results import read_rows, write_rows
 from ropescope.cli import main
 from ropescope.errors import RopescopeError
-from ropescope.rows import EntropyProfileRow, RunLabels
+from ropescope.rows import EntropyProfileRow, RunLabels, UncertaintySummaryRow
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +69,7 @@ def test_uncertainty_on_passkey_and_needle_rows(folders, tmp_path, capsys):
     assert {(row["method"], row["task"]) for row in summary} == {("default", "passkey"), ("ntk", "passkey"),
                                                                 ("default", "needle")}
     assert {row["layer"] for row in summary} == {"mean", 0, 1}
+    assert all(UncertaintySummaryRow.from_dict(row).cells >= 1 for row in summary)
     default_passkey = [row for row in summary if row["task"] == "passkey" and row["method"] == "default"]
     assert default_passkey[0]["failures"] == 6 and 0 <= default_passkey[0]["auroc_entropy_predicts_failure"] <= 1
     assert (out / "entropy_heatmap.png").stat().st_size > 1000

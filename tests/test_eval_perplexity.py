@@ -113,7 +113,7 @@ def test_evaluate_perplexity_rows(model, tokenizer, tmp_path):
     assert json.loads((tmp_path / "ppl.json").read_text()) == rows
     write_rows(rows, tmp_path / "ppl.csv")
     assert (tmp_path / "ppl.csv").read_text().splitlines()[0].startswith("model,task,protocol,length")
-    assert plot_perplexity(rows, tmp_path / "ppl.png", pretrained_length=32).stat().st_size > 1000
+    assert plot_perplexity(rows, tmp_path / "ppl.png", 32).stat().st_size > 1000
 
 
 @pytest.mark.parametrize("kwargs,message", [

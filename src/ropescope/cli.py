@@ -474,11 +474,13 @@ def _show_preservation(rows) -> None:
 
 
 def _show_uncertainty(rows) -> None:
-    for row in rows:
-        if row["layer"] == "mean":
-            print(f"{row['method']} {row['task']}: entropy correct {row['entropy_correct']:.3f} vs failed "
-                  f"{row['entropy_failed']:.3f}, AUROC {row['auroc_entropy_predicts_failure']:.3f} "
-                  f"({row['failures']}/{row['cells']} failed)")
+    from ropescope.rows import UncertaintySummaryRow
+
+    for row in map(UncertaintySummaryRow.from_dict, rows):
+        if row.layer == "mean":
+            print(f"{row.method} {row.task}: entropy correct {row.entropy_correct:.3f} vs failed "
+                  f"{row.entropy_failed:.3f}, AUROC {row.auroc_entropy_predicts_failure:.3f} "
+                  f"({row.failures}/{row.cells} failed)")
 
 
 # the `_add_*` functions, in the order `ropescope --help` lists them
