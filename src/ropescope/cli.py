@@ -388,6 +388,8 @@ def _add_config_fields(parser: argparse.ArgumentParser, config_class, flag_names
         (kind,) = kinds
         flag = (flag_names or {}).get(field.name, "--" + field.name.replace("_", "-"))
         options = {"dest": field.name, "help": field.metadata.get("help") or field.name.replace("_", " ")}
+        if flag == "--out":
+            options["metavar"] = "FOLDER"
         if field.metadata.get("choices"):
             options["choices"] = field.metadata["choices"]
         if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
@@ -491,7 +493,12 @@ SUBCOMMANDS: list = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="ropescope", description=__doc__.splitlines()[0])
+    shared = __doc__.split("The same flag means the same thing in every command:")[1].split("User mistakes")[0]
+    parser = _Parser(prog="ropescope", formatter_class=argparse.RawDescriptionHelpFormatter,  # keeps the table
+                     description="Extend the context window of RoPE language models, and see through attention why "
+                                 "an extension works or fails.",
+                     epilog="Every command's flags are its Python function's parameters (`ropescope COMMAND --help`).\n"
+                            "The same flag means the same thing in every command:" + shared.rstrip())
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in SUBCOMMANDS:
         add(subparsers)
