@@ -9,6 +9,7 @@ from tests.helpers import tiny_folders
 from ropescope.results import read_rows, write_rows
 from ropescope.cli import main
 from ropescope.errors import RopescopeError
+from ropescope.rows import EntropyProfileRow, RunLabels, UncertaintySummaryRow
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,8 @@ def test_entropy_command(folders, tmp_path):
     rows = read_rows(out / "entropy.csv")
     assert {(row["method"], row["factor"], row["length"]) for row in rows} == {
         ("default", None, 32), ("default", None, 64), ("linear", 2.0, 32), ("linear", 2.0, 64)}
-    assert {row["pretrained_length"] for row in rows} == {32} and {row["samples"] for row in rows} == {2}
+    assert {row["original_max_position_embeddings"] for row in rows} == {32} and {row["samples"] for row in rows} == {2}
+    assert list(rows[0]) == [*RunLabels.keys(), "split", *EntropyProfileRow.keys()]
     assert (out / "entropy.png").stat().st_size > 1000
 
 
@@ -47,16 +49,14 @@ def test_patterns_command(folders, tmp_path, capsys):
 
 def test_uncertainty_on_passkey_and_needle_rows(folders, tmp_path, capsys):
     model = str(folders / "model")
-    passkey_rows = tmp_path / "passkey.csv"
     assert main(["passkey", "--model", model, "--lengths", "70,90", "--depths", "0,50,100", "--trials", "2",
-                 "--out", str(passkey_rows)]) == 0
+                 "--out", str(tmp_path / "passkey")]) == 0
     assert main(["passkey", "--model", model, "--method", "ntk", "--factor", "2", "--lengths", "70",
-                 "--depths", "50", "--trials", "1", "--out", str(tmp_path / "ntk.json")]) == 0
-    needle_rows = tmp_path / "needle.json"
+                 "--depths", "50", "--trials", "1", "--out", str(tmp_path / "ntk")]) == 0
     assert main(["needle", *corpus_arguments(folders), "--lengths", "80", "--depths", "0,50", "--answer", "honey",
-                 "--out", str(needle_rows)]) == 0
-    combined = read_rows(passkey_rows) + json.loads((tmp_path / "ntk.json").read_text())
-    combined += json.loads(needle_rows.read_text())
+                 "--out", str(tmp_path / "needle")]) == 0
+    combined = read_rows(tmp_path / "passkey" / "passkey.csv") + read_rows(tmp_path / "ntk" / "passkey.csv")
+    combined += read_rows(tmp_path / "needle" / "needle.csv")
     for row in combined:  # a random model fails every cell; pretend trial 0 succeeded to have both classes
         row["correct"] = row["trial"] == 0
     rows_path = write_rows(combined, tmp_path / "all.json")
@@ -69,6 +69,7 @@ def test_uncertainty_on_passkey_and_needle_rows(folders, tmp_path, capsys):
     assert {(row["method"], row["task"]) for row in summary} == {("default", "passkey"), ("ntk", "passkey"),
                                                                 ("default", "needle")}
     assert {row["layer"] for row in summary} == {"mean", 0, 1}
+    assert all(UncertaintySummaryRow.from_dict(row).cells >= 1 for row in summary)
     default_passkey = [row for row in summary if row["task"] == "passkey" and row["method"] == "default"]
     assert default_passkey[0]["failures"] == 6 and 0 <= default_passkey[0]["auroc_entropy_predicts_failure"] <= 1
     assert (out / "entropy_heatmap.png").stat().st_size > 1000
@@ -78,8 +79,9 @@ def test_uncertainty_on_passkey_and_needle_rows(folders, tmp_path, capsys):
 @pytest.mark.parametrize("argv,message", [
     (["entropy", "--method", "warp"], "unknown RoPE method 'warp'"),
     (["entropy", "--lengths", "100000"], "fewer than one block: block_length=100000"),
-    (["entropy", "--samples", "0"], "samples=0 is not a positive integer"),
-    (["patterns", "--query-fraction", "0"], "query_fraction=0.0 is outside (0, 1]"),
+    (["entropy", "--samples", "0"], "argument --samples: 0 is not a positive integer"),
+    (["entropy", "--method", "yarn"], "yarn needs 'factor'"),
+    (["patterns", "--query-fraction", "0"], "argument --query-fraction: 0.0 is outside (0, 1]"),
 ])
 def test_command_errors_are_one_line_and_write_nothing(folders, tmp_path, capsys, argv, message):
     out = tmp_path / "out"
@@ -92,10 +94,14 @@ def test_command_errors_are_one_line_and_write_nothing(folders, tmp_path, capsys
 def test_uncertainty_errors(folders, tmp_path, capsys):
     model = str(folders / "model")
     assert main(["uncertainty", str(tmp_path / "rows.txt"), "--model", model]) == 2
-    write_rows([{"task": "passkey", "length": 70}], tmp_path / "partial.csv")
+    write_rows([{"task": "passkey", "length": 70, "answer": "12345", "needle_start": 3}], tmp_path / "partial.csv")
     assert main(["uncertainty", str(tmp_path / "partial.csv"), "--model", model]) == 2
+    write_rows([{"task": "passkey", "length": 70, "method": "ntk"}], tmp_path / "ntk.csv")
+    assert main(["uncertainty", str(tmp_path / "ntk.csv"), "--model", model, "--only-method", "yarn"]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
-    assert "must end in .json or .csv" in errors[0] and "lack the field 'depth_percent'" in errors[1]
+    assert "must end in .json or .csv" in errors[0] and "lack the field 'needle_end' of a passkey row" in errors[1]
+    assert "no evaluation rows" in errors[2] and "method=['yarn']" in errors[2]
+    assert not (tmp_path / "results").exists()
 
 
 def test_rows_round_trip(tmp_path):

@@ -9,6 +9,7 @@ from tests.helpers import VOCAB, tiny_model
 from ropescope.attention.entropy import distance_bin_edges
 from ropescope.attention.patterns import distance_distribution, jensen_shannon, pattern_preservation
 from ropescope.errors import RopescopeError
+from ropescope.rows import DistanceRow, PreservationRow
 
 
 def brute_force_js(p, q):
@@ -38,7 +39,7 @@ def test_jensen_shannon_against_brute_force():
     assert batched.shape == (2,) and batched[0] == 0
 
 
-def eager_distance_mass(model, sample, pretrained_length, queries, edges):
+def eager_distance_mass(model, sample, original_max_position_embeddings, queries, edges):
     """Mass per rescaled distance bin from transformers' eager attention weights: [layers, heads, bins]."""
     model.set_attn_implementation("eager")
     with torch.no_grad():
@@ -46,7 +47,7 @@ def eager_distance_mass(model, sample, pretrained_length, queries, edges):
     model.set_attn_implementation("sdpa")
     length = len(sample)
     positions = torch.arange(length)
-    distance = (positions[:, None] - positions[None, :]).clamp(min=0).double() * pretrained_length / length
+    distance = (positions[:, None] - positions[None, :]).clamp(min=0).double() * original_max_position_embeddings / length
     bins = torch.bucketize(distance, edges.double(), right=True) - 1
     mass = torch.stack([(weights * (bins == b)).sum(-1) for b in range(len(edges))], dim=-1)
     return mass[:, :, -queries:].mean(dim=2)
@@ -56,7 +57,7 @@ def eager_distance_mass(model, sample, pretrained_length, queries, edges):
 def test_distance_distribution_matches_eager(length):
     model = tiny_model("llama")
     sample = torch.randint(0, VOCAB, (length,), generator=torch.Generator().manual_seed(length))
-    rows = distance_distribution(model, [sample], pretrained_length=32, query_fraction=0.25, chunk_size=16,
+    rows = distance_distribution(model, [sample], original_max_position_embeddings=32, query_fraction=0.25, chunk_size=16,
                                  labels={"method": "default"}, progress=False)
     edges = distance_bin_edges(31)
     assert {row["method"] for row in rows} == {"default"}
@@ -77,8 +78,8 @@ def test_pattern_preservation_is_zero_against_itself_and_positive_otherwise():
     generator = torch.Generator().manual_seed(5)
     short = [torch.randint(0, VOCAB, (32,), generator=generator)]
     long = [torch.randint(0, VOCAB, (64,), generator=generator)]
-    reference = distance_distribution(model, short, pretrained_length=32, progress=False)
-    extended = distance_distribution(model, long, pretrained_length=32, progress=False)
+    reference = distance_distribution(model, short, original_max_position_embeddings=32, progress=False)
+    extended = distance_distribution(model, long, original_max_position_embeddings=32, progress=False)
     same = pattern_preservation(reference, reference)
     assert [row["layer"] for row in same] == [0, 1, "mean"]
     assert all(row["js_divergence"] == 0 for row in same)
@@ -86,15 +87,18 @@ def test_pattern_preservation_is_zero_against_itself_and_positive_otherwise():
     assert scores[-1]["length"] == 64 and scores[-1]["reference_length"] == 32 and scores[-1]["method"] == "default"
     assert 0 < scores[-1]["js_divergence"] <= math.log(2)
     assert scores[-1]["js_divergence"] == pytest.approx(sum(row["js_divergence"] for row in scores[:2]) / 2)
-    other_bins = distance_distribution(model, short, pretrained_length=32, bins_per_octave=2, progress=False)
+    other_bins = distance_distribution(model, short, original_max_position_embeddings=32, bins_per_octave=2,
+                                       progress=False)
     with pytest.raises(RopescopeError, match="bins"):
         pattern_preservation(reference, other_bins)
 
 
-def test_bad_arguments_are_refused():
+def test_rows_are_typed():
     model = tiny_model("llama")
-    sample = [torch.zeros(16, dtype=torch.long)]
-    with pytest.raises(RopescopeError, match="query_fraction=0"):
-        distance_distribution(model, sample, pretrained_length=16, query_fraction=0)
-    with pytest.raises(RopescopeError, match="pretrained_length=1"):
-        distance_distribution(model, sample, pretrained_length=1)
+    sample = [torch.arange(32, dtype=torch.long) % VOCAB]
+    distribution = distance_distribution(model, sample, original_max_position_embeddings=16, progress=False,
+                                         labels={"method": "default"})
+    assert all(list(row) == ["method", *DistanceRow.keys()] for row in distribution)
+    assert {row["distance_scale"] for row in distribution} == {2.0}
+    scores = pattern_preservation(distribution, distribution)
+    assert all(list(row) == PreservationRow.keys() for row in scores) and scores[-1]["layer"] == "mean"

@@ -6,6 +6,7 @@ import torch
 from tests.helpers import DOCUMENTS, tiny_llama, tiny_tokenizer
 from ropescope.errors import RopescopeError
 from ropescope.eval.needle import ANSWER, NEEDLE, QUESTION, evaluate_needle, needle_case, score_needle
+from ropescope.rows import NeedleRow
 
 
 @pytest.mark.parametrize("with_bos", [True, False])
@@ -58,6 +59,7 @@ def test_grid_rows():
         case = needle_case(tokenizer, DOCUMENTS, row["length"], row["depth_percent"], row["trial"])
         assert (row["needle_start"], row["needle_end"], row["question_position"]) == (
             case.needle_start, case.needle_end, case.question_position)
+        assert list(row) == NeedleRow.keys()
         assert row["task"] == "needle" and 0 <= row["score"] <= 1 and isinstance(row["correct"], bool)
 
 
@@ -66,8 +68,6 @@ def test_bad_input():
     with pytest.raises(RopescopeError, match=r"the haystack corpus is \d+ tokens long; the longest length 100000 "
                                              r"needs at least 100000"):
         evaluate_needle(model, tokenizer, DOCUMENTS, [256, 100_000], progress=False)
-    with pytest.raises(RopescopeError, match="depth_percent=100.5 is outside 0..100"):
-        needle_case(tokenizer, DOCUMENTS, 200, 100.5, 0)
     with pytest.raises(RopescopeError, match="answer='' is empty"):
         evaluate_needle(model, tokenizer, DOCUMENTS, [200], answer="", progress=False)
     with pytest.raises(RopescopeError, match="too short for the needle and question"):

@@ -2,18 +2,20 @@
 
 from ropescope.attention.entropy import attention_entropy
 from ropescope.errors import RopescopeError
-from ropescope.models import default_model_path, load_model
+from ropescope.models import ModelOptions, default_model_path, load_model
 from ropescope.patch import extend
-from ropescope.rope import METHODS, RopeSpec, rope_frequencies, simple_spec
+from ropescope.rope import METHODS, RopeSpec, method_spec, rope_frequencies, simple_spec
 
 __all__ = [
     "METHODS",
+    "ModelOptions",
     "RopeSpec",
     "RopescopeError",
     "attention_entropy",
     "default_model_path",
     "extend",
     "load_model",
+    "method_spec",
     "rope_frequencies",
     "simple_spec",
 ]

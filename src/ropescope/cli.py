@@ -1,434 +1,536 @@
 """The `ropescope` command: argument parsing and calls into the API, nothing else.
 
-Every subcommand has an `_add_<name>(subparsers)` that declares its arguments and sets `func` to a `_run_<name>(args)`
-that calls the library. User mistakes arrive as `RopescopeError` and leave as one line on stderr with exit code 2.
+Every command calls one library function: its flags are that function's parameters (or, for `train` and
+`pretrain`, the fields of their config dataclass), parsed and checked by the argument types below, and the
+function's own defaults are the flags' defaults. The same flag means the same thing in every command:
+
+  --model        'default', a local Hugging Face folder, or a Hub id org/name[@revision]
+  --device, --dtype, --device-map, --attn-implementation   where and how the model loads
+  --method       a RoPE method as NAME[:key=value,...], e.g. yarn:factor=4,beta_fast=32 (`ropescope methods`);
+                 repeatable where a command compares methods
+  --factor, --original-max-position-embeddings   filled into every method that takes them and does not set them
+  --out          the output folder; each command writes fixed file names into it
+  --only-*       filters over rows read back
+
+User mistakes arrive as `RopescopeError` (or a bad flag) and leave as one line on stderr with exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import inspect
+import math
 import os
 import sys
+import typing
+from pathlib import Path
 
 from ropescope.errors import RopescopeError
 
 
-def _method_list(values: list[str] | None, default: str) -> list[str]:
-    """`--method a,b --method c` -> [a, b, c]."""
-    return [name.strip() for value in (values or [default]) for name in value.split(",") if name.strip()]
+class _UsageError(Exception):
+    """A flag argparse refused, already formatted as `ropescope COMMAND: error: ...`."""
 
 
-def _add_rope_arguments(parser: argparse.ArgumentParser) -> None:
-    """The knobs shared by every command that applies an extension."""
-    parser.add_argument("--factor", type=float, help="extension factor s = target length / pretrained length")
-    parser.add_argument("--original-length", type=int, dest="original_length",
-                        help="the pretrained context length (original_max_position_embeddings)")
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit code 2, like every other user mistake
+        raise _UsageError(f"{self.prog}: error: {message}")
 
 
-def _add_methods(subparsers) -> None:
-    parser = subparsers.add_parser("methods", help="list the RoPE methods and their parameters")
-    parser.set_defaults(func=_run_methods)
+class _HelpFormatter(argparse.HelpFormatter):
+    """Shows each flag's default (the called function's default) where it has one."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if default is None or default is False or default is argparse.SUPPRESS or "(default" in text \
+                or not action.option_strings:
+            return text
+        if isinstance(default, (list, tuple)):
+            default = ",".join(str(item) for item in default)
+        return f"{text} (default: {default})".strip()
 
 
-def _run_methods(args) -> int:
+# ---------------------------------------------------------------------------------------------------------------
+# Argument types: the checks of values that enter through the command line
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative")
+    return value
+
+
+def _lengths(text: str) -> list[int]:
+    """`256,512,1024`: positive, strictly increasing token counts."""
+    try:
+        lengths = [int(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers, e.g. 256,512,1024") \
+            from None
+    if not lengths:
+        raise argparse.ArgumentTypeError("no lengths; give e.g. 256,512,1024")
+    for length in lengths:
+        if length <= 0:
+            raise argparse.ArgumentTypeError(f"length={length} is not a positive integer")
+    for previous, length in zip(lengths, lengths[1:]):
+        if length <= previous:
+            raise argparse.ArgumentTypeError(f"lengths {lengths} are not strictly increasing ({previous} then {length})")
+    return lengths
+
+
+def _depths(text: str) -> list[float]:
+    """`0,25,50`: depth percents within 0..100 (order kept: the heatmap's y axis)."""
+    try:
+        depths = [float(item) if "." in item else int(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers, e.g. 0,25,50,75,100") \
+            from None
+    if not depths:
+        raise argparse.ArgumentTypeError("no depths; give e.g. 0,50,100")
+    for depth in depths:
+        if not (math.isfinite(depth) and 0 <= depth <= 100):
+            raise argparse.ArgumentTypeError(f"depth_percent={depth} is outside 0..100")
+    return depths
+
+
+def _fraction(text: str) -> float:
+    """A number in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{value} is outside (0, 1]")
+    return value
+
+
+def _text(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty; give a non-empty text")
+    return text
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shared flags
+
+
+def _add_model(parser: argparse.ArgumentParser) -> None:
+    from ropescope.models import DTYPES
+
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default="default",
+                       help="'default' (the shipped model), a local Hugging Face folder, or a Hub id "
+                            "org/name[@revision] (from the local cache when HF_HUB_OFFLINE=1)")
+    group.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps")
+    group.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                       help="auto: bfloat16 on a GPU that supports it, else float32")
+    group.add_argument("--device-map", default=None,
+                       help="accelerate's big-model dispatch, e.g. auto: layers over every GPU, then CPU memory")
+    group.add_argument("--attn-implementation", default=None,
+                       help="sdpa, eager or flash_attention_2 (default: sdpa where the model supports it, else eager)")
+
+
+def _add_methods(parser: argparse.ArgumentParser, several: bool) -> None:
+    group = parser.add_argument_group("RoPE extension")
+    if several:
+        group.add_argument("--method", action="append", dest="methods", metavar="NAME[:KEY=VALUE,...]",
+                           help="a method to compare, e.g. yarn or yarn:factor=4,beta_fast=32; repeatable")
+    else:
+        group.add_argument("--method", metavar="NAME[:KEY=VALUE,...]",
+                           help="the method applied at load time, e.g. yarn or yarn:factor=4,beta_fast=32 "
+                                "('default': the model as trained)")
+    group.add_argument("--factor", type=float, help="extension factor s = target length / pretrained length, "
+                                                    "for every method that takes one")
+    group.add_argument("--original-max-position-embeddings", type=_positive_int, metavar="TOKENS",
+                       help="the pretrained context length (default: from the model's config)")
+
+
+def _add_corpus(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--corpus", help="a local corpus: .txt/.jsonl/.parquet files or a folder "
+                                         "(default: the shipped corpus)")
+    parser.add_argument("--split", choices=["train", "validation", "test"], help="split of the corpus")
+
+
+def _add_out(parser: argparse.ArgumentParser, files: str) -> None:
+    parser.add_argument("--out", metavar="FOLDER", help=f"output folder: {files}")
+
+
+def _command(subparsers, name: str, function, help: str, description: str | None = None) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(name, help=help, description=description or help[0].upper() + help[1:] + ".",
+                                   formatter_class=_HelpFormatter)
+    parser.set_defaults(function=function)
+    return parser
+
+
+def _bind_defaults(parser: argparse.ArgumentParser, function) -> None:
+    """Flags left unset default to the called function's own defaults, so help shows what will run."""
+    parameters = inspect.signature(function).parameters
+    for action in parser._actions:
+        parameter = parameters.get(action.dest)
+        if action.default is not None or parameter is None or parameter.default in (inspect.Parameter.empty, None):
+            continue
+        if isinstance(action, argparse._AppendAction):  # argparse would append to a default list: say it in the help
+            action.help += f" (default: {','.join(str(item) for item in parameter.default)})"
+        else:
+            action.default = list(parameter.default) if isinstance(parameter.default, tuple) else parameter.default
+
+
+def _call(function, args) -> object:
+    """`function(**arguments)`: every parsed flag named like one of its parameters, plus the model options."""
+    parameters = inspect.signature(function).parameters
+    arguments = {name: value for name, value in vars(args).items() if name in parameters and value is not None}
+    if "options" in parameters:
+        from ropescope.models import ModelOptions
+
+        arguments["options"] = ModelOptions(args.device, args.dtype, args.device_map, args.attn_implementation)
+    return function(**arguments)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Commands
+
+
+def _list_methods() -> str:
     from ropescope.rope import METHODS, REQUIRED
 
+    lines = []
     for method in METHODS.values():
         origin = f"transformers rope_type {method.transformers_type!r}" if method.transformers_type else "ropescope"
-        print(f"{method.name:<13} {method.summary}  [{origin}]")
-        for name, default in method.params.items():
-            print(f"{'':<15}{name} = {'(required)' if default is REQUIRED else repr(default)}")
-    return 0
+        lines.append(f"{method.name:<13} {method.summary}  [{origin}]")
+        lines += [f"{'':<15}{name} = {'(required)' if default is REQUIRED else repr(default)}"
+                  for name, default in method.params.items()]
+    return "\n".join(lines)
+
+
+def _add_methods_command(subparsers) -> None:
+    parser = _command(subparsers, "methods", _list_methods, "list the RoPE methods and their parameters",
+                      description="List the RoPE methods and their parameters. Name one in any command as "
+                                  "--method NAME[:KEY=VALUE,...], e.g. --method yarn:factor=4,beta_fast=32.")
+    parser.set_defaults(show=print)
 
 
 def _add_freqs(subparsers) -> None:
-    parser = subparsers.add_parser("freqs", help="per-pair wavelengths of several methods, side by side")
-    parser.add_argument("--method", action="append", help="methods, comma-separated or repeated "
-                        "(default: default,linear,ntk,yarn,llama3)")
-    _add_rope_arguments(parser)
-    parser.add_argument("--head-dim", type=int, default=64, dest="head_dim")
-    parser.add_argument("--base", type=float, default=10000.0)
-    parser.add_argument("--seq-len", type=int, dest="seq_len", help="current length, for dynamic methods")
-    parser.add_argument("--plot", help="write the figure here (PNG)")
-    parser.add_argument("--csv", help="write the rows here")
-    parser.set_defaults(func=_run_freqs, factor=4.0, original_length=256)
+    from ropescope.frequencies import run_frequencies
+
+    parser = _command(subparsers, "freqs", run_frequencies, "per-pair wavelengths of several methods, side by side")
+    _add_methods(parser, several=True)
+    parser.add_argument("--head-dim", type=_positive_int, help="rotary dimensions per head")
+    parser.add_argument("--base", type=float, help="RoPE base (rope_theta)")
+    parser.add_argument("--seq-len", type=_positive_int, help="current length, for dynamic methods")
+    _add_out(parser, "frequencies.csv, frequencies.png")
+    _bind_defaults(parser, run_frequencies)
+    parser.set_defaults(show=_show_frequencies)
 
 
-def _run_freqs(args) -> int:
-    from ropescope.frequencies import frequency_rows
-    from ropescope.plots import plot_frequencies
-    from ropescope.rope import simple_spec
-    from ropescope.results import write_csv
-
-    specs = [simple_spec(name, args.factor, args.original_length)
-             for name in _method_list(args.method, "default,linear,ntk,yarn,llama3")]
-    rows = frequency_rows(specs, args.head_dim, args.base, args.seq_len)
-    print(f"{'pair':>4} " + " ".join(f"{spec.label():>14}" for spec in specs) + "   (wavelength in tokens)")
-    for pair in range(args.head_dim // 2):
-        print(f"{pair:>4} " + " ".join(f"{row['wavelength']:>14.1f}" for row in rows if row["pair"] == pair))
-    if args.csv:
-        print(f"rows: {write_csv(rows, args.csv)}")
-    if args.plot:
-        print(f"figure: {plot_frequencies(rows, args.plot, pretrained_length=args.original_length)}")
-    return 0
-
-
-def _add_study(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "study", help="train, evaluate and analyse every method of a config, then write the report")
-    parser.add_argument("config", nargs="?", help="study TOML (default: the shipped default study)")
-    parser.add_argument("--quick", action="store_true", help="the small shipped plan (seconds to a minute)")
-    parser.add_argument("--out", default="results", help="output folder: database, checkpoints, report")
-    parser.add_argument("--force", action="store_true", help="redo every cell, even those already recorded")
-    parser.set_defaults(func=_run_study)
-
-
-def _run_study(args) -> int:
+def _study(config: str | None, quick: bool, out: str, force: bool) -> tuple[dict, dict]:
+    """Run the study of `config` (or the quick plan) into `out`, then build its report: (counts, report paths)."""
     from ropescope.study.config import load_config, quick_config_path
     from ropescope.study.report import build_report
     from ropescope.study.runner import run_study
 
-    if args.quick and args.config:
-        raise RopescopeError("give a config file or --quick, not both")
-    config = load_config(quick_config_path() if args.quick else args.config)
-    counts = run_study(config, args.out, force=args.force)
-    paths = build_report(args.out)
-    print(f"cells: {counts['done']} run, {counts['skipped']} already recorded, {counts['failed']} failed")
-    print(f"report: {paths['html']}\nsummary: {paths['summary']}")
-    print(paths["summary"].read_text().split("## Figures")[0])
-    return 1 if counts["failed"] else 0
+    counts = run_study(load_config(quick_config_path() if quick else config), out, force=force)
+    return counts, build_report(out)
+
+
+def _add_study(subparsers) -> None:
+    parser = _command(subparsers, "study", _study,
+                      "train, evaluate and analyse every method of a config, then write the report")
+    plan = parser.add_mutually_exclusive_group()
+    plan.add_argument("config", nargs="?", help="study TOML (default: the shipped default study)")
+    plan.add_argument("--quick", action="store_true", help="the small shipped plan (seconds to a minute)")
+    parser.add_argument("--force", action="store_true", help="redo every cell, even those already recorded")
+    _add_out(parser, "the results database, checkpoints/ and report/")
+    parser.set_defaults(out="results", show=_show_study)
 
 
 def _add_report(subparsers) -> None:
-    parser = subparsers.add_parser("report", help="rebuild a study's report from its results database")
-    parser.add_argument("out", help="the study's output folder")
-    parser.set_defaults(func=_run_report)
-
-
-def _run_report(args) -> int:
     from ropescope.study.report import build_report
 
-    paths = build_report(args.out)
-    print(f"report: {paths['html']}\nsummary: {paths['summary']}")
-    return 0
-
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Evaluation: ppl, passkey, needle
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(item) for item in text.split(",") if item.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers, e.g. 256,512,1024")
-
-
-def _number_list(text: str) -> list[float]:
-    try:
-        return [float(item) if "." in item else int(item) for item in text.split(",") if item.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers, e.g. 0,25,50,75,100")
-
-
-def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="default", help="'default' (the shipped model) or a local model folder")
-    parser.add_argument("--method", default=None, help="RoPE extension applied at evaluation (see `ropescope methods`)")
-    _add_rope_arguments(parser)
-    parser.add_argument("--out", default=None, help="rows file, .json or .csv")
-    parser.add_argument("--plot", default=None, help="figure file, e.g. out.png")
-
-
-def _print_cells(rows: list[dict], value: str) -> None:
-    cells: dict = {}
-    for row in rows:
-        cells.setdefault((row["length"], row["depth_percent"]), []).append(float(row[value]))
-    for (length, depth), scores in sorted(cells.items()):
-        print(f"length {length:>7}  depth {depth:>5g}%  {value} {sum(scores) / len(scores):.3f}  (n={len(scores)})")
+    parser = _command(subparsers, "report", build_report, "rebuild a study's report from its results database")
+    _add_out(parser, "the study's folder; its report/ is rewritten")
+    parser.set_defaults(out="results", show=_show_report)
 
 
 def _add_ppl(subparsers) -> None:
-    parser = subparsers.add_parser("ppl", help="perplexity against length (truncated and sliding-window protocols)")
-    _add_model_arguments(parser)
-    parser.add_argument("--lengths", type=_int_list, default=[256, 512, 1024, 2048])
-    parser.add_argument("--corpus", default=None, help="corpus path (default: the shipped corpus)")
-    parser.add_argument("--split", default="validation", help="split of the shipped corpus")
-    parser.add_argument("--protocol", choices=["truncated", "sliding", "both"], default="both")
-    parser.add_argument("--stride", type=int, default=None, help="sliding-window stride (default: half the window)")
-    parser.add_argument("--documents", type=int, default=4, help="how many long documents to evaluate")
-    parser.add_argument("--chunk-size", type=int, default=1024, help="positions per output-head chunk")
-    parser.set_defaults(func=_run_ppl)
-
-
-def _run_ppl(args) -> int:
     from ropescope.eval.perplexity import PROTOCOLS, run_perplexity
 
-    rows = run_perplexity(args.model, args.lengths, PROTOCOLS if args.protocol == "both" else [args.protocol],
-                          args.stride, args.method, args.factor, args.original_length, args.corpus, args.split,
-                          args.documents, args.chunk_size, out=args.out, plot=args.plot)
-    for row in rows:
-        print(f"{row['protocol']:>9}  length {row['length']:>7}  ppl {row['perplexity']:10.3f}  "
-              f"nll {row['nll']:.4f}  tokens {row['tokens_scored']}")
-    return 0
+    parser = _command(subparsers, "ppl", run_perplexity,
+                      "perplexity against length (truncated and sliding-window protocols)")
+    _add_model(parser)
+    _add_methods(parser, several=False)
+    parser.add_argument("--lengths", type=_lengths, help="window lengths in tokens, increasing")
+    parser.add_argument("--protocol", action="append", dest="protocols", choices=PROTOCOLS,
+                        help="truncated and/or sliding; repeatable")
+    parser.add_argument("--stride", type=_positive_int, help="sliding-window stride (default: half the window)")
+    parser.add_argument("--documents", type=_positive_int, help="how many long documents to evaluate")
+    parser.add_argument("--chunk-size", type=_positive_int, help="positions per output-head chunk")
+    _add_corpus(parser)
+    _add_out(parser, "perplexity.csv, perplexity.png")
+    _bind_defaults(parser, run_perplexity)
+    parser.set_defaults(show=_show_perplexity)
 
 
 def _add_passkey(subparsers) -> None:
-    parser = subparsers.add_parser("passkey", help="passkey retrieval accuracy over lengths x depths")
-    _add_model_arguments(parser)
-    parser.add_argument("--lengths", type=_int_list, default=[256, 512, 1024])
-    parser.add_argument("--depths", type=_number_list, default=[0, 25, 50, 75, 100], help="depth percents, 0..100")
-    parser.add_argument("--trials", type=int, default=5, help="keys per cell")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.set_defaults(func=_run_passkey)
-
-
-def _run_passkey(args) -> int:
     from ropescope.eval.passkey import run_passkey
 
-    rows = run_passkey(args.model, args.lengths, args.depths, args.trials, args.seed, args.method, args.factor,
-                       args.original_length, batch_size=args.batch_size, out=args.out, plot=args.plot)
-    _print_cells(rows, "score")
-    return 0
+    parser = _command(subparsers, "passkey", run_passkey, "passkey retrieval accuracy over lengths x depths")
+    _add_model(parser)
+    _add_methods(parser, several=False)
+    parser.add_argument("--lengths", type=_lengths, help="prompt lengths in tokens, increasing")
+    parser.add_argument("--depths", type=_depths, help="depth percents of the key, 0..100")
+    parser.add_argument("--trials", type=_positive_int, help="keys per cell")
+    parser.add_argument("--seed", type=int, help="picks the keys")
+    parser.add_argument("--batch-size", type=_positive_int, help="prompts per forward pass")
+    _add_out(parser, "passkey.csv, passkey.png")
+    _bind_defaults(parser, run_passkey)
+    parser.set_defaults(show=_show_cells)
 
 
 def _add_needle(subparsers) -> None:
-    from ropescope.eval.needle import ANSWER, NEEDLE, QUESTION
-
-    parser = subparsers.add_parser("needle", help="needle-in-a-haystack retrieval over lengths x depths")
-    _add_model_arguments(parser)
-    parser.add_argument("--lengths", type=_int_list, default=[256, 512, 1024])
-    parser.add_argument("--depths", type=_number_list, default=[0, 25, 50, 75, 100], help="depth percents, 0..100")
-    parser.add_argument("--trials", type=int, default=1, help="haystacks per cell")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--corpus", default=None, help="haystack corpus path (default: the shipped corpus)")
-    parser.add_argument("--split", default="validation", help="split of the shipped corpus")
-    parser.add_argument("--needle", default=NEEDLE)
-    parser.add_argument("--question", default=QUESTION, help="ends where the answer should start")
-    parser.add_argument("--answer", default=ANSWER)
-    parser.set_defaults(func=_run_needle)
-
-
-def _run_needle(args) -> int:
     from ropescope.eval.needle import run_needle
 
-    rows = run_needle(args.model, args.lengths, args.depths, args.trials, args.seed, args.method, args.factor,
-                      args.original_length, args.corpus, args.split, args.needle, args.question, args.answer,
-                      out=args.out, plot=args.plot)
-    _print_cells(rows, "score")
-    return 0
-
-
-
-
-def _add_analysis_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="default", help="'default' (the shipped model) or a local model folder")
-    parser.add_argument("--chunk-size", type=int, default=512, help="queries / keys per block of the streaming pass")
-
-
-def _add_analysis_corpus_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--original-length", type=int, dest="original_length",
-                        help="the pretrained context length (default: from the model's config)")
-    parser.add_argument("--corpus", default=None, help="corpus path (default: the shipped corpus)")
-    parser.add_argument("--split", default="validation", choices=["train", "validation", "test"])
+    parser = _command(subparsers, "needle", run_needle, "needle-in-a-haystack retrieval over lengths x depths")
+    _add_model(parser)
+    _add_methods(parser, several=False)
+    parser.add_argument("--lengths", type=_lengths, help="prompt lengths in tokens, increasing")
+    parser.add_argument("--depths", type=_depths, help="depth percents of the needle, 0..100")
+    parser.add_argument("--trials", type=_positive_int, help="haystacks per cell")
+    parser.add_argument("--seed", type=int, help="picks the haystacks")
+    parser.add_argument("--batch-size", type=_positive_int, help="prompts per forward pass")
+    parser.add_argument("--needle", type=_text, help="the sentence hidden in the haystack")
+    parser.add_argument("--question", type=_text, help="the question, ending where the answer should start")
+    parser.add_argument("--answer", type=_text, help="what a correct continuation contains")
+    _add_corpus(parser)
+    _add_out(parser, "needle.csv, needle.png")
+    _bind_defaults(parser, run_needle)
+    parser.set_defaults(show=_show_cells)
 
 
 def _add_entropy(subparsers) -> None:
-    parser = subparsers.add_parser("entropy", help="attention entropy against position, per method (streamed)")
-    _add_analysis_model_arguments(parser)
-    parser.add_argument("--method", action="append", help="RoPE extension (repeatable); default: default (none)")
-    parser.add_argument("--factor", type=float, default=4.0, help="extension factor (default 4)")
-    parser.add_argument("--lengths", type=_int_list, help="sequence lengths, e.g. 256,512,1024 (default: 1x, 2x, 4x "
-                        "pretrained)")
-    parser.add_argument("--samples", type=int, default=4, help="token blocks per length (default 4)")
-    _add_analysis_corpus_arguments(parser)
-    parser.add_argument("--position-bin-size", type=int, help="query positions per bin (default length / 64)")
-    parser.add_argument("--out", default="results/entropy", help="folder for entropy.csv and entropy.png")
-    parser.set_defaults(func=_run_entropy)
-
-
-def _run_entropy(args) -> int:
     from ropescope.attention.runs import run_entropy
 
-    run_entropy(args.model, args.method or ["default"], args.factor, args.lengths, args.samples, args.out,
-                original_length=args.original_length, corpus=args.corpus, split=args.split,
-                chunk_size=args.chunk_size, position_bin_size=args.position_bin_size)
-    print(f"wrote {args.out}/entropy.csv and entropy.png")
-    return 0
+    parser = _command(subparsers, "entropy", run_entropy, "attention entropy against position, per method (streamed)")
+    _add_model(parser)
+    _add_methods(parser, several=True)
+    parser.add_argument("--lengths", type=_lengths, help="sequence lengths (default: 1x, 2x, 4x the pretrained length)")
+    parser.add_argument("--samples", type=_positive_int, help="token blocks per length")
+    parser.add_argument("--position-bin-size", type=_positive_int, help="query positions per bin (default length/64)")
+    parser.add_argument("--chunk-size", type=_positive_int, help="queries / keys per block of the streaming pass")
+    _add_corpus(parser)
+    _add_out(parser, "entropy.csv, entropy.png")
+    _bind_defaults(parser, run_entropy)
+    parser.set_defaults(show=_show_written)
 
 
 def _add_patterns(subparsers) -> None:
-    parser = subparsers.add_parser("patterns", help="attention against key distance and pattern preservation")
-    _add_analysis_model_arguments(parser)
-    parser.add_argument("--method", action="append", help="RoPE extension (repeatable); the original is always included")
-    parser.add_argument("--factor", type=float, default=4.0, help="extension factor (default 4)")
-    parser.add_argument("--length", type=int, help="extended length (default factor x pretrained)")
-    parser.add_argument("--samples", type=int, default=4, help="token blocks per length (default 4)")
-    _add_analysis_corpus_arguments(parser)
-    parser.add_argument("--query-fraction", type=float, default=0.125, help="last fraction of positions used as queries")
-    parser.add_argument("--bins-per-octave", type=int, default=1, help="distance bins per doubling (default 1)")
-    parser.add_argument("--out", default="results/patterns", help="folder for the rows and plots")
-    parser.set_defaults(func=_run_patterns)
-
-
-def _run_patterns(args) -> int:
     from ropescope.attention.runs import run_patterns
 
-    scores = run_patterns(args.model, args.method or [], args.factor, args.length, args.samples, args.out,
-                          original_length=args.original_length, corpus=args.corpus, split=args.split,
-                          query_fraction=args.query_fraction,
-                          bins_per_octave=args.bins_per_octave, chunk_size=args.chunk_size)
-    for row in scores:
-        if row["layer"] == "mean":
-            print(f"{row['method']:>14} @ {row['length']:>6}: JS from pretrained pattern {row['js_divergence']:.4f}")
-    return 0
+    parser = _command(subparsers, "patterns", run_patterns,
+                      "attention against key distance and pattern preservation (the original is always included)")
+    _add_model(parser)
+    _add_methods(parser, several=True)
+    parser.add_argument("--length", type=_positive_int, help="extended length (default: factor x pretrained, 4x "
+                                                              "without a factor)")
+    parser.add_argument("--samples", type=_positive_int, help="token blocks per length")
+    parser.add_argument("--query-fraction", type=_fraction, help="last fraction of positions used as queries")
+    parser.add_argument("--bins-per-octave", type=_positive_int, help="distance bins per doubling")
+    parser.add_argument("--chunk-size", type=_positive_int, help="queries / keys per block of the streaming pass")
+    _add_corpus(parser)
+    _add_out(parser, "patterns_distance.csv, patterns_preservation.csv, attention_distance.png, "
+                     "pattern_preservation.png")
+    _bind_defaults(parser, run_patterns)
+    parser.set_defaults(show=_show_preservation)
 
 
 def _add_uncertainty(subparsers) -> None:
-    parser = subparsers.add_parser("uncertainty", help="answering-query entropy against passkey / needle errors")
-    _add_analysis_model_arguments(parser)
-    parser.add_argument("rows", help="evaluation rows (.csv or .json) from passkey / needle evaluation")
-    parser.add_argument("--method", action="append", help="only rows of this method (repeatable)")
-    parser.add_argument("--factor", type=float, help="only rows of this factor")
-    parser.add_argument("--corpus", default=None, help="haystack corpus of needle rows (default: the shipped corpus)")
-    parser.add_argument("--split", default="validation", choices=["train", "validation", "test"],
-                        help="corpus split the needle haystacks were drawn from")
-    parser.add_argument("--out", default="results/uncertainty", help="folder for the rows, summary and heatmap")
-    parser.set_defaults(func=_run_uncertainty)
-
-
-def _run_uncertainty(args) -> int:
     from ropescope.attention.runs import run_uncertainty
 
-    summary = run_uncertainty(args.rows, args.model, args.out, methods=args.method, factor=args.factor,
-                              corpus=args.corpus, split=args.split, chunk_size=args.chunk_size)
-    for row in summary:
-        if row["layer"] == "mean":
-            print(f"{row['method']} {row['task']}: entropy correct {row['entropy_correct']:.3f} vs failed "
-                  f"{row['entropy_failed']:.3f}, AUROC {row['auroc_entropy_predicts_failure']:.3f} "
-                  f"({row['failures']}/{row['cells']} failed)")
-    return 0
+    parser = _command(subparsers, "uncertainty", run_uncertainty,
+                      "answering-query entropy against passkey / needle errors")
+    parser.add_argument("rows", help="evaluation rows (.csv or .json) from `ropescope passkey` / `needle`")
+    _add_model(parser)
+    parser.add_argument("--only-method", action="append", dest="only_methods", metavar="NAME",
+                        help="keep only rows of this method; repeatable")
+    parser.add_argument("--only-factor", action="append", dest="only_factors", type=float, metavar="FACTOR",
+                        help="keep only rows of this factor (and rows without one); repeatable")
+    parser.add_argument("--chunk-size", type=_positive_int, help="queries / keys per block of the streaming pass")
+    _add_corpus(parser)
+    _add_out(parser, "uncertainty.csv, uncertainty_summary.json, entropy_heatmap.png")
+    _bind_defaults(parser, run_uncertainty)
+    parser.set_defaults(show=_show_uncertainty)
+
+
+def _add_config_fields(parser: argparse.ArgumentParser, config_class, flag_names: dict[str, str] | None = None) -> None:
+    """One flag per field of a config dataclass: `--some-field` for `some_field`, typed by its annotation, with
+    the field's metadata `help` (and `choices`). Fields a command line cannot give (dicts, lists) are left out."""
+    hints = typing.get_type_hints(config_class)
+    for field in dataclasses.fields(config_class):
+        kinds = {str if arg is Path else arg for arg in typing.get_args(hints[field.name]) or [hints[field.name]]}
+        kinds.discard(type(None))
+        if len(kinds) != 1 or not kinds <= {int, float, str, bool}:
+            continue
+        (kind,) = kinds
+        flag = (flag_names or {}).get(field.name, "--" + field.name.replace("_", "-"))
+        options = {"dest": field.name, "help": field.metadata.get("help") or field.name.replace("_", " ")}
+        if flag == "--out":
+            options["metavar"] = "FOLDER"
+        if field.metadata.get("choices"):
+            options["choices"] = field.metadata["choices"]
+        if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            options["required"] = True
+        elif field.default is not dataclasses.MISSING:
+            options["default"] = field.default
+        if kind is bool:
+            if field.default is None:  # tri-state settings (e.g. progress: None = only on a terminal)
+                continue
+            options["action"] = argparse.BooleanOptionalAction if field.default else "store_true"
+        else:
+            options["type"] = kind
+        parser.add_argument(flag, **options)
 
 
 def _add_train(subparsers) -> None:
-    from ropescope.train import MIXED_PRECISION, SCHEDULES, TrainConfig
-
-    defaults = TrainConfig(out="")
-    parser = subparsers.add_parser(
-        "train", help="continual pretraining with a RoPE extension (also under `accelerate launch`)",
-        description="Fine-tune a model with a RoPE extension on blocks of --length tokens; write a Hugging Face "
-                    "checkpoint that loads with the extension active. Runs under `accelerate launch` as it is.")
-    parser.add_argument("--model", default=defaults.model, help="'default' (the shipped model) or a local folder")
-    parser.add_argument("--method", default=defaults.method, help="extension method (see `ropescope methods`)")
-    parser.add_argument("--factor", type=float, default=defaults.factor)
-    parser.add_argument("--original-length", type=int, default=None,
-                        help="original_max_position_embeddings (default: the model's max_position_embeddings)")
-    parser.add_argument("--length", type=int, default=defaults.length, help="tokens per training block")
-    parser.add_argument("--steps", type=int, default=defaults.steps, help="optimizer steps")
-    parser.add_argument("--corpus", default=None, help="corpus path (default: the shipped corpus)")
-    parser.add_argument("--out", required=True, help="run folder")
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="blocks per process per micro-step")
-    parser.add_argument("--grad-accum", type=int, default=defaults.grad_accum, help="micro-steps per optimizer step")
-    parser.add_argument("--lr", type=float, default=defaults.learning_rate, help="peak learning rate")
-    parser.add_argument("--schedule", choices=SCHEDULES, default=defaults.schedule)
-    parser.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
-    parser.add_argument("--min-lr-ratio", type=float, default=defaults.min_lr_ratio)
-    parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
-    parser.add_argument("--max-grad-norm", type=float, default=defaults.max_grad_norm, help="0 = no clipping")
-    parser.add_argument("--mixed-precision", choices=MIXED_PRECISION, default=defaults.mixed_precision,
-                        help="auto = bf16 on a GPU that supports it, else float32")
-    parser.add_argument("--gradient-checkpointing", action="store_true")
-    parser.add_argument("--lora-rank", type=int, default=defaults.lora_rank, help="0 = full fine-tune")
-    parser.add_argument("--lora-alpha", type=float, default=defaults.lora_alpha)
-    parser.add_argument("--lora-dropout", type=float, default=defaults.lora_dropout)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every,
-                        help="steps between resumable checkpoints (0 = none)")
-    parser.add_argument("--keep-checkpoints", type=int, default=defaults.keep_checkpoints)
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
-    parser.add_argument("--overwrite", action="store_true", help="replace the run in --out")
-    parser.set_defaults(func=_run_train)
-
-
-def _run_train(args) -> int:
     from ropescope.train import TrainConfig, train
 
-    config = TrainConfig(
-        out=args.out, model=args.model, method=args.method, factor=args.factor,
-        original_length=args.original_length, length=args.length, steps=args.steps, corpus=args.corpus,
-        batch_size=args.batch_size, grad_accum=args.grad_accum, learning_rate=args.lr, schedule=args.schedule,
-        warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay,
-        max_grad_norm=args.max_grad_norm, mixed_precision=args.mixed_precision,
-        gradient_checkpointing=args.gradient_checkpointing, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
-        lora_dropout=args.lora_dropout, seed=args.seed, checkpoint_every=args.checkpoint_every,
-        keep_checkpoints=args.keep_checkpoints, resume=args.resume, overwrite=args.overwrite)
-    out = train(config)
-    if os.environ.get("RANK", "0") == "0":  # under `accelerate launch`, one line, not one per process
-        print(out)
-    return 0
+    parser = _command(
+        subparsers, "train", train, "continual pretraining with a RoPE extension (also under `accelerate launch`)",
+        description="Fine-tune a model with a RoPE extension on blocks of --length tokens; write a Hugging Face "
+                    "checkpoint that loads with the extension active. Runs under `accelerate launch` as it is. "
+                    "--method takes NAME[:KEY=VALUE,...] as in every command.")
+    _add_config_fields(parser, TrainConfig)
+    parser.set_defaults(config_class=TrainConfig, show=print)
+
+
+def _add_pretrain(subparsers) -> None:
+    from ropescope.pretrain import PretrainConfig, pretrain
+
+    parser = _command(
+        subparsers, "pretrain", pretrain,
+        "pretrain a small Llama with original RoPE (the shipped model's recipe is in its MODEL_CARD)",
+        description="Pretrain a small LlamaForCausalLM with original RoPE at a short context, with a share of "
+        "synthetic passkey examples. The defaults are the first of the stages that build the shipped model "
+        "(src/ropescope/default/MODEL_CARD.md gives the commands).")
+    _add_config_fields(parser, PretrainConfig, {"output": "--out"})
+    parser.set_defaults(config_class=PretrainConfig, show=print)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What each command prints: the library's results, one line each
+
+
+def _show_study(result) -> int:
+    counts, paths = result
+    print(f"cells: {counts['done']} run, {counts['skipped']} already recorded, {counts['failed']} failed")
+    _show_report(paths)
+    return 1 if counts["failed"] else 0
+
+
+def _show_report(paths) -> None:
+    print(f"report: {paths['html']}\nsummary: {paths['summary']}")
+
+
+def _show_frequencies(rows) -> None:
+    from ropescope.frequencies import wavelength_table
+
+    print(wavelength_table(rows))
+
+
+def _show_perplexity(rows) -> None:
+    for row in rows:
+        print(f"{row['protocol']:>9}  length {row['length']:>7}  ppl {row['perplexity']:10.3f}  "
+              f"nll {row['nll']:.4f}  tokens {row['tokens_scored']}")
+
+
+def _show_cells(rows) -> None:
+    from ropescope.rows import cell_means
+
+    for cell in cell_means(rows, "score"):
+        print(f"length {cell['length']:>7}  depth {cell['depth_percent']:>5g}%  score {cell['score']:.3f}  "
+              f"(n={cell['trials']})")
+
+
+def _show_written(rows) -> None:
+    print(f"{len(rows)} rows")
+
+
+def _show_preservation(rows) -> None:
+    for row in rows:
+        if row["layer"] == "mean":
+            print(f"{row['method']:>14} @ {row['length']:>6}: JS from pretrained pattern {row['js_divergence']:.4f}")
+
+
+def _show_uncertainty(rows) -> None:
+    from ropescope.rows import UncertaintySummaryRow
+
+    for row in map(UncertaintySummaryRow.from_dict, rows):
+        if row.layer == "mean":
+            print(f"{row.method} {row.task}: entropy correct {row.entropy_correct:.3f} vs failed "
+                  f"{row.entropy_failed:.3f}, AUROC {row.auroc_entropy_predicts_failure:.3f} "
+                  f"({row.failures}/{row.cells} failed)")
 
 
 # the `_add_*` functions, in the order `ropescope --help` lists them
 SUBCOMMANDS: list = [
-    _add_study, _add_report, _add_methods, _add_freqs, _add_train, _add_ppl, _add_passkey, _add_needle,
-    _add_entropy, _add_patterns, _add_uncertainty,
+    _add_study, _add_report, _add_methods_command, _add_freqs, _add_pretrain, _add_train, _add_ppl, _add_passkey,
+    _add_needle, _add_entropy, _add_patterns, _add_uncertainty,
 ]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ropescope", description=__doc__.splitlines()[0])
+    shared = __doc__.split("The same flag means the same thing in every command:")[1].split("User mistakes")[0]
+    parser = _Parser(prog="ropescope", formatter_class=argparse.RawDescriptionHelpFormatter,  # keeps the table
+                     description="Extend the context window of RoPE language models, and see through attention why "
+                                 "an extension works or fails.",
+                     epilog="Every command's flags are its Python function's parameters (`ropescope COMMAND --help`).\n"
+                            "The same flag means the same thing in every command:" + shared.rstrip())
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in SUBCOMMANDS:
         add(subparsers)
     return parser
 
 
+def _run(args) -> object:
+    """Call the command's function: with its config dataclass built from the flags, or with the flags."""
+    config_class = getattr(args, "config_class", None)
+    if config_class is not None:
+        names = {field.name for field in dataclasses.fields(config_class)}
+        return args.function(config_class(**{key: value for key, value in vars(args).items() if key in names}))
+    return _call(args.function, args)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except _UsageError as error:
+        print(error, file=sys.stderr)
+        return 2
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # ropescope's own bars say what is going on
     try:
-        return args.func(args) or 0
+        result = _run(args)
     except RopescopeError as error:
         print(f"ropescope {args.command}: error: {error}", file=sys.stderr)
         return 2
-
-
-def _add_pretrain(subparsers) -> None:
-    from ropescope.pretrain import PretrainConfig
-
-    defaults = PretrainConfig(output="")
-    parser = subparsers.add_parser(
-        "pretrain",
-        help="pretrain a small Llama with original RoPE (the shipped model's recipe is in its MODEL_CARD)",
-        description="Pretrain a small LlamaForCausalLM with original RoPE at a short context, with a share of "
-        "synthetic passkey examples. The defaults are the first of the three stages that build the shipped model "
-        "(src/ropescope/default/MODEL_CARD.md gives both commands).",
-    )
-    parser.add_argument("--output", required=True, help="folder to write the model and tokenizer into")
-    parser.add_argument("--corpus", default=None, help="local corpus (default: the shipped corpus); its train split is used")
-    for name, kind in (("seed", int), ("steps", int), ("batch_size", int), ("context_length", int),
-                       ("learning_rate", float), ("warmup_steps", int), ("passkey_share", float),
-                       ("answer_loss_weight", float), ("passkey_packed_share", float), ("passkey_min_length", int),
-                       ("vocab_size", int), ("hidden_size", int), ("num_layers", int), ("num_heads", int),
-                       ("intermediate_size", int), ("threads", int), ("checkpoint_every", int), ("log_every", int)):
-        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=getattr(defaults, name),
-                            help=f"(default: {getattr(defaults, name)})")
-    parser.add_argument("--init-from", default=None, help="continue from this saved model folder (and its tokenizer)")
-    parser.add_argument("--checkpoint-dir", default=None, help="where periodic checkpoints go (default: OUTPUT.checkpoint)")
-    parser.set_defaults(func=_run_pretrain)
-
-
-def _run_pretrain(args) -> int:
-    from ropescope.pretrain import PretrainConfig, pretrain
-
-    fields = {field for field in PretrainConfig.__dataclass_fields__}
-    config = PretrainConfig(**{key: value for key, value in vars(args).items() if key in fields})
-    output = pretrain(config)
-    print(f"wrote {output}")
-    return 0
-
-
-SUBCOMMANDS.append(_add_pretrain)
+    if os.environ.get("RANK", "0") != "0":  # under `accelerate launch`, one report, not one per process
+        return 0
+    status = args.show(result)
+    if getattr(args, "out", None) and args.command not in ("study", "report", "train", "pretrain"):
+        print(f"wrote {args.out}")
+    return status or 0

@@ -10,6 +10,7 @@ This module imports only torch and math: no models, no I/O.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -117,7 +118,8 @@ def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
 
 
 def yarn_correction_range(
-    beta_fast: float, beta_slow: float, dim: int, base: float, original_length: int, truncate: bool = True
+    beta_fast: float, beta_slow: float, dim: int, base: float, original_max_position_embeddings: int,
+    truncate: bool = True,
 ) -> tuple[float, float]:
     """Dimension-pair indices (low, high) between which YaRN ramps from extrapolation to interpolation.
 
@@ -126,7 +128,8 @@ def yarn_correction_range(
     """
 
     def dimension_of(rotations: float) -> float:
-        return (dim * math.log(original_length / (rotations * 2 * math.pi))) / (2 * math.log(base))
+        wavelengths = original_max_position_embeddings / (rotations * 2 * math.pi)
+        return (dim * math.log(wavelengths)) / (2 * math.log(base))
 
     low, high = dimension_of(beta_fast), dimension_of(beta_slow)
     if truncate:
@@ -343,17 +346,60 @@ def simple_spec(
     """Build a spec from the two knobs most methods share, passing each only to the methods that take it.
 
     `simple_spec("ntk", factor=4)` and `simple_spec("yarn", factor=4, original_max_position_embeddings=256)`
-    both work, so a command line can offer one `--method/--factor/--original-length` for every method.
+    both work, so a command line can offer one `--factor` / `--original-max-position-embeddings` for every
+    method. Parameters in `extra` win over the shared knobs.
     """
-    if method not in METHODS:
-        raise RopescopeError(f"unknown RoPE method {method!r}; accepted: {', '.join(METHODS)}")
-    accepted = METHODS[method].params
-    params = dict(extra)
-    if factor is not None and "factor" in accepted:
-        params.setdefault("factor", factor)
-    if original_max_position_embeddings is not None and "original_max_position_embeddings" in accepted:
-        params.setdefault("original_max_position_embeddings", original_max_position_embeddings)
-    return RopeSpec(method, **params)
+    return RopeSpec(method, **_with_shared(method, dict(extra), factor, original_max_position_embeddings))
+
+
+def _with_shared(method: str, params: dict, factor: float | None, original: int | None) -> dict:
+    """`params` plus `factor` and the original length where the method takes them and `params` lacks them."""
+    accepted = METHODS[method].params if method in METHODS else {}  # an unknown name is refused by RopeSpec
+    for name, value in {"factor": factor, "original_max_position_embeddings": original}.items():
+        if value is not None and name in accepted:
+            params.setdefault(name, value)
+    return params
+
+
+def parse_method(text: str) -> tuple[str, dict[str, Any]]:
+    """`"yarn:factor=4,beta_fast=32"` -> `("yarn", {"factor": 4, "beta_fast": 32})`: how users name a method.
+
+    Values are JSON (numbers, true / false, null, lists such as `short_factor=[1.0,1.1]`); anything else is a
+    string. Only the syntax is checked here; `RopeSpec` checks names and values.
+    """
+    name, _, rest = text.strip().partition(":")
+    params: dict[str, Any] = {}
+    for item in _split_top_level(rest):
+        key, equals, value = item.partition("=")
+        if not equals or not key.strip():
+            raise RopescopeError(f"method {text!r}: {item!r} is not key=value; e.g. yarn:factor=4,beta_fast=32")
+        try:
+            params[key.strip()] = json.loads(value)
+        except ValueError:
+            params[key.strip()] = value.strip()
+    return name.strip(), params
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Split at commas outside brackets, so list values keep their commas."""
+    items, depth, current = [], 0, ""
+    for character in text:
+        depth += {"[": 1, "]": -1}.get(character, 0)
+        if character == "," and depth == 0:
+            items.append(current)
+            current = ""
+        else:
+            current += character
+    return [item for item in [*items, current] if item.strip()]
+
+
+def method_spec(
+    text: str, factor: float | None = None, original_max_position_embeddings: int | None = None
+) -> RopeSpec:
+    """The spec a user names as `NAME[:key=value,...]`, with `factor` and the original length filled in for
+    methods that take them and do not set them (see `parse_method` and `simple_spec`)."""
+    name, params = parse_method(text)
+    return RopeSpec(name, **_with_shared(name, params, factor, original_max_position_embeddings))
 
 
 # --- the public entry point -----------------------------------------------------------------------------------

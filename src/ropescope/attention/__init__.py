@@ -6,7 +6,6 @@ profiles.py    entropy against query position
 patterns.py    attention against key distance, pattern preservation (Jensen-Shannon)
 uncertainty.py answering-query entropy and needle mass against retrieval errors, AUROC
 runs.py        the end-to-end analyses the CLI runs
-io.py          rows to and from CSV / JSON
 """
 
 from ropescope.attention.capture import LayerAttention, capture_attention, layer_entropies

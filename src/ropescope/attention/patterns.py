@@ -1,13 +1,12 @@
 """Attention against key distance (the paper's Figure 2 view) and the pattern preservation score.
 
 Distances are measured on the pretrained scale. In a sequence of `length` tokens from a model pretrained at
-`pretrained_length`, a key at distance d = i - j from query i is placed at the rescaled distance
-d * pretrained_length / length, i.e. d divided by the length ratio r = length / pretrained_length (r = 1 at the
-pretrained length). The rescaled distances fall into log-spaced bins with integer left edges
-0, 1, 2, 4, ..., (`distance_bin_edges(pretrained_length - 1)`, the last bin ending at pretrained_length): bin b
-holds keys with edges[b] <= d / r < edges[b + 1]. At 4x the pretrained length, bin [4, 8) thus holds distances
-16..31. The queries are the last `query_fraction` of the positions, which see (nearly) the whole sequence;
-their mass per bin is averaged over queries and samples.
+L0 = `original_max_position_embeddings` tokens, a key at distance d = i - j from query i is placed at the
+rescaled distance d * L0 / length, i.e. d divided by the length ratio r = length / L0 (r = 1 at the pretrained
+length). The rescaled distances fall into log-spaced bins with integer left edges 0, 1, 2, 4, ...
+(`distance_bin_edges(L0 - 1)`, the last bin ending at L0): bin b holds keys with edges[b] <= d / r < edges[b + 1].
+At 4x the pretrained length, bin [4, 8) thus holds distances 16..31. The queries are the last `query_fraction`
+of the positions, which see (nearly) the whole sequence; their mass per bin is averaged over queries and samples.
 
 The pattern preservation score (arXiv 2406.13282, Section 3: extensions that keep the pretrained attention
 pattern extrapolate) is the Jensen-Shannon divergence, in nats (0 .. ln 2), between a model's distribution at a
@@ -26,15 +25,13 @@ from ropescope.attention.capture import LayerAttention, capture_attention, forwa
 from ropescope.attention.entropy import DEFAULT_CHUNK_SIZE, attention_statistics, distance_bin_edges
 from ropescope.attention.profiles import one_length_samples
 from ropescope.errors import RopescopeError
-
-DISTRIBUTION_FIELDS = ("layer", "head", "bin", "distance_start", "distance_end", "mass", "queries", "samples")
-
+from ropescope.rows import DistanceRow, PreservationRow
 
 def distance_distribution(
     model,
     samples: Iterable[torch.Tensor],
     *,
-    pretrained_length: int,
+    original_max_position_embeddings: int,
     query_fraction: float = 0.125,
     bins_per_octave: int = 1,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
@@ -44,16 +41,10 @@ def distance_distribution(
     """Attention mass per rescaled key-distance bin of the last queries, per layer and head, over `samples`.
 
     samples: LongTensor[length] token blocks of one length (unpadded). See the module docstring for the
-    rescaling and the bins. Returns rows {**labels, length, pretrained_length, distance_scale, layer, head,
-    bin, distance_start, distance_end, mass, queries, samples}; per (layer, head) the masses sum to 1.
+    rescaling and the bins (query_fraction in (0, 1], bins_per_octave >= 1, original_max_position_embeddings
+    >= 2). Returns `DistanceRow`s as dicts, labels first; per (layer, head) the masses sum to 1.
     """
-    if pretrained_length < 2:
-        raise RopescopeError(f"pretrained_length={pretrained_length} must be >= 2")
-    if not 0 < query_fraction <= 1:
-        raise RopescopeError(f"query_fraction={query_fraction} is outside (0, 1]")
-    if bins_per_octave < 1:
-        raise RopescopeError(f"bins_per_octave={bins_per_octave} must be >= 1")
-    edges = distance_bin_edges(pretrained_length - 1, bins_per_octave)
+    edges = distance_bin_edges(original_max_position_embeddings - 1, bins_per_octave)
     length = None
     sums: dict[int, torch.Tensor] = {}
     count = 0
@@ -61,7 +52,7 @@ def distance_distribution(
         if length is None:
             length = len(sample)
             queries = max(1, math.ceil(query_fraction * length))
-            distance_scale = length / pretrained_length
+            distance_scale = length / original_max_position_embeddings
 
         def record(attention: LayerAttention) -> None:
             mass = attention_statistics(
@@ -75,17 +66,16 @@ def distance_distribution(
         with capture_attention(model, record):
             forward_for_statistics(model, sample[None])
         count += 1
-    ends = edges.tolist()[1:] + [pretrained_length]
+    ends = edges.tolist()[1:] + [original_max_position_embeddings]
     rows = []
     for layer in sorted(sums):
         for head, masses in enumerate(sums[layer] / count):
             for index, (start, end) in enumerate(zip(edges.tolist(), ends)):
-                rows.append({
-                    **(labels or {}),
-                    "length": length, "pretrained_length": pretrained_length, "distance_scale": distance_scale,
-                    "layer": layer, "head": head, "bin": index, "distance_start": start, "distance_end": end,
-                    "mass": float(masses[index]), "queries": queries, "samples": count,
-                })
+                rows.append(DistanceRow(
+                    length=length, original_max_position_embeddings=original_max_position_embeddings,
+                    distance_scale=distance_scale, layer=layer, head=head, bin=index, distance_start=start,
+                    distance_end=end, mass=float(masses[index]), queries=queries, samples=count,
+                ).to_dict(labels))
     return rows
 
 
@@ -134,14 +124,13 @@ def pattern_preservation(reference_rows: list[dict], rows: list[dict], labels: M
     if edges != reference_edges or mass.shape != reference.shape:
         raise RopescopeError(
             f"distributions differ in shape {tuple(mass.shape)} vs {tuple(reference.shape)} or bins {edges} vs "
-            f"{reference_edges}: compute both with the same pretrained_length and bins_per_octave"
+            f"{reference_edges}: compute both with the same original_max_position_embeddings and bins_per_octave"
         )
     divergence = jensen_shannon(mass, reference)  # [layers, heads]
-    common = {**(labels or {}), "length": rows[0]["length"], "reference_length": reference_rows[0]["length"]}
-    out = [
-        {**common, "layer": layer, "js_divergence": float(values.mean()), "js_divergence_max_head": float(values.max())}
-        for layer, values in enumerate(divergence)
+    lengths = {"length": rows[0]["length"], "reference_length": reference_rows[0]["length"]}
+    per_layer = [(layer, values) for layer, values in enumerate(divergence)] + [("mean", divergence)]
+    return [
+        PreservationRow(**lengths, layer=layer, js_divergence=float(values.mean()),
+                        js_divergence_max_head=float(values.max())).to_dict(labels)
+        for layer, values in per_layer
     ]
-    out.append({**common, "layer": "mean", "js_divergence": float(divergence.mean()),
-                "js_divergence_max_head": float(divergence.max())})
-    return out

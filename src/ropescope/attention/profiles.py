@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 from ropescope.attention.capture import layer_entropies
 from ropescope.attention.entropy import DEFAULT_CHUNK_SIZE
 from ropescope.errors import RopescopeError
+from ropescope.rows import EntropyProfileRow
 
 
 def position_bins(length: int, bin_size: int) -> list[tuple[int, int]]:
@@ -55,8 +56,8 @@ def entropy_profile(
     samples: LongTensor[length] token blocks, all of one length (unpadded); each is one forward pass.
     position_bin_size: tokens per query-position bin (default: length / 64, at least 1).
     labels: fields copied into every row (model, method, factor, ...). progress: tqdm bar (None: only on a terminal).
-    Returns rows {**labels, length, layer, head, position_start, position_end, entropy, entropy_max, samples}:
-    entropy in nats, the mean over the bin's queries and the samples; entropy_max = mean of log(position + 1),
+    Returns `EntropyProfileRow`s as dicts, labels first: entropy in nats, the mean over the bin's queries and the
+    samples; entropy_max = mean of log(position + 1),
     the entropy of uniform attention over the visible keys, for scale.
     """
     sums = None
@@ -66,8 +67,6 @@ def entropy_profile(
         if length is None:
             length = len(sample)
             position_bin_size = position_bin_size or max(1, length // 64)
-            if position_bin_size < 1:
-                raise RopescopeError(f"position_bin_size={position_bin_size} must be >= 1")
         entropy = layer_entropies(model, sample[None], chunk_size=chunk_size)[:, 0]  # [layers, heads, length]
         binned = bin_positions(entropy, position_bin_size)
         sums = binned if sums is None else sums + binned
@@ -79,15 +78,9 @@ def entropy_profile(
     for layer in range(layers):
         for head in range(heads):
             for index, (start, end) in enumerate(bins):
-                rows.append({
-                    **(labels or {}),
-                    "length": length,
-                    "layer": layer,
-                    "head": head,
-                    "position_start": start,
-                    "position_end": end,
-                    "entropy": float(sums[layer, head, index]) / (count * (end - start)),
-                    "entropy_max": float(uniform[index]) / (end - start),
-                    "samples": count,
-                })
+                rows.append(EntropyProfileRow(
+                    length=length, layer=layer, head=head, position_start=start, position_end=end,
+                    entropy=float(sums[layer, head, index]) / (count * (end - start)),
+                    entropy_max=float(uniform[index]) / (end - start), samples=count,
+                ).to_dict(labels))
     return rows

@@ -1,40 +1,19 @@
 """The attention analyses end to end, as the CLI runs them: load models, build inputs, compute, write rows and plots.
 
-Each `run_*` checks its arguments and its inputs (model folder, methods, corpus long enough) before any weights
-load or any file is written, then composes the library: models are loaded exactly as the evaluation loads them
-(`ropescope.eval.common.load_eval_model`), so rows from both line up.
+Each `run_*` resolves the model and the methods' specs and tokenizes its inputs (corpus long enough) before any
+weights load or any file is written, then composes the library. Models load through `ropescope.models.load`, as
+the evaluation loads them, so rows from both line up. Each writes fixed file names into its `out` folder.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from ropescope.errors import RopescopeError
-
-NO_EXTENSION = ("default", "none")
-
-
-def pretrained_length_of(model: str, original_length: int | None = None) -> int:
-    """The context length the model was pretrained at: `original_length` if given, else from its config (the
-    length before any extension recorded in a saved, extended checkpoint)."""
-    from transformers import AutoConfig
-
-    from ropescope.models import resolve_model_path
-    from ropescope.patch import pretrained_rope
-
-    config = AutoConfig.from_pretrained(resolve_model_path(str(model)))
-    return original_length or pretrained_rope(config)[1]
-
-
-def load_for_method(model: str, method: str, factor: float | None, original_length: int | None):
-    """The model with `method` applied ('default' / 'none': as trained), as an `EvalModel` (model, tokenizer,
-    labels)."""
-    from ropescope.eval.common import load_eval_model
-
-    if method in NO_EXTENSION:
-        return load_eval_model(str(model))
-    return load_eval_model(str(model), method, factor, original_length)
+from ropescope.models import ModelOptions, ModelSource
+from ropescope.rope import RopeSpec
 
 
 def token_samples(tokenizer, length: int, samples: int, corpus: str | Path | None, split: str) -> list:
@@ -49,162 +28,161 @@ def token_samples(tokenizer, length: int, samples: int, corpus: str | Path | Non
     raise RopescopeError(f"the {split} corpus holds only {len(blocks)} blocks of {length} tokens; asked for {samples}")
 
 
-def _check_methods(model: str, methods: Sequence[str], factor: float | None, original_length: int | None) -> None:
-    from ropescope.eval.common import check_model_args
-
-    if not methods:
-        raise RopescopeError("no methods given; e.g. --method default --method yarn")
-    for method in methods:
-        if method in NO_EXTENSION:
-            check_model_args(str(model), None, None, None)
-        else:
-            check_model_args(str(model), method, factor, original_length)
-
-
-def _check_counts(samples: int, lengths: Sequence[int], chunk_size: int) -> None:
-    from ropescope.eval.common import check_lengths, check_positive
-
-    check_positive("samples", samples)
-    check_positive("chunk_size", chunk_size)
-    check_lengths(sorted(set(lengths)))
-
-
-def _samples_by_length(model: str, lengths: Sequence[int], samples: int, corpus, split: str) -> dict[int, list]:
+def _samples_by_length(source: ModelSource, lengths: Sequence[int], samples: int, corpus,
+                       split: str) -> dict[int, list]:
     """Token blocks for every length, tokenized once with the model's tokenizer (before any weights load)."""
-    from ropescope.eval.common import load_tokenizer
+    from ropescope.models import load_tokenizer
 
-    tokenizer = load_tokenizer(str(model))
+    tokenizer = load_tokenizer(source)
     return {length: token_samples(tokenizer, length, samples, corpus, split) for length in sorted(set(lengths))}
 
 
-def run_entropy(model: str, methods: Sequence[str], factor: float | None, lengths: Sequence[int] | None,
-                samples: int, out_dir: str | Path, *, original_length: int | None = None, corpus=None,
-                split: str = "validation", chunk_size: int = 512, position_bin_size: int | None = None,
-                progress: bool | None = None) -> list[dict]:
-    """Entropy profiles of every method at every length -> out_dir/entropy.csv and out_dir/entropy.png."""
-    from ropescope.results import write_rows
+def _load(source: ModelSource, spec: RopeSpec, options: ModelOptions | None, original: int, split: str):
+    """The model with `spec` applied and the labels its rows start with (the analysis' pretrained length)."""
+    from ropescope.models import load
+
+    loaded = load(source, spec, options)
+    labels = replace(loaded.labels, original_max_position_embeddings=original)
+    return loaded, {**labels.to_dict(), "split": split}
+
+
+def _setup(model, methods: Sequence[str | RopeSpec], factor: float | None, original: int | None):
+    """(source, specs, original length): every name checked before anything loads."""
+    from ropescope.models import extension_specs, original_max_position_embeddings_of, resolve_model
+
+    source = resolve_model(model)
+    original = original or original_max_position_embeddings_of(source)
+    return source, extension_specs(source, methods, factor, original), original
+
+
+def run_entropy(model: str = "default", methods: Sequence[str | RopeSpec] = ("default",), *,
+                factor: float | None = None, lengths: Sequence[int] | None = None, samples: int = 4,
+                original_max_position_embeddings: int | None = None, corpus=None, split: str = "validation",
+                chunk_size: int = 512, position_bin_size: int | None = None, options: ModelOptions | None = None,
+                out: str | Path = "results/entropy", progress: bool | None = None) -> list[dict]:
+    """Entropy profiles of every method at every length (default: 1x, 2x and 4x the pretrained length) ->
+    out/entropy.csv and out/entropy.png."""
     from ropescope.attention.profiles import entropy_profile
     from ropescope.plots import plot_entropy_profile
+    from ropescope.results import write_rows
 
-    _check_methods(model, methods, factor, original_length)
-    pretrained_length = pretrained_length_of(model, original_length)
-    lengths = list(lengths or [pretrained_length, 2 * pretrained_length, 4 * pretrained_length])
-    _check_counts(samples, lengths, chunk_size)
-    if position_bin_size is not None and position_bin_size < 1:
-        raise RopescopeError(f"position_bin_size={position_bin_size} must be >= 1")
-    blocks = _samples_by_length(model, lengths, samples, corpus, split)
+    source, specs, original = _setup(model, methods, factor, original_max_position_embeddings)
+    lengths = list(lengths or [original, 2 * original, 4 * original])
+    blocks = _samples_by_length(source, lengths, samples, corpus, split)
     rows = []
-    for method in methods:
-        loaded = load_for_method(model, method, factor, original_length)
+    for spec in specs:
+        loaded, labels = _load(source, spec, options, original, split)
         for length in lengths:
-            rows += entropy_profile(
-                loaded.model, blocks[length], chunk_size=chunk_size, position_bin_size=position_bin_size,
-                progress=progress,
-                labels={**loaded.labels(), "pretrained_length": pretrained_length, "split": split},
-            )
-    out_dir = Path(out_dir)
-    write_rows(rows, out_dir / "entropy.csv")
-    plot_entropy_profile(rows, out_dir / "entropy.png", pretrained_length=pretrained_length)
+            rows += entropy_profile(loaded.model, blocks[length], chunk_size=chunk_size,
+                                    position_bin_size=position_bin_size, progress=progress, labels=labels)
+    out = Path(out)
+    write_rows(rows, out / "entropy.csv")
+    plot_entropy_profile(rows, out / "entropy.png", pretrained_length=original)
     return rows
 
 
-def run_patterns(model: str, methods: Sequence[str], factor: float | None, length: int | None, samples: int,
-                 out_dir: str | Path, *, original_length: int | None = None, corpus=None, split: str = "validation",
-                 query_fraction: float = 0.125, bins_per_octave: int = 1, chunk_size: int = 512,
+def run_patterns(model: str = "default", methods: Sequence[str | RopeSpec] = (), *, factor: float | None = None,
+                 length: int | None = None, samples: int = 4, original_max_position_embeddings: int | None = None,
+                 corpus=None, split: str = "validation", query_fraction: float = 0.125, bins_per_octave: int = 1,
+                 chunk_size: int = 512, options: ModelOptions | None = None, out: str | Path = "results/patterns",
                  progress: bool | None = None) -> list[dict]:
-    """Attention against distance at the pretrained and the extended length for every method, and each method's
-    pattern preservation (JS divergence from the original model at the pretrained length).
-    Writes out_dir/patterns_distance.csv, patterns_preservation.csv, attention_distance.png and
-    pattern_preservation.png."""
-    from ropescope.results import write_rows
+    """Attention against distance at the pretrained and the extended length (default: factor x pretrained, 4x
+    without a factor) for the original model and every method, and each one's pattern preservation (JS divergence
+    from the original model at the pretrained length). Writes out/patterns_distance.csv,
+    out/patterns_preservation.csv, out/attention_distance.png and out/pattern_preservation.png; returns the
+    preservation rows."""
     from ropescope.attention.patterns import distance_distribution, pattern_preservation
     from ropescope.plots import plot_attention_distance, plot_pattern_preservation
+    from ropescope.results import write_rows
 
     # The reference is the original model at its pretrained length: include it even when not asked for.
-    methods = ["default", *[method for method in methods if method not in NO_EXTENSION]]
-    _check_methods(model, methods, factor, original_length)
-    pretrained_length = pretrained_length_of(model, original_length)
-    length = length or int(round((factor or 4.0) * pretrained_length))
-    _check_counts(samples, [pretrained_length, length], chunk_size)
-    if not 0 < query_fraction <= 1:
-        raise RopescopeError(f"query_fraction={query_fraction} is outside (0, 1]")
-    if bins_per_octave < 1:
-        raise RopescopeError(f"bins_per_octave={bins_per_octave} must be >= 1")
-    blocks = _samples_by_length(model, [pretrained_length, length], samples, corpus, split)
-    distributions: dict[tuple[str, int], tuple[dict, list[dict]]] = {}
-    for method in methods:
-        loaded = load_for_method(model, method, factor, original_length)
+    source, specs, original = _setup(model, ["default", *methods], factor, original_max_position_embeddings)
+    specs = [specs[0], *[spec for spec in specs[1:] if spec.method != "default"]]
+    length = length or int(round((factor or 4.0) * original))
+    blocks = _samples_by_length(source, [original, length], samples, corpus, split)
+    distributions: list[tuple[dict, list[dict]]] = []
+    for spec in specs:
+        loaded, labels = _load(source, spec, options, original, split)
         for current in sorted(blocks):
-            distributions[(method, current)] = loaded.labels(), distance_distribution(
-                loaded.model, blocks[current], pretrained_length=pretrained_length, query_fraction=query_fraction,
-                bins_per_octave=bins_per_octave, chunk_size=chunk_size, progress=progress,
-                labels={**loaded.labels(), "split": split},
-            )
-    reference = distributions[("default", pretrained_length)][1]
-    preservation = []
-    for labels, rows in distributions.values():
-        preservation += pattern_preservation(reference, rows, labels=labels)
-    distance_rows = [row for _, rows in distributions.values() for row in rows]
-    out_dir = Path(out_dir)
-    write_rows(distance_rows, out_dir / "patterns_distance.csv")
-    write_rows(preservation, out_dir / "patterns_preservation.csv")
-    plot_attention_distance(distance_rows, out_dir / "attention_distance.png")
-    plot_pattern_preservation(preservation, out_dir / "pattern_preservation.png")
+            distributions.append((labels, distance_distribution(
+                loaded.model, blocks[current], original_max_position_embeddings=original,
+                query_fraction=query_fraction, bins_per_octave=bins_per_octave, chunk_size=chunk_size,
+                progress=progress, labels=labels,
+            )))
+    reference = distributions[sorted(blocks).index(original)][1]  # the original model at the pretrained length
+    preservation = [row for labels, rows in distributions for row in pattern_preservation(reference, rows, labels)]
+    distance_rows = [row for _, rows in distributions for row in rows]
+    out = Path(out)
+    write_rows(distance_rows, out / "patterns_distance.csv")
+    write_rows(preservation, out / "patterns_preservation.csv")
+    plot_attention_distance(distance_rows, out / "attention_distance.png")
+    plot_pattern_preservation(preservation, out / "pattern_preservation.png")
     return preservation
 
 
-def _optional_float(value) -> float | None:
-    return None if value in (None, "") else float(value)
-
-
-def _optional_int(value) -> int | None:
-    return None if value in (None, "") else int(value)
-
-
-def run_uncertainty(rows_path: str | Path, model: str, out_dir: str | Path, *, methods: Sequence[str] | None = None,
-                    factor: float | None = None, corpus=None, split: str = "validation", chunk_size: int = 512,
-                    progress: bool | None = None) -> list[dict]:
-    """Answering-query entropy and needle mass for every evaluation row (from `ropescope passkey` / `needle`),
-    grouped by (method, factor, original_length) so that each group runs on the model it was evaluated with.
-    Writes out_dir/uncertainty.csv, uncertainty_summary.json and entropy_heatmap.png; returns the summary."""
-    from ropescope.results import read_rows, write_rows
-    from ropescope.attention.uncertainty import failure_summary, rebuild_cases, retrieval_attention
-    from ropescope.eval.common import check_positive, load_tokenizer
-    from ropescope.plots import plot_entropy_heatmap
-
-    check_positive("chunk_size", chunk_size)
-    rows = read_rows(rows_path)
-    if methods:
-        rows = [row for row in rows if (row.get("method") or "default") in methods]
-    if factor is not None:
-        rows = [row for row in rows if _optional_float(row.get("factor")) in (None, factor)]
-    if not rows:
-        raise RopescopeError(f"no evaluation rows in {str(rows_path)!r} match method={methods} factor={factor}")
-    for field in ("task", "length", "depth_percent", "trial", "correct"):
-        if any(field not in row for row in rows):
-            raise RopescopeError(f"evaluation rows in {str(rows_path)!r} lack the field {field!r}")
+def evaluation_groups(rows: Sequence[dict]) -> dict[tuple, list[dict]]:
+    """Evaluation rows grouped by the model they ran on: (method, factor, original_max_position_embeddings)."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         method = row.get("method") or "default"
-        key = (method, None, None) if method in NO_EXTENSION else (
-            method, _optional_float(row.get("factor")), _optional_int(row.get("original_length")))
+        key = (method, None, None) if method == "default" else (
+            method, row.get("factor"), row.get("original_max_position_embeddings"))
         groups.setdefault(key, []).append(row)
-    _check_methods(model, [method for method, _, _ in groups], None, None)
+    return groups
+
+
+def read_evaluation_rows(path: str | Path, only_methods: Sequence[str] | None = None,
+                         only_factors: Sequence[float] | None = None) -> list[dict]:
+    """Passkey and needle rows from a rows file, each checked against its row kind, kept where the filters match
+    (a row without a factor matches every factor)."""
+    from ropescope.results import read_rows
+    from ropescope.rows import NeedleRow, PasskeyRow
+
+    kinds = {"passkey": PasskeyRow, "needle": NeedleRow}
+    rows = read_rows(path)
+    if only_methods:
+        rows = [row for row in rows if (row.get("method") or "default") in only_methods]
+    if only_factors:
+        rows = [row for row in rows if row.get("factor") in (None, "", *only_factors)]
+    if not rows:
+        raise RopescopeError(f"no evaluation rows in {str(path)!r} match method={only_methods} factor={only_factors}")
+    for row in rows:
+        if row.get("task") not in kinds:
+            raise RopescopeError(f"a row in {str(path)!r} has task={row.get('task')!r}; accepted: passkey, needle")
+        kinds[row["task"]].from_dict(row, source=f"evaluation rows in {str(path)!r}")
+    return rows
+
+
+def run_uncertainty(rows: str | Path, model: str = "default", *, only_methods: Sequence[str] | None = None,
+                    only_factors: Sequence[float] | None = None, corpus=None, split: str = "validation",
+                    chunk_size: int = 512, options: ModelOptions | None = None,
+                    out: str | Path = "results/uncertainty", progress: bool | None = None) -> list[dict]:
+    """Answering-query entropy and needle mass for every evaluation row (from `ropescope passkey` / `needle`),
+    each group of rows on the model it was evaluated with. Writes out/uncertainty.csv,
+    out/uncertainty_summary.json and out/entropy_heatmap.png; returns the summary rows."""
+    from ropescope.attention.uncertainty import failure_summary, rebuild_cases, retrieval_attention
+    from ropescope.models import extension_specs, load, load_tokenizer, resolve_model
+    from ropescope.plots import plot_entropy_heatmap
+    from ropescope.results import write_rows
+
+    evaluated = read_evaluation_rows(rows, only_methods, only_factors)
+    groups = evaluation_groups(evaluated)
+    source = resolve_model(model)
+    specs = {key: extension_specs(source, [key[0]], key[1], key[2])[0] for key in groups}
     haystack = None
-    if any(row["task"] == "needle" for row in rows):
+    if any(row["task"] == "needle" for row in evaluated):
         from ropescope.data import load_corpus
 
         haystack = load_corpus(corpus, split=split)
-    tokenizer = load_tokenizer(str(model))
+    tokenizer = load_tokenizer(source)
     cases = {key: rebuild_cases(tokenizer, group, haystack_documents=haystack) for key, group in groups.items()}
     results = []
-    for (method, group_factor, group_original_length), group in groups.items():
-        loaded = load_for_method(model, method, group_factor, group_original_length)
-        results += retrieval_attention(loaded.model, cases[(method, group_factor, group_original_length)], group,
-                                       chunk_size=chunk_size, progress=progress)
-    out_dir = Path(out_dir)
-    write_rows(results, out_dir / "uncertainty.csv")
+    for key, group in groups.items():
+        loaded = load(source, specs[key], options)
+        results += retrieval_attention(loaded.model, cases[key], group, chunk_size=chunk_size, progress=progress)
+    out = Path(out)
+    write_rows(results, out / "uncertainty.csv")
     summary = failure_summary(results)
-    write_rows(summary, out_dir / "uncertainty_summary.json")
-    plot_entropy_heatmap(results, out_dir / "entropy_heatmap.png")
+    write_rows(summary, out / "uncertainty_summary.json")
+    plot_entropy_heatmap(results, out / "entropy_heatmap.png")
     return summary

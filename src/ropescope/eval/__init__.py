@@ -2,12 +2,9 @@
 a haystack. Each has an `evaluate_*` function over a loaded model and a `run_*` function behind its command."""
 
 from ropescope.eval.cases import PromptCase
-from ropescope.results import write_rows
 from ropescope.eval.needle import evaluate_needle, needle_case, run_needle
 from ropescope.eval.passkey import evaluate_passkey, passkey_case, run_passkey
 from ropescope.eval.perplexity import evaluate_perplexity, run_perplexity
 
-TASKS = {"perplexity": run_perplexity, "passkey": run_passkey, "needle": run_needle}
-
-__all__ = ["PromptCase", "TASKS", "evaluate_needle", "evaluate_passkey", "evaluate_perplexity", "needle_case",
-           "passkey_case", "run_needle", "run_passkey", "run_perplexity", "write_rows"]
+__all__ = ["PromptCase", "evaluate_needle", "evaluate_passkey", "evaluate_perplexity", "needle_case",
+           "passkey_case", "run_needle", "run_passkey", "run_perplexity"]

@@ -13,27 +13,16 @@ import functools
 import random
 import re
 from collections import Counter
+from pathlib import Path
 
 import torch
 
 from ropescope.errors import RopescopeError
 from ropescope.eval.cases import PromptCase
-from ropescope.eval.common import (
-    check_depth,
-    check_depths,
-    check_lengths,
-    check_model_args,
-    check_output_path,
-    check_plot_path,
-    check_positive,
-    encode,
-    case_fields,
-    retrieval_grid,
-    load_eval_model,
-    load_tokenizer,
-    special_prefix,
-)
-from ropescope.results import write_rows
+from ropescope.eval.decoding import encode, retrieval_grid, special_prefix
+from ropescope.models import ModelOptions
+from ropescope.rope import RopeSpec
+from ropescope.rows import NeedleRow
 
 NEEDLE = "The secret ingredient of the king's pie is a spoonful of wild honey."
 QUESTION = "What is the secret ingredient of the king's pie? The secret ingredient of the king's pie is"
@@ -88,8 +77,6 @@ def needle_case(tokenizer, haystack_documents: list[str], length: int, depth_per
 
     The trial (and seed) picks the document the haystack starts from, so trials see different text.
     """
-    check_positive("length", length)
-    check_depth(depth_percent)
     if not haystack_documents:
         raise RopescopeError("the haystack corpus has no documents")
     prefix = special_prefix(tokenizer)
@@ -133,17 +120,11 @@ def evaluate_needle(model, tokenizer, documents: list[str], lengths, depths=(0, 
                     seed: int = 0, needle: str = NEEDLE, question: str = QUESTION, answer: str = ANSWER,
                     max_new_tokens: int | None = None, batch_size: int = 4, labels: dict | None = None,
                     progress: bool | None = None) -> list[dict]:
-    """Needle retrieval over lengths x depths x trials on a loaded model; one row per trial."""
-    lengths = check_lengths(lengths)
-    depths = check_depths(depths)
-    check_positive("trials", trials)
-    check_positive("batch_size", batch_size)
+    """Needle retrieval over lengths x depths x trials on a loaded model; one `NeedleRow` per trial, as a dict."""
     check_needle_text(needle, question, answer)
     check_haystack(tokenizer, documents, max(lengths))
     if max_new_tokens is None:
         max_new_tokens = len(encode(tokenizer, " " + answer)) + 8
-    check_positive("max_new_tokens", max_new_tokens)
-    labels = dict(labels or {})  # the caller names the model; a study adds its own labels
     rows = []
     grid = retrieval_grid(
         model, tokenizer, lengths, depths, trials,
@@ -152,17 +133,18 @@ def evaluate_needle(model, tokenizer, documents: list[str], lengths, depths=(0, 
         max_new_tokens, batch_size, "needle", progress)
     for depth, trial, case, continuation in grid:
         exact, recall = score_needle(continuation, case.answer)
-        rows.append({
-            **labels, "task": "needle", **case_fields(case), "depth_percent": depth, "trial": trial, "seed": seed,
-            "score": recall, "correct": exact, "prediction": continuation.strip(), "needle": needle,
-            "question": question,
-        })
+        rows.append(NeedleRow(
+            length=case.length, answer=case.answer, needle_start=case.needle_start, needle_end=case.needle_end,
+            question_position=case.question_position, depth_percent=depth, trial=trial, seed=seed, score=recall,
+            correct=exact, prediction=continuation.strip(), needle=needle, question=question,
+        ).to_dict(labels))
     return rows
 
 
 def check_needle_text(needle: str, question: str, answer: str) -> None:
+    """Needle, question and answer are non-empty, and the answer has words to score."""
     for name, text in (("needle", needle), ("question", question), ("answer", answer)):
-        if not isinstance(text, str) or not text.strip():
+        if not text.strip():
             raise RopescopeError(f"{name}={text!r} is empty; give a non-empty sentence")
     if not _words(answer):
         raise RopescopeError(f"answer={answer!r} has no words or digits to score")
@@ -179,29 +161,29 @@ def check_haystack(tokenizer, documents: list[str], longest: int) -> None:
         )
 
 
-def run_needle(model: str = "default", lengths=(256, 512, 1024), depths=(0, 25, 50, 75, 100), trials: int = 1,
-               seed: int = 0, method: str | None = None, factor: float | None = None,
-               original_length: int | None = None, corpus=None, split: str = "validation", needle: str = NEEDLE,
-               question: str = QUESTION, answer: str = ANSWER, max_new_tokens: int | None = None,
-               batch_size: int = 4, out=None, plot=None, progress: bool | None = None) -> list[dict]:
-    """`ropescope needle`: load model and corpus, run the grid, write rows and the heatmap."""
-    lengths = check_lengths(lengths)
-    depths = check_depths(depths)
-    check_positive("trials", trials)
-    check_needle_text(needle, question, answer)
-    out, plot = check_output_path(out), check_plot_path(plot)
-    check_model_args(model, method, factor, original_length)
+def run_needle(model: str = "default", method: str | RopeSpec = "default", *, lengths=(256, 512, 1024),
+               depths=(0, 25, 50, 75, 100), trials: int = 1, seed: int = 0, factor: float | None = None,
+               original_max_position_embeddings: int | None = None, corpus=None, split: str = "validation",
+               needle: str = NEEDLE, question: str = QUESTION, answer: str = ANSWER,
+               max_new_tokens: int | None = None, batch_size: int = 4, options: ModelOptions | None = None,
+               out="results/needle", progress: bool | None = None) -> list[dict]:
+    """`ropescope needle`: load model and corpus, run the grid, and write out/needle.csv and out/needle.png.
+    The texts and the haystack's size are checked before the weights load."""
     from ropescope.data import load_corpus
+    from ropescope.models import extension_specs, load, load_tokenizer, resolve_model
+    from ropescope.plots import plot_retrieval_heatmap
+    from ropescope.results import write_rows
 
+    source = resolve_model(model)
+    (spec,) = extension_specs(source, [method], factor, original_max_position_embeddings)
+    check_needle_text(needle, question, answer)
     documents = load_corpus(corpus, split=split)
-    check_haystack(load_tokenizer(model), documents, max(lengths))  # before the weights load
-    loaded = load_eval_model(model, method, factor, original_length)
+    check_haystack(load_tokenizer(source), documents, max(lengths))
+    loaded = load(source, spec, options)
     rows = evaluate_needle(loaded.model, loaded.tokenizer, documents, lengths, depths, trials, seed, needle,
-                           question, answer, max_new_tokens, batch_size, labels=loaded.labels(), progress=progress)
-    if out is not None:
-        write_rows(rows, out)
-    if plot is not None:
-        from ropescope.plots import plot_retrieval_heatmap
-
-        plot_retrieval_heatmap(rows, plot, title=f"needle: {loaded.model_label}, {loaded.method}")
+                           question, answer, max_new_tokens, batch_size, labels=loaded.labels.to_dict(),
+                           progress=progress)
+    out = Path(out)
+    write_rows(rows, out / "needle.csv")
+    plot_retrieval_heatmap(rows, out / "needle.png", title=f"needle: {source.name}, {loaded.labels.method}")
     return rows

@@ -7,27 +7,17 @@ per cell, each trial a different random key; greedy decoding of a few tokens, th
 from __future__ import annotations
 
 import random
+import re
+from pathlib import Path
 
 import torch
 
 from ropescope.eval.cases import PromptCase
-from ropescope.eval.common import (
-    check_depth,
-    check_depths,
-    check_lengths,
-    check_output_path,
-    check_plot_path,
-    check_positive,
-    first_integer,
-    case_fields,
-    retrieval_grid,
-    load_eval_model,
-    load_tokenizer,
-    check_model_args,
-    special_prefix,
-)
-from ropescope.results import write_rows
+from ropescope.eval.decoding import first_integer, retrieval_grid, special_prefix
+from ropescope.models import ModelOptions
 from ropescope.passkey_format import KEY_DIGITS, PasskeyPrompts
+from ropescope.rope import RopeSpec
+from ropescope.rows import PasskeyRow
 
 
 def passkey_key(trial: int, seed: int = 0) -> str:
@@ -41,8 +31,6 @@ def passkey_case(tokenizer, length: int, depth_percent: float, trial: int, seed:
 
     The layout is `PasskeyPrompts.evaluation_prompt`'s, after the tokenizer's special prefix (a BOS token).
     """
-    check_positive("length", length)
-    check_depth(depth_percent)
     key = passkey_key(trial, seed)
     ids, needle_start, needle_end = PasskeyPrompts(tokenizer).evaluation_prompt(length, depth_percent, key,
                                                                                 special_prefix(tokenizer))
@@ -59,48 +47,43 @@ def score_passkey(continuation: str, key: str) -> tuple[str | None, bool]:
 def evaluate_passkey(model, tokenizer, lengths, depths=(0, 25, 50, 75, 100), trials: int = 5, seed: int = 0,
                      max_new_tokens: int = 8, batch_size: int = 8, labels: dict | None = None,
                      progress: bool | None = None) -> list[dict]:
-    """Passkey accuracy over lengths x depths x trials on a loaded model; one row per trial.
+    """Passkey accuracy over lengths x depths x trials on a loaded model; one `PasskeyRow` per trial, as a dict.
 
-    labels: fields every row carries (model, method, factor, ...), put first.
+    lengths: positive token counts; depths: percents in 0..100. labels: fields every row starts with.
     """
-    lengths = check_lengths(lengths)
-    depths = check_depths(depths)
-    check_positive("trials", trials)
-    check_positive("max_new_tokens", max_new_tokens)
-    check_positive("batch_size", batch_size)
-    labels = dict(labels or {})  # the caller names the model; a study adds its own labels
     rows = []
     grid = retrieval_grid(model, tokenizer, lengths, depths, trials,
                           lambda length, depth, trial: passkey_case(tokenizer, length, depth, trial, seed),
                           max_new_tokens, batch_size, "passkey", progress)
     for depth, trial, case, continuation in grid:
         predicted, correct = score_passkey(continuation, case.answer)
-        rows.append({
-            **labels, "task": "passkey", **case_fields(case), "depth_percent": depth, "trial": trial, "seed": seed,
-            "score": float(correct), "correct": correct,
-            "prediction": predicted if predicted is not None else continuation.strip(),
-        })
+        rows.append(PasskeyRow(
+            length=case.length, answer=case.answer, needle_start=case.needle_start, needle_end=case.needle_end,
+            question_position=case.question_position, depth_percent=depth, trial=trial, seed=seed,
+            score=float(correct), correct=correct,
+            prediction=predicted if predicted is not None else continuation.strip(),
+        ).to_dict(labels))
     return rows
 
 
-def run_passkey(model: str = "default", lengths=(256, 512, 1024), depths=(0, 25, 50, 75, 100), trials: int = 5,
-                seed: int = 0, method: str | None = None, factor: float | None = None,
-                original_length: int | None = None, max_new_tokens: int = 8, batch_size: int = 8,
-                out=None, plot=None, progress: bool | None = None) -> list[dict]:
-    """`ropescope passkey`: load the model (with an extension if asked), run the grid, write rows and heatmap."""
-    lengths = check_lengths(lengths)
-    depths = check_depths(depths)
-    check_positive("trials", trials)
-    out, plot = check_output_path(out), check_plot_path(plot)
-    check_model_args(model, method, factor, original_length)
-    passkey_case(load_tokenizer(model), min(lengths), 0, 0, seed)  # the shortest prompt fits, before the weights load
-    loaded = load_eval_model(model, method, factor, original_length)
-    rows = evaluate_passkey(loaded.model, loaded.tokenizer, lengths, depths, trials, seed, max_new_tokens,
-                            batch_size, labels=loaded.labels(), progress=progress)
-    if out is not None:
-        write_rows(rows, out)
-    if plot is not None:
-        from ropescope.plots import plot_retrieval_heatmap
+def run_passkey(model: str = "default", method: str | RopeSpec = "default", *, lengths=(256, 512, 1024),
+                depths=(0, 25, 50, 75, 100), trials: int = 5, seed: int = 0, factor: float | None = None,
+                original_max_position_embeddings: int | None = None, max_new_tokens: int = 8, batch_size: int = 8,
+                options: ModelOptions | None = None, out="results/passkey",
+                progress: bool | None = None) -> list[dict]:
+    """`ropescope passkey`: load the model (extended by `method`), run the grid, and write out/passkey.csv and
+    out/passkey.png. The shortest prompt is built before the weights load, so a too-short length fails first."""
+    from ropescope.models import extension_specs, load, load_tokenizer, resolve_model
+    from ropescope.plots import plot_retrieval_heatmap
+    from ropescope.results import write_rows
 
-        plot_retrieval_heatmap(rows, plot, title=f"passkey: {loaded.model_label}, {loaded.method}")
+    source = resolve_model(model)
+    (spec,) = extension_specs(source, [method], factor, original_max_position_embeddings)
+    passkey_case(load_tokenizer(source), min(lengths), 0, 0, seed)
+    loaded = load(source, spec, options)
+    rows = evaluate_passkey(loaded.model, loaded.tokenizer, lengths, depths, trials, seed, max_new_tokens,
+                            batch_size, labels=loaded.labels.to_dict(), progress=progress)
+    out = Path(out)
+    write_rows(rows, out / "passkey.csv")
+    plot_retrieval_heatmap(rows, out / "passkey.png", title=f"passkey: {source.name}, {loaded.labels.method}")
     return rows

@@ -14,24 +14,17 @@ alone are 16 GB).
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from ropescope.errors import RopescopeError
-from ropescope.eval.common import (
-    check_lengths,
-    check_model_args,
-    check_output_path,
-    check_plot_path,
-    check_positive,
-    encode,
-    load_eval_model,
-    load_tokenizer,
-    special_prefix,
-)
+from ropescope.eval.decoding import encode, special_prefix
+from ropescope.models import ModelOptions
+from ropescope.rope import RopeSpec
+from ropescope.rows import PerplexityRow
 from ropescope.nll import token_nll
-from ropescope.results import write_rows
 
 PROTOCOLS = ("truncated", "sliding")
 DEFAULT_CHUNK = 1024
@@ -120,22 +113,10 @@ def sliding_window_nll(model, tokens: torch.Tensor, window: int, stride: int,
     return total, count
 
 
-def check_stride(stride, lengths) -> None:
-    if stride is None:
-        return
-    check_positive("stride", stride)
-    if stride > min(lengths):
+def check_stride(stride: int | None, lengths) -> None:
+    """A sliding stride no longer than the shortest window (each window must advance past the previous one)."""
+    if stride is not None and stride > min(lengths):
         raise RopescopeError(f"stride={stride} is longer than the shortest length {min(lengths)}; use <= {min(lengths)}")
-
-
-def check_protocols(protocols) -> list[str]:
-    protocols = [protocols] if isinstance(protocols, str) else list(protocols)
-    for protocol in protocols:
-        if protocol not in PROTOCOLS:
-            raise RopescopeError(f"protocol={protocol!r} is unknown; accepted: {', '.join(PROTOCOLS)}")
-    if not protocols:
-        raise RopescopeError(f"no protocol given; accepted: {', '.join(PROTOCOLS)}")
-    return protocols
 
 
 def long_documents(tokenizer, documents: list[str], longest: int, max_documents: int | None) -> list[torch.Tensor]:
@@ -160,18 +141,14 @@ def long_documents(tokenizer, documents: list[str], longest: int, max_documents:
 def evaluate_perplexity(model, tokenizer, documents: list[str], lengths, protocols=PROTOCOLS, stride: int | None = None,
                         max_documents: int | None = 4, chunk_size: int = DEFAULT_CHUNK, labels: dict | None = None,
                         progress: bool | None = None) -> list[dict]:
-    """Perplexity at each length by each protocol; one row per (protocol, length).
+    """Perplexity at each length by each protocol; one `PerplexityRow` per (protocol, length), as a dict.
 
-    stride: the sliding protocol's step (None: half the window). max_documents: how many long documents to use.
+    lengths: increasing positive token counts; protocols: some of PROTOCOLS. stride: the sliding protocol's step
+    (None: half the window). max_documents: how many long documents to use. labels: fields every row starts with.
     """
-    lengths = check_lengths(lengths)
-    protocols = check_protocols(protocols)
+    lengths = list(lengths)
     check_stride(stride, lengths)
-    check_positive("chunk_size", chunk_size)
-    if max_documents is not None:
-        check_positive("max_documents", max_documents)
     texts = long_documents(tokenizer, documents, max(lengths), max_documents)
-    labels = dict(labels or {})  # the caller names the model; a study adds its own labels
     model.eval()
 
     def forward_tokens(protocol, length):
@@ -195,44 +172,34 @@ def evaluate_perplexity(model, tokenizer, documents: list[str], lengths, protoco
                 total, count = total + nll, count + scored
                 bar.update(forward_tokens(protocol, length) // len(texts))
             mean_nll = total / count
-            rows.append({
-                **labels,
-                "task": "perplexity",
-                "protocol": protocol,
-                "length": length,
-                "stride": step if protocol == "sliding" else None,
-                "documents": len(texts),
-                "tokens_scored": count,
-                "nll": mean_nll,
-                "perplexity": math.exp(mean_nll),
-            })
+            rows.append(PerplexityRow(
+                protocol=protocol, length=length, stride=step if protocol == "sliding" else None,
+                documents=len(texts), tokens_scored=count, nll=mean_nll, perplexity=math.exp(mean_nll),
+            ).to_dict(labels))
     return rows
 
 
-def run_perplexity(model: str = "default", lengths=(256, 512, 1024, 2048), protocols=PROTOCOLS,
-                   stride: int | None = None, method: str | None = None, factor: float | None = None,
-                   original_length: int | None = None, corpus=None, split: str = "validation",
-                   max_documents: int | None = 4, chunk_size: int = DEFAULT_CHUNK, out=None, plot=None,
-                   progress: bool | None = None) -> list[dict]:
-    """`ropescope ppl`: load the model (with an extension if asked) and corpus, evaluate, write rows and plot."""
-    lengths = check_lengths(lengths)
-    protocols = check_protocols(protocols)
-    check_stride(stride, lengths)
-    if max_documents is not None:
-        check_positive("max_documents", max_documents)
-    out, plot = check_output_path(out), check_plot_path(plot)
-    check_model_args(model, method, factor, original_length)
+def run_perplexity(model: str = "default", method: str | RopeSpec = "default", *, lengths=(256, 512, 1024, 2048),
+                   protocols=PROTOCOLS, stride: int | None = None, factor: float | None = None,
+                   original_max_position_embeddings: int | None = None, corpus=None, split: str = "validation",
+                   documents: int | None = 4, chunk_size: int = DEFAULT_CHUNK, options: ModelOptions | None = None,
+                   out="results/ppl", progress: bool | None = None) -> list[dict]:
+    """`ropescope ppl`: load the model (extended by `method`) and the corpus, evaluate, and write
+    out/perplexity.csv and out/perplexity.png. The corpus is checked before the weights load."""
     from ropescope.data import load_corpus
+    from ropescope.models import extension_specs, load, load_tokenizer, resolve_model
+    from ropescope.plots import plot_perplexity
+    from ropescope.results import write_rows
 
-    documents = load_corpus(corpus, split=split)
-    long_documents(load_tokenizer(model), documents, max(lengths), 1)  # the corpus check, before the weights load
-    loaded = load_eval_model(model, method, factor, original_length)
-    rows = evaluate_perplexity(loaded.model, loaded.tokenizer, documents, lengths, protocols, stride, max_documents,
-                               chunk_size, labels=loaded.labels(), progress=progress)
-    if out is not None:
-        write_rows(rows, out)
-    if plot is not None:
-        from ropescope.plots import plot_perplexity
-
-        plot_perplexity(rows, plot, pretrained_length=loaded.original_length)
+    source = resolve_model(model)
+    (spec,) = extension_specs(source, [method], factor, original_max_position_embeddings)
+    check_stride(stride, lengths)
+    texts = load_corpus(corpus, split=split)
+    long_documents(load_tokenizer(source), texts, max(lengths), 1)
+    loaded = load(source, spec, options)
+    rows = evaluate_perplexity(loaded.model, loaded.tokenizer, texts, lengths, protocols, stride, documents,
+                               chunk_size, labels=loaded.labels.to_dict(), progress=progress)
+    out = Path(out)
+    write_rows(rows, out / "perplexity.csv")
+    plot_perplexity(rows, out / "perplexity.png", loaded.labels.original_max_position_embeddings)
     return rows

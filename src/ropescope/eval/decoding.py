@@ -1,0 +1,72 @@
+"""Tokens and greedy decoding shared by the retrieval tasks (passkey, needle) and the perplexity evaluation."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from tqdm.auto import tqdm
+
+
+def special_prefix(tokenizer) -> list[int]:
+    """Token ids the tokenizer puts before the text by default (a BOS token for Llama; none for GPT-2 style)."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a")["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return list(full[:start])
+    return []
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def input_device(model) -> torch.device:
+    """Where the input ids go: the device of the input embeddings (the first layer under a device map)."""
+    return model.get_input_embeddings().weight.device
+
+
+@torch.inference_mode()
+def greedy_continuations(model, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+    """Greedy decoding with a KV cache.
+
+    input_ids: LongTensor[batch, prompt_length] (equal-length prompts, no padding).
+    Returns LongTensor[batch, max_new_tokens], the generated tokens.
+    """
+    input_ids = input_ids.to(input_device(model))
+    output = model(input_ids=input_ids, use_cache=True, logits_to_keep=1)
+    generated = []
+    for step in range(max_new_tokens):
+        next_token = output.logits[:, -1, :].argmax(dim=-1, keepdim=True)
+        generated.append(next_token)
+        if step + 1 == max_new_tokens:
+            break
+        output = model(input_ids=next_token.to(input_ids.device), past_key_values=output.past_key_values,
+                       use_cache=True)
+    return torch.cat([token.cpu() for token in generated], dim=1)
+
+
+def retrieval_grid(model, tokenizer, lengths, depths, trials: int, build_case, max_new_tokens: int,
+                   batch_size: int, desc: str, progress: bool | None):
+    """Greedy continuations over lengths x depths x trials, generated in batches of equal-length prompts.
+
+    build_case(length, depth, trial) -> PromptCase. Yields (depth, trial, case, continuation text).
+    """
+    model.eval()
+    with tqdm(total=len(lengths) * len(depths) * trials, desc=desc, unit="prompt",
+              disable=None if progress is None else not progress) as bar:
+        for length in lengths:
+            for depth in depths:
+                cases = [build_case(length, depth, trial) for trial in range(trials)]
+                for start in range(0, trials, batch_size):
+                    batch = cases[start : start + batch_size]
+                    generated = greedy_continuations(model, torch.stack([c.input_ids for c in batch]), max_new_tokens)
+                    for offset, (case, tokens) in enumerate(zip(batch, generated)):
+                        yield depth, start + offset, case, tokenizer.decode(tokens, skip_special_tokens=True)
+                    bar.update(len(batch))
+
+
+def first_integer(text: str) -> str | None:
+    match = re.search(r"\d+", text)
+    return match.group(0) if match else None

@@ -1,0 +1,204 @@
+"""Typed result rows: one dataclass per kind of row that evaluation and attention analysis produce.
+
+A row on disk (CSV, JSON, the study database) is the dict `row.to_dict(labels)`: the labels first (which model,
+extended how; see `RunLabels`), then the row's own fields in the order declared here. Readers turn a dict back
+into a row with `Kind.from_dict(data)`, which names the first missing field. The pretrained context length is
+`original_max_position_embeddings` everywhere, as in transformers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import MISSING, asdict, dataclass, fields
+from typing import Any
+
+from ropescope.errors import RopescopeError
+
+
+@dataclass(frozen=True, kw_only=True)
+class Row:
+    """The shared behaviour of every row kind."""
+
+    def to_dict(self, labels: Mapping | RunLabels | None = None) -> dict[str, Any]:
+        """`{**labels, **fields}`: the dict written to disk, labels first."""
+        if isinstance(labels, RunLabels):
+            labels = labels.to_dict()
+        return {**(labels or {}), **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping, source: str = "rows") -> "Row":
+        """The row from a dict holding (at least) its fields; extra keys (labels) are ignored."""
+        values = {}
+        for field in fields(cls):
+            if field.name in data:
+                values[field.name] = data[field.name]
+            elif field.default is MISSING:
+                raise RopescopeError(f"{source} lack the field {field.name!r} of a {cls.kind()} row")
+        return cls(**values)
+
+    @classmethod
+    def kind(cls) -> str:
+        return cls.__name__.removesuffix("Row").lower()
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [field.name for field in fields(cls)]
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunLabels(Row):
+    """What every row of a command carries first: the model as loaded and the extension applied to it.
+
+    model: as the user named it ('default', a folder, or a Hub id); revision: the Hub commit where known;
+    device and dtype: where and in what precision it ran; method / factor / original_max_position_embeddings:
+    the RoPE extension ('default': the model as trained).
+    """
+
+    model: str
+    revision: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+    method: str = "default"
+    factor: float | None = None
+    original_max_position_embeddings: int | None = None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@dataclass(frozen=True, kw_only=True)
+class PerplexityRow(Row):
+    """Perplexity at one length by one protocol (truncated or sliding), over `documents` long documents."""
+
+    task: str = "perplexity"
+    protocol: str
+    length: int
+    stride: int | None  # the sliding protocol's step; None for truncated
+    documents: int
+    tokens_scored: int
+    nll: float  # mean negative log-likelihood per scored token, nats
+    perplexity: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class RetrievalRow(Row):
+    """One retrieval prompt (a passkey or needle trial) and how the model answered it."""
+
+    task: str
+    length: int
+    answer: str
+    needle_start: int  # token span of the hidden line, end exclusive
+    needle_end: int
+    question_position: int  # index of the last prompt token
+    depth_percent: float
+    trial: int
+    seed: int
+    score: float
+    correct: bool
+    prediction: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class PasskeyRow(RetrievalRow):
+    """A passkey trial: `score` is 1.0 when the first integer of the continuation is the key, else 0.0."""
+
+    task: str = "passkey"
+
+
+@dataclass(frozen=True, kw_only=True)
+class NeedleRow(RetrievalRow):
+    """A needle trial: `correct` when the answer's words appear in order, `score` their ROUGE-1 recall."""
+
+    task: str = "needle"
+    needle: str
+    question: str
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Attention
+
+
+@dataclass(frozen=True, kw_only=True)
+class EntropyProfileRow(Row):
+    """Mean attention entropy (nats) of one head over a query-position bin [position_start, position_end)."""
+
+    length: int
+    layer: int
+    head: int
+    position_start: int
+    position_end: int
+    entropy: float
+    entropy_max: float  # entropy of uniform attention over the visible keys, for scale
+    samples: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class DistanceRow(Row):
+    """Attention mass of one head in one rescaled key-distance bin [distance_start, distance_end)."""
+
+    length: int
+    original_max_position_embeddings: int
+    distance_scale: float  # length / original_max_position_embeddings
+    layer: int
+    head: int
+    bin: int
+    distance_start: int
+    distance_end: int
+    mass: float
+    queries: int
+    samples: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class PreservationRow(Row):
+    """Jensen-Shannon divergence (nats) of one layer's distance distribution from the reference's."""
+
+    length: int
+    reference_length: int
+    layer: int | str  # "mean": the average over layers
+    js_divergence: float  # mean over heads
+    js_divergence_max_head: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class UncertaintySummaryRow(Row):
+    """Answering-query entropy and needle mass on correct vs failed cells of one (model, method, factor, task)."""
+
+    model: str | None = None
+    method: str | None = None
+    factor: float | None = None
+    task: str
+    layer: int | str  # "mean": the mean over layers
+    cells: int
+    failures: int
+    entropy_correct: float
+    entropy_failed: float
+    needle_mass_correct: float
+    needle_mass_failed: float
+    auroc_entropy_predicts_failure: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class FrequencyRow(Row):
+    """One dimension pair of one method: its rotation speed and wavelength against the original RoPE's."""
+
+    method: str  # the spec's label, e.g. "yarn x4"
+    pair: int
+    inv_freq: float
+    wavelength: float  # 2 pi / inv_freq, tokens
+    ratio: float  # original inv_freq / this inv_freq
+    attention_scale: float
+    head_dim: int
+    base: float
+    seq_len: int | None
+
+
+def cell_means(rows: list[Mapping], value: str = "score") -> list[dict]:
+    """The mean of `value` per (length, depth_percent) cell of retrieval rows, cells in sorted order:
+    [{length, depth_percent, <value>, trials}]."""
+    cells: dict[tuple, list[float]] = {}
+    for row in rows:
+        cells.setdefault((row["length"], row["depth_percent"]), []).append(float(row[value]))
+    return [{"length": length, "depth_percent": depth, value: sum(scores) / len(scores), "trials": len(scores)}
+            for (length, depth), scores in sorted(cells.items())]

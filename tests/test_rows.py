@@ -1,0 +1,39 @@
+"""Typed rows: the dict on disk is labels then fields in declared order; reading back names what is missing."""
+
+import pytest
+
+from ropescope.errors import RopescopeError
+from ropescope.rows import NeedleRow, PasskeyRow, PerplexityRow, RunLabels, cell_means
+
+
+def passkey(**changes):
+    fields = dict(length=80, answer="12345", needle_start=3, needle_end=9, question_position=79, depth_percent=50,
+                  trial=0, seed=0, score=1.0, correct=True, prediction="12345")
+    return PasskeyRow(**{**fields, **changes})
+
+
+def test_to_dict_puts_labels_first_and_round_trips():
+    labels = RunLabels(model="org/name", revision="abc", device="cpu", dtype="float32", method="yarn", factor=4.0,
+                       original_max_position_embeddings=256)
+    row = passkey().to_dict(labels)
+    assert list(row) == [*RunLabels.keys(), *PasskeyRow.keys()] and row["task"] == "passkey"
+    assert RunLabels.from_dict(row) == labels and PasskeyRow.from_dict(row) == passkey()
+    assert PerplexityRow.keys()[0] == "task" and NeedleRow.keys()[-2:] == ["needle", "question"]
+
+
+def test_from_dict_names_the_first_missing_field():
+    row = passkey().to_dict()
+    del row["trial"]
+    with pytest.raises(RopescopeError, match="rows lack the field 'trial' of a passkey row"):
+        PasskeyRow.from_dict(row)
+
+
+def test_cell_means_against_a_hand_count():
+    rows = [passkey(length=length, depth_percent=depth, trial=trial, score=score).to_dict()
+            for length, depth, trial, score in [(80, 0, 0, 1.0), (80, 0, 1, 0.0), (80, 0, 2, 0.0), (80, 50, 0, 1.0),
+                                                (40, 50, 0, 0.0)]]
+    assert cell_means(rows) == [
+        {"length": 40, "depth_percent": 50, "score": 0.0, "trials": 1},
+        {"length": 80, "depth_percent": 0, "score": pytest.approx(1 / 3), "trials": 3},
+        {"length": 80, "depth_percent": 50, "score": 1.0, "trials": 1},
+    ]
