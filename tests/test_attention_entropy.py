@@ -13,7 +13,7 @@ from ropescope.attention.entropy import (
 )
 
 
-def brute_force(q, k, *, causal, scale=None, sliding_window=None, edges=None, distance_scale=1.0):
+def brute_force(q, k, *, causal, scale=None, softcap=None, sliding_window=None, edges=None, distance_scale=1.0):
     """Full softmax in float64: entropy [b, h, q_len] and mass per distance bin [b, h, q_len, n_bins]."""
     q, k = q.double(), k.double()
     batch, heads, q_len, head_dim = q.shape
@@ -21,6 +21,8 @@ def brute_force(q, k, *, causal, scale=None, sliding_window=None, edges=None, di
     k = k.repeat_interleave(heads // k.shape[1], dim=1)
     scale = head_dim**-0.5 if scale is None else scale
     scores = scale * q @ k.transpose(-1, -2)
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
     query_positions = torch.arange(k_len - q_len, k_len)[:, None]
     key_positions = torch.arange(k_len)[None, :]
     visible = torch.ones(q_len, k_len, dtype=torch.bool)
@@ -100,6 +102,22 @@ def test_sliding_window(causal, window):
     expected, _ = brute_force(q, k, causal=causal, sliding_window=window)
     streamed = attention_statistics(q, k, causal=causal, sliding_window=window, chunk_size=7, query_chunk_size=4)
     torch.testing.assert_close(streamed.entropy.double(), expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("window", [None, 6])
+def test_softcapped_scores(window):
+    """Gemma 2's logit softcapping: the entropy of softmax(softcap * tanh(scale * q . k / softcap))."""
+    generator = torch.Generator().manual_seed(11)
+    q = 4 * torch.randn(2, 4, 25, 8, generator=generator)
+    k = torch.randn(2, 2, 25, 8, generator=generator)
+    expected, _ = brute_force(q, k, causal=True, scale=0.3, softcap=2.0, sliding_window=window)
+    uncapped, _ = brute_force(q, k, causal=True, scale=0.3, sliding_window=window)
+    assert (expected - uncapped).abs().max() > 0.1  # the cap matters at these scores
+    for query_chunk in (None, 7):
+        streamed = attention_statistics(
+            q, k, scale=0.3, softcap=2.0, sliding_window=window, chunk_size=6, query_chunk_size=query_chunk
+        ).entropy
+        torch.testing.assert_close(streamed.double(), expected, atol=1e-4, rtol=0)
 
 
 def test_bin_edges_are_log_spaced():

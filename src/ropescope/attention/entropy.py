@@ -73,6 +73,7 @@ def attention_statistics(
     *,
     causal: bool = True,
     scale: float | None = None,
+    softcap: float | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     query_chunk_size: int | None = None,
     sliding_window: int | None = None,
@@ -88,6 +89,7 @@ def attention_statistics(
     With q_len < k_len the queries are the last q_len positions (a decoding step over a cache).
     causal: query at position i sees keys j <= i; otherwise every key.
     scale: multiplies q . k; default head_dim ** -0.5.
+    softcap: logit softcapping (Gemma 2): the scores are softcap * tanh(scale * q . k / softcap).
     chunk_size / query_chunk_size: keys / queries per block; at most one [batch, heads, query_chunk, chunk]
         block of scores is alive at a time.
     sliding_window: query i sees only keys with i - j < sliding_window (Mistral / Qwen2 convention).
@@ -110,13 +112,15 @@ def attention_statistics(
         raise ValueError("chunk sizes must be >= 1")
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"sliding_window={sliding_window} must be >= 1")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap={softcap} must be > 0")
     if backend not in ("auto", "blocks"):
         raise ValueError(f"backend={backend!r}; accepted: auto, blocks")
     scale = head_dim**-0.5 if scale is None else scale
     if sliding_window is not None and sliding_window >= k_len:
         sliding_window = None  # the window covers every key: plain causal attention
     if (
-        backend == "auto" and distance_edges is None and sliding_window is None and q.device.type == "cpu"
+        backend == "auto" and distance_edges is None and sliding_window is None and softcap is None and q.device.type == "cpu"
         and q.dtype == torch.float32 and k.dtype == torch.float32 and (not causal or q_len == k_len)
     ):
         return AttentionStatistics(_fused_entropy(q, k, scale=scale, causal=causal), None)
@@ -161,11 +165,15 @@ def attention_statistics(
         # Online softmax state per query row: running maximum m, and sum_j exp(s_j - m) * [k_j | 1].
         running_max = torch.full((batch, kv_heads, group * rows, 1), -math.inf, dtype=torch.float64, device=device)
         weighted_keys = torch.zeros(batch, kv_heads, group * rows, head_dim + 1, dtype=torch.float64, device=device)
+        # With softcapping, sum p s is no longer q . sum p k: accumulate sum_j exp(s_j - m) * s_j itself.
+        weighted_scores = torch.zeros_like(running_max) if softcap is not None else None
         mass = torch.zeros(batch, heads, rows, n_bins, dtype=torch.float64, device=device) if n_bins else None
 
         for k_start in range(key_begin, key_end, chunk_size):
             k_stop = min(k_start + chunk_size, key_end)
             scores = torch.matmul(q_block, k[:, :, k_start:k_stop].transpose(-1, -2))  # [b, kv, group*rows, keys]
+            if softcap is not None:
+                scores = torch.tanh(scores / softcap) * softcap
             # Only blocks that cross the diagonal or the window's edge need a mask.
             crosses_diagonal = causal and k_stop - 1 > first_position
             crosses_window = sliding_window is not None and (
@@ -187,7 +195,14 @@ def attention_statistics(
             # A row with no visible key yet keeps -inf; shift it by 0 so exp gives 0 rather than NaN.
             shift = torch.where(torch.isinf(new_max), torch.zeros_like(new_max), new_max)
             correction = torch.exp(running_max - shift)
-            probabilities = scores.sub_(shift.to(compute_dtype)).exp_()
+            if weighted_scores is not None:
+                finite_scores = scores.masked_fill(torch.isinf(scores), 0.0)  # masked keys: weight 0, score 0
+                probabilities = (scores - shift.to(compute_dtype)).exp_()
+                weighted_scores = correction * weighted_scores + (probabilities * finite_scores).sum(
+                    -1, keepdim=True, dtype=torch.float64
+                )
+            else:
+                probabilities = scores.sub_(shift.to(compute_dtype)).exp_()
             block_sums = torch.matmul(probabilities, keys_and_ones[:, :, k_start:k_stop])
             weighted_keys = correction * weighted_keys + block_sums.to(torch.float64)
             running_max = new_max
@@ -200,7 +215,10 @@ def attention_statistics(
 
         total = weighted_keys[..., -1:]
         # H = logsumexp(s) - sum p s / sum p, with logsumexp = m + log Z and sum p s = q . sum p k.
-        mean_score = (q_block.to(torch.float64) * weighted_keys[..., :-1]).sum(-1, keepdim=True) / total
+        if weighted_scores is not None:
+            mean_score = weighted_scores / total
+        else:
+            mean_score = (q_block.to(torch.float64) * weighted_keys[..., :-1]).sum(-1, keepdim=True) / total
         block_entropy = running_max + torch.log(total) - mean_score
         entropy[:, :, q_start:q_end] = block_entropy.view(batch, heads, rows).to(torch.float32)
         if mass is not None:
@@ -234,6 +252,7 @@ def attention_entropy(
     *,
     causal: bool = True,
     scale: float | None = None,
+    softcap: float | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     sliding_window: int | None = None,
     backend: str = "auto",
@@ -246,5 +265,6 @@ def attention_entropy(
     holding more than one [query chunk x key chunk] block of scores. See `attention_statistics`.
     """
     return attention_statistics(
-        q, k, causal=causal, scale=scale, chunk_size=chunk_size, sliding_window=sliding_window, backend=backend
+        q, k, causal=causal, scale=scale, softcap=softcap, chunk_size=chunk_size, sliding_window=sliding_window,
+        backend=backend,
     ).entropy
