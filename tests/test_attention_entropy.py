@@ -180,8 +180,9 @@ KERNEL_CHOICES = [
     ("cuda", torch.bfloat16, {}, "cuda_flash"),
     ("cuda", torch.float16, {"sliding_window": 16}, "cuda_flash"),  # windows are flash's own
     ("cuda", torch.bfloat16, {"q_len": 1}, "cuda_flash"),  # so is causal aligned to the last query
-    ("cuda", torch.bfloat16, {"head_dim": 12}, "cuda_efficient"),  # flash wants multiples of 8
-    ("cuda", torch.bfloat16, {"head_dim": 512}, "cuda_efficient"),  # ... up to 256
+    ("cuda", torch.bfloat16, {"head_dim": 12}, "blocks"),  # both CUDA kernels want multiples of 8
+    ("cuda", torch.float32, {"head_dim": 12}, "blocks"),
+    ("cuda", torch.bfloat16, {"head_dim": 512}, "cuda_efficient"),  # flash goes up to 256
     ("cuda", torch.bfloat16, {"flash_available": False}, "cuda_efficient"),  # a GPU older than Ampere
     ("cuda", torch.float32, {}, "cuda_efficient"),  # flash has no float32
     ("cuda", torch.float32, {"causal": False, "q_len": 8}, "cuda_efficient"),
@@ -251,7 +252,7 @@ FUSED_CASES = [
     # kernel, batch, heads, kv_heads, q_len, k_len, head_dim, causal, window
     ("cpu_flash", 2, 4, 2, 37, 37, 16, True, None),  # GQA
     ("cpu_flash", 1, 3, 1, 9, 40, 12, False, None),  # multi-query, head_dim not a multiple of 8
-    ("cuda_efficient", 2, 6, 2, 45, 45, 12, True, None),  # GQA repeated; log-sum-exp padded past q_len
+    ("cuda_efficient", 2, 6, 2, 45, 45, 24, True, None),  # GQA repeated; log-sum-exp padded past q_len
     ("cuda_efficient", 1, 2, 2, 5, 33, 8, False, None),
     ("cuda_flash", 2, 4, 2, 37, 37, 16, True, None),
     ("cuda_flash", 2, 8, 2, 7, 40, 16, True, None),  # the last 7 queries: causal from the bottom right
@@ -326,7 +327,8 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
     (8, 2, 300, 300, 128, 64),
     (8, 1, 17, 300, 64, None),
     (6, 3, 200, 200, 96, 33),
-    (4, 4, 129, 129, 12, None),
+    (4, 4, 129, 129, 12, None),  # the blocked loop: no kernel takes head_dim 12
+    (4, 2, 129, 129, 256, None),
 ])
 def test_cuda_kernels_equal_brute_force(dtype, shape):
     """The real CUDA kernels, chosen by `auto`, against the float64 softmax of the same (rounded) inputs."""

@@ -1,14 +1,20 @@
 """Streaming attention statistics: entropy and attention mass per key distance, never the full attention matrix.
 
-Attention of query i over keys j is the softmax of the scores s_ij = scale * q_i . k_j. Its entropy (natural log),
-the paper's measure of attention uncertainty (arXiv 2406.13282, Section 4), is
+Attention of query i over keys j is the softmax of the scores s_ij = scale * q_i . k_j (softcapped as
+softcap * tanh(s / softcap) in Gemma 2). Its entropy (natural log), the paper's measure of attention uncertainty
+(arXiv 2406.13282, Section 4), is
 
-    H_i = logsumexp_j(s_ij) - sum_j softmax(s_i)_j * s_ij.
+    H_i = logsumexp_j(s_ij) - sum_j softmax(s_i)_j * s_ij,   with sum_j p_ij s_ij = scale * q_i . sum_j p_ij k_j.
 
-Both terms are accumulated over blocks of keys with an online softmax (as in flash attention): a running maximum
-m, Z = sum exp(s - m) and A = sum exp(s - m) * (s - m), rescaled whenever m grows, so that H = log Z - A / Z and
-only one block of scores (query block x key block) exists at a time. The attention mass per key-distance bin
-is accumulated the same way. This module imports only torch and math.
+Two ways to compute it, picked by `choose_kernel`:
+- a fused attention kernel (PyTorch's flash or memory-efficient attention, on CUDA or CPU) run with values = keys:
+  it returns logsumexp(s) and softmax(s) @ k in one pass at the speed of the model's own attention
+  (`fused_entropy`);
+- a blocked online softmax (as in flash attention), for what no kernel offers (distance bins, softcapping,
+  some masks): a running maximum m, Z = sum exp(s - m) and sum exp(s - m) * [k | s], rescaled whenever m grows, so
+  that only one block of scores (query block x key block) exists at a time. The attention mass per key-distance
+  bin is accumulated the same way.
+This module imports only torch and math.
 """
 
 from __future__ import annotations
@@ -89,8 +95,8 @@ def choose_kernel(
     entropy alone, of plain (not softcapped) scores, under masks it has:
     - "cuda_flash": CUDA, float16 / bfloat16, head_dim a multiple of 8 up to 256 (and a GPU that runs flash
       attention: `flash_available`); causal aligned to the last query and sliding windows are the kernel's own;
-    - "cuda_efficient": other CUDA tensors up to float32, without a window, causal only with q_len == k_len
-      (its causal mask starts at the first query);
+    - "cuda_efficient": other CUDA tensors up to float32 with head_dim a multiple of 8, without a window, causal
+      only with q_len == k_len (its causal mask starts at the first query);
     - "cpu_flash": CPU tensors up to float32 (half precision computed in float32), same masks as cuda_efficient.
     Everything else (distance bins, softcapping, float64, other devices, masks the kernel lacks) runs the blocked
     online softmax ("blocks").
@@ -99,7 +105,9 @@ def choose_kernel(
         return "blocks"
     top_left_masks = sliding_window is None and (not causal or q_len == k_len)
     if device_type == "cuda":
-        if dtype != torch.float32 and flash_available and head_dim % 8 == 0 and head_dim <= 256:
+        if head_dim % 8:  # both CUDA kernels want aligned heads
+            return "blocks"
+        if dtype != torch.float32 and flash_available and head_dim <= 256:
             return "cuda_flash"
         return "cuda_efficient" if top_left_masks else "blocks"
     if device_type == "cpu" and top_left_masks:
@@ -409,12 +417,13 @@ def attention_entropy(
     sliding_window: int | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Natural-log entropy of each query's attention distribution, streamed over key blocks.
+    """Natural-log entropy of each query's attention distribution, never holding the full attention matrix.
 
     q: [batch, heads, q_len, head_dim], k: [batch, kv_heads, k_len, head_dim] (post-RoPE, GQA allowed; with
     q_len < k_len the queries are the last q_len positions). Returns float32 [batch, heads, q_len].
-    Equal to the entropy of softmax(scale * q k^T) with the causal (and sliding-window) mask, without ever
-    holding more than one [query chunk x key chunk] block of scores. See `attention_statistics`.
+    Equal to the entropy of softmax(scale * q k^T) (softcapped where `softcap` is set) with the causal (and
+    sliding-window) mask: to float32 precision for float32 inputs; within 0.05 nats where a half-precision kernel
+    rounds its output (float16 / bfloat16 on CUDA). See `attention_statistics`.
     """
     return attention_statistics(
         q, k, causal=causal, scale=scale, softcap=softcap, chunk_size=chunk_size, sliding_window=sliding_window,
