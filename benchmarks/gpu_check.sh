@@ -24,8 +24,8 @@ if [[ -n "${ROPESCOPE_GPU_PYTHON:-}" ]]; then
     python="$ROPESCOPE_GPU_PYTHON"
     "$python" -m pip install -q --no-deps -e '.[test]'
 else
-    python3.11 -m venv .venv-gpu
-    python=.venv-gpu/bin/python
+    python3.11 -m venv "$out/venv"
+    python="$out/venv/bin/python"
     "$python" -m pip install -q -e '.[test]'
 fi
 

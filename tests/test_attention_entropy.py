@@ -189,7 +189,7 @@ KERNEL_CHOICES = [
     ("cuda", torch.float32, {"sliding_window": 16}, "blocks"),  # the efficient kernel has no window
     ("cuda", torch.float32, {"q_len": 8}, "blocks"),  # its causal mask starts at the first query
     ("cuda", torch.bfloat16, {"softcap": 50.0}, "blocks"),  # sum p s is no longer q . sum p k
-    ("cuda", torch.bfloat16, {"distance_bins": True}, "blocks"),
+    ("cuda", torch.bfloat16, {"distance_mass": True}, "blocks"),
     ("cuda", torch.float64, {}, "blocks"),
     ("cpu", torch.float32, {}, "cpu_flash"),
     ("cpu", torch.bfloat16, {}, "cpu_flash"),  # computed in float32
@@ -311,8 +311,11 @@ def test_auto_backend_follows_the_choice():
         forced = attention_statistics(q, k, backend=chosen, **options).entropy
         torch.testing.assert_close(attention_statistics(q, k, **options).entropy, forced, atol=0, rtol=0)
         torch.testing.assert_close(forced.double(), expected, atol=1e-4, rtol=0)
-    with pytest.raises(ValueError, match="unsoftcapped scores only"):
-        attention_statistics(q, k, softcap=1.0, backend="cpu_flash")
+    for options in ({"softcap": 1.0}, {"sliding_window": 4}, {"distance_edges": distance_bin_edges(8)}):
+        with pytest.raises(ValueError, match="backend='cpu_flash' does not compute this"):
+            attention_statistics(q, k, backend="cpu_flash", **options)
+    with pytest.raises(ValueError, match="backend='cuda_flash' does not compute this on cpu"):
+        attention_statistics(q, k, backend="cuda_flash")
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -74,6 +74,11 @@ def _capturing_attention(module, query, key, value, attention_mask, *args, **kwa
     if hook is None:  # a module of a model outside any capture block that shares our implementation name
         raise RuntimeError(f"{type(module).__name__} called ropescope's capture outside `capture_attention`")
     hook.calls += 1
+    if kwargs.get("s_aux") is not None:  # gpt-oss style sinks: a per-head logit outside q . k joins the softmax
+        raise RopescopeError(
+            f"{type(module).__name__} attends to learned sinks besides the keys; ropescope's statistics cover "
+            f"{SUPPORTED_MODELS}, without sinks"
+        )
     scaling = kwargs.get("scaling")
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling  # the default of every attention function
     softcap = kwargs.get("softcap")

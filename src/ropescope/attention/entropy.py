@@ -73,10 +73,11 @@ def distance_bins(distances: torch.Tensor, edges: torch.Tensor, distance_scale: 
     return torch.bucketize(scaled, edges.to(torch.float64, copy=False), right=True) - 1
 
 
-KERNELS = ("cuda_flash", "cuda_efficient", "cpu_flash", "blocks")
+KERNELS = ("cuda_flash", "cuda_efficient", "cpu_flash", "blocks")  # in order of preference
 
 
-def choose_kernel(
+def kernel_applies(
+    kernel: str,
     device_type: str,
     dtype: torch.dtype,
     *,
@@ -86,33 +87,37 @@ def choose_kernel(
     k_len: int,
     sliding_window: int | None = None,
     softcap: float | None = None,
-    distance_bins: bool = False,
+    distance_mass: bool = False,
     flash_available: bool = True,
-) -> str:
-    """Which computation gives the statistics: one of `KERNELS`.
+) -> bool:
+    """Whether `kernel` (one of `KERNELS`) computes the statistics asked for, on tensors of this device and dtype.
 
-    A fused kernel returns the log-sum-exp and softmax @ k in one pass (see `fused_entropy`); it applies to the
-    entropy alone, of plain (not softcapped) scores, under masks it has:
-    - "cuda_flash": CUDA, float16 / bfloat16, head_dim a multiple of 8 up to 256 (and a GPU that runs flash
-      attention: `flash_available`); causal aligned to the last query and sliding windows are the kernel's own;
-    - "cuda_efficient": other CUDA tensors up to float32 with head_dim a multiple of 8, without a window, causal
-      only with q_len == k_len (its causal mask starts at the first query);
-    - "cpu_flash": CPU tensors up to float32 (half precision computed in float32), same masks as cuda_efficient.
-    Everything else (distance bins, softcapping, float64, other devices, masks the kernel lacks) runs the blocked
-    online softmax ("blocks").
+    A fused kernel returns the log-sum-exp and softmax @ k in one pass (see `fused_entropy`); it gives the
+    entropy alone, of plain (not softcapped) scores, under the masks it has:
+    - "cuda_flash": CUDA, float16 / bfloat16, head_dim a multiple of 8 up to 256, a GPU that runs flash
+      attention (`flash_available`); causal aligned to the last query and sliding windows are the kernel's own;
+    - "cuda_efficient": CUDA up to float32, head_dim a multiple of 8, no window, causal only with q_len == k_len
+      (its causal mask starts at the first query);
+    - "cpu_flash": CPU up to float32 (half precision computed in float32), the same masks as cuda_efficient.
+    "blocks", the blocked online softmax, computes everything (distance bins, softcapping, float64, any device).
     """
-    if distance_bins or softcap is not None or dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        return "blocks"
+    if kernel == "blocks":
+        return True
+    if distance_mass or softcap is not None or dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return False
     top_left_masks = sliding_window is None and (not causal or q_len == k_len)
-    if device_type == "cuda":
-        if head_dim % 8:  # both CUDA kernels want aligned heads
-            return "blocks"
-        if dtype != torch.float32 and flash_available and head_dim <= 256:
-            return "cuda_flash"
-        return "cuda_efficient" if top_left_masks else "blocks"
-    if device_type == "cpu" and top_left_masks:
-        return "cpu_flash"
-    return "blocks"
+    if kernel == "cuda_flash":
+        return device_type == "cuda" and dtype != torch.float32 and flash_available and head_dim % 8 == 0 \
+            and head_dim <= 256
+    if kernel == "cuda_efficient":
+        return device_type == "cuda" and head_dim % 8 == 0 and top_left_masks
+    return kernel == "cpu_flash" and device_type == "cpu" and top_left_masks
+
+
+def choose_kernel(device_type: str, dtype: torch.dtype, **options) -> str:
+    """The first of `KERNELS` that applies (`kernel_applies`, same arguments): a fused kernel where one does,
+    else the blocked loop."""
+    return next(kernel for kernel in KERNELS if kernel_applies(kernel, device_type, dtype, **options))
 
 
 def _flash_available(device: torch.device) -> bool:
@@ -160,16 +165,16 @@ def attention_statistics(
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if sliding_window is not None and sliding_window >= k_len:
         sliding_window = None  # the window covers every key: plain causal attention
-    kernel = backend
-    if backend == "auto":
-        kernel = choose_kernel(
-            q.device.type, q.dtype, head_dim=q.shape[-1], causal=causal, q_len=q.shape[2], k_len=k_len,
-            sliding_window=sliding_window, softcap=softcap, distance_bins=distance_edges is not None,
-            flash_available=q.device.type == "cuda" and _flash_available(q.device),
-        )
+    options = dict(
+        head_dim=q.shape[-1], causal=causal, q_len=q.shape[2], k_len=k_len, sliding_window=sliding_window,
+        softcap=softcap, distance_mass=distance_edges is not None,
+        flash_available=q.device.type == "cuda" and _flash_available(q.device),
+    )
+    kernel = choose_kernel(q.device.type, q.dtype, **options) if backend == "auto" else backend
+    if not kernel_applies(kernel, q.device.type, q.dtype, **options):
+        raise ValueError(f"backend={kernel!r} does not compute this on {q.device.type} {q.dtype} tensors with "
+                         f"these options (see kernel_applies); use 'auto' or 'blocks'")
     if kernel != "blocks":
-        if distance_edges is not None or softcap is not None:
-            raise ValueError(f"backend={kernel!r} gives the entropy of unsoftcapped scores only; use 'blocks'")
         entropy = fused_entropy(q, k, scale=scale, causal=causal, sliding_window=sliding_window, kernel=kernel)
         return AttentionStatistics(entropy, None)
     return _blocked_statistics(
