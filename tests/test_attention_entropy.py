@@ -15,8 +15,10 @@ from ropescope.attention.entropy import (
 )
 
 
-def brute_force(q, k, *, causal, scale=None, softcap=None, sliding_window=None, edges=None, distance_scale=1.0):
-    """Full softmax in float64: entropy [b, h, q_len] and mass per distance bin [b, h, q_len, n_bins]."""
+def brute_force(q, k, *, causal, scale=None, softcap=None, sinks=None, sliding_window=None, edges=None,
+                distance_scale=1.0):
+    """Full softmax in float64: entropy [b, h, q_len] and mass per distance bin [b, h, q_len, n_bins]; sinks add a
+    last column of scores (one logit per head) that counts in the entropy and in no bin."""
     q, k = q.double(), k.double()
     batch, heads, q_len, head_dim = q.shape
     k_len = k.shape[2]
@@ -33,8 +35,11 @@ def brute_force(q, k, *, causal, scale=None, softcap=None, sliding_window=None, 
     if sliding_window is not None:
         visible &= (query_positions - key_positions).abs() < sliding_window
     scores = scores.masked_fill(~visible, -math.inf)
+    if sinks is not None:
+        scores = torch.cat([scores, sinks.double().view(1, heads, 1, 1).expand(batch, heads, q_len, 1)], dim=-1)
     probabilities = scores.softmax(-1)
     entropy = -torch.where(probabilities > 0, probabilities * probabilities.log(), 0.0).sum(-1)
+    probabilities = probabilities[..., :k_len]
     if edges is None:
         return entropy, None
     distance = (query_positions - key_positions).abs()
@@ -120,6 +125,24 @@ def test_softcapped_scores(window):
             q, k, scale=0.3, softcap=2.0, sliding_window=window, chunk_size=6, query_chunk_size=query_chunk
         ).entropy
         torch.testing.assert_close(streamed.double(), expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["blocks", "auto"])
+@pytest.mark.parametrize("options", [{}, {"sliding_window": 5}, {"softcap": 2.0}, {"causal": False}])
+def test_attention_sinks(backend, options):
+    """gpt-oss's sinks: one more outcome per head, with a learned logit and no key."""
+    generator = torch.Generator().manual_seed(13)
+    q = 2 * torch.randn(2, 6, 21, 8, generator=generator)
+    k = torch.randn(2, 2, 21, 8, generator=generator)
+    sinks = torch.linspace(-2.0, 3.0, 6)  # from a negligible sink to one that takes most of the mass
+    options = {"causal": True, **options}
+    expected, mass = brute_force(q, k, sinks=sinks, edges=distance_bin_edges(20), **options)
+    without_sinks, _ = brute_force(q, k, **options)
+    assert (expected - without_sinks).abs().max() > 0.1
+    result = attention_statistics(q, k, sinks=sinks, chunk_size=4, query_chunk_size=5, backend=backend, **options)
+    torch.testing.assert_close(result.entropy.double(), expected, atol=1e-4, rtol=0)
+    binned = attention_statistics(q, k, sinks=sinks, chunk_size=4, distance_edges=distance_bin_edges(20), **options)
+    torch.testing.assert_close(binned.distance_mass.double(), mass, atol=1e-5, rtol=0)  # sums to 1 - sink mass
 
 
 def test_bin_edges_are_log_spaced():
@@ -274,14 +297,16 @@ REFERENCE_OPS = {"cuda_flash": reference_flash, "cuda_efficient": reference_effi
 
 @pytest.mark.parametrize("case", FUSED_CASES, ids=lambda case: "-".join(map(str, case)))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_paths_equal_brute_force(case, dtype):
-    """Each kernel's path (layout, grouped heads, masks, the padded log-sum-exp, dtypes) against the full float64
-    softmax; the CUDA kernels are stood in by reference implementations of what they compute."""
+@pytest.mark.parametrize("with_sinks", [False, True])
+def test_fused_paths_equal_brute_force(case, dtype, with_sinks):
+    """Each kernel's path (layout, grouped heads, masks, the padded log-sum-exp, dtypes, sinks) against the full
+    float64 softmax; the CUDA kernels are stood in by reference implementations of what they compute."""
     kernel, causal, window = case[0], case[7], case[8]
     q, k = _fused_inputs(case, dtype)
-    expected, _ = brute_force(q, k, causal=causal, sliding_window=window)
-    entropy = fused_entropy(q, k, scale=q.shape[-1] ** -0.5, causal=causal, sliding_window=window, kernel=kernel,
-                            attention=REFERENCE_OPS[kernel])
+    sinks = torch.linspace(-1.0, 4.0, q.shape[1]) if with_sinks else None
+    expected, _ = brute_force(q, k, causal=causal, sliding_window=window, sinks=sinks)
+    entropy = fused_entropy(q, k, scale=q.shape[-1] ** -0.5, causal=causal, sliding_window=window, sinks=sinks,
+                            kernel=kernel, attention=REFERENCE_OPS[kernel])
     assert entropy.shape == q.shape[:3] and entropy.dtype == torch.float32
     # Half-precision kernels round their output (8 bits of mantissa): the stated tolerance there is 0.05 nats.
     tolerance = HALF_TOLERANCE if dtype in HALF and kernel != "cpu_flash" else 1e-4

@@ -62,6 +62,10 @@ FAMILIES = {
     "cohere": ("CohereConfig", dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, use_qk_norm=True,
                                     pad_token_id=0)),
     "smollm3": ("SmolLM3Config", dict(no_rope_layers=[0, 1], pad_token_id=0)),  # layer 0 is a NoPE layer
+    "gpt_oss": ("GptOssConfig", dict(  # attention sinks, sliding and full layers
+        head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=WINDOW,
+        layer_types=["sliding_attention", "full_attention"],
+    )),
 }
 
 
@@ -100,7 +104,8 @@ def logits(model, length: int) -> torch.Tensor:
 
 
 def eager_attention_entropy(model, input_ids) -> torch.Tensor:
-    """Entropy of transformers' own eager attention weights: [layers, batch, heads, seq], float64."""
+    """Entropy of transformers' own eager attention weights: [layers, batch, heads, seq], float64. Where weights
+    sum to less than 1, the rest went to a sink (gpt-oss), one more outcome of the softmax."""
     previous = model.config._attn_implementation
     model.set_attn_implementation("eager")
     try:
@@ -108,7 +113,8 @@ def eager_attention_entropy(model, input_ids) -> torch.Tensor:
             weights = torch.stack(model(input_ids, output_attentions=True).attentions).double()
     finally:
         model.set_attn_implementation(previous)
-    return -(weights * weights.clamp_min(1e-300).log()).sum(-1)
+    sink = (1 - weights.sum(-1)).clamp_min(1e-300)
+    return -(weights * weights.clamp_min(1e-300).log()).sum(-1) - sink * sink.log()
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

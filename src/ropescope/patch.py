@@ -2,7 +2,7 @@
 
 Any causal LM of transformers with a rotary embedding module (one that turns `(x, position_ids)` into
 `(cos, sin)` from an `inv_freq` buffer: Llama, Mistral, Mixtral, Qwen2/3 and their MoE, Gemma 1-3, Phi-3, StableLM,
-OLMo 2, Granite, Cohere, SmolLM3 and whatever new family has the same shape) gets that module wrapped so that its
+OLMo 2, Granite, Cohere, SmolLM3, gpt-oss and any new family of the same shape) gets that module wrapped so that its
 frequencies come from `rope_frequencies`, and its config gets the standard `rope_parameters` for the method, so
 `save_pretrained` then the family's own `from_pretrained` gives back the same model. The wrapped module keeps the
 family's own layout of cos and sin; the rotary dimension is read from its frequency buffer (partial rotary
@@ -27,7 +27,7 @@ CONFIG_KEY = "ropescope_rope"  # config attribute: the spec, plus the RoPE and l
 SUPPORTED_MODELS = (
     "causal LMs with a rotary embedding module whose attention goes through transformers' AttentionInterface "
     "(Llama, Mistral, Mixtral, Qwen2, Qwen3 and their MoE, Gemma 1-3, Phi-3, StableLM, OLMo 2, Granite, Cohere, "
-    "SmolLM3 and models of the same shape)"
+    "SmolLM3, gpt-oss and models of the same shape)"
 )
 # Layers of this type never see a key farther than their window, so `extend` keeps their pretrained rotation (as
 # Gemma 3 ships its own long-context scaling on its full-attention layers only).
@@ -170,7 +170,9 @@ def pretrained_rope(config) -> tuple[float, int]:
     """
     recorded = getattr(config, CONFIG_KEY, None) or {}
     parameters = pretrained_rope_parameters(config)
-    layer_type = _extended_layer_types(list(parameters) if _per_layer_type(parameters) else [None])[0]
+    # NoPE layer types (None parameters, as in Beam's full-attention layers) have no base
+    layer_types = [name for name, value in parameters.items() if value] if _per_layer_type(parameters) else [None]
+    layer_type = _extended_layer_types(layer_types)[0]
     length = recorded.get("pretrained_max_position_embeddings", config.max_position_embeddings)
     return float(_layer_parameters(parameters, layer_type)["rope_theta"]), int(length)
 

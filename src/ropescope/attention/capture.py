@@ -3,7 +3,7 @@
 The RoPE decoders of transformers (Llama, Mistral, Qwen, Gemma, Phi-3 and alike) compute q and k, rotate them
 (and normalise them, in Qwen3 and OLMo 2), and hand them to the attention function named by
 `config._attn_implementation` through transformers' `AttentionInterface`, with the scaling, logit softcapping and
-sliding window that layer uses. `capture_attention`
+sliding window (and gpt-oss's sinks) that layer uses. `capture_attention`
 registers a thin function under a name of its own that first shows (layer, q, k) to a callback and then calls
 the model's own function (sdpa or eager), and points the model at it for the duration of a `with` block.
 The callback reduces each layer's q, k to statistics right away, so only one layer's q and k are ever alive,
@@ -35,7 +35,8 @@ _CAPTURE_PREFIX = "ropescope_capture_"
 class LayerAttention:
     """What attention saw in one layer. query: [batch, heads, q_len, head_dim]; key: [batch, kv_heads, k_len,
     head_dim] (both post-RoPE); scores are scaling * q . k, then softcap * tanh(scores / softcap) where softcap is
-    set (Gemma 2); sliding_window as in Mistral / Qwen2 (None = off)."""
+    set (Gemma 2); sliding_window as in Mistral / Qwen2 (None = off); sinks: [heads] logits of one more outcome
+    per head (gpt-oss), or None."""
 
     layer: int
     query: torch.Tensor
@@ -43,16 +44,18 @@ class LayerAttention:
     scaling: float
     sliding_window: int | None
     softcap: float | None = None
+    sinks: torch.Tensor | None = None
 
     def statistics(self, last_queries: int | None = None, **options) -> AttentionStatistics:
         """`attention_statistics` of this layer's scores, for all queries or the last `last_queries` of them.
 
-        options: the keyword arguments of `attention_statistics` other than the scores' own (scale, softcap and
-        sliding window come from the layer).
+        options: the keyword arguments of `attention_statistics` other than the scores' own (scale, softcap,
+        sinks and sliding window come from the layer).
         """
         query = self.query if last_queries is None else self.query[:, :, -last_queries:]
         return attention_statistics(
-            query, self.key, scale=self.scaling, softcap=self.softcap, sliding_window=self.sliding_window, **options
+            query, self.key, scale=self.scaling, softcap=self.softcap, sinks=self.sinks,
+            sliding_window=self.sliding_window, **options,
         )
 
 
@@ -74,21 +77,17 @@ def _capturing_attention(module, query, key, value, attention_mask, *args, **kwa
     if hook is None:  # a module of a model outside any capture block that shares our implementation name
         raise RuntimeError(f"{type(module).__name__} called ropescope's capture outside `capture_attention`")
     hook.calls += 1
-    if kwargs.get("s_aux") is not None:  # gpt-oss style sinks: a per-head logit outside q . k joins the softmax
-        raise RopescopeError(
-            f"{type(module).__name__} attends to learned sinks besides the keys; ropescope's statistics cover "
-            f"{SUPPORTED_MODELS}, without sinks"
-        )
     scaling = kwargs.get("scaling")
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling  # the default of every attention function
     softcap = kwargs.get("softcap")
     window = kwargs.get("sliding_window")
     if window is None:  # Qwen2-MoE keeps its window on the module and in the mask, not in the call
         window = getattr(module, "sliding_window", None)
+    sinks = kwargs.get("s_aux")  # gpt-oss: one learned logit per head joins each softmax
     with torch.no_grad():
         hook.callback(LayerAttention(
             module.layer_idx, query, key, float(scaling), int(window) if window else None,  # 0 means off
-            float(softcap) if softcap else None,
+            float(softcap) if softcap else None, None if sinks is None else sinks.detach(),
         ))
     return hook.inner(module, query, key, value, attention_mask, *args, **kwargs)
 

@@ -1,7 +1,8 @@
 """Streaming attention statistics: entropy and attention mass per key distance, never the full attention matrix.
 
 Attention of query i over keys j is the softmax of the scores s_ij = scale * q_i . k_j (softcapped as
-softcap * tanh(s / softcap) in Gemma 2). Its entropy (natural log), the paper's measure of attention uncertainty
+softcap * tanh(s / softcap) in Gemma 2; with a learned sink logit per head as one more outcome in gpt-oss). Its
+entropy (natural log), the paper's measure of attention uncertainty
 (arXiv 2406.13282, Section 4), is
 
     H_i = logsumexp_j(s_ij) - sum_j softmax(s_i)_j * s_ij,   with sum_j p_ij s_ij = scale * q_i . sum_j p_ij k_j.
@@ -132,6 +133,7 @@ def attention_statistics(
     causal: bool = True,
     scale: float | None = None,
     softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     query_chunk_size: int | None = None,
     sliding_window: int | None = None,
@@ -148,6 +150,8 @@ def attention_statistics(
     causal: query at position i sees keys j <= i; otherwise every key.
     scale: multiplies q . k; default head_dim ** -0.5.
     softcap: logit softcapping (Gemma 2): the scores are softcap * tanh(scale * q . k / softcap).
+    sinks: [heads] logits of attention sinks (gpt-oss): each head's softmax has one more outcome, with this
+        score and no key; the entropy counts it, the distance mass does not (it then sums to 1 - sink mass).
     chunk_size / query_chunk_size: keys / queries per block; at most one [batch, heads, query_chunk, chunk]
         block of scores is alive at a time.
     sliding_window: query i sees only keys with i - j < sliding_window (Mistral / Qwen2 convention).
@@ -160,7 +164,7 @@ def attention_statistics(
     float64.
     Returns AttentionStatistics(entropy [batch, heads, q_len], distance_mass [batch, heads, q_len, n_bins] or None).
     """
-    _check_inputs(q, k, chunk_size, query_chunk_size, sliding_window, softcap, backend)
+    _check_inputs(q, k, chunk_size, query_chunk_size, sliding_window, softcap, sinks, backend)
     k_len = k.shape[2]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if sliding_window is not None and sliding_window >= k_len:
@@ -175,16 +179,18 @@ def attention_statistics(
         raise ValueError(f"backend={kernel!r} does not compute this on {q.device.type} {q.dtype} tensors with "
                          f"these options (see kernel_applies); use 'auto' or 'blocks'")
     if kernel != "blocks":
-        entropy = fused_entropy(q, k, scale=scale, causal=causal, sliding_window=sliding_window, kernel=kernel)
+        entropy = fused_entropy(
+            q, k, scale=scale, causal=causal, sliding_window=sliding_window, sinks=sinks, kernel=kernel
+        )
         return AttentionStatistics(entropy, None)
     return _blocked_statistics(
-        q, k, causal=causal, scale=scale, softcap=softcap, chunk_size=chunk_size,
+        q, k, causal=causal, scale=scale, softcap=softcap, sinks=sinks, chunk_size=chunk_size,
         query_chunk_size=query_chunk_size or chunk_size, sliding_window=sliding_window,
         distance_edges=distance_edges, distance_scale=distance_scale,
     )
 
 
-def _check_inputs(q, k, chunk_size, query_chunk_size, sliding_window, softcap, backend) -> None:
+def _check_inputs(q, k, chunk_size, query_chunk_size, sliding_window, softcap, sinks, backend) -> None:
     batch, heads, q_len, head_dim = q.shape
     k_batch, kv_heads, k_len, k_dim = k.shape
     if k_batch != batch or k_dim != head_dim:
@@ -199,6 +205,8 @@ def _check_inputs(q, k, chunk_size, query_chunk_size, sliding_window, softcap, b
         raise ValueError(f"sliding_window={sliding_window} must be >= 1")
     if softcap is not None and not softcap > 0:
         raise ValueError(f"softcap={softcap} must be > 0")
+    if sinks is not None and tuple(sinks.shape) != (heads,):
+        raise ValueError(f"sinks of shape {tuple(sinks.shape)}: one logit per head, ({heads},)")
     if backend != "auto" and backend not in KERNELS:
         raise ValueError(f"backend={backend!r}; accepted: auto, {', '.join(KERNELS)}")
 
@@ -213,6 +221,7 @@ def fused_entropy(
     scale: float,
     causal: bool,
     sliding_window: int | None = None,
+    sinks: torch.Tensor | None = None,
     kernel: str,
     attention=None,
 ) -> torch.Tensor:
@@ -222,6 +231,8 @@ def fused_entropy(
     O = softmax(s) @ v and lse = logsumexp(s), so sum_j p_j s_j = scale * q . (O + c) and
     H = lse - scale * q . (O + c). Shifting the values leaves the weights alone but makes O small, so that a
     half-precision O (the kernel accumulates in float32 and rounds its output) carries a small absolute error.
+    Sinks (one logit per head) join afterwards: lse' = logaddexp(lse, sink), and the mean score is the mix of
+    the keys' and the sink's by their shares of the softmax.
     q: [batch, heads, q_len, head_dim]; k: [batch, kv_heads, k_len, head_dim]; masks as `choose_kernel` allows
     for `kernel`. attention: the kernel's op, for tests that stand in a reference implementation.
     """
@@ -242,7 +253,13 @@ def fused_entropy(
     mean_key = output.float() + center.float()  # sum_j p_j k_j, [batch, heads, q_len, head_dim]
     accumulate = torch.float64 if q.dtype == torch.float64 else torch.float32
     mean_score = scale * torch.linalg.vecdot(q.to(accumulate), mean_key.to(accumulate))
-    return (logsumexp[..., : q.shape[2]].to(accumulate) - mean_score).float()
+    logsumexp = logsumexp[..., : q.shape[2]].to(accumulate)
+    if sinks is not None:
+        sink = sinks.to(device=q.device, dtype=accumulate).view(1, -1, 1)
+        with_sink = torch.logaddexp(logsumexp, sink)
+        mean_score = torch.exp(logsumexp - with_sink) * mean_score + torch.exp(sink - with_sink) * sink
+        logsumexp = with_sink
+    return (logsumexp - mean_score).float()
 
 
 def _flash(q, k, values, scale, causal, sliding_window, attention=None):
@@ -276,7 +293,7 @@ def _cpu_flash(q, k, values, scale, causal, attention=None):
 
 
 def _blocked_statistics(
-    q, k, *, causal, scale, softcap, chunk_size, query_chunk_size, sliding_window, distance_edges, distance_scale
+    q, k, *, causal, scale, softcap, sinks, chunk_size, query_chunk_size, sliding_window, distance_edges, distance_scale
 ) -> AttentionStatistics:
     """The statistics one query block at a time (see the module docstring); arguments as `attention_statistics`."""
     batch, heads, q_len, _ = q.shape
@@ -297,7 +314,8 @@ def _blocked_statistics(
     distance_mass = torch.empty(batch, heads, q_len, n_bins, dtype=torch.float32, device=device) if n_bins else None
     for q_start in range(0, q_len, query_chunk_size):
         q_end = min(q_start + query_chunk_size, q_len)
-        block = _QueryBlock(q, q_start, q_end, k, scale=scale, softcapped=softcap is not None, n_bins=n_bins)
+        block = _QueryBlock(q, q_start, q_end, k, scale=scale, softcapped=softcap is not None, sinks=sinks,
+                            n_bins=n_bins)
         for k_start, k_stop in _key_blocks(block, k_len, chunk_size, causal, sliding_window):
             scores = torch.matmul(block.queries, k[:, :, k_start:k_stop].transpose(-1, -2))  # [b, kv, group*rows, keys]
             if softcap is not None:
@@ -352,12 +370,12 @@ class _QueryBlock:
     """Online-softmax state of one block of queries (rows q_start..q_end - 1).
 
     Grouped heads share a key head, so the queries are laid out [batch, kv_heads, group * rows, head_dim]. Per
-    query row: the running maximum m and, rescaled whenever m grows, sum_j exp(s_j - m) * [k_j | 1]; for
-    softcapped scores, where sum p s is no longer q . sum p k, also sum_j exp(s_j - m) * s_j; and the mass per
-    distance bin when bins are asked for.
+    query row: the running maximum m and, rescaled whenever m grows, sum_j exp(s_j - m) * [k_j | 1]; the part of
+    sum_j exp(s_j - m) * s_j that q . sum p k does not give (a sink's term; every term for softcapped scores);
+    and the mass per distance bin when bins are asked for. A sink starts the state as an outcome seen first.
     """
 
-    def __init__(self, q, q_start, q_end, k, *, scale, softcapped, n_bins):
+    def __init__(self, q, q_start, q_end, k, *, scale, softcapped, sinks, n_bins):
         batch, heads, q_len, head_dim = q.shape
         kv_heads, k_len = k.shape[1], k.shape[2]
         rows = q_end - q_start
@@ -371,7 +389,13 @@ class _QueryBlock:
         float64 = dict(dtype=torch.float64, device=q.device)
         self.running_max = torch.full((*folded, 1), -math.inf, **float64)
         self.weighted_keys = torch.zeros(*folded, head_dim + 1, **float64)
-        self.weighted_scores = torch.zeros(*folded, 1, **float64) if softcapped else None
+        self.weighted_scores = torch.zeros(*folded, 1, **float64)
+        if sinks is not None:  # head h = kv_head * group + g sits in rows g * rows .. (g + 1) * rows - 1 of kv_head
+            sink = sinks.to(**float64).view(kv_heads, heads // kv_heads, 1).expand(-1, -1, rows)
+            sink = sink.reshape(1, kv_heads, heads // kv_heads * rows, 1).expand(*folded, 1)
+            self.running_max = sink.clone()
+            self.weighted_keys[..., -1:] = 1.0  # exp(sink - m) with m = sink
+            self.weighted_scores = sink.clone()
         self.mass = torch.zeros(batch, heads, rows, n_bins, **float64) if n_bins else None
 
     def update(self, scores, keys_and_ones, bins) -> None:
@@ -382,11 +406,11 @@ class _QueryBlock:
         # A row with no visible key yet keeps -inf; shift it by 0 so exp gives 0 rather than NaN.
         shift = torch.where(torch.isinf(new_max), torch.zeros_like(new_max), new_max)
         correction = torch.exp(self.running_max - shift)
+        self.weighted_scores = correction * self.weighted_scores
         if self.softcapped:
             finite_scores = scores.masked_fill(torch.isinf(scores), 0.0)  # masked keys: weight 0, score 0
             probabilities = (scores - shift.to(scores.dtype)).exp_()
-            block_scores = (probabilities * finite_scores).sum(-1, keepdim=True, dtype=torch.float64)
-            self.weighted_scores = correction * self.weighted_scores + block_scores
+            self.weighted_scores += (probabilities * finite_scores).sum(-1, keepdim=True, dtype=torch.float64)
         else:
             probabilities = scores.sub_(shift.to(scores.dtype)).exp_()
         block_sums = torch.matmul(probabilities, keys_and_ones)
@@ -402,10 +426,12 @@ class _QueryBlock:
         batch, heads, rows = self.shape
         total = self.weighted_keys[..., -1:]
         # H = logsumexp(s) - sum p s / sum p, with logsumexp = m + log Z and sum p s = q . sum p k.
-        if self.softcapped:
-            mean_score = self.weighted_scores / total
-        else:
-            mean_score = (self.queries.to(torch.float64) * self.weighted_keys[..., :-1]).sum(-1, keepdim=True) / total
+        weighted_scores = self.weighted_scores
+        if not self.softcapped:
+            weighted_scores = weighted_scores + (self.queries.to(torch.float64) * self.weighted_keys[..., :-1]).sum(
+                -1, keepdim=True
+            )
+        mean_score = weighted_scores / total
         entropy = (self.running_max + torch.log(total) - mean_score).view(batch, heads, rows).float()
         mass = None if self.mass is None else (self.mass / total.view(batch, heads, rows, 1)).float()
         return entropy, mass
@@ -418,6 +444,7 @@ def attention_entropy(
     causal: bool = True,
     scale: float | None = None,
     softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     sliding_window: int | None = None,
     backend: str = "auto",
@@ -426,11 +453,11 @@ def attention_entropy(
 
     q: [batch, heads, q_len, head_dim], k: [batch, kv_heads, k_len, head_dim] (post-RoPE, GQA allowed; with
     q_len < k_len the queries are the last q_len positions). Returns float32 [batch, heads, q_len].
-    Equal to the entropy of softmax(scale * q k^T) (softcapped where `softcap` is set) with the causal (and
-    sliding-window) mask: to float32 precision for float32 inputs; within 0.05 nats where a half-precision kernel
+    Equal to the entropy of softmax(scale * q k^T) (softcapped where `softcap` is set, with one more outcome per
+    head where `sinks` are given) with the causal (and sliding-window) mask: to float32 precision for float32 inputs; within 0.05 nats where a half-precision kernel
     rounds its output (float16 / bfloat16 on CUDA). See `attention_statistics`.
     """
     return attention_statistics(
-        q, k, causal=causal, scale=scale, softcap=softcap, chunk_size=chunk_size, sliding_window=sliding_window,
-        backend=backend,
+        q, k, causal=causal, scale=scale, softcap=softcap, sinks=sinks, chunk_size=chunk_size,
+        sliding_window=sliding_window, backend=backend,
     ).entropy
