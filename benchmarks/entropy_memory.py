@@ -88,7 +88,8 @@ def worker(mode: str, length: int, args) -> dict:
             layer_entropies(model, ids, backend=args.backend)
         else:
             with torch.no_grad():
-                weights = model(ids.to(args.device), use_cache=False, logits_to_keep=1, output_attentions=True).attentions
+                outputs = model(ids.to(args.device), use_cache=False, logits_to_keep=1, output_attentions=True)
+                weights = outputs.attentions
                 for layer in weights:  # the same statistic, so the time compares like with like
                     (-torch.special.xlogy(layer, layer).sum(-1))
         if cuda:

@@ -44,7 +44,8 @@ FAMILIES = {
         sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"],
     )),
     "gemma3_text": ("Gemma3TextConfig", dict(
-        head_dim=16, query_pre_attn_scalar=40, sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"],
+        head_dim=16, query_pre_attn_scalar=40, sliding_window=WINDOW,
+        layer_types=["sliding_attention", "full_attention"],
         # local and global rotations with different bases, as in Gemma 3 (bases chosen to rotate within 100 tokens)
         rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 500.0},
                          "full_attention": {"rope_type": "default", "rope_theta": 10000.0}},
@@ -54,7 +55,8 @@ FAMILIES = {
         original_max_position_embeddings=PRETRAINED, pad_token_id=0,
     )),
     "stablelm": ("StableLmConfig", dict(
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}, qk_layernorm=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+        qk_layernorm=True,
     )),
     "olmo2": ("Olmo2Config", dict(pad_token_id=0)),
     "granite": ("GraniteConfig", dict(attention_multiplier=0.3, embedding_multiplier=2.0, residual_multiplier=0.5,

@@ -96,7 +96,8 @@ def frequency_layer_types(module: nn.Module) -> list[str | None]:
     buffers = dict(module.named_buffers(recurse=False))
     if "inv_freq" in buffers:
         return [None]
-    return [layer_type for layer_type in getattr(module, "layer_types", None) or [] if f"{layer_type}_inv_freq" in buffers]
+    layer_types = getattr(module, "layer_types", None) or []
+    return [layer_type for layer_type in layer_types if f"{layer_type}_inv_freq" in buffers]
 
 
 def is_rotary_module(module: nn.Module) -> bool:
@@ -134,7 +135,9 @@ def rotary_modules(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
 def _require_rotary(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
     targets = rotary_modules(model)
     if getattr(model, "config", None) is None or not targets:
-        raise RopescopeError(f"{type(model).__name__} has no rotary embedding module; ropescope supports {SUPPORTED_MODELS}")
+        raise RopescopeError(
+            f"{type(model).__name__} has no rotary embedding module; ropescope supports {SUPPORTED_MODELS}"
+        )
     return targets
 
 

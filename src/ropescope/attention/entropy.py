@@ -158,10 +158,10 @@ def attention_statistics(
     distance_edges: LongTensor[n_bins] of left bin edges (`distance_bin_edges`); the key distance is i - j
         (|i - j| without causal masking), divided by `distance_scale` before binning.
     backend: "auto" (default) takes the kernel `choose_kernel` picks for these tensors and options: a fused
-        kernel returning the log-sum-exp where one applies, else the blocked online softmax below; or one of
-        `KERNELS` by name ("blocks" forces the loop).
-    half-precision inputs are computed in float32; float64 inputs in float64. The blocked loop accumulates in
-    float64.
+        kernel returning the log-sum-exp where one applies, else the blocked online softmax; or one of
+        `KERNELS` by name ("blocks" forces the loop; a kernel that cannot compute the request raises ValueError).
+    Half-precision inputs are computed in float32 (on CUDA the fused kernels round their output to the input
+    dtype: within 0.05 nats), float64 inputs in float64; the blocked loop accumulates in float64.
     Returns AttentionStatistics(entropy [batch, heads, q_len], distance_mass [batch, heads, q_len, n_bins] or None).
     """
     _check_inputs(q, k, chunk_size, query_chunk_size, sliding_window, softcap, sinks, backend)
@@ -233,10 +233,11 @@ def fused_entropy(
     half-precision O (the kernel accumulates in float32 and rounds its output) carries a small absolute error.
     Sinks (one logit per head) join afterwards: lse' = logaddexp(lse, sink), and the mean score is the mix of
     the keys' and the sink's by their shares of the softmax.
-    q: [batch, heads, q_len, head_dim]; k: [batch, kv_heads, k_len, head_dim]; masks as `choose_kernel` allows
-    for `kernel`. attention: the kernel's op, for tests that stand in a reference implementation.
+    q: [batch, heads, q_len, head_dim]; k: [batch, kv_heads, k_len, head_dim]; dtypes and masks as
+    `kernel_applies` allows for `kernel`. attention: the kernel's op, for tests that stand in a reference
+    implementation of what it computes.
     """
-    if kernel == "cpu_flash" and q.dtype != torch.float64:
+    if kernel == "cpu_flash":
         q, k = q.float(), k.float()  # the CPU computes in float32 anyway; keeps O exact to float32
     center = k.float().mean(dim=2, keepdim=True).to(k.dtype)  # [batch, kv_heads, 1, head_dim]
     values = k - center
@@ -251,15 +252,14 @@ def fused_entropy(
     group = q.shape[1] // center.shape[1]
     center = center.repeat_interleave(group, dim=1)
     mean_key = output.float() + center.float()  # sum_j p_j k_j, [batch, heads, q_len, head_dim]
-    accumulate = torch.float64 if q.dtype == torch.float64 else torch.float32
-    mean_score = scale * torch.linalg.vecdot(q.to(accumulate), mean_key.to(accumulate))
-    logsumexp = logsumexp[..., : q.shape[2]].to(accumulate)
+    mean_score = scale * torch.linalg.vecdot(q.float(), mean_key)  # float32 is enough: no cancellation here
+    logsumexp = logsumexp[..., : q.shape[2]].float()
     if sinks is not None:
-        sink = sinks.to(device=q.device, dtype=accumulate).view(1, -1, 1)
+        sink = sinks.to(device=q.device, dtype=torch.float32).view(1, -1, 1)
         with_sink = torch.logaddexp(logsumexp, sink)
         mean_score = torch.exp(logsumexp - with_sink) * mean_score + torch.exp(sink - with_sink) * sink
         logsumexp = with_sink
-    return (logsumexp - mean_score).float()
+    return logsumexp - mean_score
 
 
 def _flash(q, k, values, scale, causal, sliding_window, attention=None):
@@ -293,7 +293,8 @@ def _cpu_flash(q, k, values, scale, causal, attention=None):
 
 
 def _blocked_statistics(
-    q, k, *, causal, scale, softcap, sinks, chunk_size, query_chunk_size, sliding_window, distance_edges, distance_scale
+    q, k, *, causal, scale, softcap, sinks, chunk_size, query_chunk_size, sliding_window, distance_edges,
+    distance_scale,
 ) -> AttentionStatistics:
     """The statistics one query block at a time (see the module docstring); arguments as `attention_statistics`."""
     batch, heads, q_len, _ = q.shape
@@ -383,7 +384,8 @@ class _QueryBlock:
         self.first_position = k_len - q_len + q_start  # absolute position of the block's first query
         self.last_position = k_len - q_len + q_end - 1
         self.positions = torch.arange(self.first_position, self.last_position + 1, device=q.device)
-        self.queries = (q[:, :, q_start:q_end].to(k.dtype) * scale).reshape(batch, kv_heads, heads // kv_heads * rows, -1)
+        queries = q[:, :, q_start:q_end].to(k.dtype) * scale
+        self.queries = queries.reshape(batch, kv_heads, heads // kv_heads * rows, -1)
         self.softcapped = softcapped
         folded = (batch, kv_heads, heads // kv_heads * rows)
         float64 = dict(dtype=torch.float64, device=q.device)
@@ -454,8 +456,9 @@ def attention_entropy(
     q: [batch, heads, q_len, head_dim], k: [batch, kv_heads, k_len, head_dim] (post-RoPE, GQA allowed; with
     q_len < k_len the queries are the last q_len positions). Returns float32 [batch, heads, q_len].
     Equal to the entropy of softmax(scale * q k^T) (softcapped where `softcap` is set, with one more outcome per
-    head where `sinks` are given) with the causal (and sliding-window) mask: to float32 precision for float32 inputs; within 0.05 nats where a half-precision kernel
-    rounds its output (float16 / bfloat16 on CUDA). See `attention_statistics`.
+    head where `sinks` are given) with the causal (and sliding-window) mask: to float32 precision for float32
+    inputs; within 0.05 nats where a half-precision kernel rounds its output (float16 / bfloat16 on CUDA). See
+    `attention_statistics`.
     """
     return attention_statistics(
         q, k, causal=causal, scale=scale, softcap=softcap, sinks=sinks, chunk_size=chunk_size,
