@@ -145,7 +145,7 @@ def test_load_model_applies_the_recorded_extension(tmp_path):
 
 def test_a_model_without_rotary_embeddings_is_refused():
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
-    with pytest.raises(RopescopeError, match="GPT2LMHeadModel has no rotary embedding module to extend"):
+    with pytest.raises(RopescopeError, match="GPT2LMHeadModel has no rotary embedding module; ropescope supports causal LMs"):
         extend(gpt2, RopeSpec("linear", factor=2.0))
     with pytest.raises(RopescopeError, match="Linear has no rotary embedding module"):
         extend(nn.Linear(2, 2), RopeSpec("linear", factor=2.0))
@@ -164,5 +164,5 @@ def test_load_model_errors_name_the_path(tmp_path):
 def test_extend_keeps_the_model_device_and_is_in_place():
     model = tiny_model("mistral")
     same = extend(model, RopeSpec("yarn", factor=2.0, original_max_position_embeddings=PRETRAINED))
-    assert same is model and model.model.rotary_emb.inv_freq.device.type == "cpu"
+    assert same is model and model.model.rotary_emb.original.inv_freq.device.type == "cpu"
     assert copy.deepcopy(model).model.rotary_emb.spec.method == "yarn"

@@ -1,12 +1,19 @@
 """`extend(model, spec)`: the only place that touches Hugging Face model internals.
 
-A RoPE model (Llama, Mistral, Qwen2, or any model whose rotary module takes `(x, position_ids)` and returns
-`(cos, sin)`) gets a rotary module computing its frequencies with `rope_frequencies`, and its config gets the
-standard `rope_parameters` for the method, so `save_pretrained` then plain `from_pretrained` gives back the same
-model. `dynamic_yarn`, which transformers lacks, is registered with transformers when ropescope is imported.
+Any causal LM of transformers with a rotary embedding module (one that turns `(x, position_ids)` into
+`(cos, sin)` from an `inv_freq` buffer: Llama, Mistral, Mixtral, Qwen2/3 and their MoE, Gemma 1-3, Phi-3, StableLM,
+OLMo 2, Granite, Cohere, SmolLM3, gpt-oss and any new family of the same shape) gets that module wrapped so that its
+frequencies come from `rope_frequencies`, and its config gets the standard `rope_parameters` for the method, so
+`save_pretrained` then the family's own `from_pretrained` gives back the same model. The wrapped module keeps the
+family's own layout of cos and sin; the rotary dimension is read from its frequency buffer (partial rotary
+models); models with one RoPE per layer type (Gemma 3) are extended on their full-attention layers.
+`dynamic_yarn`, which transformers lacks, is registered with transformers when ropescope is imported.
 """
 
 from __future__ import annotations
+
+import copy
+import inspect
 
 import torch
 from torch import nn
@@ -16,129 +23,247 @@ from transformers.modeling_rope_utils import RotaryEmbeddingConfigMixin
 from ropescope.errors import RopescopeError
 from ropescope.rope import METHODS, RopeSpec, ntk_base, rope_frequencies
 
-CONFIG_KEY = "ropescope_rope"  # config attribute: the spec, plus the pretrained base and length it started from
+CONFIG_KEY = "ropescope_rope"  # config attribute: the spec, plus the RoPE and length the model was pretrained with
+SUPPORTED_MODELS = (
+    "causal LMs with a rotary embedding module whose attention goes through transformers' AttentionInterface "
+    "(Llama, Mistral, Mixtral, Qwen2, Qwen3 and their MoE, Gemma 1-3, Phi-3, StableLM, OLMo 2, Granite, Cohere, "
+    "SmolLM3, gpt-oss and models of the same shape)"
+)
+# Layers of this type never see a key farther than their window, so `extend` keeps their pretrained rotation (as
+# Gemma 3 ships its own long-context scaling on its full-attention layers only).
+SLIDING_LAYER_TYPE = "sliding_attention"
 
 
 class ExtendedRotaryEmbedding(nn.Module):
-    """Drop-in rotary module: `forward(x, position_ids) -> (cos, sin)`, each `[batch, seq, rotary_dim]`.
+    """A model's own rotary module, fed frequencies from `rope_frequencies`.
 
+    `forward(x, position_ids[, layer_type]) -> (cos, sin)`, each `[batch, seq, rotary_dim]`, as the wrapped module
+    returns them: it still lays out cos and sin (halves in Llama, interleaved pairs in Cohere) and casts them; only
+    its inverse frequencies and attention scaling come from `spec`. `layers` maps each layer type the spec applies
+    to (None: the module's only one) to its pretrained `(base, rotary_dim)`; other layer types pass through.
     Dynamic methods recompute the frequencies from the current length `max(position_ids) + 1` on every call, a
     pure function of the input (transformers' own dynamic module only grows and keeps its longest length).
     """
 
-    def __init__(self, spec: RopeSpec, rotary_dim: int, base: float):
+    def __init__(self, original: nn.Module, spec: RopeSpec, layers: dict[str | None, tuple[float, int]]):
         super().__init__()
-        self.spec, self.rotary_dim, self.base = spec, rotary_dim, base
+        self.original, self.spec, self.layers = original, spec, layers
         self.dynamic = METHODS[spec.method].dynamic
-        inv_freq, self.attention_scaling = rope_frequencies(spec, rotary_dim, base)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self._by_length: dict[int, tuple[torch.Tensor, float]] = {}
+        self._by_length: dict[tuple[str | None, int], tuple[torch.Tensor, float]] = {}
+        for layer_type, (base, dim) in layers.items():
+            _plain_rope_type(original, layer_type)
+            self._install(layer_type, *rope_frequencies(spec, dim, base))
 
-    def frequencies_at(self, seq_len: int) -> tuple[torch.Tensor, float]:
-        if seq_len not in self._by_length:
-            self._by_length[seq_len] = rope_frequencies(self.spec, self.rotary_dim, self.base, seq_len)
-        return self._by_length[seq_len]
+    def _install(self, layer_type: str | None, inv_freq: torch.Tensor, attention_scaling: float) -> None:
+        prefix = "" if layer_type is None else f"{layer_type}_"
+        device = getattr(self.original, prefix + "inv_freq").device
+        setattr(self.original, prefix + "inv_freq", inv_freq.to(device))  # a buffer: follows model.to(...)
+        setattr(self.original, prefix + "attention_scaling", attention_scaling)
+
+    def frequencies_at(self, layer_type: str | None, seq_len: int) -> tuple[torch.Tensor, float]:
+        if (layer_type, seq_len) not in self._by_length:
+            base, dim = self.layers[layer_type]
+            self._by_length[layer_type, seq_len] = rope_frequencies(self.spec, dim, base, seq_len)
+        return self._by_length[layer_type, seq_len]
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor, layer_type: str | None = None):
-        inv_freq, attention_scaling = self.inv_freq, self.attention_scaling
-        if self.dynamic:
-            inv_freq, attention_scaling = self.frequencies_at(int(position_ids.max()) + 1)
-        freqs = position_ids[..., None].float() * inv_freq.to(device=x.device, dtype=torch.float)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos = emb.cos() * attention_scaling
-        sin = emb.sin() * attention_scaling
-        return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
+        if self.dynamic and layer_type in self.layers:
+            self._install(layer_type, *self.frequencies_at(layer_type, int(position_ids.max()) + 1))
+        if layer_type is None:
+            return self.original(x, position_ids)
+        return self.original(x, position_ids, layer_type)
 
     def extra_repr(self) -> str:
-        return f"{self.spec.label()}, rotary_dim={self.rotary_dim}, base={self.base:g}"
+        layers = ", ".join(f"{layer_type or 'all'}: base={base:g} rotary_dim={dim}"
+                           for layer_type, (base, dim) in self.layers.items())
+        return f"{self.spec.label()}; {layers}"
 
 
-def _rope_parameters(config) -> dict:
-    parameters = getattr(config, "rope_parameters", None) or {}
-    if any(isinstance(value, dict) for value in parameters.values()):
-        raise RopescopeError(
-            f"{type(config).__name__} has per-layer-type RoPE ({', '.join(parameters)}); extend supports one RoPE "
-            "for all layers (Llama, Mistral, Qwen2 and alike)"
-        )
-    return parameters
+def _plain_rope_type(module: nn.Module, layer_type: str | None) -> None:
+    """Mark a layer type of a transformers rotary module as plain RoPE, so that its own dynamic or LongRoPE update
+    (`dynamic_rope_update`) never overwrites the frequencies installed here."""
+    rope_type = getattr(module, "rope_type", None)
+    if isinstance(rope_type, dict) and layer_type is not None:
+        rope_type[layer_type] = "default"
+    elif isinstance(rope_type, str):
+        module.rope_type = "default"
 
 
-def rope_base(config) -> float:
-    """The model's RoPE base (rope_theta), wherever this transformers version keeps it."""
-    theta = _rope_parameters(config).get("rope_theta") or getattr(config, "rope_theta", None)
-    return float(theta if theta is not None else getattr(config, "default_theta", 10000.0))
+def frequency_layer_types(module: nn.Module) -> list[str | None]:
+    """The layer types a rotary module keeps frequencies for: [None] for one `inv_freq` buffer; per-layer-type
+    modules (Gemma 3) keep `{layer_type}_inv_freq` for each of their `layer_types`; [] for none."""
+    buffers = dict(module.named_buffers(recurse=False))
+    if "inv_freq" in buffers:
+        return [None]
+    layer_types = getattr(module, "layer_types", None) or []
+    return [layer_type for layer_type in layer_types if f"{layer_type}_inv_freq" in buffers]
 
 
-def rotary_dim(config) -> int:
-    """The number of rotated dimensions per head: head_dim x partial_rotary_factor."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    partial = _rope_parameters(config).get("partial_rotary_factor") or getattr(config, "partial_rotary_factor", 1.0)
-    return int(head_dim * (partial or 1.0))
+def is_rotary_module(module: nn.Module) -> bool:
+    """Whether `module` turns `(x, position_ids)` into `(cos, sin)` from inverse-frequency buffers: a
+    `*RotaryEmbedding` class, or any module with such buffers and that forward signature."""
+    if isinstance(module, ExtendedRotaryEmbedding) or not frequency_layer_types(module):
+        return False
+    if type(module).__name__.endswith("RotaryEmbedding"):
+        return True
+    try:
+        names = list(inspect.signature(module.forward).parameters)
+    except (TypeError, ValueError):
+        return False
+    return names[:2] == ["x", "position_ids"]
 
 
-def _rotary_modules(model: nn.Module) -> list[tuple[nn.Module, str]]:
+def rotary_modules(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
+    """`(parent, attribute, module)` of every rotary module of `model`, the ones an earlier `extend` installed
+    given as the model's own module they wrap."""
     found = []
+    inside_extended = []
     for name, module in model.named_modules():
-        if type(module).__name__.endswith("RotaryEmbedding") and hasattr(module, "inv_freq"):
-            parent_name, _, attribute = name.rpartition(".")
-            found.append((model.get_submodule(parent_name), attribute))
+        if any(name.startswith(prefix) for prefix in inside_extended):
+            continue
+        if isinstance(module, ExtendedRotaryEmbedding):
+            inside_extended.append(name + ".")
+            module = module.original
+        elif not is_rotary_module(module):
+            continue
+        parent_name, _, attribute = name.rpartition(".")
+        found.append((model.get_submodule(parent_name), attribute, module))
     return found
 
 
+def _require_rotary(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
+    targets = rotary_modules(model)
+    if getattr(model, "config", None) is None or not targets:
+        raise RopescopeError(
+            f"{type(model).__name__} has no rotary embedding module; ropescope supports {SUPPORTED_MODELS}"
+        )
+    return targets
+
+
+def _per_layer_type(parameters: dict) -> bool:
+    return any(isinstance(value, dict) for value in parameters.values())
+
+
+def pretrained_rope_parameters(config) -> dict:
+    """The model's `rope_parameters` before any `extend` (flat, or one dict per layer type as in Gemma 3)."""
+    recorded = getattr(config, CONFIG_KEY, None) or {}
+    if "pretrained_rope_parameters" in recorded:
+        return copy.deepcopy(recorded["pretrained_rope_parameters"])
+    current = copy.deepcopy(getattr(config, "rope_parameters", None) or {})
+    if "pretrained_rope_theta" in recorded:  # recorded before per-layer-type support: one plain RoPE
+        partial = current.get("partial_rotary_factor")
+        current = {"rope_type": "default", "rope_theta": float(recorded["pretrained_rope_theta"])}
+        if partial is not None:
+            current["partial_rotary_factor"] = partial
+    if not _per_layer_type(current) and current.get("rope_theta") is None:
+        theta = getattr(config, "rope_theta", None) or getattr(config, "default_theta", 10000.0)
+        current = {"rope_type": "default", **current, "rope_theta": float(theta)}
+    return current
+
+
+def _layer_parameters(parameters: dict, layer_type: str | None) -> dict:
+    return parameters if layer_type is None else parameters[layer_type]
+
+
 def pretrained_rope(config) -> tuple[float, int]:
-    """The base and max_position_embeddings the model had before any `extend`, so extensions never compound."""
-    recorded = getattr(config, CONFIG_KEY, None)
-    if recorded:
-        return float(recorded["pretrained_rope_theta"]), int(recorded["pretrained_max_position_embeddings"])
-    return rope_base(config), int(config.max_position_embeddings)
+    """The base and max_position_embeddings the model had before any `extend`, so extensions never compound.
+
+    A model with one RoPE per layer type (Gemma 3) gives the base of its first layer type that `extend` changes.
+    """
+    recorded = getattr(config, CONFIG_KEY, None) or {}
+    parameters = pretrained_rope_parameters(config)
+    # NoPE layer types (None parameters, as in Beam's full-attention layers) have no base
+    layer_types = [name for name, value in parameters.items() if value] if _per_layer_type(parameters) else [None]
+    layer_type = _extended_layer_types(layer_types)[0]
+    length = recorded.get("pretrained_max_position_embeddings", config.max_position_embeddings)
+    return float(_layer_parameters(parameters, layer_type)["rope_theta"]), int(length)
+
+
+def _extended_layer_types(layer_types: list[str | None]) -> list[str | None]:
+    return [layer_type for layer_type in layer_types if layer_type != SLIDING_LAYER_TYPE] or layer_types
 
 
 def extend(model: nn.Module, spec: RopeSpec) -> nn.Module:
     """Make every layer of `model` use the RoPE method `spec`, in place; returns the model.
 
     Replaces any extension applied before (relative to the pretrained base), records the spec in `model.config`
-    (standard `rope_parameters` where transformers has the method), and works at any position.
+    (standard `rope_parameters` where transformers has the method), and works at any position. Partial rotary
+    dimensions (StableLM, Phi) follow from the rotary module's own frequency buffer; a model with one RoPE per
+    layer type (Gemma 3) gets `spec` on its full-attention layers, relative to their own base, while its
+    sliding-window layers keep their pretrained rotation; NoPE layers (SmolLM3) stay without rotation.
     """
     if not isinstance(spec, RopeSpec):
         raise RopescopeError(f"extend needs a RopeSpec, got {type(spec).__name__}: e.g. RopeSpec('linear', factor=4)")
-    config = getattr(model, "config", None)
-    targets = _rotary_modules(model)
-    if config is None or not targets:
-        raise RopescopeError(
-            f"{type(model).__name__} has no rotary embedding module to extend "
-            "(expected a *RotaryEmbedding submodule, as in Llama, Mistral and Qwen2)"
-        )
-    base, pretrained_length = pretrained_rope(config)
-    rotary = ExtendedRotaryEmbedding(spec, rotary_dim(config), base)
-    for parent, attribute in targets:
-        device = getattr(parent, attribute).inv_freq.device
-        setattr(parent, attribute, rotary.to(device))
-    _record(config, spec, base, pretrained_length)
+    targets = _require_rotary(model)
+    config = model.config
+    parameters = pretrained_rope_parameters(config)
+    _, pretrained_length = pretrained_rope(config)
+    layers = {}  # layer type -> (pretrained base, rotary dim); every rotary module of a model has the same
+    for layer_type in _extended_layer_types(frequency_layer_types(targets[0][2])):
+        prefix = "" if layer_type is None else f"{layer_type}_"
+        base = float(_layer_parameters(parameters, layer_type)["rope_theta"])
+        layers[layer_type] = (base, 2 * getattr(targets[0][2], prefix + "inv_freq").numel())
+    rope = _rope_parameters_for(spec, parameters, layers)
+    _check_family_accepts(config, rope, spec)
+    for parent, attribute, original in targets:
+        setattr(parent, attribute, ExtendedRotaryEmbedding(original, spec, layers))
+    _record(config, spec, rope, parameters, pretrained_length)
     return model
 
 
-def _record(config, spec: RopeSpec, base: float, pretrained_length: int) -> None:
-    """Write the spec into the config: transformers' own `rope_parameters`, plus ropescope's record."""
-    params = spec.params
-    partial = _rope_parameters(config).get("partial_rotary_factor")
+def _check_family_accepts(config, rope: dict, spec: RopeSpec) -> None:
+    """Refuse, before anything changes, an extension whose config the family's own class would not load (Phi-3's
+    config accepts LongRoPE and the original RoPE only)."""
+    trial = copy.deepcopy(config)
+    trial.rope_parameters = copy.deepcopy(rope)
+    try:
+        trial.validate_rope()
+    except Exception as error:  # the config classes raise ValueError, or a validation error wrapping it
+        reason = str(getattr(error, "__cause__", None) or error).strip().splitlines()[-1].strip()
+        raise RopescopeError(
+            f"{type(config).__name__} does not load {spec.method} (transformers says: {reason})"
+        ) from error
+
+
+def _method_parameters(spec: RopeSpec, pretrained: dict, rotary_dim: int) -> dict:
+    """One layer type's `rope_parameters` for `spec`, in transformers' form."""
+    base = float(pretrained["rope_theta"])
     rope = {"rope_type": METHODS[spec.method].transformers_type or spec.method, "rope_theta": base}
-    if partial is not None:
-        rope["partial_rotary_factor"] = partial
+    if pretrained.get("partial_rotary_factor") is not None:
+        rope["partial_rotary_factor"] = pretrained["partial_rotary_factor"]
     if spec.method == "ntk":  # NTK-aware is the original RoPE with a larger base
-        rope["rope_theta"] = ntk_base(params, rotary_dim(config), base)
+        rope["rope_theta"] = ntk_base(spec.params, rotary_dim, base)
     else:
-        rope.update({key: value for key, value in params.items() if value is not None})
+        rope.update({key: value for key, value in spec.params.items() if value is not None})
+    if spec.method == "dynamic":  # transformers reads the original length from max_position_embeddings alone
+        del rope["original_max_position_embeddings"]
+    return rope
+
+
+def _rope_parameters_for(spec: RopeSpec, pretrained: dict, layers: dict) -> dict:
+    """The model's `rope_parameters` with `spec` on the layer types in `layers`."""
+    if None in layers:
+        return _method_parameters(spec, pretrained, layers[None][1])
+    rope = copy.deepcopy(pretrained)
+    for layer_type, (_, dim) in layers.items():
+        rope[layer_type] = _method_parameters(spec, pretrained[layer_type], dim)
+    return rope
+
+
+def _record(config, spec: RopeSpec, rope: dict, pretrained: dict, pretrained_length: int) -> None:
+    """Write the spec into the config: transformers' own `rope_parameters`, plus ropescope's record."""
     config.max_position_embeddings = pretrained_length
     if spec.method in ("dynamic", "dynamic_yarn"):
         # transformers' dynamic scaling measures growth from max_position_embeddings
-        config.max_position_embeddings = params["original_max_position_embeddings"]
-    if spec.method == "dynamic":  # transformers reads the original length from max_position_embeddings alone
-        del rope["original_max_position_embeddings"]
+        config.max_position_embeddings = spec.params["original_max_position_embeddings"]
+    if hasattr(config, "head_dim") and config.head_dim is None:
+        # Mixtral leaves head_dim None; transformers' yarn and LongRoPE read it with a default that None defeats.
+        config.head_dim = config.hidden_size // config.num_attention_heads
     config.rope_parameters = rope
     setattr(config, CONFIG_KEY, {
         **spec.to_dict(),
-        "pretrained_rope_theta": base,
+        "pretrained_rope_parameters": pretrained,
         "pretrained_max_position_embeddings": pretrained_length,
     })
 
@@ -155,11 +280,13 @@ def spec_from_config(config) -> RopeSpec | None:
 
 def _transformers_dynamic_yarn(config, device=None, seq_len=None, layer_type=None):
     """`dynamic_yarn` in transformers' own registry, so plain `from_pretrained` loads such checkpoints."""
-    rope = _rope_parameters(config)
+    rope = _layer_parameters(config.rope_parameters, layer_type)
     accepted = METHODS["dynamic_yarn"].params
     spec = RopeSpec("dynamic_yarn", **{key: value for key, value in rope.items() if key in accepted})
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    dim = int(head_dim * (rope.get("partial_rotary_factor") or 1.0))
     length = None if seq_len is None else int(seq_len)
-    inv_freq, attention_scale = rope_frequencies(spec, rotary_dim(config), rope_base(config), length)
+    inv_freq, attention_scale = rope_frequencies(spec, dim, float(rope["rope_theta"]), length)
     return inv_freq.to(device), attention_scale
 
 

@@ -1,12 +1,15 @@
 """Capture the rotated queries and keys of every attention layer during an ordinary forward pass.
 
-Llama, Mistral and Qwen2 in transformers compute q and k, rotate them, and hand them to the attention function
-named by `config._attn_implementation` through transformers' `AttentionInterface`. `capture_attention`
+The RoPE decoders of transformers (Llama, Mistral, Qwen, Gemma, Phi-3 and alike) compute q and k, rotate them
+(and normalise them, in Qwen3 and OLMo 2), and hand them to the attention function named by
+`config._attn_implementation` through transformers' `AttentionInterface`, with the scaling, logit softcapping and
+sliding window (and gpt-oss's sinks) that layer uses. `capture_attention`
 registers a thin function under a name of its own that first shows (layer, q, k) to a callback and then calls
 the model's own function (sdpa or eager), and points the model at it for the duration of a `with` block.
 The callback reduces each layer's q, k to statistics right away, so only one layer's q and k are ever alive,
 as in a plain forward. Whatever rotary module produced the rotation (the model's own or one installed by
-`ropescope.extend`), the callback sees the rotated q, k that attention really used.
+`ropescope.extend`), the callback sees the rotated q, k, and the scores' scaling, softcap and window, that
+attention really used.
 """
 
 from __future__ import annotations
@@ -21,23 +24,39 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from ropescope.attention.entropy import DEFAULT_CHUNK_SIZE, attention_entropy
+from ropescope.attention.entropy import DEFAULT_CHUNK_SIZE, AttentionStatistics, attention_statistics
 from ropescope.errors import RopescopeError
+from ropescope.patch import SUPPORTED_MODELS, rotary_modules
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 _CAPTURE_PREFIX = "ropescope_capture_"
 
 
 @dataclass(frozen=True)
 class LayerAttention:
     """What attention saw in one layer. query: [batch, heads, q_len, head_dim]; key: [batch, kv_heads, k_len,
-    head_dim] (both post-RoPE); scaling multiplies q . k; sliding_window as in Mistral / Qwen2 (None = off)."""
+    head_dim] (both post-RoPE); scores are scaling * q . k, then softcap * tanh(scores / softcap) where softcap is
+    set (Gemma 2); sliding_window as in Mistral / Qwen2 (None = off); sinks: [heads] logits of one more outcome
+    per head (gpt-oss), or None."""
 
     layer: int
     query: torch.Tensor
     key: torch.Tensor
     scaling: float
     sliding_window: int | None
+    softcap: float | None = None
+    sinks: torch.Tensor | None = None
+
+    def statistics(self, last_queries: int | None = None, **options) -> AttentionStatistics:
+        """`attention_statistics` of this layer's scores, for all queries or the last `last_queries` of them.
+
+        options: the keyword arguments of `attention_statistics` other than the scores' own (scale, softcap,
+        sinks and sliding window come from the layer).
+        """
+        query = self.query if last_queries is None else self.query[:, :, -last_queries:]
+        return attention_statistics(
+            query, self.key, scale=self.scaling, softcap=self.softcap, sinks=self.sinks,
+            sliding_window=self.sliding_window, **options,
+        )
 
 
 LayerCallback = Callable[[LayerAttention], None]
@@ -47,6 +66,7 @@ LayerCallback = Callable[[LayerAttention], None]
 class _Hook:
     callback: LayerCallback
     inner: Callable  # the attention function the model would have called
+    calls: int = 0
 
 
 _ACTIVE: dict[int, _Hook] = {}  # id(attention module) -> hook, only inside `capture_attention`
@@ -56,24 +76,35 @@ def _capturing_attention(module, query, key, value, attention_mask, *args, **kwa
     hook = _ACTIVE.get(id(module))
     if hook is None:  # a module of a model outside any capture block that shares our implementation name
         raise RuntimeError(f"{type(module).__name__} called ropescope's capture outside `capture_attention`")
+    hook.calls += 1
     scaling = kwargs.get("scaling")
-    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling  # the default of every attention function
+    softcap = kwargs.get("softcap")
+    window = kwargs.get("sliding_window")
+    if window is None:  # Qwen2-MoE keeps its window on the module and in the mask, not in the call
+        window = getattr(module, "sliding_window", None)
+    sinks = kwargs.get("s_aux")  # gpt-oss: one learned logit per head joins each softmax
     with torch.no_grad():
-        hook.callback(LayerAttention(module.layer_idx, query, key, float(scaling), kwargs.get("sliding_window")))
+        hook.callback(LayerAttention(
+            module.layer_idx, query, key, float(scaling), int(window) if window else None,  # 0 means off
+            float(softcap) if softcap else None, None if sinks is None else sinks.detach(),
+        ))
     return hook.inner(module, query, key, value, attention_mask, *args, **kwargs)
 
 
 def attention_modules(model) -> list[torch.nn.Module]:
-    """The self-attention modules of a supported model, in layer order."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        accepted = ", ".join(SUPPORTED_MODEL_TYPES)
-        raise RopescopeError(f"model type {model_type!r} is not supported; accepted: {accepted}")
+    """The causal self-attention modules (those with a `layer_idx`) of a supported model, in layer order.
+
+    Supported: a model with a rotary embedding module and causal attention modules; whether their attention goes
+    through `AttentionInterface` shows only when they run (`capture_attention` checks it).
+    """
     modules = [
         module
         for module in model.modules()
-        if type(module).__name__.endswith("Attention") and hasattr(module, "layer_idx") and hasattr(module, "k_proj")
+        if isinstance(getattr(module, "layer_idx", None), int) and getattr(module, "is_causal", None) is True
     ]
+    if getattr(model, "config", None) is None or not modules or not rotary_modules(model):
+        raise RopescopeError(f"{type(model).__name__} is not supported: ropescope supports {SUPPORTED_MODELS}")
     return sorted(modules, key=lambda module: module.layer_idx)
 
 
@@ -94,23 +125,35 @@ def capture_attention(model, callback: LayerCallback) -> Iterator[None]:
     causal (and sliding-window) mask only. Not reentrant for the same model.
     """
     modules = attention_modules(model)
-    config = model.config
-    implementation = config._attn_implementation
+    # The attention modules read the implementation from their own config (the text config of a composite model).
+    configs = list({id(config): config for config in [model.config, *(
+        module.config for module in modules if getattr(module, "config", None) is not None
+    )]}.values())
+    implementation = model.config._attn_implementation
     if implementation.startswith(_CAPTURE_PREFIX):
         raise RopescopeError("capture_attention is already active on this model; nested captures are not supported")
     name = _CAPTURE_PREFIX + implementation
     AttentionInterface.register(name, _capturing_attention)
     # Masks are built exactly as for the wrapped implementation (sdpa may skip the mask and use is_causal).
     AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[implementation])
-    for module in modules:
-        _ACTIVE[id(module)] = _Hook(callback, _inner_function(module, implementation))
-    config._attn_implementation = name
+    hooks = {id(module): _Hook(callback, _inner_function(module, implementation)) for module in modules}
+    _ACTIVE.update(hooks)
+    previous = [config._attn_implementation for config in configs]
+    for config in configs:
+        config._attn_implementation = name
     try:
         yield
     finally:
-        config._attn_implementation = implementation
+        for config, value in zip(configs, previous):
+            config._attn_implementation = value
         for module in modules:
             _ACTIVE.pop(id(module), None)
+    missed = [module.layer_idx for module in modules if not hooks[id(module)].calls]
+    if missed and len(missed) < len(modules):  # some layers ran attention their own way: their statistics are missing
+        raise RopescopeError(
+            f"layers {missed} of {type(model).__name__} compute attention outside transformers' AttentionInterface; "
+            f"ropescope supports {SUPPORTED_MODELS}"
+        )
 
 
 def forward_for_statistics(model, input_ids: torch.Tensor) -> None:
@@ -137,11 +180,13 @@ def layer_entropies(
     per_layer: dict[int, torch.Tensor] = {}
 
     def record(attention: LayerAttention) -> None:
-        per_layer[attention.layer] = attention_entropy(
-            attention.query, attention.key, scale=attention.scaling,
-            sliding_window=attention.sliding_window, chunk_size=chunk_size, backend=backend,
-        ).cpu()
+        per_layer[attention.layer] = attention.statistics(chunk_size=chunk_size, backend=backend).entropy.cpu()
 
     with capture_attention(model, record):
         forward_for_statistics(model, input_ids)
+    if not per_layer:
+        raise RopescopeError(
+            f"no layer of {type(model).__name__} computed attention through transformers' AttentionInterface; "
+            f"ropescope supports {SUPPORTED_MODELS}"
+        )
     return torch.stack([per_layer[layer] for layer in sorted(per_layer)])
