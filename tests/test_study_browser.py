@@ -23,10 +23,12 @@ document.title = 'loaded ' + all.filter(i => i.complete && i.naturalWidth > 0).l
 
 
 # Each table against the block it sits in: a table wider than that is cut off or needs scrolling.
-MEASURE_TABLES = """<script>window.addEventListener('load', () => { const tables = [...document.querySelectorAll('table')];
+MEASURE_TABLES = """<script>window.addEventListener('load', () => {
+const tables = [...document.querySelectorAll('table')];
 const fit = tables.filter(t => t.getBoundingClientRect().width <= t.parentElement.clientWidth + 0.5);
 const page = document.documentElement;
-document.title = 'fit ' + fit.length + ' of ' + tables.length + ' in ' + page.clientWidth + ' page ' + page.scrollWidth; });
+document.title = 'fit ' + fit.length + ' of ' + tables.length + ' in ' + page.clientWidth
+  + ' page ' + page.scrollWidth; });
 </script></body>"""
 
 

@@ -48,7 +48,8 @@ def fill_store(path, meta_key="original_max_position_embeddings", untrained=None
                                         "score": float(correct)})
                         uncertainty.append({**base, "length": n, "depth_percent": depth, "trial": trial,
                                             "correct": correct, "needle_mass": 0.1,
-                                            "entropy": math.log(n) / 2 + (0 if correct else 0.3) + rng.uniform(-0.3, 0.3)})
+                                            "entropy": math.log(n) / 2 + (0 if correct else 0.3)
+                                            + rng.uniform(-0.3, 0.3)})
             store.record(f"passkey/{variant}", "passkey", variant, "h", passkey, 1.0)
             store.record(f"uncertainty/{variant}", "uncertainty", variant, "h", uncertainty, 1.0)
             entropy = []
@@ -62,7 +63,8 @@ def fill_store(path, meta_key="original_max_position_embeddings", untrained=None
             patterns = [{**base, "row_type": "preservation", "layer": layer, "js_divergence": 0.3 - 0.25 * quality}
                         for layer in range(2)]
             patterns += [{**base, "row_type": "distribution", "length": n, "layer": 0, "distance_bin": b,
-                          "distance_start": 2 ** b / (n / 256), "mass": 2.0 ** -b} for n in (256, 1024) for b in range(8)]
+                          "distance_start": 2 ** b / (n / 256), "mass": 2.0 ** -b}
+                         for n in (256, 1024) for b in range(8)]
             store.record(f"patterns/{variant}", "patterns", variant, "h", patterns, 1.0)
         store.record_failure("passkey/broken", "passkey", "broken", "h", "Traceback...\nValueError: boom", 0.5)
 
@@ -114,7 +116,8 @@ def test_each_finding_states_its_test_n_statistic_and_verdict(tmp_path):
     assert re.search(r"\| pi 512 -> 1024: entropy at 1024 tokens \| difference of means; percentile bootstrap over "
                      r"token blocks \(paired\) \| 3 token blocks \| difference \(nats\) = -[0-9.]+ \| – \| "
                      r"\[-[0-9.]+, -[0-9.]+\] \| reproduced \|", summary)
-    assert summary.count("Rule: ") == 3 and "Verdicts: 'reproduced' when the test finds an effect at p < 0.05" in summary
+    assert summary.count("Rule: ") == 3
+    assert "Verdicts: 'reproduced' when the test finds an effect at p < 0.05" in summary
 
 
 def test_report_is_rebuilt_identically_and_reads_old_databases(tmp_path):

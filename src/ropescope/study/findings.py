@@ -107,14 +107,14 @@ def finding_pattern(perplexity_rows: list[dict], pattern_rows: list[dict], *, re
             f"and rho > 0 (more divergence, higher perplexity), contradicted if p < {ALPHA} and rho < 0.")
     divergence = pattern_divergence(pattern_rows)
     if not _truncated(perplexity_rows) or not divergence:
-        return Finding(1, claim, INSUFFICIENT, "Not tested: the study has no perplexity or pattern rows.", rule)
+        return Finding(1, claim, INSUFFICIENT, "Insufficient data: the study has no perplexity or pattern rows.", rule)
     longest, perplexities = longest_perplexity(perplexity_rows)
     variants = sorted(set(divergence) & set(perplexities))
     numbers = {"length": longest, "js": {v: divergence[v] for v in variants},
                "perplexity": {v: perplexities[v] for v in variants}}
     if len(variants) < 3:
-        return Finding(1, claim, INSUFFICIENT, f"Not tested: {len(variants)} variants are too few to rank.", rule,
-                       numbers=numbers)
+        return Finding(1, claim, INSUFFICIENT, f"Insufficient data: {len(variants)} variants are too few to rank.",
+                       rule, numbers=numbers)
     test = spearman_test([divergence[v] for v in variants], [math.log(perplexities[v]) for v in variants],
                          resamples=resamples, seed=seed)
     verdict = verdict_from_p(test.p_value, test.rho, +1)
@@ -167,7 +167,7 @@ def finding_entropy_errors(uncertainty_rows: list[dict], *, resamples: int = RES
     if not usable:
         coarse = results["variant x length"][1]
         return Finding(2, claim, INSUFFICIENT, (
-            f"Not tested: within variant x length strata the study has {coarse.negatives} correct and "
+            f"Insufficient data: within variant x length strata the study has {coarse.negatives} correct and "
             f"{coarse.positives} failed retrievals; telling them apart needs at least {MIN_CASES_PER_OUTCOME} of "
             f"each."), rule, [pooled_test], numbers)
     chosen = usable[0]
@@ -198,7 +198,8 @@ def finding_entropy_errors(uncertainty_rows: list[dict], *, resamples: int = RES
     sentence = (
         f"{verdict.capitalize()}: {meaning}. Within {len(result.informative)} strata ({chosen}) holding both "
         f"outcomes ({result.positives} failed, {result.negatives} correct passkey retrievals), the answering "
-        f"query's entropy predicts failure with pair-weighted AUROC {result.auroc:.2f} ({_interval(result.interval, '{:.2f}')}; "
+        f"query's entropy predicts failure with pair-weighted AUROC {result.auroc:.2f} "
+        f"({_interval(result.interval, '{:.2f}')}; "
         f"stratified permutation {_p(result.p_value)}; 0.5 = chance). Pooled over lengths and variants the AUROC "
         f"is {pooled:.2f}, a number confounded by length: longer contexts raise entropy and fail more."
     )
@@ -250,7 +251,7 @@ def finding_training_length(entropy_rows: list[dict], perplexity_rows: list[dict
             f"intervals; otherwise not significant.")
     trained = [row for row in entropy_rows if is_fine_tuned(row)]
     if not trained:
-        return Finding(3, claim, INSUFFICIENT, "Not tested: the study fine-tunes no extension.", rule)
+        return Finding(3, claim, INSUFFICIENT, "Insufficient data: the study fine-tunes no extension.", rule)
     entropy_length = max(row["length"] for row in trained)
     entropy_groups = defaultdict(list)
     for row in trained:
@@ -285,7 +286,7 @@ def finding_training_length(entropy_rows: list[dict], perplexity_rows: list[dict
             "verdict": _combine([entropy_test.verdict, ppl_test.verdict]),
         }
     if not methods:
-        return Finding(3, claim, INSUFFICIENT, "Not tested: no extension is fine-tuned at two lengths.", rule)
+        return Finding(3, claim, INSUFFICIENT, "Insufficient data: no extension is fine-tuned at two lengths.", rule)
     verdicts = [details["verdict"] for details in methods.values()]
     count = {word: verdicts.count(word) for word in (REPRODUCED, CONTRADICTED, INSUFFICIENT)}
     if count[INSUFFICIENT] == len(verdicts):

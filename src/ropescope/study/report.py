@@ -82,7 +82,8 @@ def test_table(finding: Finding) -> tuple[list[str], list[list[str]]]:
         interval = ("–" if test.interval is None
                     else f"[{_short(test.interval[0], signed)}, {_short(test.interval[1], signed)}]")
         verdict = "; ".join(part for part in (test.verdict, test.note) if part) or "–"
-        lines.append([test.label, test.method, f"{test.n} {test.unit}", f"{test.statistic_name} = {_short(test.statistic, signed=test.statistic_name != 'AUROC')}",
+        lines.append([test.label, test.method, f"{test.n} {test.unit}",
+                      f"{test.statistic_name} = {_short(test.statistic, signed)}",
                       "–" if test.p_value is None else _p_text(test.p_value), interval, verdict])
     return header, lines
 
@@ -291,7 +292,8 @@ def _summary_markdown(header, table, findings, figures, failed, pretrained) -> s
     parts = [f"# ropescope study summary\n\nPretrained length: {pretrained} tokens.\n",
              "## Findings of arXiv 2406.13282\n", f"Verdicts: {VERDICT_RULE}\n"]
     for finding in findings:
-        parts.append(f"{finding.number}. **{finding.claim}** {finding.sentence}\n")  # the sentence opens with the verdict
+        # the sentence opens with the verdict
+        parts.append(f"{finding.number}. **{finding.claim}** {finding.sentence}\n")
         if finding.tests:
             parts.append(_markdown_table(*test_table(finding)) + "\n")
         parts.append(f"Rule: {finding.rule}\n")
