@@ -140,22 +140,25 @@ def plot_finding_pattern(finding: Finding, path: Path) -> Path:
 
 def plot_finding_entropy_errors(finding: Finding, rows: list[dict], path: Path) -> Path:
     """Finding 2: the answering query's entropy on correct and failed retrievals per length: as measured (left,
-    what the pooled AUROC compares) and minus its stratum's median (right, what the stratified test compares)."""
+    what the pooled AUROC compares) and minus its stratum's median in the strata that hold both outcomes (right,
+    what the stratified test compares)."""
     keys = {"variant x length x depth": ("variant", "length", "depth_percent"),
             "variant x length": ("variant", "length")}[finding.numbers["stratified_by"]]
     rows = [row for row in rows if row.get("entropy") is not None]
     by_stratum = defaultdict(list)
     for row in rows:
-        by_stratum[tuple(row.get(key) for key in keys)].append(row["entropy"])
-    centre = {key: median(values) for key, values in by_stratum.items()}
+        by_stratum[tuple(row.get(key) for key in keys)].append(row)
+    centre = {key: median(row["entropy"] for row in group) for key, group in by_stratum.items()}
+    both = {key for key, group in by_stratum.items() if len({bool(row["correct"]) for row in group}) == 2}
     lengths = sorted({row["length"] for row in rows})
     figure, axes = plt.subplots(1, 2, figsize=(12, 4.6))
     for axis, centred in zip(axes, (False, True)):
+        shown = [row for row in rows if not centred or tuple(row.get(key) for key in keys) in both]
         for offset, outcome, colour in ((-0.17, True, "tab:green"), (0.17, False, "tab:red")):
             groups = []
             for length in lengths:
                 groups.append([row["entropy"] - (centre[tuple(row.get(key) for key in keys)] if centred else 0.0)
-                               for row in rows if row["length"] == length and bool(row["correct"]) is outcome])
+                               for row in shown if row["length"] == length and bool(row["correct"]) is outcome])
             positions = [index + offset for index, values in enumerate(groups) if values]
             filled = [values for values in groups if values]
             if filled:
@@ -180,6 +183,7 @@ def plot_finding_entropy_errors(finding: Finding, rows: list[dict], path: Path) 
         axes[1].annotate("no pair" if not math.isfinite(value) else f"AUROC {value:.2f}", (index, 1.0),
                          xycoords=("data", "axes fraction"), xytext=(0, -12), textcoords="offset points",
                          ha="center", fontsize=8)
+    axes[1].margins(y=0.15)  # room for the per-length AUROCs along the top
     axes[0].legend(fontsize=8)
     figure.tight_layout()
     return plots.save_figure(figure, path)
@@ -253,8 +257,8 @@ def draw_figures(rows: dict[str, list[dict]], findings: list[Finding], original_
     if "stratified_by" in finding_two.numbers:
         add("finding2", "Finding 2: entropy and retrieval errors",
             "Correct (green) and failed (red) passkey retrievals per context length. Left: entropy as measured, "
-            "which mixes variants and depths. Right: minus the median of its stratum, the comparison the "
-            "stratified test makes; above each length, its pair-weighted AUROC.",
+            "which mixes variants and depths. Right: in the strata that hold both outcomes, entropy minus its "
+            "stratum's median, the comparison the stratified test makes; above each length, its pair-weighted AUROC.",
             lambda path: plot_finding_entropy_errors(finding_two, rows["uncertainty"], path))
     if finding_three.numbers.get("methods"):
         add("finding3", "Finding 3: continual-pretraining length",
