@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from ropescope.attention.capture import LayerAttention, capture_attention, forward_for_statistics
 from ropescope.attention.entropy import DEFAULT_CHUNK_SIZE, attention_statistics
 from ropescope.errors import RopescopeError
+from ropescope.study.statistics import auroc  # the package's one AUROC; imported here for failure_summary
 
 CELL_FIELDS = ("model", "method", "factor", "task", "length", "depth_percent", "trial")
 GROUP_FIELDS = ("model", "method", "factor", "task")
@@ -132,33 +133,6 @@ def rebuild_cases(tokenizer, rows: Sequence[Mapping], *, haystack_documents: Seq
         else:
             raise RopescopeError(f"task={task!r} cannot be rebuilt; accepted: passkey, needle")
     return cases
-
-
-def auroc(scores: Sequence[float], positives: Sequence[bool]) -> float:
-    """Area under the ROC curve of `scores` for telling positives from negatives; ties count one half.
-
-    Equals P(score of a random positive > score of a random negative) + P(tie) / 2, computed from average
-    ranks (Mann-Whitney U). NaN when either class is empty.
-    """
-    if len(scores) != len(positives):
-        raise RopescopeError(f"{len(scores)} scores for {len(positives)} labels")
-    scores_tensor = torch.as_tensor(list(scores), dtype=torch.float64)
-    labels = torch.as_tensor([bool(p) for p in positives], dtype=torch.bool)
-    n_positive, n_negative = int(labels.sum()), int((~labels).sum())
-    if n_positive == 0 or n_negative == 0:
-        return math.nan
-    order = torch.argsort(scores_tensor, stable=True)
-    sorted_scores = scores_tensor[order]
-    ranks = torch.empty_like(scores_tensor)
-    start = 0
-    while start < len(sorted_scores):  # tied scores share the average of their ranks (1-based)
-        end = start
-        while end + 1 < len(sorted_scores) and sorted_scores[end + 1] == sorted_scores[start]:
-            end += 1
-        ranks[order[start : end + 1]] = (start + end) / 2 + 1
-        start = end + 1
-    rank_sum = float(ranks[labels].sum())
-    return (rank_sum - n_positive * (n_positive + 1) / 2) / (n_positive * n_negative)
 
 
 def as_bool(value) -> bool:

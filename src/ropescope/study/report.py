@@ -1,28 +1,26 @@
 """The study report, rebuilt from the results database alone: figures, `summary.md` and one self-contained
-`report.html` (figures embedded), with a sentence per finding of the paper saying whether this study reproduces it.
+`report.html` (figures embedded). Each finding of the paper gets its tests (test, n, statistic, p-value or interval,
+verdict), the rule that turns them into a verdict, and a figure that shows what the test compares.
 """
 
 from __future__ import annotations
 
 import base64
 import html
+import math
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from statistics import mean
+from statistics import mean, median
+
+import matplotlib.pyplot as plt
 
 from ropescope import plots
 from ropescope.errors import RopescopeError
 from ropescope.results import write_atomically
-from ropescope.study.findings import (
-    Finding,
-    finding_entropy_errors,
-    finding_pattern,
-    finding_training_length,
-    longest_perplexity,
-    pattern_divergence,
-)
+from ropescope.study.findings import Finding, Test, is_fine_tuned, pattern_divergence, study_findings
 from ropescope.study.runner import DATABASE
+from ropescope.study.statistics import CONFIDENCE, INSUFFICIENT, VERDICT_RULE
 from ropescope.study.store import ResultStore
 
 
@@ -38,9 +36,10 @@ def _variants_in_order(*row_lists: list[dict]) -> list[str]:
     return list(dict.fromkeys(row["variant"] for rows in row_lists for row in rows))
 
 
-def summary_table(rows: dict[str, list[dict]], pretrained_length: int) -> tuple[list[str], list[list[str]]]:
+def summary_table(rows: dict[str, list[dict]]) -> tuple[list[str], list[list[str]]]:
     """One line per variant: perplexity per length, passkey accuracy per length, entropy, pattern divergence."""
-    perplexity, passkey, entropy = rows["perplexity"], rows["passkey"], rows["entropy"]
+    perplexity = [row for row in rows["perplexity"] if row.get("protocol", "truncated") == "truncated"]
+    passkey, entropy = rows["passkey"], rows["entropy"]
     ppl_lengths = sorted({row["length"] for row in perplexity})
     passkey_lengths = sorted({row["length"] for row in passkey})
     entropy_length = max((row["length"] for row in entropy), default=None)
@@ -74,29 +73,167 @@ def _number(value, form: str) -> str:
     return "–" if value is None else form.format(value)
 
 
+def test_table(finding: Finding) -> tuple[list[str], list[list[str]]]:
+    """The finding's tests as table lines: what, test, n, statistic, p, interval, verdict."""
+    header = ["compared", "test", "n", "statistic", "p", f"{CONFIDENCE:.0%} interval", "verdict"]
+    lines = []
+    for test in finding.tests:
+        signed = test.statistic_name != "AUROC"
+        interval = ("–" if test.interval is None
+                    else f"[{_short(test.interval[0], signed)}, {_short(test.interval[1], signed)}]")
+        verdict = "; ".join(part for part in (test.verdict, test.note) if part) or "–"
+        lines.append([test.label, test.method, f"{test.n} {test.unit}",
+                      f"{test.statistic_name} = {_short(test.statistic, signed)}",
+                      "–" if test.p_value is None else _p_text(test.p_value), interval, verdict])
+    return header, lines
+
+
+def _short(value: float, signed: bool = True) -> str:
+    if value is None or not math.isfinite(value):
+        return "n/a"
+    return (f"{value:+.3f}" if signed else f"{value:.3f}") if abs(value) < 10 else f"{value:.1f}"
+
+
+def _p_text(value: float) -> str:
+    if not math.isfinite(value):
+        return "n/a"
+    return "< 0.001" if value < 0.001 else f"{value:.3f}"
+
+
+def _p_label(value: float) -> str:
+    text = _p_text(value)
+    return f"p {text}" if text.startswith("<") else f"p = {text}"
+
+
 def _markdown_table(header: list[str], table: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(line) + " |" for line in table])
+    return "\n".join(lines + ["| " + " | ".join(cell.replace("|", "/") for cell in line) + " |" for line in table])
 
 
-def _html_table(header: list[str], table: list[list[str]]) -> str:
-    head = "".join(f"<th>{html.escape(cell)}</th>" for cell in header)
+def _html_table(header: list[str], table: list[list[str]], css: str = "") -> str:
+    # "<wbr>" after "@" lets a header like passkey@1024 break, so a wide results table still fits the page.
+    head = "".join(f"<th>{html.escape(cell).replace('@', '@<wbr>')}</th>" for cell in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in line) + "</tr>" for line in table)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return (f'<div class="table-wrap"><table class="{css}"><thead><tr>{head}</tr></thead>'
+            f"<tbody>{body}</tbody></table></div>")
 
 
-def draw_figures(rows: dict[str, list[dict]], findings: list[Finding], pretrained_length: int,
+# The findings' figures draw the test's own comparison, so they read the findings' numbers as well as the rows.
+
+def plot_finding_pattern(finding: Finding, path: Path) -> Path:
+    """Finding 1: pattern divergence against perplexity at the longest length, one point per variant, with rho."""
+    numbers = finding.numbers
+    figure, axis = plt.subplots(figsize=(7, 4.6))
+    for variant, js in numbers["js"].items():
+        axis.scatter(js, numbers["perplexity"][variant], s=40, color="tab:blue")
+        axis.annotate(variant, (js, numbers["perplexity"][variant]), fontsize=8, xytext=(4, 3),
+                      textcoords="offset points")
+    axis.set_yscale("log")
+    test = finding.tests[0]
+    axis.set(xlabel="Jensen-Shannon divergence from the pretrained pattern (lower = preserved)",
+             ylabel=f"perplexity at {numbers['length']} tokens (log scale)",
+             title=f"Spearman rho = {test.statistic:+.2f}, permutation {_p_label(test.p_value)}, "
+                   f"n = {test.n} variants: {finding.verdict}")
+    axis.grid(True, which="both", alpha=0.3)
+    return plots.save_figure(figure, path)
+
+
+def plot_finding_entropy_errors(finding: Finding, rows: list[dict], path: Path) -> Path:
+    """Finding 2: the answering query's entropy on correct and failed retrievals per length: as measured (left,
+    what the pooled AUROC compares) and minus its stratum's median in the strata that hold both outcomes (right,
+    what the stratified test compares)."""
+    keys = {"variant x length x depth": ("variant", "length", "depth_percent"),
+            "variant x length": ("variant", "length")}[finding.numbers["stratified_by"]]
+    rows = [row for row in rows if row.get("entropy") is not None]
+    by_stratum = defaultdict(list)
+    for row in rows:
+        by_stratum[tuple(row.get(key) for key in keys)].append(row)
+    centre = {key: median(row["entropy"] for row in group) for key, group in by_stratum.items()}
+    both = {key for key, group in by_stratum.items() if len({bool(row["correct"]) for row in group}) == 2}
+    lengths = sorted({row["length"] for row in rows})
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    for axis, centred in zip(axes, (False, True)):
+        shown = [row for row in rows if not centred or tuple(row.get(key) for key in keys) in both]
+        for offset, outcome, colour in ((-0.17, True, "tab:green"), (0.17, False, "tab:red")):
+            groups = []
+            for length in lengths:
+                groups.append([row["entropy"] - (centre[tuple(row.get(key) for key in keys)] if centred else 0.0)
+                               for row in shown if row["length"] == length and bool(row["correct"]) is outcome])
+            positions = [index + offset for index, values in enumerate(groups) if values]
+            filled = [values for values in groups if values]
+            if filled:
+                axis.boxplot(filled, positions=positions, widths=0.28, showfliers=False,
+                             medianprops={"color": colour}, boxprops={"color": colour},
+                             whiskerprops={"color": colour}, capprops={"color": colour})
+            for position, values in zip(positions, filled):
+                spread = [position + 0.1 * ((i * 0.618) % 1 - 0.5) for i in range(len(values))]
+                axis.scatter(spread, values, s=8, alpha=0.45, color=colour,
+                             label=("correct" if outcome else "failed") if position == positions[0] else None)
+        axis.set_xticks(range(len(lengths)), [str(length) for length in lengths])
+        axis.set_xlabel("context length (tokens)")
+        axis.grid(True, alpha=0.3)
+    by_length = finding.numbers["by_length"]
+    axes[0].set(ylabel="entropy of the answering query (nats)",
+                title=f"As measured: pooled AUROC {finding.numbers['pooled_auroc']:.2f} (confounded)")
+    axes[1].set(ylabel="entropy minus its stratum's median (nats)",
+                title=f"Within {finding.numbers['stratified_by']}: AUROC {finding.numbers['stratified_auroc']:.2f}, "
+                      f"{_p_label(finding.numbers['p_value'])}")
+    for index, length in enumerate(lengths):
+        value = by_length.get(length, math.nan)
+        axes[1].annotate("no pair" if not math.isfinite(value) else f"AUROC {value:.2f}", (index, 1.0),
+                         xycoords=("data", "axes fraction"), xytext=(0, -12), textcoords="offset points",
+                         ha="center", fontsize=8)
+    axes[1].margins(y=0.15)  # room for the per-length AUROCs along the top
+    axes[0].legend(fontsize=8)
+    figure.tight_layout()
+    return plots.save_figure(figure, path)
+
+
+def plot_finding_training_length(finding: Finding, path: Path) -> Path:
+    """Finding 3: per extension, the entropy and log-perplexity differences (longer minus shorter training) with
+    their bootstrap intervals; below 0 is the paper's direction."""
+    methods = finding.numbers["methods"]
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for axis, key, label in ((axes[0], "entropy_test",
+                              f"entropy difference at {finding.numbers['entropy_length']} tokens (nats)"),
+                             (axes[1], "perplexity_test",
+                              f"log-perplexity difference at {finding.numbers['perplexity_length']} tokens")):
+        for index, (method, details) in enumerate(methods.items()):
+            test: Test = details[key]
+            colour = {"reproduced": "tab:green", "contradicted": "tab:red"}.get(test.verdict, "tab:gray")
+            if test.interval is None:
+                axis.scatter(index, test.statistic, marker="x", color=colour, s=50)
+                axis.annotate("no interval", (index, test.statistic), xytext=(6, 0), textcoords="offset points",
+                              fontsize=8, va="center")
+            else:
+                low, high = test.interval
+                axis.errorbar(index, test.statistic, yerr=[[test.statistic - low], [high - test.statistic]],
+                              fmt="o", color=colour, capsize=5)
+        axis.axhline(0, color="black", linewidth=0.8)
+        axis.set_xticks(range(len(methods)), [f"{m}\n{d['train_lengths'][0]}->{d['train_lengths'][1]}"
+                                              for m, d in methods.items()])
+        axis.set(ylabel=label, xlim=(-0.6, len(methods) - 0.4))
+        axis.grid(True, axis="y", alpha=0.3)
+    figure.suptitle(f"Longer minus shorter training, {CONFIDENCE:.0%} bootstrap intervals "
+                    f"(below 0: the paper's direction): {finding.verdict}")
+    figure.tight_layout()
+    return plots.save_figure(figure, path)
+
+
+def draw_figures(rows: dict[str, list[dict]], findings: list[Finding], original_max_position_embeddings: int,
                  folder: Path) -> list[Figure]:
     figures = []
 
     def add(key, title, caption, draw):
         figures.append(Figure(key, title, caption, draw(folder / f"{key}.png")))
 
-    if rows["perplexity"]:
+    pretrained = original_max_position_embeddings
+    perplexity = [row for row in rows["perplexity"] if row.get("protocol", "truncated") == "truncated"]
+    if perplexity:
         add("perplexity", "Perplexity against length",
             f"Each variant's perplexity on validation documents cut to each length; dashed: the pretrained length "
-            f"({pretrained_length}).",
-            lambda path: plots.plot_perplexity(rows["perplexity"], path, pretrained_length))
+            f"({pretrained}).",
+            lambda path: plots.plot_perplexity(perplexity, path, pretrained))
     if rows["passkey"]:
         add("passkey", "Passkey retrieval", "Accuracy per context length and key depth, one panel per variant.",
             lambda path: plots.plot_retrieval_grid(rows["passkey"], path))
@@ -104,7 +241,7 @@ def draw_figures(rows: dict[str, list[dict]], findings: list[Finding], pretraine
         add("entropy_position", "Attention entropy against position",
             "Mean over layers, heads and samples, at the longest analysed length: entropy grows past the length "
             "a model was trained on unless the extension (or training) holds it down.",
-            lambda path: plots.plot_entropy_vs_position(rows["entropy"], path, pretrained_length))
+            lambda path: plots.plot_entropy_vs_position(rows["entropy"], path, pretrained))
     distribution = [row for row in rows["patterns"] if row.get("row_type") == "distribution"]
     if distribution:
         add("attention_distance", "Attention against distance",
@@ -112,31 +249,22 @@ def draw_figures(rows: dict[str, list[dict]], findings: list[Finding], pretraine
             "divided by the length ratio: overlapping curves mean the extension kept the pretrained pattern.",
             lambda path: plots.plot_attention_distance_by_variant(distribution, path))
     finding_one, finding_two, finding_three = findings
-    if finding_one.reproduced is not None:
-        points = [{"variant": v, "js_divergence": js, "perplexity": finding_one.numbers["perplexity"][v]}
-                  for v, js in finding_one.numbers["js"].items()]
-        add("finding1", "Finding 1: pattern preservation", finding_one.sentence,
-            lambda path: plots.plot_pattern_vs_perplexity(points, path, finding_one.numbers["length"]))
-    if rows["uncertainty"]:
-        add("finding2", "Finding 2: entropy and retrieval errors", finding_two.sentence,
-            lambda path: plots.plot_entropy_by_outcome(rows["uncertainty"], path, finding_two.numbers["auroc"]))
-    if finding_three.reproduced is not None:
-        entropy_length = finding_three.numbers["entropy_length"]
-        entropy_points = _mean_points(rows["entropy"], entropy_length, "entropy")
-        ppl_length, _ = longest_perplexity(rows["perplexity"])
-        ppl_points = [row for row in rows["perplexity"] if row["length"] == ppl_length
-                      and row.get("method") != "default"]
-        add("finding3", "Finding 3: continual-pretraining length", finding_three.sentence,
-            lambda path: plots.plot_training_length(entropy_points, ppl_points, path, entropy_length, ppl_length))
+    if finding_one.tests:
+        add("finding1", "Finding 1: pattern preservation",
+            "One point per variant: its divergence from the pretrained attention pattern against its perplexity at "
+            "the longest length; the claim is a positive rank correlation.",
+            lambda path: plot_finding_pattern(finding_one, path))
+    if "stratified_by" in finding_two.numbers:
+        add("finding2", "Finding 2: entropy and retrieval errors",
+            "Correct (green) and failed (red) passkey retrievals per context length. Left: entropy as measured, "
+            "which mixes variants and depths. Right: in the strata that hold both outcomes, entropy minus its "
+            "stratum's median, the comparison the stratified test makes; above each length, its pair-weighted AUROC.",
+            lambda path: plot_finding_entropy_errors(finding_two, rows["uncertainty"], path))
+    if finding_three.numbers.get("methods"):
+        add("finding3", "Finding 3: continual-pretraining length",
+            "Per extension, the change from the shorter to the longer training length with its bootstrap interval.",
+            lambda path: plot_finding_training_length(finding_three, path))
     return figures
-
-
-def _mean_points(rows: list[dict], length: int, value: str) -> list[dict]:
-    groups = defaultdict(list)
-    for row in rows:
-        if row["length"] == length and row.get("method") != "default":
-            groups[(row["method_name"], row["train_length"])].append(row[value])
-    return [{"method_name": m, "train_length": t, value: mean(values)} for (m, t), values in groups.items()]
 
 
 def build_report(out: str | Path) -> dict[str, Path]:
@@ -148,18 +276,15 @@ def build_report(out: str | Path) -> dict[str, Path]:
         kinds = ("train", "perplexity", "passkey", "entropy", "patterns", "uncertainty")
         rows = {kind: store.rows(kind) for kind in kinds}
         cells = store.cells()
-        pretrained_length = store.meta("pretrained_length")
-    findings = [
-        finding_pattern(rows["perplexity"], rows["patterns"]),
-        finding_entropy_errors(rows["uncertainty"], pretrained_length),
-        finding_training_length(rows["entropy"], rows["perplexity"], pretrained_length),
-    ]
+        # Databases written before the rename name the pretrained length `pretrained_length`.
+        pretrained = store.meta("original_max_position_embeddings", store.meta("pretrained_length"))
+    findings = study_findings(rows)
     folder = out / "report"
-    figures = draw_figures(rows, findings, pretrained_length, folder / "figures")
-    header, table = summary_table(rows, pretrained_length)
+    figures = draw_figures(rows, findings, pretrained, folder / "figures")
+    header, table = summary_table(rows)
     failed = [cell for cell in cells if cell["status"] == "failed"]
-    summary = _summary_markdown(header, table, findings, figures, failed, pretrained_length)
-    page = _report_html(header, table, findings, figures, failed, pretrained_length)
+    summary = _summary_markdown(header, table, findings, figures, failed, pretrained)
+    page = _report_html(header, table, findings, figures, failed, pretrained)
     return {
         "summary": write_atomically(folder / "summary.md", summary),
         "html": write_atomically(folder / "report.html", page),
@@ -167,16 +292,16 @@ def build_report(out: str | Path) -> dict[str, Path]:
     }
 
 
-def _verdict(finding: Finding) -> str:
-    return {True: "reproduced", False: "not reproduced", None: "not tested"}[finding.reproduced]
-
-
-def _summary_markdown(header, table, findings, figures, failed, pretrained_length) -> str:
-    parts = [f"# ropescope study summary\n\nPretrained length: {pretrained_length} tokens.\n",
-             "## Findings of arXiv 2406.13282\n"]
+def _summary_markdown(header, table, findings, figures, failed, pretrained) -> str:
+    parts = [f"# ropescope study summary\n\nPretrained length: {pretrained} tokens.\n",
+             "## Findings of arXiv 2406.13282\n", f"Verdicts: {VERDICT_RULE}\n"]
     for finding in findings:
-        parts.append(f"{finding.number}. **{finding.claim}** {finding.sentence}")  # the sentence opens with the verdict
-    parts += ["\n## Results\n", _markdown_table(header, table), "\n## Figures\n"]
+        # the sentence opens with the verdict
+        parts.append(f"{finding.number}. **{finding.claim}** {finding.sentence}\n")
+        if finding.tests:
+            parts.append(_markdown_table(*test_table(finding)) + "\n")
+        parts.append(f"Rule: {finding.rule}\n")
+    parts += ["## Results\n", _markdown_table(header, table), "\n## Figures\n"]
     parts += [f"![{figure.title}](figures/{figure.path.name})" for figure in figures]
     if failed:
         parts += ["\n## Failed cells (rerun the same command to retry)\n"]
@@ -185,10 +310,12 @@ def _summary_markdown(header, table, findings, figures, failed, pretrained_lengt
 
 
 STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
-table{border-collapse:collapse;font-size:0.85em;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 7px;
-text-align:right}td:first-child,th:first-child{text-align:left}img{max-width:100%;border:1px solid #eee}
+.table-wrap{max-width:100%;overflow-x:auto}table{border-collapse:collapse;font-size:0.85em;margin:1em 0}
+td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}td:first-child,th:first-child{text-align:left}
+table.tests td,table.tests th{text-align:left}table.tests{font-size:0.8em}img{max-width:100%;border:1px solid #eee}
 .finding{border-left:4px solid #888;padding:0.3em 1em;margin:1em 0}.reproduced{border-color:#2a2}
-.not-reproduced{border-color:#c33}figure{margin:1.5em 0}figcaption{font-size:0.9em;color:#555}"""
+.contradicted{border-color:#c33}.not-significant{border-color:#d90}.rule{font-size:0.85em;color:#555}
+figure{margin:1.5em 0}figcaption{font-size:0.9em;color:#555}"""
 
 
 def _image(path: Path) -> str:
@@ -196,20 +323,24 @@ def _image(path: Path) -> str:
     return f'<img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'
 
 
-def _report_html(header, table, findings, figures, failed, pretrained_length) -> str:
+def _report_html(header, table, findings, figures, failed, pretrained) -> str:
     by_key = {figure.key: figure for figure in figures}
-    body = [f"<h1>ropescope study</h1><p>Pretrained length: {pretrained_length} tokens. Findings tested against "
+    body = [f"<h1>ropescope study</h1><p>Pretrained length: {pretrained} tokens. Findings tested against "
             "<em>Understanding the RoPE Extensions of Long-Context LLMs: An Attention Perspective</em> "
-            "(arXiv 2406.13282).</p><h2>Findings</h2>"]
+            f"(arXiv 2406.13282).</p><h2>Findings</h2><p class='rule'>Verdicts: {html.escape(VERDICT_RULE)}</p>"]
     for finding in findings:
-        css = _verdict(finding).replace(" ", "-")
+        css = finding.verdict.replace(" ", "-")
         body.append(f'<div class="finding {css}"><p><strong>{finding.number}. {html.escape(finding.claim)}</strong>'
-                    f" — {_verdict(finding)}.</p><p>{html.escape(finding.sentence)}</p>")
+                    f" — {html.escape(finding.verdict)}.</p><p>{html.escape(finding.sentence)}</p>")
+        if finding.tests:
+            body.append(_html_table(*test_table(finding), css="tests"))
+        body.append(f"<p class='rule'>Rule: {html.escape(finding.rule)}</p>")
         figure = by_key.get(f"finding{finding.number}")
         if figure:
-            body.append(f"<figure>{_image(figure.path)}</figure>")
+            body.append(f"<figure>{_image(figure.path)}<figcaption>{html.escape(figure.caption)}</figcaption>"
+                        "</figure>")
         body.append("</div>")
-    body.append("<h2>Results</h2>" + _html_table(header, table))
+    body.append("<h2>Results</h2>" + _html_table(header, table, css="results"))
     for figure in figures:
         if not figure.key.startswith("finding"):
             body.append(f"<h2>{html.escape(figure.title)}</h2><figure>{_image(figure.path)}"
