@@ -21,9 +21,13 @@ def test_profile_is_the_mean_of_eager_entropies():
     samples = [torch.randint(0, VOCAB, (30,), generator=generator) for _ in range(2)]
     rows = entropy_profile(model, samples, position_bin_size=8, labels={"method": "default"}, progress=False)
     assert len(rows) == 2 * 4 * 4  # layers x heads x bins
-    expected = torch.stack([eager_entropies(model, sample[None])[:, 0] for sample in samples]).mean(0)
+    per_sample = torch.stack([eager_entropies(model, sample[None])[:, 0] for sample in samples])
+    expected = per_sample.mean(0)
     for row in rows:
         start, end = row["position_start"], row["position_end"]
+        for sample, value in enumerate(row["sample_entropy"]):
+            assert value == pytest.approx(float(per_sample[sample, row["layer"], row["head"], start:end].mean()),
+                                          abs=1e-4)
         assert row["method"] == "default" and row["samples"] == 2 and row["length"] == 30
         assert row["entropy"] == pytest.approx(float(expected[row["layer"], row["head"], start:end].mean()), abs=1e-4)
         assert row["entropy_max"] == pytest.approx(sum(math.log(p + 1) for p in range(start, end)) / (end - start))

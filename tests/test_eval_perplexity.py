@@ -104,6 +104,11 @@ def test_evaluate_perplexity_rows(model, tokenizer, tmp_path):
         assert list(row) == ["model", *PerplexityRow.keys()]
         assert row["model"] == "tiny" and row["task"] == "perplexity" and row["documents"] == 2
         assert row["perplexity"] == pytest.approx(math.exp(row["nll"]))
+        assert len(row["document_nll"]) == 2
+    for row in rows[:2]:  # truncated: every document scores the same number of tokens
+        assert sum(row["document_nll"]) / 2 == pytest.approx(row["nll"], rel=1e-9)
+        assert row["document_nll"][0] != pytest.approx(row["document_nll"][1])
+    for row in rows:
         # a random model is about uniform over the vocabulary
         assert 0.3 * len(tokenizer) < row["perplexity"] < 3 * len(tokenizer)
     assert [row["tokens_scored"] for row in rows] == [2 * 31, 2 * 63, 2 * 63, 2 * 63]

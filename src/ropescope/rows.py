@@ -9,7 +9,7 @@ into a row with `Kind.from_dict(data)`, which names the first missing field. The
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 from ropescope.errors import RopescopeError
@@ -79,6 +79,7 @@ class PerplexityRow(Row):
     tokens_scored: int
     nll: float  # mean negative log-likelihood per scored token, nats
     perplexity: float
+    document_nll: list[float] = field(default_factory=list)  # each document's mean NLL, for intervals over documents
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -131,6 +132,7 @@ class EntropyProfileRow(Row):
     entropy: float
     entropy_max: float  # entropy of uniform attention over the visible keys, for scale
     samples: int
+    sample_entropy: list[float] = field(default_factory=list)  # each sample's mean over the bin, for intervals over samples
 
 
 @dataclass(frozen=True, kw_only=True)

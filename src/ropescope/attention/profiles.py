@@ -61,6 +61,7 @@ def entropy_profile(
     the entropy of uniform attention over the visible keys, for scale.
     """
     sums = None
+    per_sample = []
     count = 0
     length = None
     for sample in one_length_samples(samples, "profile", "entropy", progress):
@@ -70,6 +71,7 @@ def entropy_profile(
         entropy = layer_entropies(model, sample[None], chunk_size=chunk_size)[:, 0]  # [layers, heads, length]
         binned = bin_positions(entropy, position_bin_size)
         sums = binned if sums is None else sums + binned
+        per_sample.append(binned)
         count += 1
     bins = position_bins(length, position_bin_size)
     uniform = bin_positions(torch.log(torch.arange(1, length + 1, dtype=torch.float64)), position_bin_size)
@@ -82,5 +84,6 @@ def entropy_profile(
                     length=length, layer=layer, head=head, position_start=start, position_end=end,
                     entropy=float(sums[layer, head, index]) / (count * (end - start)),
                     entropy_max=float(uniform[index]) / (end - start), samples=count,
+                    sample_entropy=[float(binned[layer, head, index]) / (end - start) for binned in per_sample],
                 ).to_dict(labels))
     return rows

@@ -163,18 +163,20 @@ def evaluate_perplexity(model, tokenizer, documents: list[str], lengths, protoco
               disable=None if progress is None else not progress) as bar:
         for protocol, length in plan:
             step = stride or max(1, length // 2)
-            total, count = 0.0, 0
+            total, count, document_nll = 0.0, 0, []
             for tokens in texts:
                 if protocol == "truncated":
                     nll, scored = window_nll(model, tokens[:length], 1, chunk_size)
                 else:
                     nll, scored = sliding_window_nll(model, tokens, length, step, chunk_size)
                 total, count = total + nll, count + scored
+                document_nll.append(nll / scored)
                 bar.update(forward_tokens(protocol, length) // len(texts))
             mean_nll = total / count
             rows.append(PerplexityRow(
                 protocol=protocol, length=length, stride=step if protocol == "sliding" else None,
                 documents=len(texts), tokens_scored=count, nll=mean_nll, perplexity=math.exp(mean_nll),
+                document_nll=document_nll,
             ).to_dict(labels))
     return rows
 
