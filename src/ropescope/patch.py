@@ -226,18 +226,25 @@ def _check_family_accepts(config, rope: dict, spec: RopeSpec) -> None:
         ) from error
 
 
+# The knobs of transformers' RoPE types: they belong to the method `extend` replaces, so they are not carried over.
+_SCALING_KEYS = {
+    "rope_type", "type", "rope_theta", "factor", "short_factor", "long_factor", "low_freq_factor", "high_freq_factor",
+    "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor", "truncate",
+}
+
+
 def _method_parameters(spec: RopeSpec, pretrained: dict, rotary_dim: int) -> dict:
-    """One layer type's `rope_parameters` for `spec`, in transformers' form."""
+    """One layer type's `rope_parameters` for `spec`, in transformers' form. The family's own keys
+    (partial_rotary_factor, Ministral 3's llama_4_scaling_beta, the pretrained original length) stay."""
     base = float(pretrained["rope_theta"])
     rope = {"rope_type": METHODS[spec.method].transformers_type or spec.method, "rope_theta": base}
-    if pretrained.get("partial_rotary_factor") is not None:
-        rope["partial_rotary_factor"] = pretrained["partial_rotary_factor"]
+    rope.update({key: value for key, value in pretrained.items() if key not in _SCALING_KEYS})
     if spec.method == "ntk":  # NTK-aware is the original RoPE with a larger base
         rope["rope_theta"] = ntk_base(spec.params, rotary_dim, base)
     else:
         rope.update({key: value for key, value in spec.params.items() if value is not None})
     if spec.method == "dynamic":  # transformers reads the original length from max_position_embeddings alone
-        del rope["original_max_position_embeddings"]
+        rope.pop("original_max_position_embeddings", None)
     return rope
 
 
