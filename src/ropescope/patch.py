@@ -54,6 +54,16 @@ class ExtendedRotaryEmbedding(nn.Module):
             _plain_rope_type(original, layer_type)
             self._install(layer_type, *rope_frequencies(spec, dim, base))
 
+    def __getattr__(self, name: str):
+        """Attributes the family's code reads from its rotary module (Granite SWA reads `.config`) come from the
+        wrapped module."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "original":
+                raise
+            return getattr(self.original, name)
+
     def _install(self, layer_type: str | None, inv_freq: torch.Tensor, attention_scaling: float) -> None:
         prefix = "" if layer_type is None else f"{layer_type}_"
         device = getattr(self.original, prefix + "inv_freq").device
@@ -199,17 +209,36 @@ def extend(model: nn.Module, spec: RopeSpec) -> nn.Module:
     config = model.config
     parameters = pretrained_rope_parameters(config)
     _, pretrained_length = pretrained_rope(config)
-    layers = {}  # layer type -> (pretrained base, rotary dim); every rotary module of a model has the same
-    for layer_type in _extended_layer_types(frequency_layer_types(targets[0][2])):
-        prefix = "" if layer_type is None else f"{layer_type}_"
-        base = float(_layer_parameters(parameters, layer_type)["rope_theta"])
-        layers[layer_type] = (base, 2 * getattr(targets[0][2], prefix + "inv_freq").numel())
-    rope = _rope_parameters_for(spec, parameters, layers)
+    per_module = [_module_layers(original, config, parameters) for _, _, original in targets]
+    # The config records the layers that read the model's own RoPE (the first module that does).
+    shared = [layers for (_, _, original), layers in zip(targets, per_module) if _own_config(original, config) is None]
+    rope = _rope_parameters_for(spec, parameters, (shared or per_module)[0])
     _check_family_accepts(config, rope, spec)
-    for parent, attribute, original in targets:
+    for (parent, attribute, original), layers in zip(targets, per_module):
         setattr(parent, attribute, ExtendedRotaryEmbedding(original, spec, layers))
     _record(config, spec, rope, parameters, pretrained_length)
     return model
+
+
+def _own_config(module: nn.Module, config):
+    """A rotary module's private config, as Granite SWA builds one per RoPE base (a copy of the model's config
+    with another rope_theta, never recorded by `extend`), or None where it reads the model's config."""
+    own = getattr(module, "config", None)
+    if own is None or own is config or getattr(own, CONFIG_KEY, None) or not hasattr(own, "rope_parameters"):
+        return None
+    return own
+
+
+def _module_layers(module: nn.Module, config, parameters: dict) -> dict[str | None, tuple[float, int]]:
+    """Layer type -> (pretrained base, rotary dim) for each layer type of `module` that `extend` changes."""
+    own = _own_config(module, config)
+    layers = {}
+    for layer_type in _extended_layer_types(frequency_layer_types(module)):
+        prefix = "" if layer_type is None else f"{layer_type}_"
+        source = parameters if own is None else own.rope_parameters
+        base = float(_layer_parameters(source, layer_type)["rope_theta"])
+        layers[layer_type] = (base, 2 * getattr(module, prefix + "inv_freq").numel())
+    return layers
 
 
 def _check_family_accepts(config, rope: dict, spec: RopeSpec) -> None:
