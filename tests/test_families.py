@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from ropescope import RopescopeError, RopeSpec, extend
 from ropescope.attention.capture import layer_entropies
-from ropescope.patch import ExtendedRotaryEmbedding, spec_from_config
+from ropescope.patch import ExtendedRotaryEmbedding, is_rotary_module, spec_from_config
 
 VOCAB = 96
 PRETRAINED = 32  # max_position_embeddings of the tiny models
@@ -64,6 +64,12 @@ FAMILIES = {
     "cohere": ("CohereConfig", dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, use_qk_norm=True,
                                     pad_token_id=0)),
     "smollm3": ("SmolLM3Config", dict(no_rope_layers=[0, 1], pad_token_id=0)),  # layer 0 is a NoPE layer
+    # Beyond the families named above, two of the same shape that ropescope has no line of code for.
+    "starcoder2": ("Starcoder2Config", dict(sliding_window=WINDOW)),
+    "ministral3": ("Ministral3Config", dict(  # its queries scale with log(position / original length)
+        head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "llama_4_scaling_beta": 0.1,
+                                      "original_max_position_embeddings": PRETRAINED},
+    )),
     "gpt_oss": ("GptOssConfig", dict(  # attention sinks, sliding and full layers
         head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=WINDOW,
         layer_types=["sliding_attention", "full_attention"],
@@ -226,3 +232,21 @@ def test_bfloat16_on_cpu(family, checkpoints):
     assert captured.dtype == torch.float32
     expected = eager_attention_entropy(model, input_ids)
     torch.testing.assert_close(captured.double(), expected, atol=0.03, rtol=0)
+
+
+def test_rotary_modules_are_found_by_what_they_are():
+    class Rotation(torch.nn.Module):  # no family's name, a rotary module's buffer and signature
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("inv_freq", torch.ones(4), persistent=False)
+
+        def forward(self, x, position_ids):
+            return x, x
+
+    class NotRotaryEmbedding(torch.nn.Module):  # the name alone is not enough
+        def forward(self, x, position_ids):
+            return x, x
+
+    assert is_rotary_module(Rotation())
+    assert not is_rotary_module(NotRotaryEmbedding())
+    assert not is_rotary_module(torch.nn.Linear(2, 2))
