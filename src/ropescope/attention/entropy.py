@@ -122,8 +122,10 @@ def choose_kernel(device_type: str, dtype: torch.dtype, **options) -> str:
 
 
 def _flash_available(device: torch.device) -> bool:
-    # Flash attention in PyTorch needs an Ampere or newer GPU (compute capability 8.0).
-    return torch.backends.cuda.is_flash_attention_available() and torch.cuda.get_device_capability(device)[0] >= 8
+    # PyTorch's flash attention (FlashAttention 2) runs on Ampere and Hopper GPUs: compute capability 8.x or 9.0.
+    return torch.backends.cuda.is_flash_attention_available() and torch.cuda.get_device_capability(device) in {
+        (8, 0), (8, 6), (8, 7), (8, 9), (9, 0)
+    }
 
 
 def attention_statistics(
