@@ -120,9 +120,10 @@ def _inner_function(module, implementation: str) -> Callable:
 def capture_attention(model, callback: LayerCallback) -> Iterator[None]:
     """Within the block, every attention call of `model` first passes a `LayerAttention` to `callback`.
 
-    The model keeps computing attention with its own implementation (sdpa or eager), so outputs are unchanged.
-    Inputs must be unpadded (every position of every sequence is a real token): the statistics assume the
-    causal (and sliding-window) mask only. Not reentrant for the same model.
+    The model keeps computing attention with its own implementation (sdpa, eager, flash attention...), so outputs
+    are unchanged. Inputs must be unpadded (every position of every sequence is a real token): the statistics
+    assume the causal (and sliding-window) mask only. Not reentrant for the same model. Raises RopescopeError for
+    a model that is not supported, or whose layers ran attention outside `AttentionInterface` (found on exit).
     """
     modules = attention_modules(model)
     # The attention modules read the implementation from their own config (the text config of a composite model).
@@ -175,7 +176,7 @@ def layer_entropies(
 
     input_ids: LongTensor[batch, seq] (or [seq]), unpadded. Returns float32 [layers, batch, heads, seq],
     natural log. Memory stays near that of a plain forward: each layer's q, k are reduced as they appear.
-    backend: as in `attention_entropy` ("auto" or "blocks").
+    backend: as in `attention_statistics` ("auto", or one of `KERNELS` such as "blocks").
     """
     per_layer: dict[int, torch.Tensor] = {}
 
