@@ -187,12 +187,23 @@ def test_gemma3_keeps_its_local_rotation_and_smollm3_its_nope_layer(checkpoints)
     assert not torch.allclose(after[1], before[1], atol=1e-3)
 
 
-def test_unsupported_models_are_refused_in_one_line():
-    gpt2 = AutoModelForCausalLM.from_config(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
-    for call in (lambda: extend(gpt2, RopeSpec("linear", factor=2.0)),
-                 lambda: layer_entropies(gpt2, torch.zeros(1, 3, dtype=torch.long))):
-        with pytest.raises(RopescopeError, match="causal LMs with a rotary embedding module whose attention goes "
-                                                 "through transformers' AttentionInterface") as error:
+@pytest.mark.parametrize("model, reason", [
+    (lambda: AutoModelForCausalLM.from_config(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)),
+     "GPT2LMHeadModel has no rotary embedding module"),
+    # rotary, but an encoder
+    (lambda: transformers.AutoModelForMaskedLM.from_config(transformers.ModernBertConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2)),
+     "ModernBertForMaskedLM is not a causal LM"),
+    (lambda: torch.nn.Linear(2, 2), "Linear is not a causal LM"),
+])
+def test_unsupported_models_are_refused_in_one_line(model, reason):
+    model = model()
+    for call in (lambda: extend(model, RopeSpec("linear", factor=2.0)),
+                 lambda: layer_entropies(model, torch.zeros(1, 3, dtype=torch.long))):
+        with pytest.raises(RopescopeError, match=reason + "; ropescope supports causal LMs with a rotary embedding "
+                                                 "module whose attention goes through transformers' "
+                                                 "AttentionInterface") as error:
             call()
         assert "\n" not in str(error.value)
 

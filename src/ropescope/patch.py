@@ -142,9 +142,22 @@ def rotary_modules(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
     return found
 
 
-def _require_rotary(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
+def is_causal_lm(model: nn.Module) -> bool:
+    """A decoder-only language model: it generates, and it is not an encoder-decoder."""
+    config = getattr(model, "config", None)
+    can_generate = getattr(model, "can_generate", None)
+    return (
+        config is not None and not getattr(config, "is_encoder_decoder", False)
+        and callable(can_generate) and bool(can_generate())
+    )
+
+
+def require_supported(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
+    """The rotary modules of a supported model (see `rotary_modules`); RopescopeError for any other model."""
+    if not is_causal_lm(model):
+        raise RopescopeError(f"{type(model).__name__} is not a causal LM; ropescope supports {SUPPORTED_MODELS}")
     targets = rotary_modules(model)
-    if getattr(model, "config", None) is None or not targets:
+    if not targets:
         raise RopescopeError(
             f"{type(model).__name__} has no rotary embedding module; ropescope supports {SUPPORTED_MODELS}"
         )
@@ -205,7 +218,7 @@ def extend(model: nn.Module, spec: RopeSpec) -> nn.Module:
     """
     if not isinstance(spec, RopeSpec):
         raise RopescopeError(f"extend needs a RopeSpec, got {type(spec).__name__}: e.g. RopeSpec('linear', factor=4)")
-    targets = _require_rotary(model)
+    targets = require_supported(model)
     config = model.config
     parameters = pretrained_rope_parameters(config)
     _, pretrained_length = pretrained_rope(config)

@@ -26,7 +26,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ropescope.attention.entropy import DEFAULT_CHUNK_SIZE, AttentionStatistics, attention_statistics
 from ropescope.errors import RopescopeError
-from ropescope.patch import SUPPORTED_MODELS, rotary_modules
+from ropescope.patch import SUPPORTED_MODELS, require_supported
 
 _CAPTURE_PREFIX = "ropescope_capture_"
 
@@ -98,13 +98,16 @@ def attention_modules(model) -> list[torch.nn.Module]:
     Supported: a model with a rotary embedding module and causal attention modules; whether their attention goes
     through `AttentionInterface` shows only when they run (`capture_attention` checks it).
     """
+    require_supported(model)
     modules = [
         module
         for module in model.modules()
         if isinstance(getattr(module, "layer_idx", None), int) and getattr(module, "is_causal", None) is True
     ]
-    if getattr(model, "config", None) is None or not modules or not rotary_modules(model):
-        raise RopescopeError(f"{type(model).__name__} is not supported: ropescope supports {SUPPORTED_MODELS}")
+    if not modules:
+        raise RopescopeError(
+            f"{type(model).__name__} has no causal attention modules; ropescope supports {SUPPORTED_MODELS}"
+        )
     return sorted(modules, key=lambda module: module.layer_idx)
 
 
