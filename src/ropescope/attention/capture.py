@@ -114,9 +114,14 @@ def attention_modules(model) -> list[torch.nn.Module]:
 def _inner_function(module, implementation: str) -> Callable:
     if implementation in ALL_ATTENTION_FUNCTIONS:
         return ALL_ATTENTION_FUNCTIONS[implementation]
-    if implementation == "eager":  # eager lives in each model's own modeling file
-        return sys.modules[type(module).__module__].eager_attention_forward
-    raise RopescopeError(f"attention implementation {implementation!r} is not supported; accepted: sdpa, eager")
+    eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if implementation == "eager" and eager is not None:  # eager lives in each model's own modeling file
+        return eager
+    raise RopescopeError(
+        f"attention implementation {implementation!r} of {type(module).__name__} is not supported; accepted: eager "
+        f"(the family's eager_attention_forward) and those registered with transformers' AttentionInterface "
+        f"({', '.join(name for name in ALL_ATTENTION_FUNCTIONS if not name.startswith(_CAPTURE_PREFIX))})"
+    )
 
 
 @contextmanager
