@@ -77,5 +77,5 @@ def test_nested_capture_and_unknown_models_are_refused():
         with pytest.raises(RopescopeError, match="already active"):
             with capture_attention(model, lambda attention: None):
                 pass
-    with pytest.raises(RopescopeError, match="not supported"):
+    with pytest.raises(RopescopeError, match="Linear is not a causal LM; ropescope supports"):
         layer_entropies(torch.nn.Linear(2, 2), torch.zeros(1, 3, dtype=torch.long))

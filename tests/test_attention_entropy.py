@@ -370,3 +370,16 @@ def test_cuda_kernels_equal_brute_force(dtype, shape):
     torch.testing.assert_close(entropy.double(), expected, atol=tolerance, rtol=0)
     blocks = attention_entropy(q.cuda(), k.cuda(), sliding_window=window, backend="blocks", chunk_size=64).cpu()
     torch.testing.assert_close(blocks.double(), expected, atol=1e-4, rtol=0)  # the loop accumulates in float64
+
+
+def test_fused_entropy_in_slices_of_queries(monkeypatch):
+    """Long sequences reduce q . sum p k a slice of queries at a time; slices that do not divide the length."""
+    import ropescope.attention.entropy as entropy_module
+
+    case = ("cuda_flash", 2, 4, 2, 37, 37, 16, True, None)
+    q, k = _fused_inputs(case, torch.float32)
+    expected, _ = brute_force(q, k, causal=True)
+    monkeypatch.setattr(entropy_module, "_MEAN_SCORE_ROWS", 5)
+    for kernel in ("cpu_flash", "cuda_flash"):
+        entropy = fused_entropy(q, k, scale=0.25, causal=True, kernel=kernel, attention=REFERENCE_OPS[kernel])
+        torch.testing.assert_close(entropy.double(), expected, atol=1e-4, rtol=0)

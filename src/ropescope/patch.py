@@ -54,6 +54,16 @@ class ExtendedRotaryEmbedding(nn.Module):
             _plain_rope_type(original, layer_type)
             self._install(layer_type, *rope_frequencies(spec, dim, base))
 
+    def __getattr__(self, name: str):
+        """Attributes the family's code reads from its rotary module (Granite SWA reads `.config`) come from the
+        wrapped module."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "original":
+                raise
+            return getattr(self.original, name)
+
     def _install(self, layer_type: str | None, inv_freq: torch.Tensor, attention_scaling: float) -> None:
         prefix = "" if layer_type is None else f"{layer_type}_"
         device = getattr(self.original, prefix + "inv_freq").device
@@ -132,9 +142,22 @@ def rotary_modules(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
     return found
 
 
-def _require_rotary(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
+def is_causal_lm(model: nn.Module) -> bool:
+    """A decoder-only language model: it generates, and it is not an encoder-decoder."""
+    config = getattr(model, "config", None)
+    can_generate = getattr(model, "can_generate", None)
+    return (
+        config is not None and not getattr(config, "is_encoder_decoder", False)
+        and callable(can_generate) and bool(can_generate())
+    )
+
+
+def require_supported(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
+    """The rotary modules of a supported model (see `rotary_modules`); RopescopeError for any other model."""
+    if not is_causal_lm(model):
+        raise RopescopeError(f"{type(model).__name__} is not a causal LM; ropescope supports {SUPPORTED_MODELS}")
     targets = rotary_modules(model)
-    if getattr(model, "config", None) is None or not targets:
+    if not targets:
         raise RopescopeError(
             f"{type(model).__name__} has no rotary embedding module; ropescope supports {SUPPORTED_MODELS}"
         )
@@ -195,21 +218,40 @@ def extend(model: nn.Module, spec: RopeSpec) -> nn.Module:
     """
     if not isinstance(spec, RopeSpec):
         raise RopescopeError(f"extend needs a RopeSpec, got {type(spec).__name__}: e.g. RopeSpec('linear', factor=4)")
-    targets = _require_rotary(model)
+    targets = require_supported(model)
     config = model.config
     parameters = pretrained_rope_parameters(config)
     _, pretrained_length = pretrained_rope(config)
-    layers = {}  # layer type -> (pretrained base, rotary dim); every rotary module of a model has the same
-    for layer_type in _extended_layer_types(frequency_layer_types(targets[0][2])):
-        prefix = "" if layer_type is None else f"{layer_type}_"
-        base = float(_layer_parameters(parameters, layer_type)["rope_theta"])
-        layers[layer_type] = (base, 2 * getattr(targets[0][2], prefix + "inv_freq").numel())
-    rope = _rope_parameters_for(spec, parameters, layers)
+    per_module = [_module_layers(original, config, parameters) for _, _, original in targets]
+    # The config records the layers that read the model's own RoPE (the first module that does).
+    shared = [layers for (_, _, original), layers in zip(targets, per_module) if _own_config(original, config) is None]
+    rope = _rope_parameters_for(spec, parameters, (shared or per_module)[0])
     _check_family_accepts(config, rope, spec)
-    for parent, attribute, original in targets:
+    for (parent, attribute, original), layers in zip(targets, per_module):
         setattr(parent, attribute, ExtendedRotaryEmbedding(original, spec, layers))
     _record(config, spec, rope, parameters, pretrained_length)
     return model
+
+
+def _own_config(module: nn.Module, config):
+    """A rotary module's private config, as Granite SWA builds one per RoPE base (a copy of the model's config
+    with another rope_theta, never recorded by `extend`), or None where it reads the model's config."""
+    own = getattr(module, "config", None)
+    if own is None or own is config or getattr(own, CONFIG_KEY, None) or not hasattr(own, "rope_parameters"):
+        return None
+    return own
+
+
+def _module_layers(module: nn.Module, config, parameters: dict) -> dict[str | None, tuple[float, int]]:
+    """Layer type -> (pretrained base, rotary dim) for each layer type of `module` that `extend` changes."""
+    own = _own_config(module, config)
+    layers = {}
+    for layer_type in _extended_layer_types(frequency_layer_types(module)):
+        prefix = "" if layer_type is None else f"{layer_type}_"
+        source = parameters if own is None else own.rope_parameters
+        base = float(_layer_parameters(source, layer_type)["rope_theta"])
+        layers[layer_type] = (base, 2 * getattr(module, prefix + "inv_freq").numel())
+    return layers
 
 
 def _check_family_accepts(config, rope: dict, spec: RopeSpec) -> None:
@@ -226,18 +268,25 @@ def _check_family_accepts(config, rope: dict, spec: RopeSpec) -> None:
         ) from error
 
 
+# The knobs of transformers' RoPE types: they belong to the method `extend` replaces, so they are not carried over.
+_SCALING_KEYS = {
+    "rope_type", "type", "rope_theta", "factor", "short_factor", "long_factor", "low_freq_factor", "high_freq_factor",
+    "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor", "truncate",
+}
+
+
 def _method_parameters(spec: RopeSpec, pretrained: dict, rotary_dim: int) -> dict:
-    """One layer type's `rope_parameters` for `spec`, in transformers' form."""
+    """One layer type's `rope_parameters` for `spec`, in transformers' form. The family's own keys
+    (partial_rotary_factor, Ministral 3's llama_4_scaling_beta, the pretrained original length) stay."""
     base = float(pretrained["rope_theta"])
     rope = {"rope_type": METHODS[spec.method].transformers_type or spec.method, "rope_theta": base}
-    if pretrained.get("partial_rotary_factor") is not None:
-        rope["partial_rotary_factor"] = pretrained["partial_rotary_factor"]
+    rope.update({key: value for key, value in pretrained.items() if key not in _SCALING_KEYS})
     if spec.method == "ntk":  # NTK-aware is the original RoPE with a larger base
         rope["rope_theta"] = ntk_base(spec.params, rotary_dim, base)
     else:
         rope.update({key: value for key, value in spec.params.items() if value is not None})
     if spec.method == "dynamic":  # transformers reads the original length from max_position_embeddings alone
-        del rope["original_max_position_embeddings"]
+        rope.pop("original_max_position_embeddings", None)
     return rope
 
 

@@ -26,7 +26,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ropescope.attention.entropy import DEFAULT_CHUNK_SIZE, AttentionStatistics, attention_statistics
 from ropescope.errors import RopescopeError
-from ropescope.patch import SUPPORTED_MODELS, rotary_modules
+from ropescope.patch import SUPPORTED_MODELS, require_supported
 
 _CAPTURE_PREFIX = "ropescope_capture_"
 
@@ -98,31 +98,40 @@ def attention_modules(model) -> list[torch.nn.Module]:
     Supported: a model with a rotary embedding module and causal attention modules; whether their attention goes
     through `AttentionInterface` shows only when they run (`capture_attention` checks it).
     """
+    require_supported(model)
     modules = [
         module
         for module in model.modules()
         if isinstance(getattr(module, "layer_idx", None), int) and getattr(module, "is_causal", None) is True
     ]
-    if getattr(model, "config", None) is None or not modules or not rotary_modules(model):
-        raise RopescopeError(f"{type(model).__name__} is not supported: ropescope supports {SUPPORTED_MODELS}")
+    if not modules:
+        raise RopescopeError(
+            f"{type(model).__name__} has no causal attention modules; ropescope supports {SUPPORTED_MODELS}"
+        )
     return sorted(modules, key=lambda module: module.layer_idx)
 
 
 def _inner_function(module, implementation: str) -> Callable:
     if implementation in ALL_ATTENTION_FUNCTIONS:
         return ALL_ATTENTION_FUNCTIONS[implementation]
-    if implementation == "eager":  # eager lives in each model's own modeling file
-        return sys.modules[type(module).__module__].eager_attention_forward
-    raise RopescopeError(f"attention implementation {implementation!r} is not supported; accepted: sdpa, eager")
+    eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if implementation == "eager" and eager is not None:  # eager lives in each model's own modeling file
+        return eager
+    raise RopescopeError(
+        f"attention implementation {implementation!r} of {type(module).__name__} is not supported; accepted: eager "
+        f"(the family's eager_attention_forward) and those registered with transformers' AttentionInterface "
+        f"({', '.join(name for name in ALL_ATTENTION_FUNCTIONS if not name.startswith(_CAPTURE_PREFIX))})"
+    )
 
 
 @contextmanager
 def capture_attention(model, callback: LayerCallback) -> Iterator[None]:
     """Within the block, every attention call of `model` first passes a `LayerAttention` to `callback`.
 
-    The model keeps computing attention with its own implementation (sdpa or eager), so outputs are unchanged.
-    Inputs must be unpadded (every position of every sequence is a real token): the statistics assume the
-    causal (and sliding-window) mask only. Not reentrant for the same model.
+    The model keeps computing attention with its own implementation (sdpa, eager, flash attention...), so outputs
+    are unchanged. Inputs must be unpadded (every position of every sequence is a real token): the statistics
+    assume the causal (and sliding-window) mask only. Not reentrant for the same model. Raises RopescopeError for
+    a model that is not supported, or whose layers ran attention outside `AttentionInterface` (found on exit).
     """
     modules = attention_modules(model)
     # The attention modules read the implementation from their own config (the text config of a composite model).
@@ -175,7 +184,7 @@ def layer_entropies(
 
     input_ids: LongTensor[batch, seq] (or [seq]), unpadded. Returns float32 [layers, batch, heads, seq],
     natural log. Memory stays near that of a plain forward: each layer's q, k are reduced as they appear.
-    backend: as in `attention_entropy` ("auto" or "blocks").
+    backend: as in `attention_statistics` ("auto", or one of `KERNELS` such as "blocks").
     """
     per_layer: dict[int, torch.Tensor] = {}
 

@@ -122,8 +122,10 @@ def choose_kernel(device_type: str, dtype: torch.dtype, **options) -> str:
 
 
 def _flash_available(device: torch.device) -> bool:
-    # Flash attention in PyTorch needs an Ampere or newer GPU (compute capability 8.0).
-    return torch.backends.cuda.is_flash_attention_available() and torch.cuda.get_device_capability(device)[0] >= 8
+    # PyTorch's flash attention (FlashAttention 2) runs on Ampere and Hopper GPUs: compute capability 8.x or 9.0.
+    return torch.backends.cuda.is_flash_attention_available() and torch.cuda.get_device_capability(device) in {
+        (8, 0), (8, 6), (8, 7), (8, 9), (9, 0)
+    }
 
 
 def attention_statistics(
@@ -249,10 +251,14 @@ def fused_entropy(
         k, values, center = (tensor.repeat_interleave(group, dim=1) for tensor in (k, values, center))
         run = _cpu_flash if kernel == "cpu_flash" else _efficient
         output, logsumexp = run(q, k, values, scale, causal, attention)
-    group = q.shape[1] // center.shape[1]
-    center = center.repeat_interleave(group, dim=1)
-    mean_key = output.float() + center.float()  # sum_j p_j k_j, [batch, heads, q_len, head_dim]
-    mean_score = scale * torch.linalg.vecdot(q.float(), mean_key)  # float32 is enough: no cancellation here
+    center = center.repeat_interleave(q.shape[1] // center.shape[1], dim=1)
+    mean_score = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    # q . sum_j p_j k_j in float32 (no cancellation here), a slice of queries at a time: the float32 copies of a
+    # long sequence's q and O would otherwise outweigh the kernel's own memory.
+    for start in range(0, q.shape[2], _MEAN_SCORE_ROWS):
+        rows = slice(start, start + _MEAN_SCORE_ROWS)
+        mean_key = output[:, :, rows].float() + center.float()  # sum_j p_j k_j
+        mean_score[:, :, rows] = scale * torch.linalg.vecdot(q[:, :, rows].float(), mean_key)
     logsumexp = logsumexp[..., : q.shape[2]].float()
     if sinks is not None:
         sink = sinks.to(device=q.device, dtype=torch.float32).view(1, -1, 1)
@@ -260,6 +266,9 @@ def fused_entropy(
         mean_score = torch.exp(logsumexp - with_sink) * mean_score + torch.exp(sink - with_sink) * sink
         logsumexp = with_sink
     return logsumexp - mean_score
+
+
+_MEAN_SCORE_ROWS = 4096
 
 
 def _flash(q, k, values, scale, causal, sliding_window, attention=None):
