@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping
 import torch
 
 from ropescope.attention.capture import LayerAttention, capture_attention, forward_for_statistics
-from ropescope.attention.entropy import DEFAULT_CHUNK_SIZE, attention_statistics, distance_bin_edges
+from ropescope.attention.entropy import DEFAULT_CHUNK_SIZE, distance_bin_edges
 from ropescope.attention.profiles import one_length_samples
 from ropescope.errors import RopescopeError
 from ropescope.rows import DistanceRow, PreservationRow
@@ -55,10 +55,8 @@ def distance_distribution(
             distance_scale = length / original_max_position_embeddings
 
         def record(attention: LayerAttention) -> None:
-            mass = attention_statistics(
-                attention.query[:, :, -queries:], attention.key, scale=attention.scaling,
-                sliding_window=attention.sliding_window, chunk_size=chunk_size,
-                distance_edges=edges, distance_scale=distance_scale,
+            mass = attention.statistics(
+                queries, chunk_size=chunk_size, distance_edges=edges, distance_scale=distance_scale,
             ).distance_mass  # [1, heads, queries, bins]
             mean = mass[0].double().mean(dim=1).cpu()
             sums[attention.layer] = sums[attention.layer] + mean if attention.layer in sums else mean

@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ropescope.attention.capture import LayerAttention, capture_attention, forward_for_statistics
-from ropescope.attention.entropy import DEFAULT_CHUNK_SIZE, attention_statistics
+from ropescope.attention.entropy import DEFAULT_CHUNK_SIZE
 from ropescope.errors import RopescopeError
 from ropescope.study.statistics import auroc  # the package's one AUROC; imported here for failure_summary
 
@@ -49,10 +49,7 @@ def answer_attention(model, case: PromptCaseLike, *, chunk_size: int = DEFAULT_C
     needle_mass: dict[int, torch.Tensor] = {}
 
     def record(attention: LayerAttention) -> None:
-        statistics = attention_statistics(
-            attention.query[:, :, -1:], attention.key, scale=attention.scaling,
-            sliding_window=attention.sliding_window, chunk_size=chunk_size, distance_edges=edges,
-        )
+        statistics = attention.statistics(1, chunk_size=chunk_size, distance_edges=edges)
         entropy[attention.layer] = statistics.entropy[0, :, 0].cpu()
         needle_mass[attention.layer] = statistics.distance_mass[0, :, 0, 1].cpu()
 
