@@ -68,6 +68,13 @@ def cluster():
     cluster.shutdown()
 
 
+def test_an_unreachable_cluster_is_one_error_and_writes_nothing(tmp_path):
+    assert not ray.is_initialized()  # runs before the cluster fixture starts Ray in this process
+    with pytest.raises(RopescopeError, match="cannot reach a Ray cluster at '127.0.0.1:1'"):
+        run_study(QUICK, tmp_path / "study", executor="ray", address="127.0.0.1:1", log=lambda line: None)
+    assert not (tmp_path / "study").exists()
+
+
 def test_ray_study_equals_the_local_study_and_uses_both_nodes(cluster, local_reference, tmp_path):
     lines = []
     counts = run_study(QUICK, tmp_path, executor="ray", log=lines.append)
