@@ -1,7 +1,8 @@
 """Wall time of a study with the local executor against the Ray executor with N workers, and Ray's overhead per
 cell (task start, argument and result transfer) against the cell's own time.
 
-1. local: `run_study(config)` in this process, cells one after another.
+1. local: `run_study(config)` in this process, cells one after another, one torch thread (as a Ray task of one
+   CPU has: the same thread count gives the same numbers).
 2. ray: a local Ray instance of N CPUs (started first, its start reported apart), `run_study(..., executor="ray")`,
    twice: first on fresh worker processes (each imports torch and transformers), then again into a new folder on
    the warm workers.
@@ -65,6 +66,7 @@ def serial_overheads(config, folder: Path) -> list[tuple[str, float, float]]:
 
 def main() -> None:
     import ray
+    import torch
 
     from ropescope.study.config import load_config, quick_config_path
     from ropescope.study.runner import run_study
@@ -76,6 +78,7 @@ def main() -> None:
     config = load_config(args.config or quick_config_path())
     with tempfile.TemporaryDirectory() as scratch:
         local, remote, warm = Path(scratch) / "local", Path(scratch) / "ray", Path(scratch) / "warm"
+        torch.set_num_threads(1)
         started = time.perf_counter()
         run_study(config, local, log=lambda line: None)
         local_wall = time.perf_counter() - started

@@ -14,6 +14,7 @@ from dataclasses import replace
 
 import pytest
 import ray
+import torch
 from ray.cluster_utils import Cluster
 
 from ropescope.errors import RopescopeError
@@ -43,8 +44,15 @@ def cell_states(folder) -> dict:
 
 @pytest.fixture(scope="module")
 def local_reference(tmp_path_factory):
+    """The local executor's rows, computed with one torch thread as a Ray task of one CPU is (CPU kernels sum in
+    another order with another thread count, which moves the last digits)."""
     folder = tmp_path_factory.mktemp("local")
-    run_study(QUICK, folder, log=lambda line: None)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_study(QUICK, folder, log=lambda line: None)
+    finally:
+        torch.set_num_threads(threads)
     return recorded_rows(folder)
 
 
@@ -58,6 +66,13 @@ def cluster():
     yield cluster
     ray.shutdown()
     cluster.shutdown()
+
+
+def test_an_unreachable_cluster_is_one_error_and_writes_nothing(tmp_path):
+    assert not ray.is_initialized()  # runs before the cluster fixture starts Ray in this process
+    with pytest.raises(RopescopeError, match="cannot reach a Ray cluster at '127.0.0.1:1'"):
+        run_study(QUICK, tmp_path / "study", executor="ray", address="127.0.0.1:1", log=lambda line: None)
+    assert not (tmp_path / "study").exists()
 
 
 def test_ray_study_equals_the_local_study_and_uses_both_nodes(cluster, local_reference, tmp_path):

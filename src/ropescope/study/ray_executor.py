@@ -10,10 +10,12 @@ is recorded as a failed cell, like locally). Ctrl-C cancels the outstanding task
 
 from __future__ import annotations
 
+import socket
 import time
 import traceback
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,18 +31,35 @@ from ropescope.study.execution import Recorder, execute_cell, prepare
 from ropescope.study.plan import Cell
 from ropescope.study.store import ResultStore
 
+CONNECT_TIMEOUT_S = 10
 MARKER_TIMEOUT_S = 120  # a node that cannot start a zero-CPU task in this long is not answering
 
 
-def connect(address: str | None) -> bool:
-    """Join the Ray instance this process already uses, or `address`; True when this call started Ray."""
+@contextmanager
+def connected(address: str | None) -> Iterator[None]:
+    """Inside: connected to the Ray instance this process already uses, or to `address` (None: RAY_ADDRESS or a
+    new local instance), disconnected at the end when this call connected."""
     if ray.is_initialized():
-        return False
+        yield
+        return
+    _connect(address)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _connect(address: str | None) -> None:
+    if address and ":" in address:  # Ray retries an unreachable address without end: try it once first
+        host, _, port = address.removeprefix("ray://").rpartition(":")
+        try:
+            socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+        except (OSError, ValueError) as error:
+            raise RopescopeError(f"cannot reach a Ray cluster at {address!r}: {error}") from None
     try:
         ray.init(address=address, log_to_driver=False, include_dashboard=False)
     except (ConnectionError, ValueError) as error:
         raise RopescopeError(f"cannot reach a Ray cluster at {address!r}: {error}") from None
-    return True
 
 
 def _read_marker(path: str) -> str | None:

@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ropescope.errors import RopescopeError
-from ropescope.study.config import StudyConfig
+from ropescope.study.config import EXECUTORS, StudyConfig
 from ropescope.study.context import StageContext, Variant, plan_variants
 from ropescope.study.execution import Recorder, is_finished, recorded_rows_reader, run_local
 from ropescope.study.plan import Cell, plan_cells
@@ -38,8 +38,8 @@ def run_study(
     (for tests that interrupt a study). stages: the stage registry (tests replace a stage's `run`).
     """
     executor = executor or config.execution.executor
-    if executor not in ("local", "ray"):
-        raise RopescopeError(f"executor {executor!r} is unknown; accepted: local, ray")
+    if executor not in EXECUTORS:
+        raise RopescopeError(f"executor {executor!r} is unknown; accepted: {', '.join(EXECUTORS)}")
     check_resources(config, stages)
     cells = plan_cells(config, stages)
     out = Path(out).resolve()  # Ray workers have their own working directory
@@ -66,33 +66,24 @@ def _start(config: StudyConfig, out: Path, cells: list[Cell], store: ResultStore
 def _run_with_ray(config: StudyConfig, out: Path, cells: list[Cell], *, force: bool, progress: bool | None,
                   stop_after: int | None, log, address: str | None) -> dict:
     try:
-        import ray
-
         from ropescope.study import ray_executor
     except ModuleNotFoundError as error:
         if error.name.split(".")[0] != "ray":
             raise
         raise RopescopeError("the Ray executor needs Ray: pip install 'ropescope[ray]'") from None
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    started_ray = False
-    try:
-        started_ray = ray_executor.connect(address)
-        ray_executor.check_shared_storage(out)
-    except RopescopeError:
-        if created:
-            out.rmdir()  # nothing written: the folder was new and the marker is gone
-        if started_ray:
-            ray.shutdown()
-        raise
-    try:
+    with ray_executor.connected(address):
+        created = not out.exists()
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            ray_executor.check_shared_storage(out)
+        except RopescopeError:
+            if created:
+                out.rmdir()  # nothing written: the folder was new and the marker is gone
+            raise
         with ResultStore(out / DATABASE) as store:
             recorder, todo = _start(config, out, cells, store, force, log)
             ray_executor.run_ray(todo, config, out, store, recorder, force=force, stop_after=stop_after,
                                  progress=progress)
-    finally:
-        if started_ray:
-            ray.shutdown()
     return recorder.counts
 
 
