@@ -131,8 +131,8 @@ def gpt2_folder(tmp_path_factory):
     (["--device", "cuda"], "device 'cuda': no CUDA device is available here; use --device cpu or auto"),
     (["--device", "tpu"], "device 'tpu' is unknown; accepted: auto, cpu, cuda, cuda:N, mps"),
     (["--dtype", "float8"], "ropescope ppl: error: argument --dtype: invalid choice: 'float8'"),
-    (["--model", "org/missing"], "model 'org/missing' is not in the Hugging Face cache and the Hub is offline; "
-                                 "fetch it with `hf download org/missing`"),
+    (["--model", "org/missing"], "model 'org/missing' is no local folder and not in the Hugging Face cache, and "
+                                 "the Hub is offline or unreachable; fetch it with `hf download org/missing`"),
     (["--model", "GPT2"], "is a 'gpt2' model, not a causal LM with rotary position embeddings; accepted: a model "
                           "type with a causal-LM class in transformers and rope_parameters in its config, as llama,"),
 ])

@@ -92,11 +92,12 @@ def _hub_snapshot(text: str) -> ModelSource:
     except LocalEntryNotFoundError:
         fetch = f"download {repo_id}{f' --revision {revision}' if revision else ''}"
         raise RopescopeError(
-            f"model {text!r} is not in the Hugging Face cache and the Hub is offline; fetch it with `hf {fetch}` "
-            f"(or `huggingface-cli {fetch}`) where there is network, or unset HF_HUB_OFFLINE"
+            f"model {text!r} is no local folder and not in the Hugging Face cache, and the Hub is offline or "
+            f"unreachable; fetch it with `hf {fetch}` (or `huggingface-cli {fetch}`) where there is network, or "
+            "unset HF_HUB_OFFLINE"
         ) from None
     except Exception as error:  # repository not found, gated, no network: one line naming the id
-        raise RopescopeError(f"model {text!r} could not be fetched from the Hugging Face Hub: "
+        raise RopescopeError(f"model {text!r} is no local folder and could not be fetched from the Hugging Face Hub: "
                              f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") from None
     folder = Path(folder)
     return ModelSource(repo_id, folder, folder.name if re.fullmatch(r"[0-9a-f]{40}", folder.name) else revision)
