@@ -51,6 +51,8 @@ def test_freqs_writes_rows_and_a_figure(tmp_path, capsys):
     (["freqs", "--method", "yarn:beta_fast"], "'beta_fast' is not key=value"),
     (["freqs", "--method", "yarn:speed=2"], "yarn takes no parameter 'speed'"),
     (["freqs", "--head-dim", "-2"], "ropescope freqs: error: argument --head-dim: -2 is not a positive integer"),
+    (["study", "plan.toml", "--quick"], "ropescope study: error: argument --quick: not allowed with argument config"),
+    (["study", "missing.toml"], "study config 'missing.toml' does not exist"),
 ])
 def test_bad_input_is_one_line_with_exit_code_2(argv, message, capsys, tmp_path):
     assert main(argv + ["--out", str(tmp_path / "never")]) == 2

@@ -249,7 +249,7 @@ def _add_freqs(subparsers) -> None:
     _add_out(parser, "frequencies.csv, frequencies.png")
 
 
-def _study(config: str | None, quick: bool, out: str, force: bool) -> tuple[dict, dict]:
+def _study(config: str | None = None, quick: bool = False, out: str = "results", force: bool = False):
     """Run the study of `config` (or the quick plan) into `out`, then build its report: (counts, report paths)."""
     from ropescope.study.config import load_config, quick_config_path
     from ropescope.study.report import build_report
