@@ -166,3 +166,18 @@ def test_a_family_without_sdpa_loads_eagerly_and_evaluates(folders, tmp_path):
     assert loaded.model.config._attn_implementation == "eager"
     rows = ppl(tmp_path / "gemma2", folders / "corpus", tmp_path / "out")
     assert all(0 < row["perplexity"] < 3 * len(tokenizer) for row in rows)
+
+
+def test_auto_device_and_dtype_choices_on_a_pretended_gpu(monkeypatch):
+    """The choice logic of `auto` where CUDA is present, exercised on CPU by pretending a 2-GPU machine."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    options = ModelOptions()
+    assert options.torch_device() == torch.device("cuda") and options.torch_dtype() == torch.bfloat16
+    assert ModelOptions(device="cuda:1", dtype="float16").torch_dtype() == torch.float16
+    assert ModelOptions(device="cpu").torch_dtype() == torch.float32
+    with pytest.raises(RopescopeError, match="device 'cuda:2': there are 2 CUDA devices"):
+        ModelOptions(device="cuda:2")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
+    assert ModelOptions().torch_dtype() == torch.float32  # a GPU without bfloat16 (V100, T4) keeps float32
