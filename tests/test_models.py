@@ -181,3 +181,20 @@ def test_auto_device_and_dtype_choices_on_a_pretended_gpu(monkeypatch):
         ModelOptions(device="cuda:2")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
     assert ModelOptions().torch_dtype() == torch.float32  # a GPU without bfloat16 (V100, T4) keeps float32
+
+
+def test_an_extended_checkpoint_loads_with_its_recorded_extension(folders, tmp_path):
+    from ropescope.patch import ExtendedRotaryEmbedding, extend
+    from ropescope.rope import RopeSpec
+
+    spec = RopeSpec("dynamic", factor=2.0, original_max_position_embeddings=32)
+    saved = load(folders / "model")
+    extend(saved.model, spec).save_pretrained(tmp_path / "extended")
+    saved.tokenizer.save_pretrained(tmp_path / "extended")
+    loaded = load(tmp_path / "extended")
+    rotary = loaded.model.model.rotary_emb
+    assert isinstance(rotary, ExtendedRotaryEmbedding) and rotary.spec == spec
+    assert (loaded.labels.method, loaded.labels.factor, loaded.labels.original_max_position_embeddings) == (
+        "dynamic", 2.0, 32)
+    as_trained = load(tmp_path / "extended", RopeSpec("default"))  # 'default': the model as trained
+    assert as_trained.model.model.rotary_emb.spec == spec

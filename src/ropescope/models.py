@@ -242,9 +242,11 @@ def load(model: str | Path | ModelSource = "default", spec: RopeSpec | None = No
     network.eval()
     if spec is not None and spec.method == "default":
         spec = None
-    if spec is not None:
-        extend(network, spec)
+    # a checkpoint saved after `extend` gets its recorded extension back through ropescope's rotary module, so
+    # that dynamic methods follow the current length exactly
     applied = spec or spec_from_config(network.config)
+    if applied is not None:
+        extend(network, applied)
     params = applied.params if applied is not None else {}
     parameter = next(network.parameters())
     labels = RunLabels(
