@@ -56,33 +56,25 @@ class _HelpFormatter(argparse.HelpFormatter):
 # Argument types: the checks of values that enter through the command line
 
 
-def _positive_int(text: str) -> int:
+def _parsed(text: str, convert, expected: str):
+    """`convert(text)`, or an argparse error naming what was expected."""
     try:
-        value = int(text)
+        return convert(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not {expected}") from None
+
+
+def _positive_int(text: str) -> int:
+    value = _parsed(text, int, "a whole number")
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
     return value
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is negative")
-    return value
-
-
 def _lengths(text: str) -> list[int]:
     """`256,512,1024`: positive, strictly increasing token counts."""
-    try:
-        lengths = [int(item) for item in text.split(",") if item.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers, e.g. 256,512,1024") \
-            from None
+    lengths = _parsed(text, lambda items: [int(item) for item in items.split(",") if item.strip()],
+                      "a comma-separated list of integers, e.g. 256,512,1024")
     if not lengths:
         raise argparse.ArgumentTypeError("no lengths; give e.g. 256,512,1024")
     for length in lengths:
@@ -97,11 +89,9 @@ def _lengths(text: str) -> list[int]:
 
 def _depths(text: str) -> list[float]:
     """`0,25,50`: depth percents within 0..100 (order kept: the heatmap's y axis)."""
-    try:
-        depths = [float(item) if "." in item else int(item) for item in text.split(",") if item.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers, e.g. 0,25,50,75,100") \
-            from None
+    depths = _parsed(text, lambda items: [float(item) if "." in item else int(item) for item in items.split(",")
+                                          if item.strip()],
+                     "a comma-separated list of numbers, e.g. 0,25,50,75,100")
     if not depths:
         raise argparse.ArgumentTypeError("no depths; give e.g. 0,50,100")
     for depth in depths:
@@ -112,10 +102,7 @@ def _depths(text: str) -> list[float]:
 
 def _fraction(text: str) -> float:
     """A number in (0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    value = _parsed(text, float, "a number")
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"{value} is outside (0, 1]")
     return value
@@ -318,18 +305,24 @@ def _add_needle(subparsers) -> None:
     _add_out(parser, "needle.csv, needle.png")
 
 
+def _add_attention_inputs(parser: argparse.ArgumentParser, compares_methods: bool) -> None:
+    """What every attention analysis reads: the model (and the methods it compares), its corpus, its block size."""
+    _add_model(parser)
+    if compares_methods:
+        _add_methods(parser, several=True)
+        parser.add_argument("--samples", type=_positive_int, help="token blocks per length")
+    parser.add_argument("--chunk-size", type=_positive_int, help="queries / keys per block of the streaming pass")
+    _add_corpus(parser)
+
+
 def _add_entropy(subparsers) -> None:
     from ropescope.attention.runs import run_entropy
 
     parser = _command(subparsers, "entropy", run_entropy, _show_written,
                       "attention entropy against position, per method (streamed)")
-    _add_model(parser)
-    _add_methods(parser, several=True)
+    _add_attention_inputs(parser, compares_methods=True)
     parser.add_argument("--lengths", type=_lengths, help="sequence lengths (default: 1x, 2x, 4x the pretrained length)")
-    parser.add_argument("--samples", type=_positive_int, help="token blocks per length")
     parser.add_argument("--position-bin-size", type=_positive_int, help="query positions per bin (default length/64)")
-    parser.add_argument("--chunk-size", type=_positive_int, help="queries / keys per block of the streaming pass")
-    _add_corpus(parser)
     _add_out(parser, "entropy.csv, entropy.png")
 
 
@@ -338,15 +331,11 @@ def _add_patterns(subparsers) -> None:
 
     parser = _command(subparsers, "patterns", run_patterns, _show_preservation,
                       "attention against key distance and pattern preservation (the original is always included)")
-    _add_model(parser)
-    _add_methods(parser, several=True)
+    _add_attention_inputs(parser, compares_methods=True)
     parser.add_argument("--length", type=_positive_int, help="extended length (default: factor x pretrained, 4x "
                                                               "without a factor)")
-    parser.add_argument("--samples", type=_positive_int, help="token blocks per length")
     parser.add_argument("--query-fraction", type=_fraction, help="last fraction of positions used as queries")
     parser.add_argument("--bins-per-octave", type=_positive_int, help="distance bins per doubling")
-    parser.add_argument("--chunk-size", type=_positive_int, help="queries / keys per block of the streaming pass")
-    _add_corpus(parser)
     _add_out(parser, "patterns_distance.csv, patterns_preservation.csv, attention_distance.png, "
                      "pattern_preservation.png")
 
@@ -357,13 +346,11 @@ def _add_uncertainty(subparsers) -> None:
     parser = _command(subparsers, "uncertainty", run_uncertainty, _show_uncertainty,
                       "answering-query entropy against passkey / needle errors")
     parser.add_argument("rows", help="evaluation rows (.csv or .json) from `ropescope passkey` / `needle`")
-    _add_model(parser)
+    _add_attention_inputs(parser, compares_methods=False)
     parser.add_argument("--only-method", action="append", dest="only_methods", metavar="NAME",
                         help="keep only rows of this method; repeatable")
     parser.add_argument("--only-factor", action="append", dest="only_factors", type=float, metavar="FACTOR",
                         help="keep only rows of this factor (and rows without one); repeatable")
-    parser.add_argument("--chunk-size", type=_positive_int, help="queries / keys per block of the streaming pass")
-    _add_corpus(parser)
     _add_out(parser, "uncertainty.csv, uncertainty_summary.json, entropy_heatmap.png")
 
 
