@@ -9,7 +9,7 @@ from _eval_tiny import tiny_folders
 from ropescope.results import read_rows, write_rows
 from ropescope.cli import main
 from ropescope.errors import RopescopeError
-from ropescope.rows import EntropyProfileRow, RunLabels, UncertaintySummaryRow
+from ropescope.rows import EntropyProfileRow, PasskeyRow, RunLabels, UncertaintySummaryRow
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,8 @@ def test_uncertainty_on_passkey_and_needle_rows(folders, tmp_path, capsys):
         row["correct"] = row["trial"] == 0
     rows_path = write_rows(combined, tmp_path / "all.json")
     out = tmp_path / "uncertainty"
-    assert main(["uncertainty", str(rows_path), *corpus_arguments(folders), "--out", str(out)]) == 0
+    # without --model: the model the rows name
+    assert main(["uncertainty", str(rows_path), *corpus_arguments(folders)[2:], "--out", str(out)]) == 0
     results = read_rows(out / "uncertainty.csv")
     assert len(results) == 12 + 1 + 2
     assert all(0 < row["entropy"] <= row["entropy_max"] + 1e-5 and 0 <= row["needle_mass"] <= 1 for row in results)
@@ -98,7 +99,12 @@ def test_uncertainty_errors(folders, tmp_path, capsys):
     assert main(["uncertainty", str(tmp_path / "partial.csv"), "--model", model]) == 2
     write_rows([{"task": "passkey", "length": 70, "method": "ntk"}], tmp_path / "ntk.csv")
     assert main(["uncertainty", str(tmp_path / "ntk.csv"), "--model", model, "--only-method", "yarn"]) == 2
+    trial = PasskeyRow(length=70, answer="12345", needle_start=3, needle_end=9, question_position=69,
+                       depth_percent=50, trial=0, seed=0, score=0.0, correct=False, prediction="1")
+    write_rows([trial.to_dict({"model": name}) for name in ("a", "b")], tmp_path / "two.csv")
+    assert main(["uncertainty", str(tmp_path / "two.csv")]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
+    assert "come from 2 models (a, b); give --model" in errors[3]
     assert "must end in .json or .csv" in errors[0] and "lack the field 'needle_end' of a passkey row" in errors[1]
     assert "no evaluation rows" in errors[2] and "method=['yarn']" in errors[2]
     assert not (tmp_path / "results").exists()

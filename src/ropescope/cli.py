@@ -347,6 +347,8 @@ def _add_uncertainty(subparsers) -> None:
                       "answering-query entropy against passkey / needle errors")
     parser.add_argument("rows", help="evaluation rows (.csv or .json) from `ropescope passkey` / `needle`")
     _add_attention_inputs(parser, compares_methods=False)
+    model = next(action for action in parser._actions if action.dest == "model")
+    model.default, model.help = None, model.help + " (default: the model the rows name)"
     parser.add_argument("--only-method", action="append", dest="only_methods", metavar="NAME",
                         help="keep only rows of this method; repeatable")
     parser.add_argument("--only-factor", action="append", dest="only_factors", type=float, metavar="FACTOR",
