@@ -69,6 +69,8 @@ def test_method_syntax_parses_parameters_as_json():
         "longrope", {"short_factor": [1, 1.5], "long_factor": [2, 3], "factor": 8})
     spec = method_spec("yarn:beta_fast=16", factor=4, original_max_position_embeddings=256)
     assert spec == RopeSpec("yarn", factor=4.0, original_max_position_embeddings=256, beta_fast=16.0)
+    assert method_spec(spec.to_text()) == spec and spec.to_text() == (
+        "yarn:factor=4.0,original_max_position_embeddings=256,beta_fast=16.0")
     # parameters given in the name win over the shared --factor
     assert method_spec("linear:factor=2", factor=8).params["factor"] == 2.0
 

@@ -253,7 +253,7 @@ def load(model: str | Path | ModelSource = "default", spec: RopeSpec | None = No
         model=source.name, revision=source.revision, device=str(parameter.device), dtype=_dtype_name(parameter.dtype),
         method=applied.method if applied is not None else "default", factor=params.get("factor"),
         original_max_position_embeddings=params.get("original_max_position_embeddings")
-        or pretrained_rope(network.config)[1],
+        or pretrained_rope(network.config)[1], rope=applied.to_text() if applied is not None else "default",
     )
     return LoadedModel(network, tokenizer, labels)
 

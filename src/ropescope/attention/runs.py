@@ -121,11 +121,12 @@ def run_patterns(model: str = "default", methods: Sequence[str | RopeSpec] = (),
 
 
 def evaluation_groups(rows: Sequence[dict]) -> dict[tuple, list[dict]]:
-    """Evaluation rows grouped by the model they ran on: (method, factor, original_max_position_embeddings)."""
+    """Evaluation rows grouped by the extension they ran with: their `rope` (the whole spec), or for rows without
+    one, (method, factor, original_max_position_embeddings)."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
-        method = row.get("method") or "default"
-        key = (method, None, None) if method == "default" else (
+        method = row.get("rope") or row.get("method") or "default"
+        key = (method, None, None) if method == "default" or row.get("rope") else (
             method, row.get("factor"), row.get("original_max_position_embeddings"))
         groups.setdefault(key, []).append(row)
     return groups
