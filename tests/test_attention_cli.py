@@ -7,9 +7,11 @@ import pytest
 
 from tests.helpers import tiny_folders
 from ropescope.results import read_rows, write_rows
+from ropescope.attention.runs import evaluation_groups
 from ropescope.cli import main
+from ropescope.rope import RopeSpec, method_spec
 from ropescope.errors import RopescopeError
-from ropescope.rows import EntropyProfileRow, RunLabels, UncertaintySummaryRow
+from ropescope.rows import EntropyProfileRow, PasskeyRow, RunLabels, UncertaintySummaryRow
 
 
 @pytest.fixture(scope="module")
@@ -51,22 +53,27 @@ def test_uncertainty_on_passkey_and_needle_rows(folders, tmp_path, capsys):
     model = str(folders / "model")
     assert main(["passkey", "--model", model, "--lengths", "70,90", "--depths", "0,50,100", "--trials", "2",
                  "--out", str(tmp_path / "passkey")]) == 0
-    assert main(["passkey", "--model", model, "--method", "ntk", "--factor", "2", "--lengths", "70",
-                 "--depths", "50", "--trials", "1", "--out", str(tmp_path / "ntk")]) == 0
+    # a method with a parameter of its own: the uncertainty pass reloads it from the rows' `rope`
+    assert main(["passkey", "--model", model, "--method", "yarn:beta_fast=16", "--factor", "2", "--lengths", "70",
+                 "--depths", "50", "--trials", "1", "--out", str(tmp_path / "yarn")]) == 0
     assert main(["needle", *corpus_arguments(folders), "--lengths", "80", "--depths", "0,50", "--answer", "honey",
                  "--out", str(tmp_path / "needle")]) == 0
-    combined = read_rows(tmp_path / "passkey" / "passkey.csv") + read_rows(tmp_path / "ntk" / "passkey.csv")
+    combined = read_rows(tmp_path / "passkey" / "passkey.csv") + read_rows(tmp_path / "yarn" / "passkey.csv")
     combined += read_rows(tmp_path / "needle" / "needle.csv")
+    (yarn_group,) = evaluation_groups(read_rows(tmp_path / "yarn" / "passkey.csv"))
+    assert method_spec(yarn_group[0]) == RopeSpec("yarn", factor=2.0, original_max_position_embeddings=32,
+                                                  beta_fast=16.0)
     for row in combined:  # a random model fails every cell; pretend trial 0 succeeded to have both classes
         row["correct"] = row["trial"] == 0
     rows_path = write_rows(combined, tmp_path / "all.json")
     out = tmp_path / "uncertainty"
-    assert main(["uncertainty", str(rows_path), *corpus_arguments(folders), "--out", str(out)]) == 0
+    # without --model: the model the rows name
+    assert main(["uncertainty", str(rows_path), *corpus_arguments(folders)[2:], "--out", str(out)]) == 0
     results = read_rows(out / "uncertainty.csv")
     assert len(results) == 12 + 1 + 2
     assert all(0 < row["entropy"] <= row["entropy_max"] + 1e-5 and 0 <= row["needle_mass"] <= 1 for row in results)
     summary = json.loads((out / "uncertainty_summary.json").read_text())
-    assert {(row["method"], row["task"]) for row in summary} == {("default", "passkey"), ("ntk", "passkey"),
+    assert {(row["method"], row["task"]) for row in summary} == {("default", "passkey"), ("yarn", "passkey"),
                                                                 ("default", "needle")}
     assert {row["layer"] for row in summary} == {"mean", 0, 1}
     assert all(UncertaintySummaryRow.from_dict(row).cells >= 1 for row in summary)
@@ -98,7 +105,12 @@ def test_uncertainty_errors(folders, tmp_path, capsys):
     assert main(["uncertainty", str(tmp_path / "partial.csv"), "--model", model]) == 2
     write_rows([{"task": "passkey", "length": 70, "method": "ntk"}], tmp_path / "ntk.csv")
     assert main(["uncertainty", str(tmp_path / "ntk.csv"), "--model", model, "--only-method", "yarn"]) == 2
+    trial = PasskeyRow(length=70, answer="12345", needle_start=3, needle_end=9, question_position=69,
+                       depth_percent=50, trial=0, seed=0, score=0.0, correct=False, prediction="1")
+    write_rows([trial.to_dict({"model": name}) for name in ("a", "b")], tmp_path / "two.csv")
+    assert main(["uncertainty", str(tmp_path / "two.csv")]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
+    assert "come from 2 models (a, b); give --model" in errors[3]
     assert "must end in .json or .csv" in errors[0] and "lack the field 'needle_end' of a passkey row" in errors[1]
     assert "no evaluation rows" in errors[2] and "method=['yarn']" in errors[2]
     assert not (tmp_path / "results").exists()

@@ -51,6 +51,8 @@ def test_freqs_writes_rows_and_a_figure(tmp_path, capsys):
     (["freqs", "--method", "yarn:beta_fast"], "'beta_fast' is not key=value"),
     (["freqs", "--method", "yarn:speed=2"], "yarn takes no parameter 'speed'"),
     (["freqs", "--head-dim", "-2"], "ropescope freqs: error: argument --head-dim: -2 is not a positive integer"),
+    (["study", "plan.toml", "--quick"], "ropescope study: error: argument --quick: not allowed with argument config"),
+    (["study", "missing.toml"], "study config 'missing.toml' does not exist"),
 ])
 def test_bad_input_is_one_line_with_exit_code_2(argv, message, capsys, tmp_path):
     assert main(argv + ["--out", str(tmp_path / "never")]) == 2
@@ -67,6 +69,8 @@ def test_method_syntax_parses_parameters_as_json():
         "longrope", {"short_factor": [1, 1.5], "long_factor": [2, 3], "factor": 8})
     spec = method_spec("yarn:beta_fast=16", factor=4, original_max_position_embeddings=256)
     assert spec == RopeSpec("yarn", factor=4.0, original_max_position_embeddings=256, beta_fast=16.0)
+    assert method_spec(spec.to_text()) == spec and spec.to_text() == (
+        "yarn:factor=4.0,original_max_position_embeddings=256,beta_fast=16.0")
     # parameters given in the name win over the shared --factor
     assert method_spec("linear:factor=2", factor=8).params["factor"] == 2.0
 

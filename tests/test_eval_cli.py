@@ -33,8 +33,8 @@ def test_passkey_command_with_extension(folders, tmp_path):
                  "--lengths", "70,90", "--depths", "0,100", "--trials", "2", "--out", str(out)]) == 0
     rows = read_rows(out / "passkey.csv")
     assert len(rows) == 8 and all(PasskeyRow.from_dict(row).task == "passkey" for row in rows)
-    assert {(row["method"], row["factor"], row["original_max_position_embeddings"]) for row in rows} == {
-        ("ntk", 2.0, 64)}
+    assert {(row["method"], row["factor"], row["original_max_position_embeddings"], row["rope"]) for row in rows} == {
+        ("ntk", 2.0, 64, "ntk:factor=2.0")}
     assert (out / "passkey.png").is_file()
 
 

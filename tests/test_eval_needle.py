@@ -5,7 +5,16 @@ import torch
 
 from tests.helpers import DOCUMENTS, tiny_llama, tiny_tokenizer
 from ropescope.errors import RopescopeError
-from ropescope.eval.needle import ANSWER, NEEDLE, QUESTION, evaluate_needle, needle_case, score_needle
+from ropescope.eval.needle import (
+    ANSWER,
+    NEEDLE,
+    QUESTION,
+    check_haystack,
+    check_needle_text,
+    evaluate_needle,
+    needle_case,
+    score_needle,
+)
 from ropescope.rows import NeedleRow
 
 
@@ -64,11 +73,11 @@ def test_grid_rows():
 
 
 def test_bad_input():
-    tokenizer, model = tiny_tokenizer(), None
+    tokenizer = tiny_tokenizer()
     with pytest.raises(RopescopeError, match=r"the haystack corpus is \d+ tokens long; the longest length 100000 "
                                              r"needs at least 100000"):
-        evaluate_needle(model, tokenizer, DOCUMENTS, [256, 100_000], progress=False)
+        check_haystack(tokenizer, DOCUMENTS, 100_000)
     with pytest.raises(RopescopeError, match="answer='' is empty"):
-        evaluate_needle(model, tokenizer, DOCUMENTS, [200], answer="", progress=False)
+        check_needle_text(NEEDLE, QUESTION, "")
     with pytest.raises(RopescopeError, match="too short for the needle and question"):
         needle_case(tokenizer, DOCUMENTS, 30, 50, 0)

@@ -74,15 +74,17 @@ def test_hub_environment_variables_are_honoured(folders, tmp_path):
     assert done.stdout.strip() == COMMIT
 
 
-def ppl(folders, out, *extra):
-    assert main(["ppl", "--model", str(folders / "model"), "--corpus", str(folders / "corpus"), "--split", "train",
+def ppl(model, corpus, out, *extra):
+    """`ropescope ppl` on a model folder and the tiny corpus; the rows it wrote."""
+    assert main(["ppl", "--model", str(model), "--corpus", str(corpus), "--split", "train",
                  "--lengths", "16,32", "--stride", "8", "--documents", "2", "--out", str(out), *extra]) == 0
     return read_rows(out / "perplexity.csv")
 
 
 def test_bfloat16_on_cpu_end_to_end(folders, tmp_path):
-    exact = ppl(folders, tmp_path / "float32", "--method", "yarn", "--factor", "2")
-    half = ppl(folders, tmp_path / "bfloat16", "--method", "yarn", "--factor", "2", "--dtype", "bfloat16")
+    exact = ppl(folders / "model", folders / "corpus", tmp_path / "float32", "--method", "yarn", "--factor", "2")
+    half = ppl(folders / "model", folders / "corpus", tmp_path / "bfloat16", "--method", "yarn", "--factor", "2",
+               "--dtype", "bfloat16")
     assert {row["dtype"] for row in half} == {"bfloat16"} and {row["dtype"] for row in exact} == {"float32"}
     for low, high in zip(half, exact):
         # bfloat16 keeps 8 bits of mantissa: a few tenths of a percent per weight, about 1% in the loss here
@@ -99,8 +101,8 @@ def test_bfloat16_on_cpu_end_to_end(folders, tmp_path):
 
 
 def test_device_map_auto_on_cpu_gives_the_float32_numbers(folders, tmp_path):
-    plain = ppl(folders, tmp_path / "plain", "--device", "cpu")
-    mapped = ppl(folders, tmp_path / "mapped", "--device-map", "auto")
+    plain = ppl(folders / "model", folders / "corpus", tmp_path / "plain", "--device", "cpu")
+    mapped = ppl(folders / "model", folders / "corpus", tmp_path / "mapped", "--device-map", "auto")
     assert [row["nll"] for row in mapped] == pytest.approx([row["nll"] for row in plain], rel=1e-6)
     assert {row["device"] for row in mapped} == {"cpu"} and {row["dtype"] for row in mapped} == {"float32"}
 
@@ -129,8 +131,8 @@ def gpt2_folder(tmp_path_factory):
     (["--device", "cuda"], "device 'cuda': no CUDA device is available here; use --device cpu or auto"),
     (["--device", "tpu"], "device 'tpu' is unknown; accepted: auto, cpu, cuda, cuda:N, mps"),
     (["--dtype", "float8"], "ropescope ppl: error: argument --dtype: invalid choice: 'float8'"),
-    (["--model", "org/missing"], "model 'org/missing' is not in the Hugging Face cache and the Hub is offline; "
-                                 "fetch it with `hf download org/missing`"),
+    (["--model", "org/missing"], "model 'org/missing' is no local folder and not in the Hugging Face cache, and "
+                                 "the Hub is offline or unreachable; fetch it with `hf download org/missing`"),
     (["--model", "GPT2"], "is a 'gpt2' model, not a causal LM with rotary position embeddings; accepted: a model "
                           "type with a causal-LM class in transformers and rope_parameters in its config, as llama,"),
 ])
@@ -147,3 +149,52 @@ def test_refusals_are_one_line_and_write_nothing(argv, message, folders, gpt2_fo
     assert not out.exists()
     if "gpt2" in message:
         assert "qwen3" in error and "gemma2" in error and "phi3" in error
+
+
+def test_a_family_without_sdpa_loads_eagerly_and_evaluates(folders, tmp_path):
+    """Gemma 2's class has no sdpa path: the default is then eager, and a command runs on it."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(0)
+    config = Gemma2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=32,
+                          sliding_window=8)
+    Gemma2ForCausalLM(config).save_pretrained(tmp_path / "gemma2")
+    tokenizer.save_pretrained(tmp_path / "gemma2")
+    loaded = load(tmp_path / "gemma2")
+    assert loaded.model.config._attn_implementation == "eager"
+    rows = ppl(tmp_path / "gemma2", folders / "corpus", tmp_path / "out")
+    assert all(0 < row["perplexity"] < 3 * len(tokenizer) for row in rows)
+
+
+def test_auto_device_and_dtype_choices_on_a_pretended_gpu(monkeypatch):
+    """The choice logic of `auto` where CUDA is present, exercised on CPU by pretending a 2-GPU machine."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    options = ModelOptions()
+    assert options.torch_device() == torch.device("cuda") and options.torch_dtype() == torch.bfloat16
+    assert ModelOptions(device="cuda:1", dtype="float16").torch_dtype() == torch.float16
+    assert ModelOptions(device="cpu").torch_dtype() == torch.float32
+    with pytest.raises(RopescopeError, match="device 'cuda:2': there are 2 CUDA devices"):
+        ModelOptions(device="cuda:2")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
+    assert ModelOptions().torch_dtype() == torch.float32  # a GPU without bfloat16 (V100, T4) keeps float32
+
+
+def test_an_extended_checkpoint_loads_with_its_recorded_extension(folders, tmp_path):
+    from ropescope.patch import ExtendedRotaryEmbedding, extend
+    from ropescope.rope import RopeSpec
+
+    spec = RopeSpec("dynamic", factor=2.0, original_max_position_embeddings=32)
+    saved = load(folders / "model")
+    extend(saved.model, spec).save_pretrained(tmp_path / "extended")
+    saved.tokenizer.save_pretrained(tmp_path / "extended")
+    loaded = load(tmp_path / "extended")
+    rotary = loaded.model.model.rotary_emb
+    assert isinstance(rotary, ExtendedRotaryEmbedding) and rotary.spec == spec
+    assert (loaded.labels.method, loaded.labels.factor, loaded.labels.original_max_position_embeddings) == (
+        "dynamic", 2.0, 32)
+    as_trained = load(tmp_path / "extended", RopeSpec("default"))  # 'default': the model as trained
+    assert as_trained.model.model.rotary_emb.spec == spec

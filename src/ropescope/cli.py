@@ -56,33 +56,25 @@ class _HelpFormatter(argparse.HelpFormatter):
 # Argument types: the checks of values that enter through the command line
 
 
-def _positive_int(text: str) -> int:
+def _parsed(text: str, convert, expected: str):
+    """`convert(text)`, or an argparse error naming what was expected."""
     try:
-        value = int(text)
+        return convert(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not {expected}") from None
+
+
+def _positive_int(text: str) -> int:
+    value = _parsed(text, int, "a whole number")
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
     return value
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is negative")
-    return value
-
-
 def _lengths(text: str) -> list[int]:
     """`256,512,1024`: positive, strictly increasing token counts."""
-    try:
-        lengths = [int(item) for item in text.split(",") if item.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers, e.g. 256,512,1024") \
-            from None
+    lengths = _parsed(text, lambda items: [int(item) for item in items.split(",") if item.strip()],
+                      "a comma-separated list of integers, e.g. 256,512,1024")
     if not lengths:
         raise argparse.ArgumentTypeError("no lengths; give e.g. 256,512,1024")
     for length in lengths:
@@ -90,17 +82,16 @@ def _lengths(text: str) -> list[int]:
             raise argparse.ArgumentTypeError(f"length={length} is not a positive integer")
     for previous, length in zip(lengths, lengths[1:]):
         if length <= previous:
-            raise argparse.ArgumentTypeError(f"lengths {lengths} are not strictly increasing ({previous} then {length})")
+            raise argparse.ArgumentTypeError(
+                f"lengths {lengths} are not strictly increasing ({previous} then {length})")
     return lengths
 
 
 def _depths(text: str) -> list[float]:
     """`0,25,50`: depth percents within 0..100 (order kept: the heatmap's y axis)."""
-    try:
-        depths = [float(item) if "." in item else int(item) for item in text.split(",") if item.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers, e.g. 0,25,50,75,100") \
-            from None
+    depths = _parsed(text, lambda items: [float(item) if "." in item else int(item) for item in items.split(",")
+                                          if item.strip()],
+                     "a comma-separated list of numbers, e.g. 0,25,50,75,100")
     if not depths:
         raise argparse.ArgumentTypeError("no depths; give e.g. 0,50,100")
     for depth in depths:
@@ -111,10 +102,7 @@ def _depths(text: str) -> list[float]:
 
 def _fraction(text: str) -> float:
     """A number in (0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    value = _parsed(text, float, "a number")
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"{value} is outside (0, 1]")
     return value
@@ -171,11 +159,23 @@ def _add_out(parser: argparse.ArgumentParser, files: str) -> None:
     parser.add_argument("--out", metavar="FOLDER", help=f"output folder: {files}")
 
 
-def _command(subparsers, name: str, function, help: str, description: str | None = None) -> argparse.ArgumentParser:
+def _command(subparsers, name: str, function, show, help: str, description: str | None = None):
+    """The parser of a command that calls `function` and prints its result with `show`."""
     parser = subparsers.add_parser(name, help=help, description=description or help[0].upper() + help[1:] + ".",
                                    formatter_class=_HelpFormatter)
-    parser.set_defaults(function=function)
+    parser.set_defaults(function=function, show=show)
     return parser
+
+
+def _add_retrieval_grid(parser: argparse.ArgumentParser, hidden: str, trial: str) -> None:
+    """The model and method of a retrieval task, and its grid: prompt lengths x depths of what is hidden x trials."""
+    _add_model(parser)
+    _add_methods(parser, several=False)
+    parser.add_argument("--lengths", type=_lengths, help="prompt lengths in tokens, increasing")
+    parser.add_argument("--depths", type=_depths, help=f"depth percents of the {hidden}, 0..100")
+    parser.add_argument("--trials", type=_positive_int, help=f"{trial} per cell")
+    parser.add_argument("--seed", type=int, help=f"picks the {trial}")
+    parser.add_argument("--batch-size", type=_positive_int, help="prompts per forward pass")
 
 
 def _bind_defaults(parser: argparse.ArgumentParser, function) -> None:
@@ -219,26 +219,24 @@ def _list_methods() -> str:
 
 
 def _add_methods_command(subparsers) -> None:
-    parser = _command(subparsers, "methods", _list_methods, "list the RoPE methods and their parameters",
+    parser = _command(subparsers, "methods", _list_methods, print, "list the RoPE methods and their parameters",
                       description="List the RoPE methods and their parameters. Name one in any command as "
                                   "--method NAME[:KEY=VALUE,...], e.g. --method yarn:factor=4,beta_fast=32.")
-    parser.set_defaults(show=print)
 
 
 def _add_freqs(subparsers) -> None:
     from ropescope.frequencies import run_frequencies
 
-    parser = _command(subparsers, "freqs", run_frequencies, "per-pair wavelengths of several methods, side by side")
+    parser = _command(subparsers, "freqs", run_frequencies, _show_frequencies,
+                      "per-pair wavelengths of several methods, side by side")
     _add_methods(parser, several=True)
     parser.add_argument("--head-dim", type=_positive_int, help="rotary dimensions per head")
     parser.add_argument("--base", type=float, help="RoPE base (rope_theta)")
     parser.add_argument("--seq-len", type=_positive_int, help="current length, for dynamic methods")
     _add_out(parser, "frequencies.csv, frequencies.png")
-    _bind_defaults(parser, run_frequencies)
-    parser.set_defaults(show=_show_frequencies)
 
 
-def _study(config: str | None, quick: bool, out: str, force: bool) -> tuple[dict, dict]:
+def _study(config: str | None = None, quick: bool = False, out: str = "results", force: bool = False):
     """Run the study of `config` (or the quick plan) into `out`, then build its report: (counts, report paths)."""
     from ropescope.study.config import load_config, quick_config_path
     from ropescope.study.report import build_report
@@ -249,28 +247,29 @@ def _study(config: str | None, quick: bool, out: str, force: bool) -> tuple[dict
 
 
 def _add_study(subparsers) -> None:
-    parser = _command(subparsers, "study", _study,
+    parser = _command(subparsers, "study", _study, _show_study,
                       "train, evaluate and analyse every method of a config, then write the report")
     plan = parser.add_mutually_exclusive_group()
     plan.add_argument("config", nargs="?", help="study TOML (default: the shipped default study)")
     plan.add_argument("--quick", action="store_true", help="the small shipped plan (seconds to a minute)")
     parser.add_argument("--force", action="store_true", help="redo every cell, even those already recorded")
     _add_out(parser, "the results database, checkpoints/ and report/")
-    parser.set_defaults(out="results", show=_show_study)
+    parser.set_defaults(out="results")
 
 
 def _add_report(subparsers) -> None:
     from ropescope.study.report import build_report
 
-    parser = _command(subparsers, "report", build_report, "rebuild a study's report from its results database")
+    parser = _command(subparsers, "report", build_report, _show_report,
+                      "rebuild a study's report from its results database")
     _add_out(parser, "the study's folder; its report/ is rewritten")
-    parser.set_defaults(out="results", show=_show_report)
+    parser.set_defaults(out="results")
 
 
 def _add_ppl(subparsers) -> None:
     from ropescope.eval.perplexity import PROTOCOLS, run_perplexity
 
-    parser = _command(subparsers, "ppl", run_perplexity,
+    parser = _command(subparsers, "ppl", run_perplexity, _show_perplexity,
                       "perplexity against length (truncated and sliding-window protocols)")
     _add_model(parser)
     _add_methods(parser, several=False)
@@ -282,98 +281,79 @@ def _add_ppl(subparsers) -> None:
     parser.add_argument("--chunk-size", type=_positive_int, help="positions per output-head chunk")
     _add_corpus(parser)
     _add_out(parser, "perplexity.csv, perplexity.png")
-    _bind_defaults(parser, run_perplexity)
-    parser.set_defaults(show=_show_perplexity)
 
 
 def _add_passkey(subparsers) -> None:
     from ropescope.eval.passkey import run_passkey
 
-    parser = _command(subparsers, "passkey", run_passkey, "passkey retrieval accuracy over lengths x depths")
-    _add_model(parser)
-    _add_methods(parser, several=False)
-    parser.add_argument("--lengths", type=_lengths, help="prompt lengths in tokens, increasing")
-    parser.add_argument("--depths", type=_depths, help="depth percents of the key, 0..100")
-    parser.add_argument("--trials", type=_positive_int, help="keys per cell")
-    parser.add_argument("--seed", type=int, help="picks the keys")
-    parser.add_argument("--batch-size", type=_positive_int, help="prompts per forward pass")
+    parser = _command(subparsers, "passkey", run_passkey, _show_cells,
+                      "passkey retrieval accuracy over lengths x depths")
+    _add_retrieval_grid(parser, "key", "keys")
     _add_out(parser, "passkey.csv, passkey.png")
-    _bind_defaults(parser, run_passkey)
-    parser.set_defaults(show=_show_cells)
 
 
 def _add_needle(subparsers) -> None:
     from ropescope.eval.needle import run_needle
 
-    parser = _command(subparsers, "needle", run_needle, "needle-in-a-haystack retrieval over lengths x depths")
-    _add_model(parser)
-    _add_methods(parser, several=False)
-    parser.add_argument("--lengths", type=_lengths, help="prompt lengths in tokens, increasing")
-    parser.add_argument("--depths", type=_depths, help="depth percents of the needle, 0..100")
-    parser.add_argument("--trials", type=_positive_int, help="haystacks per cell")
-    parser.add_argument("--seed", type=int, help="picks the haystacks")
-    parser.add_argument("--batch-size", type=_positive_int, help="prompts per forward pass")
+    parser = _command(subparsers, "needle", run_needle, _show_cells,
+                      "needle-in-a-haystack retrieval over lengths x depths")
+    _add_retrieval_grid(parser, "needle", "haystacks")
     parser.add_argument("--needle", type=_text, help="the sentence hidden in the haystack")
     parser.add_argument("--question", type=_text, help="the question, ending where the answer should start")
     parser.add_argument("--answer", type=_text, help="what a correct continuation contains")
     _add_corpus(parser)
     _add_out(parser, "needle.csv, needle.png")
-    _bind_defaults(parser, run_needle)
-    parser.set_defaults(show=_show_cells)
+
+
+def _add_attention_inputs(parser: argparse.ArgumentParser, compares_methods: bool) -> None:
+    """What every attention analysis reads: the model (and the methods it compares), its corpus, its block size."""
+    _add_model(parser)
+    if compares_methods:
+        _add_methods(parser, several=True)
+        parser.add_argument("--samples", type=_positive_int, help="token blocks per length")
+    parser.add_argument("--chunk-size", type=_positive_int, help="queries / keys per block of the streaming pass")
+    _add_corpus(parser)
 
 
 def _add_entropy(subparsers) -> None:
     from ropescope.attention.runs import run_entropy
 
-    parser = _command(subparsers, "entropy", run_entropy, "attention entropy against position, per method (streamed)")
-    _add_model(parser)
-    _add_methods(parser, several=True)
+    parser = _command(subparsers, "entropy", run_entropy, _show_written,
+                      "attention entropy against position, per method (streamed)")
+    _add_attention_inputs(parser, compares_methods=True)
     parser.add_argument("--lengths", type=_lengths, help="sequence lengths (default: 1x, 2x, 4x the pretrained length)")
-    parser.add_argument("--samples", type=_positive_int, help="token blocks per length")
     parser.add_argument("--position-bin-size", type=_positive_int, help="query positions per bin (default length/64)")
-    parser.add_argument("--chunk-size", type=_positive_int, help="queries / keys per block of the streaming pass")
-    _add_corpus(parser)
     _add_out(parser, "entropy.csv, entropy.png")
-    _bind_defaults(parser, run_entropy)
-    parser.set_defaults(show=_show_written)
 
 
 def _add_patterns(subparsers) -> None:
     from ropescope.attention.runs import run_patterns
 
-    parser = _command(subparsers, "patterns", run_patterns,
+    parser = _command(subparsers, "patterns", run_patterns, _show_preservation,
                       "attention against key distance and pattern preservation (the original is always included)")
-    _add_model(parser)
-    _add_methods(parser, several=True)
+    _add_attention_inputs(parser, compares_methods=True)
     parser.add_argument("--length", type=_positive_int, help="extended length (default: factor x pretrained, 4x "
                                                               "without a factor)")
-    parser.add_argument("--samples", type=_positive_int, help="token blocks per length")
     parser.add_argument("--query-fraction", type=_fraction, help="last fraction of positions used as queries")
     parser.add_argument("--bins-per-octave", type=_positive_int, help="distance bins per doubling")
-    parser.add_argument("--chunk-size", type=_positive_int, help="queries / keys per block of the streaming pass")
-    _add_corpus(parser)
     _add_out(parser, "patterns_distance.csv, patterns_preservation.csv, attention_distance.png, "
                      "pattern_preservation.png")
-    _bind_defaults(parser, run_patterns)
-    parser.set_defaults(show=_show_preservation)
 
 
 def _add_uncertainty(subparsers) -> None:
     from ropescope.attention.runs import run_uncertainty
 
-    parser = _command(subparsers, "uncertainty", run_uncertainty,
+    parser = _command(subparsers, "uncertainty", run_uncertainty, _show_uncertainty,
                       "answering-query entropy against passkey / needle errors")
     parser.add_argument("rows", help="evaluation rows (.csv or .json) from `ropescope passkey` / `needle`")
-    _add_model(parser)
+    _add_attention_inputs(parser, compares_methods=False)
+    model = next(action for action in parser._actions if action.dest == "model")
+    model.default, model.help = None, model.help + " (default: the model the rows name)"
     parser.add_argument("--only-method", action="append", dest="only_methods", metavar="NAME",
                         help="keep only rows of this method; repeatable")
     parser.add_argument("--only-factor", action="append", dest="only_factors", type=float, metavar="FACTOR",
                         help="keep only rows of this factor (and rows without one); repeatable")
-    parser.add_argument("--chunk-size", type=_positive_int, help="queries / keys per block of the streaming pass")
-    _add_corpus(parser)
     _add_out(parser, "uncertainty.csv, uncertainty_summary.json, entropy_heatmap.png")
-    _bind_defaults(parser, run_uncertainty)
-    parser.set_defaults(show=_show_uncertainty)
 
 
 def _add_config_fields(parser: argparse.ArgumentParser, config_class, flag_names: dict[str, str] | None = None) -> None:
@@ -409,25 +389,26 @@ def _add_train(subparsers) -> None:
     from ropescope.train import TrainConfig, train
 
     parser = _command(
-        subparsers, "train", train, "continual pretraining with a RoPE extension (also under `accelerate launch`)",
+        subparsers, "train", train, print,
+        "continual pretraining with a RoPE extension (also under `accelerate launch`)",
         description="Fine-tune a model with a RoPE extension on blocks of --length tokens; write a Hugging Face "
                     "checkpoint that loads with the extension active. Runs under `accelerate launch` as it is. "
                     "--method takes NAME[:KEY=VALUE,...] as in every command.")
     _add_config_fields(parser, TrainConfig)
-    parser.set_defaults(config_class=TrainConfig, show=print)
+    parser.set_defaults(config_class=TrainConfig)
 
 
 def _add_pretrain(subparsers) -> None:
     from ropescope.pretrain import PretrainConfig, pretrain
 
     parser = _command(
-        subparsers, "pretrain", pretrain,
+        subparsers, "pretrain", pretrain, print,
         "pretrain a small Llama with original RoPE (the shipped model's recipe is in its MODEL_CARD)",
         description="Pretrain a small LlamaForCausalLM with original RoPE at a short context, with a share of "
         "synthetic passkey examples. The defaults are the first of the stages that build the shipped model "
         "(src/ropescope/default/MODEL_CARD.md gives the commands).")
     _add_config_fields(parser, PretrainConfig, {"output": "--out"})
-    parser.set_defaults(config_class=PretrainConfig, show=print)
+    parser.set_defaults(config_class=PretrainConfig)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -502,6 +483,8 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in SUBCOMMANDS:
         add(subparsers)
+    for command in subparsers.choices.values():
+        _bind_defaults(command, command.get_default("function"))
     return parser
 
 

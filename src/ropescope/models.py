@@ -92,11 +92,12 @@ def _hub_snapshot(text: str) -> ModelSource:
     except LocalEntryNotFoundError:
         fetch = f"download {repo_id}{f' --revision {revision}' if revision else ''}"
         raise RopescopeError(
-            f"model {text!r} is not in the Hugging Face cache and the Hub is offline; fetch it with `hf {fetch}` "
-            f"(or `huggingface-cli {fetch}`) where there is network, or unset HF_HUB_OFFLINE"
+            f"model {text!r} is no local folder and not in the Hugging Face cache, and the Hub is offline or "
+            f"unreachable; fetch it with `hf {fetch}` (or `huggingface-cli {fetch}`) where there is network, or "
+            "unset HF_HUB_OFFLINE"
         ) from None
     except Exception as error:  # repository not found, gated, no network: one line naming the id
-        raise RopescopeError(f"model {text!r} could not be fetched from the Hugging Face Hub: "
+        raise RopescopeError(f"model {text!r} is no local folder and could not be fetched from the Hugging Face Hub: "
                              f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") from None
     folder = Path(folder)
     return ModelSource(repo_id, folder, folder.name if re.fullmatch(r"[0-9a-f]{40}", folder.name) else revision)
@@ -241,16 +242,18 @@ def load(model: str | Path | ModelSource = "default", spec: RopeSpec | None = No
     network.eval()
     if spec is not None and spec.method == "default":
         spec = None
-    if spec is not None:
-        extend(network, spec)
+    # a checkpoint saved after `extend` gets its recorded extension back through ropescope's rotary module, so
+    # that dynamic methods follow the current length exactly
     applied = spec or spec_from_config(network.config)
+    if applied is not None:
+        extend(network, applied)
     params = applied.params if applied is not None else {}
     parameter = next(network.parameters())
     labels = RunLabels(
         model=source.name, revision=source.revision, device=str(parameter.device), dtype=_dtype_name(parameter.dtype),
         method=applied.method if applied is not None else "default", factor=params.get("factor"),
         original_max_position_embeddings=params.get("original_max_position_embeddings")
-        or pretrained_rope(network.config)[1],
+        or pretrained_rope(network.config)[1], rope=applied.to_text() if applied is not None else "default",
     )
     return LoadedModel(network, tokenizer, labels)
 

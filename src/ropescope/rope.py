@@ -60,6 +60,14 @@ class RopeSpec:
             raise RopescopeError(f"a rope spec needs a 'method' key; got keys {sorted(data)}")
         return cls(data.pop("method"), **data)
 
+    def to_text(self) -> str:
+        """The spec as users name it, `NAME[:key=value,...]` (`parse_method` reads it back), listing the
+        parameters that differ from their defaults, e.g. `yarn:factor=4.0,original_max_position_embeddings=256`."""
+        defaults = METHODS[self.method].params
+        changed = [f"{name}={json.dumps(value, separators=(',', ':'))}" for name, value in self.params.items()
+                   if value != defaults[name]]
+        return self.method + (":" + ",".join(changed) if changed else "")
+
     def label(self) -> str:
         """A short name for plots and tables, e.g. `yarn x4`."""
         factor = self.params.get("factor")

@@ -51,7 +51,7 @@ class RunLabels(Row):
 
     model: as the user named it ('default', a folder, or a Hub id); revision: the Hub commit where known;
     device and dtype: where and in what precision it ran; method / factor / original_max_position_embeddings:
-    the RoPE extension ('default': the model as trained).
+    the RoPE extension ('default': the model as trained), and `rope`, all its parameters as `--method` takes them.
     """
 
     model: str
@@ -61,6 +61,7 @@ class RunLabels(Row):
     method: str = "default"
     factor: float | None = None
     original_max_position_embeddings: int | None = None
+    rope: str = "default"
 
 
 # ---------------------------------------------------------------------------------------------------------------

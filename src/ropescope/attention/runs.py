@@ -121,11 +121,12 @@ def run_patterns(model: str = "default", methods: Sequence[str | RopeSpec] = (),
 
 
 def evaluation_groups(rows: Sequence[dict]) -> dict[tuple, list[dict]]:
-    """Evaluation rows grouped by the model they ran on: (method, factor, original_max_position_embeddings)."""
+    """Evaluation rows grouped by the extension they ran with: their `rope` (the whole spec), or for rows without
+    one, (method, factor, original_max_position_embeddings)."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
-        method = row.get("method") or "default"
-        key = (method, None, None) if method == "default" else (
+        method = row.get("rope") or row.get("method") or "default"
+        key = (method, None, None) if method == "default" or row.get("rope") else (
             method, row.get("factor"), row.get("original_max_position_embeddings"))
         groups.setdefault(key, []).append(row)
     return groups
@@ -153,13 +154,22 @@ def read_evaluation_rows(path: str | Path, only_methods: Sequence[str] | None = 
     return rows
 
 
-def run_uncertainty(rows: str | Path, model: str = "default", *, only_methods: Sequence[str] | None = None,
+def evaluated_model(rows: Sequence[dict], path: str | Path) -> str:
+    """The one model that evaluation rows name (rows without a `model` field: the shipped one)."""
+    named = sorted({str(row.get("model") or "default") for row in rows})
+    if len(named) > 1:
+        raise RopescopeError(f"the rows in {str(path)!r} come from {len(named)} models ({', '.join(named)}); "
+                             "give --model, or rows of one model")
+    return named[0]
+
+
+def run_uncertainty(rows: str | Path, model: str | None = None, *, only_methods: Sequence[str] | None = None,
                     only_factors: Sequence[float] | None = None, corpus=None, split: str = "validation",
                     chunk_size: int = 512, options: ModelOptions | None = None,
                     out: str | Path = "results/uncertainty", progress: bool | None = None) -> list[dict]:
     """Answering-query entropy and needle mass for every evaluation row (from `ropescope passkey` / `needle`),
-    each group of rows on the model it was evaluated with. Writes out/uncertainty.csv,
-    out/uncertainty_summary.json and out/entropy_heatmap.png; returns the summary rows."""
+    each group of rows on the model it was evaluated with (`model`; None: the one the rows name). Writes
+    out/uncertainty.csv, out/uncertainty_summary.json and out/entropy_heatmap.png; returns the summary rows."""
     from ropescope.attention.uncertainty import failure_summary, rebuild_cases, retrieval_attention
     from ropescope.models import extension_specs, load, load_tokenizer, resolve_model
     from ropescope.plots import plot_entropy_heatmap
@@ -167,7 +177,7 @@ def run_uncertainty(rows: str | Path, model: str = "default", *, only_methods: S
 
     evaluated = read_evaluation_rows(rows, only_methods, only_factors)
     groups = evaluation_groups(evaluated)
-    source = resolve_model(model)
+    source = resolve_model(model or evaluated_model(evaluated, rows))
     specs = {key: extension_specs(source, [key[0]], key[1], key[2])[0] for key in groups}
     haystack = None
     if any(row["task"] == "needle" for row in evaluated):

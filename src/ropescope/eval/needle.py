@@ -120,9 +120,10 @@ def evaluate_needle(model, tokenizer, documents: list[str], lengths, depths=(0, 
                     seed: int = 0, needle: str = NEEDLE, question: str = QUESTION, answer: str = ANSWER,
                     max_new_tokens: int | None = None, batch_size: int = 4, labels: dict | None = None,
                     progress: bool | None = None) -> list[dict]:
-    """Needle retrieval over lengths x depths x trials on a loaded model; one `NeedleRow` per trial, as a dict."""
-    check_needle_text(needle, question, answer)
-    check_haystack(tokenizer, documents, max(lengths))
+    """Needle retrieval over lengths x depths x trials on a loaded model; one `NeedleRow` per trial, as a dict.
+
+    The texts and the haystack's size are as `check_needle_text` and `check_haystack` accept them.
+    """
     if max_new_tokens is None:
         max_new_tokens = len(encode(tokenizer, " " + answer)) + 8
     rows = []

@@ -144,10 +144,10 @@ def evaluate_perplexity(model, tokenizer, documents: list[str], lengths, protoco
     """Perplexity at each length by each protocol; one `PerplexityRow` per (protocol, length), as a dict.
 
     lengths: increasing positive token counts; protocols: some of PROTOCOLS. stride: the sliding protocol's step
-    (None: half the window). max_documents: how many long documents to use. labels: fields every row starts with.
+    (None: half the window; at most the shortest length, see `check_stride`). max_documents: how many long
+    documents to use. labels: fields every row starts with.
     """
     lengths = list(lengths)
-    check_stride(stride, lengths)
     texts = long_documents(tokenizer, documents, max(lengths), max_documents)
     model.eval()
 
