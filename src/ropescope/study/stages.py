@@ -128,17 +128,17 @@ def patterns(context: StageContext, variant: Variant) -> list[dict]:
     the pattern: the reference is the original model at its pretrained length (the paper's Figure 2(a))."""
     from ropescope.attention.patterns import distance_distribution, pattern_preservation
 
-    pretrained_length = context.config.model.original_max_position_embeddings
+    original = context.config.model.original_max_position_embeddings
     extended_length = context.config.analysis.pattern_length
     count = context.config.analysis.entropy_samples
-    original, tokenizer = context.load(ORIGINAL_VARIANT)
-    reference = distance_distribution(original, context.samples(tokenizer, pretrained_length, count),
-                                      pretrained_length=pretrained_length, progress=context.progress)
+    reference_model, tokenizer = context.load(ORIGINAL_VARIANT)
+    reference = distance_distribution(reference_model, context.samples(tokenizer, original, count),
+                                      original_max_position_embeddings=original, progress=context.progress)
     model, tokenizer = context.load(variant)
-    at_pretrained = distance_distribution(model, context.samples(tokenizer, pretrained_length, count),
-                                          pretrained_length=pretrained_length, progress=context.progress)
+    at_pretrained = distance_distribution(model, context.samples(tokenizer, original, count),
+                                          original_max_position_embeddings=original, progress=context.progress)
     extended = distance_distribution(model, context.samples(tokenizer, extended_length, count),
-                                     pretrained_length=pretrained_length, progress=context.progress)
+                                     original_max_position_embeddings=original, progress=context.progress)
     preservation = [row for row in pattern_preservation(reference, extended) if row["layer"] != "mean"]
     return ([{**row, "row_type": "distribution"} for row in at_pretrained + extended]
             + [{**row, "row_type": "preservation"} for row in preservation])
