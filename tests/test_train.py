@@ -281,7 +281,7 @@ def test_retrieval_mix_puts_passkey_examples_of_the_training_length_with_answer_
     from ropescope.train import micro_batch
 
     tokenizer = _tokenizer(tiny)
-    length = 96
+    length = 400
     config = TrainConfig(out="x", length=length, batch_size=64, retrieval_mix=0.5, seed=3)
     blocks = torch.randint(0, 300, (80, length), generator=torch.Generator().manual_seed(0))
     slots, indices = range(64, 128), list(range(64))
@@ -289,18 +289,26 @@ def test_retrieval_mix_puts_passkey_examples_of_the_training_length_with_answer_
     assert input_ids.shape == is_answer.shape == (64, length)
     passkey_rows = [row for row in range(64) if not torch.equal(input_ids[row], blocks[row])]
     assert 16 <= len(passkey_rows) <= 48  # about half, drawn per slot
+    answers_per_row = []
     for row in range(64):
         ids = input_ids[row].tolist()
-        if row not in passkey_rows:
-            assert not is_answer[row].any()
-            continue
-        text = tokenizer.decode(ids)
-        key = text.rsplit(" ", 1)[-1]
-        assert len(key) == 5 and key.isdigit() and text.endswith(f"{QUESTION} {key}")
-        assert KEY_LINE.format(key=key).split(".")[0] in text  # the key line with the same key, earlier
         marked = [position for position in range(length) if is_answer[row, position]]
-        assert marked == list(range(marked[0], length))  # the answer is the last tokens of the row
-        assert tokenizer.decode([ids[position] for position in marked]) == f" {key}"
+        if row not in passkey_rows:
+            assert not marked
+            continue
+        # Each marked run of tokens is " KEY", right after the question, and the key line with that key is earlier.
+        runs = [[marked[0]]]
+        for position in marked[1:]:
+            runs[-1].append(position) if position == runs[-1][-1] + 1 else runs.append([position])
+        # One example of the training length ends the row with its answer; packed short ones end earlier.
+        answers_per_row.append(len(runs) if runs[-1][-1] < length - 1 else "full")
+        for run in runs:
+            answer = tokenizer.decode(ids[run[0] : run[-1] + 1])
+            key = answer.strip()
+            assert answer == f" {key}" and len(key) == 5 and key.isdigit()
+            before = tokenizer.decode(ids[: run[0]])
+            assert before.endswith(QUESTION) and KEY_LINE.format(key=key).split(".")[0] in before
+    assert "full" in answers_per_row and max(n for n in answers_per_row if n != "full") > 1
 
     # A slot's draw does not depend on which micro-batch or process it lands in.
     first, first_answer = micro_batch(blocks, range(64, 96), indices[:32], config, PasskeyPrompts(tokenizer))

@@ -9,6 +9,8 @@ layout of the evaluation prompt.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ropescope.errors import RopescopeError
@@ -80,6 +82,14 @@ class PasskeyPrompts:
         needle_start = len(prefix) + len(before)
         return prefix + before + needle + after + question, needle_start, needle_start + len(needle)
 
+    @functools.cached_property
+    def whole_example_length(self) -> int:
+        """The fewest tokens a training example needs to hold the whole key line (shorter ones are cut at the
+        start, the key line with them): the widest separators and a leading end-of-text token included."""
+        widest = max(TRAINING_SEPARATORS, key=lambda separator: len(self.ids(separator)))
+        return max(1 + len(self.ids(widest + KEY_LINE.format(key=key) + widest)) + len(self.ids(widest + QUESTION))
+                   + len(self.ids(" " + key)) for key in ("10000", "12345", "54321", "99999"))
+
     def _training_filler(self, count: int, start_sentence: int, at_sentence: bool) -> list[int]:
         """`count` filler tokens starting at sentence `start_sentence`; cut at a sentence end if `at_sentence`."""
         ids: list[int] = []
@@ -126,3 +136,27 @@ class PasskeyPrompts:
         after = self._training_filler(after_count, start_sentence + len(before), False)
         ids = leading + before + needle + after + question + answer
         return (ids[-length:] if len(ids) > length else ids), len(answer)
+
+    def training_row(self, length: int, generator: torch.Generator, packed: bool,
+                     min_length: int) -> tuple[list[int], list[tuple[int, int]]]:
+        """(ids, answer_spans): passkey examples for one training row of `length` tokens, each followed by the
+        end-of-text token: one example of `min_length`..`length` tokens, or, `packed`, several short ones of
+        `min_length`..2 x `min_length` tokens back to back (many retrievals per row, at short distances, where a
+        retrieval circuit forms first). The ids may fall short of `length` (the caller fills the rest with corpus
+        text) or pass it by the last end-of-text token (cut); answer_spans are the (start, end) of each answer.
+        """
+        if packed:
+            lengths: list[int] = []
+            while sum(lengths) + len(lengths) + 2 * min_length + 1 <= length:
+                lengths.append(int(torch.randint(min_length, 2 * min_length + 1, (1,), generator=generator)))
+        else:
+            lengths = [int(torch.randint(min_length, length + 1, (1,), generator=generator))]
+        ids: list[int] = []
+        spans = []
+        for example_length in lengths:
+            example, answer_length = self.training_example(example_length, generator)
+            ids += example
+            spans.append((len(ids) - answer_length, len(ids)))
+            if self.eos is not None:
+                ids.append(self.eos)
+        return ids, spans

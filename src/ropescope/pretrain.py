@@ -166,20 +166,10 @@ def _batch(tokens: torch.Tensor, passkeys: PasskeyPrompts, config: PretrainConfi
     is_passkey = torch.rand(config.batch_size, generator=generator) < config.passkey_share
     is_answer = torch.zeros_like(rows, dtype=torch.bool)
     is_packed = torch.rand(config.batch_size, generator=generator) < config.passkey_packed_share
-    shortest = config.passkey_min_length
     for row in torch.nonzero(is_passkey).flatten().tolist():
-        if is_packed[row]:  # several short examples back to back: many retrievals per row, short distances
-            lengths = []
-            while sum(lengths) + len(lengths) + 2 * shortest + 1 <= length:
-                lengths.append(int(torch.randint(shortest, 2 * shortest + 1, (1,), generator=generator)))
-        else:
-            lengths = [int(torch.randint(shortest, length + 1, (1,), generator=generator))]
-        packed: list[int] = []
-        for example_length in lengths:
-            example, answer_length = passkeys.training_example(example_length, generator)
-            packed += example
-            is_answer[row, len(packed) - answer_length : len(packed)] = True
-            packed.append(passkeys.eos)
+        packed, answers = passkeys.training_row(length, generator, bool(is_packed[row]), config.passkey_min_length)
+        for start, end in answers:
+            is_answer[row, start:end] = True
         # Fill the rest of the row with corpus text (after the end-of-text token that closes the last example).
         packed = packed[:length] + rows[row, : max(length - len(packed), 0)].tolist()
         rows[row] = torch.tensor(packed[:length], dtype=torch.long)

@@ -11,7 +11,9 @@ and the resumable checkpoints under `checkpoints/`.
 Data order is a pure function of (seed, step): step s trains on global batch s of a seeded shuffle of the
 corpus blocks, whatever the number of processes. Each process takes its own slice of that global batch, so N
 processes with 1/N of the per-process batch follow the same loss trajectory as one process, and a resumed run
-needs nothing but the step to find its place in the data.
+needs nothing but the step to find its place in the data. With `retrieval_mix`, a share of the blocks are
+replaced by synthetic passkey examples (the generator of `ropescope pretrain`), drawn per stream position from the
+seed, so the same holds for them.
 """
 
 from __future__ import annotations
@@ -37,6 +39,10 @@ MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]  # the attention projections, where RoPE acts
 METRICS_FIELDS = ["step", "loss", "lr", "tokens_per_s"]
 ANSWER_LOSS_WEIGHT = 1.0  # the weight of the passkey answer loss, as in `ropescope pretrain`
+# With retrieval_mix: the share of passkey rows packed with short examples of 40-80 tokens (as in the later stages
+# of the shipped model's pretraining); the other passkey rows hold one example of the training length.
+RETRIEVAL_PACKED_SHARE = 0.3
+RETRIEVAL_PACKED_MIN_LENGTH = 40
 # Fields that do not change what the run computes: a resumed run may differ in these.
 _NOT_IDENTITY = {"out", "resume", "overwrite", "progress", "checkpoint_every", "keep_checkpoints", "batch_size"}
 
@@ -180,11 +186,12 @@ def _slot_generator(seed: int, slot: int) -> torch.Generator:
 def micro_batch(blocks: torch.Tensor, slots: range, indices: list[int], config: TrainConfig,
                 passkeys=None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(input_ids, is_answer) of one micro-batch: the corpus blocks `indices`, each replaced with probability
-    `retrieval_mix` (drawn per slot, so the same whatever the process count or a resume) by a passkey example of
-    `length` tokens from `passkeys` (a `PasskeyPrompts`), as `ropescope pretrain` mixes them in.
+    `retrieval_mix` (drawn per slot, so the same whatever the process count or a resume) by passkey examples from
+    `passkeys` (a `PasskeyPrompts`), as `ropescope pretrain` mixes them in: one example of the training length, or,
+    in a share RETRIEVAL_PACKED_SHARE of those rows, short examples packed back to back.
 
     blocks: LongTensor[num_blocks, length]. Returns input_ids: LongTensor[batch_size, length] and is_answer:
-    bool [batch_size, length] marking each example's answer tokens, or None when no passkey was drawn.
+    bool [batch_size, length] marking the answer tokens, or None when no passkey was drawn.
     """
     input_ids = blocks[indices]
     if not config.retrieval_mix:
@@ -195,13 +202,14 @@ def micro_batch(blocks: torch.Tensor, slots: range, indices: list[int], config: 
         generator = _slot_generator(config.seed, slot)
         if float(torch.rand((), generator=generator)) >= config.retrieval_mix:
             continue
-        example, answer_length = passkeys.training_example(config.length, generator)
-        end = len(example)  # where the answer ends
-        if end < config.length:  # a length too short for the whole layout: corpus text fills the row
-            separator = [] if passkeys.eos is None else [passkeys.eos]
-            example = example + separator + input_ids[row, : config.length - end - len(separator)].tolist()
-        input_ids[row] = torch.tensor(example, dtype=torch.long)
-        is_answer[row, end - answer_length : end] = True
+        packed = float(torch.rand((), generator=generator)) < RETRIEVAL_PACKED_SHARE
+        # Packed examples long enough to hold the whole key line: a cut one would ask for a key it does not show.
+        shortest = max(RETRIEVAL_PACKED_MIN_LENGTH, passkeys.whole_example_length)
+        ids, answers = passkeys.training_row(config.length, generator, packed, shortest if packed else config.length)
+        ids = ids[: config.length] + input_ids[row, : max(config.length - len(ids), 0)].tolist()
+        input_ids[row] = torch.tensor(ids, dtype=torch.long)
+        for start, end in answers:
+            is_answer[row, start:end] = True
     return input_ids, (is_answer if is_answer.any() else None)
 
 
