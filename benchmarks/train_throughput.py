@@ -29,7 +29,7 @@ from ropescope.train import TrainConfig, _LrMultiplier, train
 
 def hand_written_tokens_per_s(config: TrainConfig, skip: int) -> float:
     """The floor: the plainest loop that does the same optimisation, timed over steps `skip`.. ."""
-    model, tokenizer = load_model(config.model)
+    model, tokenizer = load_model(config.model, device="cpu", dtype="float32")
     extend(model, simple_spec(config.method, factor=config.factor,
                               original_max_position_embeddings=model.config.max_position_embeddings))
     model.train()

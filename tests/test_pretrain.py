@@ -90,7 +90,7 @@ def test_bad_configuration_is_one_line(corpus, tmp_path, capsys):
         pretrain(tiny(corpus, tmp_path / "m", passkey_share=1.5))
     with pytest.raises(RopescopeError, match="not divisible"):
         pretrain(tiny(corpus, tmp_path / "m", hidden_size=30, num_heads=4))
-    assert main(["pretrain", "--output", str(tmp_path / "m"), "--corpus", str(tmp_path / "missing")]) == 2
+    assert main(["pretrain", "--out", str(tmp_path / "m"), "--corpus", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
 
 

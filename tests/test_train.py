@@ -88,7 +88,7 @@ def _env() -> dict:
 def _cli_args(config: TrainConfig) -> list[str]:
     return ["--model", config.model, "--corpus", config.corpus, "--method", config.method, "--factor",
             str(config.factor), "--length", str(config.length), "--steps", str(config.steps), "--batch-size",
-            str(config.batch_size), "--lr", str(config.learning_rate), "--warmup-steps", str(config.warmup_steps),
+            str(config.batch_size), "--learning-rate", str(config.learning_rate), "--warmup-steps", str(config.warmup_steps),
             "--checkpoint-every", str(config.checkpoint_every), "--out", str(config.out)]
 
 
@@ -236,13 +236,13 @@ def test_an_output_folder_with_another_run_is_refused_unless_resume_or_overwrite
     capsys.readouterr()
     before = (config.out / "metrics.csv").read_text()
 
-    message = _cli_error(capsys, [*argv, "--lr", "0.01"])
+    message = _cli_error(capsys, [*argv, "--learning-rate", "0.01"])
     assert "holds a different run (learning_rate=0.003 there vs 0.01 here)" in message
     assert "already holds this run; pass resume" in _cli_error(capsys, argv)
-    assert "holds a different run" in _cli_error(capsys, [*argv, "--lr", "0.01", "--resume"])
+    assert "holds a different run" in _cli_error(capsys, [*argv, "--learning-rate", "0.01", "--resume"])
     assert (config.out / "metrics.csv").read_text() == before  # refused before writing anything
 
-    assert main([*argv, "--lr", "0.01", "--overwrite"]) == 0
+    assert main([*argv, "--learning-rate", "0.01", "--overwrite"]) == 0
     capsys.readouterr()
     assert json.loads((config.out / "run.json").read_text())["config"]["learning_rate"] == 0.01
 

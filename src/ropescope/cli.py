@@ -236,13 +236,15 @@ def _add_freqs(subparsers) -> None:
     _add_out(parser, "frequencies.csv, frequencies.png")
 
 
-def _study(config: str | None = None, quick: bool = False, out: str = "results", force: bool = False):
+def _study(config: str | None = None, quick: bool = False, out: str = "results", force: bool = False,
+           executor: str | None = None, address: str | None = None):
     """Run the study of `config` (or the quick plan) into `out`, then build its report: (counts, report paths)."""
     from ropescope.study.config import load_config, quick_config_path
     from ropescope.study.report import build_report
     from ropescope.study.runner import run_study
 
-    counts = run_study(load_config(quick_config_path() if quick else config), out, force=force)
+    counts = run_study(load_config(quick_config_path() if quick else config), out, force=force, executor=executor,
+                       address=address)
     return counts, build_report(out)
 
 
@@ -253,7 +255,10 @@ def _add_study(subparsers) -> None:
     plan.add_argument("config", nargs="?", help="study TOML (default: the shipped default study)")
     plan.add_argument("--quick", action="store_true", help="the small shipped plan (seconds to a minute)")
     parser.add_argument("--force", action="store_true", help="redo every cell, even those already recorded")
-    _add_out(parser, "the results database, checkpoints/ and report/")
+    parser.add_argument("--executor", choices=["local", "ray"],
+                        help="where cells run: this process, or Ray tasks (default: the config's [execution])")
+    parser.add_argument("--address", help="the Ray cluster to join, e.g. auto or HOST:6379 (default: a local Ray)")
+    _add_out(parser, "the results database, checkpoints/ and report/ (on storage every Ray node sees)")
     parser.set_defaults(out="results")
 
 
@@ -417,7 +422,8 @@ def _add_pretrain(subparsers) -> None:
 
 def _show_study(result) -> int:
     counts, paths = result
-    print(f"cells: {counts['done']} run, {counts['skipped']} already recorded, {counts['failed']} failed")
+    print(f"cells: {counts['done']} run, {counts['skipped']} already recorded, {counts['failed']} failed, "
+          f"{counts['blocked']} blocked by a failed cell")
     _show_report(paths)
     return 1 if counts["failed"] else 0
 

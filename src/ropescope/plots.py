@@ -413,7 +413,8 @@ def plot_entropy_heatmap(rows: list[dict], path) -> Path:
 
 
 def _series_label(row: dict) -> str:
-    return f"{row.get('model', 'model')} / {method_label(row)}"
+    # Study rows name their variant (yarn@0 and yarn@512 share model and method); command rows name the model.
+    return row["variant"] if "variant" in row else f"{row.get('model', 'model')} / {method_label(row)}"
 
 
 def perplexity_figure(rows: list[dict], pretrained_length: int | None = None) -> Figure:

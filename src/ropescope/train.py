@@ -53,10 +53,10 @@ class TrainConfig:
 
     out: str | Path  # run folder: the final checkpoint, metrics.csv, run.json, checkpoints/
     model: str = "default"  # "default" (the shipped model) or a local Hugging Face folder
-    method: str = "yarn"  # a name in ropescope.rope.METHODS
+    method: str = "yarn"  # NAME[:key=value,...], a method of ropescope.rope.METHODS with its parameters
     factor: float = 4.0
-    original_length: int | None = None  # original_max_position_embeddings; None = the model's pretrained length
-    spec: dict | None = None  # a full RopeSpec.to_dict(); when given, it replaces method, factor and original_length
+    original_max_position_embeddings: int | None = None  # the pretrained length; None = the model's own
+    spec: dict | None = None  # a full RopeSpec.to_dict(); when given, replaces the three above
     length: int = 1024  # tokens per training block
     steps: int = 100  # optimizer steps
     corpus: str | None = None  # a corpus path for ropescope.data.load_corpus; None = the shipped corpus
@@ -87,11 +87,6 @@ class TrainConfig:
 
 def validate(config: TrainConfig) -> None:
     """Check every value a user can get wrong that needs no model or data: one RopescopeError line each."""
-    from ropescope.rope import METHODS
-
-    method = config.spec.get("method") if config.spec is not None else config.method
-    if method not in METHODS:
-        raise RopescopeError(f"method={method!r} is unknown; accepted: {', '.join(METHODS)}")
     positive = {"length": config.length, "steps": config.steps, "batch_size": config.batch_size,
                 "grad_accum": config.grad_accum}
     for name, value in positive.items():
@@ -113,8 +108,9 @@ def validate(config: TrainConfig) -> None:
             raise RopescopeError(f"{name}={getattr(config, name)} must be >= 0")
     if config.keep_checkpoints < 1:
         raise RopescopeError(f"keep_checkpoints={config.keep_checkpoints} must be >= 1")
-    if config.original_length is not None and config.original_length <= 0:
-        raise RopescopeError(f"original_length={config.original_length} is not a positive integer")
+    original = config.original_max_position_embeddings
+    if original is not None and original <= 0:
+        raise RopescopeError(f"original_max_position_embeddings={original} is not a positive integer")
     if not 0 <= config.retrieval_mix < 1:
         raise RopescopeError(f"retrieval_mix={config.retrieval_mix} is outside [0, 1)")
     if config.resume and config.overwrite:
@@ -330,13 +326,13 @@ def _rope_spec(config: TrainConfig, model_path: Path):
     from transformers import AutoConfig
 
     from ropescope.patch import pretrained_rope
-    from ropescope.rope import RopeSpec, simple_spec
+    from ropescope.rope import RopeSpec, method_spec
 
     if config.spec is not None:
         return RopeSpec.from_dict(config.spec)
     # The length the model was pretrained at, even when the checkpoint already carries an extension.
-    original = config.original_length or pretrained_rope(AutoConfig.from_pretrained(model_path))[1]
-    return simple_spec(config.method, factor=config.factor, original_max_position_embeddings=original)
+    original = config.original_max_position_embeddings or pretrained_rope(AutoConfig.from_pretrained(model_path))[1]
+    return method_spec(config.method, factor=config.factor, original_max_position_embeddings=original)
 
 
 def _start_run_folder(accelerator, config: TrainConfig, identity: dict, spec, num_blocks: int) -> Path | None:
@@ -480,7 +476,8 @@ def train(config: TrainConfig) -> Path:
     spec = _rope_spec(config, model_path)
     blocks = _training_blocks(AutoTokenizer.from_pretrained(model_path), config, global_batch)
     set_seed(config.seed)
-    model, tokenizer = load_model(model_path)
+    # Float32 on the CPU: accelerate places the model and casts for mixed precision itself.
+    model, tokenizer = load_model(model_path, device="cpu", dtype="float32")
     extend(model, spec)
     accelerator.wait_for_everyone()  # every process has looked at `out` before the main one changes it
 

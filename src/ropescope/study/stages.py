@@ -43,8 +43,6 @@ def train(context: StageContext, variant: Variant) -> list[dict]:
 
     settings = context.config.training
     out = context.checkpoint_dir(variant)
-    # TrainConfig gains retrieval_mix with the retrieval-mix training change; until then only a nonzero mix is passed
-    mix = {"retrieval_mix": settings.retrieval_mix} if settings.retrieval_mix else {}
     run_training(TrainConfig(
         model=context.config.model.path,
         spec=variant.spec.to_dict(),
@@ -58,7 +56,7 @@ def train(context: StageContext, variant: Variant) -> list[dict]:
         out=str(out),
         overwrite=True,
         progress=context.progress,
-        **mix,
+        retrieval_mix=settings.retrieval_mix,
     ))
     with (out / "metrics.csv").open(newline="") as handle:
         return [{key: float(value) for key, value in row.items() if value != ""} for row in csv.DictReader(handle)]
