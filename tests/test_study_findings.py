@@ -9,11 +9,8 @@ import pytest
 from scipy import stats
 
 from ropescope.study.findings import finding_entropy_errors, finding_pattern, finding_training_length
+from ropescope.study.statistics import CONTRADICTED, INSUFFICIENT, NOT_SIGNIFICANT, REPRODUCED
 from ropescope.study.statistics import (
-    CONTRADICTED,
-    INSUFFICIENT,
-    NOT_SIGNIFICANT,
-    REPRODUCED,
     auroc,
     mean_difference,
     pair_weighted_auroc,
@@ -113,12 +110,18 @@ def test_pair_weighted_auroc_counts_within_stratum_pairs():
         assert stratified_auroc(scores, labels, strata, resamples=99).auroc == pytest.approx(expected)
 
 
-def exhaustive_stratified_p(scores, labels, strata):
-    """Two-sided p of |pair-weighted AUROC - 0.5| over every permutation of the labels within strata."""
-    observed = brute_pair_weighted(scores, labels, strata)
+def _groups(strata) -> dict:
+    """Stratum -> the indices of its cases."""
     groups = {}
     for index, key in enumerate(strata):
         groups.setdefault(key, []).append(index)
+    return groups
+
+
+def exhaustive_stratified_p(scores, labels, strata):
+    """Two-sided p of |pair-weighted AUROC - 0.5| over every permutation of the labels within strata."""
+    observed = brute_pair_weighted(scores, labels, strata)
+    groups = _groups(strata)
     extreme = total = 0
     for orders in itertools.product(*(itertools.permutations([labels[i] for i in g]) for g in groups.values())):
         permuted = list(labels)
@@ -153,9 +156,7 @@ def test_stratified_permutation_p_by_sampling_agrees_with_exhaustive():
 def exhaustive_stratified_p_fast(scores, labels, strata):
     """As `exhaustive_stratified_p`, enumerating which cases of each stratum are positive (distinct labellings)."""
     observed = brute_pair_weighted(scores, labels, strata)
-    groups = {}
-    for index, key in enumerate(strata):
-        groups.setdefault(key, []).append(index)
+    groups = _groups(strata)
     choices = [itertools.combinations(g, sum(labels[i] for i in g)) for g in groups.values()]
     extreme = total = 0
     for chosen in itertools.product(*choices):
