@@ -80,9 +80,9 @@ class TrainConfig:
     overwrite: bool = False  # replace the run in `out`
     progress: bool | None = None  # tqdm bar; None = only on a terminal
     retrieval_mix: float = field(default=0.0, metadata={"help": (
-        "fraction of training blocks replaced by synthetic passkey examples of the training length (the generator "
-        "`ropescope pretrain` uses), with an extra loss on the answer tokens; keeps retrieval through the "
-        "fine-tune. 0 = plain text only")})
+        "fraction of training blocks, in [0, 1), replaced by synthetic passkey examples (the generator `ropescope "
+        "pretrain` uses: one example of the training length, or short ones packed), with an extra loss on the answer "
+        "tokens, so that the fine-tune keeps retrieval; 0 = plain text only")})
 
 
 def validate(config: TrainConfig) -> None:
