@@ -9,7 +9,7 @@ import pytest
 
 from ropescope.study.report import build_report
 from ropescope.study.runner import DATABASE
-from tests.test_study_report import fill_store
+from tests.helpers import fill_store
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # CI installs Chromium and sets this, so there the test can only pass by rendering; elsewhere it may skip.

@@ -1,7 +1,5 @@
 """The report is rebuilt from the database alone: every figure, the summary table and each finding's tests."""
 
-import math
-import random
 import re
 
 from scipy import stats
@@ -9,64 +7,7 @@ from scipy import stats
 from ropescope.study.report import build_report
 from ropescope.study.runner import DATABASE
 from ropescope.study.store import ResultStore
-
-VARIANTS = [("original", "original", "default", None), ("yarn@512", "yarn", "yarn", 512),
-            ("yarn@1024", "yarn", "yarn", 1024), ("pi@512", "pi", "linear", 512), ("pi@1024", "pi", "linear", 1024)]
-PPL_LENGTHS = (256, 512, 1024, 2048, 4096)
-PASSKEY_LENGTHS = (256, 512, 1024, 2048)
-
-
-def labels(variant, method_name, method, train_length):
-    return {"variant": variant, "method_name": method_name, "method": method, "train_length": train_length,
-            "factor": None if method == "default" else 4.0}
-
-
-def fill_store(path, meta_key="original_max_position_embeddings", untrained=None):
-    """A plausible small study: the original fails past 256, longer training helps, and within a length and variant
-    failed retrievals have the higher entropy. `untrained` replaces the original's train_length (old rows: 0)."""
-    rng = random.Random(0)
-    documents = [rng.uniform(-0.3, 0.3) for _ in range(6)]  # each document's own difficulty, centred below
-    documents = [offset - sum(documents) / len(documents) for offset in documents]
-    with ResultStore(path) as store:
-        store.set_meta(meta_key, 256)
-        for variant, method_name, method, train_length in VARIANTS:
-            base = labels(variant, method_name, method, train_length or untrained)
-            quality = 0 if method == "default" else train_length / 1024  # 0..1
-            ppl = []
-            for n in PPL_LENGTHS:
-                level = math.log(20 * (n / 256) ** (1 - 0.8 * quality) if n > 256 else 20.0)
-                nll = [level + offset for offset in documents]
-                ppl.append({**base, "protocol": "truncated", "length": n, "document_nll": nll,
-                            "perplexity": math.exp(sum(nll) / len(nll))})
-            store.record(f"perplexity/{variant}", "perplexity", variant, "h", ppl, 1.0)
-            passkey, uncertainty = [], []
-            for n in PASSKEY_LENGTHS:
-                for depth in (0.0, 50.0, 100.0):
-                    for trial in range(4):
-                        correct = n == 256 or rng.random() < quality * 512 / n
-                        passkey.append({**base, "length": n, "depth_percent": depth, "trial": trial,
-                                        "score": float(correct)})
-                        uncertainty.append({**base, "length": n, "depth_percent": depth, "trial": trial,
-                                            "correct": correct, "needle_mass": 0.1,
-                                            "entropy": math.log(n) / 2 + (0 if correct else 0.3)
-                                            + rng.uniform(-0.3, 0.3)})
-            store.record(f"passkey/{variant}", "passkey", variant, "h", passkey, 1.0)
-            store.record(f"uncertainty/{variant}", "uncertainty", variant, "h", uncertainty, 1.0)
-            entropy = []
-            for n in (256, 1024):
-                for layer in range(2):
-                    for p in range(16, n, 64):
-                        value = math.log(p + 1) * (1 - quality / 3)
-                        entropy.append({**base, "length": n, "layer": layer, "position": p, "entropy": value,
-                                        "sample_entropy": [value - 0.05, value, value + 0.05]})
-            store.record(f"entropy/{variant}", "entropy", variant, "h", entropy, 1.0)
-            patterns = [{**base, "row_type": "preservation", "layer": layer, "js_divergence": 0.3 - 0.25 * quality}
-                        for layer in range(2)]
-            patterns += [{**base, "row_type": "distribution", "length": n, "layer": 0, "distance_bin": b,
-                          "distance_start": 2 ** b / (n / 256), "mass": 2.0 ** -b}
-                         for n in (256, 1024) for b in range(8)]
-            store.record(f"patterns/{variant}", "patterns", variant, "h", patterns, 1.0)
-        store.record_failure("passkey/broken", "passkey", "broken", "h", "Traceback...\nValueError: boom", 0.5)
+from tests.helpers import fill_store
 
 
 def test_report_from_database_alone(tmp_path):
