@@ -29,7 +29,7 @@ def test_perplexity_figure_draws_one_line_per_model_and_protocol_with_the_means(
             for protocol, values in (("truncated", (10.0, 20.0, 40.0)), ("sliding", (9.0, 15.0, 30.0)))
             for length, value in zip((256, 512, 1024), values)]
     rows.reverse()  # drawn sorted by length whatever the row order
-    figure = plots.perplexity_figure(rows, pretrained_length=256)
+    figure = plots.perplexity_figure(rows, original_max_position_embeddings=256)
     axis = figure.axes[0]
     lines = _lines(axis)
     assert lines == {"m / yarn x4 (truncated)": ([256, 512, 1024], [10.0, 20.0, 40.0]),
@@ -76,7 +76,7 @@ def test_retrieval_grid_has_one_panel_per_variant_and_leaves_empty_cells_blank()
 def test_frequencies_figure_draws_wavelengths_and_ratios_per_method():
     rows = [{"method": method, "pair": pair, "wavelength": 10.0 * (pair + 1) * scale, "ratio": scale}
             for method, scale in (("default", 1.0), ("linear x4", 4.0)) for pair in range(3)]
-    left, right = plots.frequencies_figure(rows, pretrained_length=256).axes
+    left, right = plots.frequencies_figure(rows, original_max_position_embeddings=256).axes
     assert _lines(left) == {"default": ([0, 1, 2], [10.0, 20.0, 30.0]),
                             "linear x4": ([0, 1, 2], [40.0, 80.0, 120.0])}
     assert _lines(right)["linear x4"] == ([0, 1, 2], [4.0, 4.0, 4.0])
@@ -90,7 +90,7 @@ def test_entropy_vs_position_draws_the_mean_per_variant_at_the_chosen_length():
             {"variant": "v", "length": 1024, "position": 600, "entropy": 4.0},
             {"variant": "w", "length": 1024, "position": 100, "entropy": 5.0},
             {"variant": "v", "length": 256, "position": 100, "entropy": 9.0}]
-    axis = plots.entropy_vs_position_figure(rows, pretrained_length=256).axes[0]
+    axis = plots.entropy_vs_position_figure(rows, original_max_position_embeddings=256).axes[0]
     assert _lines(axis) == {"v": ([100, 600], [2.0, 4.0]), "w": ([100], [5.0])}
     assert _vertical_lines(axis) == [256]
     assert "1024-token" in axis.get_title()
@@ -102,7 +102,7 @@ def test_entropy_profile_labels_methods_and_draws_uniform_attention():
              "position_end": start + 8, "entropy": entropy, "entropy_max": math.log(start + 8)}
             for method, factor, layer, start, entropy in (("yarn", 4.0, 0, 0, 1.0), ("yarn", 4.0, 1, 0, 2.0),
                                                           ("yarn", 4.0, 0, 8, 3.0), ("default", None, 0, 0, 0.5))]
-    axis = plots.entropy_profile_figure(rows, pretrained_length=32).axes[0]
+    axis = plots.entropy_profile_figure(rows, original_max_position_embeddings=32).axes[0]
     lines = _lines(axis)
     assert lines["yarn x4"] == ([3.5, 11.5], [1.5, 3.0])  # mean over layers at each bin centre
     assert lines["default"] == ([3.5], [0.5])

@@ -35,7 +35,7 @@ def _series(rows: list[dict], key: str, x: str, y: str) -> dict[str, tuple[list,
     return series
 
 
-def frequencies_figure(rows: list[dict], pretrained_length: int | None = None) -> Figure:
+def frequencies_figure(rows: list[dict], original_max_position_embeddings: int | None = None) -> Figure:
     """Per-pair rotation wavelength of each method (left) and its ratio to the original RoPE (right).
 
     rows: {"method", "pair", "wavelength", "ratio"}. The figure that tells PI (every pair stretched by the factor)
@@ -46,9 +46,10 @@ def frequencies_figure(rows: list[dict], pretrained_length: int | None = None) -
         left.plot(pairs, wavelengths, marker=".", label=method)
     for method, (pairs, ratios) in _series(rows, "method", "pair", "ratio").items():
         right.plot(pairs, ratios, marker=".", label=method)
-    if pretrained_length:
-        left.axhline(pretrained_length, color="grey", linestyle="--", linewidth=1)
-        left.annotate(f"pretrained length {pretrained_length}", (0, pretrained_length), color="grey",
+    if original_max_position_embeddings:
+        left.axhline(original_max_position_embeddings, color="grey", linestyle="--", linewidth=1)
+        left.annotate(f"pretrained length {original_max_position_embeddings}", (0, original_max_position_embeddings),
+                      color="grey",
                       xytext=(2, 3), textcoords="offset points", fontsize=8)
     left.set(yscale="log", xlabel="dimension pair i", ylabel="wavelength 2π/θᵢ (tokens)",
              title="Rotation wavelength per dimension pair")
@@ -62,9 +63,10 @@ def frequencies_figure(rows: list[dict], pretrained_length: int | None = None) -
     return figure
 
 
-def plot_frequencies(rows: list[dict], path: str | Path, pretrained_length: int | None = None) -> Path:
+def plot_frequencies(rows: list[dict], path: str | Path,
+                     original_max_position_embeddings: int | None = None) -> Path:
     """`frequencies_figure`, saved to `path`."""
-    return save_figure(frequencies_figure(rows, pretrained_length=pretrained_length), path)
+    return save_figure(frequencies_figure(rows, original_max_position_embeddings), path)
 
 
 def _perplexity_axis(axis, values: list[float]) -> None:
@@ -152,7 +154,8 @@ def entropy_by_outcome_figure(rows: list[dict], auroc: float | None) -> Figure:
     for offset, (outcome, colour) in zip((-0.15, 0.15), ((True, "tab:green"), (False, "tab:red"))):
         xs, ys = [], []
         for index, length in enumerate(lengths):
-            values = [row["entropy"] for row in rows if int(row["length"]) == length and bool(row["correct"]) is outcome]
+            values = [row["entropy"] for row in rows
+                      if int(row["length"]) == length and bool(row["correct"]) is outcome]
             xs += [index + offset] * len(values)
             ys += values
         axis.scatter(xs, ys, s=14, alpha=0.6, color=colour, label="correct" if outcome else "failed")
@@ -198,7 +201,7 @@ def plot_training_length(entropy_points: list[dict], perplexity_points: list[dic
     return save_figure(figure, path)
 
 
-def entropy_vs_position_figure(rows: list[dict], pretrained_length: int | None = None,
+def entropy_vs_position_figure(rows: list[dict], original_max_position_embeddings: int | None = None,
                                length: int | None = None) -> Figure:
     """Mean attention entropy (over layers and heads) against query position, one line per variant.
 
@@ -211,9 +214,10 @@ def entropy_vs_position_figure(rows: list[dict], pretrained_length: int | None =
     for variant in dict.fromkeys(variant for variant, _ in means):
         points = sorted((position, value) for (name, position), value in means.items() if name == variant)
         axis.plot([p for p, _ in points], [v for _, v in points], marker=".", label=variant)
-    if pretrained_length:
-        axis.axvline(pretrained_length, color="grey", linestyle="--", linewidth=1)
-        axis.annotate(f"pretrained {pretrained_length}", (pretrained_length, 0), xycoords=("data", "axes fraction"),
+    if original_max_position_embeddings:
+        axis.axvline(original_max_position_embeddings, color="grey", linestyle="--", linewidth=1)
+        axis.annotate(f"pretrained {original_max_position_embeddings}", (original_max_position_embeddings, 0),
+                      xycoords=("data", "axes fraction"),
                       xytext=(3, 5), textcoords="offset points", fontsize=8, color="grey")
     axis.set(xlabel="query position (tokens)", ylabel="attention entropy (nats, mean over layers and heads)",
              title=f"Attention entropy against position, {length}-token inputs")
@@ -222,10 +226,11 @@ def entropy_vs_position_figure(rows: list[dict], pretrained_length: int | None =
     return figure
 
 
-def plot_entropy_vs_position(rows: list[dict], path: str | Path, pretrained_length: int | None = None,
+def plot_entropy_vs_position(rows: list[dict], path: str | Path, original_max_position_embeddings: int | None = None,
                              length: int | None = None) -> Path:
     """`entropy_vs_position_figure`, saved to `path`."""
-    return save_figure(entropy_vs_position_figure(rows, pretrained_length=pretrained_length, length=length), path)
+    figure = entropy_vs_position_figure(rows, original_max_position_embeddings, length=length)
+    return save_figure(figure, path)
 
 
 def attention_distance_by_variant_figure(rows: list[dict]) -> Figure:
@@ -281,7 +286,7 @@ def _mean(values) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
-def entropy_profile_figure(rows: list[dict], *, pretrained_length: int | None = None,
+def entropy_profile_figure(rows: list[dict], *, original_max_position_embeddings: int | None = None,
                            layer: int | None = None) -> Figure:
     """Attention entropy against query position, one line per method (mean over layers and heads, or one layer);
     the pretrained length as a vertical line. Rows from `ropescope.attention.profiles.entropy_profile`."""
@@ -301,8 +306,9 @@ def entropy_profile_figure(rows: list[dict], *, pretrained_length: int | None = 
         axes.plot(positions, [_mean(points[p]) for p in positions], label=label)
     positions = sorted(uniform)
     axes.plot(positions, [uniform[p] for p in positions], color="grey", linestyle=":", label="uniform attention")
-    if pretrained_length:
-        axes.axvline(pretrained_length, color="black", linestyle="--", linewidth=1, label="pretrained length")
+    if original_max_position_embeddings:
+        axes.axvline(original_max_position_embeddings, color="black", linestyle="--", linewidth=1,
+                     label="pretrained length")
     axes.set_xlabel("query position")
     axes.set_ylabel("attention entropy (nats)" + ("" if layer is None else f", layer {layer}"))
     axes.set_title("Attention entropy by position" + (" (mean over layers and heads)" if layer is None else ""))
@@ -310,10 +316,12 @@ def entropy_profile_figure(rows: list[dict], *, pretrained_length: int | None = 
     return figure
 
 
-def plot_entropy_profile(rows: list[dict], path, *, pretrained_length: int | None = None,
+def plot_entropy_profile(rows: list[dict], path, *, original_max_position_embeddings: int | None = None,
                          layer: int | None = None) -> Path:
     """`entropy_profile_figure`, saved to `path`."""
-    return save_figure(entropy_profile_figure(rows, pretrained_length=pretrained_length, layer=layer), path)
+    figure = entropy_profile_figure(rows, original_max_position_embeddings=original_max_position_embeddings,
+                                    layer=layer)
+    return save_figure(figure, path)
 
 
 def attention_distance_figure(rows: list[dict], *, layer: int | None = None) -> Figure:
@@ -417,7 +425,7 @@ def _series_label(row: dict) -> str:
     return row["variant"] if "variant" in row else f"{row.get('model', 'model')} / {method_label(row)}"
 
 
-def perplexity_figure(rows: list[dict], pretrained_length: int | None = None) -> Figure:
+def perplexity_figure(rows: list[dict], original_max_position_embeddings: int | None = None) -> Figure:
     """Perplexity against evaluation length, one colour per model/method, one line style per protocol.
 
     rows: perplexity rows (length, perplexity, model, method, factor, protocol). Log-2 x axis; the pretrained
@@ -442,9 +450,10 @@ def perplexity_figure(rows: list[dict], pretrained_length: int | None = None) ->
     lengths = sorted({int(row["length"]) for row in rows})
     if lengths:
         axes.set_xticks(lengths, [str(length) for length in lengths])
-    if pretrained_length:
-        axes.axvline(pretrained_length, color="grey", linestyle="--", linewidth=1)
-        axes.annotate(f"pretrained {pretrained_length}", (pretrained_length, 1), xycoords=("data", "axes fraction"),
+    if original_max_position_embeddings:
+        axes.axvline(original_max_position_embeddings, color="grey", linestyle="--", linewidth=1)
+        axes.annotate(f"pretrained {original_max_position_embeddings}", (original_max_position_embeddings, 1),
+                      xycoords=("data", "axes fraction"),
                       xytext=(3, -12), textcoords="offset points", fontsize=8, color="grey")
     axes.set_xlabel("evaluation length (tokens)")
     axes.set_ylabel("perplexity")
@@ -454,9 +463,9 @@ def perplexity_figure(rows: list[dict], pretrained_length: int | None = None) ->
     return figure
 
 
-def plot_perplexity(rows: list[dict], path, pretrained_length: int | None = None) -> Path:
+def plot_perplexity(rows: list[dict], path, original_max_position_embeddings: int | None = None) -> Path:
     """`perplexity_figure`, saved to `path`."""
-    return save_figure(perplexity_figure(rows, pretrained_length=pretrained_length), path)
+    return save_figure(perplexity_figure(rows, original_max_position_embeddings=original_max_position_embeddings), path)
 
 
 def retrieval_heatmap_figure(rows: list[dict], title: str | None = None, value: str = "score") -> Figure:

@@ -77,7 +77,7 @@ def run_entropy(model: str = "default", methods: Sequence[str | RopeSpec] = ("de
                                     position_bin_size=position_bin_size, progress=progress, labels=labels)
     out = Path(out)
     write_rows(rows, out / "entropy.csv")
-    plot_entropy_profile(rows, out / "entropy.png", pretrained_length=original)
+    plot_entropy_profile(rows, out / "entropy.png", original_max_position_embeddings=original)
     return rows
 
 
