@@ -107,3 +107,42 @@ def eager_entropies(model, input_ids) -> torch.Tensor:
         model.set_attn_implementation(previous)
     weights = torch.stack(attentions).double()
     return -torch.where(weights > 0, weights * weights.log(), 0.0).sum(-1)
+
+
+# A study on the shipped model that runs every stage in a few seconds (lock and fault tests run it in subprocesses).
+TINY_STUDY = """
+seed = 0
+[model]
+path = "default"
+original_max_position_embeddings = 256
+[corpus]
+path = "default"
+[methods.original]
+method = "default"
+[methods.yarn]
+method = "yarn"
+factor = 2.0
+[training]
+lengths = [512]
+steps = 1
+tokens_per_step = 512
+warmup_steps = 1
+include_untrained = false
+[evaluation]
+perplexity_lengths = [256]
+perplexity_documents = 1
+passkey_lengths = [256]
+passkey_depths = [50]
+passkey_trials = 1
+[analysis]
+entropy_lengths = [256]
+entropy_samples = 1
+pattern_length = 256
+"""
+
+
+def study_command(config_path, out, *extra) -> list[str]:
+    """`ropescope study CONFIG --out OUT ...` as a subprocess command line, on one thread."""
+    import sys
+
+    return [sys.executable, "-m", "ropescope", "study", str(config_path), "--out", str(out), *map(str, extra)]

@@ -9,7 +9,7 @@ import huggingface_hub
 import pytest
 import torch
 
-from _eval_tiny import tiny_folders, tiny_tokenizer
+from tests.helpers import tiny_folders, tiny_tokenizer
 from ropescope.cli import main
 from ropescope.errors import RopescopeError
 from ropescope.models import ModelOptions, load, resolve_model
