@@ -217,7 +217,7 @@ def _cli_error(capsys, argv) -> str:
 @pytest.mark.parametrize("change, expected", [
     (["--length", "0"], "length=0 is not a positive integer"),
     (["--length", "-5"], "length=-5 is not a positive integer"),
-    (["--method", "nope"], "method='nope' is unknown; accepted: default, linear"),
+    (["--method", "nope"], "unknown RoPE method 'nope'; accepted: default, linear"),
     (["--length", "100000"], "tokens, and one global batch of 4 blocks needs 400000"),
     (["--factor", "0.5"], "yarn factor=0.5 must be >= 1"),
     (["--model", "/nonexistent/model"], "model '/nonexistent/model' is not a folder"),

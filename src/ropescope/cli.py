@@ -116,6 +116,8 @@ def _depths(text: str) -> list[float]:
 def _fraction(text: str) -> float:
     """A number in (0, 1]."""
     value = _parsed(text, float, "a number")
+    if math.isnan(value):
+        raise argparse.ArgumentTypeError(f"{text} is not a number")
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"{value} is outside (0, 1]")
     return value

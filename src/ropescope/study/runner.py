@@ -105,9 +105,13 @@ def check_inputs(config: StudyConfig) -> None:
         from ropescope.data import token_blocks
 
         documents = context.documents("train")
+        # a token spans at least one byte in the tokenizers we meet: a corpus far too small is refused without
+        # tokenizing it all
+        corpus_bytes = sum(len(document.encode("utf-8")) + 1 for document in documents)
         for length in config.training.lengths:
             batch = max(1, config.training.tokens_per_step // length)  # as the train stage asks
-            if len(list(islice(token_blocks(tokenizer, documents, length), batch))) < batch:
+            if 2 * corpus_bytes < batch * length or \
+                    len(list(islice(token_blocks(tokenizer, documents, length), batch))) < batch:
                 raise RopescopeError(
                     f"corpus {config.corpus.path!r} (train split) does not fill {batch} blocks of {length} tokens, "
                     f"one training step at training.lengths {length}; give shorter lengths or a larger corpus")
