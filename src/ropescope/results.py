@@ -40,6 +40,15 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         shutil.rmtree(holder, ignore_errors=True)
 
 
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Remove what `atomic_path` left under `folder` when its process was killed (a kill skips its cleanup);
+    only for a folder whose one writer is the caller (a study holding its folder's lock). Returns what went."""
+    stale = [path for path in Path(folder).rglob(".*.tmp") if path.is_dir()]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
 def write_atomically(path: str | Path, content: str | bytes) -> Path:
     """Write text or bytes to `path` through a unique temporary file in the same folder, then rename."""
     with atomic_path(path) as temporary:

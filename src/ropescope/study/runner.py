@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ropescope.errors import RopescopeError
+from ropescope.results import remove_stale_temporaries
 from ropescope.study.config import EXECUTORS, StudyConfig
 from ropescope.study.context import StageContext, Variant, plan_variants
 from ropescope.study.execution import Recorder, is_finished, recorded_rows_reader, run_local
@@ -61,7 +62,7 @@ def run_study(
         recorder, todo = _start(config, out, cells, store, force, log)
         context = StageContext(config, out, recorded_rows_reader(store), progress)
         run_local(todo, context, recorder, force=force, stop_after=stop_after)
-        _report(out, report)
+        _report(out, report, log)
     return recorder.counts
 
 
@@ -70,17 +71,19 @@ def _opened(out: Path, force: bool):
     """The study folder's lock, held while its database is open: one writer per folder. `force` starts over
     with an empty database (a damaged one included)."""
     with folder_lock(out):
+        remove_stale_temporaries(out)  # a killed run's; no one else writes here now
         if force:
             remove_database(out / DATABASE)
         with ResultStore(out / DATABASE) as store:
             yield store
 
 
-def _report(out: Path, report: bool) -> None:
+def _report(out: Path, report: bool, log: Callable[[str], None]) -> None:
     """Build the report while the lock is held, so no other study writes the folder meanwhile."""
     if report:
         from ropescope.study.report import build_report
 
+        log(f"report: writing {out / 'report'} ...")
         build_report(out)
 
 
@@ -159,7 +162,7 @@ def _run_with_ray(config: StudyConfig, out: Path, cells: list[Cell], *, force: b
             recorder, todo = _start(config, out, cells, store, force, log)
             ray_executor.run_ray(todo, config, out, store, recorder, force=force, stop_after=stop_after,
                                  progress=progress)
-            _report(out, report)
+            _report(out, report, log)
     return recorder.counts
 
 
