@@ -128,8 +128,16 @@ CASES = [
     # unusable output paths
     ("study study.toml --out a-file", "a-file' is a file; give a folder"),
     ("study study.toml --out a-file/below", "a-file/below' lies below"),
-    (f"{_TRAIN} --out a-file", "out=a-file is a file; give a folder"),
-    (f"{_PRETRAIN} --out a-file", "output='a-file' exists and is not a folder"),
+    (f"{_TRAIN} --out a-file", "out='a-file' is a file; give a folder"),
+    (f"{_TRAIN} --out a-file/below", "out='a-file/below' lies below"),
+    (f"{_PRETRAIN} --out a-file", "out='a-file' is a file; give a folder"),
+    ("freqs --method yarn --factor 2 --out a-file", "out='a-file' is a file; give a folder"),
+    ("ppl --model model --corpus corpus --out a-file", "out='a-file' is a file; give a folder"),
+    ("passkey --model model --out a-file/below", "out='a-file/below' lies below"),
+    ("needle --model model --corpus corpus --out a-file", "out='a-file' is a file; give a folder"),
+    ("entropy --model model --corpus corpus --out a-file", "out='a-file' is a file; give a folder"),
+    ("patterns --model model --corpus corpus --out a-file/below", "out='a-file/below' lies below"),
+    ("uncertainty rows.csv --out a-file", "out='a-file' is a file; give a folder"),
     # NaN and infinities called what they are
     ("ppl --method yarn --factor nan", "factor=nan is not a number"),
     ("passkey --method yarn --factor inf", "factor=inf is not a finite number"),

@@ -510,7 +510,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args) -> object:
-    """Call the command's function: with its config dataclass built from the flags, or with the flags."""
+    """Call the command's function: with its config dataclass built from the flags, or with the flags. An output
+    folder that cannot be written is refused first, before any work (`report` reads its --out)."""
+    from ropescope.results import check_output_folder
+
+    out = getattr(args, "output", None) or getattr(args, "out", None)
+    if out and args.command != "report":
+        check_output_folder(out)
     config_class = getattr(args, "config_class", None)
     if config_class is not None:
         names = {field.name for field in dataclasses.fields(config_class)}

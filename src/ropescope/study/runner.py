@@ -5,13 +5,12 @@ ones; `force` redoes everything. Cells run here one after another (executor "loc
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 from ropescope.errors import RopescopeError
-from ropescope.results import remove_stale_temporaries
+from ropescope.results import check_output_folder, remove_stale_temporaries
 from ropescope.study.config import EXECUTORS, StudyConfig
 from ropescope.study.context import StageContext, Variant, plan_variants
 from ropescope.study.execution import Recorder, is_finished, recorded_rows_reader, run_local
@@ -51,7 +50,7 @@ def run_study(
     out = Path(out).resolve()  # Ray workers have their own working directory
     # Check, then write: nothing exists in `out` before the model, the corpus and the folder are known good.
     check_inputs(config)
-    check_out_folder(out)
+    check_output_folder(out)
     if not force:
         check_database_file(out / DATABASE)
     if executor == "ray":
@@ -118,18 +117,6 @@ def check_inputs(config: StudyConfig) -> None:
                 raise RopescopeError(
                     f"corpus {config.corpus.path!r} (train split) does not fill {batch} blocks of {length} tokens, "
                     f"one training step at training.lengths {length}; give shorter lengths or a larger corpus")
-
-
-def check_out_folder(out: Path) -> None:
-    """`out` is a folder (or can be made one) that this process can write."""
-    existing = out
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        what = "is a file" if existing == out else f"lies below {str(existing)!r}, a file"
-        raise RopescopeError(f"out={str(out)!r} {what}; give a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise RopescopeError(f"out={str(out)!r}: {str(existing)!r} is not writable; give a folder you can write")
 
 
 def _start(config: StudyConfig, out: Path, cells: list[Cell], store: ResultStore, force: bool,

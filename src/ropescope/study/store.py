@@ -40,6 +40,10 @@ def check_database(connection: sqlite3.Connection, path: Path) -> None:
     once: milliseconds for a study's results)."""
     try:
         problems = [message for (message,) in connection.execute("PRAGMA quick_check")]
+    except sqlite3.OperationalError as error:
+        if "locked" in str(error):  # another study is writing it: the folder's lock refuses this one
+            return
+        problems = [str(error)]
     except sqlite3.DatabaseError as error:
         problems = [str(error)]
     if problems != ["ok"]:
