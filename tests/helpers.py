@@ -116,7 +116,7 @@ def eager_entropies(model, input_ids) -> torch.Tensor:
 # A small results database for the report and findings tests
 
 STUDY_VARIANTS = [("original", "original", "default", None), ("yarn@512", "yarn", "yarn", 512),
-            ("yarn@1024", "yarn", "yarn", 1024), ("pi@512", "pi", "linear", 512), ("pi@1024", "pi", "linear", 1024)]
+                  ("yarn@1024", "yarn", "yarn", 1024), ("pi@512", "pi", "linear", 512), ("pi@1024", "pi", "linear", 1024)]
 PPL_LENGTHS = (256, 512, 1024, 2048, 4096)
 PASSKEY_LENGTHS = (256, 512, 1024, 2048)
 
@@ -172,3 +172,42 @@ def fill_store(path, meta_key="original_max_position_embeddings", untrained=None
                          for n in (256, 1024) for b in range(8)]
             store.record(f"patterns/{variant}", "patterns", variant, "h", patterns, 1.0)
         store.record_failure("passkey/broken", "passkey", "broken", "h", "Traceback...\nValueError: boom", 0.5)
+
+
+# A study on the shipped model that runs every stage in a few seconds (lock and fault tests run it in subprocesses).
+TINY_STUDY = """
+seed = 0
+[model]
+path = "default"
+original_max_position_embeddings = 256
+[corpus]
+path = "default"
+[methods.original]
+method = "default"
+[methods.yarn]
+method = "yarn"
+factor = 2.0
+[training]
+lengths = [512]
+steps = 1
+tokens_per_step = 512
+warmup_steps = 1
+include_untrained = false
+[evaluation]
+perplexity_lengths = [256]
+perplexity_documents = 1
+passkey_lengths = [256]
+passkey_depths = [50]
+passkey_trials = 1
+[analysis]
+entropy_lengths = [256]
+entropy_samples = 1
+pattern_length = 256
+"""
+
+
+def study_command(config_path, out, *extra) -> list[str]:
+    """`ropescope study CONFIG --out OUT ...` as a subprocess command line, on one thread."""
+    import sys
+
+    return [sys.executable, "-m", "ropescope", "study", str(config_path), "--out", str(out), *map(str, extra)]

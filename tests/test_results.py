@@ -75,3 +75,20 @@ def test_run_identity_and_differences():
     other = run_identity(_Config(out="a", seed=1), ignore=("out",))
     assert run_differences(identity, other) == ["seed", "spec", "world"]
     assert run_differences(identity, other, ignore=("spec", "world")) == ["seed"]
+
+
+def test_stale_temporaries_of_a_killed_writer_are_removed(tmp_path):
+    from ropescope.results import atomic_path, remove_stale_temporaries
+
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / ".keep.tmp").write_text("a file the user named so: kept")
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_path(tmp_path / "report" / "figure.png") as temporary:
+            temporary.write_text("half")
+            holder = temporary.parent
+            raise KeyboardInterrupt
+    assert not holder.exists()  # an orderly exit cleans up itself
+    holder.mkdir()  # what a SIGKILL at that moment leaves behind
+    (holder / "figure.png").write_text("half")
+    assert remove_stale_temporaries(tmp_path) == [holder]
+    assert sorted(path.name for path in (tmp_path / "report").iterdir()) == [".keep.tmp"]

@@ -1,13 +1,19 @@
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
+import tomllib
 
 import pytest
 
 from ropescope.errors import RopescopeError
+from ropescope.study.config import parse_config
 from ropescope.study.lock import folder_lock
+from ropescope.study.plan import plan_cells
+from ropescope.study.store import DATABASE
+from tests.helpers import TINY_STUDY, study_command
 
 HOLD = """
 import sys, time
@@ -51,3 +57,52 @@ def test_the_lock_is_released_on_exit_and_on_error(tmp_path):
     with folder_lock(tmp_path):
         pass
     assert time.perf_counter() - started < 1
+
+
+# Whole studies in subprocesses: the lock as `ropescope study` takes it.
+
+def _tiny_config(tmp_path):
+    config = tmp_path / "tiny.toml"
+    config.write_text(TINY_STUDY)
+    return config
+
+
+def _recorded_cells(folder) -> set[str]:
+    with sqlite3.connect(folder / DATABASE) as connection:
+        return {cell for (cell,) in connection.execute("SELECT cell FROM cells WHERE status = 'done'")}
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}  # progress lines arrive as printed
+
+
+def _study(command):
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+
+
+def test_two_studies_on_one_folder_one_runs_the_other_refuses(tmp_path):
+    config, out = _tiny_config(tmp_path), tmp_path / "out"
+    studies = [_study(study_command(config, out)) for _ in range(2)]
+    results = [(study.pid, *study.communicate(timeout=300), study.returncode) for study in studies]
+    codes = sorted(code for *_, code in results)
+    assert codes == [0, 2], results
+    (runner,) = [result for result in results if result[3] == 0]
+    (refused,) = [result for result in results if result[3] == 2]
+    lines = refused[2].strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in refused[2]
+    assert f"is in use by another ropescope study (process {runner[0]} on " in lines[0]
+    planned = len(plan_cells(parse_config(tomllib.loads(TINY_STUDY))))
+    assert len(_recorded_cells(out)) == planned
+    assert f"cells: {planned} run, 0 already recorded" in runner[1]
+
+
+def test_a_killed_study_does_not_block_the_rerun(tmp_path):
+    config, out = _tiny_config(tmp_path), tmp_path / "out"
+    study = _study(study_command(config, out))
+    assert study.stdout.readline().startswith("train/")  # it holds the lock and is running its first cell
+    study.kill()
+    assert study.wait() == -signal.SIGKILL
+    assert not (out / "report").exists()  # killed before its end
+    rerun = subprocess.run(study_command(config, out), capture_output=True, text=True, timeout=300, env=ENV)
+    assert rerun.returncode == 0, rerun.stderr
+    planned = len(plan_cells(parse_config(tomllib.loads(TINY_STUDY))))
+    assert len(_recorded_cells(out)) == planned

@@ -64,6 +64,19 @@ def _parsed(text: str, convert, expected: str):
         raise argparse.ArgumentTypeError(f"{text!r} is not {expected}") from None
 
 
+def _number(name: str):
+    """The argument type of a real-valued flag: NaN and infinities are refused as what they are."""
+    def number(text: str) -> float:
+        value = _parsed(text, float, "a number")
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{name}={text} is not a number" if math.isnan(value)
+                                             else f"{name}={text} is not a finite number")
+        return value
+
+    number.__name__ = "number"  # argparse names the type in its own messages
+    return number
+
+
 def _positive_int(text: str) -> int:
     value = _parsed(text, int, "a whole number")
     if value <= 0:
@@ -103,6 +116,8 @@ def _depths(text: str) -> list[float]:
 def _fraction(text: str) -> float:
     """A number in (0, 1]."""
     value = _parsed(text, float, "a number")
+    if math.isnan(value):
+        raise argparse.ArgumentTypeError(f"{text} is not a number")
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"{value} is outside (0, 1]")
     return value
@@ -143,7 +158,7 @@ def _add_methods(parser: argparse.ArgumentParser, several: bool) -> None:
         group.add_argument("--method", metavar="NAME[:KEY=VALUE,...]",
                            help="the method applied at load time, e.g. yarn or yarn:factor=4,beta_fast=32 "
                                 "('default': the model as trained)")
-    group.add_argument("--factor", type=float, help="extension factor s = target length / pretrained length, "
+    group.add_argument("--factor", type=_number("factor"), help="extension factor s = target length / pretrained length, "
                                                     "for every method that takes one")
     group.add_argument("--original-max-position-embeddings", type=_positive_int, metavar="TOKENS",
                        help="the pretrained context length (default: from the model's config)")
@@ -231,7 +246,7 @@ def _add_freqs(subparsers) -> None:
                       "per-pair wavelengths of several methods, side by side")
     _add_methods(parser, several=True)
     parser.add_argument("--head-dim", type=_positive_int, help="rotary dimensions per head")
-    parser.add_argument("--base", type=float, help="RoPE base (rope_theta)")
+    parser.add_argument("--base", type=_number("base"), help="RoPE base (rope_theta)")
     parser.add_argument("--seq-len", type=_positive_int, help="current length, for dynamic methods")
     _add_out(parser, "frequencies.csv, frequencies.png")
 
@@ -240,12 +255,12 @@ def _study(config: str | None = None, quick: bool = False, out: str = "results",
            executor: str | None = None, address: str | None = None):
     """Run the study of `config` (or the quick plan) into `out`, then build its report: (counts, report paths)."""
     from ropescope.study.config import load_config, quick_config_path
-    from ropescope.study.report import build_report
+    from ropescope.study.report import report_paths
     from ropescope.study.runner import run_study
 
     counts = run_study(load_config(quick_config_path() if quick else config), out, force=force, executor=executor,
-                       address=address)
-    return counts, build_report(out)
+                       address=address, report=True)
+    return counts, report_paths(out)
 
 
 def _add_study(subparsers) -> None:
@@ -356,7 +371,7 @@ def _add_uncertainty(subparsers) -> None:
     model.default, model.help = None, model.help + " (default: the model the rows name)"
     parser.add_argument("--only-method", action="append", dest="only_methods", metavar="NAME",
                         help="keep only rows of this method; repeatable")
-    parser.add_argument("--only-factor", action="append", dest="only_factors", type=float, metavar="FACTOR",
+    parser.add_argument("--only-factor", action="append", dest="only_factors", type=_number("only_factor"), metavar="FACTOR",
                         help="keep only rows of this factor (and rows without one); repeatable")
     _add_out(parser, "uncertainty.csv, uncertainty_summary.json, entropy_heatmap.png")
 
@@ -386,7 +401,7 @@ def _add_config_fields(parser: argparse.ArgumentParser, config_class, flag_names
                 continue
             options["action"] = argparse.BooleanOptionalAction if field.default else "store_true"
         else:
-            options["type"] = kind
+            options["type"] = _number(field.name) if kind is float else kind
         parser.add_argument(flag, **options)
 
 
@@ -495,7 +510,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args) -> object:
-    """Call the command's function: with its config dataclass built from the flags, or with the flags."""
+    """Call the command's function: with its config dataclass built from the flags, or with the flags. An output
+    folder that cannot be written is refused first, before any work (`report` reads its --out)."""
+    from ropescope.results import check_output_folder
+
+    out = getattr(args, "output", None) or getattr(args, "out", None)
+    if out and args.command != "report":
+        check_output_folder(out)
     config_class = getattr(args, "config_class", None)
     if config_class is not None:
         names = {field.name for field in dataclasses.fields(config_class)}
@@ -504,6 +525,14 @@ def _run(args) -> object:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # every file is written whole or not at all, and a study resumes where it stopped
+        print("ropescope: interrupted; run the same command again to continue", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     try:
         args = build_parser().parse_args(argv)
     except _UsageError as error:

@@ -152,6 +152,14 @@ def _line_break_near(text: str, position: int) -> int:
 
 def read_jsonl(path: Path) -> list[dict]:
     """Records of a `.jsonl` or `.jsonl.gz` file; every line must be a JSON object with a string `text`."""
+    try:
+        return _read_jsonl(path)
+    except (OSError, EOFError, UnicodeDecodeError) as error:  # not gzip, truncated, not UTF-8 text
+        kind = "gzip-compressed JSON lines" if path.name.endswith(".gz") else "UTF-8 JSON lines"
+        raise RopescopeError(f"corpus file {str(path)!r} is not readable as {kind} ({error})") from None
+
+
+def _read_jsonl(path: Path) -> list[dict]:
     opener = gzip.open if path.name.endswith(".gz") else open
     records = []
     with opener(path, "rt", encoding="utf-8") as handle:

@@ -70,7 +70,35 @@ def resolve_model(model: str | Path) -> ModelSource:
         raise RopescopeError(f"model folder {str(path)!r} has no config.json")
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         raise RopescopeError(f"model folder {str(path)!r} has no tokenizer ({', '.join(TOKENIZER_FILES)})")
+    _check_readable(path)
     return source
+
+
+def _check_readable(path: Path) -> None:
+    """Refuse a damaged folder before anything loads: config.json must be a JSON object and every safetensors
+    weight file must have a whole header covering the file (a truncated file fails here, in milliseconds)."""
+    import json
+
+    from safetensors import SafetensorError, safe_open
+
+    config = path / "config.json"
+    try:
+        if not isinstance(json.loads(config.read_text(encoding="utf-8")), dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise RopescopeError(f"model file {str(config)!r} cannot be read: {_first_line(error)}") from None
+    for weights in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(weights, "pt"):
+                pass
+        except (OSError, SafetensorError) as error:
+            raise RopescopeError(f"model file {str(weights)!r} cannot be read (damaged or truncated?): "
+                                 f"{_first_line(error)}") from None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def resolve_model_path(model: str | Path) -> Path:
@@ -110,9 +138,9 @@ def load_config(model: str | Path | ModelSource):
     source = model if isinstance(model, ModelSource) else resolve_model(model)
     try:
         config = AutoConfig.from_pretrained(source.path)
-    except (ValueError, KeyError) as error:
+    except (OSError, ValueError, KeyError) as error:
         raise RopescopeError(f"model {source.name!r}: transformers cannot read its config: "
-                             f"{str(error).splitlines()[0]}") from None
+                             f"{_first_line(error)}") from None
     if _causal_lm_class(config) is None or not getattr(config.get_text_config(), "rope_parameters", None):
         raise RopescopeError(
             f"model {source.name!r} is a {config.model_type!r} model, not a causal LM with rotary position "
@@ -143,7 +171,11 @@ def load_tokenizer(model: str | Path | ModelSource = "default"):
     from transformers import AutoTokenizer
 
     source = model if isinstance(model, ModelSource) else resolve_model(model)
-    return AutoTokenizer.from_pretrained(source.path)
+    try:
+        return AutoTokenizer.from_pretrained(source.path)
+    except Exception as error:  # tokenizers and transformers raise many kinds for a damaged file
+        raise RopescopeError(f"model {source.name!r}: its tokenizer in {str(source.path)!r} cannot be read: "
+                             f"{type(error).__name__}: {_first_line(error)}") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -223,6 +255,7 @@ def load(model: str | Path | ModelSource = "default", spec: RopeSpec | None = No
          options: ModelOptions | None = None) -> LoadedModel:
     """Load `model` in eval mode, extended with `spec` (None or the 'default' method: the model as trained; a
     checkpoint saved after `extend` comes back with its recorded extension)."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     from ropescope.patch import extend, pretrained_rope, spec_from_config
@@ -235,8 +268,12 @@ def load(model: str | Path | ModelSource = "default", spec: RopeSpec | None = No
     attn_implementation = options.attn_implementation or (
         "sdpa" if getattr(_causal_lm_class(config), "_supports_sdpa", False) else "eager")
     placement = {"device_map": options.device_map} if options.device_map else {}
-    network = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, attn_implementation=attn_implementation,
-                                                   **placement)
+    try:
+        network = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype,
+                                                       attn_implementation=attn_implementation, **placement)
+    except (OSError, SafetensorError) as error:  # weights missing or damaged (ValueErrors are ours to see)
+        raise RopescopeError(f"model {source.name!r}: its weights in {str(source.path)!r} cannot be read: "
+                             f"{_first_line(error)}") from None
     if not options.device_map:
         network = network.to(device)
     network.eval()

@@ -92,8 +92,12 @@ class PretrainConfig:
             raise RopescopeError(
                 f"passkey_min_length={self.passkey_min_length} exceeds context_length={self.context_length}"
             )
-        if self.init_from is not None and not (Path(self.init_from) / "config.json").is_file():
-            raise RopescopeError(f"init_from={self.init_from!r} is not a saved model folder (no config.json in it)")
+        if self.init_from is not None:
+            from ropescope.models import resolve_model
+
+            if not (Path(self.init_from) / "config.json").is_file():
+                raise RopescopeError(f"init_from={self.init_from!r} is not a saved model folder (no config.json in it)")
+            resolve_model(self.init_from)  # a damaged folder is refused here, before anything is written
         return self
 
     @property
@@ -221,18 +225,25 @@ def _load_checkpoint(config: PretrainConfig) -> dict | None:
 
 
 def _setup_tokenizer(config: PretrainConfig, documents: list[str], resuming: bool):
-    """The run's tokenizer, kept in the checkpoint folder: a resumed run must see exactly the same ids."""
+    """The run's tokenizer, kept in the checkpoint folder (`_keep_tokenizer`): a resumed run must see exactly the
+    same ids."""
     from transformers import AutoTokenizer
+
+    from ropescope.models import load_tokenizer
 
     folder = config.checkpoint_path / "tokenizer"
     if resuming and folder.is_dir():
-        return AutoTokenizer.from_pretrained(folder)
+        return AutoTokenizer.from_pretrained(folder)  # the run's own tokenizer alone, no model config beside it
     if config.init_from is not None:
-        tokenizer = AutoTokenizer.from_pretrained(config.init_from)
-    else:
-        tokenizer = train_tokenizer(documents, config.vocab_size)
-    tokenizer.save_pretrained(folder)
-    return tokenizer
+        return load_tokenizer(config.init_from)
+    return train_tokenizer(documents, config.vocab_size)
+
+
+def _keep_tokenizer(config: PretrainConfig, tokenizer) -> None:
+    folder = config.checkpoint_path / "tokenizer"
+    if not folder.is_dir():
+        with atomic_path(folder) as temporary:
+            tokenizer.save_pretrained(temporary)
 
 
 def _setup_tokens(tokenizer, documents: list[str], context_length: int) -> torch.Tensor:
@@ -338,11 +349,13 @@ def pretrain(config: PretrainConfig, progress: bool | None = None) -> Path:
     documents = load_corpus(config.corpus, split="train")
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
-    config.checkpoint_path.mkdir(parents=True, exist_ok=True)
     saved_state = _load_checkpoint(config)
     tokenizer = _setup_tokenizer(config, documents, resuming=saved_state is not None)
     tokens = _setup_tokens(tokenizer, documents, config.context_length)
     model, optimizer = _setup_model(config, tokenizer)
+    # every input is checked: the first file of the run is written now
+    config.checkpoint_path.mkdir(parents=True, exist_ok=True)
+    _keep_tokenizer(config, tokenizer)
 
     generator = torch.Generator().manual_seed(config.seed)
     start_step, elapsed_before = 0, 0.0

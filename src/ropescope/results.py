@@ -40,6 +40,28 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         shutil.rmtree(holder, ignore_errors=True)
 
 
+def check_output_folder(out: str | Path) -> None:
+    """`out` is a folder, or can be made one, that this process can write: checked before any work."""
+    out = Path(out)
+    existing = out.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        what = "is a file" if existing == out.absolute() else f"lies below {str(existing)!r}, a file"
+        raise RopescopeError(f"out={str(out)!r} {what}; give a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise RopescopeError(f"out={str(out)!r}: {str(existing)!r} is not writable; give a folder you can write")
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Remove what `atomic_path` left under `folder` when its process was killed (a kill skips its cleanup);
+    only for a folder whose one writer is the caller (a study holding its folder's lock). Returns what went."""
+    stale = [path for path in Path(folder).rglob(".*.tmp") if path.is_dir()]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
 def write_atomically(path: str | Path, content: str | bytes) -> Path:
     """Write text or bytes to `path` through a unique temporary file in the same folder, then rename."""
     with atomic_path(path) as temporary:

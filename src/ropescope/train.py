@@ -237,6 +237,19 @@ def _check_out(config: TrainConfig, identity: dict) -> None:
                              "or give another folder")
     if not config.resume:
         raise RopescopeError(f"out={out} already holds this run; pass resume to continue it or overwrite to start over")
+    if _is_complete(out, config.steps):
+        # exit code 2 like every refusal: nothing was done, and the checkpoint in `out` is the finished run's
+        raise RopescopeError(f"out={out} holds this run complete ({config.steps} steps); nothing to resume "
+                             "(pass overwrite to train it again)")
+
+
+def _is_complete(out: Path, steps: int) -> bool:
+    """The last step's metrics are written and the final checkpoint saved (its tokenizer is saved last)."""
+    from ropescope.models import TOKENIZER_FILES
+
+    rows = _metrics_rows(out / "metrics.csv", steps)
+    return bool(rows) and int(rows[-1]["step"]) == steps and (out / "config.json").is_file() \
+        and (out / "tokenizer_config.json").is_file() and any((out / name).is_file() for name in TOKENIZER_FILES)
 
 
 def _training_blocks(tokenizer, config: TrainConfig, global_batch: int) -> torch.Tensor:
@@ -458,10 +471,9 @@ def train(config: TrainConfig) -> Path:
     Runs as it is on one process, and under `accelerate launch` on many (DDP or FSDP, as accelerate is set up).
     """
     from accelerate.utils import set_seed
-    from transformers import AutoTokenizer
 
     from ropescope import extend
-    from ropescope.models import load_model, resolve_model_path
+    from ropescope.models import load_model, load_tokenizer, resolve_model_path
     from ropescope.passkey_format import PasskeyPrompts
 
     validate(config)
@@ -474,7 +486,7 @@ def train(config: TrainConfig) -> Path:
     # a bad factor or a corpus too short for the length does not wait for a large model to load.
     model_path = resolve_model_path(config.model)
     spec = _rope_spec(config, model_path)
-    blocks = _training_blocks(AutoTokenizer.from_pretrained(model_path), config, global_batch)
+    blocks = _training_blocks(load_tokenizer(model_path), config, global_batch)
     set_seed(config.seed)
     # Float32 on the CPU: accelerate places the model and casts for mixed precision itself.
     model, tokenizer = load_model(model_path, device="cpu", dtype="float32")

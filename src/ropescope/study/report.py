@@ -21,7 +21,7 @@ from ropescope.results import write_atomically
 from ropescope.study.findings import Finding, Test, is_fine_tuned, pattern_divergence, study_findings
 from ropescope.study.runner import DATABASE
 from ropescope.study.statistics import CONFIDENCE, INSUFFICIENT, VERDICT_RULE
-from ropescope.study.store import ResultStore
+from ropescope.study.store import ResultStore, check_database_file
 
 
 @dataclass
@@ -272,6 +272,7 @@ def build_report(out: str | Path) -> dict[str, Path]:
     out = Path(out)
     if not (out / DATABASE).is_file():
         raise RopescopeError(f"{str(out)!r} holds no study results ({DATABASE}); run `ropescope study --out {out}`")
+    check_database_file(out / DATABASE)  # read-only: a damaged file is refused as it is
     with ResultStore(out / DATABASE) as store:
         kinds = ("train", "perplexity", "passkey", "entropy", "patterns", "uncertainty")
         rows = {kind: store.rows(kind) for kind in kinds}
@@ -285,11 +286,15 @@ def build_report(out: str | Path) -> dict[str, Path]:
     failed = [cell for cell in cells if cell["status"] == "failed"]
     summary = _summary_markdown(header, table, findings, figures, failed, pretrained)
     page = _report_html(header, table, findings, figures, failed, pretrained)
-    return {
-        "summary": write_atomically(folder / "summary.md", summary),
-        "html": write_atomically(folder / "report.html", page),
-        "figures": folder / "figures",
-    }
+    write_atomically(folder / "summary.md", summary)
+    write_atomically(folder / "report.html", page)
+    return report_paths(out)
+
+
+def report_paths(out: str | Path) -> dict[str, Path]:
+    """Where `build_report` writes: {'summary', 'html', 'figures'}."""
+    folder = Path(out) / "report"
+    return {"summary": folder / "summary.md", "html": folder / "report.html", "figures": folder / "figures"}
 
 
 def _summary_markdown(header, table, findings, figures, failed, pretrained) -> str:

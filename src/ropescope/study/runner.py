@@ -6,15 +6,18 @@ ones; `force` redoes everything. Cells run here one after another (executor "loc
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from ropescope.errors import RopescopeError
+from ropescope.results import check_output_folder, remove_stale_temporaries
 from ropescope.study.config import EXECUTORS, StudyConfig
 from ropescope.study.context import StageContext, Variant, plan_variants
 from ropescope.study.execution import Recorder, is_finished, recorded_rows_reader, run_local
+from ropescope.study.lock import folder_lock
 from ropescope.study.plan import Cell, plan_cells
 from ropescope.study.stages import STAGES, Stage
-from ropescope.study.store import DATABASE, ResultStore
+from ropescope.study.store import DATABASE, ResultStore, check_database_file, remove_database
 
 __all__ = ["DATABASE", "Cell", "Variant", "plan_cells", "plan_variants", "run_study"]
 
@@ -30,12 +33,14 @@ def run_study(
     executor: str | None = None,
     address: str | None = None,
     stages: Sequence[Stage] = STAGES,
+    report: bool = False,
 ) -> dict:
     """Run every cell the database lacks; returns counts {'done', 'skipped', 'failed', 'blocked'}.
 
     executor: "local" or "ray"; None: the config's [execution] executor. address: the Ray cluster to join (None:
     the config's, else RAY_ADDRESS or a new local instance). stop_after: run at most this many cells, then return
-    (for tests that interrupt a study). stages: the stage registry (tests replace a stage's `run`).
+    (for tests that interrupt a study). stages: the stage registry (tests replace a stage's `run`). report: build
+    the report at the end, still holding the folder's lock.
     """
     executor = executor or config.execution.executor
     if executor not in EXECUTORS:
@@ -43,15 +48,75 @@ def run_study(
     check_resources(config, stages)
     cells = plan_cells(config, stages)
     out = Path(out).resolve()  # Ray workers have their own working directory
+    # Check, then write: nothing exists in `out` before the model, the corpus and the folder are known good.
+    check_inputs(config)
+    check_output_folder(out)
+    if not force:
+        check_database_file(out / DATABASE)
     if executor == "ray":
         return _run_with_ray(config, out, cells, force=force, progress=progress, stop_after=stop_after, log=log,
-                             address=address or config.execution.address)
+                             address=address or config.execution.address, report=report)
     out.mkdir(parents=True, exist_ok=True)
-    with ResultStore(out / DATABASE) as store:
+    with _opened(out, force) as store:
         recorder, todo = _start(config, out, cells, store, force, log)
         context = StageContext(config, out, recorded_rows_reader(store), progress)
         run_local(todo, context, recorder, force=force, stop_after=stop_after)
+        _report(out, report, log)
     return recorder.counts
+
+
+@contextmanager
+def _opened(out: Path, force: bool):
+    """The study folder's lock, held while its database is open: one writer per folder. `force` starts over
+    with an empty database (a damaged one included)."""
+    with folder_lock(out):
+        remove_stale_temporaries(out)  # a killed run's; no one else writes here now
+        if force:
+            remove_database(out / DATABASE)
+        with ResultStore(out / DATABASE) as store:
+            yield store
+
+
+def _report(out: Path, report: bool, log: Callable[[str], None]) -> None:
+    """Build the report while the lock is held, so no other study writes the folder meanwhile."""
+    if report:
+        from ropescope.study.report import build_report
+
+        log(f"report: writing {out / 'report'} ...")
+        build_report(out)
+
+
+def check_inputs(config: StudyConfig) -> None:
+    """The model (config, tokenizer, weight headers) and the corpus (each split a stage reads, long enough for
+    the longest length it is cut to) are readable: a bad input is one error line before any file is written,
+    never a column of failed cells."""
+    from ropescope.eval.perplexity import long_documents
+    from ropescope.models import load_config, load_tokenizer, resolve_model
+
+    source = resolve_model(config.model.path)
+    load_config(source)
+    tokenizer = load_tokenizer(source)
+    context = StageContext(config, Path(), required_rows=lambda stage, variant: [])
+    long_documents(tokenizer, context.documents("validation"), max(config.evaluation.perplexity_lengths), 1)
+    analysis = config.analysis
+    longest = max([*analysis.entropy_lengths, analysis.pattern_length, config.model.original_max_position_embeddings])
+    context.samples(tokenizer, longest, analysis.entropy_samples)
+    if config.training.lengths:
+        from itertools import islice
+
+        from ropescope.data import token_blocks
+
+        documents = context.documents("train")
+        # a token spans at least one byte in the tokenizers we meet: a corpus far too small is refused without
+        # tokenizing it all
+        corpus_bytes = sum(len(document.encode("utf-8")) + 1 for document in documents)
+        for length in config.training.lengths:
+            batch = max(1, config.training.tokens_per_step // length)  # as the train stage asks
+            if 2 * corpus_bytes < batch * length or \
+                    len(list(islice(token_blocks(tokenizer, documents, length), batch))) < batch:
+                raise RopescopeError(
+                    f"corpus {config.corpus.path!r} (train split) does not fill {batch} blocks of {length} tokens, "
+                    f"one training step at training.lengths {length}; give shorter lengths or a larger corpus")
 
 
 def _start(config: StudyConfig, out: Path, cells: list[Cell], store: ResultStore, force: bool,
@@ -64,7 +129,7 @@ def _start(config: StudyConfig, out: Path, cells: list[Cell], store: ResultStore
 
 
 def _run_with_ray(config: StudyConfig, out: Path, cells: list[Cell], *, force: bool, progress: bool | None,
-                  stop_after: int | None, log, address: str | None) -> dict:
+                  stop_after: int | None, log, address: str | None, report: bool) -> dict:
     try:
         from ropescope.study import ray_executor
     except ModuleNotFoundError as error:
@@ -80,10 +145,11 @@ def _run_with_ray(config: StudyConfig, out: Path, cells: list[Cell], *, force: b
             if created:
                 out.rmdir()  # nothing written: the folder was new and the marker is gone
             raise
-        with ResultStore(out / DATABASE) as store:
+        with _opened(out, force) as store:
             recorder, todo = _start(config, out, cells, store, force, log)
             ray_executor.run_ray(todo, config, out, store, recorder, force=force, stop_after=stop_after,
                                  progress=progress)
+            _report(out, report, log)
     return recorder.counts
 
 

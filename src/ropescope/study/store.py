@@ -9,6 +9,8 @@ import sqlite3
 import time
 from pathlib import Path
 
+from ropescope.errors import RopescopeError
+
 DATABASE = "results.sqlite"  # the results database's file name inside a study folder
 
 SCHEMA = """
@@ -33,6 +35,42 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 
+def check_database(connection: sqlite3.Connection, path: Path) -> None:
+    """Refuse a file that is not a healthy SQLite database, saying how to recover (quick_check reads every page
+    once: milliseconds for a study's results)."""
+    try:
+        problems = [message for (message,) in connection.execute("PRAGMA quick_check")]
+    except sqlite3.OperationalError as error:
+        if "locked" in str(error):  # another study is writing it: the folder's lock refuses this one
+            return
+        problems = [str(error)]
+    except sqlite3.DatabaseError as error:
+        problems = [str(error)]
+    if problems != ["ok"]:
+        raise RopescopeError(
+            f"{str(path)!r} is not a readable results database ({problems[0]}); move it aside to keep it, or run "
+            "`ropescope study --force` to start over")
+
+
+def check_database_file(path: Path) -> None:
+    """An existing results database is healthy; checked read-only, so a refusal leaves every file as it was."""
+    if not path.exists():
+        return
+    if not path.is_file():
+        raise RopescopeError(f"{str(path)!r} is not a file; move it aside")
+    connection = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    try:
+        check_database(connection, path)
+    finally:
+        connection.close()
+
+
+def remove_database(path: Path) -> None:
+    """Delete a results database and its journal files (`ropescope study --force` starts over)."""
+    for suffix in ("", "-journal", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+
 class ResultStore:
     """`ResultStore(path)`; `is_done(cell, config_hash)`, `record(...)`, `record_failure(...)`, `rows(kind)`,
     `cell_rows(cell)`."""
@@ -41,8 +79,13 @@ class ResultStore:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.connection = sqlite3.connect(self.path)
-        self.connection.executescript(SCHEMA)
-        self.connection.commit()
+        try:
+            check_database(self.connection, self.path)
+            self.connection.executescript(SCHEMA)
+            self.connection.commit()
+        except BaseException:
+            self.connection.close()
+            raise
 
     def close(self) -> None:
         self.connection.close()
