@@ -9,16 +9,9 @@ import pytest
 from scipy import stats
 
 from ropescope.study.findings import finding_entropy_errors, finding_pattern, finding_training_length
-from ropescope.study.statistics import CONTRADICTED, INSUFFICIENT, NOT_SIGNIFICANT, REPRODUCED
-from ropescope.study.statistics import (
-    auroc,
-    mean_difference,
-    pair_weighted_auroc,
-    spearman_test,
-    stratified_auroc,
-    verdict_from_interval,
-    verdict_from_p,
-)
+from ropescope.study.statistics import (CONTRADICTED, INSUFFICIENT, NOT_SIGNIFICANT, REPRODUCED, auroc,
+                                        mean_difference, pair_weighted_auroc, spearman_test, stratified_auroc,
+                                        verdict_from_interval, verdict_from_p)
 
 
 def brute_auroc(scores, positives):
