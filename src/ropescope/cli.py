@@ -405,30 +405,34 @@ def _add_config_fields(parser: argparse.ArgumentParser, config_class, flag_names
         parser.add_argument(flag, **options)
 
 
+def _add_config_command(subparsers, name: str, config_class, function, summary: str, description: str,
+                        renames: dict[str, str] | None = None) -> None:
+    """A command whose flags are the fields of `config_class` and which calls `function(config)`."""
+    parser = _command(subparsers, name, function, print, summary, description=description)
+    _add_config_fields(parser, config_class, renames)
+    parser.set_defaults(config_class=config_class)
+
+
 def _add_train(subparsers) -> None:
     from ropescope.train import TrainConfig, train
 
-    parser = _command(
-        subparsers, "train", train, print,
+    _add_config_command(
+        subparsers, "train", TrainConfig, train,
         "continual pretraining with a RoPE extension (also under `accelerate launch`)",
-        description="Fine-tune a model with a RoPE extension on blocks of --length tokens; write a Hugging Face "
-                    "checkpoint that loads with the extension active. Runs under `accelerate launch` as it is. "
-                    "--method takes NAME[:KEY=VALUE,...] as in every command.")
-    _add_config_fields(parser, TrainConfig)
-    parser.set_defaults(config_class=TrainConfig)
+        "Fine-tune a model with a RoPE extension on blocks of --length tokens; write a Hugging Face checkpoint "
+        "that loads with the extension active. Runs under `accelerate launch` as it is. --method takes "
+        "NAME[:KEY=VALUE,...] as in every command.")
 
 
 def _add_pretrain(subparsers) -> None:
     from ropescope.pretrain import PretrainConfig, pretrain
 
-    parser = _command(
-        subparsers, "pretrain", pretrain, print,
+    _add_config_command(
+        subparsers, "pretrain", PretrainConfig, pretrain,
         "pretrain a small Llama with original RoPE (the shipped model's recipe is in its MODEL_CARD)",
-        description="Pretrain a small LlamaForCausalLM with original RoPE at a short context, with a share of "
-        "synthetic passkey examples. The defaults are the first of the stages that build the shipped model "
-        "(src/ropescope/default/MODEL_CARD.md gives the commands).")
-    _add_config_fields(parser, PretrainConfig, {"output": "--out"})
-    parser.set_defaults(config_class=PretrainConfig)
+        "Pretrain a small LlamaForCausalLM with original RoPE at a short context, with a share of synthetic passkey "
+        "examples. The defaults are the first of the stages that build the shipped model "
+        "(src/ropescope/default/MODEL_CARD.md gives the commands).", {"output": "--out"})
 
 
 # ---------------------------------------------------------------------------------------------------------------
