@@ -8,6 +8,9 @@ from collections import Counter
 import torch
 
 
+IGNORED = -100  # cross_entropy's ignore_index: a target that scores 0
+
+
 def token_nll(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "none") -> torch.Tensor:
     """-log p(target) at each position, from logits upcast to float32.
 
@@ -25,7 +28,9 @@ def next_token_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tenso
 
     logits: [batch, length, vocab] of a causal LM on input_ids: LongTensor[batch, length]. Returns [batch, length - 1].
     """
-    return token_nll(logits[:, :-1], input_ids[:, 1:])
+    # The targets move left, not the logits: a slice of the logits would be copied whole by the reshape.
+    targets = torch.nn.functional.pad(input_ids[:, 1:], (0, 1), value=IGNORED)
+    return token_nll(logits, targets)[:, :-1]
 
 
 def answer_nll(per_token: torch.Tensor, is_answer: torch.Tensor) -> torch.Tensor | None:
@@ -36,6 +41,19 @@ def answer_nll(per_token: torch.Tensor, is_answer: torch.Tensor) -> torch.Tensor
     """
     answer = is_answer[:, 1:]
     return per_token[answer].mean() if answer.any() else None
+
+
+def answer_weighted_loss(logits: torch.Tensor, input_ids: torch.Tensor, is_answer: torch.Tensor | None,
+                         answer_weight: float) -> torch.Tensor:
+    """The training loss with passkey examples: mean next-token NLL over every token, plus `answer_weight` x the
+    mean over the answer tokens marked in `is_answer` (when any), from one cross-entropy pass over the logits.
+
+    logits: [batch, length, vocab]; input_ids: LongTensor[batch, length]; is_answer: bool [batch, length] or None.
+    """
+    per_token = next_token_nll(logits, input_ids)
+    answer = answer_nll(per_token, is_answer) if answer_weight and is_answer is not None else None
+    loss = per_token.mean()
+    return loss if answer is None else loss + answer_weight * answer
 
 
 @torch.no_grad()

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from ropescope.data import load_corpus
 from ropescope.errors import RopescopeError
-from ropescope.nll import answer_nll, next_token_nll
+from ropescope.nll import answer_weighted_loss
 from ropescope.passkey_format import PasskeyPrompts
 from ropescope.results import atomic_path, run_differences
 from ropescope.schedule import learning_rate
@@ -185,10 +185,7 @@ def _loss(model, input_ids: torch.Tensor, is_answer: torch.Tensor, answer_loss_w
 
     input_ids, is_answer: [batch, length]; returns a scalar.
     """
-    per_token = next_token_nll(model(input_ids=input_ids).logits, input_ids)
-    loss = per_token.mean()
-    answer = answer_nll(per_token, is_answer) if answer_loss_weight else None
-    return loss if answer is None else loss + answer_loss_weight * answer
+    return answer_weighted_loss(model(input_ids=input_ids).logits, input_ids, is_answer, answer_loss_weight)
 
 
 def _learning_rate(step: int, config: PretrainConfig) -> float:

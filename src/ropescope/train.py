@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from ropescope.errors import RopescopeError
-from ropescope.nll import answer_nll, next_token_nll
+from ropescope.nll import answer_weighted_loss
 from ropescope.results import atomic_path, run_differences, run_identity, write_atomically
 from ropescope.schedule import SCHEDULES, learning_rate
 
@@ -396,10 +396,10 @@ def _setup_optimizer(accelerator, config: TrainConfig, model, resume_from: Path 
 def _loss(model, input_ids: torch.Tensor, is_answer: torch.Tensor | None) -> torch.Tensor:
     """The causal-LM loss (transformers' own), plus, when the micro-batch holds passkey examples, the mean loss
     over their answer tokens, as `ropescope pretrain` adds it (weight ANSWER_LOSS_WEIGHT)."""
-    outputs = model(input_ids=input_ids, labels=input_ids)
     if is_answer is None:
-        return outputs.loss
-    return outputs.loss + ANSWER_LOSS_WEIGHT * answer_nll(next_token_nll(outputs.logits, input_ids), is_answer)
+        return model(input_ids=input_ids, labels=input_ids).loss
+    # One cross-entropy over the logits for both terms: the vocabulary-wide log-softmax is a tenth of a step.
+    return answer_weighted_loss(model(input_ids=input_ids).logits, input_ids, is_answer, ANSWER_LOSS_WEIGHT)
 
 
 def _train_loop(accelerator, config: TrainConfig, model, optimizer, scheduler, state: _TrainState,
