@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 import torch
 
-from ropescope.nll import answer_nll, next_token_nll, token_nll, unigram_perplexity
+from ropescope.nll import answer_nll, answer_weighted_loss, next_token_nll, token_nll, unigram_perplexity
 from tests.helpers import DOCUMENTS, tiny_tokenizer
 
 
@@ -45,6 +45,20 @@ def test_next_token_and_answer_nll():
     is_answer[1, 5] = True
     answers = [expected[0, 3], expected[0, 4], expected[1, 4]]
     assert answer_nll(per_token, is_answer).item() == pytest.approx(sum(answers).item() / 3, rel=1e-5)
+
+
+def test_answer_weighted_loss_is_the_mean_nll_plus_the_weighted_answer_mean():
+    generator = torch.Generator().manual_seed(2)
+    logits = torch.randn(2, 6, 7, generator=generator)
+    input_ids = torch.randint(0, 7, (2, 6), generator=generator)
+    expected = _brute_force(logits[:, :-1], input_ids[:, 1:])
+    is_answer = torch.zeros(2, 6, dtype=torch.bool)
+    is_answer[1, 3:5] = True  # predicted by columns 2 and 3
+    loss = answer_weighted_loss(logits, input_ids, is_answer, 0.5).item()
+    assert loss == pytest.approx((expected.mean() + 0.5 * expected[1, 2:4].mean()).item(), rel=1e-5)
+    for no_answer_term in [(None, 0.5), (is_answer, 0.0), (torch.zeros_like(is_answer), 0.5)]:
+        loss = answer_weighted_loss(logits, input_ids, *no_answer_term).item()
+        assert loss == pytest.approx(expected.mean().item(), rel=1e-5)
 
 
 def test_unigram_perplexity_is_add_one_smoothed_counts():
