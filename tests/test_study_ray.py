@@ -129,9 +129,11 @@ def test_a_killed_worker_is_retried_and_a_raising_cell_recorded_as_failed(cluste
 
 
 # The quick study, its uncertainty cells held back a minute, so the signal always lands while cells remain (the
-# rest of the quick study can finish between two looks at the database).
+# rest of the quick study can finish between two looks at the database). Ctrl-C raises KeyboardInterrupt as in a
+# terminal: a process started from a shell's background job inherits SIGINT ignored, and Python keeps it so.
 DRIVER = """
-import sys, time
+import signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from dataclasses import replace
 from ropescope.study.config import load_config, quick_config_path
 from ropescope.study.runner import run_study
