@@ -165,8 +165,9 @@ def _add_methods(parser: argparse.ArgumentParser, several: bool) -> None:
 
 
 def _add_corpus(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--corpus", help="a local corpus: .txt/.jsonl/.parquet files or a folder "
-                                         "(default: the shipped corpus)")
+    parser.add_argument("--corpus", help="a local corpus: .txt/.jsonl/.parquet files or a folder; or 'default' "
+                                         "(the shipped corpus, the default) or 'default:works' (its texts with each "
+                                         "work whole, for lengths past 8K)")
     parser.add_argument("--split", choices=["train", "validation", "test"], help="split of the corpus")
 
 

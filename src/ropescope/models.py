@@ -1,8 +1,8 @@
 """The one way to name and load a model: every command, the study and the attention analyses go through here.
 
-A model is named as `default` (the shipped model), a local Hugging Face folder, or a Hub repo id
-`org/name[@revision]`, which huggingface_hub resolves from its local cache when offline (`HF_HUB_OFFLINE=1`) and
-downloads otherwise. `ModelOptions` says where and how to load it (device, dtype, accelerate's device map,
+A model is named as `default` (the shipped model), a local Hugging Face folder, a GGUF file (`*.gguf`, or a short
+name of a packaged one such as `smollm2-135m`: see `ropescope.gguf_files`), or a Hub repo id `org/name[@revision]`,
+which huggingface_hub resolves from its local cache when offline (`HF_HUB_OFFLINE=1`) and downloads otherwise. `ModelOptions` says where and how to load it (device, dtype, accelerate's device map,
 attention implementation); it is checked once, when it is built.
 """
 
@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ropescope import gguf_files
 from ropescope.errors import RopescopeError
 from ropescope.rope import RopeSpec
 from ropescope.rows import RunLabels
@@ -42,8 +43,9 @@ def default_model_path() -> Path:
 class ModelSource:
     """A model as the user named it, resolved to a local folder.
 
-    name: 'default', the folder as given, or the Hub repo id (without @revision); revision: the Hub commit of
-    the snapshot (None for local folders).
+    name: 'default', the folder or GGUF file as given, a packaged GGUF's short name, or the Hub repo id (without
+    @revision); revision: the Hub commit of the snapshot, or for a GGUF file its quantisation and content hash
+    (None for local folders). path: the folder transformers loads (a GGUF file's converted folder).
     """
 
     name: str
@@ -52,10 +54,15 @@ class ModelSource:
 
 
 def resolve_model(model: str | Path) -> ModelSource:
-    """`default`, a local folder (with config.json and a tokenizer) or a Hub id `org/name[@revision]`."""
+    """`default`, a local folder (with config.json and a tokenizer), a GGUF file or a packaged GGUF's short name,
+    or a Hub id `org/name[@revision]`."""
     text = str(model)
     if text == "default":
         source = ModelSource("default", default_model_path())
+    elif gguf_files.is_gguf_name(text) and not Path(text).is_dir():
+        file = gguf_files.packaged_gguf_path(text) if text in gguf_files.PACKAGED else Path(text)
+        converted = gguf_files.converted_folder(file)
+        source = ModelSource(text, converted.folder, converted.revision)
     elif Path(text).is_dir() or not HUB_ID.match(text):
         source = ModelSource(text, Path(text))
     else:
@@ -63,8 +70,8 @@ def resolve_model(model: str | Path) -> ModelSource:
     path = source.path
     if not path.is_dir():
         raise RopescopeError(
-            f"model {text!r} is not a folder; give 'default', a local Hugging Face model folder or a Hub id "
-            "org/name[@revision]"
+            f"model {text!r} is not a folder; give 'default', a local Hugging Face model folder, a .gguf file, "
+            f"{', '.join(repr(name) for name in gguf_files.PACKAGED)} or a Hub id org/name[@revision]"
         )
     if not (path / "config.json").is_file():
         raise RopescopeError(f"model folder {str(path)!r} has no config.json")

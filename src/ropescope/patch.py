@@ -300,12 +300,35 @@ def _rope_parameters_for(spec: RopeSpec, pretrained: dict, layers: dict) -> dict
     return rope
 
 
+# Methods whose published configs write the extended length as max_position_embeddings (Llama 3.1: 131072 with
+# original 8192; Phi-3: 131072 with a top-level original 4096; fixed-base NTK, as Code Llama's larger theta, is the
+# original RoPE to a serving engine). Dynamic NTK and YaRN write the original length there (a YaRN-extended
+# Qwen2.5 keeps 32768): transformers' dynamic scaling grows from it, its YaRN check wants the two equal or their
+# ratio the factor, and vLLM multiplies it by the factor itself. Linear keeps the pretrained length, which vLLM
+# multiplies by the factor too.
+EXTENDED_LENGTH_WRITTEN = ("ntk", "llama3", "longrope")
+ORIGINAL_LENGTH_WRITTEN = ("dynamic", "dynamic_yarn", "yarn")
+
+
+def saved_max_position_embeddings(spec: RopeSpec, pretrained_length: int) -> int:
+    """The `max_position_embeddings` a config extended with `spec` says (see EXTENDED_LENGTH_WRITTEN)."""
+    original = spec.params.get("original_max_position_embeddings") or pretrained_length
+    if spec.method in ORIGINAL_LENGTH_WRITTEN:
+        return int(original)
+    factor = spec.params.get("factor")
+    if spec.method in EXTENDED_LENGTH_WRITTEN and factor is not None:
+        return int(round(original * factor))
+    return pretrained_length
+
+
 def _record(config, spec: RopeSpec, rope: dict, pretrained: dict, pretrained_length: int) -> None:
-    """Write the spec into the config: transformers' own `rope_parameters`, plus ropescope's record."""
-    config.max_position_embeddings = pretrained_length
-    if spec.method in ("dynamic", "dynamic_yarn"):
-        # transformers' dynamic scaling measures growth from max_position_embeddings
-        config.max_position_embeddings = spec.params["original_max_position_embeddings"]
+    """Write the spec into the config: transformers' own `rope_parameters`, the length the extension may run to
+    (`saved_max_position_embeddings`), plus ropescope's record."""
+    config.max_position_embeddings = saved_max_position_embeddings(spec, pretrained_length)
+    if spec.method == "longrope":  # Phi-3 keeps the pretrained length beside max_position_embeddings
+        config.original_max_position_embeddings = int(spec.params["original_max_position_embeddings"])
+    elif "original_max_position_embeddings" in config.__dict__ and not hasattr(type(config), "original_max_position_embeddings"):
+        del config.original_max_position_embeddings  # a replaced longrope's, never the family's own field
     if hasattr(config, "head_dim") and config.head_dim is None:
         # Mixtral leaves head_dim None; transformers' yarn and LongRoPE read it with a default that None defeats.
         config.head_dim = config.hidden_size // config.num_attention_heads

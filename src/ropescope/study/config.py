@@ -29,7 +29,8 @@ class CorpusSection:
 
 @dataclass(frozen=True)
 class TrainingSection:
-    lengths: list[int] = field(default_factory=lambda: [512, 1024])  # continual-pretraining lengths
+    # continual-pretraining lengths; [] = no fine-tuning (then include_untrained must be true)
+    lengths: list[int] = field(default_factory=lambda: [512, 1024], metadata={"empty": True})
     steps: int = 40
     tokens_per_step: int = 8192  # the batch is tokens_per_step // length blocks, so lengths see equal tokens
     learning_rate: float = 1e-3
@@ -172,10 +173,11 @@ def _checked(key: str, value: Any, declared: Field, source: str) -> Any:
             fail("a non-empty string")
         return value
     if type_name == "list[int]":
-        if not isinstance(value, list) or not value or any(
+        may_be_empty = declared.metadata.get("empty", False)
+        if not isinstance(value, list) or not (value or may_be_empty) or any(
             isinstance(item, bool) or not isinstance(item, int) or item <= 0 for item in value
         ):
-            fail("a non-empty list of positive integers")
+            fail("a list of positive integers" if may_be_empty else "a non-empty list of positive integers")
         if sorted(set(value)) != value:
             fail("sorted ascending without repeats")
         return value
@@ -261,4 +263,7 @@ def parse_config(data: dict, source: str = "study config") -> StudyConfig:
             f"{source}: 'analysis.pattern_length' = {parsed['analysis'].pattern_length} must be one of "
             f"analysis.entropy_lengths {parsed['analysis'].entropy_lengths}"
         )
+    if not parsed["training"].lengths and not parsed["training"].include_untrained:
+        raise RopescopeError(f"{source}: 'training.lengths' = [] and 'training.include_untrained' = false leave no "
+                             "extension to evaluate; give a length or set include_untrained = true")
     return StudyConfig(methods=methods, seed=seed, **parsed)

