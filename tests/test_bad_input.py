@@ -2,6 +2,7 @@
 bad value, with no traceback and no file written. Damaged model folders, corpora and results databases, unusable
 output folders, NaN and infinite numbers, and the plain mistakes of every command."""
 
+import json
 import os
 import shlex
 import shutil
@@ -26,6 +27,19 @@ def _truncate(path):
     path.write_bytes(data[: len(data) // 2])
 
 
+def _gguf_of_architecture(path, architecture):
+    """A whole GGUF file of one tiny tensor whose header names `architecture`."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), architecture)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
 def _malformed_database(path):
     """A real SQLite file with some of its pages overwritten."""
     with sqlite3.connect(path) as connection:
@@ -48,6 +62,11 @@ def workspace(tmp_path_factory):
     (root / "config-not-object" / "config.json").write_text("[1, 2]")
     (root / "tokenizer-not-json" / "tokenizer.json").write_text("{not json")
     (root / "a-file").write_text("not a folder")
+    shutil.copytree(root / "model", root / "wrong-shape")
+    config = json.loads((root / "wrong-shape" / "config.json").read_text())
+    (root / "wrong-shape" / "config.json").write_text(json.dumps({**config, "intermediate_size": 72}))
+    (root / "not-gguf.gguf").write_bytes(b"PK\x03\x04" + bytes(64))
+    _gguf_of_architecture(root / "bert.gguf", "bert")
     (root / "small").mkdir()
     (root / "small" / "a.txt").write_text("a few words only")
     (root / "bad.jsonl").write_text('{"text": "fine"}\n{"text": broken\n')
@@ -101,6 +120,12 @@ CASES = [
     ("study truncated-model.toml --out o", "'truncated/model.safetensors' cannot be read"),
     ("study bad-config-model.toml --out o", "'config-not-json/config.json' cannot be read"),
     ("ppl --model nowhere --out o", "model 'nowhere' is not a folder"),
+    ("ppl --model wrong-shape --out o", "weight 'model.layers.0.mlp.down_proj.weight' in model.safetensors has shape"),
+    (f"{_TRAIN} --out o --model wrong-shape", "its config.json builds [64, 72]; the config does not fit the weights"),
+    ("ppl --model not-gguf.gguf --out o", "model 'not-gguf.gguf' is not a GGUF file"),
+    ("entropy --model bert.gguf --out o", "is a GGUF 'bert' model, which transformers' GGUF loader does not read; "
+                                          "it reads llama, mistral"),
+    ("ppl --model missing.gguf --out o", "model 'missing.gguf': no such GGUF file"),
     ("ppl --model a-file --out o", "model 'a-file' is not a folder"),
     # damaged or unusable corpora
     ("study missing-corpus.toml --out o", "corpus path 'nowhere' does not exist"),

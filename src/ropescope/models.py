@@ -275,6 +275,7 @@ def load(model: str | Path | ModelSource = "default", spec: RopeSpec | None = No
     attn_implementation = options.attn_implementation or (
         "sdpa" if getattr(_causal_lm_class(config), "_supports_sdpa", False) else "eager")
     placement = {"device_map": options.device_map} if options.device_map else {}
+    _check_weights_fit(source, config)
     try:
         network = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype,
                                                        attn_implementation=attn_implementation, **placement)
@@ -300,6 +301,24 @@ def load(model: str | Path | ModelSource = "default", spec: RopeSpec | None = No
         or pretrained_rope(network.config)[1], rope=applied.to_text() if applied is not None else "default",
     )
     return LoadedModel(network, tokenizer, labels)
+
+
+def _check_weights_fit(source: ModelSource, config) -> None:
+    """Refuse, in one line, weights whose shapes differ from what the config builds (transformers would print a
+    load report and raise from deep inside); compared on a meta-device model, so nothing is allocated."""
+    from safetensors import safe_open
+
+    with torch.device("meta"):
+        expected = {name: tuple(tensor.shape)
+                    for name, tensor in _causal_lm_class(config)(config).state_dict().items()}
+    for weights in sorted(source.path.glob("*.safetensors")):
+        with safe_open(weights, "pt") as handle:
+            for name in handle.keys():
+                shape = tuple(handle.get_slice(name).get_shape())
+                if name in expected and expected[name] != shape:
+                    raise RopescopeError(
+                        f"model {source.name!r}: weight {name!r} in {weights.name} has shape {list(shape)}, but "
+                        f"its config.json builds {list(expected[name])}; the config does not fit the weights")
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

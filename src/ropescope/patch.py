@@ -226,7 +226,7 @@ def extend(model: nn.Module, spec: RopeSpec) -> nn.Module:
     # The config records the layers that read the model's own RoPE (the first module that does).
     shared = [layers for (_, _, original), layers in zip(targets, per_module) if _own_config(original, config) is None]
     rope = _rope_parameters_for(spec, parameters, (shared or per_module)[0])
-    _check_family_accepts(config, rope, spec)
+    _check_family_accepts(config, rope, spec, pretrained_length)
     for (parent, attribute, original), layers in zip(targets, per_module):
         setattr(parent, attribute, ExtendedRotaryEmbedding(original, spec, layers))
     _record(config, spec, rope, parameters, pretrained_length)
@@ -254,11 +254,12 @@ def _module_layers(module: nn.Module, config, parameters: dict) -> dict[str | No
     return layers
 
 
-def _check_family_accepts(config, rope: dict, spec: RopeSpec) -> None:
+def _check_family_accepts(config, rope: dict, spec: RopeSpec, pretrained_length: int) -> None:
     """Refuse, before anything changes, an extension whose config the family's own class would not load (Phi-3's
     config accepts LongRoPE and the original RoPE only)."""
     trial = copy.deepcopy(config)
     trial.rope_parameters = copy.deepcopy(rope)
+    trial.max_position_embeddings = saved_max_position_embeddings(spec, pretrained_length)
     try:
         trial.validate_rope()
     except Exception as error:  # the config classes raise ValueError, or a validation error wrapping it
