@@ -9,7 +9,7 @@ import pytest
 from scipy import stats
 
 from ropescope.study.findings import finding_entropy_errors, finding_pattern, finding_training_length
-from ropescope.study.statistics import (CONTRADICTED, INSUFFICIENT, NOT_SIGNIFICANT, REPRODUCED, auroc,
+from ropescope.statistics import (CONTRADICTED, INSUFFICIENT, NOT_SIGNIFICANT, REPRODUCED, auroc,
                                         mean_difference, pair_weighted_auroc, spearman_test, stratified_auroc,
                                         verdict_from_interval, verdict_from_p)
 
@@ -56,7 +56,8 @@ def test_auroc_edge_cases():
 
 def test_the_package_has_one_auroc():
     from ropescope.attention import uncertainty
-    from ropescope.study import findings, statistics
+    from ropescope import statistics
+    from ropescope.study import findings
 
     assert uncertainty.auroc is statistics.auroc and findings.auroc is statistics.auroc
 

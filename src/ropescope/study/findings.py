@@ -4,7 +4,7 @@
 (2) High attention entropy goes with retrieval errors (sec. 4).
 (3) A longer continual-pretraining length lowers attention entropy and improves results (sec. 5).
 
-Every verdict comes from a test in `ropescope.study.statistics` and says which (`Finding.tests`), so a report
+Every verdict comes from a test in `ropescope.statistics` and says which (`Finding.tests`), so a report
 rebuilt from the same rows states the same test, n, statistic, p-value or interval and verdict.
 """
 
@@ -17,7 +17,7 @@ from statistics import mean
 
 import numpy as np
 
-from ropescope.study.statistics import (
+from ropescope.statistics import (
     ALPHA,
     CONFIDENCE,
     CONTRADICTED,

@@ -20,7 +20,7 @@ from ropescope.errors import RopescopeError
 from ropescope.results import write_atomically
 from ropescope.study.findings import Finding, Test, is_fine_tuned, pattern_divergence, study_findings
 from ropescope.study.runner import DATABASE
-from ropescope.study.statistics import CONFIDENCE, INSUFFICIENT, VERDICT_RULE
+from ropescope.statistics import CONFIDENCE, INSUFFICIENT, VERDICT_RULE
 from ropescope.study.store import ResultStore, check_database_file
 
 
