@@ -4,7 +4,8 @@ have the test.
 - `auroc`: the package's one AUROC (Mann-Whitney U over the positive x negative pairs, ties one half).
 - `spearman_test`: Spearman's rho, a two-sided permutation p-value (exact when n! is small), a Fisher-z interval
   and two one-sided tests (TOST) of |rho| < bound; `within_group_spearman`: the correlation left after removing
-  each group's means, with its permutation p-value (values permuted within groups).
+  each group's means, with its permutation p-value (values permuted within groups); `detectable_rho`: the
+  smallest correlation a study of n values detects.
 - `stratified_auroc`: AUROC within strata, their pair-weighted mean with a within-strata bootstrap interval and a
   stratified permutation test (labels permuted within strata), the test that controls for what defines a stratum.
 - `clustered_stratified_auroc`: the same statistic when the independent unit is not the case but a unit shared by
@@ -14,7 +15,7 @@ have the test.
   odds ratio per within-stratum standard deviation (statsmodels' ConditionalLogit).
 - `run_level_effect`: the effect of a two-level factor on per-run means in a linear model with group effects (OLS),
   its t-test and intervals; `holm`: Holm's step-down adjustment (statsmodels).
-- `mean_difference`: a difference of means with a bootstrap interval.
+- `mean_difference`: a difference of means with a bootstrap interval; `welch_difference`: with Welch's t interval.
 - `decide`: one of the four verdicts from a test's p-value, the effect's sign and its equivalence interval.
 
 Intervals shown are two-sided at `CONFIDENCE`; equivalence uses the (1 - 2 ALPHA) interval, which lies inside the
@@ -104,12 +105,22 @@ class Correlation:
 
 def fisher_z_interval(rho: float, n: int, confidence: float = CONFIDENCE) -> tuple[float, float] | None:
     """Interval of Spearman's rho from Fisher's z = atanh(rho) with standard error sqrt(1.06 / (n - 3)) (Fieller,
-    Hartley and Pearson 1957, the variance of z for rank correlations); None below n = 4 or without a rho."""
-    if n < 4 or not math.isfinite(rho):
+    Hartley and Pearson 1957, the variance of z for rank correlations); None below n = 4, without a rho or at
+    |rho| = 1, where z is infinite and the interval would collapse to a point."""
+    if n < 4 or not math.isfinite(rho) or abs(rho) >= 1:
         return None
-    z = math.atanh(max(-1 + 1e-12, min(1 - 1e-12, rho)))  # rho = +-1 at small n: the interval still has a width
+    z = math.atanh(rho)
     half = stats.norm.ppf(0.5 + confidence / 2) * math.sqrt(1.06 / (n - 3))
     return math.tanh(z - half), math.tanh(z + half)
+
+
+def detectable_rho(n: int, power: float = 0.8) -> float:
+    """The smallest |rho| a two-sided test at ALPHA detects with `power` at n values, from the Fisher-z
+    approximation above (NaN below n = 4)."""
+    if n < 4:
+        return math.nan
+    z = (stats.norm.ppf(1 - ALPHA / 2) + stats.norm.ppf(power)) * math.sqrt(1.06 / (n - 3))
+    return math.tanh(z)
 
 
 def spearman_test(x: Sequence[float], y: Sequence[float], *, resamples: int = RESAMPLES, seed: int = 0) -> Correlation:
@@ -393,6 +404,17 @@ def mean_difference(before: Sequence[float], after: Sequence[float], *, paired: 
     low, high = result.confidence_interval
     interval = (float(low), float(high)) if np.isfinite([low, high]).all() else None
     return Difference(difference, interval, len(before), len(after), paired)
+
+
+def welch_difference(before: Sequence[float], after: Sequence[float]) -> Difference:
+    """mean(after) - mean(before) of independent values (e.g. per-run means) with Welch's t interval at CONFIDENCE
+    (scipy); no interval with fewer than 2 values on a side or no spread at all."""
+    before, after = np.asarray(before, dtype=np.float64), np.asarray(after, dtype=np.float64)
+    difference = float(after.mean() - before.mean())
+    if min(len(before), len(after)) < 2 or (before.std() == 0 and after.std() == 0):
+        return Difference(difference, None, len(before), len(after), False)
+    low, high = stats.ttest_ind(after, before, equal_var=False).confidence_interval(CONFIDENCE)
+    return Difference(difference, (float(low), float(high)), len(before), len(after), False)
 
 
 @dataclass(frozen=True)
