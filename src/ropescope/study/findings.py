@@ -96,11 +96,9 @@ def longest_perplexity(perplexity_rows: list[dict]) -> tuple[int, dict[str, floa
 
 
 def arm(row: dict) -> str:
-    """The (method, training length) a row's variant belongs to, its training seeds pooled: "yarn@1024"; the
-    untrained variant is "yarn@0", the original model "original"."""
-    if row.get("method") == "default":
-        return row.get("method_name") or row["variant"]
-    return f"{row.get('method_name') or row['variant'].split('@')[0]}@{row.get('train_length') or 0}"
+    """The variant a row belongs to with its training seeds pooled: "yarn@1024" for "yarn@1024-s1"."""
+    seed = row.get("train_seed")
+    return row["variant"].removesuffix(f"-s{seed}") if seed else row["variant"]
 
 
 def run_of(row: dict) -> tuple[str, int, int]:
