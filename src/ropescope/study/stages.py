@@ -68,17 +68,19 @@ def train(context: StageContext, variant: Variant) -> list[dict]:
 
 
 def perplexity_settings(config: StudyConfig, variant: Variant) -> dict:
-    return {"lengths": config.evaluation.perplexity_lengths, "documents": config.evaluation.perplexity_documents}
+    lengths = config.evaluation.perplexity_lengths
+    # a sweep variant serves finding 1 only, which reads the longest length: the shorter ones would cost time alone
+    return {"lengths": lengths[-1:] if variant.sweep else lengths, "documents": config.evaluation.perplexity_documents}
 
 
 def perplexity(context: StageContext, variant: Variant) -> list[dict]:
     from ropescope.eval.perplexity import evaluate_perplexity
 
     model, tokenizer = context.load(variant)
-    settings = context.config.evaluation
+    settings = perplexity_settings(context.config, variant)
     return evaluate_perplexity(
-        model, tokenizer, context.documents("validation"), settings.perplexity_lengths, protocols=("truncated",),
-        max_documents=settings.perplexity_documents, progress=context.progress,
+        model, tokenizer, context.documents("validation"), settings["lengths"], protocols=("truncated",),
+        max_documents=settings["documents"], progress=context.progress,
     )
 
 
