@@ -160,7 +160,8 @@ def finding_pattern(perplexity_rows: list[dict], pattern_rows: list[dict], *, bo
     numbers = {"length": longest, "js": js, "perplexity": {name: math.exp(log_ppl[name]) for name in arms}}
     if len(arms) < 4:
         return Finding(1, claim, INCONCLUSIVE, f"Inconclusive: {len(arms)} extension variants are too few to rank "
-                       f"with an interval (at least 4).", rule, numbers=numbers, bounds=bound_text)
+                       f"with an interval (at least 4).", rule, numbers=numbers, bounds=bound_text,
+                       untested=f"too few variants to test ({len(arms)} extensions, at least 4)")
     x, y = [js[name] for name in arms], [log_ppl[name] for name in arms]
     test = spearman_test(x, y, resamples=resamples, seed=seed)
     verdict = decide(test.p_value, test.rho, +1, test.equivalence_interval, (-bounds.rho_bound, bounds.rho_bound))
@@ -248,7 +249,8 @@ def finding_entropy_errors(uncertainty_rows: list[dict], *, bounds: FindingsSect
         return Finding(2, claim, INCONCLUSIVE, (
             f"Inconclusive: no variant x length stratum holds {minimum} failed and {minimum} correct retrievals "
             f"({numbers['failed']} failed, {numbers['correct']} correct in all), the fewest that give an AUROC "
-            f"meaning."), rule, [pooled_test], numbers, bound_text)
+            f"meaning."), rule, [pooled_test], numbers, bound_text,
+            f"too few cases to test: no stratum holds {minimum} failed and {minimum} correct retrievals")
     subset, strata, result, dropped = results[chosen]
     equivalence = (None if result.equivalence_interval is None
                    else (result.equivalence_interval[0] - 0.5, result.equivalence_interval[1] - 0.5))
