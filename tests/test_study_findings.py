@@ -361,7 +361,8 @@ def test_run_level_effect_against_least_squares_by_hand_and_holm():
     se = math.sqrt(variance * (1 / 9 + 1 / 9))
     assert result.effect == pytest.approx(effect) and result.degrees_of_freedom == 14 and result.runs == 18
     assert result.p_value == pytest.approx(2 * stats.t.sf(abs(effect / se), 14))
-    assert result.interval == pytest.approx((effect - stats.t.ppf(0.975, 14) * se, effect + stats.t.ppf(0.975, 14) * se))
+    half = stats.t.ppf(0.975, 14) * se
+    assert result.interval == pytest.approx((effect - half, effect + half))
     assert run_level_effect([1.0, 2.0], ["a", "a"], [False, True]) is None  # no residual degrees of freedom
     assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])  # sorted: 3 x 0.01, 2 x 0.03, max(., 1 x 0.04)
     welch = welch_difference([1.0, 1.2, 0.9], [2.0, 2.3])
@@ -505,7 +506,8 @@ def test_finding_two_clear_effect_is_reproduced():
 def test_finding_two_no_effect_with_enough_prompts_is_equivalent_and_too_few_inconclusive():
     rng = np.random.default_rng(2)
     rows = [{"variant": v, "length": n, "depth_percent": d, "trial": t, "correct": bool(rng.random() < 0.5),
-             "entropy": float(rng.normal())} for v in ("a", "b") for n in (256, 512) for d in (0, 50) for t in range(150)]
+             "entropy": float(rng.normal())}
+            for v in ("a", "b") for n in (256, 512) for d in (0, 50) for t in range(150)]
     finding = finding_entropy_errors(rows, resamples=499)
     primary = next(test for test in finding.tests if test.verdict is not None)
     assert finding.verdict == EQUIVALENT, (primary.statistic, primary.interval)

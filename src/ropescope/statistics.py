@@ -426,7 +426,8 @@ class OddsRatio:
     n: int  # cases in strata that hold both outcomes
 
 
-def conditional_logit(scores: Sequence[float], positives: Sequence[bool], strata: Sequence[Hashable]) -> OddsRatio | None:
+def conditional_logit(scores: Sequence[float], positives: Sequence[bool],
+                      strata: Sequence[Hashable]) -> OddsRatio | None:
     """Conditional logistic regression of `positives` on `scores` given the strata (statsmodels ConditionalLogit:
     each stratum its own intercept, conditioned away), the score in units of its pooled within-stratum standard
     deviation. [n] each. None when no stratum holds both outcomes, the score does not vary within strata or the

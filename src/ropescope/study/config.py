@@ -257,7 +257,8 @@ def _methods(data: Any, original_max_position_embeddings: int,
         if table.get("sweep", False) not in (True, False):
             raise RopescopeError(f"{source}: 'methods.{name}.sweep' = {table['sweep']!r} must be true or false")
         if table.get("sweep") and table["method"] == "default":
-            raise RopescopeError(f"{source}: [methods.{name}] is the original model; only extensions can be sweep = true")
+            raise RopescopeError(
+                f"{source}: [methods.{name}] is the original model; only extensions can be sweep = true")
         if table.get("sweep"):
             sweep.append(name)
         params = {key: value for key, value in table.items() if key not in ("method", "sweep")}

@@ -360,7 +360,8 @@ STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em aut
 td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}td:first-child,th:first-child{text-align:left}
 table.tests td,table.tests th{text-align:left}table.tests{font-size:0.8em}img{max-width:100%;border:1px solid #eee}
 .finding{border-left:4px solid #888;padding:0.3em 1em;margin:1em 0}.reproduced{border-color:#2a2}
-.contradicted{border-color:#c33}.equivalent{border-color:#36c}.inconclusive{border-color:#d90}.rule{font-size:0.85em;color:#555}
+.contradicted{border-color:#c33}.equivalent{border-color:#36c}.inconclusive{border-color:#d90}
+.rule{font-size:0.85em;color:#555}
 figure{margin:1.5em 0}figcaption{font-size:0.9em;color:#555}"""
 
 
@@ -388,7 +389,8 @@ def _report_html(header, table, findings, figures, failed, pretrained, retrieval
                         "</figure>")
         body.append("</div>")
     if retrieval:
-        body.append("<h2>Retrieval after fine-tuning</h2>" + "".join(f"<p>{html.escape(line)}</p>" for line in retrieval))
+        body.append("<h2>Retrieval after fine-tuning</h2>"
+                    + "".join(f"<p>{html.escape(line)}</p>" for line in retrieval))
     body.append("<h2>Results</h2>" + _html_table(header, table, css="results"))
     for figure in figures:
         if not figure.key.startswith("finding"):
