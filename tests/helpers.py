@@ -121,22 +121,28 @@ PPL_LENGTHS = (256, 512, 1024, 2048, 4096)
 PASSKEY_LENGTHS = (256, 512, 1024, 2048)
 
 
-def labels(variant, method_name, method, train_length):
-    return {"variant": variant, "method_name": method_name, "method": method, "train_length": train_length,
-            "factor": None if method == "default" else 4.0}
+def labels(variant, method_name, method, train_length, train_seed=None):
+    row = {"variant": variant, "method_name": method_name, "method": method, "train_length": train_length,
+           "factor": None if method == "default" else 4.0}
+    return row if train_seed is None else {**row, "train_seed": train_seed}
 
 
-def fill_store(path, meta_key="original_max_position_embeddings", untrained=None):
+def fill_store(path, meta_key="original_max_position_embeddings", untrained=None, seeds=1):
     """A plausible small study: the original fails past 256, longer training helps, and within a length and variant
-    failed retrievals have the higher entropy. `untrained` replaces the original's train_length (old rows: 0)."""
+    failed retrievals have the higher entropy. `untrained` replaces the original's train_length (old rows: 0);
+    `seeds`: fine-tunes per (method, length), each run a little better or worse than the others."""
     rng = random.Random(0)
     documents = [rng.uniform(-0.3, 0.3) for _ in range(6)]  # each document's own difficulty, centred below
     documents = [offset - sum(documents) / len(documents) for offset in documents]
+    variants = [(f"{variant}-s{seed}" if seed else variant, method_name, method, train_length, seed)
+                for variant, method_name, method, train_length in STUDY_VARIANTS
+                for seed in (range(seeds) if train_length else [None])]
     with ResultStore(path) as store:
         store.set_meta(meta_key, 256)
-        for variant, method_name, method, train_length in STUDY_VARIANTS:
-            base = labels(variant, method_name, method, train_length or untrained)
-            quality = 0 if method == "default" else train_length / 1024  # 0..1
+        for variant, method_name, method, train_length, seed in variants:
+            base = labels(variant, method_name, method, train_length or untrained, seed)
+            run = 0.02 * (seed - (seeds - 1) / 2) if seed is not None else 0.0  # the run's own luck
+            quality = 0 if method == "default" else train_length / 1024 + run  # 0..1
             ppl = []
             for n in PPL_LENGTHS:
                 level = math.log(20 * (n / 256) ** (1 - 0.8 * quality) if n > 256 else 20.0)

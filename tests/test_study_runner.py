@@ -144,6 +144,28 @@ def test_fingerprints_cover_only_what_a_cell_depends_on():
     assert changed == {cell.name for cell in plan_cells(QUICK) if cell.variant.name == "yarn@512"}
 
 
+def test_training_seeds_add_runs_and_sweep_variants_are_evaluated_for_finding_one_only():
+    seeded = replace(QUICK, training=replace(QUICK.training, seeds=3))
+    assert [variant.name for variant in plan_variants(seeded)] == ["original", "yarn@512", "yarn@512-s1", "yarn@512-s2"]
+    cells = {cell.name: cell for cell in plan_cells(seeded)}
+    # the first seed's cells are the cells of a study without seeds: adding seeds retrains nothing
+    assert {cell.name: cell.fingerprint for cell in plan_cells(QUICK)}.items() <= \
+        {name: cell.fingerprint for name, cell in cells.items()}.items()
+    runs = [cells[f"train/yarn@512{suffix}"] for suffix in ("", "-s1", "-s2")]
+    assert len({cell.fingerprint for cell in runs}) == 3 and [cell.variant.train_seed for cell in runs] == [0, 1, 2]
+    assert cells["passkey/yarn@512-s1"].requires == ("train/yarn@512-s1",)
+    assert cells["train/yarn@512-s2"].variant.labels()["train_seed"] == 2
+    swept = parse_config({"model": {"original_max_position_embeddings": 256},
+                          "methods": {"y": {"method": "yarn", "factor": 2.0},
+                                      "y8": {"method": "yarn", "factor": 8.0, "sweep": True}}})
+    assert swept.sweep == ("y8",) and swept.methods["y8"].params["factor"] == 8.0
+    sweep_cells = [cell for cell in plan_cells(swept) if cell.variant.method_name == "y8"]
+    assert sorted(cell.name for cell in sweep_cells) == ["patterns/y8@0", "perplexity/y8@0"]
+    perplexity_cell = next(cell for cell in sweep_cells if cell.stage.name == "perplexity")
+    assert perplexity_cell.stage.settings(swept, perplexity_cell.variant)["lengths"] == \
+        swept.evaluation.perplexity_lengths[-1:]  # finding 1 reads the longest length only
+
+
 def test_an_evaluation_length_reruns_only_that_stage(tmp_path):
     calls = []
     run_study(QUICK, tmp_path, log=lambda line: None, stages=fake_stages(calls))
@@ -242,6 +264,13 @@ def test_force_redoes_every_cell(tmp_path):
     ("[execution.resources]\ntrain = {num_gpus = -1}", "'execution.resources.train.num_gpus' = -1 must be"),
     ("[execution.resources]\ntrian = {num_gpus = 1}", "unknown stage 'execution.resources.trian'; accepted: train, perp"),
     ("[evaluation]\npasskey_lengths = [1024, 512]", "must be sorted ascending"),
+    ("[training]\nseeds = 0", "'training.seeds' = 0 must be a positive integer"),
+    ("[findings]\nrho_bound = 1.5", "'findings.rho_bound' = 1.5 must be a number in (0, 1)"),
+    ("[findings]\nauroc_bounds = [0.6, 0.7]", "'findings.auroc_bounds' = [0.6, 0.7] must be [low, high] with 0 <= low"),
+    ("[findings]\nentropy_bound = 0", "'findings.entropy_bound' = 0 must be a positive number"),
+    ("[findings]\nmin_cases = 5", "unknown key 'findings.min_cases'; accepted: rho_bound"),
+    ("[methods.y]\nmethod = 'yarn'\nfactor = 2.0\nsweep = 'yes'", "'methods.y.sweep' = 'yes' must be true or false"),
+    ("[methods.o]\nmethod = 'default'\nsweep = true", "only extensions can be sweep = true"),
 ])
 def test_bad_config_is_one_line_naming_the_key(text, message, tmp_path, capsys):
     path = tmp_path / "study.toml"
@@ -271,5 +300,7 @@ def test_config_parsing_fills_the_pretrained_length(tmp_path):
 
 def test_the_shipped_default_study_is_valid():
     config = load_config()
-    assert set(config.methods) == {"original", "pi", "ntk", "yarn"}
+    assert set(config.methods) == {"original", "pi", "ntk", "yarn", "pi8", "ntk8", "yarn8"}
+    assert config.sweep == ("pi8", "ntk8", "yarn8") and config.training.seeds == 2
+    assert config.findings.auroc_bounds == [0.44, 0.56] and config.findings.rho_bound == 0.5
     assert config.training.lengths == [512, 1024] and max(config.evaluation.perplexity_lengths) >= 4096

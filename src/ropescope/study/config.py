@@ -38,6 +38,9 @@ class TrainingSection:
     # the fraction of training blocks that are synthetic passkey examples instead of corpus text
     retrieval_mix: float = field(default=0.0, metadata={"check": "fraction"})
     include_untrained: bool = True  # also evaluate each extension applied without training ("NAME@0")
+    # independent fine-tunes per (method, length), seeds config.seed + 0 .. seeds - 1 (data order, passkey draws):
+    # finding 3 compares training runs, so it needs at least 2
+    seeds: int = 1
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,21 @@ class AnalysisSection:
     entropy_lengths: list[int] = field(default_factory=lambda: [256, 1024, 2048])
     entropy_samples: int = 2
     pattern_length: int = 1024  # the extended length whose attention pattern is compared with the pretrained one
+
+
+@dataclass(frozen=True)
+class FindingsSection:
+    """The pre-registered bounds of no effect behind the 'equivalent' verdicts and the rules of the findings; the
+    reasons for each default are in docs/statistics.md."""
+
+    rho_bound: float = field(default=0.5, metadata={"check": "open_fraction"})  # finding 1: |Spearman rho| below it
+    # finding 2: a within-stratum AUROC between these is no better than chance in practice
+    auroc_bounds: list[float] = field(default_factory=lambda: [0.44, 0.56], metadata={"check": "auroc_bounds"})
+    entropy_bound: float = 0.05  # finding 3: |entropy difference| (nats) below it
+    log_perplexity_bound: float = 0.02  # finding 3: |log-perplexity difference| (nats per token) below it
+    min_cases_per_outcome: int = 5  # finding 2: a stratum enters the test with at least this many failed and correct
+    # fine-tuned NTK and YaRN variants keep at least this passkey accuracy at the pretrained length (PI exempt)
+    retrieval_floor: float = field(default=0.8, metadata={"check": "fraction"})
 
 
 EXECUTORS = ("local", "ray")
@@ -80,7 +98,10 @@ class StudyConfig:
     evaluation: EvaluationSection = field(default_factory=EvaluationSection)
     analysis: AnalysisSection = field(default_factory=AnalysisSection)
     execution: ExecutionSection = field(default_factory=ExecutionSection)
+    findings: FindingsSection = field(default_factory=FindingsSection)
     seed: int = 0
+    # methods marked `sweep = true`: evaluated as is for finding 1 only (perplexity and pattern), never fine-tuned
+    sweep: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -138,6 +159,16 @@ def _checked(key: str, value: Any, declared: Field, source: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
             fail("a number in [0, 1)")
         return float(value)
+    if check == "open_fraction":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+            fail("a number in (0, 1)")
+        return float(value)
+    if check == "auroc_bounds":
+        if (not isinstance(value, list) or len(value) != 2
+                or any(isinstance(item, bool) or not isinstance(item, (int, float)) for item in value)
+                or not 0 <= value[0] < 0.5 < value[1] <= 1):
+            fail("[low, high] with 0 <= low < 0.5 < high <= 1")
+        return [float(item) for item in value]
     if check == "executor":
         if value not in EXECUTORS:
             fail(f"one of {', '.join(EXECUTORS)}")
@@ -214,16 +245,25 @@ def _stage_resources(key: str, options: Any, source: str) -> dict:
     return dict(options)
 
 
-def _methods(data: Any, original_max_position_embeddings: int, source: str) -> dict[str, RopeSpec]:
+def _methods(data: Any, original_max_position_embeddings: int,
+             source: str) -> tuple[dict[str, RopeSpec], tuple[str, ...]]:
+    """The methods by name and the names of those marked `sweep = true`."""
     if not isinstance(data, dict) or not data:
         raise RopescopeError(f"{source}: [methods] needs at least one [methods.NAME] table with a 'method' key")
-    methods = {}
+    methods, sweep = {}, []
     for name, table in data.items():
         if not isinstance(table, dict) or "method" not in table:
             raise RopescopeError(f"{source}: [methods.{name}] needs a 'method' key; accepted: {', '.join(METHODS)}")
         if "@" in name:
             raise RopescopeError(f"{source}: method name {name!r} may not contain '@'")
-        params = {key: value for key, value in table.items() if key != "method"}
+        if table.get("sweep", False) not in (True, False):
+            raise RopescopeError(f"{source}: 'methods.{name}.sweep' = {table['sweep']!r} must be true or false")
+        if table.get("sweep") and table["method"] == "default":
+            raise RopescopeError(
+                f"{source}: [methods.{name}] is the original model; only extensions can be sweep = true")
+        if table.get("sweep"):
+            sweep.append(name)
+        params = {key: value for key, value in table.items() if key not in ("method", "sweep")}
         accepted = METHODS.get(table["method"], None)
         if accepted and "original_max_position_embeddings" in accepted.params:
             params.setdefault("original_max_position_embeddings", original_max_position_embeddings)
@@ -231,7 +271,7 @@ def _methods(data: Any, original_max_position_embeddings: int, source: str) -> d
             methods[name] = RopeSpec(table["method"], **params)
         except RopescopeError as error:
             raise RopescopeError(f"{source}: [methods.{name}]: {error}") from None
-    return methods
+    return methods, tuple(sweep)
 
 
 def _model_length(model: str, source: str) -> int:
@@ -246,7 +286,8 @@ def _model_length(model: str, source: str) -> int:
 
 def parse_config(data: dict, source: str = "study config") -> StudyConfig:
     sections = {"model": ModelSection, "corpus": CorpusSection, "training": TrainingSection,
-                "evaluation": EvaluationSection, "analysis": AnalysisSection, "execution": ExecutionSection}
+                "evaluation": EvaluationSection, "analysis": AnalysisSection, "execution": ExecutionSection,
+                "findings": FindingsSection}
     accepted = [*sections, "methods", "seed"]
     for key in data:
         if key not in accepted:
@@ -257,7 +298,7 @@ def parse_config(data: dict, source: str = "study config") -> StudyConfig:
     seed = data.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise RopescopeError(f"{source}: 'seed' = {seed!r} must be a non-negative integer")
-    methods = _methods(data.get("methods"), parsed["model"].original_max_position_embeddings, source)
+    methods, sweep = _methods(data.get("methods"), parsed["model"].original_max_position_embeddings, source)
     if parsed["analysis"].pattern_length not in parsed["analysis"].entropy_lengths:
         raise RopescopeError(
             f"{source}: 'analysis.pattern_length' = {parsed['analysis'].pattern_length} must be one of "
@@ -266,4 +307,4 @@ def parse_config(data: dict, source: str = "study config") -> StudyConfig:
     if not parsed["training"].lengths and not parsed["training"].include_untrained:
         raise RopescopeError(f"{source}: 'training.lengths' = [] and 'training.include_untrained' = false leave no "
                              "extension to evaluate; give a length or set include_untrained = true")
-    return StudyConfig(methods=methods, seed=seed, **parsed)
+    return StudyConfig(methods=methods, seed=seed, sweep=sweep, **parsed)

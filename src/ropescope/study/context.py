@@ -24,16 +24,19 @@ class VariantLabels(TypedDict):
     method: str
     factor: float | None
     train_length: int | None  # None: the extension applied without fine-tuning
+    train_seed: int | None  # which of the `training.seeds` independent fine-tunes; None: not fine-tuned
 
 
 @dataclass(frozen=True)
 class Variant:
     """One model the study evaluates: a method, fine-tuned at `train_length` tokens or (None) applied as is."""
 
-    name: str  # "original", "yarn@0", "yarn@1024"
+    name: str  # "original", "yarn@0", "yarn@1024", "yarn@1024-s1" (the second training seed)
     method_name: str  # the [methods.NAME] key
     spec: RopeSpec
     train_length: int | None = None
+    train_seed: int = 0  # the fine-tune's index among `training.seeds`; its training seed is config.seed + this
+    sweep: bool = False  # an untrained variant for finding 1 only: perplexity and pattern
 
     @property
     def is_original(self) -> bool:
@@ -47,6 +50,7 @@ class Variant:
         return VariantLabels(
             variant=self.name, method_name=self.method_name, method=self.spec.method,
             factor=self.spec.params.get("factor"), train_length=self.train_length,
+            train_seed=self.train_seed if self.fine_tuned else None,
         )
 
 
@@ -54,15 +58,21 @@ ORIGINAL_VARIANT = Variant("original", "original", RopeSpec("default"))  # the p
 
 
 def plan_variants(config: StudyConfig) -> list[Variant]:
-    """Every variant of a config in study order: per method, as is ("NAME@0") and then per training length."""
+    """Every variant of a config in study order: per method, as is ("NAME@0") and then per training length and
+    seed ("NAME@LENGTH" for the first seed, so adding seeds adds variants and renames none; "NAME@LENGTH-sK" for
+    the others); a sweep method only as is."""
     variants = []
     for name, spec in config.methods.items():
         if spec.method == "default":
             variants.append(Variant(name, name, spec))
             continue
+        if name in config.sweep:
+            variants.append(Variant(f"{name}@0", name, spec, sweep=True))
+            continue
         if config.training.include_untrained:
             variants.append(Variant(f"{name}@0", name, spec))
-        variants += [Variant(f"{name}@{length}", name, spec, length) for length in config.training.lengths]
+        variants += [Variant(f"{name}@{length}" + (f"-s{seed}" if seed else ""), name, spec, length, seed)
+                     for length in config.training.lengths for seed in range(config.training.seeds)]
     return variants
 
 

@@ -4,8 +4,10 @@
 (2) High attention entropy goes with retrieval errors (sec. 4).
 (3) A longer continual-pretraining length lowers attention entropy and improves results (sec. 5).
 
-Every verdict comes from a test in `ropescope.study.statistics` and says which (`Finding.tests`), so a report
-rebuilt from the same rows states the same test, n, statistic, p-value or interval and verdict.
+Every verdict is one of `statistics.VERDICTS`, from a test in `ropescope.statistics` against the pre-registered
+bounds of the study config's [findings] section, and says which test, n in which unit and which bounds
+(`Finding.tests`, `Finding.bounds`), so a report rebuilt from the same rows states the same. docs/statistics.md
+gives the reasons for the bounds and the tests.
 """
 
 from __future__ import annotations
@@ -17,24 +19,29 @@ from statistics import mean
 
 import numpy as np
 
-from ropescope.study.statistics import (
+from ropescope.statistics import (
     ALPHA,
     CONFIDENCE,
     CONTRADICTED,
-    INSUFFICIENT,
-    NOT_SIGNIFICANT,
+    EQUIVALENCE_CONFIDENCE,
+    EQUIVALENT,
+    INCONCLUSIVE,
     RESAMPLES,
     REPRODUCED,
     auroc,
+    clustered_stratified_auroc,
+    conditional_logit,
+    decide,
+    detectable_rho,
+    holm,
     mean_difference,
     pair_weighted_auroc,
+    run_level_effect,
     spearman_test,
-    stratified_auroc,
-    verdict_from_interval,
-    verdict_from_p,
+    welch_difference,
+    within_group_spearman,
 )
-
-MIN_CASES_PER_OUTCOME = 5  # fewer correct (or failed) retrievals than this within strata make an AUROC meaningless
+from ropescope.study.config import FindingsSection
 
 
 @dataclass(frozen=True)
@@ -57,11 +64,19 @@ class Test:
 class Finding:
     number: int
     claim: str
-    verdict: str  # reproduced, not significant, contradicted or insufficient data (statistics.VERDICT_RULE)
+    verdict: str  # one of statistics.VERDICTS (statistics.VERDICT_RULE)
     sentence: str
     rule: str  # how the tests below give the verdict
     tests: list[Test] = field(default_factory=list)
     numbers: dict = field(default_factory=dict)  # what the figures draw
+    bounds: str = ""  # the pre-registered bounds of no effect, as the report prints them
+    untested: str = "no test could run"  # why, when no test gives the verdict
+
+    def verdict_line(self) -> str:
+        """The verdict with the test behind it, n in its unit and the bounds: one line for the report."""
+        primary = [test for test in self.tests if test.verdict is not None]
+        tests = "; ".join(f"{test.method} (n = {test.n} {test.unit})" for test in primary) or self.untested
+        return f"Verdict: {self.verdict}. Test: {tests}. Bounds of no effect: {self.bounds}."
 
 
 def is_fine_tuned(row: dict) -> bool:
@@ -78,6 +93,17 @@ def longest_perplexity(perplexity_rows: list[dict]) -> tuple[int, dict[str, floa
     rows = _truncated(perplexity_rows)
     longest = max(row["length"] for row in rows)
     return longest, {row["variant"]: row["perplexity"] for row in rows if row["length"] == longest}
+
+
+def arm(row: dict) -> str:
+    """The variant a row belongs to with its training seeds pooled: "yarn@1024" for "yarn@1024-s1"."""
+    seed = row.get("train_seed")
+    return row["variant"].removesuffix(f"-s{seed}") if seed else row["variant"]
+
+
+def run_of(row: dict) -> tuple[str, int, int]:
+    """(method, training length, training seed) of a fine-tuned row: one training run."""
+    return row["method_name"], row["train_length"], row.get("train_seed") or 0
 
 
 def pattern_divergence(pattern_rows: list[dict]) -> dict[str, float]:
@@ -99,111 +125,178 @@ def _interval(interval: tuple[float, float] | None, form: str = "{:+.2f}") -> st
     return f"{CONFIDENCE:.0%} CI [{form.format(interval[0])}, {form.format(interval[1])}]"
 
 
-def finding_pattern(perplexity_rows: list[dict], pattern_rows: list[dict], *, resamples: int = RESAMPLES,
-                    seed: int = 0) -> Finding:
+def _interval(interval: tuple[float, float] | None, form: str = "{:+.2f}") -> str:
+    if interval is None:
+        return "no interval"
+    return f"{CONFIDENCE:.0%} CI [{form.format(interval[0])}, {form.format(interval[1])}]"
+
+
+def finding_pattern(perplexity_rows: list[dict], pattern_rows: list[dict], *, bounds: FindingsSection | None = None,
+                    resamples: int = RESAMPLES, seed: int = 0) -> Finding:
+    bounds = bounds or FindingsSection()
     claim = "Extensions that keep the pretrained attention pattern extrapolate better."
-    rule = (f"Spearman's rho between each variant's pattern divergence (JS, mean over layers) and its log perplexity "
-            f"at the longest evaluated length; two-sided permutation test over variants: reproduced if p < {ALPHA} "
-            f"and rho > 0 (more divergence, higher perplexity), contradicted if p < {ALPHA} and rho < 0.")
+    bound_text = f"|rho| < {bounds.rho_bound:g}"
+    rule = (f"Population: the extensions (every method but the original model, untrained and fine-tuned, sweep "
+            f"variants included; a fine-tuned (method, length) is one variant, its training seeds averaged). "
+            f"Spearman's rho between each variant's pattern divergence (JS, mean over layers) and its log perplexity "
+            f"at the longest evaluated length; two-sided permutation test over variants (exact up to 9 variants), "
+            f"Fisher-z intervals. Reproduced if p < {ALPHA} and rho > 0 (more divergence, higher perplexity), "
+            f"contradicted if p < {ALPHA} and rho < 0, equivalent if the {EQUIVALENCE_CONFIDENCE:.0%} interval lies "
+            f"within {bound_text} (TOST). The correlation within methods (each method's means removed) is shown "
+            f"beside the pooled one as a description.")
     divergence = pattern_divergence(pattern_rows)
     if not _truncated(perplexity_rows) or not divergence:
-        return Finding(1, claim, INSUFFICIENT, "Insufficient data: the study has no perplexity or pattern rows.", rule)
+        return Finding(1, claim, INCONCLUSIVE, "Inconclusive: the study has no perplexity or pattern rows.", rule,
+                       bounds=bound_text)
     longest, perplexities = longest_perplexity(perplexity_rows)
-    variants = sorted(set(divergence) & set(perplexities))
-    numbers = {"length": longest, "js": {v: divergence[v] for v in variants},
-               "perplexity": {v: perplexities[v] for v in variants}}
-    if len(variants) < 3:
-        return Finding(1, claim, INSUFFICIENT, f"Insufficient data: {len(variants)} variants are too few to rank.",
-                       rule, numbers=numbers)
-    test = spearman_test([divergence[v] for v in variants], [math.log(perplexities[v]) for v in variants],
-                         resamples=resamples, seed=seed)
-    verdict = verdict_from_p(test.p_value, test.rho, +1)
+    labels = {row["variant"]: row for row in _truncated(perplexity_rows)}
+    by_arm: dict[str, list[str]] = defaultdict(list)
+    for variant in sorted(set(divergence) & set(perplexities)):
+        if labels[variant].get("method") != "default" and variant != "original":
+            by_arm[arm(labels[variant])].append(variant)
+    js = {name: mean(divergence[v] for v in members) for name, members in by_arm.items()}
+    log_ppl = {name: mean(math.log(perplexities[v]) for v in members) for name, members in by_arm.items()}
+    arms = sorted(by_arm)
+    numbers = {"length": longest, "js": js, "perplexity": {name: math.exp(log_ppl[name]) for name in arms}}
+    if len(arms) < 4:
+        return Finding(1, claim, INCONCLUSIVE, f"Inconclusive: {len(arms)} extension variants are too few to rank "
+                       f"with an interval (at least 4).", rule, numbers=numbers, bounds=bound_text,
+                       untested=f"too few variants to test ({len(arms)} extensions, at least 4)")
+    x, y = [js[name] for name in arms], [log_ppl[name] for name in arms]
+    test = spearman_test(x, y, resamples=resamples, seed=seed)
+    verdict = decide(test.p_value, test.rho, +1, test.equivalence_interval, (-bounds.rho_bound, bounds.rho_bound))
     numbers["rho"] = test.rho
-    result = Test(f"pattern divergence vs log perplexity at {longest} tokens",
-                  "Spearman rho; two-sided permutation test; percentile bootstrap over variants", test.n, "variants",
-                  "rho", test.rho, test.p_value, test.interval, verdict)
-    best_kept = min(variants, key=lambda v: divergence[v])
+    tests = [Test(f"pattern divergence vs log perplexity at {longest} tokens",
+                  "Spearman rho; two-sided permutation test" + (" (exact)" if test.exact else "")
+                  + f"; Fisher-z interval; TOST against {bound_text}", test.n, "variants (extensions)", "rho",
+                  test.rho, test.p_value, test.interval, verdict)]
+    methods = [labels[by_arm[name][0]].get("method_name") or name.split("@")[0] for name in arms]
+    within, within_p = within_group_spearman(x, y, methods, resamples=resamples, seed=seed)
+    if math.isfinite(within):
+        tests.append(Test("the same, within methods (each method's means removed)",
+                          "Spearman rho of the residuals; permutation within methods", test.n,
+                          f"variants in {len(set(methods))} methods", "rho", within, within_p,
+                          note="description beside the pooled rho"))
+    detectable = detectable_rho(test.n)
+    best_kept = min(arms, key=lambda name: js[name])
     meaning = {REPRODUCED: "variants that keep the pretrained pattern have the lower perplexity",
                CONTRADICTED: "variants that keep the pretrained pattern have the higher perplexity",
-               NOT_SIGNIFICANT: "the ranking could be chance at this number of variants",
-               INSUFFICIENT: "the ranks are undefined"}[verdict]
+               EQUIVALENT: f"any rank correlation is smaller than {bound_text}, the smallest that matters",
+               INCONCLUSIVE: f"neither a correlation nor its absence is shown at this number of variants (with 80% "
+                             f"power it detects |rho| of {detectable:.2f} and more)"}[verdict]
+    within_text = (f"; within methods rho is {within:+.2f} ({_p(within_p)})" if math.isfinite(within) else "")
     sentence = (
-        f"{verdict.capitalize()}: across {test.n} variants, Spearman rho between the divergence of the attention "
-        f"pattern from the pretrained one and the log perplexity at {longest} tokens is {test.rho:+.2f} "
-        f"({_p(test.p_value)}, permutation test; {_interval(test.interval)}, bootstrap over variants): {meaning}. "
-        f"The most preserved pattern is {best_kept} (JS {divergence[best_kept]:.3f}, perplexity "
-        f"{perplexities[best_kept]:.1f})."
+        f"{verdict.capitalize()}: across {test.n} extension variants, Spearman rho between the divergence of the "
+        f"attention pattern from the pretrained one and the log perplexity at {longest} tokens is {test.rho:+.2f} "
+        f"({_p(test.p_value)}, {'exact ' if test.exact else ''}permutation test; {_interval(test.interval)}, "
+        f"Fisher z){within_text}: {meaning}. The most preserved pattern is {best_kept} (JS {js[best_kept]:.3f}, "
+        f"perplexity {numbers['perplexity'][best_kept]:.1f})."
     )
-    return Finding(1, claim, verdict, sentence, rule, [result], numbers)
+    return Finding(1, claim, verdict, sentence, rule, tests, numbers, bound_text)
 
 
 STRATIFICATIONS = {  # the finest first: the verdict uses the finest one with enough cases
     "variant x length x depth": ("variant", "length", "depth_percent"),
     "variant x length": ("variant", "length"),
 }
+PROMPT = ("length", "depth_percent", "trial")  # what identifies a passkey prompt (its key and haystack)
 
 
-def finding_entropy_errors(uncertainty_rows: list[dict], *, resamples: int = RESAMPLES, seed: int = 0) -> Finding:
+def _prompt(row: dict) -> tuple:
+    """The independent unit of finding 2: the prompt (its key and haystack), which every variant evaluates."""
+    return tuple(row.get(key) for key in PROMPT)
+
+
+def finding_entropy_errors(uncertainty_rows: list[dict], *, bounds: FindingsSection | None = None,
+                           resamples: int = RESAMPLES, seed: int = 0) -> Finding:
+    bounds = bounds or FindingsSection()
+    low, high = bounds.auroc_bounds
+    minimum = bounds.min_cases_per_outcome
     claim = "High attention entropy goes with retrieval errors."
-    rule = (f"AUROC of the answering query's entropy as a predictor of failure within strata (variant x length x key "
-            f"depth when those strata hold at least {MIN_CASES_PER_OUTCOME} failed and {MIN_CASES_PER_OUTCOME} correct "
-            f"retrievals, else variant x length), pair-weighted; stratified permutation test (outcomes permuted "
-            f"within strata, so length, variant and depth cannot make the effect): reproduced if p < {ALPHA} and "
-            f"AUROC > 0.5, contradicted if p < {ALPHA} and AUROC < 0.5. The pooled AUROC mixes lengths and variants "
-            f"and is shown only for comparison.")
+    bound_text = f"AUROC within {low:g}-{high:g}"
+    rule = (f"AUROC of the answering query's entropy as a predictor of failure within strata, pair-weighted, over "
+            f"the strata that hold at least {minimum} failed and {minimum} correct retrievals: variant x length x key "
+            f"depth when any stratum does, else variant x length, else inconclusive. The independent unit is the "
+            f"prompt (its key and haystack), which every variant evaluates: the stratified permutation test permutes "
+            f"prompts within strata, the same permutation in every variant, and the bootstrap resamples prompts. "
+            f"Reproduced if p < {ALPHA} and AUROC > 0.5, contradicted if p < {ALPHA} and AUROC < 0.5, equivalent if "
+            f"the {EQUIVALENCE_CONFIDENCE:.0%} bootstrap interval lies within {bound_text} (TOST). Shown as "
+            f"descriptions: the conditional logistic regression of failure on entropy (cases as independent), the "
+            f"coarser strata as a sensitivity analysis, and the pooled AUROC, which mixes lengths and variants.")
     rows = [row for row in uncertainty_rows if row.get("entropy") is not None]
-    scores = [row["entropy"] for row in rows]
-    failed = [not row["correct"] for row in rows]
-    pooled = auroc(scores, failed) if rows else math.nan
-    numbers = {"cases": len(rows), "failed": sum(failed), "correct": len(rows) - sum(failed), "pooled_auroc": pooled}
+    failed_all = [not row["correct"] for row in rows]
+    pooled = auroc([row["entropy"] for row in rows], failed_all) if rows else math.nan
+    numbers = {"cases": len(rows), "failed": sum(failed_all), "correct": len(rows) - sum(failed_all),
+               "pooled_auroc": pooled}
     pooled_test = Test("pooled over lengths and variants", "AUROC (confounded: longer contexts raise entropy and fail "
                        "more)", len(rows), "cases", "AUROC", pooled, note="confounded, not used for the verdict")
-    results = {}
+    chosen, results = None, {}
     for name, keys in STRATIFICATIONS.items():
-        strata = [tuple(row.get(key) for key in keys) for row in rows]
-        results[name] = (strata, stratified_auroc(scores, failed, strata, resamples=resamples, seed=seed))
-    usable = [name for name, (_, result) in results.items()
-              if min(result.positives, result.negatives) >= MIN_CASES_PER_OUTCOME]
-    if not usable:
-        coarse = results["variant x length"][1]
-        return Finding(2, claim, INSUFFICIENT, (
-            f"Insufficient data: within variant x length strata the study has {coarse.negatives} correct and "
-            f"{coarse.positives} failed retrievals; telling them apart needs at least {MIN_CASES_PER_OUTCOME} of "
-            f"each."), rule, [pooled_test], numbers)
-    chosen = usable[0]
-    strata, result = results[chosen]
-    verdict = verdict_from_p(result.p_value, result.auroc - 0.5, +1)
-    tests = []
-    for name, (_, other) in results.items():
-        if not other.pairs:
+        counts = defaultdict(lambda: [0, 0])
+        for row, failed in zip(rows, failed_all):
+            counts[tuple(row.get(key) for key in keys)][failed] += 1
+        kept = {key for key, (correct, failed) in counts.items() if min(correct, failed) >= minimum}
+        subset = [(row, failed) for row, failed in zip(rows, failed_all) if tuple(row.get(k) for k in keys) in kept]
+        if not kept:
             continue
+        strata = [tuple(row.get(k) for k in keys) for row, _ in subset]
+        scores, failed = [row["entropy"] for row, _ in subset], [f for _, f in subset]
+        result = clustered_stratified_auroc(scores, failed, strata, [_prompt(row) for row, _ in subset],
+                                            resamples=resamples, seed=seed)
+        results[name] = (subset, strata, result, len(counts) - len(kept))
+        chosen = chosen or name
+    if chosen is None:
+        return Finding(2, claim, INCONCLUSIVE, (
+            f"Inconclusive: no variant x length stratum holds {minimum} failed and {minimum} correct retrievals "
+            f"({numbers['failed']} failed, {numbers['correct']} correct in all), the fewest that give an AUROC "
+            f"meaning."), rule, [pooled_test], numbers, bound_text,
+            f"too few cases to test: no stratum holds {minimum} failed and {minimum} correct retrievals")
+    subset, strata, result, dropped = results[chosen]
+    equivalence = (None if result.equivalence_interval is None
+                   else (result.equivalence_interval[0] - 0.5, result.equivalence_interval[1] - 0.5))
+    verdict = decide(result.p_value, result.auroc - 0.5, +1, equivalence, (low - 0.5, high - 0.5))
+    tests = []
+    for name, (other_subset, other_strata, other, other_dropped) in results.items():
+        primary = name == chosen
         tests.append(Test(
-            f"within {name} ({len(other.informative)} strata with both outcomes)",
-            "pair-weighted AUROC; stratified permutation test" + (" (exact)" if other.exact else "")
-            + "; bootstrap within strata", other.positives + other.negatives, "cases", "AUROC", other.auroc,
-            other.p_value, other.interval, verdict if name == chosen else None,
-            "" if name == chosen else "for comparison"))
+            f"within {name} ({len(other.informative)} strata with >= {minimum} of each outcome; {other_dropped} "
+            f"strata left out)",
+            "pair-weighted AUROC; stratified permutation test over prompts" + (" (exact)" if other.exact else "")
+            + f"; bootstrap over prompts; TOST against {bound_text}", other.units, "prompts (key and haystack)",
+            "AUROC", other.auroc, other.p_value, other.interval, verdict if primary else None,
+            "" if primary else "sensitivity analysis"))
+    odds = conditional_logit([row["entropy"] for row, _ in subset], [f for _, f in subset], strata)
+    if odds is not None:
+        tests.append(Test(f"failure on entropy within {chosen}", "conditional logistic regression (statsmodels); "
+                          f"odds ratio per within-stratum SD of entropy ({odds.scale:.3f} nats); Wald",
+                          odds.n, "cases", "odds ratio", odds.odds_ratio, odds.p_value, odds.interval,
+                          note="description: treats cases as independent"))
     tests.append(pooled_test)
     by_length = defaultdict(list)
-    for index, row in enumerate(rows):
+    for index, (row, _) in enumerate(subset):
         by_length[row["length"]].append(index)
-    numbers.update(stratified_by=chosen, stratified_auroc=result.auroc, p_value=result.p_value,
+    scores, failed = [row["entropy"] for row, _ in subset], [f for _, f in subset]
+    numbers.update(stratified_by=chosen, stratified_auroc=result.auroc, p_value=result.p_value, prompts=result.units,
                    by_length={length: pair_weighted_auroc([scores[i] for i in indices], [failed[i] for i in indices],
                                                           [strata[i] for i in indices])
                               for length, indices in sorted(by_length.items())})
     meaning = {REPRODUCED: "at the same length and variant, failed retrievals have higher entropy than correct ones",
                CONTRADICTED: "at the same length and variant, failed retrievals have lower entropy than correct ones",
-               NOT_SIGNIFICANT: "at the same length and variant, entropy does not tell failed from correct retrievals "
-                                "beyond chance"}[verdict]
+               EQUIVALENT: f"at the same length and variant, entropy tells failed from correct retrievals no better "
+                           f"than {bound_text}",
+               INCONCLUSIVE: "at the same length and variant, the data show neither that entropy tells failed from "
+                             "correct retrievals nor that it does not"}[verdict]
+    odds_text = (f" Conditional logistic regression: odds ratio {odds.odds_ratio:.2f} per within-stratum SD "
+                 f"({_interval(odds.interval, '{:.2f}')})." if odds is not None else "")
     sentence = (
-        f"{verdict.capitalize()}: {meaning}. Within {len(result.informative)} strata ({chosen}) holding both "
-        f"outcomes ({result.positives} failed, {result.negatives} correct passkey retrievals), the answering "
-        f"query's entropy predicts failure with pair-weighted AUROC {result.auroc:.2f} "
-        f"({_interval(result.interval, '{:.2f}')}; "
-        f"stratified permutation {_p(result.p_value)}; 0.5 = chance). Pooled over lengths and variants the AUROC "
+        f"{verdict.capitalize()}: {meaning}. Within {len(result.informative)} strata ({chosen}) holding at least "
+        f"{minimum} of each outcome ({result.positives} failed, {result.negatives} correct passkey retrievals of "
+        f"{result.units} prompts), the answering query's entropy predicts failure with pair-weighted AUROC "
+        f"{result.auroc:.2f} ({_interval(result.interval, '{:.2f}')}, bootstrap over prompts; stratified "
+        f"permutation {_p(result.p_value)}; 0.5 = chance).{odds_text} Pooled over lengths and variants the AUROC "
         f"is {pooled:.2f}, a number confounded by length: longer contexts raise entropy and fail more."
     )
-    return Finding(2, claim, verdict, sentence, rule, tests, numbers)
+    return Finding(2, claim, verdict, sentence, rule, tests, numbers, bound_text)
 
 
 def _per_unit(rows: list[dict], field_name: str) -> np.ndarray | None:
@@ -217,114 +310,166 @@ def _per_unit(rows: list[dict], field_name: str) -> np.ndarray | None:
     return np.asarray(lists, dtype=np.float64).mean(axis=0)
 
 
-def _difference_test(label: str, before: np.ndarray | None, after: np.ndarray | None, unit: str,
-                     statistic_name: str, missing: str, mean_before: float, mean_after: float, resamples: int,
-                     seed: int) -> Test:
-    if before is None or after is None:
-        return Test(label, "difference of means", 0, unit, statistic_name, mean_after - mean_before,
-                    verdict=INSUFFICIENT, note=f"no interval: the rows hold no {missing}")
-    paired = len(before) == len(after)  # the study evaluates the same documents and blocks for every variant
-    difference = mean_difference(before, after, paired=paired, resamples=resamples, seed=seed)
-    method = f"difference of means; percentile bootstrap over {unit}" + (" (paired)" if paired else "")
-    return Test(label, method, min(len(before), len(after)), unit, statistic_name, difference.difference,
-                interval=difference.interval, verdict=verdict_from_interval(difference.interval, -1))
-
-
-def _combine(verdicts: list[str]) -> str:
-    """An extension's verdict from its entropy and perplexity verdicts: the claim needs both to fall."""
-    if CONTRADICTED in verdicts:
-        return CONTRADICTED
-    if INSUFFICIENT in verdicts:
-        return INSUFFICIENT
-    return REPRODUCED if all(v == REPRODUCED for v in verdicts) else NOT_SIGNIFICANT
-
-
-def finding_training_length(entropy_rows: list[dict], perplexity_rows: list[dict], *, resamples: int = RESAMPLES,
-                            seed: int = 0) -> Finding:
-    claim = "A longer continual-pretraining length lowers attention entropy and improves results."
-    rule = (f"Per extension fine-tuned at two lengths, the differences (longer minus shorter training) of the mean "
-            f"attention entropy at the longest analysed length (per token block) and of the log perplexity at the "
-            f"longest evaluated length (mean NLL per document), each with a {CONFIDENCE:.0%} bootstrap interval. An "
-            f"extension reproduces the claim when both intervals lie below 0 and contradicts it when either lies "
-            f"above 0. Overall: reproduced when more than half of the extensions reproduce it and none contradicts "
-            f"it; contradicted when more than half contradict it; insufficient data when no extension has "
-            f"intervals; otherwise not significant.")
-    trained = [row for row in entropy_rows if is_fine_tuned(row)]
-    if not trained:
-        return Finding(3, claim, INSUFFICIENT, "Insufficient data: the study fine-tunes no extension.", rule)
-    entropy_length = max(row["length"] for row in trained)
-    entropy_groups = defaultdict(list)
-    for row in trained:
-        if row["length"] == entropy_length:
-            entropy_groups[(row["method_name"], row["train_length"])].append(row)
-    ppl_rows = [row for row in _truncated(perplexity_rows) if is_fine_tuned(row)]
-    ppl_length = max((row["length"] for row in ppl_rows), default=None)
-    ppl_groups = {(row["method_name"], row["train_length"]): row for row in ppl_rows if row["length"] == ppl_length}
-    tests, methods = [], {}
-    for method in sorted({method for method, _ in entropy_groups}):
-        lengths = sorted(length for m, length in entropy_groups if m == method)
-        if len(lengths) < 2 or (method, lengths[0]) not in ppl_groups or (method, lengths[-1]) not in ppl_groups:
-            continue
-        short, long = lengths[0], lengths[-1]
-        before, after = entropy_groups[(method, short)], entropy_groups[(method, long)]
-        entropy_means = [mean(row["entropy"] for row in before), mean(row["entropy"] for row in after)]
-        entropy_test = _difference_test(
-            f"{method} {short} -> {long}: entropy at {entropy_length} tokens", _per_unit(before, "sample_entropy"),
-            _per_unit(after, "sample_entropy"), "token blocks", "difference (nats)", "per-sample entropy",
-            *entropy_means, resamples, seed)
-        ppl_before, ppl_after = ppl_groups[(method, short)], ppl_groups[(method, long)]
-        ppl_test = _difference_test(
-            f"{method} {short} -> {long}: log perplexity at {ppl_length} tokens",
-            _document_nll(ppl_before), _document_nll(ppl_after), "documents", "difference (nats/token)",
-            "per-document perplexity", math.log(ppl_before["perplexity"]), math.log(ppl_after["perplexity"]),
-            resamples, seed)
-        tests += [entropy_test, ppl_test]
-        methods[method] = {
-            "train_lengths": [short, long], "entropy": entropy_means,
-            "perplexity": [ppl_before["perplexity"], ppl_after["perplexity"]],
-            "entropy_test": entropy_test, "perplexity_test": ppl_test,
-            "verdict": _combine([entropy_test.verdict, ppl_test.verdict]),
-        }
-    if not methods:
-        return Finding(3, claim, INSUFFICIENT, "Insufficient data: no extension is fine-tuned at two lengths.", rule)
-    verdicts = [details["verdict"] for details in methods.values()]
-    count = {word: verdicts.count(word) for word in (REPRODUCED, CONTRADICTED, INSUFFICIENT)}
-    if count[INSUFFICIENT] == len(verdicts):
-        verdict = INSUFFICIENT
-    elif count[REPRODUCED] > len(verdicts) / 2 and not count[CONTRADICTED]:
-        verdict = REPRODUCED
-    elif count[CONTRADICTED] > len(verdicts) / 2:
-        verdict = CONTRADICTED
-    else:
-        verdict = NOT_SIGNIFICANT
-    parts = [
-        f"{method} {d['train_lengths'][0]}->{d['train_lengths'][1]} {d['verdict']}: entropy "
-        f"{d['entropy'][0]:.3f}->{d['entropy'][1]:.3f} ({d['entropy_test'].statistic:+.3f}, "
-        f"{_interval(d['entropy_test'].interval, '{:+.3f}')}), perplexity {d['perplexity'][0]:.1f}->"
-        f"{d['perplexity'][1]:.1f} (log {d['perplexity_test'].statistic:+.3f}, "
-        f"{_interval(d['perplexity_test'].interval, '{:+.3f}')})"
-        for method, d in methods.items()
-    ]
-    missing = (" The rows hold no per-sample entropy or per-document perplexity, so no difference has an interval."
-               if verdict == INSUFFICIENT else "")
-    sentence = (
-        f"{verdict.capitalize()}: {count[REPRODUCED]} of {len(verdicts)} extensions reproduce it, "
-        f"{count[CONTRADICTED]} contradict it (entropy at {entropy_length} tokens, perplexity at {ppl_length}; "
-        f"differences longer minus shorter training): " + "; ".join(parts) + "." + missing
-    )
-    return Finding(3, claim, verdict, sentence, rule, tests,
-                   {"methods": methods, "entropy_length": entropy_length, "perplexity_length": ppl_length})
-
-
 def _document_nll(row: dict) -> np.ndarray | None:
     values = row.get("document_nll")
     return np.asarray(values, dtype=np.float64) if isinstance(values, list) and len(values) > 0 else None
 
 
-def study_findings(rows: dict[str, list[dict]], *, resamples: int = RESAMPLES, seed: int = 0) -> list[Finding]:
+def _evaluation_noise(label: str, before: np.ndarray | None, after: np.ndarray | None, unit: str,
+                      statistic_name: str, resamples: int, seed: int) -> Test | None:
+    """A one-checkpoint-per-arm difference with its bootstrap interval over evaluation units: a description of
+    evaluation noise, never a verdict (it says nothing of how another training run would come out)."""
+    if before is None or after is None:
+        return None
+    paired = len(before) == len(after)  # the study evaluates the same documents and blocks for every variant
+    difference = mean_difference(before, after, paired=paired, resamples=resamples, seed=seed)
+    return Test(label, f"difference of means; percentile bootstrap over {unit}" + (" (paired)" if paired else ""),
+                min(len(before), len(after)), unit, statistic_name, difference.difference,
+                interval=difference.interval, note="evaluation noise of one checkpoint per arm: description only")
+
+
+def finding_training_length(entropy_rows: list[dict], perplexity_rows: list[dict], *,
+                            bounds: FindingsSection | None = None, resamples: int = RESAMPLES,
+                            seed: int = 0) -> Finding:
+    bounds = bounds or FindingsSection()
+    claim = "A longer continual-pretraining length lowers attention entropy and improves results."
+    bound_text = (f"|entropy difference| < {bounds.entropy_bound:g} nats and |log-perplexity difference| < "
+                  f"{bounds.log_perplexity_bound:g}")
+    rule = (f"The unit is a training run (one fine-tune: its seed sets data order, passkey draws and new parameters). "
+            f"Per run, the mean attention entropy at the longest analysed length and the log perplexity at the "
+            f"longest evaluated length; per outcome one linear model pooled over the extensions (OLS of the run "
+            f"values on the method and on the training length, longest vs shortest), whose training-length "
+            f"coefficient is tested by its t-test, Holm-adjusted over the two outcomes. Reproduced if both "
+            f"coefficients are below 0 at adjusted p < {ALPHA}; contradicted if either is above 0 at adjusted "
+            f"p < {ALPHA}; equivalent if both {EQUIVALENCE_CONFIDENCE:.0%} intervals lie within {bound_text} (TOST); "
+            f"else inconclusive. With one run per (method, length) it is not testable: the intervals over token "
+            f"blocks or documents of one checkpoint measure evaluation noise, not training, and are shown as "
+            f"descriptions only.")
+    trained = [row for row in entropy_rows if is_fine_tuned(row)]
+    if not trained:
+        return Finding(3, claim, INCONCLUSIVE, "Inconclusive: the study fine-tunes no extension.", rule,
+                       bounds=bound_text)
+    entropy_length = max(row["length"] for row in trained)
+    entropy_runs = defaultdict(list)
+    for row in trained:
+        if row["length"] == entropy_length:
+            entropy_runs[run_of(row)].append(row)
+    ppl_rows = [row for row in _truncated(perplexity_rows) if is_fine_tuned(row)]
+    ppl_length = max((row["length"] for row in ppl_rows), default=None)
+    ppl_runs = {run_of(row): row for row in ppl_rows if row["length"] == ppl_length}
+    runs = sorted(set(entropy_runs) & set(ppl_runs))
+    methods = {}
+    for method in sorted({run[0] for run in runs}):
+        lengths = sorted({run[1] for run in runs if run[0] == method})
+        if len(lengths) >= 2:
+            methods[method] = (lengths[0], lengths[-1])
+    used = [run for run in runs if run[0] in methods and run[1] in methods[run[0]]]
+    if not used:
+        return Finding(3, claim, INCONCLUSIVE, "Inconclusive: no extension is fine-tuned at two lengths.", rule,
+                       bounds=bound_text)
+    entropy = {run: mean(row["entropy"] for row in entropy_runs[run]) for run in used}
+    log_ppl = {run: math.log(ppl_runs[run]["perplexity"]) for run in used}
+    per_arm = defaultdict(list)
+    for run in used:
+        per_arm[run[:2]].append(run)
+    seeds = min(len(members) for members in per_arm.values())
+    details, tests = {}, []
+    for method, (short, long) in methods.items():
+        entry = {"train_lengths": [short, long], "runs": [len(per_arm[(method, short)]), len(per_arm[(method, long)])]}
+        for key, values, name, unit in (("entropy", entropy, "entropy", "nats"),
+                                        ("perplexity", log_ppl, "log perplexity", "nats/token")):
+            before = [values[run] for run in per_arm[(method, short)]]
+            after = [values[run] for run in per_arm[(method, long)]]
+            entry[key] = [mean(before), mean(after)]
+            label = (f"{method} {short} -> {long}: {name} at "
+                     f"{entropy_length if key == 'entropy' else ppl_length} tokens")
+            if seeds >= 2:
+                difference = welch_difference(before, after)
+                test = Test(label, "difference of run means; Welch t interval", len(before) + len(after),
+                            "training runs", f"difference ({unit})", difference.difference,
+                            interval=difference.interval, note="per extension: description")
+            else:
+                run_short, run_long = per_arm[(method, short)][0], per_arm[(method, long)][0]
+                if key == "entropy":
+                    test = _evaluation_noise(label, _per_unit(entropy_runs[run_short], "sample_entropy"),
+                                             _per_unit(entropy_runs[run_long], "sample_entropy"), "token blocks",
+                                             f"difference ({unit})", resamples, seed)
+                else:
+                    test = _evaluation_noise(label, _document_nll(ppl_runs[run_short]),
+                                             _document_nll(ppl_runs[run_long]), "documents",
+                                             f"difference ({unit})", resamples, seed)
+                test = test or Test(label, "difference of means", 1, "training run per arm", f"difference ({unit})",
+                                    entry[key][1] - entry[key][0], note="no per-unit values: no interval")
+            entry[f"{key}_test"] = test
+            tests.append(test)
+        details[method] = entry
+    numbers = {"methods": details, "entropy_length": entropy_length, "perplexity_length": ppl_length, "seeds": seeds}
+    parts = [f"{method} {d['train_lengths'][0]}->{d['train_lengths'][1]}: entropy {d['entropy'][0]:.3f}->"
+             f"{d['entropy'][1]:.3f}, perplexity {math.exp(d['perplexity'][0]):.1f}->"
+             f"{math.exp(d['perplexity'][1]):.1f}" for method, d in details.items()]
+    if seeds < 2:
+        sentence = (f"Inconclusive (not testable: one training run per arm): a difference between two checkpoints "
+                    f"mixes the effect of the training length with the spread between training runs, which one run per "
+                    f"(method, length) cannot measure; set [training] seeds to 2 or more. Run means, longer minus "
+                    f"shorter training (entropy at {entropy_length} tokens, perplexity at {ppl_length}): "
+                    + "; ".join(parts) + ". The intervals in the table are evaluation noise only.")
+        return Finding(3, claim, INCONCLUSIVE, sentence, rule, tests, numbers, bound_text,
+                       f"not testable: one training run per arm (n = {len(used)} runs in {len(per_arm)} arms)")
+    groups = [run[0] for run in used]
+    longer = [run[1] == methods[run[0]][1] for run in used]
+    effects = {"entropy": run_level_effect([entropy[run] for run in used], groups, longer),
+               "perplexity": run_level_effect([log_ppl[run] for run in used], groups, longer)}
+    if any(effect is None for effect in effects.values()):
+        return Finding(3, claim, INCONCLUSIVE, "Inconclusive: the runs leave the pooled model no residual degrees "
+                       "of freedom.", rule, tests, numbers, bound_text)
+    adjusted = dict(zip(effects, holm([effect.p_value for effect in effects.values()])))
+    verdicts, primary = {}, []
+    for key, bound, name, length in (("entropy", bounds.entropy_bound, "entropy", entropy_length),
+                                     ("perplexity", bounds.log_perplexity_bound, "log perplexity", ppl_length)):
+        effect = effects[key]
+        verdicts[key] = decide(adjusted[key], effect.effect, -1, effect.equivalence_interval, (-bound, bound))
+        primary.append(Test(
+            f"all extensions: {name} at {length} tokens, longest minus shortest training",
+            f"OLS on run means (method + training length), t-test with {effect.degrees_of_freedom} df, Holm over 2 "
+            f"outcomes (p adjusted); TOST against |difference| < {bound:g}", effect.runs, "training runs",
+            "difference", effect.effect, adjusted[key], effect.interval, verdicts[key]))
+    values = list(verdicts.values())
+    if CONTRADICTED in values:
+        verdict = CONTRADICTED
+    elif all(v == REPRODUCED for v in values):
+        verdict = REPRODUCED
+    elif all(v == EQUIVALENT for v in values):
+        verdict = EQUIVALENT
+    else:
+        verdict = INCONCLUSIVE
+    numbers["verdicts"] = verdicts
+    numbers["effects"] = {key: effect.effect for key, effect in effects.items()}
+    e, p = effects["entropy"], effects["perplexity"]
+    sentence = (
+        f"{verdict.capitalize()}: over {e.runs} training runs ({seeds} or more per method and length), a longer "
+        f"training length changes the attention entropy at {entropy_length} tokens by {e.effect:+.3f} nats "
+        f"({_interval(e.interval, '{:+.3f}')}, Holm {_p(adjusted['entropy'])}: {verdicts['entropy']}) and the log "
+        f"perplexity at {ppl_length} tokens by {p.effect:+.3f} ({_interval(p.interval, '{:+.3f}')}, Holm "
+        f"{_p(adjusted['perplexity'])}: {verdicts['perplexity']}). Run means: " + "; ".join(parts) + "."
+    )
+    return Finding(3, claim, verdict, sentence, rule, primary + tests, numbers, bound_text)
+
+
+def retrieval_floor(passkey_rows: list[dict], length: int, floor: float) -> list[tuple[str, float, bool]]:
+    """Each fine-tuned NTK-aware or YaRN variant's passkey accuracy at `length` tokens and whether it reaches
+    `floor`: [(variant, accuracy, kept)]. PI (linear) is exempt (docs/statistics.md)."""
+    scores = defaultdict(list)
+    for row in passkey_rows:
+        if is_fine_tuned(row) and row.get("method") in ("ntk", "yarn") and row["length"] == length:
+            scores[row["variant"]].append(float(row["score"]))
+    return [(variant, mean(values), mean(values) >= floor) for variant, values in sorted(scores.items())]
+
+
+def study_findings(rows: dict[str, list[dict]], bounds: FindingsSection | None = None, *,
+                   resamples: int = RESAMPLES, seed: int = 0) -> list[Finding]:
     """The three findings from a study's rows by kind (perplexity, patterns, uncertainty, entropy)."""
     return [
-        finding_pattern(rows["perplexity"], rows["patterns"], resamples=resamples, seed=seed),
-        finding_entropy_errors(rows["uncertainty"], resamples=resamples, seed=seed),
-        finding_training_length(rows["entropy"], rows["perplexity"], resamples=resamples, seed=seed),
+        finding_pattern(rows["perplexity"], rows["patterns"], bounds=bounds, resamples=resamples, seed=seed),
+        finding_entropy_errors(rows["uncertainty"], bounds=bounds, resamples=resamples, seed=seed),
+        finding_training_length(rows["entropy"], rows["perplexity"], bounds=bounds, resamples=resamples, seed=seed),
     ]

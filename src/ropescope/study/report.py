@@ -18,9 +18,11 @@ import matplotlib.pyplot as plt
 from ropescope import plots
 from ropescope.errors import RopescopeError
 from ropescope.results import write_atomically
-from ropescope.study.findings import Finding, Test, is_fine_tuned, pattern_divergence, study_findings
+from ropescope.study.config import FindingsSection
+from ropescope.study.findings import (Finding, Test, is_fine_tuned, pattern_divergence, retrieval_floor,
+                                      study_findings)
 from ropescope.study.runner import DATABASE
-from ropescope.study.statistics import CONFIDENCE, INSUFFICIENT, VERDICT_RULE
+from ropescope.statistics import CONFIDENCE, VERDICT_RULE
 from ropescope.study.store import ResultStore, check_database_file
 
 
@@ -78,7 +80,7 @@ def test_table(finding: Finding) -> tuple[list[str], list[list[str]]]:
     header = ["compared", "test", "n", "statistic", "p", f"{CONFIDENCE:.0%} interval", "verdict"]
     lines = []
     for test in finding.tests:
-        signed = test.statistic_name != "AUROC"
+        signed = test.statistic_name not in ("AUROC", "odds ratio")
         interval = ("–" if test.interval is None
                     else f"[{_short(test.interval[0], signed)}, {_short(test.interval[1], signed)}]")
         verdict = "; ".join(part for part in (test.verdict, test.note) if part) or "–"
@@ -191,7 +193,8 @@ def plot_finding_entropy_errors(finding: Finding, rows: list[dict], path: Path) 
 
 def plot_finding_training_length(finding: Finding, path: Path) -> Path:
     """Finding 3: per extension, the entropy and log-perplexity differences (longer minus shorter training) with
-    their bootstrap intervals; below 0 is the paper's direction."""
+    their intervals (over training runs, or with one run per arm over evaluation units); below 0 is the paper's
+    direction."""
     methods = finding.numbers["methods"]
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for axis, key, label in ((axes[0], "entropy_test",
@@ -214,7 +217,8 @@ def plot_finding_training_length(finding: Finding, path: Path) -> Path:
                                               for m, d in methods.items()])
         axis.set(ylabel=label, xlim=(-0.6, len(methods) - 0.4))
         axis.grid(True, axis="y", alpha=0.3)
-    figure.suptitle(f"Longer minus shorter training, {CONFIDENCE:.0%} bootstrap intervals "
+    unit = "training runs" if finding.numbers.get("seeds", 1) >= 2 else "evaluation units of one run"
+    figure.suptitle(f"Longer minus shorter training, {CONFIDENCE:.0%} intervals over {unit} "
                     f"(below 0: the paper's direction): {finding.verdict}")
     figure.tight_layout()
     return plots.save_figure(figure, path)
@@ -262,7 +266,8 @@ def draw_figures(rows: dict[str, list[dict]], findings: list[Finding], original_
             lambda path: plot_finding_entropy_errors(finding_two, rows["uncertainty"], path))
     if finding_three.numbers.get("methods"):
         add("finding3", "Finding 3: continual-pretraining length",
-            "Per extension, the change from the shorter to the longer training length with its bootstrap interval.",
+            "Per extension, the change from the shorter to the longer training length with its interval: Welch's over "
+            "training runs, or with one run per arm a bootstrap over evaluation units (evaluation noise only).",
             lambda path: plot_finding_training_length(finding_three, path))
     return figures
 
@@ -279,16 +284,49 @@ def build_report(out: str | Path) -> dict[str, Path]:
         cells = store.cells()
         # Databases written before the rename name the pretrained length `pretrained_length`.
         pretrained = store.meta("original_max_position_embeddings", store.meta("pretrained_length"))
-    findings = study_findings(rows)
+        config = store.meta("config") or {}
+    bounds = study_bounds(config)
+    findings = study_findings(rows, bounds)
     folder = out / "report"
     figures = draw_figures(rows, findings, pretrained, folder / "figures")
     header, table = summary_table(rows)
     failed = [cell for cell in cells if cell["status"] == "failed"]
-    summary = _summary_markdown(header, table, findings, figures, failed, pretrained)
-    page = _report_html(header, table, findings, figures, failed, pretrained)
+    retrieval = retrieval_lines(rows["passkey"], pretrained, bounds, config.get("training", {}))
+    summary = _summary_markdown(header, table, findings, figures, failed, pretrained, retrieval)
+    page = _report_html(header, table, findings, figures, failed, pretrained, retrieval)
     write_atomically(folder / "summary.md", summary)
     write_atomically(folder / "report.html", page)
     return report_paths(out)
+
+
+def study_bounds(config: dict) -> FindingsSection:
+    """The pre-registered bounds the study ran with (its stored config); the defaults for databases written before
+    the config had them."""
+    known = set(FindingsSection.__dataclass_fields__)
+    return FindingsSection(**{key: value for key, value in config.get("findings", {}).items() if key in known})
+
+
+# Measured on the shipped model (docs/training.md, benchmarks/retrieval_mix.py): PI at factor 4, retrieval_mix 0.5.
+PI_RETRIEVAL_BUDGET = ("200 steps of 4,096 tokens bring PI fine-tuned at 512 tokens to 90% passkey accuracy, but "
+                       "PI fine-tuned at 1024 to 35% at 256 tokens and 15% at 1024")
+
+
+def retrieval_lines(passkey_rows: list[dict], pretrained: int, bounds: FindingsSection, training: dict) -> list[str]:
+    """The retrieval target after fine-tuning: NTK-aware and YaRN fine-tunes keep at least `retrieval_floor` at the
+    pretrained length; PI is exempt, and the lines say why."""
+    kept = retrieval_floor(passkey_rows, pretrained, bounds.retrieval_floor)
+    if not kept:
+        return []
+    budget = (f"{training['steps']} steps of {training['tokens_per_step']:,} tokens"
+              if {"steps", "tokens_per_step"} <= set(training) else "the study's fine-tune")
+    lines = [f"Target: every NTK-aware and YaRN fine-tune keeps at least {bounds.retrieval_floor:.0%} passkey "
+             f"accuracy at {pretrained} tokens: {sum(ok for _, _, ok in kept)} of {len(kept)} do."]
+    lines += [f"- {variant}: {accuracy:.0%} at {pretrained} tokens, {'kept' if ok else 'below the target'}"
+              for variant, accuracy, ok in kept]
+    lines.append(f"PI is exempt: it compresses every rotation, so a fine-tune has to relearn the position resolution "
+                 f"that copying a key digit by digit needs, and a fine-tune this size ({budget}) does not: measured "
+                 f"on the shipped model at factor 4, {PI_RETRIEVAL_BUDGET} (docs/training.md).")
+    return lines
 
 
 def report_paths(out: str | Path) -> dict[str, Path]:
@@ -297,15 +335,18 @@ def report_paths(out: str | Path) -> dict[str, Path]:
     return {"summary": folder / "summary.md", "html": folder / "report.html", "figures": folder / "figures"}
 
 
-def _summary_markdown(header, table, findings, figures, failed, pretrained) -> str:
+def _summary_markdown(header, table, findings, figures, failed, pretrained, retrieval) -> str:
     parts = [f"# ropescope study summary\n\nPretrained length: {pretrained} tokens.\n",
              "## Findings of arXiv 2406.13282\n", f"Verdicts: {VERDICT_RULE}\n"]
     for finding in findings:
         # the sentence opens with the verdict
         parts.append(f"{finding.number}. **{finding.claim}** {finding.sentence}\n")
+        parts.append(f"**{finding.verdict_line()}**\n")
         if finding.tests:
             parts.append(_markdown_table(*test_table(finding)) + "\n")
         parts.append(f"Rule: {finding.rule}\n")
+    if retrieval:
+        parts += ["## Retrieval after fine-tuning\n", "\n".join(retrieval) + "\n"]
     parts += ["## Results\n", _markdown_table(header, table), "\n## Figures\n"]
     parts += [f"![{figure.title}](figures/{figure.path.name})" for figure in figures]
     if failed:
@@ -319,7 +360,8 @@ STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em aut
 td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}td:first-child,th:first-child{text-align:left}
 table.tests td,table.tests th{text-align:left}table.tests{font-size:0.8em}img{max-width:100%;border:1px solid #eee}
 .finding{border-left:4px solid #888;padding:0.3em 1em;margin:1em 0}.reproduced{border-color:#2a2}
-.contradicted{border-color:#c33}.not-significant{border-color:#d90}.rule{font-size:0.85em;color:#555}
+.contradicted{border-color:#c33}.equivalent{border-color:#36c}.inconclusive{border-color:#d90}
+.rule{font-size:0.85em;color:#555}
 figure{margin:1.5em 0}figcaption{font-size:0.9em;color:#555}"""
 
 
@@ -328,7 +370,7 @@ def _image(path: Path) -> str:
     return f'<img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'
 
 
-def _report_html(header, table, findings, figures, failed, pretrained) -> str:
+def _report_html(header, table, findings, figures, failed, pretrained, retrieval) -> str:
     by_key = {figure.key: figure for figure in figures}
     body = [f"<h1>ropescope study</h1><p>Pretrained length: {pretrained} tokens. Findings tested against "
             "<em>Understanding the RoPE Extensions of Long-Context LLMs: An Attention Perspective</em> "
@@ -336,7 +378,8 @@ def _report_html(header, table, findings, figures, failed, pretrained) -> str:
     for finding in findings:
         css = finding.verdict.replace(" ", "-")
         body.append(f'<div class="finding {css}"><p><strong>{finding.number}. {html.escape(finding.claim)}</strong>'
-                    f" — {html.escape(finding.verdict)}.</p><p>{html.escape(finding.sentence)}</p>")
+                    f" — {html.escape(finding.verdict)}.</p><p>{html.escape(finding.sentence)}</p>"
+                    f"<p><strong>{html.escape(finding.verdict_line())}</strong></p>")
         if finding.tests:
             body.append(_html_table(*test_table(finding), css="tests"))
         body.append(f"<p class='rule'>Rule: {html.escape(finding.rule)}</p>")
@@ -345,6 +388,9 @@ def _report_html(header, table, findings, figures, failed, pretrained) -> str:
             body.append(f"<figure>{_image(figure.path)}<figcaption>{html.escape(figure.caption)}</figcaption>"
                         "</figure>")
         body.append("</div>")
+    if retrieval:
+        body.append("<h2>Retrieval after fine-tuning</h2>"
+                    + "".join(f"<p>{html.escape(line)}</p>" for line in retrieval))
     body.append("<h2>Results</h2>" + _html_table(header, table, css="results"))
     for figure in figures:
         if not figure.key.startswith("finding"):

@@ -24,16 +24,21 @@ class Stage:
     requires: tuple[str, ...] = ()  # stages whose cell of the same variant must finish first (when it has one)
     fine_tuned_only: bool = False  # the stage has a cell only for fine-tuned variants
     writes_checkpoint: bool = False  # its cell is finished only while the variant's checkpoint exists
+    sweep: bool = False  # the stage also has a cell for the sweep variants (finding 1's perplexity and pattern)
 
     def applies(self, variant: Variant) -> bool:
+        if variant.sweep and not self.sweep:
+            return False
         return variant.fine_tuned or not self.fine_tuned_only
 
 
 def train_settings(config: StudyConfig, variant: Variant) -> dict:
     training = config.training
-    return {"length": variant.train_length, "steps": training.steps, "tokens_per_step": training.tokens_per_step,
-            "learning_rate": training.learning_rate, "warmup_steps": training.warmup_steps,
-            "retrieval_mix": training.retrieval_mix}
+    settings = {"length": variant.train_length, "steps": training.steps, "tokens_per_step": training.tokens_per_step,
+                "learning_rate": training.learning_rate, "warmup_steps": training.warmup_steps,
+                "retrieval_mix": training.retrieval_mix}
+    # the first seed's fingerprint stays what it was before seeds existed, so adding seeds retrains nothing
+    return {**settings, "train_seed": variant.train_seed} if variant.train_seed else settings
 
 
 def train(context: StageContext, variant: Variant) -> list[dict]:
@@ -52,7 +57,7 @@ def train(context: StageContext, variant: Variant) -> list[dict]:
         batch_size=max(1, settings.tokens_per_step // variant.train_length),
         learning_rate=settings.learning_rate,
         warmup_steps=settings.warmup_steps,
-        seed=context.config.seed,
+        seed=context.config.seed + variant.train_seed,
         out=str(out),
         overwrite=True,
         progress=context.progress,
@@ -63,17 +68,19 @@ def train(context: StageContext, variant: Variant) -> list[dict]:
 
 
 def perplexity_settings(config: StudyConfig, variant: Variant) -> dict:
-    return {"lengths": config.evaluation.perplexity_lengths, "documents": config.evaluation.perplexity_documents}
+    lengths = config.evaluation.perplexity_lengths
+    # a sweep variant serves finding 1 only, which reads the longest length: the shorter ones would cost time alone
+    return {"lengths": lengths[-1:] if variant.sweep else lengths, "documents": config.evaluation.perplexity_documents}
 
 
 def perplexity(context: StageContext, variant: Variant) -> list[dict]:
     from ropescope.eval.perplexity import evaluate_perplexity
 
     model, tokenizer = context.load(variant)
-    settings = context.config.evaluation
+    settings = perplexity_settings(context.config, variant)
     return evaluate_perplexity(
-        model, tokenizer, context.documents("validation"), settings.perplexity_lengths, protocols=("truncated",),
-        max_documents=settings.perplexity_documents, progress=context.progress,
+        model, tokenizer, context.documents("validation"), settings["lengths"], protocols=("truncated",),
+        max_documents=settings["documents"], progress=context.progress,
     )
 
 
@@ -160,10 +167,10 @@ def uncertainty(context: StageContext, variant: Variant) -> list[dict]:
 
 STAGES: tuple[Stage, ...] = (
     Stage("train", train, train_settings, fine_tuned_only=True, writes_checkpoint=True),
-    Stage("perplexity", perplexity, perplexity_settings, requires=("train",)),
+    Stage("perplexity", perplexity, perplexity_settings, requires=("train",), sweep=True),
     Stage("passkey", passkey, passkey_settings, requires=("train",)),
     Stage("entropy", entropy, entropy_settings, requires=("train",)),
-    Stage("patterns", patterns, patterns_settings, requires=("train",)),
+    Stage("patterns", patterns, patterns_settings, requires=("train",), sweep=True),
     # its settings are the passkey cell's: they reach the fingerprint through `requires`
     Stage("uncertainty", uncertainty, no_settings, requires=("train", "passkey")),
 )
