@@ -303,12 +303,45 @@ def _add_ppl(subparsers) -> None:
     _add_out(parser, "perplexity.csv, perplexity.png")
 
 
+def _add_independent_haystacks(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--independent-haystacks", action="store_true",
+                        help="give every length, depth and trial its own corpus text and values (no two trials of a "
+                             "cell share haystack text)")
+
+
+def _list_tasks() -> str:
+    from ropescope.eval.tasks import list_tasks
+
+    return list_tasks()
+
+
+def _add_tasks_command(subparsers) -> None:
+    _command(subparsers, "tasks", _list_tasks, print, "list the retrieval tasks",
+             description="List the retrieval tasks. Run one with `ropescope retrieval --task NAME`.")
+
+
+def _add_retrieval(subparsers) -> None:
+    from ropescope.eval.tasks import run_task
+
+    parser = _command(subparsers, "retrieval", run_task, _show_cells,
+                      "a retrieval task (`ropescope tasks`) over lengths x depths")
+    parser.add_argument("--task", help="the task's name, as `ropescope tasks` lists it")
+    _add_retrieval_grid(parser, "facts", "prompts")
+    parser.add_argument("--max-new-tokens", type=_positive_int, help="tokens generated per prompt "
+                                                                     "(default: what the task's answer needs)")
+    _add_independent_haystacks(parser)
+    _add_corpus(parser)
+    _add_out(parser, "TASK.csv, TASK.png (default: results/TASK)")
+
+
 def _add_passkey(subparsers) -> None:
     from ropescope.eval.passkey import run_passkey
 
     parser = _command(subparsers, "passkey", run_passkey, _show_cells,
                       "passkey retrieval accuracy over lengths x depths")
     _add_retrieval_grid(parser, "key", "keys")
+    _add_independent_haystacks(parser)
+    _add_corpus(parser)
     _add_out(parser, "passkey.csv, passkey.png")
 
 
@@ -321,6 +354,7 @@ def _add_needle(subparsers) -> None:
     parser.add_argument("--needle", type=_text, help="the sentence hidden in the haystack")
     parser.add_argument("--question", type=_text, help="the question, ending where the answer should start")
     parser.add_argument("--answer", type=_text, help="what a correct continuation contains")
+    _add_independent_haystacks(parser)
     _add_corpus(parser)
     _add_out(parser, "needle.csv, needle.png")
 
@@ -493,8 +527,8 @@ def _show_uncertainty(rows) -> None:
 
 # the `_add_*` functions, in the order `ropescope --help` lists them
 SUBCOMMANDS: list = [
-    _add_study, _add_report, _add_methods_command, _add_freqs, _add_pretrain, _add_train, _add_ppl, _add_passkey,
-    _add_needle, _add_entropy, _add_patterns, _add_uncertainty,
+    _add_study, _add_report, _add_methods_command, _add_freqs, _add_pretrain, _add_train, _add_ppl, _add_tasks_command,
+    _add_retrieval, _add_passkey, _add_needle, _add_entropy, _add_patterns, _add_uncertainty,
 ]
 
 

@@ -85,12 +85,17 @@ class PerplexityRow(Row):
 
 @dataclass(frozen=True, kw_only=True)
 class RetrievalRow(Row):
-    """One retrieval prompt (a passkey or needle trial) and how the model answered it."""
+    """One retrieval prompt of a registered task (`ropescope tasks`) and how the model answered it.
+
+    `answer` is the expected answers joined by ', '; `needle_start` / `needle_end` the first needle's span;
+    `facts` every inserted fact as [start, end, role] (role: needle or distractor); `score` and `correct` as the
+    task scores them.
+    """
 
     task: str
     length: int
     answer: str
-    needle_start: int  # token span of the hidden line, end exclusive
+    needle_start: int  # token span of the (first) hidden needle, end exclusive
     needle_end: int
     question_position: int  # index of the last prompt token
     depth_percent: float
@@ -99,22 +104,8 @@ class RetrievalRow(Row):
     score: float
     correct: bool
     prediction: str
-
-
-@dataclass(frozen=True, kw_only=True)
-class PasskeyRow(RetrievalRow):
-    """A passkey trial: `score` is 1.0 when the first integer of the continuation is the key, else 0.0."""
-
-    task: str = "passkey"
-
-
-@dataclass(frozen=True, kw_only=True)
-class NeedleRow(RetrievalRow):
-    """A needle trial: `correct` when the answer's words appear in order, `score` their ROUGE-1 recall."""
-
-    task: str = "needle"
-    needle: str
-    question: str
+    facts: list = field(default_factory=list)
+    independent_haystacks: bool = False  # each trial had its own corpus haystack and values
 
 
 # ---------------------------------------------------------------------------------------------------------------

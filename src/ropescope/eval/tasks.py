@@ -1,0 +1,57 @@
+"""The retrieval tasks by name: `TASKS`. Adding a task is one module declaring a `RetrievalTask` (eval/cases.py)
+and one line in `_BUILT_IN` below; `register` adds one from anywhere else (a test, a user's script)."""
+
+from __future__ import annotations
+
+from ropescope.errors import RopescopeError
+from ropescope.eval import needle, passkey, ruler
+from ropescope.eval.cases import RetrievalTask
+
+_BUILT_IN: tuple[RetrievalTask, ...] = (
+    passkey.TASK,
+    needle.TASK,
+    *ruler.TASKS,
+)
+
+TASKS: dict[str, RetrievalTask] = {}
+
+
+def register(task: RetrievalTask) -> RetrievalTask:
+    """Add a task under its name (registering the same task again is allowed; another one under a taken name is
+    refused); returns it, so a module can write `TASK = register(RetrievalTask(...))`."""
+    if TASKS.get(task.name, task) is not task:
+        raise RopescopeError(f"a retrieval task named {task.name!r} is already registered")
+    TASKS[task.name] = task
+    return task
+
+
+for _task in _BUILT_IN:
+    register(_task)
+
+
+def get_task(name: str) -> RetrievalTask:
+    """The registered task `name`, or an error naming the accepted ones."""
+    if name not in TASKS:
+        raise RopescopeError(f"unknown retrieval task {name!r}; accepted: {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+def list_tasks() -> str:
+    """One line per registered task: its name and summary (`ropescope tasks`)."""
+    width = max(map(len, TASKS))
+    return "\n".join(f"{task.name:<{width}}  {task.summary}" for task in TASKS.values())
+
+
+def run_task(task: str = "passkey", model: str = "default", method="default", *, lengths=(256, 512, 1024),
+             depths=(0, 25, 50, 75, 100), trials: int = 5, seed: int = 0, factor: float | None = None,
+             original_max_position_embeddings: int | None = None, corpus=None, split: str = "validation",
+             independent_haystacks: bool = False, max_new_tokens: int | None = None, batch_size: int = 8,
+             options=None, out=None, progress: bool | None = None) -> list[dict]:
+    """`ropescope retrieval --task NAME`: `run_retrieval` of the registered task (out: results/NAME by default)."""
+    from ropescope.eval.retrieval import run_retrieval
+
+    return run_retrieval(get_task(task), model, method, lengths=lengths, depths=depths, trials=trials, seed=seed,
+                         factor=factor, original_max_position_embeddings=original_max_position_embeddings,
+                         corpus=corpus, split=split, independent_haystacks=independent_haystacks,
+                         max_new_tokens=max_new_tokens, batch_size=batch_size, options=options, out=out,
+                         progress=progress)
