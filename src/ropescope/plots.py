@@ -15,6 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from ropescope.results import atomic_path  # noqa: E402
+from ropescope.rows import as_bool  # noqa: E402
 
 
 def save_figure(figure, path: str | Path) -> Path:
@@ -383,7 +384,6 @@ def plot_pattern_preservation(rows: list[dict], path) -> Path:
 def entropy_heatmap_figure(rows: list[dict]) -> Figure:
     """Accuracy and answering-query entropy laid out as the needle grid (depth x length), side by side, one pair
     of panels per method. Rows from `uncertainty.retrieval_attention` (evaluation rows with entropy)."""
-    from ropescope.attention.uncertainty import as_bool
 
     groups: dict[str, list[dict]] = defaultdict(list)
     for row in rows:

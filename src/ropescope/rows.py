@@ -8,6 +8,7 @@ into a row with `Kind.from_dict(data)`, which names the first missing field. The
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
@@ -157,7 +158,7 @@ class PreservationRow(Row):
 
 @dataclass(frozen=True, kw_only=True)
 class UncertaintySummaryRow(Row):
-    """Answering-query entropy and needle mass on correct vs failed cells of one (model, method, factor, task)."""
+    """Answering-query entropy, needle and distractor mass on correct vs failed cells of one (model, method, factor, task)."""
 
     model: str | None = None
     method: str | None = None
@@ -170,6 +171,8 @@ class UncertaintySummaryRow(Row):
     entropy_failed: float
     needle_mass_correct: float
     needle_mass_failed: float
+    distractor_mass_correct: float = math.nan  # attention on inserted facts the question does not ask for
+    distractor_mass_failed: float = math.nan
     auroc_entropy_predicts_failure: float
 
 
@@ -186,6 +189,17 @@ class FrequencyRow(Row):
     head_dim: int
     base: float
     seq_len: int | None
+
+
+def as_bool(value) -> bool:
+    """A `correct` field from JSON (bool, number) or CSV (text)."""
+    if isinstance(value, str):
+        if value.strip().lower() in ("true", "1", "yes"):
+            return True
+        if value.strip().lower() in ("false", "0", "no", ""):
+            return False
+        raise RopescopeError(f"correct={value!r} is not a truth value; accepted: true/false/1/0")
+    return bool(value)
 
 
 def cell_means(rows: list[Mapping], value: str = "score") -> list[dict]:

@@ -3,9 +3,13 @@ and one line in `_BUILT_IN` below; `register` adds one from anywhere else (a tes
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 from ropescope.errors import RopescopeError
 from ropescope.eval import needle, passkey, ruler
-from ropescope.eval.cases import RetrievalTask
+from ropescope.eval.cases import CaseRequest, PromptCase, RetrievalTask
+from ropescope.eval.retrieval import needs_documents, run_retrieval
+from ropescope.rows import as_bool
 
 _BUILT_IN: tuple[RetrievalTask, ...] = (
     passkey.TASK,
@@ -48,10 +52,32 @@ def run_task(task: str = "passkey", model: str = "default", method="default", *,
              independent_haystacks: bool = False, max_new_tokens: int | None = None, batch_size: int = 8,
              options=None, out=None, progress: bool | None = None) -> list[dict]:
     """`ropescope retrieval --task NAME`: `run_retrieval` of the registered task (out: results/NAME by default)."""
-    from ropescope.eval.retrieval import run_retrieval
-
     return run_retrieval(get_task(task), model, method, lengths=lengths, depths=depths, trials=trials, seed=seed,
                          factor=factor, original_max_position_embeddings=original_max_position_embeddings,
                          corpus=corpus, split=split, independent_haystacks=independent_haystacks,
                          max_new_tokens=max_new_tokens, batch_size=batch_size, options=options, out=out,
                          progress=progress)
+
+
+def rebuild_cases(tokenizer, rows: Sequence[Mapping], *, documents: Sequence[str] | None = None,
+                  seed: int = 0) -> list[PromptCase]:
+    """The prompt of every retrieval row, rebuilt deterministically by its task's builder.
+
+    A row's own `seed` wins over `seed`; rows of corpus tasks (or independent haystacks) need the documents the
+    evaluation used. A rebuilt prompt whose answer differs from the row's (other texts than the task's own) is
+    refused.
+    """
+    cases = []
+    for row in rows:
+        task = get_task(row.get("task"))
+        independent = as_bool(row.get("independent_haystacks") or False)
+        if needs_documents(task, independent) and documents is None:
+            raise RopescopeError(f"{task.name} rows need the haystack documents to rebuild their prompts")
+        row_seed = row.get("seed")
+        case = task.build(CaseRequest(tokenizer, int(row["length"]), float(row["depth_percent"]), int(row["trial"]),
+                                      seed if row_seed in (None, "") else int(row_seed), documents, independent))
+        if row.get("answer") not in (None, "") and str(row["answer"]) != case.answer:
+            raise RopescopeError(f"answer={row['answer']!r} in a {task.name} row but {case.answer!r} in the rebuilt "
+                                 "prompt: the rows were made with other texts than the task's own")
+        cases.append(case)
+    return cases
