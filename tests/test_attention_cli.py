@@ -11,7 +11,7 @@ from ropescope.attention.runs import evaluation_groups
 from ropescope.cli import main
 from ropescope.rope import RopeSpec, method_spec
 from ropescope.errors import RopescopeError
-from ropescope.rows import EntropyProfileRow, PasskeyRow, RunLabels, UncertaintySummaryRow
+from ropescope.rows import EntropyProfileRow, RetrievalRow, RunLabels, UncertaintySummaryRow
 
 
 @pytest.fixture(scope="module")
@@ -105,8 +105,8 @@ def test_uncertainty_errors(folders, tmp_path, capsys):
     assert main(["uncertainty", str(tmp_path / "partial.csv"), "--model", model]) == 2
     write_rows([{"task": "passkey", "length": 70, "method": "ntk"}], tmp_path / "ntk.csv")
     assert main(["uncertainty", str(tmp_path / "ntk.csv"), "--model", model, "--only-method", "yarn"]) == 2
-    trial = PasskeyRow(length=70, answer="12345", needle_start=3, needle_end=9, question_position=69,
-                       depth_percent=50, trial=0, seed=0, score=0.0, correct=False, prediction="1")
+    trial = RetrievalRow(task="passkey", length=70, answer="12345", needle_start=3, needle_end=9, question_position=69,
+                         depth_percent=50, trial=0, seed=0, score=0.0, correct=False, prediction="1")
     write_rows([trial.to_dict({"model": name}) for name in ("a", "b")], tmp_path / "two.csv")
     assert main(["uncertainty", str(tmp_path / "two.csv")]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
