@@ -111,7 +111,7 @@ def test_uncertainty_errors(folders, tmp_path, capsys):
     assert main(["uncertainty", str(tmp_path / "two.csv")]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
     assert "come from 2 models (a, b); give --model" in errors[3]
-    assert "must end in .json or .csv" in errors[0] and "lack the field 'needle_end' of a passkey row" in errors[1]
+    assert "must end in .json or .csv" in errors[0] and "lack the field 'needle_end' of a retrieval row" in errors[1]
     assert "no evaluation rows" in errors[2] and "method=['yarn']" in errors[2]
     assert not (tmp_path / "results").exists()
 
