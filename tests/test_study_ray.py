@@ -95,7 +95,7 @@ def test_ray_study_equals_the_local_study_and_uses_both_nodes(cluster, local_ref
 
 def test_a_killed_worker_is_retried_and_a_raising_cell_recorded_as_failed(cluster, local_reference, tmp_path):
     real_train = next(stage.run for stage in STAGES if stage.name == "train")
-    real_passkey = next(stage.run for stage in STAGES if stage.name == "passkey")
+    real_passkey = next(stage.run for stage in STAGES if stage.name == "retrieval")
     killed = tmp_path / "killed-once"
 
     def train_killed_once(context, variant):
@@ -109,7 +109,7 @@ def test_a_killed_worker_is_retried_and_a_raising_cell_recorded_as_failed(cluste
             raise RuntimeError("out of memory (simulated)")
         return real_passkey(context, variant)
 
-    replaced = {"train": train_killed_once, "passkey": passkey_failing_on_original}
+    replaced = {"train": train_killed_once, "retrieval": passkey_failing_on_original}
     stages = tuple(replace(stage, run=replaced.get(stage.name, stage.run)) for stage in STAGES)
     folder = tmp_path / "study"
     lines = []
@@ -117,9 +117,9 @@ def test_a_killed_worker_is_retried_and_a_raising_cell_recorded_as_failed(cluste
     assert killed.exists() and int(killed.read_text()) != os.getpid()
     assert counts == {"done": len(plan_cells(QUICK)) - 2, "skipped": 0, "failed": 1, "blocked": 1}, lines
     assert sum(line.startswith("train/yarn@512 done") for line in lines) == 1
-    assert "passkey/original FAILED" in "\n".join(lines)
+    assert "retrieval/original FAILED" in "\n".join(lines)
     states = cell_states(folder)
-    assert states["passkey/original"] == "failed" and "uncertainty/original" not in states  # it reads those rows
+    assert states["retrieval/original"] == "failed" and "uncertainty/original" not in states  # it reads those rows
     expected = {cell: rows for cell, rows in local_reference.items() if not cell.endswith("/original")
                 or cell.startswith(("perplexity", "entropy", "patterns"))}
     assert recorded_rows(folder) == expected
