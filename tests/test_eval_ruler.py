@@ -169,3 +169,41 @@ def test_independent_haystacks_give_each_trial_its_own_text(tokenizer):
     # the usual passkey filler is shared by every trial, its key by every cell of a trial
     usual = [build(tokenizer, "passkey", 512, depth=depth, trial=0) for depth in (0, 50)]
     assert usual[0].answer == usual[1].answer
+
+
+@pytest.mark.slow
+def test_every_task_runs_on_the_shipped_model_from_the_cli_and_the_study(tmp_path, capsys):
+    from ropescope.cli import main
+    from ropescope.results import read_rows, write_rows
+    from ropescope.study.config import parse_config
+    from ropescope.study.report import build_report
+    from ropescope.study.runner import run_study
+    from ropescope.study.store import DATABASE, ResultStore
+
+    rows = []
+    for name in NAMES:
+        out = tmp_path / name
+        assert main(["retrieval", "--task", name, "--lengths", "512", "--depths", "50", "--trials", "1",
+                     "--out", str(out)]) == 0
+        rows += read_rows(out / f"{name}.csv")
+    assert [row["task"] for row in rows] == NAMES and all(0 <= row["score"] <= 1 for row in rows)
+    write_rows(rows, tmp_path / "all.csv")
+    assert main(["uncertainty", str(tmp_path / "all.csv"), "--out", str(tmp_path / "uncertainty")]) == 0
+    attention = read_rows(tmp_path / "uncertainty" / "uncertainty.csv")
+    assert [row["task"] for row in attention] == NAMES and all(0 < row["needle_mass"] < 1 for row in attention)
+    distracted = {row["task"] for row in attention if row["distractor_mass"] is not None}
+    assert distracted == {"niah_multikey_1", "niah_multikey_2", "niah_multikey_3"}
+
+    config = parse_config({
+        "model": {"original_max_position_embeddings": 256}, "methods": {"original": {"method": "default"}},
+        "evaluation": {"perplexity_lengths": [256], "perplexity_documents": 1},
+        "retrieval": {"tasks": NAMES, "lengths": [512], "depths": [50], "trials": 1},
+        "analysis": {"entropy_lengths": [256], "entropy_samples": 1, "pattern_length": 256},
+    })
+    assert run_study(config, tmp_path / "study", log=lambda line: None)["failed"] == 0
+    with ResultStore(tmp_path / "study" / DATABASE) as store:
+        assert [row["task"] for row in store.rows("retrieval")] == NAMES
+        assert [row["task"] for row in store.rows("uncertainty")] == NAMES
+    summary = build_report(tmp_path / "study")["summary"].read_text()
+    assert "| " + " | ".join(f"{name}@512" for name in NAMES) + " |" in summary
+    assert all(f"| {name} | 1 | " in summary for name in NAMES)  # each task's readout line
