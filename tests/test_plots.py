@@ -142,39 +142,6 @@ def test_pattern_preservation_bars_are_the_mean_layer_divergences():
     assert [text.get_text() for text in axis.get_xticklabels()] == ["linear x4", "yarn x4"]
 
 
-def test_pattern_vs_perplexity_places_each_variant_at_its_point():
-    points = [{"variant": "a", "js_divergence": 0.1, "perplexity": 20.0},
-              {"variant": "b", "js_divergence": 0.4, "perplexity": 80.0}]
-    axis = plots.pattern_vs_perplexity_figure(points, length=1024).axes[0]
-    offsets = [tuple(collection.get_offsets()[0]) for collection in axis.collections]
-    assert offsets == [(0.1, 20.0), (0.4, 80.0)]
-    assert [text.get_text() for text in axis.texts] == ["a", "b"]
-    assert "1024" in axis.get_ylabel()
-
-
-def test_entropy_by_outcome_splits_correct_and_failed_per_length():
-    rows = [{"length": 256, "entropy": 1.0, "correct": True}, {"length": 256, "entropy": 2.0, "correct": False},
-            {"length": 512, "entropy": 3.0, "correct": True}, {"length": 512, "entropy": 4.0, "correct": True}]
-    axis = plots.entropy_by_outcome_figure(rows, auroc=0.75).axes[0]
-    correct, failed = axis.collections
-    assert correct.get_label() == "correct" and failed.get_label() == "failed"
-    np.testing.assert_allclose(correct.get_offsets(), [[-0.15, 1.0], [0.85, 3.0], [0.85, 4.0]])
-    np.testing.assert_allclose(failed.get_offsets(), [[0.15, 2.0]])
-    assert "AUROC 0.75" in axis.get_title()
-    assert "AUROC n/a" in plots.entropy_by_outcome_figure(rows, auroc=None).axes[0].get_title()
-
-
-def test_training_length_draws_entropy_and_perplexity_against_length_per_method():
-    entropy = [{"method_name": "yarn", "train_length": 1024, "entropy": 3.0},
-               {"method_name": "yarn", "train_length": 512, "entropy": 3.5}]
-    perplexity = [{"method_name": "yarn", "train_length": 512, "perplexity": 40.0},
-                  {"method_name": "yarn", "train_length": 1024, "perplexity": 30.0}]
-    left, right = plots.training_length_figure(entropy, perplexity, 2048, 4096).axes
-    assert _lines(left) == {"yarn": ([512, 1024], [3.5, 3.0])}
-    assert _lines(right) == {"yarn": ([512, 1024], [40.0, 30.0])}
-    assert "2048" in left.get_ylabel() and "4096" in right.get_ylabel()
-
-
 def test_entropy_heatmap_pairs_accuracy_and_entropy_per_method():
     rows = [{"method": "yarn", "factor": 2.0, "length": length, "depth_percent": 50, "correct": correct,
              "entropy": entropy} for length, correct, entropy in ((64, True, 1.0), (64, False, 3.0), (128, True, 2.0))]

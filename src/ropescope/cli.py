@@ -298,7 +298,9 @@ def _add_ppl(subparsers) -> None:
                         help="truncated and/or sliding; repeatable")
     parser.add_argument("--stride", type=_positive_int, help="sliding-window stride (default: half the window)")
     parser.add_argument("--documents", type=_positive_int, help="how many long documents to evaluate")
-    parser.add_argument("--chunk-size", type=_positive_int, help="positions per output-head chunk")
+    # not --chunk-size: that is the attention analyses' block of queries and keys
+    parser.add_argument("--head-chunk-size", type=_positive_int, metavar="POSITIONS",
+                        help="positions whose logits the output head computes at once (bounds logits memory)")
     _add_corpus(parser)
     _add_out(parser, "perplexity.csv, perplexity.png")
 
