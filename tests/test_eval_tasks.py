@@ -99,3 +99,26 @@ def test_a_task_registered_here_runs_through_every_path(tmp_path, capsys):
     summary = build_report(study)["summary"].read_text()
     assert "| colour@256 | passkey@256 |" in summary and "| colour | 2 |" in summary
     assert (study / "report" / "figures" / "colour.png").is_file()
+
+
+def test_the_worked_example_in_the_docs_builds_and_scores():
+    from pathlib import Path
+
+    from ropescope.eval.haystack import haystack_ids
+
+    text = (Path(__file__).parents[1] / "docs" / "tasks.md").read_text()
+    source = text.split("```python\n")[1].split("```")[0]
+    namespace: dict = {}
+    exec(compile(source, "docs/tasks.md", "exec"), namespace)
+    task = namespace["TASK"]
+    tokenizer = tiny_tokenizer()
+    documents = [("The king walked slowly through the garden. " * 40)]
+    assert haystack_ids(tokenizer, documents, 0, 10)  # the corpus is long enough for the prompts below
+    for depth in (10, 90):
+        case = task.build(CaseRequest(tokenizer, 200, depth, trial=1, documents=documents))
+        assert case.length == 200 and [fact.role for fact in sorted(case.facts, key=lambda f: f.start)] == (
+            [NEEDLE, DISTRACTOR] if depth == 10 else [DISTRACTOR, NEEDLE])
+        needle = next(fact for fact in case.facts if fact.role == NEEDLE)
+        assert tokenizer.decode(case.input_ids[needle.start : needle.end].tolist()).strip() == \
+            "The lantern is painted blue."
+        assert task.score(" blue, with a", case).correct and not task.score(" green", case).correct
