@@ -400,8 +400,9 @@ def _add_uncertainty(subparsers) -> None:
     from ropescope.attention.runs import run_uncertainty
 
     parser = _command(subparsers, "uncertainty", run_uncertainty, _show_uncertainty,
-                      "answering-query entropy against passkey / needle errors")
-    parser.add_argument("rows", help="evaluation rows (.csv or .json) from `ropescope passkey` / `needle`")
+                      "answering-query entropy and attention on the facts against retrieval errors")
+    parser.add_argument("rows", help="retrieval rows (.csv or .json) from `ropescope retrieval`, `passkey` or "
+                                     "`needle`")
     _add_attention_inputs(parser, compares_methods=False)
     model = next(action for action in parser._actions if action.dest == "model")
     model.default, model.help = None, model.help + " (default: the model the rows name)"

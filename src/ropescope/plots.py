@@ -392,7 +392,7 @@ def plot_perplexity(rows: list[dict], path, original_max_position_embeddings: in
 def retrieval_heatmap_figure(rows: list[dict], title: str | None = None, value: str = "score") -> Figure:
     """The needle-in-a-haystack heatmap: mean `value` per cell, length on x, depth percent on y (0 at the top).
 
-    rows: passkey or needle rows (length, depth_percent, score). Green is found, red is missed.
+    rows: retrieval rows of one task (length, depth_percent, score). Green is found, red is missed.
     """
     lengths = sorted({int(row["length"]) for row in rows})
     depths = sorted({float(row["depth_percent"]) for row in rows})

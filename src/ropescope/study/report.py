@@ -20,11 +20,9 @@ from ropescope.errors import RopescopeError
 from ropescope.results import write_atomically
 from ropescope.study.config import parse_config
 from ropescope.study.context import plan_variants
-from ropescope.study.findings import (Finding, Test, finding_entropy_errors, is_fine_tuned, pattern_divergence,
-                                      study_findings)
-from ropescope.study.store import DATABASE
-from ropescope.study.statistics import CONFIDENCE, INSUFFICIENT, VERDICT_RULE
-from ropescope.study.store import ResultStore, check_database_file
+from ropescope.study.findings import Finding, Test, finding_entropy_errors, pattern_divergence, study_findings
+from ropescope.study.statistics import CONFIDENCE, VERDICT_RULE
+from ropescope.study.store import DATABASE, ResultStore, check_database_file
 
 
 @dataclass
