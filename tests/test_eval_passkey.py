@@ -12,7 +12,7 @@ from ropescope.models import load_model
 from ropescope.eval.decoding import greedy_continuations
 from ropescope.eval.passkey import evaluate_passkey, passkey_case, passkey_key, run_passkey, score_passkey
 from ropescope.passkey_format import KEY_DIGITS, KEY_LINE, QUESTION
-from ropescope.plots import plot_retrieval_heatmap
+from ropescope.plots import plot_retrieval
 from ropescope.rows import RetrievalRow
 
 
@@ -68,7 +68,7 @@ def test_grid_rows_and_heatmap(tmp_path):
                                                                            case.answer)
         assert row["score"] == float(row["correct"] is True)
     json.dumps(rows)
-    assert plot_retrieval_heatmap(rows, tmp_path / "passkey.png").stat().st_size > 1000
+    assert plot_retrieval(rows, tmp_path / "passkey.png").stat().st_size > 1000
 
 
 def test_model_folder_without_tokenizer(tmp_path):

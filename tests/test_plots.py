@@ -46,25 +46,25 @@ def test_perplexity_axis_goes_log_past_a_20x_range():
     assert plots.perplexity_figure(rows).axes[0].get_yscale() == "log"
 
 
-def test_retrieval_heatmap_cells_are_the_mean_score_per_length_and_depth():
+def test_retrieval_cells_are_the_mean_score_per_length_and_depth():
     rows = [{"task": "passkey", "model": "m", "method": "yarn", "factor": 2.0, "length": length,
              "depth_percent": depth, "score": score}
             for length, depth, score in ((256, 0, 1.0), (256, 0, 0.0), (256, 50, 1.0), (512, 0, 0.0),
                                          (512, 50, 1.0), (512, 50, 1.0), (512, 50, 0.0))]
-    figure = plots.retrieval_heatmap_figure(rows)
+    figure = plots.retrieval_figure(rows)
     axis = figure.axes[0]
     grid = axis.get_images()[0].get_array()
     np.testing.assert_allclose(np.asarray(grid), [[0.5, 0.0], [1.0, 2 / 3]])  # rows: depth, columns: length
     assert [text.get_text() for text in axis.texts] == ["0.50", "0.00", "1.00", "0.67"]
     assert [text.get_text() for text in axis.get_xticklabels()] == ["256", "512"]
     assert [text.get_text() for text in axis.get_yticklabels()] == ["0", "50"]
-    assert axis.get_title() == "passkey: m / yarn x2"
+    assert figure._suptitle.get_text() == "passkey: m / yarn x2"
 
 
-def test_retrieval_grid_has_one_panel_per_variant_and_leaves_empty_cells_blank():
+def test_retrieval_has_one_panel_per_variant_and_leaves_empty_cells_blank():
     rows = [{"variant": variant, "length": length, "depth_percent": 0, "score": score}
             for variant, length, score in (("a", 256, 1.0), ("a", 512, 0.0), ("b", 256, 0.5))]
-    figure = plots.retrieval_grid_figure(rows, title="t")
+    figure = plots.retrieval_figure(rows, title="t")
     panels = [axis for axis in figure.axes if axis.get_images()]
     assert [axis.get_title() for axis in panels] == ["a", "b"]
     np.testing.assert_allclose(np.asarray(panels[0].get_images()[0].get_array()), [[1.0, 0.0]])

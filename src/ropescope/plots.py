@@ -86,41 +86,49 @@ def _mean_by(rows: list[dict], keys: tuple[str, ...], value: str) -> dict[tuple,
     return {key: sum(values) / len(values) for key, values in groups.items()}
 
 
-def retrieval_grid_figure(rows: list[dict], title: str = "Passkey retrieval accuracy") -> Figure:
-    """Small multiples of the retrieval heatmap (length on x, depth on y), one panel per variant.
+def retrieval_figure(rows: list[dict], title: str | None = None, value: str = "score") -> Figure:
+    """Mean `value` per (length, depth) cell (length on x, depth percent on y, 0 at the top), one panel per series
+    (a study's variant, or a command's model and method), each cell written in; green is found, red is missed.
 
-    rows: {"variant", "length", "depth_percent", "score"}.
+    rows: retrieval rows of one task (length, depth_percent, score and the series' labels). Cells without rows
+    stay blank. title: default "<task>: <series>" for one series, "<task>" for several.
     """
-    variants = list(dict.fromkeys(row["variant"] for row in rows))
+    series = list(dict.fromkeys(_series_label(row) for row in rows))
+    labelled = [{**row, "series": _series_label(row)} for row in rows]
     lengths = sorted({int(row["length"]) for row in rows})
     depths = sorted({float(row["depth_percent"]) for row in rows})
-    cells = _mean_by(rows, ("variant", "length", "depth_percent"), "score")
-    columns = min(4, len(variants))
-    lines = -(-len(variants) // columns)
-    figure, axes = plt.subplots(lines, columns, figsize=(0.8 + 0.75 * len(lengths) * columns, 0.8 + 2.6 * lines),
-                                squeeze=False)
+    cells = _mean_by(labelled, ("series", "length", "depth_percent"), value)
+    columns = min(4, len(series))
+    lines = -(-len(series) // columns)
+    figure, axes = plt.subplots(lines, columns, squeeze=False,
+                                figsize=(1.4 + 0.9 * len(lengths) * columns, 1.0 + (0.5 + 0.45 * len(depths)) * lines))
     for index, axis in enumerate(axes.flat):
-        if index >= len(variants):
+        if index >= len(series):
             axis.axis("off")
             continue
-        variant = variants[index]
-        grid = [[cells.get((variant, length, depth), float("nan")) for length in lengths] for depth in depths]
+        grid = [[cells.get((series[index], length, depth), math.nan) for length in lengths] for depth in depths]
         image = axis.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+        for y, line in enumerate(grid):
+            for x, cell in enumerate(line):
+                if not math.isnan(cell):
+                    axis.text(x, y, f"{cell:.2f}", ha="center", va="center", fontsize=7)
         axis.set_xticks(range(len(lengths)), [str(length) for length in lengths], fontsize=7)
         axis.set_yticks(range(len(depths)), [f"{depth:g}" for depth in depths], fontsize=7)
-        axis.set_title(variant, fontsize=9)
+        if len(series) > 1:
+            axis.set_title(series[index], fontsize=9)
         if index % columns == 0:
             axis.set_ylabel("depth (%)")
         if index // columns == lines - 1:
-            axis.set_xlabel("length (tokens)")
-    figure.colorbar(image, ax=axes, shrink=0.8, label="accuracy")
-    figure.suptitle(title)
+            axis.set_xlabel("context length (tokens)")
+    task = rows[0].get("task", "retrieval") if rows else "retrieval"
+    figure.colorbar(image, ax=axes, shrink=0.8, label=value)
+    figure.suptitle(title or (f"{task}: {series[0]}" if len(series) == 1 else task))
     return figure
 
 
-def plot_retrieval_grid(rows: list[dict], path: str | Path, title: str = "Passkey retrieval accuracy") -> Path:
-    """`retrieval_grid_figure`, saved to `path`."""
-    return save_figure(retrieval_grid_figure(rows, title=title), path)
+def plot_retrieval(rows: list[dict], path: str | Path, title: str | None = None, value: str = "score") -> Path:
+    """`retrieval_figure`, saved to `path`."""
+    return save_figure(retrieval_figure(rows, title=title, value=value), path)
 
 
 def entropy_vs_position_figure(rows: list[dict], original_max_position_embeddings: int | None = None,
@@ -387,36 +395,3 @@ def perplexity_figure(rows: list[dict], original_max_position_embeddings: int | 
 def plot_perplexity(rows: list[dict], path, original_max_position_embeddings: int | None = None) -> Path:
     """`perplexity_figure`, saved to `path`."""
     return save_figure(perplexity_figure(rows, original_max_position_embeddings=original_max_position_embeddings), path)
-
-
-def retrieval_heatmap_figure(rows: list[dict], title: str | None = None, value: str = "score") -> Figure:
-    """The needle-in-a-haystack heatmap: mean `value` per cell, length on x, depth percent on y (0 at the top).
-
-    rows: retrieval rows of one task (length, depth_percent, score). Green is found, red is missed.
-    """
-    lengths = sorted({int(row["length"]) for row in rows})
-    depths = sorted({float(row["depth_percent"]) for row in rows})
-    cells: dict[tuple[int, float], list[float]] = {}
-    for row in rows:
-        cells.setdefault((int(row["length"]), float(row["depth_percent"])), []).append(float(row[value]))
-    grid = [[(sum(cells[(length, depth)]) / len(cells[(length, depth)])) if (length, depth) in cells else math.nan
-             for length in lengths] for depth in depths]
-    figure, axes = plt.subplots(figsize=(1.2 + 0.9 * len(lengths), 1.2 + 0.45 * len(depths)))
-    image = axes.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
-    for y, line in enumerate(grid):
-        for x, cell in enumerate(line):
-            if not math.isnan(cell):
-                axes.text(x, y, f"{cell:.2f}", ha="center", va="center", fontsize=7)
-    axes.set_xticks(range(len(lengths)), [str(length) for length in lengths])
-    axes.set_yticks(range(len(depths)), [f"{depth:g}" for depth in depths])
-    axes.set_xlabel("context length (tokens)")
-    axes.set_ylabel("needle depth (%)")
-    task = rows[0].get("task", "retrieval") if rows else "retrieval"
-    axes.set_title(title or f"{task}: {_series_label(rows[0]) if rows else ''}")
-    figure.colorbar(image, ax=axes, label="accuracy" if value == "score" and task == "passkey" else value)
-    return figure
-
-
-def plot_retrieval_heatmap(rows: list[dict], path, title: str | None = None, value: str = "score") -> Path:
-    """`retrieval_heatmap_figure`, saved to `path`."""
-    return save_figure(retrieval_heatmap_figure(rows, title=title, value=value), path)

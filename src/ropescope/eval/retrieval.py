@@ -73,7 +73,7 @@ def run_retrieval(task: RetrievalTask, model: str = "default", method: str | Rop
     from ropescope.data import load_corpus
     from ropescope.eval.haystack import check_haystack
     from ropescope.models import extension_specs, load, load_tokenizer, resolve_model
-    from ropescope.plots import plot_retrieval_heatmap
+    from ropescope.plots import plot_retrieval
     from ropescope.results import write_rows
 
     source = resolve_model(model)
@@ -91,5 +91,5 @@ def run_retrieval(task: RetrievalTask, model: str = "default", method: str | Rop
                               progress=progress)
     out = Path(out or f"results/{task.name}")
     write_rows(rows, out / f"{task.name}.csv")
-    plot_retrieval_heatmap(rows, out / f"{task.name}.png", title=f"{task.name}: {source.name}, {loaded.labels.method}")
+    plot_retrieval(rows, out / f"{task.name}.png", title=f"{task.name}: {source.name}, {loaded.labels.method}")
     return rows

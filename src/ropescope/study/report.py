@@ -294,7 +294,7 @@ def draw_figures(rows: dict[str, list[dict]], findings: list[Finding], original_
     for task in tasks:
         task_rows = [row for row in rows["retrieval"] if row.get("task", "passkey") == task]
         add(task, f"Retrieval: {task}", "Score per context length and depth, one panel per variant.",
-            lambda path, task_rows=task_rows, task=task: plots.plot_retrieval_grid(
+            lambda path, task_rows=task_rows, task=task: plots.plot_retrieval(
                 task_rows, path, title=f"{task}: score per length and depth"))
     if rows["entropy"]:
         add("entropy_position", "Attention entropy against position",
