@@ -101,7 +101,7 @@ def retrieval_figure(rows: list[dict], title: str | None = None, value: str = "s
     columns = min(4, len(series))
     lines = -(-len(series) // columns)
     figure, axes = plt.subplots(lines, columns, squeeze=False,
-                                figsize=(1.4 + 0.9 * len(lengths) * columns, 1.0 + (0.5 + 0.45 * len(depths)) * lines))
+                                figsize=(1.4 + (0.6 + 0.9 * len(lengths)) * columns, 1.0 + (0.5 + 0.45 * len(depths)) * lines))
     for index, axis in enumerate(axes.flat):
         if index >= len(series):
             axis.axis("off")
@@ -118,9 +118,8 @@ def retrieval_figure(rows: list[dict], title: str | None = None, value: str = "s
             axis.set_title(series[index], fontsize=9)
         if index % columns == 0:
             axis.set_ylabel("depth (%)")
-        if index // columns == lines - 1:
-            axis.set_xlabel("context length (tokens)")
     task = rows[0].get("task", "retrieval") if rows else "retrieval"
+    figure.supxlabel("context length (tokens)")
     figure.colorbar(image, ax=axes, shrink=0.8, label=value)
     figure.suptitle(title or (f"{task}: {series[0]}" if len(series) == 1 else task))
     return figure
