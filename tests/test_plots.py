@@ -84,32 +84,36 @@ def test_frequencies_figure_draws_wavelengths_and_ratios_per_method():
     assert horizontal == [256]  # the pretrained length as a wavelength
 
 
-def test_entropy_vs_position_draws_the_mean_per_variant_at_the_chosen_length():
+def test_entropy_position_draws_the_mean_per_variant_at_the_chosen_length():
     rows = [{"variant": "v", "length": 1024, "position": 100, "entropy": 1.0},
             {"variant": "v", "length": 1024, "position": 100, "entropy": 3.0},
             {"variant": "v", "length": 1024, "position": 600, "entropy": 4.0},
             {"variant": "w", "length": 1024, "position": 100, "entropy": 5.0},
             {"variant": "v", "length": 256, "position": 100, "entropy": 9.0}]
-    axis = plots.entropy_vs_position_figure(rows, original_max_position_embeddings=256).axes[0]
-    assert _lines(axis) == {"v": ([100, 600], [2.0, 4.0]), "w": ([100], [5.0])}
-    assert _vertical_lines(axis) == [256]
+    axis = plots.entropy_position_figure(rows, original_max_position_embeddings=256, length=1024).axes[0]
+    assert _lines(axis) == {"v": ([100, 600], [2.0, 4.0]), "w": ([100], [5.0]), "pretrained length": ([256, 256],
+                                                                                                      [0, 1])}
     assert "1024-token" in axis.get_title()
-    assert _lines(plots.entropy_vs_position_figure(rows, length=256).axes[0]) == {"v": ([100], [9.0])}
+    assert _lines(plots.entropy_position_figure(rows, length=256).axes[0]) == {"v": ([100], [9.0])}
+    both = _lines(plots.entropy_position_figure(rows).axes[0])  # every length: one line per variant and length
+    assert both["v @1024"] == ([100, 600], [2.0, 4.0]) and both["v @256"] == ([100], [9.0])
 
 
-def test_entropy_profile_labels_methods_and_draws_uniform_attention():
+def test_entropy_position_labels_methods_and_draws_uniform_attention():
     rows = [{"method": method, "factor": factor, "length": 64, "layer": layer, "position_start": start,
              "position_end": start + 8, "entropy": entropy, "entropy_max": math.log(start + 8)}
             for method, factor, layer, start, entropy in (("yarn", 4.0, 0, 0, 1.0), ("yarn", 4.0, 1, 0, 2.0),
                                                           ("yarn", 4.0, 0, 8, 3.0), ("default", None, 0, 0, 0.5))]
-    axis = plots.entropy_profile_figure(rows, original_max_position_embeddings=32).axes[0]
+    axis = plots.entropy_position_figure(rows, original_max_position_embeddings=32).axes[0]
     lines = _lines(axis)
     assert lines["yarn x4"] == ([3.5, 11.5], [1.5, 3.0])  # mean over layers at each bin centre
     assert lines["default"] == ([3.5], [0.5])
     assert lines["uniform attention"] == ([3.5, 11.5], [math.log(8), math.log(16)])
     assert lines["pretrained length"][0] == [32, 32]
-    one_layer = _lines(plots.entropy_profile_figure(rows, layer=1).axes[0])
+    one_layer = _lines(plots.entropy_position_figure(rows, layer=1).axes[0])
     assert one_layer["yarn x4"] == ([3.5], [2.0])
+    with_model = [{**row, "model": "m"} for row in rows]
+    assert "m / yarn x4" in _lines(plots.entropy_position_figure(with_model).axes[0])
 
 
 def test_attention_distance_panels_per_length_lines_per_method():

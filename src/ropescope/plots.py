@@ -130,38 +130,6 @@ def plot_retrieval(rows: list[dict], path: str | Path, title: str | None = None,
     return save_figure(retrieval_figure(rows, title=title, value=value), path)
 
 
-def entropy_vs_position_figure(rows: list[dict], original_max_position_embeddings: int | None = None,
-                               length: int | None = None) -> Figure:
-    """Mean attention entropy (over layers and heads) against query position, one line per variant.
-
-    rows: {"variant", "length", "position", "entropy"} (position: the centre of a query-position bin).
-    `length`: which evaluation length to draw (default: the longest).
-    """
-    length = length or max(int(row["length"]) for row in rows)
-    means = _mean_by([row for row in rows if int(row["length"]) == length], ("variant", "position"), "entropy")
-    figure, axis = plt.subplots(figsize=(7, 4.5))
-    for variant in dict.fromkeys(variant for variant, _ in means):
-        points = sorted((position, value) for (name, position), value in means.items() if name == variant)
-        axis.plot([p for p, _ in points], [v for _, v in points], marker=".", label=variant)
-    if original_max_position_embeddings:
-        axis.axvline(original_max_position_embeddings, color="grey", linestyle="--", linewidth=1)
-        axis.annotate(f"pretrained {original_max_position_embeddings}", (original_max_position_embeddings, 0),
-                      xycoords=("data", "axes fraction"),
-                      xytext=(3, 5), textcoords="offset points", fontsize=8, color="grey")
-    axis.set(xlabel="query position (tokens)", ylabel="attention entropy (nats, mean over layers and heads)",
-             title=f"Attention entropy against position, {length}-token inputs")
-    axis.grid(True, alpha=0.3)
-    axis.legend(fontsize=8)
-    return figure
-
-
-def plot_entropy_vs_position(rows: list[dict], path: str | Path, original_max_position_embeddings: int | None = None,
-                             length: int | None = None) -> Path:
-    """`entropy_vs_position_figure`, saved to `path`."""
-    figure = entropy_vs_position_figure(rows, original_max_position_embeddings, length=length)
-    return save_figure(figure, path)
-
-
 def attention_distance_by_variant_figure(rows: list[dict]) -> Figure:
     """The paper's Figure 2 view: attention mass against key distance at the pretrained length and at the
     extended length (distance divided by the length ratio), one panel per variant, mean over layers and heads.
@@ -215,42 +183,49 @@ def _mean(values) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
-def entropy_profile_figure(rows: list[dict], *, original_max_position_embeddings: int | None = None,
-                           layer: int | None = None) -> Figure:
-    """Attention entropy against query position, one line per method (mean over layers and heads, or one layer);
-    the pretrained length as a vertical line. Rows from `ropescope.attention.profiles.entropy_profile`."""
+def entropy_position_figure(rows: list[dict], original_max_position_embeddings: int | None = None, *,
+                            length: int | None = None, layer: int | None = None) -> Figure:
+    """Attention entropy against query position, one line per series (a study's variant, or a command's method)
+    and length, the mean over the rows at each position (layers and heads, or one `layer`); the entropy of uniform
+    attention where the rows give it, and the pretrained length as a vertical line.
+
+    rows: entropy profile rows (length, layer, position_start / position_end or position, entropy, entropy_max).
+    length: draw only that length (default: every length in the rows).
+    """
+    rows = [row for row in rows if (length is None or int(row["length"]) == length)
+            and (layer is None or row["layer"] == layer)]
+    lengths = sorted({int(row["length"]) for row in rows})
     lines: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
-    lengths = {row["length"] for row in rows}
     uniform: dict[float, float] = {}
     for row in rows:
-        if layer is not None and row["layer"] != layer:
-            continue
-        label = method_label(row) + (f" @{row['length']}" if len(lengths) > 1 else "")
-        middle = (row["position_start"] + row["position_end"] - 1) / 2
-        lines[label][middle].append(row["entropy"])
-        uniform[middle] = row["entropy_max"]
-    figure, axes = plt.subplots(figsize=(7, 4))
-    for label, points in sorted(lines.items()):
+        position = row["position"] if "position" in row else (row["position_start"] + row["position_end"] - 1) / 2
+        label = _series_label(row) + (f" @{row['length']}" if len(lengths) > 1 else "")
+        lines[label][position].append(float(row["entropy"]))
+        if row.get("entropy_max") is not None:
+            uniform[position] = float(row["entropy_max"])
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for label, points in lines.items():
         positions = sorted(points)
-        axes.plot(positions, [_mean(points[p]) for p in positions], label=label)
-    positions = sorted(uniform)
-    axes.plot(positions, [uniform[p] for p in positions], color="grey", linestyle=":", label="uniform attention")
+        axis.plot(positions, [_mean(points[p]) for p in positions], marker=".", label=label)
+    if uniform:
+        positions = sorted(uniform)
+        axis.plot(positions, [uniform[p] for p in positions], color="grey", linestyle=":", label="uniform attention")
     if original_max_position_embeddings:
-        axes.axvline(original_max_position_embeddings, color="black", linestyle="--", linewidth=1,
+        axis.axvline(original_max_position_embeddings, color="black", linestyle="--", linewidth=1,
                      label="pretrained length")
-    axes.set_xlabel("query position")
-    axes.set_ylabel("attention entropy (nats)" + ("" if layer is None else f", layer {layer}"))
-    axes.set_title("Attention entropy by position" + (" (mean over layers and heads)" if layer is None else ""))
-    axes.legend(fontsize=8)
+    axis.set(xlabel="query position (tokens)",
+             ylabel="attention entropy (nats, " + ("mean over layers and heads)" if layer is None else f"layer {layer})"),
+             title="Attention entropy against position" + (f", {lengths[0]}-token inputs" if len(lengths) == 1 else ""))
+    axis.grid(True, alpha=0.3)
+    axis.legend(fontsize=8)
     return figure
 
 
-def plot_entropy_profile(rows: list[dict], path, *, original_max_position_embeddings: int | None = None,
-                         layer: int | None = None) -> Path:
-    """`entropy_profile_figure`, saved to `path`."""
-    figure = entropy_profile_figure(rows, original_max_position_embeddings=original_max_position_embeddings,
-                                    layer=layer)
-    return save_figure(figure, path)
+def plot_entropy_position(rows: list[dict], path, original_max_position_embeddings: int | None = None, *,
+                          length: int | None = None, layer: int | None = None) -> Path:
+    """`entropy_position_figure`, saved to `path`."""
+    return save_figure(entropy_position_figure(rows, original_max_position_embeddings, length=length, layer=layer),
+                       path)
 
 
 def attention_distance_figure(rows: list[dict], *, layer: int | None = None) -> Figure:
@@ -349,8 +324,10 @@ def plot_entropy_heatmap(rows: list[dict], path) -> Path:
 
 
 def _series_label(row: dict) -> str:
-    # Study rows name their variant (yarn@0 and yarn@512 share model and method); command rows name the model.
-    return row["variant"] if "variant" in row else f"{row.get('model', 'model')} / {method_label(row)}"
+    # Study rows name their variant (yarn@0 and yarn@512 share model and method); command rows their model and method.
+    if "variant" in row:
+        return row["variant"]
+    return f"{row['model']} / {method_label(row)}" if row.get("model") else method_label(row)
 
 
 def perplexity_figure(rows: list[dict], original_max_position_embeddings: int | None = None) -> Figure:

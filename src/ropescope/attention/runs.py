@@ -63,7 +63,7 @@ def run_entropy(model: str = "default", methods: Sequence[str | RopeSpec] = ("de
     """Entropy profiles of every method at every length (default: 1x, 2x and 4x the pretrained length) ->
     out/entropy.csv and out/entropy.png."""
     from ropescope.attention.profiles import entropy_profile
-    from ropescope.plots import plot_entropy_profile
+    from ropescope.plots import plot_entropy_position
     from ropescope.results import write_rows
 
     source, specs, original = _setup(model, methods, factor, original_max_position_embeddings)
@@ -77,7 +77,7 @@ def run_entropy(model: str = "default", methods: Sequence[str | RopeSpec] = ("de
                                     position_bin_size=position_bin_size, progress=progress, labels=labels)
     out = Path(out)
     write_rows(rows, out / "entropy.csv")
-    plot_entropy_profile(rows, out / "entropy.png", original_max_position_embeddings=original)
+    plot_entropy_position(rows, out / "entropy.png", original)
     return rows
 
 

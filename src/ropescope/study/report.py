@@ -300,7 +300,8 @@ def draw_figures(rows: dict[str, list[dict]], findings: list[Finding], original_
         add("entropy_position", "Attention entropy against position",
             "Mean over layers, heads and samples, at the longest analysed length: entropy grows past the length "
             "a model was trained on unless the extension (or training) holds it down.",
-            lambda path: plots.plot_entropy_vs_position(rows["entropy"], path, pretrained))
+            lambda path: plots.plot_entropy_position(rows["entropy"], path, pretrained,
+                                                     length=max(row["length"] for row in rows["entropy"])))
     distribution = [row for row in rows["patterns"] if row.get("row_type") == "distribution"]
     if distribution:
         add("attention_distance", "Attention against distance",
