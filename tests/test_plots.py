@@ -116,25 +116,20 @@ def test_entropy_position_labels_methods_and_draws_uniform_attention():
     assert "m / yarn x4" in _lines(plots.entropy_position_figure(with_model).axes[0])
 
 
-def test_attention_distance_panels_per_length_lines_per_method():
-    rows = [{"method": "yarn", "factor": 2.0, "length": length, "layer": 0, "bin": index, "distance_start": start,
-             "distance_end": start * 2 + 1, "mass": mass}
-            for length in (32, 64) for index, (start, mass) in enumerate(((0, 0.5), (1, 0.3), (3, 0.2)))]
-    rows.append({"role": "pretrained", "length": 32, "layer": 0, "bin": 0, "distance_start": 0, "distance_end": 1,
-                 "mass": 0.9})
+def test_attention_distance_one_panel_per_series_one_line_per_length():
+    rows = [{"variant": variant, "length": length, "layer": layer, "distance_start": start, "mass": mass + layer / 10}
+            for variant in ("a", "b") for length in (256, 1024) for layer in (0, 1)
+            for start, mass in ((0, 0.6), (4, 0.4))]
     figure = plots.attention_distance_figure(rows)
-    assert [axis.get_title() for axis in figure.axes] == ["length 32", "length 64"]
-    assert _lines(figure.axes[1]) == {"yarn x2": ([0, 1, 2], [0.5, 0.3, 0.2])}
-    assert set(_lines(figure.axes[0])) == {"yarn x2", "pretrained"}
-
-
-def test_attention_distance_by_variant_one_panel_each_one_line_per_length():
-    rows = [{"variant": variant, "length": length, "distance_bin": index, "distance_start": start, "mass": mass}
-            for variant in ("a", "b") for length in (256, 1024)
-            for index, (start, mass) in enumerate(((0, 0.6), (4, 0.4)))]
-    figure = plots.attention_distance_by_variant_figure(rows)
     assert [axis.get_title() for axis in figure.axes] == ["a", "b"]
-    assert _lines(figure.axes[0]) == {"256 tokens": ([0.5, 4], [0.6, 0.4]), "1024 tokens": ([0.5, 4], [0.6, 0.4])}
+    means = {"256 tokens": ([0.5, 4], [0.65, 0.45]), "1024 tokens": ([0.5, 4], [0.65, 0.45])}
+    for label, (xs, ys) in _lines(figure.axes[0]).items():
+        assert xs == means[label][0] and ys == pytest.approx(means[label][1])
+    assert _lines(plots.attention_distance_figure(rows, layer=1).axes[1])["256 tokens"][1] == pytest.approx([0.7, 0.5])
+    command = [{**row, "model": "m", "method": "yarn", "factor": 2.0} for row in rows if row["variant"] == "a"]
+    for row in command:
+        del row["variant"]
+    assert [axis.get_title() for axis in plots.attention_distance_figure(command).axes] == ["m / yarn x2"]
 
 
 def test_pattern_preservation_bars_are_the_mean_layer_divergences():

@@ -130,45 +130,6 @@ def plot_retrieval(rows: list[dict], path: str | Path, title: str | None = None,
     return save_figure(retrieval_figure(rows, title=title, value=value), path)
 
 
-def attention_distance_by_variant_figure(rows: list[dict]) -> Figure:
-    """The paper's Figure 2 view: attention mass against key distance at the pretrained length and at the
-    extended length (distance divided by the length ratio), one panel per variant, mean over layers and heads.
-
-    rows: {"variant", "length", "distance_bin", "distance_start", "mass"}.
-    """
-    variants = list(dict.fromkeys(row["variant"] for row in rows))
-    columns = min(4, len(variants))
-    lines = -(-len(variants) // columns)
-    figure, axes = plt.subplots(lines, columns, figsize=(3.4 * columns, 2.8 * lines), squeeze=False,
-                                sharey=True)
-    masses = _mean_by(rows, ("variant", "length", "distance_start"), "mass")
-    for index, axis in enumerate(axes.flat):
-        if index >= len(variants):
-            axis.axis("off")
-            continue
-        variant = variants[index]
-        for length in sorted({key[1] for key in masses if key[0] == variant}):
-            points = sorted((start, mass) for (name, size, start), mass in masses.items()
-                            if name == variant and size == length)
-            axis.plot([max(start, 0.5) for start, _ in points], [mass for _, mass in points], marker=".",
-                      label=f"{length} tokens")
-        axis.set(xscale="log", yscale="log", title=variant)
-        axis.grid(True, which="both", alpha=0.3)
-        axis.legend(fontsize=7)
-        if index // columns == lines - 1:
-            axis.set_xlabel("key distance x pretrained / input length")
-        if index % columns == 0:
-            axis.set_ylabel("attention mass")
-    figure.suptitle("Attention against distance: pretrained vs extended length")
-    figure.tight_layout()
-    return figure
-
-
-def plot_attention_distance_by_variant(rows: list[dict], path: str | Path) -> Path:
-    """`attention_distance_by_variant_figure`, saved to `path`."""
-    return save_figure(attention_distance_by_variant_figure(rows), path)
-
-
 def method_label(row: dict) -> str:
     """'yarn x4' for an extension, the bare method where there is no factor (RopeSpec.label's form, from a row)."""
     method = row.get("method") or "default"
@@ -229,27 +190,38 @@ def plot_entropy_position(rows: list[dict], path, original_max_position_embeddin
 
 
 def attention_distance_figure(rows: list[dict], *, layer: int | None = None) -> Figure:
-    """The paper's Figure 2 view: attention mass against (rescaled) key distance, one panel per length, one line
-    per method (mean over layers and heads, or one layer). Rows from `patterns.distance_distribution`."""
-    panels: dict[int, dict[str, dict[int, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
-    edges: dict[int, tuple[int, int]] = {}
-    for row in rows:
-        if layer is not None and row["layer"] != layer:
+    """The paper's Figure 2 view: attention mass against key distance (divided by input length / pretrained
+    length), one panel per series (a study's variant, or a command's model and method), one line per input length,
+    the mean over layers and heads (or one `layer`): overlapping lines mean the extension kept the pattern.
+
+    rows: distance rows (length, layer, distance_start, mass and the series' labels).
+    """
+    rows = [row for row in rows if layer is None or row["layer"] == layer]
+    labelled = [{**row, "series": _series_label(row)} for row in rows]
+    series = list(dict.fromkeys(row["series"] for row in labelled))
+    columns = min(4, len(series))
+    lines = -(-len(series) // columns)
+    figure, axes = plt.subplots(lines, columns, figsize=(3.4 * columns, 2.8 * lines), squeeze=False, sharey=True)
+    masses = _mean_by(labelled, ("series", "length", "distance_start"), "mass")
+    for index, axis in enumerate(axes.flat):
+        if index >= len(series):
+            axis.axis("off")
             continue
-        label = row.get("role") or method_label(row)
-        panels[row["length"]][label][row["bin"]].append(row["mass"])
-        edges[row["bin"]] = (row["distance_start"], row["distance_end"])
-    lengths = sorted(panels)
-    figure, axes = plt.subplots(1, len(lengths), figsize=(5 * len(lengths), 4), sharey=True, squeeze=False)
-    bins = sorted(edges)
-    for axis, length in zip(axes[0], lengths):
-        for label, masses in sorted(panels[length].items()):
-            axis.plot(bins, [_mean(masses[b]) for b in bins], marker="o", markersize=3, label=label)
-        axis.set_xticks(bins, [f"{edges[b][0]}" for b in bins], rotation=60, fontsize=7)
-        axis.set_xlabel("key distance x pretrained/length (bin start)")
-        axis.set_title(f"length {length}")
-        axis.legend(fontsize=8)
-    axes[0][0].set_ylabel("attention mass" + ("" if layer is None else f", layer {layer}"))
+        for length in sorted({key[1] for key in masses if key[0] == series[index]}):
+            points = sorted((start, mass) for (name, size, start), mass in masses.items()
+                            if name == series[index] and size == length)
+            # distance 0 (the query itself) drawn at 0.5 on the log axis
+            axis.plot([max(start, 0.5) for start, _ in points], [mass for _, mass in points], marker=".",
+                      label=f"{length} tokens")
+        axis.set(xscale="log", yscale="log", title=series[index])
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend(fontsize=7)
+        if index // columns == lines - 1:
+            axis.set_xlabel("key distance x pretrained / input length")
+        if index % columns == 0:
+            axis.set_ylabel("attention mass" + ("" if layer is None else f", layer {layer}"))
+    figure.suptitle("Attention against distance: pretrained vs extended length")
+    figure.tight_layout()
     return figure
 
 

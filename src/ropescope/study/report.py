@@ -307,7 +307,7 @@ def draw_figures(rows: dict[str, list[dict]], findings: list[Finding], original_
         add("attention_distance", "Attention against distance",
             "Attention mass per key-distance bin at the pretrained length and at the extended length, distance "
             "divided by the length ratio: overlapping curves mean the extension kept the pretrained pattern.",
-            lambda path: plots.plot_attention_distance_by_variant(distribution, path))
+            lambda path: plots.plot_attention_distance(distribution, path))
     finding_one, finding_two, finding_three = findings
     if finding_one.tests:
         add("finding1", "Finding 1: pattern preservation",
