@@ -20,6 +20,7 @@ from ray.cluster_utils import Cluster
 from ropescope.errors import RopescopeError
 from ropescope.study import ray_executor
 from ropescope.study.config import load_config, quick_config_path
+from ropescope.study.report import build_report
 from ropescope.study.runner import DATABASE, plan_cells, run_study
 from ropescope.study.stages import STAGES
 
@@ -43,9 +44,9 @@ def cell_states(folder) -> dict:
 
 
 @pytest.fixture(scope="module")
-def local_reference(tmp_path_factory):
-    """The local executor's rows, computed with one torch thread as a Ray task of one CPU is (CPU kernels sum in
-    another order with another thread count, which moves the last digits)."""
+def local_study(tmp_path_factory):
+    """The quick study by the local executor, computed with one torch thread as a Ray task of one CPU is (CPU
+    kernels sum in another order with another thread count, which moves the last digits)."""
     folder = tmp_path_factory.mktemp("local")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -53,7 +54,13 @@ def local_reference(tmp_path_factory):
         run_study(QUICK, folder, log=lambda line: None)
     finally:
         torch.set_num_threads(threads)
-    return recorded_rows(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def local_reference(local_study):
+    """The local executor's rows."""
+    return recorded_rows(local_study)
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +82,7 @@ def test_an_unreachable_cluster_is_one_error_and_writes_nothing(tmp_path):
     assert not (tmp_path / "study").exists()
 
 
-def test_ray_study_equals_the_local_study_and_uses_both_nodes(cluster, local_reference, tmp_path):
+def test_ray_study_equals_the_local_study_and_uses_both_nodes(cluster, local_study, local_reference, tmp_path):
     lines = []
     counts = run_study(QUICK, tmp_path, executor="ray", log=lines.append)
     assert counts == {"done": len(plan_cells(QUICK)), "skipped": 0, "failed": 0, "blocked": 0}
@@ -91,6 +98,8 @@ def test_ray_study_equals_the_local_study_and_uses_both_nodes(cluster, local_ref
         assert started[cell.name] < finished[cell.name]
     again = run_study(QUICK, tmp_path, executor="ray", log=lambda line: None)
     assert again["skipped"] == len(plan_cells(QUICK)) and again["done"] == 0
+    # the cells finished in another order, the report lists them in the config's
+    assert build_report(tmp_path)["summary"].read_bytes() == build_report(local_study)["summary"].read_bytes()
 
 
 def test_a_killed_worker_is_retried_and_a_raising_cell_recorded_as_failed(cluster, local_reference, tmp_path):

@@ -98,8 +98,8 @@ class RetrievalTask:
     """A retrieval task by name: `build(request) -> PromptCase` and `score(continuation, case) -> Score`.
 
     max_new_tokens(tokenizer, case): how many tokens greedy decoding generates for a case.
-    uses_corpus: whether `build` needs `request.documents` (always, or with independent haystacks).
-    depths: whether the depth percent places the facts (False: the task ignores it; run it at one depth).
+    uses_corpus: whether `build` always needs `request.documents` (every task needs them with independent
+    haystacks).
     """
 
     name: str
@@ -108,4 +108,3 @@ class RetrievalTask:
     score: Callable[[str, PromptCase], Score]
     max_new_tokens: Callable[[object, PromptCase], int] = field(default=lambda tokenizer, case: 8)
     uses_corpus: bool = False
-    depths: bool = True
