@@ -39,7 +39,10 @@ def canonical_order(rows: dict[str, list[dict]], config: dict | None) -> dict[st
     order: list[str] = []
     if config:
         try:
-            order = [variant.name for variant in plan_variants(parse_config(config, source="the recorded config"))]
+            # the recorded config is `StudyConfig.to_dict()`: unset keys recorded as None are left out again
+            tables = {key: {name: value for name, value in table.items() if value is not None}
+                      if isinstance(table, dict) and key != "methods" else table for key, table in config.items()}
+            order = [variant.name for variant in plan_variants(parse_config(tables, source="the recorded config"))]
         except RopescopeError:  # a config this version cannot read (an older one): names alone order it
             order = []
     names = sorted({row["variant"] for kind in rows.values() for row in kind if "variant" in row} - set(order))
