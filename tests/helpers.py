@@ -202,9 +202,10 @@ include_untrained = false
 [evaluation]
 perplexity_lengths = [256]
 perplexity_documents = 1
-passkey_lengths = [256]
-passkey_depths = [50]
-passkey_trials = 1
+[retrieval]
+lengths = [256]
+depths = [50]
+trials = 1
 [analysis]
 entropy_lengths = [256]
 entropy_samples = 1

@@ -11,7 +11,7 @@ from ropescope.attention.runs import evaluation_groups
 from ropescope.cli import main
 from ropescope.rope import RopeSpec, method_spec
 from ropescope.errors import RopescopeError
-from ropescope.rows import EntropyProfileRow, PasskeyRow, RunLabels, UncertaintySummaryRow
+from ropescope.rows import EntropyProfileRow, RetrievalRow, RunLabels, UncertaintySummaryRow
 
 
 @pytest.fixture(scope="module")
@@ -105,13 +105,13 @@ def test_uncertainty_errors(folders, tmp_path, capsys):
     assert main(["uncertainty", str(tmp_path / "partial.csv"), "--model", model]) == 2
     write_rows([{"task": "passkey", "length": 70, "method": "ntk"}], tmp_path / "ntk.csv")
     assert main(["uncertainty", str(tmp_path / "ntk.csv"), "--model", model, "--only-method", "yarn"]) == 2
-    trial = PasskeyRow(length=70, answer="12345", needle_start=3, needle_end=9, question_position=69,
-                       depth_percent=50, trial=0, seed=0, score=0.0, correct=False, prediction="1")
+    trial = RetrievalRow(task="passkey", length=70, answer="12345", needle_start=3, needle_end=9, question_position=69,
+                         depth_percent=50, trial=0, seed=0, score=0.0, correct=False, prediction="1")
     write_rows([trial.to_dict({"model": name}) for name in ("a", "b")], tmp_path / "two.csv")
     assert main(["uncertainty", str(tmp_path / "two.csv")]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
     assert "come from 2 models (a, b); give --model" in errors[3]
-    assert "must end in .json or .csv" in errors[0] and "lack the field 'needle_end' of a passkey row" in errors[1]
+    assert "must end in .json or .csv" in errors[0] and "lack the field 'needle_end' of a retrieval row" in errors[1]
     assert "no evaluation rows" in errors[2] and "method=['yarn']" in errors[2]
     assert not (tmp_path / "results").exists()
 

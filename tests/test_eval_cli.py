@@ -5,7 +5,7 @@ import pytest
 from tests.helpers import tiny_folders
 from ropescope.cli import main
 from ropescope.results import read_rows
-from ropescope.rows import NeedleRow, PasskeyRow, PerplexityRow, RunLabels
+from ropescope.rows import PerplexityRow, RetrievalRow, RunLabels
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def test_passkey_command_with_extension(folders, tmp_path):
     assert main(["passkey", "--model", str(folders / "model"), "--method", "ntk", "--factor", "2",
                  "--lengths", "70,90", "--depths", "0,100", "--trials", "2", "--out", str(out)]) == 0
     rows = read_rows(out / "passkey.csv")
-    assert len(rows) == 8 and all(PasskeyRow.from_dict(row).task == "passkey" for row in rows)
+    assert len(rows) == 8 and all(RetrievalRow.from_dict(row).task == "passkey" for row in rows)
     assert {(row["method"], row["factor"], row["original_max_position_embeddings"], row["rope"]) for row in rows} == {
         ("ntk", 2.0, 64, "ntk:factor=2.0")}
     assert (out / "passkey.png").is_file()
@@ -43,7 +43,7 @@ def test_needle_command(folders, tmp_path):
     assert main(["needle", "--model", str(folders / "model"), "--corpus", str(folders / "corpus"), "--split", "train",
                  "--lengths", "80", "--depths", "50", "--answer", "honey", "--out", str(out)]) == 0
     (row,) = read_rows(out / "needle.csv")
-    assert list(row) == RunLabels.keys() + NeedleRow.keys()
+    assert list(row) == RunLabels.keys() + RetrievalRow.keys()
     assert row["task"] == "needle" and row["answer"] == "honey" and row["method"] == "default"
     assert (out / "needle.png").is_file()
 

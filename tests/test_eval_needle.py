@@ -9,13 +9,13 @@ from ropescope.eval.needle import (
     ANSWER,
     NEEDLE,
     QUESTION,
-    check_haystack,
     check_needle_text,
     evaluate_needle,
     needle_case,
     score_needle,
 )
-from ropescope.rows import NeedleRow
+from ropescope.eval.haystack import check_haystack
+from ropescope.rows import RetrievalRow
 
 
 @pytest.mark.parametrize("with_bos", [True, False])
@@ -68,7 +68,7 @@ def test_grid_rows():
         case = needle_case(tokenizer, DOCUMENTS, row["length"], row["depth_percent"], row["trial"])
         assert (row["needle_start"], row["needle_end"], row["question_position"]) == (
             case.needle_start, case.needle_end, case.question_position)
-        assert list(row) == NeedleRow.keys()
+        assert list(row) == RetrievalRow.keys() and row["facts"] == [[case.needle_start, case.needle_end, "needle"]]
         assert row["task"] == "needle" and 0 <= row["score"] <= 1 and isinstance(row["correct"], bool)
 
 

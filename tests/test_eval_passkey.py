@@ -12,8 +12,8 @@ from ropescope.models import load_model
 from ropescope.eval.decoding import greedy_continuations
 from ropescope.eval.passkey import evaluate_passkey, passkey_case, passkey_key, run_passkey, score_passkey
 from ropescope.passkey_format import KEY_DIGITS, KEY_LINE, QUESTION
-from ropescope.plots import plot_retrieval_heatmap
-from ropescope.rows import PasskeyRow
+from ropescope.plots import plot_retrieval
+from ropescope.rows import RetrievalRow
 
 
 @pytest.mark.parametrize("with_bos", [True, False])
@@ -61,14 +61,14 @@ def test_grid_rows_and_heatmap(tmp_path):
                             labels={"model": "tiny", "method": "ntk", "factor": 2.0}, progress=False)
     assert len(rows) == 2 * 3 * 2
     for row in rows:
-        assert list(row) == ["model", "method", "factor", *PasskeyRow.keys()]
+        assert list(row) == ["model", "method", "factor", *RetrievalRow.keys()]
         assert row["task"] == "passkey" and row["method"] == "ntk"
         case = passkey_case(tokenizer, row["length"], row["depth_percent"], row["trial"])
         assert (row["needle_start"], row["needle_end"], row["answer"]) == (case.needle_start, case.needle_end,
                                                                            case.answer)
         assert row["score"] == float(row["correct"] is True)
     json.dumps(rows)
-    assert plot_retrieval_heatmap(rows, tmp_path / "passkey.png").stat().st_size > 1000
+    assert plot_retrieval(rows, tmp_path / "passkey.png").stat().st_size > 1000
 
 
 def test_model_folder_without_tokenizer(tmp_path):

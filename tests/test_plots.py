@@ -46,25 +46,25 @@ def test_perplexity_axis_goes_log_past_a_20x_range():
     assert plots.perplexity_figure(rows).axes[0].get_yscale() == "log"
 
 
-def test_retrieval_heatmap_cells_are_the_mean_score_per_length_and_depth():
+def test_retrieval_cells_are_the_mean_score_per_length_and_depth():
     rows = [{"task": "passkey", "model": "m", "method": "yarn", "factor": 2.0, "length": length,
              "depth_percent": depth, "score": score}
             for length, depth, score in ((256, 0, 1.0), (256, 0, 0.0), (256, 50, 1.0), (512, 0, 0.0),
                                          (512, 50, 1.0), (512, 50, 1.0), (512, 50, 0.0))]
-    figure = plots.retrieval_heatmap_figure(rows)
+    figure = plots.retrieval_figure(rows)
     axis = figure.axes[0]
     grid = axis.get_images()[0].get_array()
     np.testing.assert_allclose(np.asarray(grid), [[0.5, 0.0], [1.0, 2 / 3]])  # rows: depth, columns: length
     assert [text.get_text() for text in axis.texts] == ["0.50", "0.00", "1.00", "0.67"]
     assert [text.get_text() for text in axis.get_xticklabels()] == ["256", "512"]
     assert [text.get_text() for text in axis.get_yticklabels()] == ["0", "50"]
-    assert axis.get_title() == "passkey: m / yarn x2"
+    assert figure._suptitle.get_text() == "passkey: m / yarn x2"
 
 
-def test_retrieval_grid_has_one_panel_per_variant_and_leaves_empty_cells_blank():
+def test_retrieval_has_one_panel_per_variant_and_leaves_empty_cells_blank():
     rows = [{"variant": variant, "length": length, "depth_percent": 0, "score": score}
             for variant, length, score in (("a", 256, 1.0), ("a", 512, 0.0), ("b", 256, 0.5))]
-    figure = plots.retrieval_grid_figure(rows, title="t")
+    figure = plots.retrieval_figure(rows, title="t")
     panels = [axis for axis in figure.axes if axis.get_images()]
     assert [axis.get_title() for axis in panels] == ["a", "b"]
     np.testing.assert_allclose(np.asarray(panels[0].get_images()[0].get_array()), [[1.0, 0.0]])
@@ -84,53 +84,52 @@ def test_frequencies_figure_draws_wavelengths_and_ratios_per_method():
     assert horizontal == [256]  # the pretrained length as a wavelength
 
 
-def test_entropy_vs_position_draws_the_mean_per_variant_at_the_chosen_length():
+def test_entropy_position_draws_the_mean_per_variant_at_the_chosen_length():
     rows = [{"variant": "v", "length": 1024, "position": 100, "entropy": 1.0},
             {"variant": "v", "length": 1024, "position": 100, "entropy": 3.0},
             {"variant": "v", "length": 1024, "position": 600, "entropy": 4.0},
             {"variant": "w", "length": 1024, "position": 100, "entropy": 5.0},
             {"variant": "v", "length": 256, "position": 100, "entropy": 9.0}]
-    axis = plots.entropy_vs_position_figure(rows, original_max_position_embeddings=256).axes[0]
-    assert _lines(axis) == {"v": ([100, 600], [2.0, 4.0]), "w": ([100], [5.0])}
-    assert _vertical_lines(axis) == [256]
+    axis = plots.entropy_position_figure(rows, original_max_position_embeddings=256, length=1024).axes[0]
+    assert _lines(axis) == {"v": ([100, 600], [2.0, 4.0]), "w": ([100], [5.0]), "pretrained length": ([256, 256],
+                                                                                                      [0, 1])}
     assert "1024-token" in axis.get_title()
-    assert _lines(plots.entropy_vs_position_figure(rows, length=256).axes[0]) == {"v": ([100], [9.0])}
+    assert _lines(plots.entropy_position_figure(rows, length=256).axes[0]) == {"v": ([100], [9.0])}
+    both = _lines(plots.entropy_position_figure(rows).axes[0])  # every length: one line per variant and length
+    assert both["v @1024"] == ([100, 600], [2.0, 4.0]) and both["v @256"] == ([100], [9.0])
 
 
-def test_entropy_profile_labels_methods_and_draws_uniform_attention():
+def test_entropy_position_labels_methods_and_draws_uniform_attention():
     rows = [{"method": method, "factor": factor, "length": 64, "layer": layer, "position_start": start,
              "position_end": start + 8, "entropy": entropy, "entropy_max": math.log(start + 8)}
             for method, factor, layer, start, entropy in (("yarn", 4.0, 0, 0, 1.0), ("yarn", 4.0, 1, 0, 2.0),
                                                           ("yarn", 4.0, 0, 8, 3.0), ("default", None, 0, 0, 0.5))]
-    axis = plots.entropy_profile_figure(rows, original_max_position_embeddings=32).axes[0]
+    axis = plots.entropy_position_figure(rows, original_max_position_embeddings=32).axes[0]
     lines = _lines(axis)
     assert lines["yarn x4"] == ([3.5, 11.5], [1.5, 3.0])  # mean over layers at each bin centre
     assert lines["default"] == ([3.5], [0.5])
     assert lines["uniform attention"] == ([3.5, 11.5], [math.log(8), math.log(16)])
     assert lines["pretrained length"][0] == [32, 32]
-    one_layer = _lines(plots.entropy_profile_figure(rows, layer=1).axes[0])
+    one_layer = _lines(plots.entropy_position_figure(rows, layer=1).axes[0])
     assert one_layer["yarn x4"] == ([3.5], [2.0])
+    with_model = [{**row, "model": "m"} for row in rows]
+    assert "m / yarn x4" in _lines(plots.entropy_position_figure(with_model).axes[0])
 
 
-def test_attention_distance_panels_per_length_lines_per_method():
-    rows = [{"method": "yarn", "factor": 2.0, "length": length, "layer": 0, "bin": index, "distance_start": start,
-             "distance_end": start * 2 + 1, "mass": mass}
-            for length in (32, 64) for index, (start, mass) in enumerate(((0, 0.5), (1, 0.3), (3, 0.2)))]
-    rows.append({"role": "pretrained", "length": 32, "layer": 0, "bin": 0, "distance_start": 0, "distance_end": 1,
-                 "mass": 0.9})
+def test_attention_distance_one_panel_per_series_one_line_per_length():
+    rows = [{"variant": variant, "length": length, "layer": layer, "distance_start": start, "mass": mass + layer / 10}
+            for variant in ("a", "b") for length in (256, 1024) for layer in (0, 1)
+            for start, mass in ((0, 0.6), (4, 0.4))]
     figure = plots.attention_distance_figure(rows)
-    assert [axis.get_title() for axis in figure.axes] == ["length 32", "length 64"]
-    assert _lines(figure.axes[1]) == {"yarn x2": ([0, 1, 2], [0.5, 0.3, 0.2])}
-    assert set(_lines(figure.axes[0])) == {"yarn x2", "pretrained"}
-
-
-def test_attention_distance_by_variant_one_panel_each_one_line_per_length():
-    rows = [{"variant": variant, "length": length, "distance_bin": index, "distance_start": start, "mass": mass}
-            for variant in ("a", "b") for length in (256, 1024)
-            for index, (start, mass) in enumerate(((0, 0.6), (4, 0.4)))]
-    figure = plots.attention_distance_by_variant_figure(rows)
     assert [axis.get_title() for axis in figure.axes] == ["a", "b"]
-    assert _lines(figure.axes[0]) == {"256 tokens": ([0.5, 4], [0.6, 0.4]), "1024 tokens": ([0.5, 4], [0.6, 0.4])}
+    means = {"256 tokens": ([0.5, 4], [0.65, 0.45]), "1024 tokens": ([0.5, 4], [0.65, 0.45])}
+    for label, (xs, ys) in _lines(figure.axes[0]).items():
+        assert xs == means[label][0] and ys == pytest.approx(means[label][1])
+    assert _lines(plots.attention_distance_figure(rows, layer=1).axes[1])["256 tokens"][1] == pytest.approx([0.7, 0.5])
+    command = [{**row, "model": "m", "method": "yarn", "factor": 2.0} for row in rows if row["variant"] == "a"]
+    for row in command:
+        del row["variant"]
+    assert [axis.get_title() for axis in plots.attention_distance_figure(command).axes] == ["m / yarn x2"]
 
 
 def test_pattern_preservation_bars_are_the_mean_layer_divergences():
@@ -140,39 +139,6 @@ def test_pattern_preservation_bars_are_the_mean_layer_divergences():
     axis = plots.pattern_preservation_figure(rows).axes[0]
     assert [patch.get_height() for patch in axis.patches] == [0.3, 0.1]  # labels sorted: linear, yarn
     assert [text.get_text() for text in axis.get_xticklabels()] == ["linear x4", "yarn x4"]
-
-
-def test_pattern_vs_perplexity_places_each_variant_at_its_point():
-    points = [{"variant": "a", "js_divergence": 0.1, "perplexity": 20.0},
-              {"variant": "b", "js_divergence": 0.4, "perplexity": 80.0}]
-    axis = plots.pattern_vs_perplexity_figure(points, length=1024).axes[0]
-    offsets = [tuple(collection.get_offsets()[0]) for collection in axis.collections]
-    assert offsets == [(0.1, 20.0), (0.4, 80.0)]
-    assert [text.get_text() for text in axis.texts] == ["a", "b"]
-    assert "1024" in axis.get_ylabel()
-
-
-def test_entropy_by_outcome_splits_correct_and_failed_per_length():
-    rows = [{"length": 256, "entropy": 1.0, "correct": True}, {"length": 256, "entropy": 2.0, "correct": False},
-            {"length": 512, "entropy": 3.0, "correct": True}, {"length": 512, "entropy": 4.0, "correct": True}]
-    axis = plots.entropy_by_outcome_figure(rows, auroc=0.75).axes[0]
-    correct, failed = axis.collections
-    assert correct.get_label() == "correct" and failed.get_label() == "failed"
-    np.testing.assert_allclose(correct.get_offsets(), [[-0.15, 1.0], [0.85, 3.0], [0.85, 4.0]])
-    np.testing.assert_allclose(failed.get_offsets(), [[0.15, 2.0]])
-    assert "AUROC 0.75" in axis.get_title()
-    assert "AUROC n/a" in plots.entropy_by_outcome_figure(rows, auroc=None).axes[0].get_title()
-
-
-def test_training_length_draws_entropy_and_perplexity_against_length_per_method():
-    entropy = [{"method_name": "yarn", "train_length": 1024, "entropy": 3.0},
-               {"method_name": "yarn", "train_length": 512, "entropy": 3.5}]
-    perplexity = [{"method_name": "yarn", "train_length": 512, "perplexity": 40.0},
-                  {"method_name": "yarn", "train_length": 1024, "perplexity": 30.0}]
-    left, right = plots.training_length_figure(entropy, perplexity, 2048, 4096).axes
-    assert _lines(left) == {"yarn": ([512, 1024], [3.5, 3.0])}
-    assert _lines(right) == {"yarn": ([512, 1024], [40.0, 30.0])}
-    assert "2048" in left.get_ylabel() and "4096" in right.get_ylabel()
 
 
 def test_entropy_heatmap_pairs_accuracy_and_entropy_per_method():

@@ -3,29 +3,29 @@
 import pytest
 
 from ropescope.errors import RopescopeError
-from ropescope.rows import NeedleRow, PasskeyRow, PerplexityRow, RunLabels, cell_means
+from ropescope.rows import PerplexityRow, RetrievalRow, RunLabels, as_bool, cell_means
 
 
 def passkey(**changes):
     fields = dict(length=80, answer="12345", needle_start=3, needle_end=9, question_position=79, depth_percent=50,
                   trial=0, seed=0, score=1.0, correct=True, prediction="12345")
-    return PasskeyRow(**{**fields, **changes})
+    return RetrievalRow(**{"task": "passkey", **fields, **changes})
 
 
 def test_to_dict_puts_labels_first_and_round_trips():
     labels = RunLabels(model="org/name", revision="abc", device="cpu", dtype="float32", method="yarn", factor=4.0,
                        original_max_position_embeddings=256)
     row = passkey().to_dict(labels)
-    assert list(row) == [*RunLabels.keys(), *PasskeyRow.keys()] and row["task"] == "passkey"
-    assert RunLabels.from_dict(row) == labels and PasskeyRow.from_dict(row) == passkey()
-    assert PerplexityRow.keys()[0] == "task" and NeedleRow.keys()[-2:] == ["needle", "question"]
+    assert list(row) == [*RunLabels.keys(), *RetrievalRow.keys()] and row["task"] == "passkey"
+    assert RunLabels.from_dict(row) == labels and RetrievalRow.from_dict(row) == passkey()
+    assert PerplexityRow.keys()[0] == "task" and RetrievalRow.keys()[-2:] == ["facts", "independent_haystacks"]
 
 
 def test_from_dict_names_the_first_missing_field():
     row = passkey().to_dict()
     del row["trial"]
-    with pytest.raises(RopescopeError, match="rows lack the field 'trial' of a passkey row"):
-        PasskeyRow.from_dict(row)
+    with pytest.raises(RopescopeError, match="rows lack the field 'trial' of a retrieval row"):
+        RetrievalRow.from_dict(row)
 
 
 def test_cell_means_against_a_hand_count():
@@ -37,3 +37,10 @@ def test_cell_means_against_a_hand_count():
         {"length": 80, "depth_percent": 0, "score": pytest.approx(1 / 3), "trials": 3},
         {"length": 80, "depth_percent": 50, "score": 1.0, "trials": 1},
     ]
+
+
+def test_as_bool_reads_json_and_csv_truth_values():
+    assert [as_bool(value) for value in (True, 1, "True", "yes", " 1 ", False, 0, "False", "no", "")] == [
+        True] * 5 + [False] * 5
+    with pytest.raises(RopescopeError, match="correct='maybe' is not a truth value"):
+        as_bool("maybe")

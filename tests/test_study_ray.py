@@ -20,6 +20,7 @@ from ray.cluster_utils import Cluster
 from ropescope.errors import RopescopeError
 from ropescope.study import ray_executor
 from ropescope.study.config import load_config, quick_config_path
+from ropescope.study.report import build_report
 from ropescope.study.runner import DATABASE, plan_cells, run_study
 from ropescope.study.stages import STAGES
 
@@ -43,9 +44,9 @@ def cell_states(folder) -> dict:
 
 
 @pytest.fixture(scope="module")
-def local_reference(tmp_path_factory):
-    """The local executor's rows, computed with one torch thread as a Ray task of one CPU is (CPU kernels sum in
-    another order with another thread count, which moves the last digits)."""
+def local_study(tmp_path_factory):
+    """The quick study by the local executor, computed with one torch thread as a Ray task of one CPU is (CPU
+    kernels sum in another order with another thread count, which moves the last digits)."""
     folder = tmp_path_factory.mktemp("local")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -53,7 +54,13 @@ def local_reference(tmp_path_factory):
         run_study(QUICK, folder, log=lambda line: None)
     finally:
         torch.set_num_threads(threads)
-    return recorded_rows(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def local_reference(local_study):
+    """The local executor's rows."""
+    return recorded_rows(local_study)
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +82,7 @@ def test_an_unreachable_cluster_is_one_error_and_writes_nothing(tmp_path):
     assert not (tmp_path / "study").exists()
 
 
-def test_ray_study_equals_the_local_study_and_uses_both_nodes(cluster, local_reference, tmp_path):
+def test_ray_study_equals_the_local_study_and_uses_both_nodes(cluster, local_study, local_reference, tmp_path):
     lines = []
     counts = run_study(QUICK, tmp_path, executor="ray", log=lines.append)
     assert counts == {"done": len(plan_cells(QUICK)), "skipped": 0, "failed": 0, "blocked": 0}
@@ -91,11 +98,13 @@ def test_ray_study_equals_the_local_study_and_uses_both_nodes(cluster, local_ref
         assert started[cell.name] < finished[cell.name]
     again = run_study(QUICK, tmp_path, executor="ray", log=lambda line: None)
     assert again["skipped"] == len(plan_cells(QUICK)) and again["done"] == 0
+    # the cells finished in another order, the report lists them in the config's
+    assert build_report(tmp_path)["summary"].read_bytes() == build_report(local_study)["summary"].read_bytes()
 
 
 def test_a_killed_worker_is_retried_and_a_raising_cell_recorded_as_failed(cluster, local_reference, tmp_path):
     real_train = next(stage.run for stage in STAGES if stage.name == "train")
-    real_passkey = next(stage.run for stage in STAGES if stage.name == "passkey")
+    real_passkey = next(stage.run for stage in STAGES if stage.name == "retrieval")
     killed = tmp_path / "killed-once"
 
     def train_killed_once(context, variant):
@@ -109,7 +118,7 @@ def test_a_killed_worker_is_retried_and_a_raising_cell_recorded_as_failed(cluste
             raise RuntimeError("out of memory (simulated)")
         return real_passkey(context, variant)
 
-    replaced = {"train": train_killed_once, "passkey": passkey_failing_on_original}
+    replaced = {"train": train_killed_once, "retrieval": passkey_failing_on_original}
     stages = tuple(replace(stage, run=replaced.get(stage.name, stage.run)) for stage in STAGES)
     folder = tmp_path / "study"
     lines = []
@@ -117,9 +126,9 @@ def test_a_killed_worker_is_retried_and_a_raising_cell_recorded_as_failed(cluste
     assert killed.exists() and int(killed.read_text()) != os.getpid()
     assert counts == {"done": len(plan_cells(QUICK)) - 2, "skipped": 0, "failed": 1, "blocked": 1}, lines
     assert sum(line.startswith("train/yarn@512 done") for line in lines) == 1
-    assert "passkey/original FAILED" in "\n".join(lines)
+    assert "retrieval/original FAILED" in "\n".join(lines)
     states = cell_states(folder)
-    assert states["passkey/original"] == "failed" and "uncertainty/original" not in states  # it reads those rows
+    assert states["retrieval/original"] == "failed" and "uncertainty/original" not in states  # it reads those rows
     expected = {cell: rows for cell, rows in local_reference.items() if not cell.endswith("/original")
                 or cell.startswith(("perplexity", "entropy", "patterns"))}
     assert recorded_rows(folder) == expected

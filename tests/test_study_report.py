@@ -86,3 +86,19 @@ def test_report_is_rebuilt_identically_and_reads_old_databases(tmp_path):
     # a database written before the renames: meta key pretrained_length, train_length 0 for "not fine-tuned"
     fill_store(tmp_path / "old" / DATABASE, meta_key="pretrained_length", untrained=0)
     assert build_report(tmp_path / "old")["summary"].read_text() == first
+
+
+def test_rows_follow_the_recorded_config_order_not_completion_or_name():
+    from ropescope.study.config import parse_config
+    from ropescope.study.report import canonical_order
+
+    config = parse_config({"model": {"original_max_position_embeddings": 256},
+                           "methods": {"yarn": {"method": "yarn", "factor": 2.0}, "original": {"method": "default"}},
+                           "training": {"lengths": [512]}}).to_dict()  # as the runner records it
+    finished = [{"variant": name, "n": index} for index, name in
+                enumerate(["original", "old", "yarn@512", "yarn@0", "original"])]
+    ordered = canonical_order({"retrieval": finished}, config)["retrieval"]
+    assert [(row["variant"], row["n"]) for row in ordered] == [
+        ("yarn@0", 3), ("yarn@512", 2), ("original", 0), ("original", 4), ("old", 1)]  # unknown variants last
+    assert [row["variant"] for row in canonical_order({"r": finished}, None)["r"]] == [
+        "old", "original", "original", "yarn@0", "yarn@512"]  # no config: by name

@@ -81,11 +81,12 @@ def test_quick_study_runs_every_cell(finished_study):
     labels = {cell: (data[0]["variant"], data[0]["train_length"], "model" in data[0])
               for cell, (_, data) in recorded(folder).items()}
     assert labels["perplexity/original"] == ("original", None, False)  # None: not fine-tuned
-    assert labels["train/yarn@512"] == labels["passkey/yarn@512"] == ("yarn@512", 512, False)
+    assert labels["train/yarn@512"] == labels["retrieval/yarn@512"] == ("yarn@512", 512, False)
     rows = row_counts(folder)
-    evaluation = QUICK.evaluation
-    assert rows["passkey/original"] == len(evaluation.passkey_lengths) * len(evaluation.passkey_depths) * evaluation.passkey_trials
-    assert rows["uncertainty/yarn@512"] == rows["passkey/yarn@512"]
+    evaluation, retrieval = QUICK.evaluation, QUICK.retrieval
+    assert rows["retrieval/original"] == (len(retrieval.tasks) * len(retrieval.lengths) * len(retrieval.depths)
+                                          * retrieval.trials)
+    assert rows["uncertainty/yarn@512"] == rows["retrieval/yarn@512"]
     assert rows["perplexity/original"] == len(evaluation.perplexity_lengths)
 
 
@@ -134,10 +135,10 @@ def test_fingerprints_cover_only_what_a_cell_depends_on():
     quick = prints(QUICK)
     grown = prints(replace(QUICK, training=replace(QUICK.training, lengths=[512, 768], include_untrained=True)))
     assert quick.items() <= grown.items()
-    # an evaluation length changes that stage's cells only (and the uncertainty cells, which read passkey rows)
-    evaluation = replace(QUICK.evaluation, passkey_lengths=[256, 512, 1024])
-    changed = {name for name, value in prints(replace(QUICK, evaluation=evaluation)).items() if quick[name] != value}
-    assert changed == {"passkey/original", "passkey/yarn@512", "uncertainty/original", "uncertainty/yarn@512"}
+    # a retrieval length changes that stage's cells only (and the uncertainty cells, which read retrieval rows)
+    retrieval = replace(QUICK.retrieval, lengths=[256, 512, 1024])
+    changed = {name for name, value in prints(replace(QUICK, retrieval=retrieval)).items() if quick[name] != value}
+    assert changed == {"retrieval/original", "retrieval/yarn@512", "uncertainty/original", "uncertainty/yarn@512"}
     # a training setting changes the fine-tuned variant's cells only
     training = replace(QUICK.training, steps=3)
     changed = {name for name, value in prints(replace(QUICK, training=training)).items() if quick[name] != value}
@@ -219,7 +220,7 @@ def _states_or_empty(folder) -> dict:
 
 def test_a_crashing_cell_is_recorded_and_retried(finished_study, tmp_path):
     folder = tmp_path / "crash"
-    real = next(stage.run for stage in STAGES if stage.name == "passkey")
+    real = next(stage.run for stage in STAGES if stage.name == "retrieval")
     calls = []
 
     def crash_once(context, variant):
@@ -228,9 +229,9 @@ def test_a_crashing_cell_is_recorded_and_retried(finished_study, tmp_path):
             raise RuntimeError("out of memory (simulated)")
         return real(context, variant)
 
-    first = run_study(QUICK, folder, log=lambda line: None, stages=with_stage("passkey", crash_once))
-    # the uncertainty cell reads the passkey rows: it waits for the rerun
-    assert first["failed"] == 1 and first["blocked"] == 1 and cell_states(folder)["passkey/original"] == "failed"
+    first = run_study(QUICK, folder, log=lambda line: None, stages=with_stage("retrieval", crash_once))
+    # the uncertainty cell reads the retrieval rows: it waits for the rerun
+    assert first["failed"] == 1 and first["blocked"] == 1 and cell_states(folder)["retrieval/original"] == "failed"
     assert "uncertainty/original" not in cell_states(folder)
     second = run_study(QUICK, folder, log=lambda line: None)
     assert second == {"done": 2, "skipped": len(plan_cells(QUICK)) - 2, "failed": 0, "blocked": 0}
@@ -254,7 +255,10 @@ def test_force_redoes_every_cell(tmp_path):
     ("[methods.a]\nfactor = 2.0", "[methods.a] needs a 'method' key"),
     ("[training]\nlengths = [512, 0]", "'training.lengths' = [512, 0] must be a non-empty list of positive integers"),
     ("[evaluation]\nperplexity_lengths = [-256]", "'evaluation.perplexity_lengths' = [-256] must be"),
-    ("[evaluation]\npasskey_depths = [0, 150]", "'evaluation.passkey_depths' = [0, 150] must be"),
+    ("[retrieval]\ndepths = [0, 150]", "'retrieval.depths' = [0, 150] must be"),
+    ("[retrieval]\ntasks = ['passkey', 'haystack']", "'retrieval.tasks' = ['passkey', 'haystack'] must be a non-empty "
+                                                     "list of distinct task names among passkey, needle"),
+    ("[evaluation]\npasskey_trials = 3", "'evaluation.passkey_trials' moved to [retrieval] as 'trials'"),
     ("[training]\nsteps = 0", "'training.steps' = 0 must be a positive integer"),
     ("[training]\nretrieval_mix = 1.0", "'training.retrieval_mix' = 1.0 must be a number in [0, 1)"),
     ("[training]\nretrieval_mix = -0.1", "'training.retrieval_mix' = -0.1 must be a number in [0, 1)"),
@@ -263,7 +267,7 @@ def test_force_redoes_every_cell(tmp_path):
     ("[execution.resources]\ntrain = {gpus = 1}", "unknown key 'execution.resources.train.gpus'"),
     ("[execution.resources]\ntrain = {num_gpus = -1}", "'execution.resources.train.num_gpus' = -1 must be"),
     ("[execution.resources]\ntrian = {num_gpus = 1}", "unknown stage 'execution.resources.trian'; accepted: train, perp"),
-    ("[evaluation]\npasskey_lengths = [1024, 512]", "must be sorted ascending"),
+    ("[retrieval]\nlengths = [1024, 512]", "must be sorted ascending"),
     ("[training]\nseeds = 0", "'training.seeds' = 0 must be a positive integer"),
     ("[findings]\nrho_bound = 1.5", "'findings.rho_bound' = 1.5 must be a number in (0, 1)"),
     ("[findings]\nauroc_bounds = [0.6, 0.7]", "'findings.auroc_bounds' = [0.6, 0.7] must be [low, high] with 0 <= low"),

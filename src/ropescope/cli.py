@@ -299,9 +299,42 @@ def _add_ppl(subparsers) -> None:
                         help="truncated and/or sliding; repeatable")
     parser.add_argument("--stride", type=_positive_int, help="sliding-window stride (default: half the window)")
     parser.add_argument("--documents", type=_positive_int, help="how many long documents to evaluate")
-    parser.add_argument("--chunk-size", type=_positive_int, help="positions per output-head chunk")
+    # not --chunk-size: that is the attention analyses' block of queries and keys
+    parser.add_argument("--head-chunk-size", type=_positive_int, metavar="POSITIONS",
+                        help="positions whose logits the output head computes at once (bounds logits memory)")
     _add_corpus(parser)
     _add_out(parser, "perplexity.csv, perplexity.png")
+
+
+def _add_independent_haystacks(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--independent-haystacks", action="store_true",
+                        help="give every length, depth and trial its own corpus text and values (no two trials of a "
+                             "cell share haystack text)")
+
+
+def _list_tasks() -> str:
+    from ropescope.eval.tasks import list_tasks
+
+    return list_tasks()
+
+
+def _add_tasks_command(subparsers) -> None:
+    _command(subparsers, "tasks", _list_tasks, print, "list the retrieval tasks",
+             description="List the retrieval tasks. Run one with `ropescope retrieval --task NAME`.")
+
+
+def _add_retrieval(subparsers) -> None:
+    from ropescope.eval.tasks import run_task
+
+    parser = _command(subparsers, "retrieval", run_task, _show_cells,
+                      "a retrieval task (`ropescope tasks`) over lengths x depths")
+    parser.add_argument("--task", help="the task's name, as `ropescope tasks` lists it")
+    _add_retrieval_grid(parser, "facts", "prompts")
+    parser.add_argument("--max-new-tokens", type=_positive_int, help="tokens generated per prompt "
+                                                                     "(default: what the task's answer needs)")
+    _add_independent_haystacks(parser)
+    _add_corpus(parser)
+    _add_out(parser, "TASK.csv, TASK.png (default: results/TASK)")
 
 
 def _add_passkey(subparsers) -> None:
@@ -310,6 +343,8 @@ def _add_passkey(subparsers) -> None:
     parser = _command(subparsers, "passkey", run_passkey, _show_cells,
                       "passkey retrieval accuracy over lengths x depths")
     _add_retrieval_grid(parser, "key", "keys")
+    _add_independent_haystacks(parser)
+    _add_corpus(parser)
     _add_out(parser, "passkey.csv, passkey.png")
 
 
@@ -322,6 +357,7 @@ def _add_needle(subparsers) -> None:
     parser.add_argument("--needle", type=_text, help="the sentence hidden in the haystack")
     parser.add_argument("--question", type=_text, help="the question, ending where the answer should start")
     parser.add_argument("--answer", type=_text, help="what a correct continuation contains")
+    _add_independent_haystacks(parser)
     _add_corpus(parser)
     _add_out(parser, "needle.csv, needle.png")
 
@@ -365,8 +401,9 @@ def _add_uncertainty(subparsers) -> None:
     from ropescope.attention.runs import run_uncertainty
 
     parser = _command(subparsers, "uncertainty", run_uncertainty, _show_uncertainty,
-                      "answering-query entropy against passkey / needle errors")
-    parser.add_argument("rows", help="evaluation rows (.csv or .json) from `ropescope passkey` / `needle`")
+                      "answering-query entropy and attention on the facts against retrieval errors")
+    parser.add_argument("rows", help="retrieval rows (.csv or .json) from `ropescope retrieval`, `passkey` or "
+                                     "`needle`")
     _add_attention_inputs(parser, compares_methods=False)
     model = next(action for action in parser._actions if action.dest == "model")
     model.default, model.help = None, model.help + " (default: the model the rows name)"
@@ -494,8 +531,8 @@ def _show_uncertainty(rows) -> None:
 
 # the `_add_*` functions, in the order `ropescope --help` lists them
 SUBCOMMANDS: list = [
-    _add_study, _add_report, _add_methods_command, _add_freqs, _add_pretrain, _add_train, _add_ppl, _add_passkey,
-    _add_needle, _add_entropy, _add_patterns, _add_uncertainty,
+    _add_study, _add_report, _add_methods_command, _add_freqs, _add_pretrain, _add_train, _add_ppl, _add_tasks_command,
+    _add_retrieval, _add_passkey, _add_needle, _add_entropy, _add_patterns, _add_uncertainty,
 ]
 
 

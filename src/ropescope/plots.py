@@ -15,6 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from ropescope.results import atomic_path  # noqa: E402
+from ropescope.rows import as_bool  # noqa: E402
 
 
 def save_figure(figure, path: str | Path) -> Path:
@@ -85,191 +86,48 @@ def _mean_by(rows: list[dict], keys: tuple[str, ...], value: str) -> dict[tuple,
     return {key: sum(values) / len(values) for key, values in groups.items()}
 
 
-def retrieval_grid_figure(rows: list[dict], title: str = "Passkey retrieval accuracy") -> Figure:
-    """Small multiples of the retrieval heatmap (length on x, depth on y), one panel per variant.
+def retrieval_figure(rows: list[dict], title: str | None = None, value: str = "score") -> Figure:
+    """Mean `value` per (length, depth) cell (length on x, depth percent on y, 0 at the top), one panel per series
+    (a study's variant, or a command's model and method), each cell written in; green is found, red is missed.
 
-    rows: {"variant", "length", "depth_percent", "score"}.
+    rows: retrieval rows of one task (length, depth_percent, score and the series' labels). Cells without rows
+    stay blank. title: default "<task>: <series>" for one series, "<task>" for several.
     """
-    variants = list(dict.fromkeys(row["variant"] for row in rows))
+    series = list(dict.fromkeys(_series_label(row) for row in rows))
+    labelled = [{**row, "series": _series_label(row)} for row in rows]
     lengths = sorted({int(row["length"]) for row in rows})
     depths = sorted({float(row["depth_percent"]) for row in rows})
-    cells = _mean_by(rows, ("variant", "length", "depth_percent"), "score")
-    columns = min(4, len(variants))
-    lines = -(-len(variants) // columns)
-    figure, axes = plt.subplots(lines, columns, figsize=(0.8 + 0.75 * len(lengths) * columns, 0.8 + 2.6 * lines),
-                                squeeze=False)
+    cells = _mean_by(labelled, ("series", "length", "depth_percent"), value)
+    columns = min(4, len(series))
+    lines = -(-len(series) // columns)
+    figure, axes = plt.subplots(lines, columns, squeeze=False,
+                                figsize=(1.4 + (0.6 + 0.9 * len(lengths)) * columns, 1.0 + (0.5 + 0.45 * len(depths)) * lines))
     for index, axis in enumerate(axes.flat):
-        if index >= len(variants):
+        if index >= len(series):
             axis.axis("off")
             continue
-        variant = variants[index]
-        grid = [[cells.get((variant, length, depth), float("nan")) for length in lengths] for depth in depths]
+        grid = [[cells.get((series[index], length, depth), math.nan) for length in lengths] for depth in depths]
         image = axis.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+        for y, line in enumerate(grid):
+            for x, cell in enumerate(line):
+                if not math.isnan(cell):
+                    axis.text(x, y, f"{cell:.2f}", ha="center", va="center", fontsize=7)
         axis.set_xticks(range(len(lengths)), [str(length) for length in lengths], fontsize=7)
         axis.set_yticks(range(len(depths)), [f"{depth:g}" for depth in depths], fontsize=7)
-        axis.set_title(variant, fontsize=9)
+        if len(series) > 1:
+            axis.set_title(series[index], fontsize=9)
         if index % columns == 0:
             axis.set_ylabel("depth (%)")
-        if index // columns == lines - 1:
-            axis.set_xlabel("length (tokens)")
-    figure.colorbar(image, ax=axes, shrink=0.8, label="accuracy")
-    figure.suptitle(title)
+    task = rows[0].get("task", "retrieval") if rows else "retrieval"
+    figure.supxlabel("context length (tokens)")
+    figure.colorbar(image, ax=axes, shrink=0.8, label=value)
+    figure.suptitle(title or (f"{task}: {series[0]}" if len(series) == 1 else task))
     return figure
 
 
-def plot_retrieval_grid(rows: list[dict], path: str | Path, title: str = "Passkey retrieval accuracy") -> Path:
-    """`retrieval_grid_figure`, saved to `path`."""
-    return save_figure(retrieval_grid_figure(rows, title=title), path)
-
-
-def pattern_vs_perplexity_figure(points: list[dict], length: int) -> Figure:
-    """Finding 1: divergence from the pretrained attention pattern against perplexity at `length`, per variant.
-
-    points: {"variant", "js_divergence", "perplexity"}.
-    """
-    figure, axis = plt.subplots(figsize=(6.5, 4.5))
-    for point in points:
-        axis.scatter(point["js_divergence"], point["perplexity"], s=40)
-        axis.annotate(point["variant"], (point["js_divergence"], point["perplexity"]), fontsize=8,
-                      xytext=(4, 3), textcoords="offset points")
-    axis.set(xlabel="Jensen-Shannon divergence from the pretrained pattern (lower = preserved)",
-             ylabel=f"perplexity at {length} tokens", title="Pattern preservation and extrapolation")
-    _perplexity_axis(axis, [point["perplexity"] for point in points])
-    axis.grid(True, which="both", alpha=0.3)
-    return figure
-
-
-def plot_pattern_vs_perplexity(points: list[dict], path: str | Path, length: int) -> Path:
-    """`pattern_vs_perplexity_figure`, saved to `path`."""
-    return save_figure(pattern_vs_perplexity_figure(points, length=length), path)
-
-
-def entropy_by_outcome_figure(rows: list[dict], auroc: float | None) -> Figure:
-    """Finding 2: the answering query's attention entropy on correct and failed retrievals, per length.
-
-    rows: {"length", "entropy", "correct"}.
-    """
-    lengths = sorted({int(row["length"]) for row in rows})
-    figure, axis = plt.subplots(figsize=(7, 4.5))
-    for offset, (outcome, colour) in zip((-0.15, 0.15), ((True, "tab:green"), (False, "tab:red"))):
-        xs, ys = [], []
-        for index, length in enumerate(lengths):
-            values = [row["entropy"] for row in rows
-                      if int(row["length"]) == length and bool(row["correct"]) is outcome]
-            xs += [index + offset] * len(values)
-            ys += values
-        axis.scatter(xs, ys, s=14, alpha=0.6, color=colour, label="correct" if outcome else "failed")
-    axis.set_xticks(range(len(lengths)), [str(length) for length in lengths])
-    auroc_text = "n/a" if auroc is None else f"{auroc:.2f}"
-    axis.set(xlabel="context length (tokens)", ylabel="entropy of the answering query (nats)",
-             title=f"Attention entropy and retrieval errors (AUROC {auroc_text})")
-    axis.grid(True, alpha=0.3)
-    axis.legend()
-    return figure
-
-
-def plot_entropy_by_outcome(rows: list[dict], path: str | Path, auroc: float | None) -> Path:
-    """`entropy_by_outcome_figure`, saved to `path`."""
-    return save_figure(entropy_by_outcome_figure(rows, auroc=auroc), path)
-
-
-def training_length_figure(entropy_points: list[dict], perplexity_points: list[dict], entropy_length: int,
-                           perplexity_length: int) -> Figure:
-    """Finding 3: entropy (left) and perplexity (right) against the continual-pretraining length, per method.
-
-    points: {"method_name", "train_length", "entropy" | "perplexity"}; train_length 0 = not fine-tuned.
-    """
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for axis, points, value in ((left, entropy_points, "entropy"), (right, perplexity_points, "perplexity")):
-        for method, (xs, ys) in _series(points, "method_name", "train_length", value).items():
-            order = sorted(range(len(xs)), key=lambda index: xs[index])
-            axis.plot([xs[i] for i in order], [ys[i] for i in order], marker="o", label=method)
-        axis.grid(True, alpha=0.3)
-        axis.set_xlabel("continual-pretraining length (tokens; 0 = none)")
-    left.set(ylabel=f"mean attention entropy at {entropy_length} tokens (nats)", title="Entropy")
-    right.set(ylabel=f"perplexity at {perplexity_length} tokens", title="Perplexity")
-    _perplexity_axis(right, [point["perplexity"] for point in perplexity_points])
-    left.legend(fontsize=8)
-    figure.tight_layout()
-    return figure
-
-
-def plot_training_length(entropy_points: list[dict], perplexity_points: list[dict], path: str | Path,
-                         entropy_length: int, perplexity_length: int) -> Path:
-    """`training_length_figure`, saved to `path`."""
-    figure = training_length_figure(entropy_points, perplexity_points, entropy_length, perplexity_length)
-    return save_figure(figure, path)
-
-
-def entropy_vs_position_figure(rows: list[dict], original_max_position_embeddings: int | None = None,
-                               length: int | None = None) -> Figure:
-    """Mean attention entropy (over layers and heads) against query position, one line per variant.
-
-    rows: {"variant", "length", "position", "entropy"} (position: the centre of a query-position bin).
-    `length`: which evaluation length to draw (default: the longest).
-    """
-    length = length or max(int(row["length"]) for row in rows)
-    means = _mean_by([row for row in rows if int(row["length"]) == length], ("variant", "position"), "entropy")
-    figure, axis = plt.subplots(figsize=(7, 4.5))
-    for variant in dict.fromkeys(variant for variant, _ in means):
-        points = sorted((position, value) for (name, position), value in means.items() if name == variant)
-        axis.plot([p for p, _ in points], [v for _, v in points], marker=".", label=variant)
-    if original_max_position_embeddings:
-        axis.axvline(original_max_position_embeddings, color="grey", linestyle="--", linewidth=1)
-        axis.annotate(f"pretrained {original_max_position_embeddings}", (original_max_position_embeddings, 0),
-                      xycoords=("data", "axes fraction"),
-                      xytext=(3, 5), textcoords="offset points", fontsize=8, color="grey")
-    axis.set(xlabel="query position (tokens)", ylabel="attention entropy (nats, mean over layers and heads)",
-             title=f"Attention entropy against position, {length}-token inputs")
-    axis.grid(True, alpha=0.3)
-    axis.legend(fontsize=8)
-    return figure
-
-
-def plot_entropy_vs_position(rows: list[dict], path: str | Path, original_max_position_embeddings: int | None = None,
-                             length: int | None = None) -> Path:
-    """`entropy_vs_position_figure`, saved to `path`."""
-    figure = entropy_vs_position_figure(rows, original_max_position_embeddings, length=length)
-    return save_figure(figure, path)
-
-
-def attention_distance_by_variant_figure(rows: list[dict]) -> Figure:
-    """The paper's Figure 2 view: attention mass against key distance at the pretrained length and at the
-    extended length (distance divided by the length ratio), one panel per variant, mean over layers and heads.
-
-    rows: {"variant", "length", "distance_bin", "distance_start", "mass"}.
-    """
-    variants = list(dict.fromkeys(row["variant"] for row in rows))
-    columns = min(4, len(variants))
-    lines = -(-len(variants) // columns)
-    figure, axes = plt.subplots(lines, columns, figsize=(3.4 * columns, 2.8 * lines), squeeze=False,
-                                sharey=True)
-    masses = _mean_by(rows, ("variant", "length", "distance_start"), "mass")
-    for index, axis in enumerate(axes.flat):
-        if index >= len(variants):
-            axis.axis("off")
-            continue
-        variant = variants[index]
-        for length in sorted({key[1] for key in masses if key[0] == variant}):
-            points = sorted((start, mass) for (name, size, start), mass in masses.items()
-                            if name == variant and size == length)
-            axis.plot([max(start, 0.5) for start, _ in points], [mass for _, mass in points], marker=".",
-                      label=f"{length} tokens")
-        axis.set(xscale="log", yscale="log", title=variant)
-        axis.grid(True, which="both", alpha=0.3)
-        axis.legend(fontsize=7)
-        if index // columns == lines - 1:
-            axis.set_xlabel("key distance x pretrained / input length")
-        if index % columns == 0:
-            axis.set_ylabel("attention mass")
-    figure.suptitle("Attention against distance: pretrained vs extended length")
-    figure.tight_layout()
-    return figure
-
-
-def plot_attention_distance_by_variant(rows: list[dict], path: str | Path) -> Path:
-    """`attention_distance_by_variant_figure`, saved to `path`."""
-    return save_figure(attention_distance_by_variant_figure(rows), path)
+def plot_retrieval(rows: list[dict], path: str | Path, title: str | None = None, value: str = "score") -> Path:
+    """`retrieval_figure`, saved to `path`."""
+    return save_figure(retrieval_figure(rows, title=title, value=value), path)
 
 
 def method_label(row: dict) -> str:
@@ -286,66 +144,84 @@ def _mean(values) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
-def entropy_profile_figure(rows: list[dict], *, original_max_position_embeddings: int | None = None,
-                           layer: int | None = None) -> Figure:
-    """Attention entropy against query position, one line per method (mean over layers and heads, or one layer);
-    the pretrained length as a vertical line. Rows from `ropescope.attention.profiles.entropy_profile`."""
+def entropy_position_figure(rows: list[dict], original_max_position_embeddings: int | None = None, *,
+                            length: int | None = None, layer: int | None = None) -> Figure:
+    """Attention entropy against query position, one line per series (a study's variant, or a command's method)
+    and length, the mean over the rows at each position (layers and heads, or one `layer`); the entropy of uniform
+    attention where the rows give it, and the pretrained length as a vertical line.
+
+    rows: entropy profile rows (length, layer, position_start / position_end or position, entropy, entropy_max).
+    length: draw only that length (default: every length in the rows).
+    """
+    rows = [row for row in rows if (length is None or int(row["length"]) == length)
+            and (layer is None or row["layer"] == layer)]
+    lengths = sorted({int(row["length"]) for row in rows})
     lines: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
-    lengths = {row["length"] for row in rows}
     uniform: dict[float, float] = {}
     for row in rows:
-        if layer is not None and row["layer"] != layer:
-            continue
-        label = method_label(row) + (f" @{row['length']}" if len(lengths) > 1 else "")
-        middle = (row["position_start"] + row["position_end"] - 1) / 2
-        lines[label][middle].append(row["entropy"])
-        uniform[middle] = row["entropy_max"]
-    figure, axes = plt.subplots(figsize=(7, 4))
-    for label, points in sorted(lines.items()):
+        position = row["position"] if "position" in row else (row["position_start"] + row["position_end"] - 1) / 2
+        label = _series_label(row) + (f" @{row['length']}" if len(lengths) > 1 else "")
+        lines[label][position].append(float(row["entropy"]))
+        if row.get("entropy_max") is not None:
+            uniform[position] = float(row["entropy_max"])
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for label, points in lines.items():
         positions = sorted(points)
-        axes.plot(positions, [_mean(points[p]) for p in positions], label=label)
-    positions = sorted(uniform)
-    axes.plot(positions, [uniform[p] for p in positions], color="grey", linestyle=":", label="uniform attention")
+        axis.plot(positions, [_mean(points[p]) for p in positions], marker=".", label=label)
+    if uniform:
+        positions = sorted(uniform)
+        axis.plot(positions, [uniform[p] for p in positions], color="grey", linestyle=":", label="uniform attention")
     if original_max_position_embeddings:
-        axes.axvline(original_max_position_embeddings, color="black", linestyle="--", linewidth=1,
+        axis.axvline(original_max_position_embeddings, color="black", linestyle="--", linewidth=1,
                      label="pretrained length")
-    axes.set_xlabel("query position")
-    axes.set_ylabel("attention entropy (nats)" + ("" if layer is None else f", layer {layer}"))
-    axes.set_title("Attention entropy by position" + (" (mean over layers and heads)" if layer is None else ""))
-    axes.legend(fontsize=8)
+    axis.set(xlabel="query position (tokens)",
+             ylabel="attention entropy (nats, " + ("mean over layers and heads)" if layer is None else f"layer {layer})"),
+             title="Attention entropy against position" + (f", {lengths[0]}-token inputs" if len(lengths) == 1 else ""))
+    axis.grid(True, alpha=0.3)
+    axis.legend(fontsize=8)
     return figure
 
 
-def plot_entropy_profile(rows: list[dict], path, *, original_max_position_embeddings: int | None = None,
-                         layer: int | None = None) -> Path:
-    """`entropy_profile_figure`, saved to `path`."""
-    figure = entropy_profile_figure(rows, original_max_position_embeddings=original_max_position_embeddings,
-                                    layer=layer)
-    return save_figure(figure, path)
+def plot_entropy_position(rows: list[dict], path, original_max_position_embeddings: int | None = None, *,
+                          length: int | None = None, layer: int | None = None) -> Path:
+    """`entropy_position_figure`, saved to `path`."""
+    return save_figure(entropy_position_figure(rows, original_max_position_embeddings, length=length, layer=layer),
+                       path)
 
 
 def attention_distance_figure(rows: list[dict], *, layer: int | None = None) -> Figure:
-    """The paper's Figure 2 view: attention mass against (rescaled) key distance, one panel per length, one line
-    per method (mean over layers and heads, or one layer). Rows from `patterns.distance_distribution`."""
-    panels: dict[int, dict[str, dict[int, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
-    edges: dict[int, tuple[int, int]] = {}
-    for row in rows:
-        if layer is not None and row["layer"] != layer:
+    """The paper's Figure 2 view: attention mass against key distance (divided by input length / pretrained
+    length), one panel per series (a study's variant, or a command's model and method), one line per input length,
+    the mean over layers and heads (or one `layer`): overlapping lines mean the extension kept the pattern.
+
+    rows: distance rows (length, layer, distance_start, mass and the series' labels).
+    """
+    rows = [row for row in rows if layer is None or row["layer"] == layer]
+    labelled = [{**row, "series": _series_label(row)} for row in rows]
+    series = list(dict.fromkeys(row["series"] for row in labelled))
+    columns = min(4, len(series))
+    lines = -(-len(series) // columns)
+    figure, axes = plt.subplots(lines, columns, figsize=(3.4 * columns, 2.8 * lines), squeeze=False, sharey=True)
+    masses = _mean_by(labelled, ("series", "length", "distance_start"), "mass")
+    for index, axis in enumerate(axes.flat):
+        if index >= len(series):
+            axis.axis("off")
             continue
-        label = row.get("role") or method_label(row)
-        panels[row["length"]][label][row["bin"]].append(row["mass"])
-        edges[row["bin"]] = (row["distance_start"], row["distance_end"])
-    lengths = sorted(panels)
-    figure, axes = plt.subplots(1, len(lengths), figsize=(5 * len(lengths), 4), sharey=True, squeeze=False)
-    bins = sorted(edges)
-    for axis, length in zip(axes[0], lengths):
-        for label, masses in sorted(panels[length].items()):
-            axis.plot(bins, [_mean(masses[b]) for b in bins], marker="o", markersize=3, label=label)
-        axis.set_xticks(bins, [f"{edges[b][0]}" for b in bins], rotation=60, fontsize=7)
-        axis.set_xlabel("key distance x pretrained/length (bin start)")
-        axis.set_title(f"length {length}")
-        axis.legend(fontsize=8)
-    axes[0][0].set_ylabel("attention mass" + ("" if layer is None else f", layer {layer}"))
+        for length in sorted({key[1] for key in masses if key[0] == series[index]}):
+            points = sorted((start, mass) for (name, size, start), mass in masses.items()
+                            if name == series[index] and size == length)
+            # distance 0 (the query itself) drawn at 0.5 on the log axis
+            axis.plot([max(start, 0.5) for start, _ in points], [mass for _, mass in points], marker=".",
+                      label=f"{length} tokens")
+        axis.set(xscale="log", yscale="log", title=series[index])
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend(fontsize=7)
+        if index // columns == lines - 1:
+            axis.set_xlabel("key distance x pretrained / input length")
+        if index % columns == 0:
+            axis.set_ylabel("attention mass" + ("" if layer is None else f", layer {layer}"))
+    figure.suptitle("Attention against distance: pretrained vs extended length")
+    figure.tight_layout()
     return figure
 
 
@@ -383,7 +259,6 @@ def plot_pattern_preservation(rows: list[dict], path) -> Path:
 def entropy_heatmap_figure(rows: list[dict]) -> Figure:
     """Accuracy and answering-query entropy laid out as the needle grid (depth x length), side by side, one pair
     of panels per method. Rows from `uncertainty.retrieval_attention` (evaluation rows with entropy)."""
-    from ropescope.attention.uncertainty import as_bool
 
     groups: dict[str, list[dict]] = defaultdict(list)
     for row in rows:
@@ -421,8 +296,10 @@ def plot_entropy_heatmap(rows: list[dict], path) -> Path:
 
 
 def _series_label(row: dict) -> str:
-    # Study rows name their variant (yarn@0 and yarn@512 share model and method); command rows name the model.
-    return row["variant"] if "variant" in row else f"{row.get('model', 'model')} / {method_label(row)}"
+    # Study rows name their variant (yarn@0 and yarn@512 share model and method); command rows their model and method.
+    if "variant" in row:
+        return row["variant"]
+    return f"{row['model']} / {method_label(row)}" if row.get("model") else method_label(row)
 
 
 def perplexity_figure(rows: list[dict], original_max_position_embeddings: int | None = None) -> Figure:
@@ -466,36 +343,3 @@ def perplexity_figure(rows: list[dict], original_max_position_embeddings: int | 
 def plot_perplexity(rows: list[dict], path, original_max_position_embeddings: int | None = None) -> Path:
     """`perplexity_figure`, saved to `path`."""
     return save_figure(perplexity_figure(rows, original_max_position_embeddings=original_max_position_embeddings), path)
-
-
-def retrieval_heatmap_figure(rows: list[dict], title: str | None = None, value: str = "score") -> Figure:
-    """The needle-in-a-haystack heatmap: mean `value` per cell, length on x, depth percent on y (0 at the top).
-
-    rows: passkey or needle rows (length, depth_percent, score). Green is found, red is missed.
-    """
-    lengths = sorted({int(row["length"]) for row in rows})
-    depths = sorted({float(row["depth_percent"]) for row in rows})
-    cells: dict[tuple[int, float], list[float]] = {}
-    for row in rows:
-        cells.setdefault((int(row["length"]), float(row["depth_percent"])), []).append(float(row[value]))
-    grid = [[(sum(cells[(length, depth)]) / len(cells[(length, depth)])) if (length, depth) in cells else math.nan
-             for length in lengths] for depth in depths]
-    figure, axes = plt.subplots(figsize=(1.2 + 0.9 * len(lengths), 1.2 + 0.45 * len(depths)))
-    image = axes.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
-    for y, line in enumerate(grid):
-        for x, cell in enumerate(line):
-            if not math.isnan(cell):
-                axes.text(x, y, f"{cell:.2f}", ha="center", va="center", fontsize=7)
-    axes.set_xticks(range(len(lengths)), [str(length) for length in lengths])
-    axes.set_yticks(range(len(depths)), [f"{depth:g}" for depth in depths])
-    axes.set_xlabel("context length (tokens)")
-    axes.set_ylabel("needle depth (%)")
-    task = rows[0].get("task", "retrieval") if rows else "retrieval"
-    axes.set_title(title or f"{task}: {_series_label(rows[0]) if rows else ''}")
-    figure.colorbar(image, ax=axes, label="accuracy" if value == "score" and task == "passkey" else value)
-    return figure
-
-
-def plot_retrieval_heatmap(rows: list[dict], path, title: str | None = None, value: str = "score") -> Path:
-    """`retrieval_heatmap_figure`, saved to `path`."""
-    return save_figure(retrieval_heatmap_figure(rows, title=title, value=value), path)

@@ -8,6 +8,7 @@ into a row with `Kind.from_dict(data)`, which names the first missing field. The
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
@@ -85,12 +86,17 @@ class PerplexityRow(Row):
 
 @dataclass(frozen=True, kw_only=True)
 class RetrievalRow(Row):
-    """One retrieval prompt (a passkey or needle trial) and how the model answered it."""
+    """One retrieval prompt of a registered task (`ropescope tasks`) and how the model answered it.
+
+    `answer` is the expected answers joined by ', '; `needle_start` / `needle_end` the first needle's span;
+    `facts` every inserted fact as [start, end, role] (role: needle or distractor); `score` and `correct` as the
+    task scores them.
+    """
 
     task: str
     length: int
     answer: str
-    needle_start: int  # token span of the hidden line, end exclusive
+    needle_start: int  # token span of the (first) hidden needle, end exclusive
     needle_end: int
     question_position: int  # index of the last prompt token
     depth_percent: float
@@ -99,22 +105,8 @@ class RetrievalRow(Row):
     score: float
     correct: bool
     prediction: str
-
-
-@dataclass(frozen=True, kw_only=True)
-class PasskeyRow(RetrievalRow):
-    """A passkey trial: `score` is 1.0 when the first integer of the continuation is the key, else 0.0."""
-
-    task: str = "passkey"
-
-
-@dataclass(frozen=True, kw_only=True)
-class NeedleRow(RetrievalRow):
-    """A needle trial: `correct` when the answer's words appear in order, `score` their ROUGE-1 recall."""
-
-    task: str = "needle"
-    needle: str
-    question: str
+    facts: list = field(default_factory=list)
+    independent_haystacks: bool = False  # each trial had its own corpus haystack and values
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -166,7 +158,7 @@ class PreservationRow(Row):
 
 @dataclass(frozen=True, kw_only=True)
 class UncertaintySummaryRow(Row):
-    """Answering-query entropy and needle mass on correct vs failed cells of one (model, method, factor, task)."""
+    """Answering-query entropy, needle and distractor mass on correct vs failed cells of one (model, method, factor, task)."""
 
     model: str | None = None
     method: str | None = None
@@ -179,6 +171,8 @@ class UncertaintySummaryRow(Row):
     entropy_failed: float
     needle_mass_correct: float
     needle_mass_failed: float
+    distractor_mass_correct: float = math.nan  # attention on inserted facts the question does not ask for
+    distractor_mass_failed: float = math.nan
     auroc_entropy_predicts_failure: float
 
 
@@ -195,6 +189,17 @@ class FrequencyRow(Row):
     head_dim: int
     base: float
     seq_len: int | None
+
+
+def as_bool(value) -> bool:
+    """A `correct` field from JSON (bool, number) or CSV (text)."""
+    if isinstance(value, str):
+        if value.strip().lower() in ("true", "1", "yes"):
+            return True
+        if value.strip().lower() in ("false", "0", "no", ""):
+            return False
+        raise RopescopeError(f"correct={value!r} is not a truth value; accepted: true/false/1/0")
+    return bool(value)
 
 
 def cell_means(rows: list[Mapping], value: str = "score") -> list[dict]:

@@ -63,7 +63,7 @@ def run_entropy(model: str = "default", methods: Sequence[str | RopeSpec] = ("de
     """Entropy profiles of every method at every length (default: 1x, 2x and 4x the pretrained length) ->
     out/entropy.csv and out/entropy.png."""
     from ropescope.attention.profiles import entropy_profile
-    from ropescope.plots import plot_entropy_profile
+    from ropescope.plots import plot_entropy_position
     from ropescope.results import write_rows
 
     source, specs, original = _setup(model, methods, factor, original_max_position_embeddings)
@@ -77,7 +77,7 @@ def run_entropy(model: str = "default", methods: Sequence[str | RopeSpec] = ("de
                                     position_bin_size=position_bin_size, progress=progress, labels=labels)
     out = Path(out)
     write_rows(rows, out / "entropy.csv")
-    plot_entropy_profile(rows, out / "entropy.png", original_max_position_embeddings=original)
+    plot_entropy_position(rows, out / "entropy.png", original)
     return rows
 
 
@@ -134,12 +134,12 @@ def evaluation_groups(rows: Sequence[dict]) -> dict[tuple, list[dict]]:
 
 def read_evaluation_rows(path: str | Path, only_methods: Sequence[str] | None = None,
                          only_factors: Sequence[float] | None = None) -> list[dict]:
-    """Passkey and needle rows from a rows file, each checked against its row kind, kept where the filters match
-    (a row without a factor matches every factor)."""
+    """Retrieval rows of registered tasks from a rows file, each checked as a `RetrievalRow`, kept where the
+    filters match (a row without a factor matches every factor)."""
+    from ropescope.eval.tasks import TASKS
     from ropescope.results import read_rows
-    from ropescope.rows import NeedleRow, PasskeyRow
+    from ropescope.rows import RetrievalRow
 
-    kinds = {"passkey": PasskeyRow, "needle": NeedleRow}
     rows = read_rows(path)
     if only_methods:
         rows = [row for row in rows if (row.get("method") or "default") in only_methods]
@@ -148,9 +148,9 @@ def read_evaluation_rows(path: str | Path, only_methods: Sequence[str] | None = 
     if not rows:
         raise RopescopeError(f"no evaluation rows in {str(path)!r} match method={only_methods} factor={only_factors}")
     for row in rows:
-        if row.get("task") not in kinds:
-            raise RopescopeError(f"a row in {str(path)!r} has task={row.get('task')!r}; accepted: passkey, needle")
-        kinds[row["task"]].from_dict(row, source=f"evaluation rows in {str(path)!r}")
+        if row.get("task") not in TASKS:
+            raise RopescopeError(f"a row in {str(path)!r} has task={row.get('task')!r}; accepted: {', '.join(TASKS)}")
+        RetrievalRow.from_dict(row, source=f"evaluation rows in {str(path)!r}")
     return rows
 
 
@@ -167,25 +167,30 @@ def run_uncertainty(rows: str | Path, model: str | None = None, *, only_methods:
                     only_factors: Sequence[float] | None = None, corpus=None, split: str = "validation",
                     chunk_size: int = 512, options: ModelOptions | None = None,
                     out: str | Path = "results/uncertainty", progress: bool | None = None) -> list[dict]:
-    """Answering-query entropy and needle mass for every evaluation row (from `ropescope passkey` / `needle`),
+    """Answering-query entropy, needle and distractor mass for every retrieval row (from `ropescope retrieval`,
+    `passkey` or `needle`),
     each group of rows on the model it was evaluated with (`model`; None: the one the rows name). Writes
     out/uncertainty.csv, out/uncertainty_summary.json and out/entropy_heatmap.png; returns the summary rows."""
-    from ropescope.attention.uncertainty import failure_summary, rebuild_cases, retrieval_attention
+    from ropescope.attention.uncertainty import failure_summary, retrieval_attention
+    from ropescope.eval.retrieval import needs_documents
+    from ropescope.eval.tasks import get_task, rebuild_cases
     from ropescope.models import extension_specs, load, load_tokenizer, resolve_model
     from ropescope.plots import plot_entropy_heatmap
     from ropescope.results import write_rows
+    from ropescope.rows import as_bool
 
     evaluated = read_evaluation_rows(rows, only_methods, only_factors)
     groups = evaluation_groups(evaluated)
     source = resolve_model(model or evaluated_model(evaluated, rows))
     specs = {key: extension_specs(source, [key[0]], key[1], key[2])[0] for key in groups}
     haystack = None
-    if any(row["task"] == "needle" for row in evaluated):
+    if any(needs_documents(get_task(row["task"]), as_bool(row.get("independent_haystacks") or False))
+           for row in evaluated):
         from ropescope.data import load_corpus
 
         haystack = load_corpus(corpus, split=split)
     tokenizer = load_tokenizer(source)
-    cases = {key: rebuild_cases(tokenizer, group, haystack_documents=haystack) for key, group in groups.items()}
+    cases = {key: rebuild_cases(tokenizer, group, documents=haystack) for key, group in groups.items()}
     results = []
     for key, group in groups.items():
         loaded = load(source, specs[key], options)

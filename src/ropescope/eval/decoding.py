@@ -1,4 +1,4 @@
-"""Tokens and greedy decoding shared by the retrieval tasks (passkey, needle) and the perplexity evaluation."""
+"""Tokens and greedy decoding shared by the retrieval tasks and the perplexity evaluation."""
 
 from __future__ import annotations
 
@@ -47,12 +47,14 @@ def greedy_continuations(model, input_ids: torch.Tensor, max_new_tokens: int) ->
     return torch.cat([token.cpu() for token in generated], dim=1)
 
 
-def retrieval_grid(model, tokenizer, lengths, depths, trials: int, build_case, max_new_tokens: int,
+def retrieval_grid(model, tokenizer, lengths, depths, trials: int, build_case, max_new_tokens,
                    batch_size: int, desc: str, progress: bool | None):
     """Greedy continuations over lengths x depths x trials, generated in batches of equal-length prompts.
 
-    build_case(length, depth, trial) -> PromptCase. Yields (depth, trial, case, continuation text).
+    build_case(length, depth, trial) -> PromptCase. max_new_tokens: a count, or case -> count (a batch generates
+    the most any of its prompts needs). Yields (depth, trial, case, continuation text).
     """
+    tokens_for = max_new_tokens if callable(max_new_tokens) else (lambda case: max_new_tokens)
     model.eval()
     with tqdm(total=len(lengths) * len(depths) * trials, desc=desc, unit="prompt",
               disable=None if progress is None else not progress) as bar:
@@ -61,9 +63,12 @@ def retrieval_grid(model, tokenizer, lengths, depths, trials: int, build_case, m
                 cases = [build_case(length, depth, trial) for trial in range(trials)]
                 for start in range(0, trials, batch_size):
                     batch = cases[start : start + batch_size]
-                    generated = greedy_continuations(model, torch.stack([c.input_ids for c in batch]), max_new_tokens)
+                    generated = greedy_continuations(model, torch.stack([c.input_ids for c in batch]),
+                                                     max(map(tokens_for, batch)))
                     for offset, (case, tokens) in enumerate(zip(batch, generated)):
-                        yield depth, start + offset, case, tokenizer.decode(tokens, skip_special_tokens=True)
+                        # each prompt reads only its own count, so a batch's neighbours never change its answer
+                        yield depth, start + offset, case, tokenizer.decode(tokens[: tokens_for(case)],
+                                                                            skip_special_tokens=True)
                     bar.update(len(batch))
 
 

@@ -139,13 +139,14 @@ def long_documents(tokenizer, documents: list[str], longest: int, max_documents:
 
 
 def evaluate_perplexity(model, tokenizer, documents: list[str], lengths, protocols=PROTOCOLS, stride: int | None = None,
-                        max_documents: int | None = 4, chunk_size: int = DEFAULT_CHUNK, labels: dict | None = None,
-                        progress: bool | None = None) -> list[dict]:
+                        max_documents: int | None = 4, head_chunk_size: int = DEFAULT_CHUNK,
+                        labels: dict | None = None, progress: bool | None = None) -> list[dict]:
     """Perplexity at each length by each protocol; one `PerplexityRow` per (protocol, length), as a dict.
 
     lengths: increasing positive token counts; protocols: some of PROTOCOLS. stride: the sliding protocol's step
     (None: half the window; at most the shortest length, see `check_stride`). max_documents: how many long
-    documents to use. labels: fields every row starts with.
+    documents to use. head_chunk_size: positions whose logits the output head computes at once. labels: fields
+    every row starts with.
     """
     lengths = list(lengths)
     texts = long_documents(tokenizer, documents, max(lengths), max_documents)
@@ -166,9 +167,9 @@ def evaluate_perplexity(model, tokenizer, documents: list[str], lengths, protoco
             total, count, document_nll = 0.0, 0, []
             for tokens in texts:
                 if protocol == "truncated":
-                    nll, scored = window_nll(model, tokens[:length], 1, chunk_size)
+                    nll, scored = window_nll(model, tokens[:length], 1, head_chunk_size)
                 else:
-                    nll, scored = sliding_window_nll(model, tokens, length, step, chunk_size)
+                    nll, scored = sliding_window_nll(model, tokens, length, step, head_chunk_size)
                 total, count = total + nll, count + scored
                 document_nll.append(nll / scored)
                 bar.update(forward_tokens(protocol, length) // len(texts))
@@ -184,7 +185,8 @@ def evaluate_perplexity(model, tokenizer, documents: list[str], lengths, protoco
 def run_perplexity(model: str = "default", method: str | RopeSpec = "default", *, lengths=(256, 512, 1024, 2048),
                    protocols=PROTOCOLS, stride: int | None = None, factor: float | None = None,
                    original_max_position_embeddings: int | None = None, corpus=None, split: str = "validation",
-                   documents: int | None = 4, chunk_size: int = DEFAULT_CHUNK, options: ModelOptions | None = None,
+                   documents: int | None = 4, head_chunk_size: int = DEFAULT_CHUNK,
+                   options: ModelOptions | None = None,
                    out="results/ppl", progress: bool | None = None) -> list[dict]:
     """`ropescope ppl`: load the model (extended by `method`) and the corpus, evaluate, and write
     out/perplexity.csv and out/perplexity.png. The corpus is checked before the weights load."""
@@ -200,7 +202,7 @@ def run_perplexity(model: str = "default", method: str | RopeSpec = "default", *
     long_documents(load_tokenizer(source), texts, max(lengths), 1)
     loaded = load(source, spec, options)
     rows = evaluate_perplexity(loaded.model, loaded.tokenizer, texts, lengths, protocols, stride, documents,
-                               chunk_size, labels=loaded.labels.to_dict(), progress=progress)
+                               head_chunk_size, labels=loaded.labels.to_dict(), progress=progress)
     out = Path(out)
     write_rows(rows, out / "perplexity.csv")
     plot_perplexity(rows, out / "perplexity.png", loaded.labels.original_max_position_embeddings)

@@ -47,9 +47,18 @@ class TrainingSection:
 class EvaluationSection:
     perplexity_lengths: list[int] = field(default_factory=lambda: [256, 512, 1024, 2048, 4096])
     perplexity_documents: int = 4
-    passkey_lengths: list[int] = field(default_factory=lambda: [256, 512, 1024, 2048])
-    passkey_depths: list[float] = field(default_factory=lambda: [0.0, 25.0, 50.0, 75.0, 100.0])
-    passkey_trials: int = 4
+
+
+@dataclass(frozen=True)
+class RetrievalSection:
+    """The retrieval tasks every variant runs (`ropescope tasks` lists them) and their one grid."""
+
+    tasks: list[str] = field(default_factory=lambda: ["passkey"], metadata={"check": "tasks"})
+    lengths: list[int] = field(default_factory=lambda: [256, 512, 1024, 2048])
+    depths: list[float] = field(default_factory=lambda: [0.0, 25.0, 50.0, 75.0, 100.0])
+    trials: int = 4  # per task, length and depth
+    # every (length, depth, trial) its own corpus text and values, so no two trials of a stratum share filler
+    independent_haystacks: bool = False
 
 
 @dataclass(frozen=True)
@@ -96,6 +105,7 @@ class StudyConfig:
     methods: dict[str, RopeSpec] = field(default_factory=dict)
     training: TrainingSection = field(default_factory=TrainingSection)
     evaluation: EvaluationSection = field(default_factory=EvaluationSection)
+    retrieval: RetrievalSection = field(default_factory=RetrievalSection)
     analysis: AnalysisSection = field(default_factory=AnalysisSection)
     execution: ExecutionSection = field(default_factory=ExecutionSection)
     findings: FindingsSection = field(default_factory=FindingsSection)
@@ -169,6 +179,13 @@ def _checked(key: str, value: Any, declared: Field, source: str) -> Any:
                 or not 0 <= value[0] < 0.5 < value[1] <= 1):
             fail("[low, high] with 0 <= low < 0.5 < high <= 1")
         return [float(item) for item in value]
+    if check == "tasks":
+        from ropescope.eval.tasks import TASKS
+
+        if not isinstance(value, list) or not value or any(item not in TASKS for item in value) \
+                or len(set(value)) != len(value):
+            fail(f"a non-empty list of distinct task names among {', '.join(TASKS)}")
+        return value
     if check == "executor":
         if value not in EXECUTORS:
             fail(f"one of {', '.join(EXECUTORS)}")
@@ -286,9 +303,14 @@ def _model_length(model: str, source: str) -> int:
 
 def parse_config(data: dict, source: str = "study config") -> StudyConfig:
     sections = {"model": ModelSection, "corpus": CorpusSection, "training": TrainingSection,
-                "evaluation": EvaluationSection, "analysis": AnalysisSection, "execution": ExecutionSection,
-                "findings": FindingsSection}
+                "evaluation": EvaluationSection, "retrieval": RetrievalSection, "analysis": AnalysisSection,
+                "execution": ExecutionSection, "findings": FindingsSection}
     accepted = [*sections, "methods", "seed"]
+    moved = [key for key in data.get("evaluation", {}) if key.startswith("passkey_")] \
+        if isinstance(data.get("evaluation"), dict) else []
+    if moved:
+        raise RopescopeError(f"{source}: 'evaluation.{moved[0]}' moved to [retrieval] as "
+                             f"'{moved[0].removeprefix('passkey_')}' (with tasks = [\"passkey\"])")
     for key in data:
         if key not in accepted:
             raise RopescopeError(f"{source}: unknown key {key!r}; accepted: {', '.join(accepted)}")

@@ -18,12 +18,12 @@ import matplotlib.pyplot as plt
 from ropescope import plots
 from ropescope.errors import RopescopeError
 from ropescope.results import write_atomically
-from ropescope.study.config import FindingsSection
-from ropescope.study.findings import (Finding, Test, is_fine_tuned, pattern_divergence, retrieval_floor,
-                                      study_findings)
-from ropescope.study.runner import DATABASE
 from ropescope.statistics import CONFIDENCE, VERDICT_RULE
-from ropescope.study.store import ResultStore, check_database_file
+from ropescope.study.config import FindingsSection, parse_config
+from ropescope.study.context import plan_variants
+from ropescope.study.findings import (Finding, Test, finding_entropy_errors, pattern_divergence, retrieval_floor,
+                                      study_findings)
+from ropescope.study.store import DATABASE, ResultStore, check_database_file
 
 
 @dataclass
@@ -34,41 +34,104 @@ class Figure:
     path: Path
 
 
+def canonical_order(rows: dict[str, list[dict]], config: dict | None) -> dict[str, list[dict]]:
+    """Every kind's rows with variants in the config's study order (then any others by name), whatever order the
+    cells finished in, so the local and the Ray executor report alike; within a variant, rows keep their order."""
+    order: list[str] = []
+    if config:
+        try:
+            # the recorded config is `StudyConfig.to_dict()`: unset keys recorded as None are left out again
+            tables = {key: {name: value for name, value in table.items() if value is not None}
+                      if isinstance(table, dict) and key != "methods" else table
+                      for key, table in config.items() if key != "sweep"}
+            sweep = set(config.get("sweep") or ())
+            tables["methods"] = {name: {**spec, "sweep": True} if name in sweep else spec
+                                 for name, spec in (tables.get("methods") or {}).items()}
+            order = [variant.name for variant in plan_variants(parse_config(tables, source="the recorded config"))]
+        except RopescopeError:  # a config this version cannot read (an older one): names alone order it
+            order = []
+    names = sorted({row["variant"] for kind in rows.values() for row in kind if "variant" in row} - set(order))
+    rank = {name: index for index, name in enumerate(order + names)}
+    return {kind: sorted(kind_rows, key=lambda row: rank.get(row.get("variant"), -1))
+            for kind, kind_rows in rows.items()}
+
+
 def _variants_in_order(*row_lists: list[dict]) -> list[str]:
     return list(dict.fromkeys(row["variant"] for rows in row_lists for row in rows))
 
 
-def summary_table(rows: dict[str, list[dict]]) -> tuple[list[str], list[list[str]]]:
-    """One line per variant: perplexity per length, passkey accuracy per length, entropy, pattern divergence."""
+def task_names(retrieval_rows: list[dict], config: dict | None = None) -> list[str]:
+    """The retrieval tasks of the rows, in the config's order where it names them."""
+    configured = list(((config or {}).get("retrieval") or {}).get("tasks") or [])
+    seen = list(dict.fromkeys(row.get("task", "passkey") for row in retrieval_rows))
+    return [task for task in configured if task in seen] + [task for task in seen if task not in configured]
+
+
+def summary_table(rows: dict[str, list[dict]], tasks: list[str] | None = None) -> tuple[list[str], list[list[str]]]:
+    """One line per variant: perplexity per length, each task's score per length, entropy, pattern divergence."""
     perplexity = [row for row in rows["perplexity"] if row.get("protocol", "truncated") == "truncated"]
-    passkey, entropy = rows["passkey"], rows["entropy"]
+    retrieval, entropy = rows["retrieval"], rows["entropy"]
+    tasks = tasks or task_names(retrieval)
     ppl_lengths = sorted({row["length"] for row in perplexity})
-    passkey_lengths = sorted({row["length"] for row in passkey})
+    task_lengths = {task: sorted({row["length"] for row in retrieval if row.get("task", "passkey") == task})
+                    for task in tasks}
     entropy_length = max((row["length"] for row in entropy), default=None)
     divergence = pattern_divergence(rows["patterns"])
     ppl = {(row["variant"], row["length"]): row["perplexity"] for row in perplexity}
-    accuracy = defaultdict(list)
-    for row in passkey:
-        accuracy[(row["variant"], row["length"])].append(float(row["score"]))
+    scores = defaultdict(list)
+    for row in retrieval:
+        scores[(row.get("task", "passkey"), row["variant"], row["length"])].append(float(row["score"]))
     entropies = defaultdict(list)
     for row in entropy:
         if row["length"] == entropy_length:
             entropies[row["variant"]].append(row["entropy"])
     header = (["variant"] + [f"ppl@{length}" for length in ppl_lengths]
-              + [f"passkey@{length}" for length in passkey_lengths]
+              + [f"{task}@{length}" for task in tasks for length in task_lengths[task]]
               + ([f"entropy@{entropy_length}"] if entropy_length else []) + (["pattern JS"] if divergence else []))
     table = []
-    for variant in _variants_in_order(perplexity, passkey, entropy):
+    for variant in _variants_in_order(perplexity, retrieval, entropy):
         line = [variant]
         line += [_number(ppl.get((variant, length)), "{:.1f}") for length in ppl_lengths]
-        line += [_number(mean(accuracy[(variant, length)]) if accuracy[(variant, length)] else None, "{:.0%}")
-                 for length in passkey_lengths]
+        line += [_number(mean(scores[(task, variant, length)]) if scores[(task, variant, length)] else None, "{:.0%}")
+                 for task in tasks for length in task_lengths[task]]
         if entropy_length:
             line.append(_number(mean(entropies[variant]) if entropies[variant] else None, "{:.3f}"))
         if divergence:
             line.append(_number(divergence.get(variant), "{:.4f}"))
         table.append(line)
     return header, table
+
+
+def readout_table(uncertainty: list[dict], tasks: list[str]) -> tuple[list[str], list[list[str]]]:
+    """Per task: the answering query's entropy as a predictor of failure, tested as finding 2 tests it (pair-
+    weighted AUROC within strata, stratified permutation p), and mean needle / distractor mass by outcome."""
+    header = ["task", "cases", "failed", "strata", "AUROC", "p", "needle mass correct", "needle mass failed",
+              "distractor mass correct", "distractor mass failed"]
+    table = []
+    for task in tasks:
+        rows = [row for row in uncertainty if row.get("task", "passkey") == task and row.get("entropy") is not None]
+        if not rows:
+            continue
+        numbers = finding_entropy_errors(rows).numbers
+
+        def mass(field: str, correct: bool) -> str:
+            values = [row[field] for row in rows if row.get(field) is not None and bool(row["correct"]) is correct]
+            return _number(mean(values) if values else None, "{:.3f}")
+
+        table.append([task, str(numbers["cases"]), str(numbers["failed"]),
+                      numbers.get("stratified_by", "too few of each outcome"),
+                      _number(numbers.get("stratified_auroc"), "{:.3f}"),
+                      "–" if "p_value" not in numbers else _p_text(numbers["p_value"]),
+                      mass("needle_mass", True), mass("needle_mass", False),
+                      mass("distractor_mass", True), mass("distractor_mass", False)])
+    return header, table
+
+
+def finding_rows(rows: dict[str, list[dict]], tasks: list[str]) -> dict[str, list[dict]]:
+    """The rows the findings read: finding 2 is the paper's passkey test, so it reads one task's uncertainty rows
+    (passkey where the study ran it, else its first task); every task's readouts are in `readout_table`."""
+    chosen = "passkey" if "passkey" in tasks else (tasks[0] if tasks else None)
+    return {**rows, "uncertainty": [row for row in rows["uncertainty"] if row.get("task", "passkey") == chosen]}
 
 
 def _number(value, form: str) -> str:
@@ -225,7 +288,7 @@ def plot_finding_training_length(finding: Finding, path: Path) -> Path:
 
 
 def draw_figures(rows: dict[str, list[dict]], findings: list[Finding], original_max_position_embeddings: int,
-                 folder: Path) -> list[Figure]:
+                 folder: Path, tasks: list[str]) -> list[Figure]:
     figures = []
 
     def add(key, title, caption, draw):
@@ -238,20 +301,23 @@ def draw_figures(rows: dict[str, list[dict]], findings: list[Finding], original_
             f"Each variant's perplexity on validation documents cut to each length; dashed: the pretrained length "
             f"({pretrained}).",
             lambda path: plots.plot_perplexity(perplexity, path, pretrained))
-    if rows["passkey"]:
-        add("passkey", "Passkey retrieval", "Accuracy per context length and key depth, one panel per variant.",
-            lambda path: plots.plot_retrieval_grid(rows["passkey"], path))
+    for task in tasks:
+        task_rows = [row for row in rows["retrieval"] if row.get("task", "passkey") == task]
+        add(task, f"Retrieval: {task}", "Score per context length and depth, one panel per variant.",
+            lambda path, task_rows=task_rows, task=task: plots.plot_retrieval(
+                task_rows, path, title=f"{task}: score per length and depth"))
     if rows["entropy"]:
         add("entropy_position", "Attention entropy against position",
             "Mean over layers, heads and samples, at the longest analysed length: entropy grows past the length "
             "a model was trained on unless the extension (or training) holds it down.",
-            lambda path: plots.plot_entropy_vs_position(rows["entropy"], path, pretrained))
+            lambda path: plots.plot_entropy_position(rows["entropy"], path, pretrained,
+                                                     length=max(row["length"] for row in rows["entropy"])))
     distribution = [row for row in rows["patterns"] if row.get("row_type") == "distribution"]
     if distribution:
         add("attention_distance", "Attention against distance",
             "Attention mass per key-distance bin at the pretrained length and at the extended length, distance "
             "divided by the length ratio: overlapping curves mean the extension kept the pretrained pattern.",
-            lambda path: plots.plot_attention_distance_by_variant(distribution, path))
+            lambda path: plots.plot_attention_distance(distribution, path))
     finding_one, finding_two, finding_three = findings
     if finding_one.tests:
         add("finding1", "Finding 1: pattern preservation",
@@ -279,21 +345,27 @@ def build_report(out: str | Path) -> dict[str, Path]:
         raise RopescopeError(f"{str(out)!r} holds no study results ({DATABASE}); run `ropescope study --out {out}`")
     check_database_file(out / DATABASE)  # read-only: a damaged file is refused as it is
     with ResultStore(out / DATABASE) as store:
-        kinds = ("train", "perplexity", "passkey", "entropy", "patterns", "uncertainty")
+        kinds = ("train", "perplexity", "retrieval", "entropy", "patterns", "uncertainty")
         rows = {kind: store.rows(kind) for kind in kinds}
+        # Databases written before the task registry hold passkey rows under their own kind.
+        rows["retrieval"] += [{"task": "passkey", **row} for row in store.rows("passkey")]
         cells = store.cells()
         # Databases written before the rename name the pretrained length `pretrained_length`.
         pretrained = store.meta("original_max_position_embeddings", store.meta("pretrained_length"))
         config = store.meta("config") or {}
+    rows = canonical_order(rows, config)
+    tasks = task_names(rows["retrieval"], config)
     bounds = study_bounds(config)
-    findings = study_findings(rows, bounds)
+    findings = study_findings(finding_rows(rows, tasks), bounds)
     folder = out / "report"
-    figures = draw_figures(rows, findings, pretrained, folder / "figures")
-    header, table = summary_table(rows)
+    figures = draw_figures(finding_rows(rows, tasks), findings, pretrained, folder / "figures", tasks)
+    header, table = summary_table(rows, tasks)
+    readouts = readout_table(rows["uncertainty"], tasks)
     failed = [cell for cell in cells if cell["status"] == "failed"]
-    retrieval = retrieval_lines(rows["passkey"], pretrained, bounds, config.get("training", {}))
-    summary = _summary_markdown(header, table, findings, figures, failed, pretrained, retrieval)
-    page = _report_html(header, table, findings, figures, failed, pretrained, retrieval)
+    passkey_rows = [row for row in rows["retrieval"] if row.get("task", "passkey") == "passkey"]
+    retrieval = retrieval_lines(passkey_rows, pretrained, bounds, config.get("training", {}))
+    summary = _summary_markdown(header, table, readouts, findings, figures, failed, pretrained, retrieval)
+    page = _report_html(header, table, readouts, findings, figures, failed, pretrained, retrieval)
     write_atomically(folder / "summary.md", summary)
     write_atomically(folder / "report.html", page)
     return report_paths(out)
@@ -335,7 +407,13 @@ def report_paths(out: str | Path) -> dict[str, Path]:
     return {"summary": folder / "summary.md", "html": folder / "report.html", "figures": folder / "figures"}
 
 
-def _summary_markdown(header, table, findings, figures, failed, pretrained, retrieval) -> str:
+READOUT_TITLE = "Answering-query attention per task"
+READOUT_TEXT = ("Entropy of the answering query as a predictor of failure, tested within strata as finding 2 is "
+                "(pair-weighted AUROC, stratified permutation p), and its mean attention mass on the needles and on "
+                "the distractors for correct and failed answers.")
+
+
+def _summary_markdown(header, table, readouts, findings, figures, failed, pretrained, retrieval) -> str:
     parts = [f"# ropescope study summary\n\nPretrained length: {pretrained} tokens.\n",
              "## Findings of arXiv 2406.13282\n", f"Verdicts: {VERDICT_RULE}\n"]
     for finding in findings:
@@ -347,7 +425,10 @@ def _summary_markdown(header, table, findings, figures, failed, pretrained, retr
         parts.append(f"Rule: {finding.rule}\n")
     if retrieval:
         parts += ["## Retrieval after fine-tuning\n", "\n".join(retrieval) + "\n"]
-    parts += ["## Results\n", _markdown_table(header, table), "\n## Figures\n"]
+    parts += ["## Results\n", _markdown_table(header, table)]
+    if readouts[1]:
+        parts += [f"\n## {READOUT_TITLE}\n", READOUT_TEXT + "\n", _markdown_table(*readouts)]
+    parts += ["\n## Figures\n"]
     parts += [f"![{figure.title}](figures/{figure.path.name})" for figure in figures]
     if failed:
         parts += ["\n## Failed cells (rerun the same command to retry)\n"]
@@ -370,7 +451,7 @@ def _image(path: Path) -> str:
     return f'<img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'
 
 
-def _report_html(header, table, findings, figures, failed, pretrained, retrieval) -> str:
+def _report_html(header, table, readouts, findings, figures, failed, pretrained, retrieval) -> str:
     by_key = {figure.key: figure for figure in figures}
     body = [f"<h1>ropescope study</h1><p>Pretrained length: {pretrained} tokens. Findings tested against "
             "<em>Understanding the RoPE Extensions of Long-Context LLMs: An Attention Perspective</em> "
@@ -392,6 +473,8 @@ def _report_html(header, table, findings, figures, failed, pretrained, retrieval
         body.append("<h2>Retrieval after fine-tuning</h2>"
                     + "".join(f"<p>{html.escape(line)}</p>" for line in retrieval))
     body.append("<h2>Results</h2>" + _html_table(header, table, css="results"))
+    if readouts[1]:
+        body.append(f"<h2>{READOUT_TITLE}</h2><p>{html.escape(READOUT_TEXT)}</p>" + _html_table(*readouts))
     for figure in figures:
         if not figure.key.startswith("finding"):
             body.append(f"<h2>{html.escape(figure.title)}</h2><figure>{_image(figure.path)}"

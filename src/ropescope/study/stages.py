@@ -2,15 +2,17 @@
 
 A `Stage` declares its name, the stages whose cells (of the same variant) it needs first, the config values its
 result depends on (`settings`: these, and the cells it requires, make a cell's fingerprint), and
-`run(context, variant) -> rows`. Each run composes library functions only. Adding a stage is one function and
-one entry in `STAGES`.
+`run(context, variant) -> rows`. Each run composes library functions only. A stage is its run and settings here
+and its entry in `STAGES`; what it is configured by lives in study/config.py, and the report reads its rows by
+its name (study/report.py). Retrieval tasks need none of this: they come from the task registry
+(eval/tasks.py) through the `retrieval` stage.
 """
 
 from __future__ import annotations
 
 import csv
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from ropescope.study.config import StudyConfig
 from ropescope.study.context import ORIGINAL_VARIANT, StageContext, Variant
@@ -84,21 +86,25 @@ def perplexity(context: StageContext, variant: Variant) -> list[dict]:
     )
 
 
-def passkey_settings(config: StudyConfig, variant: Variant) -> dict:
-    evaluation = config.evaluation
-    return {"lengths": evaluation.passkey_lengths, "depths": evaluation.passkey_depths,
-            "trials": evaluation.passkey_trials}
+def retrieval_settings(config: StudyConfig, variant: Variant) -> dict:
+    return asdict(config.retrieval)
 
 
-def passkey(context: StageContext, variant: Variant) -> list[dict]:
-    from ropescope.eval.passkey import evaluate_passkey
+def retrieval(context: StageContext, variant: Variant) -> list[dict]:
+    """Every configured retrieval task over the retrieval grid; rows carry their task."""
+    from ropescope.eval.retrieval import evaluate_retrieval, needs_documents
+    from ropescope.eval.tasks import get_task
 
     model, tokenizer = context.load(variant)
-    settings = context.config.evaluation
-    return evaluate_passkey(
-        model, tokenizer, settings.passkey_lengths, settings.passkey_depths, trials=settings.passkey_trials,
-        seed=context.config.seed, progress=context.progress,
-    )
+    settings = context.config.retrieval
+    rows = []
+    for name in settings.tasks:
+        task = get_task(name)
+        documents = context.documents("validation") if needs_documents(task, settings.independent_haystacks) else None
+        rows += evaluate_retrieval(model, tokenizer, task, settings.lengths, settings.depths, trials=settings.trials,
+                                   seed=context.config.seed, documents=documents,
+                                   independent_haystacks=settings.independent_haystacks, progress=context.progress)
+    return rows
 
 
 def _with_position(rows: list[dict]) -> list[dict]:
@@ -153,25 +159,30 @@ def no_settings(config: StudyConfig, variant: Variant) -> dict:
     return {}
 
 
-def uncertainty(context: StageContext, variant: Variant) -> list[dict]:
-    """The answering query's attention entropy and needle mass for every passkey cell of this variant."""
-    from ropescope.attention.uncertainty import rebuild_cases, retrieval_attention
+UNCERTAINTY_FIELDS = ("task", "length", "depth_percent", "trial", "correct", "entropy", "needle_mass",
+                      "distractor_mass", "entropy_max")
 
-    evaluated = context.required_rows("passkey", variant)
+
+def uncertainty(context: StageContext, variant: Variant) -> list[dict]:
+    """The answering query's attention entropy, needle and distractor mass for every retrieval cell of this
+    variant."""
+    from ropescope.attention.uncertainty import retrieval_attention
+    from ropescope.eval.tasks import rebuild_cases
+
+    evaluated = context.required_rows("retrieval", variant)
     model, tokenizer = context.load(variant)
-    cases = rebuild_cases(tokenizer, evaluated, seed=context.config.seed)
-    fields = ("length", "depth_percent", "trial", "correct", "entropy", "needle_mass", "entropy_max")
-    return [{key: row[key] for key in fields}
+    cases = rebuild_cases(tokenizer, evaluated, documents=context.documents("validation"), seed=context.config.seed)
+    return [{key: row[key] for key in UNCERTAINTY_FIELDS}
             for row in retrieval_attention(model, cases, evaluated, progress=context.progress)]
 
 
 STAGES: tuple[Stage, ...] = (
     Stage("train", train, train_settings, fine_tuned_only=True, writes_checkpoint=True),
     Stage("perplexity", perplexity, perplexity_settings, requires=("train",), sweep=True),
-    Stage("passkey", passkey, passkey_settings, requires=("train",)),
+    Stage("retrieval", retrieval, retrieval_settings, requires=("train",)),
     Stage("entropy", entropy, entropy_settings, requires=("train",)),
     Stage("patterns", patterns, patterns_settings, requires=("train",), sweep=True),
-    # its settings are the passkey cell's: they reach the fingerprint through `requires`
-    Stage("uncertainty", uncertainty, no_settings, requires=("train", "passkey")),
+    # its settings are the retrieval cell's: they reach the fingerprint through `requires`
+    Stage("uncertainty", uncertainty, no_settings, requires=("train", "retrieval")),
 )
 STAGE_NAMES: tuple[str, ...] = tuple(stage.name for stage in STAGES)
