@@ -154,7 +154,7 @@ def test_training_seeds_add_runs_and_sweep_variants_are_evaluated_for_finding_on
         {name: cell.fingerprint for name, cell in cells.items()}.items()
     runs = [cells[f"train/yarn@512{suffix}"] for suffix in ("", "-s1", "-s2")]
     assert len({cell.fingerprint for cell in runs}) == 3 and [cell.variant.train_seed for cell in runs] == [0, 1, 2]
-    assert cells["passkey/yarn@512-s1"].requires == ("train/yarn@512-s1",)
+    assert cells["retrieval/yarn@512-s1"].requires == ("train/yarn@512-s1",)
     assert cells["train/yarn@512-s2"].variant.labels()["train_seed"] == 2
     swept = parse_config({"model": {"original_max_position_embeddings": 256},
                           "methods": {"y": {"method": "yarn", "factor": 2.0},
@@ -253,7 +253,8 @@ def test_force_redoes_every_cell(tmp_path):
     ("[training]\nstepz = 3", "unknown key 'training.stepz'; accepted: lengths, steps"),
     ("[methods.a]\nmethod = 'warp'", "[methods.a]: unknown RoPE method 'warp'"),
     ("[methods.a]\nfactor = 2.0", "[methods.a] needs a 'method' key"),
-    ("[training]\nlengths = [512, 0]", "'training.lengths' = [512, 0] must be a non-empty list of positive integers"),
+    ("[training]\nlengths = [512, 0]", "'training.lengths' = [512, 0] must be a list of positive integers"),
+    ("[training]\nlengths = []\ninclude_untrained = false", "leave no extension to evaluate"),
     ("[evaluation]\nperplexity_lengths = [-256]", "'evaluation.perplexity_lengths' = [-256] must be"),
     ("[retrieval]\ndepths = [0, 150]", "'retrieval.depths' = [0, 150] must be"),
     ("[retrieval]\ntasks = ['passkey', 'haystack']", "'retrieval.tasks' = ['passkey', 'haystack'] must be a non-empty "
@@ -305,6 +306,6 @@ def test_config_parsing_fills_the_pretrained_length(tmp_path):
 def test_the_shipped_default_study_is_valid():
     config = load_config()
     assert set(config.methods) == {"original", "pi", "ntk", "yarn", "pi8", "ntk8", "yarn8"}
-    assert config.sweep == ("pi8", "ntk8", "yarn8") and config.training.seeds == 2
+    assert config.sweep == ("pi8", "ntk8", "yarn8") and config.training.seeds == 1
     assert config.findings.auroc_bounds == [0.44, 0.56] and config.findings.rho_bound == 0.5
     assert config.training.lengths == [512, 1024] and max(config.evaluation.perplexity_lengths) >= 4096
