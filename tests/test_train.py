@@ -328,9 +328,10 @@ def test_without_retrieval_mix_the_batch_is_the_corpus_blocks_and_the_run_identi
 def test_the_answer_loss_is_added_to_the_language_model_loss(tiny):
     from transformers import AutoModelForCausalLM
 
-    from ropescope.train import _loss
+    from ropescope.nll import CausalLMLoss
 
     model = AutoModelForCausalLM.from_pretrained(tiny["model"]).eval()
+    with_answers, plain = CausalLMLoss(model, answer_weight=1.0), CausalLMLoss(model, answer_weight=1.0, chunk_size=7)
     input_ids = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(1))
     is_answer = torch.zeros_like(input_ids, dtype=torch.bool)
     is_answer[0, 14:20] = True
@@ -339,8 +340,8 @@ def test_the_answer_loss_is_added_to_the_language_model_loss(tiny):
         log_probabilities = torch.log_softmax(model(input_ids).logits.double(), dim=-1)
         nll = -log_probabilities[:, :-1].gather(-1, input_ids[:, 1:, None])[..., 0]  # [2, 19], float64
         expected = nll.mean() + nll[is_answer[:, 1:]].mean()
-        torch.testing.assert_close(_loss(model, input_ids, is_answer).double(), expected, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(_loss(model, input_ids, None).double(), nll.mean(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(with_answers(input_ids, is_answer).double(), expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(plain(input_ids, None).double(), nll.mean(), rtol=1e-5, atol=1e-6)
 
 
 def test_a_run_with_retrieval_mix_trains_and_records_it(tiny, tmp_path):

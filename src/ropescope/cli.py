@@ -432,7 +432,7 @@ def _add_pretrain(subparsers) -> None:
         "pretrain a small Llama with original RoPE (the shipped model's recipe is in its MODEL_CARD)",
         "Pretrain a small LlamaForCausalLM with original RoPE at a short context, with a share of synthetic passkey "
         "examples. The defaults are the first of the stages that build the shipped model "
-        "(src/ropescope/default/MODEL_CARD.md gives the commands).", {"output": "--out"})
+        "(src/ropescope/default/MODEL_CARD.md gives the commands).")
 
 
 # ---------------------------------------------------------------------------------------------------------------
