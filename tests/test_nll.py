@@ -135,7 +135,7 @@ def test_the_family_logit_transform_is_what_the_model_applies():
 
 def test_a_loss_chunk_holds_about_as_many_logits_as_there_are_hidden_state_elements():
     assert loss_chunk_size(8192, 64, 128_256) * 128_256 <= max(8192 * 64, LOSS_CHUNK_MIN_ELEMENTS)
-    assert loss_chunk_size(8192, 64, 128_256) == LOSS_CHUNK_MIN_ELEMENTS // 128_256  # the floor: 32 positions
+    assert loss_chunk_size(8192, 64, 128_256) == LOSS_CHUNK_MIN_ELEMENTS // 128_256  # the floor: 130 positions
     assert loss_chunk_size(131_072, 4096, 128_256) == 131_072 * 4096 // 128_256  # grows with tokens x hidden size
     assert loss_chunk_size(100, 128, 4096) == 100  # never more positions than there are
     assert loss_chunk_size(10, 8, 10**9) == 1

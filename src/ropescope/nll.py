@@ -10,9 +10,10 @@ from torch.utils.checkpoint import checkpoint
 
 
 IGNORED = -100  # cross_entropy's ignore_index: a target that scores 0
-# The training loss holds the logits of one chunk of positions at a time, at least this many (16 MB in float32): a
-# smaller chunk saves nothing worth its per-chunk overhead.
-LOSS_CHUNK_MIN_ELEMENTS = 1 << 22
+# The training loss holds the logits of one chunk of positions at a time, at least this many (64 MB in float32). With
+# 16 MB chunks a train step at 8K tokens and Llama 3's vocabulary took 1.6x the time, and 4x the peak RSS on CPU:
+# glibc serves blocks under 32 MB from its heap, which the chunks' churn fragments (benchmarks/memory_scaling.py).
+LOSS_CHUNK_MIN_ELEMENTS = 1 << 24
 
 
 def token_nll(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "none") -> torch.Tensor:
@@ -134,16 +135,14 @@ def chunked_answer_weighted_loss(hidden: torch.Tensor, input_ids: torch.Tensor, 
     targets, weights = targets.reshape(-1).to(hidden.device), weights.reshape(-1).to(hidden.device)
     if chunk_size is None:
         chunk_size = loss_chunk_size(hidden.shape[0], hidden.shape[1], output_head.out_features)
+    recompute = torch.is_grad_enabled() and hidden.requires_grad
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    for start in range(0, hidden.shape[0], chunk_size):
-        end = start + chunk_size
-        if torch.is_grad_enabled() and hidden.requires_grad:
-            # Without it autograd would keep every chunk's [chunk x vocab] logits for the backward.
-            chunk = checkpoint(_chunk_loss, hidden[start:end], targets[start:end], weights[start:end], output_head,
-                               transform, use_reentrant=False)
+    # split, not slices: its backward joins the chunks' gradients once, where each slice's would be a full-size zeros
+    for chunk in zip(hidden.split(chunk_size), targets.split(chunk_size), weights.split(chunk_size)):
+        if recompute:  # without it autograd would keep every chunk's [chunk x vocab] logits for the backward
+            total = total + checkpoint(_chunk_loss, *chunk, output_head, transform, use_reentrant=False)
         else:
-            chunk = _chunk_loss(hidden[start:end], targets[start:end], weights[start:end], output_head, transform)
-        total = total + chunk
+            total = total + _chunk_loss(*chunk, output_head, transform)
     return total
 
 
