@@ -194,6 +194,49 @@ def test_a_killed_run_resumes_on_the_exact_trajectory(tiny, tmp_path):
     torch.testing.assert_close([l for _, l in resumed], [l for _, l in reference], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dies", ["writing", "publishing"])
+def test_a_run_killed_during_its_final_save_is_finished_by_the_rerun(tiny, tmp_path, monkeypatch, dies):
+    """Killed while the final checkpoint is written (the staging folder half full) or published (moved file by file
+    into the run folder): the folder never looks complete, and the rerun with resume ends with the checkpoint an
+    uninterrupted run writes."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
+
+    import ropescope.train as train_module
+
+    reference = train(_config(tiny, tmp_path / "reference", steps=3, checkpoint_every=2))
+    config = _config(tiny, tmp_path / "killed", steps=3, checkpoint_every=2)
+    if dies == "writing":  # the weights are written, the tokenizer never is
+        def die(*args, **kwargs):
+            raise KeyboardInterrupt
+        monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", die)
+    else:  # the first file is moved in, then the process dies
+        real_replace, moves = os.replace, []
+
+        def replace(source, target):
+            if Path(source).parent.name == train_module.STAGED:
+                moves.append(target)
+                if len(moves) > 1:
+                    raise KeyboardInterrupt
+            real_replace(source, target)
+        monkeypatch.setattr(train_module.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        train(config)
+    monkeypatch.undo()
+    assert not train_module._is_complete(config.out, 3) and not (config.out / "config.json").exists()
+    assert (config.out / train_module.STAGED).is_dir() == (dies == "publishing")
+    with pytest.raises((OSError, ValueError)):  # not a loadable checkpoint: neither half of one nor a previous one
+        AutoModelForCausalLM.from_pretrained(config.out)
+
+    config.resume = True
+    train(config)
+    assert train_module._is_complete(config.out, 3)
+    assert sorted(path.name for path in config.out.iterdir()) == sorted(path.name for path in reference.iterdir())
+    expected, actual = load_file(reference / "model.safetensors"), load_file(config.out / "model.safetensors")
+    assert all(torch.equal(expected[name], actual[name]) for name in expected)
+    assert _losses(config.out) == _losses(reference)
+
+
 def test_lora_trains_adapters_and_saves_a_merged_plain_checkpoint(tiny, tmp_path):
     from safetensors.torch import load_file
 

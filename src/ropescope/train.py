@@ -43,6 +43,10 @@ METRICS_FIELDS = ["step", "loss", "lr", "tokens_per_s"]
 # of the shipped model's pretraining); the other passkey rows hold one example of the training length.
 RETRIEVAL_PACKED_SHARE = 0.3
 RETRIEVAL_PACKED_MIN_LENGTH = 40
+# The final checkpoint is written into STAGING, renamed to STAGED once whole, then its files are moved into the run
+# folder with config.json last: a run folder with config.json holds the complete checkpoint, and a STAGED folder
+# left by a kill is published by the rerun.
+STAGING, STAGED = ".final.partial", ".final.staged"
 # Fields that do not change what the run computes: a resumed run may differ in these.
 _NOT_IDENTITY = {"out", "resume", "overwrite", "progress", "checkpoint_every", "keep_checkpoints", "batch_size"}
 
@@ -260,12 +264,17 @@ def _check_out(config: TrainConfig, identity: dict) -> None:
 
 
 def _is_complete(out: Path, steps: int) -> bool:
-    """The last step's metrics are written and the final checkpoint saved (its tokenizer is saved last)."""
+    """The last step's metrics are written and the final checkpoint published (its config.json is moved in last)."""
     from ropescope.models import TOKENIZER_FILES
 
-    rows = _metrics_rows(out / "metrics.csv", steps)
-    return bool(rows) and int(rows[-1]["step"]) == steps and (out / "config.json").is_file() \
+    return _trained(out, steps) and not (out / STAGED).exists() and (out / "config.json").is_file() \
         and (out / "tokenizer_config.json").is_file() and any((out / name).is_file() for name in TOKENIZER_FILES)
+
+
+def _trained(out: Path, steps: int) -> bool:
+    """Every step's metrics are written: the training itself is over."""
+    rows = _metrics_rows(out / "metrics.csv", steps)
+    return bool(rows) and int(rows[-1]["step"]) == steps
 
 
 def _training_blocks(tokenizer, config: TrainConfig, global_batch: int) -> torch.Tensor:
@@ -488,6 +497,13 @@ def train(config: TrainConfig) -> Path:
     global_batch = config.batch_size * accelerator.num_processes * config.grad_accum
     identity = _identity(config, global_batch)
     _check_out(config, identity)
+    out = Path(config.out)
+    if config.resume and (out / STAGED).is_dir() and _trained(out, config.steps):
+        # Killed while publishing its final checkpoint, which was whole: finish that, nothing to train.
+        if accelerator.is_main_process:
+            _publish_final(out)
+        accelerator.wait_for_everyone()
+        return out
 
     # The extension, the data, the model: all checked before the first file is written; the model last, so
     # a bad factor or a corpus too short for the length does not wait for a large model to load.
@@ -527,6 +543,17 @@ def _save_final(accelerator, model, tokenizer, out: Path, lora: bool) -> None:
         if unwrapped.is_activation_checkpointing:
             unwrapped.activation_checkpointing_disable()
         unwrapped.config.use_cache = True
-        unwrapped.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
-        tokenizer.save_pretrained(out)
+        shutil.rmtree(out / STAGING, ignore_errors=True)  # a save that died: its files are of no use
+        unwrapped.save_pretrained(out / STAGING, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(out / STAGING)
+        os.replace(out / STAGING, out / STAGED)
+        _publish_final(out)
     accelerator.wait_for_everyone()
+
+
+def _publish_final(out: Path) -> None:
+    """Move the whole staged checkpoint's files into the run folder, config.json last (what marks it complete)."""
+    staged = out / STAGED
+    for name in sorted((path.name for path in staged.iterdir()), key=lambda name: name == "config.json"):
+        os.replace(staged / name, out / name)
+    staged.rmdir()
