@@ -435,8 +435,38 @@ def _add_pretrain(subparsers) -> None:
         "(src/ropescope/default/MODEL_CARD.md gives the commands).")
 
 
+def _add_plan(subparsers) -> None:
+    from ropescope.plan import run_plan
+
+    parser = _command(subparsers, "plan", run_plan, _show_plan,
+                      "estimated peak memory per GPU of evaluation, capture and training, from the config alone",
+                      "Estimate, from a model's config alone (no weights loaded), the peak memory per device of "
+                      "evaluation (ppl), the attention capture (entropy) and one training step (train, with and "
+                      "without gradient checkpointing; state sharded over --gpus as FSDP or ZeRO-3 shard it), whether "
+                      "each fits, and the largest length that does. Estimates checked against CPU peaks only.")
+    parser.add_argument("--model", help="'default', a local Hugging Face folder, a Hub id org/name (from the local "
+                                        "cache when HF_HUB_OFFLINE=1) or a .gguf file")
+    parser.add_argument("--method", help="the RoPE method (NAME[:KEY=VALUE,...]); it does not change the memory")
+    parser.add_argument("--length", type=_positive_int, help="tokens per sequence")
+    parser.add_argument("--gpus", type=_positive_int, help="GPUs the training state is sharded over")
+    parser.add_argument("--gpu-memory", type=_number("gpu_memory"), help="GiB of memory per GPU")
+    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="the compute dtype")
+    parser.add_argument("--device", choices=["cuda", "cpu"],
+                        help="cuda: allocated GPU memory; cpu: the process's resident memory, as on a laptop")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # What each command prints: the library's results, one line each
+
+
+def _show_plan(rows) -> None:
+    first = rows[0]
+    print(f"{first['model']}: {first['parameters'] / 1e6:,.1f} M parameters, {first['length']} tokens, {first['dtype']}, "
+          f"{first['gpus']} x {first['gpu_memory_gib']:g} GiB ({first['device']}); estimates checked against CPU "
+          "peaks only")
+    for row in rows:
+        print(f"{row['command']:<24} {row['peak_gib']:>9.2f} GiB per device  {'fits' if row['fits'] else 'DOES NOT FIT'}"
+              f"  largest length that fits: {row['largest_length'] or 'none'}")
 
 
 def _show_study(result) -> int:
@@ -493,8 +523,8 @@ def _show_uncertainty(rows) -> None:
 
 # the `_add_*` functions, in the order `ropescope --help` lists them
 SUBCOMMANDS: list = [
-    _add_study, _add_report, _add_methods_command, _add_freqs, _add_pretrain, _add_train, _add_ppl, _add_passkey,
-    _add_needle, _add_entropy, _add_patterns, _add_uncertainty,
+    _add_study, _add_report, _add_methods_command, _add_freqs, _add_pretrain, _add_train, _add_plan, _add_ppl,
+    _add_passkey, _add_needle, _add_entropy, _add_patterns, _add_uncertainty,
 ]
 
 
