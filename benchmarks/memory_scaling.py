@@ -45,12 +45,19 @@ REFERENCES = {"train": "train-hidden", "train-logits": "train-hidden", "ppl": "f
 MODES = ["train-hidden", "train", "train-logits", "forward-hidden", "ppl", "ppl-logits", "prefill", "prefill-logits",
          "capture"]
 HOLDS_LOGITS = {"train-logits", "ppl-logits", "prefill-logits"}
+PLANNED = {"train": "training", "ppl": "evaluation", "capture": "capture"}  # ropescope plan's name of each
 
 
-def build_model():
+def build_model(name: str = "llama3-vocab"):
+    """The random Llama with Llama 3's vocabulary, or a model `ropescope.models.load_model` loads ("default", a
+    folder) in float32."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    if name != "llama3-vocab":
+        from ropescope.models import load_model
+
+        return load_model(name, device="cpu", dtype="float32")[0]
     torch.manual_seed(0)
     model = LlamaForCausalLM._from_config(LlamaConfig(**LLAMA3_VOCAB_TINY), attn_implementation="sdpa",
                                           dtype=torch.float32)
@@ -92,11 +99,11 @@ def step(mode: str, model, optimizer, input_ids) -> None:
             layer_entropies(model, input_ids)
 
 
-def worker(mode: str, length: int, threads: int) -> dict:
+def worker(mode: str, length: int, threads: int, model_name: str = "llama3-vocab") -> dict:
     import torch
 
     torch.set_num_threads(threads)
-    model = build_model()
+    model = build_model(model_name)
     optimizer = None
     if mode.startswith("train"):
         model.train()
@@ -121,8 +128,9 @@ def available_bytes() -> int:
     raise RuntimeError("no MemAvailable in /proc/meminfo")
 
 
-def measure(mode: str, length: int, threads: int) -> dict:
-    command = [sys.executable, __file__, "--worker", mode, str(length), "--threads", str(threads)]
+def measure(mode: str, length: int, threads: int, model_name: str = "llama3-vocab") -> dict:
+    command = [sys.executable, __file__, "--worker", mode, str(length), "--threads", str(threads), "--model",
+               model_name]
     completed = subprocess.run(command, capture_output=True, text=True)
     if completed.returncode != 0:
         return {"mode": mode, "length": length, "skipped": f"failed: {completed.stderr.strip().splitlines()[-1:]}"}
@@ -134,6 +142,8 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
     parser.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per measurement")
+    parser.add_argument("--model", default="llama3-vocab",
+                        help="llama3-vocab (the random Llama above), or 'default' or a folder for load_model")
     parser.add_argument("--memory-fraction", type=float, default=0.4,
                         help="skip a mode holding full logits when they would need more than this fraction of the "
                              "available memory")
@@ -141,26 +151,33 @@ def main() -> None:
     parser.add_argument("--worker", nargs=2, metavar=("MODE", "LENGTH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker[0], int(args.worker[1]), args.threads)))
+        print(json.dumps(worker(args.worker[0], int(args.worker[1]), args.threads, args.model)))
         return
 
+    from transformers import LlamaConfig
+
+    from ropescope.plan import estimate, model_shape, read_config
+
     gib = 2**30
-    print(f"random Llama {LLAMA3_VOCAB_TINY}; threads={args.threads} available={available_bytes() / gib:.1f} GiB")
+    model_config = LlamaConfig(**LLAMA3_VOCAB_TINY) if args.model == "llama3-vocab" else read_config(args.model)
+    shape = model_shape(model_config)
+    vocab = shape.vocab_size
+    print(f"model {args.model} ({shape}); threads={args.threads} available={available_bytes() / gib:.1f} GiB")
     header = (f"{'length':>7} | {'mode':>14} | {'peak GiB':>8} | {'step +GiB':>9} | {'seconds':>7} | "
-              f"{'peak x ref':>10} | {'step x ref':>10}")
+              f"{'peak x ref':>10} | {'step x ref':>10} | {'plan GiB':>8} | {'plan / peak':>11}")
     print(header)
     print("-" * len(header))
     rows = []
     for length in args.lengths:
         results: dict = {}
         for mode in args.modes:
-            needed = 3 * 4 * length * LLAMA3_VOCAB_TINY["vocab_size"] if mode in HOLDS_LOGITS else 0
+            needed = 3 * 4 * length * vocab if mode in HOLDS_LOGITS else 0
             budget = args.memory_fraction * available_bytes()
             if needed > budget:
                 result = {"mode": mode, "length": length,
                           "skipped": f"needs ~{needed / gib:.1f} GiB of logits, budget {budget / gib:.1f} GiB"}
             else:
-                result = measure(mode, length, args.threads)
+                result = measure(mode, length, args.threads, args.model)
             results[mode] = result
             rows.append(result)
             if "skipped" in result:
@@ -171,9 +188,11 @@ def main() -> None:
             peak_ratio = result["peak"] / reference["peak"] if "peak" in reference else float("nan")
             reference_increment = reference.get("peak", 0) - reference.get("before", 0)
             step_ratio = increment / reference_increment if reference_increment > 0 else float("nan")
-            result.update(peak_ratio=peak_ratio, step_ratio=step_ratio)
+            planned = estimate(shape, length, dtype_bytes=4, on_cpu=True)[PLANNED[mode]] if mode in PLANNED else None
+            result.update(peak_ratio=peak_ratio, step_ratio=step_ratio, plan=planned)
+            plan_text = f"{planned / gib:>8.3f} | {planned / result['peak']:>11.2f}" if planned else f"{'':>8} | {'':>11}"
             print(f"{length:>7} | {mode:>14} | {result['peak'] / gib:>8.3f} | {increment / gib:>9.3f} | "
-                  f"{result['seconds']:>7.2f} | {peak_ratio:>10.2f} | {step_ratio:>10.2f}", flush=True)
+                  f"{result['seconds']:>7.2f} | {peak_ratio:>10.2f} | {step_ratio:>10.2f} | {plan_text}", flush=True)
     if args.json:
         with open(args.json, "w") as file:
             json.dump(rows, file, indent=1)
