@@ -391,3 +391,50 @@ def test_a_run_with_retrieval_mix_trains_and_records_it(tiny, tmp_path):
     out = train(_config(tiny, tmp_path / "mix", steps=2, length=64, retrieval_mix=0.5))
     assert [step for step, _ in _losses(out)] == [1, 2]
     assert json.loads((out / "run.json").read_text())["config"]["retrieval_mix"] == 0.5
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma",
+                                    "gemma2", "gemma3_text", "phi3", "stablelm", "olmo2", "granite", "cohere",
+                                    "smollm3", "starcoder2", "ministral3", "gpt_oss"])
+def test_gradient_checkpointing_recomputes_every_decoder_layer_of_every_family(family):
+    """As train prepares a model: every decoder layer runs twice per step (the forward, and again in the backward),
+    and the gradients are those of the step without checkpointing."""
+    from transformers import AutoModelForCausalLM
+
+    from ropescope.nll import causal_lm_loss
+    from ropescope.train import _prepare_model
+    from tests.test_families import VOCAB, family_config
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(family_config(family)).float()
+    input_ids = torch.randint(0, VOCAB, (1, 24), generator=torch.Generator().manual_seed(0))
+    causal_lm_loss(_prepare_model(TrainConfig(out="x"), model, checkpointing=False), input_ids).backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+
+    calls = []
+    attentions = [layer.self_attn for layer in model.base_model.layers]
+    for attention in attentions:  # a layer's own hooks stay outside the checkpoint; its modules' run in it
+        attention.register_forward_pre_hook(lambda module, args: calls.append(module))
+    causal_lm_loss(_prepare_model(TrainConfig(out="x"), model, checkpointing=True), input_ids).backward()
+    assert [calls.count(attention) for attention in attentions] == [2] * len(attentions)
+    for name, gradient in expected.items():
+        torch.testing.assert_close(model.get_parameter(name).grad, gradient, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_gradient_checkpointing_is_on_where_it_pays_and_the_run_records_it(tiny, tmp_path):
+    from transformers import AutoConfig, LlamaConfig
+
+    from ropescope.train import uses_checkpointing
+
+    tiny_config = AutoConfig.from_pretrained(tiny["model"])  # 2 layers of hidden 64: activations pass the state soon
+    assert not uses_checkpointing(TrainConfig(out="x", length=48), tiny_config, "no")
+    assert uses_checkpointing(TrainConfig(out="x", length=4096), tiny_config, "no")
+    assert not uses_checkpointing(TrainConfig(out="x", length=4096, gradient_checkpointing=False), tiny_config, "no")
+    llama_7b = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                           vocab_size=32000)
+    assert not uses_checkpointing(TrainConfig(out="x", length=2048), llama_7b, "bf16")
+    assert uses_checkpointing(TrainConfig(out="x", length=32768), llama_7b, "bf16")  # the paper's fine-tune
+    for length, expected in ((48, False), (2048, True)):
+        out = train(_config(tiny, tmp_path / f"run-{length}", steps=1, length=length, batch_size=1))
+        assert json.loads((out / "run.json").read_text())["gradient_checkpointing"] is expected

@@ -396,10 +396,8 @@ def _add_config_fields(parser: argparse.ArgumentParser, config_class, flag_names
             options["required"] = True
         elif field.default is not dataclasses.MISSING:
             options["default"] = field.default
-        if kind is bool:
-            if field.default is None:  # tri-state settings (e.g. progress: None = only on a terminal)
-                continue
-            options["action"] = argparse.BooleanOptionalAction if field.default else "store_true"
+        if kind is bool:  # tri-state settings (None: decided at run time) get --x and --no-x
+            options["action"] = argparse.BooleanOptionalAction if field.default is not False else "store_true"
         else:
             options["type"] = _number(field.name) if kind is float else kind
         parser.add_argument(flag, **options)

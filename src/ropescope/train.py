@@ -48,7 +48,8 @@ RETRIEVAL_PACKED_MIN_LENGTH = 40
 # left by a kill is published by the rerun.
 STAGING, STAGED = ".final.partial", ".final.staged"
 # Fields that do not change what the run computes: a resumed run may differ in these.
-_NOT_IDENTITY = {"out", "resume", "overwrite", "progress", "checkpoint_every", "keep_checkpoints", "batch_size"}
+_NOT_IDENTITY = {"out", "resume", "overwrite", "progress", "checkpoint_every", "keep_checkpoints", "batch_size",
+                 "gradient_checkpointing"}
 
 
 def option(default=dataclasses.MISSING, help: str = ""):
@@ -82,8 +83,10 @@ class TrainConfig:
     max_grad_norm: float = option(1.0, "gradient clipping: the largest global gradient norm; 0 turns clipping off")
     mixed_precision: str = option("auto", "auto, no, bf16 or fp16; auto = bf16 on a GPU that supports it, else no "
                                           "(float32)")
-    gradient_checkpointing: bool = option(False, "recompute each decoder layer's activations in the backward "
-                                                 "instead of keeping them: less memory, about a third more time")
+    gradient_checkpointing: bool | None = option(None, (
+        "recompute each decoder layer's activations in the backward instead of keeping them: less memory, about a "
+        "third more time; unset = on where the activations a micro-step keeps would exceed the weights, gradients "
+        "and optimizer state (ropescope.plan.checkpointing_pays); run.json records what was used"))
     lora_rank: int = option(0, "0 = full fine-tune; > 0 trains LoRA adapters of this rank on the attention "
                                "projections (peft) and saves them merged")
     lora_alpha: float = option(16.0, "LoRA scaling numerator (the update is scaled by lora_alpha / lora_rank)")
@@ -250,7 +253,7 @@ def _check_out(config: TrainConfig, identity: dict) -> None:
     if config.overwrite:
         return
     previous = json.loads(run_file.read_text())["config"]
-    differences = run_differences(previous, identity)
+    differences = run_differences(previous, identity, ignore=_NOT_IDENTITY)
     if differences:
         detail = ", ".join(f"{k}={previous.get(k)!r} there vs {identity.get(k)!r} here" for k in differences[:3])
         raise RopescopeError(f"out={out} holds a different run ({detail}); pass overwrite to replace it, "
@@ -373,7 +376,8 @@ def _rope_spec(config: TrainConfig, model_path: Path):
     return method_spec(config.method, factor=config.factor, original_max_position_embeddings=original)
 
 
-def _start_run_folder(accelerator, config: TrainConfig, identity: dict, spec, num_blocks: int) -> Path | None:
+def _start_run_folder(accelerator, config: TrainConfig, identity: dict, spec, num_blocks: int,
+                      checkpointing: bool) -> Path | None:
     """Create (or clear, on overwrite) the run folder and write run.json; return the checkpoint to resume from."""
     out = Path(config.out)
     resume_from = _newest_checkpoint(out) if config.resume else None
@@ -382,17 +386,29 @@ def _start_run_folder(accelerator, config: TrainConfig, identity: dict, spec, nu
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
         run = {"config": identity, "spec": spec.to_dict(),
-               "num_processes": accelerator.num_processes, "corpus_blocks": num_blocks}
+               "num_processes": accelerator.num_processes, "corpus_blocks": num_blocks,
+               "gradient_checkpointing": checkpointing}
         write_atomically(out / "run.json", json.dumps(run, indent=2, default=str) + "\n")
     accelerator.wait_for_everyone()
     return resume_from
 
 
-def _prepare_model(config: TrainConfig, model):
+def uses_checkpointing(config: TrainConfig, model_config, mixed_precision: str) -> bool:
+    """The run's gradient checkpointing: as the config says, or, unset, where it pays for this model and
+    micro-batch (`ropescope.plan.checkpointing_pays`)."""
+    if config.gradient_checkpointing is not None:
+        return config.gradient_checkpointing
+    from ropescope.plan import checkpointing_pays, model_shape
+
+    dtype_bytes = 4 if mixed_precision == "no" else 2
+    return checkpointing_pays(model_shape(model_config), config.batch_size * config.length, dtype_bytes=dtype_bytes)
+
+
+def _prepare_model(config: TrainConfig, model, checkpointing: bool):
     """Training mode, activation checkpointing and LoRA adapters as the config asks."""
     model.train()
     model.config.use_cache = False  # no KV cache while training; put back before saving
-    if config.gradient_checkpointing:
+    if checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if config.lora_rank:
         from peft import LoraConfig, get_peft_model
@@ -516,10 +532,11 @@ def train(config: TrainConfig) -> Path:
     extend(model, spec)
     accelerator.wait_for_everyone()  # every process has looked at `out` before the main one changes it
 
-    resume_from = _start_run_folder(accelerator, config, identity, spec, len(blocks))
+    checkpointing = uses_checkpointing(config, model.config, accelerator.mixed_precision)
+    resume_from = _start_run_folder(accelerator, config, identity, spec, len(blocks), checkpointing)
     # The loss goes through the wrapper's forward: the output head runs over chunks of positions, never holding
     # [tokens x vocabulary] logits (ropescope.nll.causal_lm_loss).
-    model = CausalLMLoss(_prepare_model(config, model), config.answer_loss_weight)
+    model = CausalLMLoss(_prepare_model(config, model, checkpointing), config.answer_loss_weight)
     model, optimizer, scheduler, state = _setup_optimizer(accelerator, config, model, resume_from)
     passkeys = PasskeyPrompts(tokenizer) if config.retrieval_mix else None
     _train_loop(accelerator, config, model, optimizer, scheduler, state, blocks, passkeys, spec.label())
