@@ -532,11 +532,14 @@ def train(config: TrainConfig) -> Path:
     extend(model, spec)
     accelerator.wait_for_everyone()  # every process has looked at `out` before the main one changes it
 
-    checkpointing = uses_checkpointing(config, model.config, accelerator.mixed_precision)
+    # FSDP's own activation checkpointing (its accelerate config) wraps the layers itself: transformers' stays off.
+    fsdp = getattr(accelerator.state, "fsdp_plugin", None)
+    by_fsdp = bool(fsdp is not None and fsdp.activation_checkpointing)
+    checkpointing = by_fsdp or uses_checkpointing(config, model.config, accelerator.mixed_precision)
     resume_from = _start_run_folder(accelerator, config, identity, spec, len(blocks), checkpointing)
     # The loss goes through the wrapper's forward: the output head runs over chunks of positions, never holding
     # [tokens x vocabulary] logits (ropescope.nll.causal_lm_loss).
-    model = CausalLMLoss(_prepare_model(config, model, checkpointing), config.answer_loss_weight)
+    model = CausalLMLoss(_prepare_model(config, model, checkpointing and not by_fsdp), config.answer_loss_weight)
     model, optimizer, scheduler, state = _setup_optimizer(accelerator, config, model, resume_from)
     passkeys = PasskeyPrompts(tokenizer) if config.retrieval_mix else None
     _train_loop(accelerator, config, model, optimizer, scheduler, state, blocks, passkeys, spec.label())
