@@ -120,21 +120,13 @@ def worker(mode: str, length: int, threads: int, model_name: str = "llama3-vocab
     return {"mode": mode, "length": length, "peak": peak, "before": before, "seconds": seconds}
 
 
-def available_bytes() -> int:
-    with open("/proc/meminfo") as meminfo:
-        for line in meminfo:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no MemAvailable in /proc/meminfo")
-
-
 def measure(mode: str, length: int, threads: int, model_name: str = "llama3-vocab") -> dict:
-    command = [sys.executable, __file__, "--worker", mode, str(length), "--threads", str(threads), "--model",
-               model_name]
-    completed = subprocess.run(command, capture_output=True, text=True)
-    if completed.returncode != 0:
-        return {"mode": mode, "length": length, "skipped": f"failed: {completed.stderr.strip().splitlines()[-1:]}"}
-    return json.loads(completed.stdout.strip().splitlines()[-1])
+    """One worker's result, in a fresh process; a failure is a skipped row naming the error."""
+    worker_command = ["--worker", mode, str(length), "--threads", str(threads), "--model", model_name]
+    completed = subprocess.run([sys.executable, __file__, *worker_command], capture_output=True, text=True)
+    if completed.returncode == 0:
+        return json.loads(completed.stdout.strip().splitlines()[-1])
+    return {"mode": mode, "length": length, "skipped": f"failed: {completed.stderr.strip().splitlines()[-1:]}"}
 
 
 def main() -> None:
@@ -156,13 +148,15 @@ def main() -> None:
 
     from transformers import LlamaConfig
 
+    from entropy_memory import available_bytes  # the benchmark beside this one
+
     from ropescope.plan import estimate, model_shape, read_config
 
     gib = 2**30
     model_config = LlamaConfig(**LLAMA3_VOCAB_TINY) if args.model == "llama3-vocab" else read_config(args.model)
     shape = model_shape(model_config)
     vocab = shape.vocab_size
-    print(f"model {args.model} ({shape}); threads={args.threads} available={available_bytes() / gib:.1f} GiB")
+    print(f"model {args.model} ({shape}); threads={args.threads} available={available_bytes('cpu') / gib:.1f} GiB")
     header = (f"{'length':>7} | {'mode':>14} | {'peak GiB':>8} | {'step +GiB':>9} | {'seconds':>7} | "
               f"{'peak x ref':>10} | {'step x ref':>10} | {'plan GiB':>8} | {'plan / peak':>11}")
     print(header)
@@ -172,7 +166,7 @@ def main() -> None:
         results: dict = {}
         for mode in args.modes:
             needed = 3 * 4 * length * vocab if mode in HOLDS_LOGITS else 0
-            budget = args.memory_fraction * available_bytes()
+            budget = args.memory_fraction * available_bytes('cpu')
             if needed > budget:
                 result = {"mode": mode, "length": length,
                           "skipped": f"needs ~{needed / gib:.1f} GiB of logits, budget {budget / gib:.1f} GiB"}
