@@ -9,7 +9,7 @@ from ropescope.cli import _add_config_fields, _HelpFormatter, _Parser, build_par
 from ropescope.rope import RopeSpec, method_spec, parse_method, yarn_correction_range
 from ropescope.rows import FrequencyRow
 
-COMMANDS = ["study", "report", "methods", "freqs", "pretrain", "train", "ppl", "passkey", "needle", "entropy",
+COMMANDS = ["study", "report", "methods", "freqs", "pretrain", "train", "plan", "ppl", "passkey", "needle", "entropy",
             "patterns", "uncertainty"]
 
 
