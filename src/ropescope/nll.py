@@ -6,13 +6,12 @@ import math
 from collections import Counter
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 
 IGNORED = -100  # cross_entropy's ignore_index: a target that scores 0
-# The training loss holds the logits of one chunk of positions at a time, at least this many (64 MB in float32). With
-# 16 MB chunks a train step at 8K tokens and Llama 3's vocabulary took 1.6x the time, and 4x the peak RSS on CPU:
-# glibc serves blocks under 32 MB from its heap, which the chunks' churn fragments (benchmarks/memory_scaling.py).
+# The training loss holds the logits of one chunk of positions at a time, at least this many (64 MB in float32):
+# smaller chunks cost time (16 MB ones made a step at 8K tokens and Llama 3's vocabulary 1.6x slower on CPU), and
+# glibc serves blocks under 32 MB from a heap that their churn fragments (benchmarks/memory_scaling.py).
 LOSS_CHUNK_MIN_ELEMENTS = 1 << 24
 
 
@@ -119,12 +118,55 @@ def _chunk_loss(hidden: torch.Tensor, targets: torch.Tensor, weights: torch.Tens
     return (nll * weights).sum()
 
 
+class _ChunkedHeadLoss(torch.autograd.Function):
+    """The loss over chunks of positions with its gradients computed chunk by chunk in the forward (as fused
+    linear-cross-entropy kernels do): the backward only scales them. Nothing of size [chunk x vocab] outlives its
+    chunk, and the head's weight gradient accumulates in one buffer: with autograd's per-chunk gradients (a
+    recomputed chunk each), the glibc heap kept up to 3x the step's memory on CPU."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, weights, transform, chunk_size):
+        needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+        grad_hidden = torch.zeros_like(hidden) if needs_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_weight else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if needs_bias else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_size):
+            chunk = slice(start, start + chunk_size)
+            logits = torch.nn.functional.linear(hidden[chunk], weight, bias).float().requires_grad_()
+            with torch.enable_grad():
+                loss = _chunk_loss(logits, targets[chunk], weights[chunk], lambda x: x, transform)
+            total += loss.detach()
+            if needs_hidden or needs_weight or needs_bias:
+                (grad_logits,) = torch.autograd.grad(loss, logits)
+                if needs_hidden:
+                    grad_hidden[chunk] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
+                if needs_weight:
+                    grad_weight.addmm_(grad_logits.T, hidden[chunk].float())
+                if needs_bias:
+                    grad_bias += grad_logits.sum(0)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        weight_dtype, bias_dtype = ctx.dtypes
+        scaled = [None if grad is None else grad * grad_output for grad in (grad_hidden, grad_weight, grad_bias)]
+        if scaled[1] is not None:
+            scaled[1] = scaled[1].to(weight_dtype)
+        if scaled[2] is not None:
+            scaled[2] = scaled[2].to(bias_dtype)
+        return *scaled, None, None, None, None
+
+
 def chunked_answer_weighted_loss(hidden: torch.Tensor, input_ids: torch.Tensor, is_answer: torch.Tensor | None,
                                  answer_weight: float, output_head, transform=None,
                                  chunk_size: int | None = None) -> torch.Tensor:
     """`answer_weighted_loss` from the final hidden states, never holding more than one chunk's logits, forward or
-    backward: the output head, `transform` and cross-entropy run `chunk_size` positions at a time, each chunk
-    recomputed in the backward (activation checkpointing per chunk), the sum accumulated in float32.
+    backward: the output head (an nn.Linear), `transform` and cross-entropy run `chunk_size` positions at a time,
+    each chunk's gradients computed at once (`_ChunkedHeadLoss`), the sum accumulated in float32.
 
     hidden: [batch, length, hidden_size]; input_ids: LongTensor[batch, length]; is_answer: bool [batch, length] or
     None; output_head: [m, hidden_size] -> [m, vocab]; chunk_size: positions per chunk (None: `loss_chunk_size`).
@@ -135,15 +177,15 @@ def chunked_answer_weighted_loss(hidden: torch.Tensor, input_ids: torch.Tensor, 
     targets, weights = targets.reshape(-1).to(hidden.device), weights.reshape(-1).to(hidden.device)
     if chunk_size is None:
         chunk_size = loss_chunk_size(hidden.shape[0], hidden.shape[1], output_head.out_features)
-    recompute = torch.is_grad_enabled() and hidden.requires_grad
-    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    # split, not slices: its backward joins the chunks' gradients once, where each slice's would be a full-size zeros
-    for chunk in zip(hidden.split(chunk_size), targets.split(chunk_size), weights.split(chunk_size)):
-        if recompute:  # without it autograd would keep every chunk's [chunk x vocab] logits for the backward
-            total = total + checkpoint(_chunk_loss, *chunk, output_head, transform, use_reentrant=False)
-        else:
-            total = total + _chunk_loss(*chunk, output_head, transform)
-    return total
+    # autocast's dtype, as the head's own forward would run under it
+    if torch.is_autocast_enabled(hidden.device.type):
+        dtype = torch.get_autocast_dtype(hidden.device.type)
+        with torch.autocast(hidden.device.type, enabled=False):
+            return _ChunkedHeadLoss.apply(hidden.to(dtype), output_head.weight.to(dtype),
+                                          None if output_head.bias is None else output_head.bias.to(dtype),
+                                          targets, weights, transform, chunk_size)
+    return _ChunkedHeadLoss.apply(hidden, output_head.weight, output_head.bias, targets, weights, transform,
+                                  chunk_size)
 
 
 def _causal_lm(model):
