@@ -58,6 +58,32 @@ def test_the_plan_command_prints_every_command_and_refuses_an_unreadable_model(t
         assert len(err) == 1 and err[0].startswith(f"ropescope plan: error: model {model!r}: cannot read its config")
 
 
+def test_a_gguf_file_is_read_for_its_config_alone(tmp_path, capsys):
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(tmp_path / "tiny.gguf"), "llama")
+    writer.add_block_count(2)
+    writer.add_context_length(256)
+    writer.add_embedding_length(64)
+    writer.add_feed_forward_length(128)
+    writer.add_head_count(4)
+    writer.add_head_count_kv(2)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_vocab_size(300)
+    writer.add_tensor("token_embd.weight", np.zeros((300, 64), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    shape = model_shape(read_config(str(tmp_path / "tiny.gguf")))
+    assert (shape.hidden_size, shape.intermediate_size, shape.layers, shape.heads, shape.kv_size, shape.vocab_size) \
+        == (64, 128, 2, 4, 2 * 16, 300)
+    assert main(["plan", "--model", str(tmp_path / "tiny.gguf"), "--length", "1024"]) == 0
+    assert "training (checkpointing)" in capsys.readouterr().out
+
+
 def _measured_peak(model: str, mode: str, length: int) -> int:
     """A benchmark worker's peak RSS in bytes, in a fresh process."""
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
