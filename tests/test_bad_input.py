@@ -100,7 +100,7 @@ def workspace(tmp_path_factory):
 
 
 _TRAIN = "train --model model --corpus corpus --method yarn --factor 2 --length 128 --steps 1 --batch-size 1"
-_PRETRAIN = "pretrain --corpus corpus --steps 1 --batch-size 1 --context-length 64 --vocab-size 300 --hidden-size 32"
+_PRETRAIN = "pretrain --corpus corpus --steps 1 --batch-size 1 --length 64 --vocab-size 300 --hidden-size 32"
 
 CASES = [
     # damaged model folders: weights, config, tokenizer, through every command that loads a model
@@ -140,7 +140,7 @@ CASES = [
     ("ppl --model model --corpus no-text.jsonl --lengths 64 --out o", "no-text.jsonl line 1 has no string field"),
     (f"{_TRAIN} --out o --corpus small", "corpus small (train split) holds"),
     (f"{_TRAIN} --out o --corpus bad.jsonl", "bad.jsonl line 2 is not JSON"),
-    (f"{_PRETRAIN} --out o --corpus small --context-length 256", "context_length=256 needs more than that"),
+    (f"{_PRETRAIN} --out o --corpus small --length 256", "length=256 needs more than that"),
     (f"{_PRETRAIN} --out o --corpus nowhere", "corpus path 'nowhere' does not exist"),
     # damaged results databases
     ("study study.toml --out not-a-database", "results.sqlite' is not a readable results database (file is not a "
@@ -211,7 +211,7 @@ CASES = [
     (f"{_TRAIN} --out o --method nosuch", "unknown RoPE method 'nosuch'"),
     (f"{_TRAIN} --out o --length 100000", "length=100000"),
     (f"{_PRETRAIN} --out o --steps 0", "steps=0 must be a positive integer"),
-    (f"{_PRETRAIN} --out o --passkey-share 2", "passkey_share=2.0 is outside 0..1"),
+    (f"{_PRETRAIN} --out o --retrieval-mix 2", "retrieval_mix=2.0 is outside 0..1"),
     (f"{_PRETRAIN} --out o --num-heads 3", "hidden_size=32 is not divisible by num_heads=3"),
     ("study nowhere.toml --out o", "study config 'nowhere.toml' does not exist"),
     ("study not-toml.toml --out o", "study config 'not-toml.toml' is not valid TOML"),

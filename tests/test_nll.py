@@ -8,7 +8,17 @@ from collections import Counter
 import pytest
 import torch
 
-from ropescope.nll import answer_nll, answer_weighted_loss, next_token_nll, token_nll, unigram_perplexity
+from ropescope.nll import (
+    LOSS_CHUNK_MIN_ELEMENTS,
+    answer_nll,
+    answer_weighted_loss,
+    causal_lm_loss,
+    logit_transform,
+    loss_chunk_size,
+    next_token_nll,
+    token_nll,
+    unigram_perplexity,
+)
 from tests.helpers import DOCUMENTS, tiny_tokenizer
 
 
@@ -68,3 +78,64 @@ def test_unigram_perplexity_is_add_one_smoothed_counts():
     total = sum(counts.values()) + len(tokenizer)
     expected = math.exp(-sum(math.log((counts[t] + 1) / total) for t in tokens.tolist()) / len(tokens))
     assert unigram_perplexity(tokenizer, DOCUMENTS[:2], tokens) == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "cohere", "granite"])  # plain, softcapped, scaled, divided
+@pytest.mark.parametrize("with_answers", [False, True])
+def test_the_chunked_loss_has_the_unchunked_loss_and_gradients(family, with_answers):
+    """causal_lm_loss (backbone, then head and cross-entropy over chunks recomputed in the backward) against
+    answer_weighted_loss over the model's own full logits, which apply the family's logit transform themselves."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.test_families import VOCAB, family_config
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(family_config(family)).float()
+    input_ids = torch.randint(0, VOCAB, (2, 37), generator=torch.Generator().manual_seed(3))
+    is_answer = None
+    if with_answers:
+        is_answer = torch.zeros_like(input_ids, dtype=torch.bool)
+        is_answer[0, 20:25] = True
+        is_answer[1, 36] = True
+
+    def loss_and_gradients(loss_fn):
+        model.zero_grad(set_to_none=True)
+        loss = loss_fn()
+        loss.backward()
+        return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    expected, expected_gradients = loss_and_gradients(
+        lambda: answer_weighted_loss(model(input_ids=input_ids).logits, input_ids, is_answer, 0.5))
+    for chunk_size in (5, 74, None):  # chunks that do not divide the 2 x 37 positions, one chunk, the default
+        loss, gradients = loss_and_gradients(lambda: causal_lm_loss(model, input_ids, is_answer, 0.5, chunk_size))
+        assert loss.dtype == torch.float32
+        torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+        assert gradients.keys() == expected_gradients.keys()
+        for name, gradient in gradients.items():
+            torch.testing.assert_close(gradient, expected_gradients[name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_the_family_logit_transform_is_what_the_model_applies():
+    from transformers import AutoModelForCausalLM
+
+    from tests.test_families import VOCAB, family_config
+
+    for family in ("llama", "gemma2", "cohere", "granite"):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(family_config(family)).eval()
+        input_ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            hidden = model.base_model(input_ids=input_ids).last_hidden_state
+            logits = model.get_output_embeddings()(hidden)
+            transform = logit_transform(model.config)
+            assert (transform is None) == (family == "llama")
+            torch.testing.assert_close(logits if transform is None else transform(logits),
+                                       model(input_ids=input_ids).logits)
+
+
+def test_a_loss_chunk_holds_about_as_many_logits_as_there_are_hidden_state_elements():
+    assert loss_chunk_size(8192, 64, 128_256) * 128_256 <= max(8192 * 64, LOSS_CHUNK_MIN_ELEMENTS)
+    assert loss_chunk_size(8192, 64, 128_256) == LOSS_CHUNK_MIN_ELEMENTS // 128_256  # the floor: 130 positions
+    assert loss_chunk_size(131_072, 4096, 128_256) == 131_072 * 4096 // 128_256  # grows with tokens x hidden size
+    assert loss_chunk_size(100, 128, 4096) == 100  # never more positions than there are
+    assert loss_chunk_size(10, 8, 10**9) == 1

@@ -28,7 +28,7 @@ def corpus(tmp_path):
 
 
 def tiny(corpus, output, **overrides):
-    settings = dict(output=str(output), corpus=str(corpus), steps=30, batch_size=4, context_length=64,
+    settings = dict(out=str(output), corpus=str(corpus), steps=30, batch_size=4, length=64,
                     learning_rate=1e-2, warmup_steps=5, vocab_size=320, hidden_size=32, num_layers=2, num_heads=2,
                     intermediate_size=64, passkey_min_length=48, checkpoint_every=10, log_every=10, threads=1)
     settings.update(overrides)
@@ -86,8 +86,8 @@ def test_tokenizer_splits_digits_and_passkey_examples_end_with_the_key():
 
 
 def test_bad_configuration_is_one_line(corpus, tmp_path, capsys):
-    with pytest.raises(RopescopeError, match="passkey_share=1.5"):
-        pretrain(tiny(corpus, tmp_path / "m", passkey_share=1.5))
+    with pytest.raises(RopescopeError, match="retrieval_mix=1.5"):
+        pretrain(tiny(corpus, tmp_path / "m", retrieval_mix=1.5))
     with pytest.raises(RopescopeError, match="not divisible"):
         pretrain(tiny(corpus, tmp_path / "m", hidden_size=30, num_heads=4))
     assert main(["pretrain", "--out", str(tmp_path / "m"), "--corpus", str(tmp_path / "missing")]) == 2
@@ -96,7 +96,7 @@ def test_bad_configuration_is_one_line(corpus, tmp_path, capsys):
 
 def test_continue_from_a_saved_model(corpus, tmp_path):
     first = pretrain(tiny(corpus, tmp_path / "first", steps=10), progress=False)
-    second = pretrain(tiny(corpus, tmp_path / "second", steps=10, init_from=str(first), passkey_share=0.75,
+    second = pretrain(tiny(corpus, tmp_path / "second", steps=10, init_from=str(first), retrieval_mix=0.75,
                            passkey_packed_share=1.0, passkey_min_length=40), progress=False)
     assert AutoTokenizer.from_pretrained(second).get_vocab() == AutoTokenizer.from_pretrained(first).get_vocab()
     summary = json.loads((second / "training_summary.json").read_text())

@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import ray
@@ -144,6 +145,7 @@ DRIVER = """
 import signal, sys, time
 signal.signal(signal.SIGINT, signal.default_int_handler)
 from dataclasses import replace
+from pathlib import Path
 from ropescope.study.config import load_config, quick_config_path
 from ropescope.study.runner import run_study
 from ropescope.study.stages import STAGES
@@ -211,3 +213,63 @@ def test_a_study_folder_the_workers_cannot_see_is_refused(cluster, tmp_path, mon
     with pytest.raises(RopescopeError, match="is not visible on Ray node"):
         run_study(QUICK, tmp_path / "study", executor="ray", log=lambda line: None)
     assert not (tmp_path / "study").exists()
+
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def test_a_ray_study_on_a_folder_another_study_holds_is_refused(cluster, tmp_path):
+    folder = tmp_path / "study"
+    folder.mkdir()
+    holder = subprocess.Popen(  # another study holding the folder's lock, as a local or a Ray study does
+        [sys.executable, "-c", "import sys, time\nfrom ropescope.study.lock import folder_lock\n"
+         "with folder_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(120)\n", str(folder)],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(SRC)})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = sorted(path.name for path in folder.iterdir())
+        with pytest.raises(RopescopeError, match=f"is in use by another ropescope study \\(process {holder.pid} on "):
+            run_study(QUICK, folder, executor="ray", log=lambda line: None)
+        assert sorted(path.name for path in folder.iterdir()) == before  # no database, no marker left
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_cell_whose_worker_always_dies_is_recorded_failed_naming_its_memory(cluster, tmp_path):
+    """A worker killed every time (as Ray's memory monitor or the OS kills one over its memory) is rerun
+    max_retries times, then its cell is recorded as failed with the memory its stage asked for, not retried on."""
+    attempts = tmp_path / "attempts"
+
+    def killed_every_time(context, variant):
+        if variant.name != "original":
+            return []
+        with attempts.open("a") as file:
+            file.write("x")
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    stages = tuple(replace(stage, run=killed_every_time if stage.name == "perplexity" else lambda context, variant: [])
+                   for stage in STAGES)
+    config = replace(QUICK, execution=replace(QUICK.execution, max_retries=1,
+                                              resources={"perplexity": {"memory": 2**30}}))
+    lines = []
+    counts = run_study(config, tmp_path / "study", executor="ray", log=lines.append, stages=stages)
+    assert counts["failed"] == 1 and attempts.read_text() == "xx", lines  # the first run and one rerun
+    (failure,) = [line for line in lines if "FAILED" in line]
+    assert failure.startswith("perplexity/original FAILED") and "its worker died 2 times, not retried again" in failure
+    assert "the stage asked Ray for memory 1.00 GiB" in failure
+    assert cell_states(tmp_path / "study")["perplexity/original"] == "failed"
+
+
+def test_an_out_of_memory_error_names_the_memory_asked_and_used():
+    message = ("Task was killed due to the node running low on memory.\nMemory on the node (IP: 10.0.0.5, ID: 3f2a) "
+               "was 15.10GB used / 15.50GB limit (0.974182), which exceeds the memory usage threshold of 0.95. Ray "
+               "killed this worker (job ID=01, lease ID=02, task name=train/yarn@512, pid=4242, actual memory "
+               "used=11.20GB, worker ID=9c1) because it was the most recently scheduled task")
+    config = replace(QUICK, execution=replace(QUICK.execution, resources={"train": {"memory": 8 * 2**30}}))
+    (cell,) = [cell for cell in plan_cells(config) if cell.name == "train/yarn@512"]
+    line = ray_executor.memory_failure(config, cell, ray_executor.oom_usage(message))
+    assert line == ("out of memory: the stage asked Ray for memory 8.00 GiB, and the worker used 11.20GB, its node "
+                    "15.10GB of 15.50GB when Ray's memory monitor killed it; set [execution.resources.train] memory "
+                    "to more than that, or give the cell a larger node")
+    assert "asked Ray for memory none" in ray_executor.memory_failure(QUICK, cell, "")

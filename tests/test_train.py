@@ -194,6 +194,49 @@ def test_a_killed_run_resumes_on_the_exact_trajectory(tiny, tmp_path):
     torch.testing.assert_close([l for _, l in resumed], [l for _, l in reference], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dies", ["writing", "publishing"])
+def test_a_run_killed_during_its_final_save_is_finished_by_the_rerun(tiny, tmp_path, monkeypatch, dies):
+    """Killed while the final checkpoint is written (the staging folder half full) or published (moved file by file
+    into the run folder): the folder never looks complete, and the rerun with resume ends with the checkpoint an
+    uninterrupted run writes."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
+
+    import ropescope.train as train_module
+
+    reference = train(_config(tiny, tmp_path / "reference", steps=3, checkpoint_every=2))
+    config = _config(tiny, tmp_path / "killed", steps=3, checkpoint_every=2)
+    if dies == "writing":  # the weights are written, the tokenizer never is
+        def die(*args, **kwargs):
+            raise KeyboardInterrupt
+        monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", die)
+    else:  # the first file is moved in, then the process dies
+        real_replace, moves = os.replace, []
+
+        def replace(source, target):
+            if Path(source).parent.name == train_module.STAGED:
+                moves.append(target)
+                if len(moves) > 1:
+                    raise KeyboardInterrupt
+            real_replace(source, target)
+        monkeypatch.setattr(train_module.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        train(config)
+    monkeypatch.undo()
+    assert not train_module._is_complete(config.out, 3) and not (config.out / "config.json").exists()
+    assert (config.out / train_module.STAGED).is_dir() == (dies == "publishing")
+    with pytest.raises((OSError, ValueError)):  # not a loadable checkpoint: neither half of one nor a previous one
+        AutoModelForCausalLM.from_pretrained(config.out)
+
+    config.resume = True
+    train(config)
+    assert train_module._is_complete(config.out, 3)
+    assert sorted(path.name for path in config.out.iterdir()) == sorted(path.name for path in reference.iterdir())
+    expected, actual = load_file(reference / "model.safetensors"), load_file(config.out / "model.safetensors")
+    assert all(torch.equal(expected[name], actual[name]) for name in expected)
+    assert _losses(config.out) == _losses(reference)
+
+
 def test_lora_trains_adapters_and_saves_a_merged_plain_checkpoint(tiny, tmp_path):
     from safetensors.torch import load_file
 
@@ -328,9 +371,10 @@ def test_without_retrieval_mix_the_batch_is_the_corpus_blocks_and_the_run_identi
 def test_the_answer_loss_is_added_to_the_language_model_loss(tiny):
     from transformers import AutoModelForCausalLM
 
-    from ropescope.train import _loss
+    from ropescope.nll import CausalLMLoss
 
     model = AutoModelForCausalLM.from_pretrained(tiny["model"]).eval()
+    with_answers, plain = CausalLMLoss(model, answer_weight=1.0), CausalLMLoss(model, answer_weight=1.0, chunk_size=7)
     input_ids = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(1))
     is_answer = torch.zeros_like(input_ids, dtype=torch.bool)
     is_answer[0, 14:20] = True
@@ -339,11 +383,58 @@ def test_the_answer_loss_is_added_to_the_language_model_loss(tiny):
         log_probabilities = torch.log_softmax(model(input_ids).logits.double(), dim=-1)
         nll = -log_probabilities[:, :-1].gather(-1, input_ids[:, 1:, None])[..., 0]  # [2, 19], float64
         expected = nll.mean() + nll[is_answer[:, 1:]].mean()
-        torch.testing.assert_close(_loss(model, input_ids, is_answer).double(), expected, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(_loss(model, input_ids, None).double(), nll.mean(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(with_answers(input_ids, is_answer).double(), expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(plain(input_ids, None).double(), nll.mean(), rtol=1e-5, atol=1e-6)
 
 
 def test_a_run_with_retrieval_mix_trains_and_records_it(tiny, tmp_path):
     out = train(_config(tiny, tmp_path / "mix", steps=2, length=64, retrieval_mix=0.5))
     assert [step for step, _ in _losses(out)] == [1, 2]
     assert json.loads((out / "run.json").read_text())["config"]["retrieval_mix"] == 0.5
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma",
+                                    "gemma2", "gemma3_text", "phi3", "stablelm", "olmo2", "granite", "cohere",
+                                    "smollm3", "starcoder2", "ministral3", "gpt_oss"])
+def test_gradient_checkpointing_recomputes_every_decoder_layer_of_every_family(family):
+    """As train prepares a model: every decoder layer runs twice per step (the forward, and again in the backward),
+    and the gradients are those of the step without checkpointing."""
+    from transformers import AutoModelForCausalLM
+
+    from ropescope.nll import causal_lm_loss
+    from ropescope.train import _prepare_model
+    from tests.test_families import VOCAB, family_config
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(family_config(family)).float()
+    input_ids = torch.randint(0, VOCAB, (1, 24), generator=torch.Generator().manual_seed(0))
+    causal_lm_loss(_prepare_model(TrainConfig(out="x"), model, checkpointing=False), input_ids).backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+
+    calls = []
+    attentions = [layer.self_attn for layer in model.base_model.layers]
+    for attention in attentions:  # a layer's own hooks stay outside the checkpoint; its modules' run in it
+        attention.register_forward_pre_hook(lambda module, args: calls.append(module))
+    causal_lm_loss(_prepare_model(TrainConfig(out="x"), model, checkpointing=True), input_ids).backward()
+    assert [calls.count(attention) for attention in attentions] == [2] * len(attentions)
+    for name, gradient in expected.items():
+        torch.testing.assert_close(model.get_parameter(name).grad, gradient, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_gradient_checkpointing_is_on_where_it_pays_and_the_run_records_it(tiny, tmp_path):
+    from transformers import AutoConfig, LlamaConfig
+
+    from ropescope.train import uses_checkpointing
+
+    tiny_config = AutoConfig.from_pretrained(tiny["model"])  # 2 layers of hidden 64: activations pass the state soon
+    assert not uses_checkpointing(TrainConfig(out="x", length=48), tiny_config, "no")
+    assert uses_checkpointing(TrainConfig(out="x", length=4096), tiny_config, "no")
+    assert not uses_checkpointing(TrainConfig(out="x", length=4096, gradient_checkpointing=False), tiny_config, "no")
+    llama_7b = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                           vocab_size=32000)
+    assert not uses_checkpointing(TrainConfig(out="x", length=2048), llama_7b, "bf16")
+    assert uses_checkpointing(TrainConfig(out="x", length=32768), llama_7b, "bf16")  # the paper's fine-tune
+    for length, expected in ((48, False), (2048, True)):
+        out = train(_config(tiny, tmp_path / f"run-{length}", steps=1, length=length, batch_size=1))
+        assert json.loads((out / "run.json").read_text())["gradient_checkpointing"] is expected

@@ -434,10 +434,8 @@ def _add_config_fields(parser: argparse.ArgumentParser, config_class, flag_names
             options["required"] = True
         elif field.default is not dataclasses.MISSING:
             options["default"] = field.default
-        if kind is bool:
-            if field.default is None:  # tri-state settings (e.g. progress: None = only on a terminal)
-                continue
-            options["action"] = argparse.BooleanOptionalAction if field.default else "store_true"
+        if kind is bool:  # tri-state settings (None: decided at run time) get --x and --no-x
+            options["action"] = argparse.BooleanOptionalAction if field.default is not False else "store_true"
         else:
             options["type"] = _number(field.name) if kind is float else kind
         parser.add_argument(flag, **options)
@@ -470,11 +468,41 @@ def _add_pretrain(subparsers) -> None:
         "pretrain a small Llama with original RoPE (the shipped model's recipe is in its MODEL_CARD)",
         "Pretrain a small LlamaForCausalLM with original RoPE at a short context, with a share of synthetic passkey "
         "examples. The defaults are the first of the stages that build the shipped model "
-        "(src/ropescope/default/MODEL_CARD.md gives the commands).", {"output": "--out"})
+        "(src/ropescope/default/MODEL_CARD.md gives the commands).")
+
+
+def _add_plan(subparsers) -> None:
+    from ropescope.plan import run_plan
+
+    parser = _command(subparsers, "plan", run_plan, _show_plan,
+                      "estimated peak memory per GPU of evaluation, capture and training, from the config alone",
+                      "Estimate, from a model's config alone (no weights loaded), the peak memory per device of "
+                      "evaluation (ppl), the attention capture (entropy) and one training step (train, with and "
+                      "without gradient checkpointing; state sharded over --gpus as FSDP or ZeRO-3 shard it), whether "
+                      "each fits, and the largest length that does. Estimates checked against CPU peaks only.")
+    parser.add_argument("--model", help="'default', a local Hugging Face folder, a Hub id org/name (from the local "
+                                        "cache when HF_HUB_OFFLINE=1) or a .gguf file")
+    parser.add_argument("--method", help="the RoPE method (NAME[:KEY=VALUE,...]); it does not change the memory")
+    parser.add_argument("--length", type=_positive_int, help="tokens per sequence")
+    parser.add_argument("--gpus", type=_positive_int, help="GPUs the training state is sharded over")
+    parser.add_argument("--gpu-memory", type=_number("gpu_memory"), help="GiB of memory per GPU")
+    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="the compute dtype")
+    parser.add_argument("--device", choices=["cuda", "cpu"],
+                        help="cuda: allocated GPU memory; cpu: the process's resident memory, as on a laptop")
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # What each command prints: the library's results, one line each
+
+
+def _show_plan(rows) -> None:
+    first = rows[0]
+    print(f"{first['model']}: {first['parameters'] / 1e6:,.1f} M parameters, {first['length']} tokens, {first['dtype']}, "
+          f"{first['gpus']} x {first['gpu_memory_gib']:g} GiB ({first['device']}); estimates checked against CPU "
+          "peaks only")
+    for row in rows:
+        print(f"{row['command']:<24} {row['peak_gib']:>9.2f} GiB per device  {'fits' if row['fits'] else 'DOES NOT FIT'}"
+              f"  largest length that fits: {row['largest_length'] or 'none'}")
 
 
 def _show_study(result) -> int:
@@ -531,8 +559,8 @@ def _show_uncertainty(rows) -> None:
 
 # the `_add_*` functions, in the order `ropescope --help` lists them
 SUBCOMMANDS: list = [
-    _add_study, _add_report, _add_methods_command, _add_freqs, _add_pretrain, _add_train, _add_ppl, _add_tasks_command,
-    _add_retrieval, _add_passkey, _add_needle, _add_entropy, _add_patterns, _add_uncertainty,
+    _add_study, _add_report, _add_methods_command, _add_freqs, _add_pretrain, _add_train, _add_plan, _add_ppl,
+    _add_tasks_command, _add_retrieval, _add_passkey, _add_needle, _add_entropy, _add_patterns, _add_uncertainty,
 ]
 
 

@@ -1,7 +1,7 @@
 """Pretrain the shipped default: a small LlamaForCausalLM with original RoPE at a short context.
 
 Reads top to bottom: train a byte-level BPE tokenizer on the train split, tokenize the split once, then a plain
-AdamW loop over random windows of `context_length` tokens, of which a share are synthetic passkey examples
+AdamW loop over random windows of `length` tokens, of which a share are synthetic passkey examples
 (format in `ropescope.passkey_format`) so the model learns to retrieve a key from anywhere in its context.
 Seeded and deterministic on a given machine; checkpoints every `checkpoint_every` steps and resumes from the
 last one; the output folder (HF config, safetensors weights, tokenizer) appears atomically at the end.
@@ -22,88 +22,98 @@ from tqdm import tqdm
 
 from ropescope.data import load_corpus
 from ropescope.errors import RopescopeError
-from ropescope.nll import answer_weighted_loss
+from ropescope.nll import causal_lm_loss
 from ropescope.passkey_format import PasskeyPrompts
 from ropescope.results import atomic_path, run_differences
 from ropescope.schedule import learning_rate
+from ropescope.train import option
 
 END_OF_TEXT = "<|endoftext|>"
 CHECKPOINT_FILE = "checkpoint.pt"
 # Fields that do not change the model: a checkpoint resumes a run that differs only in these.
-NOT_IDENTITY = ("output", "checkpoint_dir", "checkpoint_every", "log_every", "threads")
+NOT_IDENTITY = ("out", "checkpoint_dir", "checkpoint_every", "log_every", "threads")
+# Names the fields had before they took `ropescope train`'s: a checkpoint saved under them still resumes.
+OLD_NAMES = {"output": "out", "context_length": "length", "min_learning_rate_ratio": "min_lr_ratio",
+             "passkey_share": "retrieval_mix"}
 
 
 @dataclass
 class PretrainConfig:
-    """Everything that determines a pretraining run; the defaults are stage 1 of the shipped model (MODEL_CARD.md)."""
+    """Everything that determines a pretraining run; the defaults are stage 1 of the shipped model (MODEL_CARD.md).
+    Fields that `ropescope train` also has carry its names and meanings."""
 
-    output: str
-    corpus: str | None = None  # None: the shipped corpus (its train split is used)
-    seed: int = 0
-    steps: int = 1000
-    batch_size: int = 8
-    context_length: int = 256  # the pretrained length
-    learning_rate: float = 3e-3
-    warmup_steps: int = 50
-    min_learning_rate_ratio: float = 0.1  # cosine decay ends at this fraction of the peak
-    weight_decay: float = 0.1
-    passkey_share: float = 0.3  # fraction of the rows in a batch that are synthetic passkey examples
-    # Weight of an extra loss term, the mean loss over the answer tokens of the passkey examples: in the plain
-    # language-model loss a key's 5 digits are ~1% of the batch's tokens and retrieval is learned too late.
-    answer_loss_weight: float = 1.0
-    # Share of the passkey rows that pack several short examples (passkey_min_length..2x tokens each): the
-    # retrieval circuit forms on short distances first, then carries over to the whole context.
-    passkey_packed_share: float = 0.0
-    passkey_min_length: int = 48
-    vocab_size: int = 4096
-    hidden_size: int = 128
-    num_layers: int = 4
-    num_heads: int = 4
-    intermediate_size: int = 384
-    rope_theta: float = 10000.0
-    threads: int = 2
-    checkpoint_every: int = 100
-    log_every: int = 25
-    checkpoint_dir: str | None = None  # None: "<output>.checkpoint" beside the output folder
-    # Continue from a saved model folder (its tokenizer and architecture; the size fields above are then unused).
-    init_from: str | None = None
-
-    def validate(self) -> "PretrainConfig":
-        positive = ("steps", "batch_size", "context_length", "vocab_size", "hidden_size", "num_layers", "num_heads",
-                    "intermediate_size", "threads", "checkpoint_every", "log_every")
-        for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise RopescopeError(f"{name}={value!r} must be a positive integer")
-        if self.answer_loss_weight < 0:
-            raise RopescopeError(f"answer_loss_weight={self.answer_loss_weight} must be at least 0")
-        for name in ("passkey_share", "passkey_packed_share"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise RopescopeError(f"{name}={getattr(self, name)} is outside 0..1")
-        if not self.learning_rate > 0:
-            raise RopescopeError(f"learning_rate={self.learning_rate} must be positive")
-        if self.hidden_size % self.num_heads:
-            raise RopescopeError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
-        if (self.hidden_size // self.num_heads) % 2:
-            raise RopescopeError(f"head_dim={self.hidden_size // self.num_heads} must be even for RoPE")
-        if self.vocab_size < 300:
-            raise RopescopeError(f"vocab_size={self.vocab_size} is below 300 (256 bytes + merges + special)")
-        if not self.passkey_min_length <= self.context_length:
-            raise RopescopeError(
-                f"passkey_min_length={self.passkey_min_length} exceeds context_length={self.context_length}"
-            )
-        if self.init_from is not None:
-            from ropescope.models import resolve_model
-
-            if not (Path(self.init_from) / "config.json").is_file():
-                raise RopescopeError(f"init_from={self.init_from!r} is not a saved model folder (no config.json in it)")
-            resolve_model(self.init_from)  # a damaged folder is refused here, before anything is written
-        return self
+    out: str = option(help="output folder: the Hugging Face model (config, safetensors weights, tokenizer) and "
+                           "training_summary.json, written whole at the end")
+    corpus: str | None = option(None, "a corpus path for ropescope.data.load_corpus (its train split is used); "
+                                      "unset = the shipped corpus")
+    seed: int = option(0, "seed of the initial weights, the windows drawn and the passkey examples")
+    steps: int = option(1000, "optimizer steps")
+    batch_size: int = option(8, "windows of `length` tokens per optimizer step")
+    length: int = option(256, "tokens per training window: the pretrained length, the model's "
+                              "max_position_embeddings")
+    learning_rate: float = option(3e-3, "peak learning rate of AdamW")
+    warmup_steps: int = option(50, "steps of linear warm-up to the peak learning rate")
+    min_lr_ratio: float = option(0.1, "where the cosine decay ends, as a fraction of learning_rate")
+    weight_decay: float = option(0.1, "AdamW weight decay of the matrices (none on norms and biases)")
+    retrieval_mix: float = option(0.3, "fraction of the windows of a batch, in [0, 1], that are synthetic passkey "
+                                       "examples, with an extra loss on their answer tokens (train's retrieval_mix, "
+                                       "which does not accept 1)")
+    # In the plain language-model loss a key's 5 digits are ~1% of the batch's tokens and retrieval is learned too late.
+    answer_loss_weight: float = option(1.0, "weight of the extra loss term: the mean loss over the passkey answer "
+                                            "tokens, added to the mean over all tokens")
+    # The retrieval circuit forms on short distances first, then carries over to the whole context.
+    passkey_packed_share: float = option(0.0, "share of the passkey windows that pack several short examples "
+                                              "(passkey_min_length to twice that many tokens each)")
+    passkey_min_length: int = option(48, "tokens of the shortest packed passkey example")
+    vocab_size: int = option(4096, "size of the byte-level BPE vocabulary trained on the corpus")
+    hidden_size: int = option(128, "width of the model")
+    num_layers: int = option(4, "decoder layers")
+    num_heads: int = option(4, "attention heads per layer (head size hidden_size / num_heads, even)")
+    intermediate_size: int = option(384, "width of the MLP")
+    rope_theta: float = option(10000.0, "RoPE base")
+    threads: int = option(2, "torch threads")
+    checkpoint_every: int = option(100, "steps between the checkpoints a rerun resumes from")
+    log_every: int = option(25, "steps between printed loss lines")
+    checkpoint_dir: str | None = option(None, "folder of the resumable checkpoint; unset = <out>.checkpoint beside "
+                                              "the output folder")
+    init_from: str | None = option(None, "continue from a saved model folder: its tokenizer and architecture (the "
+                                         "size settings are then unused)")
 
     @property
     def checkpoint_path(self) -> Path:
-        folder = Path(self.checkpoint_dir) if self.checkpoint_dir else Path(str(self.output).rstrip("/") + ".checkpoint")
+        folder = Path(self.checkpoint_dir) if self.checkpoint_dir else Path(str(self.out).rstrip("/") + ".checkpoint")
         return folder
+
+
+def validate(config: PretrainConfig) -> None:
+    """Check every value a user can get wrong before anything is read or written: one RopescopeError line each."""
+    positive = ("steps", "batch_size", "length", "vocab_size", "hidden_size", "num_layers", "num_heads",
+                "intermediate_size", "threads", "checkpoint_every", "log_every")
+    for name in positive:
+        value = getattr(config, name)
+        if not isinstance(value, int) or value < 1:
+            raise RopescopeError(f"{name}={value!r} must be a positive integer")
+    if config.answer_loss_weight < 0:
+        raise RopescopeError(f"answer_loss_weight={config.answer_loss_weight} must be at least 0")
+    for name in ("retrieval_mix", "passkey_packed_share"):
+        if not 0.0 <= getattr(config, name) <= 1.0:
+            raise RopescopeError(f"{name}={getattr(config, name)} is outside 0..1")
+    if not config.learning_rate > 0:
+        raise RopescopeError(f"learning_rate={config.learning_rate} must be positive")
+    if config.hidden_size % config.num_heads:
+        raise RopescopeError(f"hidden_size={config.hidden_size} is not divisible by num_heads={config.num_heads}")
+    if (config.hidden_size // config.num_heads) % 2:
+        raise RopescopeError(f"head_dim={config.hidden_size // config.num_heads} must be even for RoPE")
+    if config.vocab_size < 300:
+        raise RopescopeError(f"vocab_size={config.vocab_size} is below 300 (256 bytes + merges + special)")
+    if not config.passkey_min_length <= config.length:
+        raise RopescopeError(f"passkey_min_length={config.passkey_min_length} exceeds length={config.length}")
+    if config.init_from is not None:
+        from ropescope.models import resolve_model
+
+        if not (Path(config.init_from) / "config.json").is_file():
+            raise RopescopeError(f"init_from={config.init_from!r} is not a saved model folder (no config.json in it)")
+        resolve_model(config.init_from)  # a damaged folder is refused here, before anything is written
 
 
 def train_tokenizer(documents: list[str], vocab_size: int):
@@ -149,7 +159,7 @@ def build_model(config: PretrainConfig, tokenizer):
         num_attention_heads=config.num_heads,
         num_key_value_heads=config.num_heads,
         head_dim=config.hidden_size // config.num_heads,
-        max_position_embeddings=config.context_length,
+        max_position_embeddings=config.length,
         rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
         tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,
@@ -161,13 +171,13 @@ def build_model(config: PretrainConfig, tokenizer):
 
 
 def _batch(tokens: torch.Tensor, passkeys: PasskeyPrompts, config: PretrainConfig, generator: torch.Generator):
-    """(input_ids, is_answer), both [batch_size, context_length]: random windows of the train tokens, with rows
-    replaced by a passkey example (then eos and corpus text to fill the row) at rate `passkey_share`;
+    """(input_ids, is_answer), both [batch_size, length]: random windows of the train tokens, with rows
+    replaced by a passkey example (then eos and corpus text to fill the row) at rate `retrieval_mix`;
     is_answer marks the tokens of each example's answer (" " and the key's digits)."""
-    length = config.context_length
+    length = config.length
     starts = torch.randint(0, tokens.numel() - length, (config.batch_size,), generator=generator)
     rows = torch.stack([tokens[start : start + length] for start in starts.tolist()]).long()
-    is_passkey = torch.rand(config.batch_size, generator=generator) < config.passkey_share
+    is_passkey = torch.rand(config.batch_size, generator=generator) < config.retrieval_mix
     is_answer = torch.zeros_like(rows, dtype=torch.bool)
     is_packed = torch.rand(config.batch_size, generator=generator) < config.passkey_packed_share
     for row in torch.nonzero(is_passkey).flatten().tolist():
@@ -180,16 +190,8 @@ def _batch(tokens: torch.Tensor, passkeys: PasskeyPrompts, config: PretrainConfi
     return rows, is_answer
 
 
-def _loss(model, input_ids: torch.Tensor, is_answer: torch.Tensor, answer_loss_weight: float) -> torch.Tensor:
-    """Next-token NLL over every token, plus `answer_loss_weight` x the mean over answer tokens.
-
-    input_ids, is_answer: [batch, length]; returns a scalar.
-    """
-    return answer_weighted_loss(model(input_ids=input_ids).logits, input_ids, is_answer, answer_loss_weight)
-
-
 def _learning_rate(step: int, config: PretrainConfig) -> float:
-    return learning_rate(step, config.learning_rate, config.steps, config.warmup_steps, config.min_learning_rate_ratio)
+    return learning_rate(step, config.learning_rate, config.steps, config.warmup_steps, config.min_lr_ratio)
 
 
 def _save_checkpoint(folder: Path, model, optimizer, step: int, generator: torch.Generator, config: PretrainConfig,
@@ -213,6 +215,7 @@ def _load_checkpoint(config: PretrainConfig) -> dict | None:
     if not path.is_file():
         return None
     saved = torch.load(path, weights_only=False)
+    saved["config"] = {OLD_NAMES.get(key, key): value for key, value in saved["config"].items()}
     if run_differences(saved["config"], dataclasses.asdict(config), ignore=NOT_IDENTITY):
         raise RopescopeError(
             f"checkpoint in {str(config.checkpoint_path)!r} was written by a different configuration; "
@@ -243,16 +246,16 @@ def _keep_tokenizer(config: PretrainConfig, tokenizer) -> None:
             tokenizer.save_pretrained(temporary)
 
 
-def _setup_tokens(tokenizer, documents: list[str], context_length: int) -> torch.Tensor:
+def _setup_tokens(tokenizer, documents: list[str], length: int) -> torch.Tensor:
     """The train split as one int32 stream of token ids, an end-of-text token after each document."""
     separator = [tokenizer.eos_token_id]
     ids: list[int] = []
     for document in documents:
         ids.extend(tokenizer(document, add_special_tokens=False)["input_ids"] + separator)
     tokens = torch.tensor(ids, dtype=torch.int32)  # int32 halves the memory of the one copy we keep
-    if tokens.numel() <= context_length:
+    if tokens.numel() <= length:
         raise RopescopeError(
-            f"train split has {tokens.numel()} tokens; context_length={context_length} needs more than that"
+            f"train split has {tokens.numel()} tokens; length={length} needs more than that"
         )
     return tokens
 
@@ -287,7 +290,7 @@ def _train_loop(config: PretrainConfig, model, optimizer, tokens: torch.Tensor, 
         for group in optimizer.param_groups:
             group["lr"] = _learning_rate(step, config)
         input_ids, is_answer = _batch(tokens, passkeys, config, generator)
-        loss = _loss(model, input_ids, is_answer, config.answer_loss_weight)
+        loss = causal_lm_loss(model, input_ids, is_answer, config.answer_loss_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -298,7 +301,7 @@ def _train_loop(config: PretrainConfig, model, optimizer, tokens: torch.Tensor, 
         if done % config.log_every == 0 or done == config.steps:
             seconds = time.time() - started
             recent = sum(losses[-config.log_every:]) / len(losses[-config.log_every:])
-            rate = (done - start_step) * config.batch_size * config.context_length / max(seconds, 1e-9)
+            rate = (done - start_step) * config.batch_size * config.length / max(seconds, 1e-9)
             print(f"step {done}/{config.steps} loss {recent:.4f} lr {_learning_rate(step, config):.2e} "
                   f"{rate:.0f} tokens/s elapsed {elapsed_before + seconds:.0f}s", flush=True)
         if done % config.checkpoint_every == 0 and done < config.steps:
@@ -319,7 +322,7 @@ def _summary(config: PretrainConfig, parameters: int, train_tokens: int, losses:
         "torch": torch.__version__,
         "python": sys.version.split()[0],
     }
-    summary["config"]["output"] = None  # a machine path says nothing about the model
+    summary["config"]["out"] = None  # a machine path says nothing about the model
     summary["config"]["checkpoint_dir"] = None
     if config.init_from is not None:
         summary["config"]["init_from"] = Path(config.init_from).name
@@ -339,16 +342,16 @@ def pretrain(config: PretrainConfig, progress: bool | None = None) -> Path:
 
     Resumes from `<checkpoint_dir>/checkpoint.pt` when it was written by the same configuration.
     """
-    config.validate()
-    output = Path(config.output)
+    validate(config)
+    output = Path(config.out)
     if output.exists() and not output.is_dir():
-        raise RopescopeError(f"output={str(output)!r} exists and is not a folder")
+        raise RopescopeError(f"out={str(output)!r} exists and is not a folder")
     documents = load_corpus(config.corpus, split="train")
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     saved_state = _load_checkpoint(config)
     tokenizer = _setup_tokenizer(config, documents, resuming=saved_state is not None)
-    tokens = _setup_tokens(tokenizer, documents, config.context_length)
+    tokens = _setup_tokens(tokenizer, documents, config.length)
     model, optimizer = _setup_model(config, tokenizer)
     # every input is checked: the first file of the run is written now
     config.checkpoint_path.mkdir(parents=True, exist_ok=True)
@@ -368,7 +371,7 @@ def pretrain(config: PretrainConfig, progress: bool | None = None) -> Path:
     parameters = sum(p.numel() for p in model.parameters())
     print(
         f"pretraining {parameters / 1e6:.2f}M parameters on {tokens.numel()} train tokens, "
-        f"{config.steps} steps of {config.batch_size}x{config.context_length} tokens",
+        f"{config.steps} steps of {config.batch_size}x{config.length} tokens",
         flush=True,
     )
     started = time.time()

@@ -19,6 +19,7 @@ seed, so the same holds for them.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -31,58 +32,78 @@ from pathlib import Path
 import torch
 
 from ropescope.errors import RopescopeError
-from ropescope.nll import answer_weighted_loss
+from ropescope.nll import CausalLMLoss
 from ropescope.results import atomic_path, run_differences, run_identity, write_atomically
 from ropescope.schedule import SCHEDULES, learning_rate
 
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]  # the attention projections, where RoPE acts
 METRICS_FIELDS = ["step", "loss", "lr", "tokens_per_s"]
-ANSWER_LOSS_WEIGHT = 1.0  # the weight of the passkey answer loss, as in `ropescope pretrain`
 # With retrieval_mix: the share of passkey rows packed with short examples of 40-80 tokens (as in the later stages
 # of the shipped model's pretraining); the other passkey rows hold one example of the training length.
 RETRIEVAL_PACKED_SHARE = 0.3
 RETRIEVAL_PACKED_MIN_LENGTH = 40
+# The final checkpoint is written into STAGING, renamed to STAGED once whole, then its files are moved into the run
+# folder with config.json last: a run folder with config.json holds the complete checkpoint, and a STAGED folder
+# left by a kill is published by the rerun.
+STAGING, STAGED = ".final.partial", ".final.staged"
 # Fields that do not change what the run computes: a resumed run may differ in these.
-_NOT_IDENTITY = {"out", "resume", "overwrite", "progress", "checkpoint_every", "keep_checkpoints", "batch_size"}
+_NOT_IDENTITY = {"out", "resume", "overwrite", "progress", "checkpoint_every", "keep_checkpoints", "batch_size",
+                 "gradient_checkpointing"}
+
+
+def option(default=dataclasses.MISSING, help: str = ""):
+    """A config field with the help text that `--help` prints for its flag (no default: a required field)."""
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class TrainConfig:
     """One continual-pretraining run. Batch sizes count blocks of `length` tokens."""
 
-    out: str | Path  # run folder: the final checkpoint, metrics.csv, run.json, checkpoints/
-    model: str = "default"  # "default" (the shipped model) or a local Hugging Face folder
-    method: str = "yarn"  # NAME[:key=value,...], a method of ropescope.rope.METHODS with its parameters
-    factor: float = 4.0
-    original_max_position_embeddings: int | None = None  # the pretrained length; None = the model's own
-    spec: dict | None = None  # a full RopeSpec.to_dict(); when given, replaces the three above
-    length: int = 1024  # tokens per training block
-    steps: int = 100  # optimizer steps
-    corpus: str | None = None  # a corpus path for ropescope.data.load_corpus; None = the shipped corpus
-    batch_size: int = 1  # blocks per process per micro-step
-    grad_accum: int = 1  # micro-steps per optimizer step
-    learning_rate: float = 1e-4
-    schedule: str = "cosine"  # cosine | linear | constant, after the warm-up
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.1  # where cosine and linear decay end, as a fraction of learning_rate
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0  # 0 turns clipping off
-    mixed_precision: str = "auto"  # auto = bf16 on a GPU that supports it, else float32
-    gradient_checkpointing: bool = False
-    lora_rank: int = 0  # 0 = full fine-tune; > 0 trains LoRA adapters on the attention projections (peft)
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    seed: int = 0
-    checkpoint_every: int = 0  # steps between resumable checkpoints; 0 = none
-    keep_checkpoints: int = 2  # the newest this many resumable checkpoints are kept
-    resume: bool = False  # continue the run in `out` from its newest checkpoint
-    overwrite: bool = False  # replace the run in `out`
-    progress: bool | None = None  # tqdm bar; None = only on a terminal
-    retrieval_mix: float = field(default=0.0, metadata={"help": (
+    out: str | Path = option(help="run folder: the final checkpoint, metrics.csv, run.json, checkpoints/")
+    model: str = option("default", "\"default\" (the shipped model), a local Hugging Face folder or a Hub id")
+    method: str = option("yarn", "NAME[:KEY=VALUE,...]: a RoPE method of `ropescope methods` with its parameters")
+    factor: float = option(4.0, "extension factor s = target length / pretrained length, for methods that take one")
+    original_max_position_embeddings: int | None = option(None, "the pretrained context length (default: the "
+                                                                "model's own, before any extension it carries)")
+    spec: dict | None = None  # a full RopeSpec.to_dict(); when given, replaces the three above (Python only)
+    length: int = option(1024, "tokens per training block")
+    steps: int = option(100, "optimizer steps")
+    corpus: str | None = option(None, "a corpus path for ropescope.data.load_corpus (its train split is used); "
+                                      "unset = the shipped corpus")
+    batch_size: int = option(1, "blocks of `length` tokens per process per micro-step")
+    grad_accum: int = option(1, "gradient accumulation: micro-steps per optimizer step")
+    learning_rate: float = option(1e-4, "peak learning rate of AdamW")
+    schedule: str = option("cosine", "learning-rate shape after the warm-up: cosine or linear decay to min_lr_ratio, "
+                                     "or constant")
+    warmup_steps: int = option(0, "steps of linear warm-up to the peak learning rate")
+    min_lr_ratio: float = option(0.1, "where cosine and linear decay end, as a fraction of learning_rate")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    max_grad_norm: float = option(1.0, "gradient clipping: the largest global gradient norm; 0 turns clipping off")
+    mixed_precision: str = option("auto", "auto, no, bf16 or fp16; auto = bf16 on a GPU that supports it, else no "
+                                          "(float32)")
+    gradient_checkpointing: bool | None = option(None, (
+        "recompute each decoder layer's activations in the backward instead of keeping them: less memory, about a "
+        "third more time; unset = on where the activations a micro-step keeps would exceed the weights, gradients "
+        "and optimizer state (ropescope.plan.checkpointing_pays); run.json records what was used"))
+    lora_rank: int = option(0, "0 = full fine-tune; > 0 trains LoRA adapters of this rank on the attention "
+                               "projections (peft) and saves them merged")
+    lora_alpha: float = option(16.0, "LoRA scaling numerator (the update is scaled by lora_alpha / lora_rank)")
+    lora_dropout: float = option(0.0, "dropout on the LoRA adapters' input")
+    seed: int = option(0, "seed of the data order, the passkey examples and the LoRA initialisation")
+    checkpoint_every: int = option(0, "steps between resumable checkpoints; 0 = none")
+    keep_checkpoints: int = option(2, "how many of the newest resumable checkpoints are kept")
+    resume: bool = option(False, "continue the run in `out` from its newest checkpoint")
+    overwrite: bool = option(False, "replace the run in `out`")
+    progress: bool | None = option(None, "a progress bar; unset = only on a terminal")
+    retrieval_mix: float = option(0.0, (
         "fraction of training blocks, in [0, 1), replaced by synthetic passkey examples (the generator `ropescope "
         "pretrain` uses: one example of the training length, or short ones packed), with an extra loss on the answer "
-        "tokens, so that the fine-tune keeps retrieval; 0 = plain text only")})
+        "tokens, so that the fine-tune keeps retrieval; 0 = plain text only"))
+    answer_loss_weight: float = option(1.0, (
+        "weight of the extra loss term with retrieval_mix: the mean loss over the passkey answer tokens, added to the "
+        "mean over all tokens (in the plain loss a key's digits are about one token in a hundred)"))
 
 
 def validate(config: TrainConfig) -> None:
@@ -103,7 +124,7 @@ def validate(config: TrainConfig) -> None:
     if config.mixed_precision not in MIXED_PRECISION:
         raise RopescopeError(
             f"mixed_precision={config.mixed_precision!r} is unknown; accepted: {', '.join(MIXED_PRECISION)}")
-    for name in ("checkpoint_every", "lora_rank", "max_grad_norm", "weight_decay"):
+    for name in ("checkpoint_every", "lora_rank", "max_grad_norm", "weight_decay", "answer_loss_weight"):
         if getattr(config, name) < 0:
             raise RopescopeError(f"{name}={getattr(config, name)} must be >= 0")
     if config.keep_checkpoints < 1:
@@ -214,6 +235,8 @@ def _identity(config: TrainConfig, global_batch: int) -> dict:
     identity = run_identity(config, ignore=_NOT_IDENTITY, global_batch=global_batch)
     if not config.retrieval_mix:
         del identity["retrieval_mix"]  # a run without it is the same run as before the option existed
+    if not config.retrieval_mix or config.answer_loss_weight == 1.0:
+        del identity["answer_loss_weight"]  # unused without passkeys; 1.0 is what runs before the field used
     return identity
 
 
@@ -230,7 +253,7 @@ def _check_out(config: TrainConfig, identity: dict) -> None:
     if config.overwrite:
         return
     previous = json.loads(run_file.read_text())["config"]
-    differences = run_differences(previous, identity)
+    differences = run_differences(previous, identity, ignore=_NOT_IDENTITY)
     if differences:
         detail = ", ".join(f"{k}={previous.get(k)!r} there vs {identity.get(k)!r} here" for k in differences[:3])
         raise RopescopeError(f"out={out} holds a different run ({detail}); pass overwrite to replace it, "
@@ -244,12 +267,17 @@ def _check_out(config: TrainConfig, identity: dict) -> None:
 
 
 def _is_complete(out: Path, steps: int) -> bool:
-    """The last step's metrics are written and the final checkpoint saved (its tokenizer is saved last)."""
+    """The last step's metrics are written and the final checkpoint published (its config.json is moved in last)."""
     from ropescope.models import TOKENIZER_FILES
 
-    rows = _metrics_rows(out / "metrics.csv", steps)
-    return bool(rows) and int(rows[-1]["step"]) == steps and (out / "config.json").is_file() \
+    return _trained(out, steps) and not (out / STAGED).exists() and (out / "config.json").is_file() \
         and (out / "tokenizer_config.json").is_file() and any((out / name).is_file() for name in TOKENIZER_FILES)
+
+
+def _trained(out: Path, steps: int) -> bool:
+    """Every step's metrics are written: the training itself is over."""
+    rows = _metrics_rows(out / "metrics.csv", steps)
+    return bool(rows) and int(rows[-1]["step"]) == steps
 
 
 def _training_blocks(tokenizer, config: TrainConfig, global_batch: int) -> torch.Tensor:
@@ -348,7 +376,8 @@ def _rope_spec(config: TrainConfig, model_path: Path):
     return method_spec(config.method, factor=config.factor, original_max_position_embeddings=original)
 
 
-def _start_run_folder(accelerator, config: TrainConfig, identity: dict, spec, num_blocks: int) -> Path | None:
+def _start_run_folder(accelerator, config: TrainConfig, identity: dict, spec, num_blocks: int,
+                      checkpointing: bool) -> Path | None:
     """Create (or clear, on overwrite) the run folder and write run.json; return the checkpoint to resume from."""
     out = Path(config.out)
     resume_from = _newest_checkpoint(out) if config.resume else None
@@ -357,17 +386,29 @@ def _start_run_folder(accelerator, config: TrainConfig, identity: dict, spec, nu
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
         run = {"config": identity, "spec": spec.to_dict(),
-               "num_processes": accelerator.num_processes, "corpus_blocks": num_blocks}
+               "num_processes": accelerator.num_processes, "corpus_blocks": num_blocks,
+               "gradient_checkpointing": checkpointing}
         write_atomically(out / "run.json", json.dumps(run, indent=2, default=str) + "\n")
     accelerator.wait_for_everyone()
     return resume_from
 
 
-def _prepare_model(config: TrainConfig, model):
+def uses_checkpointing(config: TrainConfig, model_config, mixed_precision: str) -> bool:
+    """The run's gradient checkpointing: as the config says, or, unset, where it pays for this model and
+    micro-batch (`ropescope.plan.checkpointing_pays`)."""
+    if config.gradient_checkpointing is not None:
+        return config.gradient_checkpointing
+    from ropescope.plan import checkpointing_pays, model_shape
+
+    dtype_bytes = 4 if mixed_precision == "no" else 2
+    return checkpointing_pays(model_shape(model_config), config.batch_size * config.length, dtype_bytes=dtype_bytes)
+
+
+def _prepare_model(config: TrainConfig, model, checkpointing: bool):
     """Training mode, activation checkpointing and LoRA adapters as the config asks."""
     model.train()
     model.config.use_cache = False  # no KV cache while training; put back before saving
-    if config.gradient_checkpointing:
+    if checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if config.lora_rank:
         from peft import LoraConfig, get_peft_model
@@ -391,16 +432,6 @@ def _setup_optimizer(accelerator, config: TrainConfig, model, resume_from: Path 
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
     return model, optimizer, scheduler, state
-
-
-def _loss(model, input_ids: torch.Tensor, is_answer: torch.Tensor | None) -> torch.Tensor:
-    """The causal-LM loss (transformers' own), plus, when the micro-batch holds passkey examples, the mean loss
-    over their answer tokens, as `ropescope pretrain` adds it (weight ANSWER_LOSS_WEIGHT)."""
-    if is_answer is None:
-        return model(input_ids=input_ids, labels=input_ids).loss
-    # One cross-entropy over the unsliced logits for both terms: a second one cost 18% of a step
-    # (benchmarks/answer_loss.py).
-    return answer_weighted_loss(model(input_ids=input_ids).logits, input_ids, is_answer, ANSWER_LOSS_WEIGHT)
 
 
 def _train_loop(accelerator, config: TrainConfig, model, optimizer, scheduler, state: _TrainState,
@@ -435,7 +466,7 @@ def _train_loop(accelerator, config: TrainConfig, model, optimizer, scheduler, s
                 last = micro_step == config.grad_accum - 1
                 # Gradients are all-reduced only on the last micro-step: the others accumulate locally.
                 with nullcontext() if last else accelerator.no_sync(model):
-                    loss = _loss(model, input_ids, is_answer)
+                    loss = model(input_ids, is_answer)
                     accelerator.backward(loss / config.grad_accum)
                 loss_sum += loss.detach()
             if config.max_grad_norm:
@@ -482,6 +513,13 @@ def train(config: TrainConfig) -> Path:
     global_batch = config.batch_size * accelerator.num_processes * config.grad_accum
     identity = _identity(config, global_batch)
     _check_out(config, identity)
+    out = Path(config.out)
+    if config.resume and (out / STAGED).is_dir() and _trained(out, config.steps):
+        # Killed while publishing its final checkpoint, which was whole: finish that, nothing to train.
+        if accelerator.is_main_process:
+            _publish_final(out)
+        accelerator.wait_for_everyone()
+        return out
 
     # The extension, the data, the model: all checked before the first file is written; the model last, so
     # a bad factor or a corpus too short for the length does not wait for a large model to load.
@@ -494,8 +532,14 @@ def train(config: TrainConfig) -> Path:
     extend(model, spec)
     accelerator.wait_for_everyone()  # every process has looked at `out` before the main one changes it
 
-    resume_from = _start_run_folder(accelerator, config, identity, spec, len(blocks))
-    model = _prepare_model(config, model)
+    # FSDP's own activation checkpointing (its accelerate config) wraps the layers itself: transformers' stays off.
+    fsdp = getattr(accelerator.state, "fsdp_plugin", None)
+    by_fsdp = bool(fsdp is not None and fsdp.activation_checkpointing)
+    checkpointing = by_fsdp or uses_checkpointing(config, model.config, accelerator.mixed_precision)
+    resume_from = _start_run_folder(accelerator, config, identity, spec, len(blocks), checkpointing)
+    # The loss goes through the wrapper's forward: the output head runs over chunks of positions, never holding
+    # [tokens x vocabulary] logits (ropescope.nll.causal_lm_loss).
+    model = CausalLMLoss(_prepare_model(config, model, checkpointing and not by_fsdp), config.answer_loss_weight)
     model, optimizer, scheduler, state = _setup_optimizer(accelerator, config, model, resume_from)
     passkeys = PasskeyPrompts(tokenizer) if config.retrieval_mix else None
     _train_loop(accelerator, config, model, optimizer, scheduler, state, blocks, passkeys, spec.label())
@@ -506,17 +550,30 @@ def train(config: TrainConfig) -> Path:
 def _save_final(accelerator, model, tokenizer, out: Path, lora: bool) -> None:
     """Write the Hugging Face checkpoint: safetensors weights, config with the rope parameters, tokenizer."""
     accelerator.wait_for_everyone()
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = accelerator.unwrap_model(model).lm
     if lora:
         # Merged, the checkpoint is a plain model again: from_pretrained needs neither peft nor ropescope.
         unwrapped = unwrapped.merge_and_unload()
         state_dict = None
     else:
         state_dict = accelerator.get_state_dict(model)  # gathers FSDP shards on the main process
+        if state_dict is not None:  # the loss wrapper's keys, as the model's own
+            state_dict = {key.removeprefix("lm."): value for key, value in state_dict.items()}
     if accelerator.is_main_process:
         if unwrapped.is_activation_checkpointing:
             unwrapped.activation_checkpointing_disable()
         unwrapped.config.use_cache = True
-        unwrapped.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
-        tokenizer.save_pretrained(out)
+        shutil.rmtree(out / STAGING, ignore_errors=True)  # a save that died: its files are of no use
+        unwrapped.save_pretrained(out / STAGING, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(out / STAGING)
+        os.replace(out / STAGING, out / STAGED)
+        _publish_final(out)
     accelerator.wait_for_everyone()
+
+
+def _publish_final(out: Path) -> None:
+    """Move the whole staged checkpoint's files into the run folder, config.json last (what marks it complete)."""
+    staged = out / STAGED
+    for name in sorted((path.name for path in staged.iterdir()), key=lambda name: name == "config.json"):
+        os.replace(staged / name, out / name)
+    staged.rmdir()

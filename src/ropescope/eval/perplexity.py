@@ -24,7 +24,7 @@ from ropescope.eval.decoding import encode, special_prefix
 from ropescope.models import ModelOptions
 from ropescope.rope import RopeSpec
 from ropescope.rows import PerplexityRow
-from ropescope.nll import token_nll
+from ropescope.nll import logit_transform, token_nll
 
 PROTOCOLS = ("truncated", "sliding")
 DEFAULT_CHUNK = 1024
@@ -46,24 +46,6 @@ def chunked_nll(hidden: torch.Tensor, targets: torch.Tensor, output_head, chunk_
     return float(total)
 
 
-def _logit_transform(model):
-    """The step between lm_head and the logits some families add (Cohere's scale, Gemma 2's soft-capping)."""
-    config = model.config
-    scale = getattr(config, "logit_scale", None)
-    softcap = getattr(config, "final_logit_softcapping", None)
-    if not scale and not softcap:
-        return None
-
-    def transform(logits):
-        if scale:
-            logits = logits * scale
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
-        return logits
-
-    return transform
-
-
 @torch.inference_mode()
 def window_nll(model, input_ids: torch.Tensor, score_from: int = 1, chunk_size: int = DEFAULT_CHUNK) -> tuple[float, int]:
     """(sum of NLL, tokens scored) for tokens `score_from`..end of each row of `input_ids`, context = the row.
@@ -81,7 +63,7 @@ def window_nll(model, input_ids: torch.Tensor, score_from: int = 1, chunk_size: 
     hidden = model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
     predicting = hidden[:, score_from - 1 : window - 1].reshape(-1, hidden.shape[-1])
     targets = input_ids[:, score_from:].reshape(-1)
-    total = chunked_nll(predicting, targets, model.get_output_embeddings(), chunk_size, _logit_transform(model))
+    total = chunked_nll(predicting, targets, model.get_output_embeddings(), chunk_size, logit_transform(model.config))
     return total, int(targets.numel())
 
 

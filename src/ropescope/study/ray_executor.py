@@ -5,11 +5,16 @@ The driver (this process) is the only writer of the results database: a task ret
 records them in one transaction, as the local executor does. Tasks read and write checkpoints under the study
 folder, which must therefore be on storage every node sees (checked before the first cell). A task whose worker
 process or node dies is rerun by Ray up to `max_retries` times; an exception inside a stage is not retried (it
-is recorded as a failed cell, like locally). Ctrl-C cancels the outstanding tasks; recorded cells stay recorded.
+is recorded as a failed cell, like locally). A worker killed for memory (by Ray's memory monitor, which retries
+such tasks by its own count, or by the OS) is recorded as a failed cell naming the memory its stage asked for and
+the memory used, after at most `max_retries` reruns: each attempt is counted in a file under the study folder.
+Ctrl-C cancels the outstanding tasks; recorded cells stay recorded.
 """
 
 from __future__ import annotations
 
+import re
+import resource
 import socket
 import time
 import traceback
@@ -20,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import ray
-from ray.exceptions import GetTimeoutError, RayError, RayTaskError
+from ray.exceptions import GetTimeoutError, OutOfMemoryError, RayError, RayTaskError
 from ray.util import get_node_ip_address
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -32,6 +37,7 @@ from ropescope.study.plan import Cell
 from ropescope.study.store import ResultStore
 
 CONNECT_TIMEOUT_S = 10
+ATTEMPTS_FOLDER = ".ropescope-attempts"  # one file per running cell: how many workers have started it
 MARKER_TIMEOUT_S = 120  # a node that cannot start a zero-CPU task in this long is not answering
 
 
@@ -105,6 +111,43 @@ class Outcome:
     message: str | None = None  # one line
 
 
+def _attempts_file(out: Path, cell: Cell) -> Path:
+    return out / ATTEMPTS_FOLDER / cell.name.replace("/", "--")
+
+
+def _count_attempt(out: Path, cell: Cell) -> int:
+    """Runs on a worker: this attempt's number (1 for the first), counted on the shared study folder."""
+    path = _attempts_file(out, cell)
+    path.parent.mkdir(exist_ok=True)
+    try:
+        attempt = int(path.read_text()) + 1
+    except (OSError, ValueError):
+        attempt = 1
+    path.write_text(str(attempt))
+    return attempt
+
+
+def asked_memory(config: StudyConfig, cell: Cell) -> str:
+    """The memory the cell's stage asks Ray for, in words."""
+    asked = config.execution.resources.get(cell.stage.name, {}).get("memory")
+    return f"{asked / 2**30:.2f} GiB" if asked else "none (no [execution.resources] memory for the stage)"
+
+
+def memory_failure(config: StudyConfig, cell: Cell, used: str) -> str:
+    """The one line of a cell that ran out of memory: what its stage asked for, what was used, what to change."""
+    return (f"out of memory: the stage asked Ray for memory {asked_memory(config, cell)}, and {used}; set "
+            f"[execution.resources.{cell.stage.name}] memory to more than that, or give the cell a larger node")
+
+
+def oom_usage(message: str) -> str:
+    """What Ray's OutOfMemoryError message says was used: the worker's memory and the node's."""
+    worker = re.search(r"memory used=([\d.]+\s*[KMGT]?i?B)", message)
+    node = re.search(r"was ([\d.]+\s*[KMGT]?i?B)(?: used)? / ([\d.]+\s*[KMGT]?i?B)", message)
+    used = ([f"the worker used {worker.group(1)}"] if worker else []) + \
+        ([f"its node {node.group(1)} of {node.group(2)}"] if node else [])
+    return (", ".join(used) or "no usage in Ray's message") + " when Ray's memory monitor killed it"
+
+
 def run_cell_task(cell: Cell, config: StudyConfig, out: str, progress: bool | None,
                   required: dict[str, list[dict]]) -> Outcome:
     """Runs on a worker. A task given a GPU evaluates on it. A RopescopeError (a user mistake) propagates."""
@@ -114,14 +157,24 @@ def run_cell_task(cell: Cell, config: StudyConfig, out: str, progress: bool | No
     device = "cuda" if ray.get_gpu_ids() else "cpu"
     context = StageContext(config, Path(out), required_rows, progress, device=device)
     node = f"{ray.get_runtime_context().get_node_id()[:8]} ({get_node_ip_address()})"
+    attempt = _count_attempt(Path(out), cell)
+    if attempt > config.execution.max_retries + 1:
+        # Ray reruns a task its memory monitor killed by a count of its own (RAY_task_oom_retries): stop here.
+        return Outcome(None, 0.0, node, None, (
+            f"its worker died {attempt - 1} times, not retried again (killed for memory? the stage asked Ray for "
+            f"memory {asked_memory(config, cell)})"))
     started = time.perf_counter()
     try:
         rows = execute_cell(cell, context)
     except RopescopeError:
         raise
     except Exception as error:  # recorded as a failed cell, retried on the next run
-        return Outcome(None, time.perf_counter() - started, node, traceback.format_exc(),
-                       f"{type(error).__name__}: {error}")
+        message = f"{type(error).__name__}: {error}"
+        if isinstance(error, MemoryError) or "out of memory" in str(error).lower():
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+            message = memory_failure(config, cell, f"the worker's peak resident memory was {peak / 2**30:.2f} GiB "
+                                                   f"({message})")
+        return Outcome(None, time.perf_counter() - started, node, traceback.format_exc(), message)
     return Outcome(rows, time.perf_counter() - started, node)
 
 
@@ -164,8 +217,11 @@ def run_ray(cells: Sequence[Cell], config: StudyConfig, out: Path, store: Result
                 elif not any(name in unrecorded for name in cell.requires):
                     waiting.remove(cell)
                     prepare(cell, out, force)
+                    _attempts_file(out, cell).unlink(missing_ok=True)  # a new submission counts from zero
                     required = {name: store.cell_rows(name) for name in cell.requires}
-                    options = {"max_retries": execution.max_retries, "name": cell.name,
+                    # One rerun more than asked: the task counts its attempts and fails the last one itself, with
+                    # a line that says why, where Ray would only say that a worker died.
+                    options = {"max_retries": execution.max_retries + 1, "name": cell.name,
                                **execution.resources.get(cell.stage.name, {})}
                     running[remote.options(**options).remote(cell, config, str(out), progress, required)] = cell
                     recorder.started(cell)
@@ -175,6 +231,7 @@ def run_ray(cells: Sequence[Cell], config: StudyConfig, out: Path, store: Result
             finished, _ = ray.wait(list(running), num_returns=1)
             for reference in finished:
                 cell = running.pop(reference)
+                _attempts_file(out, cell).unlink(missing_ok=True)
                 try:
                     outcome = ray.get(reference)
                 except RayTaskError as error:
@@ -182,6 +239,8 @@ def run_ray(cells: Sequence[Cell], config: StudyConfig, out: Path, store: Result
                         recorder.cancelled(cell)
                         raise error.cause from None
                     raise
+                except OutOfMemoryError as error:  # Ray's memory monitor killed it and gave up retrying
+                    outcome = Outcome(None, 0.0, "", str(error), memory_failure(config, cell, oom_usage(str(error))))
                 except RayError as error:  # the worker or its node died, max_retries times over
                     outcome = Outcome(None, 0.0, "", str(error), f"{type(error).__name__} (after "
                                       f"{execution.max_retries} retries)")

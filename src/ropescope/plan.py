@@ -1,0 +1,179 @@
+"""Memory a run needs, from a model's config alone, before renting GPUs: `ropescope plan`.
+
+    ropescope plan --model meta-llama/Llama-2-7b-hf --length 32768 --gpus 8 --gpu-memory 80
+
+Estimates the peak memory per device of three commands at a length: evaluation (`ppl`: one forward, the output head
+over chunks of positions), the attention capture (`entropy`: one forward, per-layer statistics) and training (`train`:
+one step; weights, gradients and AdamW state sharded over the GPUs as FSDP full shard or ZeRO-3 shard them,
+activations with and without gradient checkpointing, the loss chunk). No weight is loaded: the parameter count comes
+from the model built on the meta device.
+
+The activation model is counted from the tensors autograd saves in a decoder layer of transformers' Llama (float32,
+sdpa attention, measured on CPU at several widths): about 9 x hidden + 4 x intermediate + 2 x the key-value width
+elements per token per layer; a checkpointed layer keeps 2 x hidden. Training follows `ropescope train`: float32
+master weights, gradients and AdamW's two moments (16 bytes a parameter), the forward in the compute dtype. On a CPU
+the process itself (Python, torch, transformers) is counted as RUNTIME_CPU_BYTES; on a GPU the count is allocated
+memory (the CUDA context, about 0.5 GiB, comes on top). Checked against measured CPU peaks only
+(benchmarks/memory_scaling.py); no GPU number exists yet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ropescope.errors import RopescopeError
+from ropescope.nll import loss_chunk_size
+
+GIB = 2**30
+# Per token and layer, in elements: what autograd keeps of a decoder layer (fitted on Llama layers of hidden 64-256,
+# intermediate 128-1024: within 3% of the measured count), and what a checkpointed layer keeps.
+SAVED_PER_HIDDEN, SAVED_PER_INTERMEDIATE, SAVED_PER_KV = 9, 4, 2
+CHECKPOINTED_PER_HIDDEN = 2
+TRAIN_STATE_BYTES = 16  # per parameter: float32 weights, gradients and AdamW's two moments
+EVAL_HEAD_CHUNK = 1024  # positions per chunk of the output head in `ppl` (eval/perplexity.py's default)
+RUNTIME_CPU_BYTES = int(0.40 * GIB)  # a CPU process with torch and transformers loaded, before any tensor
+COMMANDS = ("evaluation", "capture", "training", "training (checkpointing)")
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the estimates read from a config."""
+
+    parameters: int
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int  # per token: the active experts' width in a mixture of experts
+    kv_size: int  # key-value heads x head size
+    layers: int
+    heads: int
+
+
+def read_config(model: str):
+    """The transformers config of `model`: "default", a folder, a Hub id (from the cache when offline) or a `.gguf`
+    file. RopescopeError in one line when it cannot be read."""
+    from transformers import AutoConfig
+
+    from ropescope.models import default_model_path
+
+    path = default_model_path() if model == "default" else Path(model)
+    try:
+        if path.suffix == ".gguf":
+            if not path.is_file():
+                raise OSError(f"no such file {str(path)!r}")
+            return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+        return AutoConfig.from_pretrained(str(path) if path.exists() else model)
+    except Exception as error:  # transformers raises OSError, ValueError, KeyError, ... for an unreadable config
+        text = str(error).strip().splitlines()
+        raise RopescopeError(f"model {model!r}: cannot read its config ({text[0] if text else type(error).__name__}); "
+                             "give 'default', a model folder, a Hub id or a .gguf file") from None
+
+
+def model_shape(config) -> Shape:
+    """Parameter count (the model built on the meta device: no memory, no weights) and the widths of `config`."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    text = config.get_text_config()
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    experts = getattr(text, "num_experts_per_tok", None)
+    intermediate = text.intermediate_size
+    if experts:  # a mixture of experts: each token goes through `experts` expert MLPs (and a shared one, if any)
+        expert_size = getattr(text, "moe_intermediate_size", None) or intermediate
+        intermediate = experts * expert_size + (getattr(text, "shared_expert_intermediate_size", None) or 0)
+    return Shape(parameters=sum(p.numel() for p in model.parameters()), vocab_size=text.vocab_size,
+                 hidden_size=text.hidden_size, intermediate_size=intermediate, kv_size=kv_heads * head_dim,
+                 layers=text.num_hidden_layers, heads=heads)
+
+
+def layer_activations(shape: Shape, tokens: int, element_bytes: int) -> int:
+    """Bytes autograd keeps for one decoder layer over `tokens` tokens."""
+    per_token = SAVED_PER_HIDDEN * shape.hidden_size + SAVED_PER_INTERMEDIATE * shape.intermediate_size \
+        + SAVED_PER_KV * shape.kv_size
+    return tokens * per_token * element_bytes
+
+
+def estimate(shape: Shape, length: int, gpus: int = 1, dtype_bytes: int = 2, on_cpu: bool = False) -> dict[str, int]:
+    """Estimated peak bytes per device of each of COMMANDS for one sequence of `length` tokens.
+
+    dtype_bytes: bytes of an element in the compute dtype (2 for bfloat16, 4 for float32). Training shards its
+    float32 state (TRAIN_STATE_BYTES per parameter) over `gpus` devices; evaluation holds the weights in the
+    compute dtype on each device.
+    """
+    runtime = RUNTIME_CPU_BYTES if on_cpu else 0
+    weights = shape.parameters * dtype_bytes
+    layer = layer_activations(shape, length, dtype_bytes)
+    hidden = length * shape.hidden_size * dtype_bytes
+    # evaluation: one layer's activations in flight, the final hidden states, a chunk's float32 logits and their
+    # log-softmax
+    evaluation = runtime + weights + layer + hidden + 2 * min(length, EVAL_HEAD_CHUNK) * shape.vocab_size * 4
+    capture = runtime + weights + layer + hidden + shape.layers * shape.heads * length * 4  # + float32 entropies
+    state = shape.parameters * TRAIN_STATE_BYTES // gpus
+    if gpus > 1:  # a sharded step gathers one layer's full parameters at a time
+        state += shape.parameters // shape.layers * dtype_bytes
+    # the loss: one chunk's float32 logits, their log-softmax, their gradient and the head's input gradient, and the
+    # hidden states' gradient
+    loss = 4 * loss_chunk_size(length, shape.hidden_size, shape.vocab_size) * shape.vocab_size * 4 + 2 * hidden
+    backward = layer  # one layer's gradients of activations in flight
+    kept = shape.layers * layer
+    checkpointed = shape.layers * length * CHECKPOINTED_PER_HIDDEN * shape.hidden_size * dtype_bytes + layer
+    return {"evaluation": evaluation, "capture": capture,
+            "training": runtime + state + kept + backward + loss,
+            "training (checkpointing)": runtime + state + checkpointed + backward + loss}
+
+
+def largest_length(shape: Shape, command: str, budget: int, gpus: int, dtype_bytes: int, on_cpu: bool,
+                   limit: int = 1 << 24) -> int:
+    """The largest length (a multiple of 1024, at most `limit`) whose estimate for `command` fits in `budget`
+    bytes; 0 when not even 1024 tokens fit."""
+    low, high = 0, limit // 1024
+    while low < high:  # every estimate grows with length
+        middle = (low + high + 1) // 2
+        if estimate(shape, middle * 1024, gpus, dtype_bytes, on_cpu)[command] <= budget:
+            low = middle
+        else:
+            high = middle - 1
+    return low * 1024
+
+
+def checkpointing_pays(shape: Shape, length: int, gpus: int = 1, dtype_bytes: int = 2) -> bool:
+    """Whether gradient checkpointing saves more than it costs: the activations a step keeps without it exceed
+    the training state (weights, gradients, optimizer), so they would at least double the step's memory; below
+    that, the third more compute buys little."""
+    return shape.layers * layer_activations(shape, length, dtype_bytes) > shape.parameters * TRAIN_STATE_BYTES // gpus
+
+
+def run_plan(model: str = "default", method: str = "default", *, length: int = 32768, gpus: int = 1,
+             gpu_memory: float = 80.0, dtype: str = "bfloat16", device: str = "cuda") -> list[dict]:
+    """Rows, one per command: estimated peak GiB per device at `length`, whether it fits in `gpu_memory` GiB, and
+    the largest length that fits. device "cpu" counts the process's own memory and float32, as on a laptop."""
+    from ropescope.rope import method_spec
+
+    if length < 1:
+        raise RopescopeError(f"length={length} is not a positive integer")
+    if gpus < 1:
+        raise RopescopeError(f"gpus={gpus} is not a positive integer")
+    if not gpu_memory > 0:
+        raise RopescopeError(f"gpu_memory={gpu_memory} must be > 0 (GiB per device)")
+    if dtype not in ("bfloat16", "float16", "float32"):
+        raise RopescopeError(f"dtype={dtype!r} is unknown; accepted: bfloat16, float16, float32")
+    if device not in ("cuda", "cpu"):
+        raise RopescopeError(f"device={device!r} is unknown; accepted: cuda, cpu")
+    spec = method_spec(method, factor=4.0, original_max_position_embeddings=4096)  # a bad method: one line here
+    shape = model_shape(read_config(model))
+    dtype_bytes = 4 if dtype == "float32" else 2
+    on_cpu = device == "cpu"
+    budget = int(gpu_memory * GIB)
+    estimates = estimate(shape, length, gpus, dtype_bytes, on_cpu)
+    rows = []
+    for command in COMMANDS:
+        rows.append({"model": model, "method": spec.method, "command": command, "length": length, "gpus": gpus,
+                     "parameters": shape.parameters, "dtype": dtype, "device": device,
+                     "peak_gib": round(estimates[command] / GIB, 3), "gpu_memory_gib": gpu_memory,
+                     "fits": estimates[command] <= budget,
+                     "largest_length": largest_length(shape, command, budget, gpus, dtype_bytes, on_cpu)})
+    return rows
