@@ -50,13 +50,17 @@ class Shape:
 
 
 def read_config(model: str):
-    """The transformers config of `model`: "default", a folder, a Hub id (from the cache when offline) or a `.gguf`
-    file. RopescopeError in one line when it cannot be read."""
+    """The transformers config of `model`: "default", a folder, a Hub id (from the cache when offline), a `.gguf`
+    file or a packaged one's short name (`smollm2-135m`). RopescopeError in one line when it cannot be read."""
     from transformers import AutoConfig
 
+    from ropescope.gguf_files import PACKAGED, packaged_gguf_path
     from ropescope.models import default_model_path
 
-    path = default_model_path() if model == "default" else Path(model)
+    if model in PACKAGED:
+        path = packaged_gguf_path(model)  # says how to fetch it when it is not installed
+    else:
+        path = default_model_path() if model == "default" else Path(model)
     try:
         if path.suffix == ".gguf":
             if not path.is_file():
