@@ -435,6 +435,10 @@ def test_gradient_checkpointing_is_on_where_it_pays_and_the_run_records_it(tiny,
                            vocab_size=32000)
     assert not uses_checkpointing(TrainConfig(out="x", length=2048), llama_7b, "bf16")
     assert uses_checkpointing(TrainConfig(out="x", length=32768), llama_7b, "bf16")  # the paper's fine-tune
-    for length, expected in ((48, False), (2048, True)):
-        out = train(_config(tiny, tmp_path / f"run-{length}", steps=1, length=length, batch_size=1))
+    # on a device the step fits easily, the third more compute buys nothing; on an 80 GB GPU the paper's needs it
+    assert not uses_checkpointing(TrainConfig(out="x", length=4096), tiny_config, "no", device_memory=24 * 2**30)
+    assert uses_checkpointing(TrainConfig(out="x", length=32768), llama_7b, "bf16", device_memory=80 * 2**30)
+    for length, asked, expected in ((48, None, False), (2048, None, False), (2048, True, True)):
+        out = train(_config(tiny, tmp_path / f"run-{length}-{asked}", steps=1, length=length, batch_size=1,
+                            gradient_checkpointing=asked))
         assert json.loads((out / "run.json").read_text())["gradient_checkpointing"] is expected

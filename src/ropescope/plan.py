@@ -144,11 +144,15 @@ def largest_length(shape: Shape, command: str, budget: int, gpus: int, dtype_byt
     return low * 1024
 
 
-def checkpointing_pays(shape: Shape, length: int, gpus: int = 1, dtype_bytes: int = 2) -> bool:
+def checkpointing_pays(shape: Shape, length: int, gpus: int = 1, dtype_bytes: int = 2,
+                       device_memory: int | None = None) -> bool:
     """Whether gradient checkpointing saves more than it costs: the activations a step keeps without it exceed
-    the training state (weights, gradients, optimizer), so they would at least double the step's memory; below
-    that, the third more compute buys little."""
-    return shape.layers * layer_activations(shape, length, dtype_bytes) > shape.parameters * TRAIN_STATE_BYTES // gpus
+    the training state (weights, gradients, optimizer), so they would at least double the step's memory, and (when
+    `device_memory`, bytes, is given) the step would take more than half the device; below that, the third more
+    compute buys nothing (the shipped model's fine-tunes fit a laptop either way)."""
+    activations = shape.layers * layer_activations(shape, length, dtype_bytes)
+    state = shape.parameters * TRAIN_STATE_BYTES // gpus
+    return activations > state and (device_memory is None or activations + state > device_memory // 2)
 
 
 def run_plan(model: str = "default", method: str = "default", *, length: int = 32768, gpus: int = 1,

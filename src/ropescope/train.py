@@ -86,7 +86,8 @@ class TrainConfig:
     gradient_checkpointing: bool | None = option(None, (
         "recompute each decoder layer's activations in the backward instead of keeping them: less memory, about a "
         "third more time; unset = on where the activations a micro-step keeps would exceed the weights, gradients "
-        "and optimizer state (ropescope.plan.checkpointing_pays); run.json records what was used"))
+        "and optimizer state and the step would take over half the device (ropescope.plan.checkpointing_pays); "
+        "run.json records what was used"))
     lora_rank: int = option(0, "0 = full fine-tune; > 0 trains LoRA adapters of this rank on the attention "
                                "projections (peft) and saves them merged")
     lora_alpha: float = option(16.0, "LoRA scaling numerator (the update is scaled by lora_alpha / lora_rank)")
@@ -393,15 +394,26 @@ def _start_run_folder(accelerator, config: TrainConfig, identity: dict, spec, nu
     return resume_from
 
 
-def uses_checkpointing(config: TrainConfig, model_config, mixed_precision: str) -> bool:
+def uses_checkpointing(config: TrainConfig, model_config, mixed_precision: str,
+                       device_memory: int | None = None) -> bool:
     """The run's gradient checkpointing: as the config says, or, unset, where it pays for this model and
-    micro-batch (`ropescope.plan.checkpointing_pays`)."""
+    micro-batch on a device of `device_memory` bytes (`ropescope.plan.checkpointing_pays`)."""
     if config.gradient_checkpointing is not None:
         return config.gradient_checkpointing
     from ropescope.plan import checkpointing_pays, model_shape
 
     dtype_bytes = 4 if mixed_precision == "no" else 2
-    return checkpointing_pays(model_shape(model_config), config.batch_size * config.length, dtype_bytes=dtype_bytes)
+    return checkpointing_pays(model_shape(model_config), config.batch_size * config.length, dtype_bytes=dtype_bytes,
+                              device_memory=device_memory)
+
+
+def _device_memory(device: torch.device) -> int:
+    """Bytes a training step may use: the GPU's memory, or the memory this machine has available."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    import psutil
+
+    return psutil.virtual_memory().available
 
 
 def _prepare_model(config: TrainConfig, model, checkpointing: bool):
@@ -535,7 +547,8 @@ def train(config: TrainConfig) -> Path:
     # FSDP's own activation checkpointing (its accelerate config) wraps the layers itself: transformers' stays off.
     fsdp = getattr(accelerator.state, "fsdp_plugin", None)
     by_fsdp = bool(fsdp is not None and fsdp.activation_checkpointing)
-    checkpointing = by_fsdp or uses_checkpointing(config, model.config, accelerator.mixed_precision)
+    checkpointing = by_fsdp or uses_checkpointing(config, model.config, accelerator.mixed_precision,
+                                                  _device_memory(accelerator.device))
     resume_from = _start_run_folder(accelerator, config, identity, spec, len(blocks), checkpointing)
     # The loss goes through the wrapper's forward: the output head runs over chunks of positions, never holding
     # [tokens x vocabulary] logits (ropescope.nll.causal_lm_loss).
