@@ -108,10 +108,20 @@ def worker(mode: str, length: int, args) -> dict:
         peak = torch.cuda.max_memory_allocated()
         device_name = torch.cuda.get_device_name()
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak = peak_rss_bytes()
         device_name = "cpu"
     return {"mode": mode, "length": length, "seconds": seconds, "peak": peak, "before": memory_before,
             "device_name": device_name}
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory since it started its program: VmHWM belongs to the address space that
+    execve made, whereas ru_maxrss keeps the parent's resident size at fork (a large pytest process's, say)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
 
 
 def available_bytes(device: str) -> int:
