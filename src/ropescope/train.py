@@ -62,7 +62,8 @@ class TrainConfig:
     """One continual-pretraining run. Batch sizes count blocks of `length` tokens."""
 
     out: str | Path = option(help="run folder: the final checkpoint, metrics.csv, run.json, checkpoints/")
-    model: str = option("default", "\"default\" (the shipped model), a local Hugging Face folder or a Hub id")
+    model: str = option("default", "\"default\" (the shipped model), a local Hugging Face folder, a .gguf file, "
+                                   "\"smollm2-135m\" or a Hub id")
     method: str = option("yarn", "NAME[:KEY=VALUE,...]: a RoPE method of `ropescope methods` with its parameters")
     factor: float = option(4.0, "extension factor s = target length / pretrained length, for methods that take one")
     original_max_position_embeddings: int | None = option(None, "the pretrained context length (default: the "
