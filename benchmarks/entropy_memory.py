@@ -142,11 +142,9 @@ def eager_bytes_needed(model_name: str, length: int, dtype: str) -> int:
     if model_name in SHAPES:
         layers, heads = SHAPES[model_name]["num_hidden_layers"], SHAPES[model_name]["num_attention_heads"]
     else:
-        from transformers import AutoConfig
+        from ropescope.models import load_config  # any model name ropescope takes: a folder, a GGUF file, ...
 
-        from ropescope.models import default_model_path
-
-        config = AutoConfig.from_pretrained(default_model_path() if model_name == "default" else model_name)
+        config = load_config(model_name)
         layers, heads = config.num_hidden_layers, config.num_attention_heads
     element = 4 if dtype == "float32" else 2
     return (layers + 2) * heads * length * length * element
