@@ -96,6 +96,7 @@ class StageContext:
     progress: bool | None = None
     device: str = "cpu"
     _documents: dict[str, list[str]] = field(default_factory=dict, repr=False)
+    _distributions: dict[tuple, list[dict]] = field(default_factory=dict, repr=False)
 
     def checkpoint_dir(self, variant: Variant) -> Path:
         return checkpoint_dir(self.out, variant)
@@ -121,6 +122,21 @@ class StageContext:
             raise RopescopeError(
                 f"the validation corpus fills {len(blocks)} blocks of {length} tokens; the study needs {count}")
         return blocks
+
+    def distance_rows(self, variant: Variant, length: int, count: int) -> list[dict]:
+        """`distance_distribution` of a variant on the first `count` blocks of `length` tokens, kept for the rest
+        of this process: the original model at its pretrained length is every variant's pattern reference, and a
+        16K-token capture of a real model takes minutes."""
+        from ropescope.attention.patterns import distance_distribution
+
+        key = ("original" if variant.is_original and not variant.fine_tuned else variant.name, length, count)
+        if key not in self._distributions:
+            model, tokenizer = self.load(variant)
+            self._distributions[key] = distance_distribution(
+                model, self.samples(tokenizer, length, count),
+                original_max_position_embeddings=self.config.model.original_max_position_embeddings,
+                progress=self.progress)
+        return self._distributions[key]
 
     def load(self, variant: Variant):
         """(model, tokenizer) of a variant: its fine-tuned checkpoint, or the base model extended as is."""

@@ -137,19 +137,13 @@ def patterns_settings(config: StudyConfig, variant: Variant) -> dict:
 def patterns(context: StageContext, variant: Variant) -> list[dict]:
     """Attention against key distance at the pretrained and the extended length, and how well the variant keeps
     the pattern: the reference is the original model at its pretrained length (the paper's Figure 2(a))."""
-    from ropescope.attention.patterns import distance_distribution, pattern_preservation
+    from ropescope.attention.patterns import pattern_preservation
 
     original = context.config.model.original_max_position_embeddings
-    extended_length = context.config.analysis.pattern_length
     count = context.config.analysis.entropy_samples
-    reference_model, tokenizer = context.load(ORIGINAL_VARIANT)
-    reference = distance_distribution(reference_model, context.samples(tokenizer, original, count),
-                                      original_max_position_embeddings=original, progress=context.progress)
-    model, tokenizer = context.load(variant)
-    at_pretrained = distance_distribution(model, context.samples(tokenizer, original, count),
-                                          original_max_position_embeddings=original, progress=context.progress)
-    extended = distance_distribution(model, context.samples(tokenizer, extended_length, count),
-                                     original_max_position_embeddings=original, progress=context.progress)
+    reference = context.distance_rows(ORIGINAL_VARIANT, original, count)
+    at_pretrained = context.distance_rows(variant, original, count)
+    extended = context.distance_rows(variant, context.config.analysis.pattern_length, count)
     preservation = [row for row in pattern_preservation(reference, extended) if row["layer"] != "mean"]
     return ([{**row, "row_type": "distribution"} for row in at_pretrained + extended]
             + [{**row, "row_type": "preservation"} for row in preservation])
