@@ -45,6 +45,31 @@ def test_evaluation_prompt_is_filler_then_key_line_then_whole_sentences_then_que
     assert abs(len(before) - depth / 100 * filler) <= max(len(_ids(tokenizer, " " + s)) for s in FILLER_SENTENCES)
 
 
+def test_a_training_example_on_a_corpus_haystack_holds_its_text_around_the_key_and_no_filler(tokenizer):
+    prompts = PasskeyPrompts(tokenizer)
+    haystack = _ids(tokenizer, " ".join(f"Line {index} of a long, varied text about rivers." for index in range(60)))
+    source = tokenizer.decode(haystack)
+    filler = set(_ids(tokenizer, " " + FILLER)) - set(_ids(tokenizer, " " + QUESTION + " " + KEY_LINE + " 12345"))
+    text_before = text_after = 0
+    for seed in range(20):
+        ids, answer_length = prompts.training_example(200, torch.Generator().manual_seed(seed), haystack)
+        assert len(ids) == 200 and not filler & set(ids)
+        key = tokenizer.decode(ids[-answer_length:]).strip()
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        at = text.index(KEY_LINE.format(key=key))
+        # before the key line: the haystack's start; after it: the haystack's text that follows, then the question
+        assert source.startswith(text[:at].rstrip())
+        after = text[at + len(KEY_LINE.format(key=key)) :]
+        assert after.rstrip().endswith(f"{QUESTION} {key}")
+        text_before += at > 20
+        text_after += "Line" in after
+    assert text_before >= 10 and text_after >= 10
+    # the same draws as with filler: only the text around the key changes
+    plain, _ = prompts.training_example(200, torch.Generator().manual_seed(0))
+    on_corpus, _ = prompts.training_example(200, torch.Generator().manual_seed(0), haystack)
+    assert plain[-8:] == on_corpus[-8:] and plain != on_corpus
+
+
 def test_a_prompt_too_short_for_the_format_is_refused(tokenizer):
     from ropescope.errors import RopescopeError
 

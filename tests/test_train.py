@@ -358,6 +358,43 @@ def test_retrieval_mix_puts_passkey_examples_of_the_training_length_with_answer_
     assert torch.equal(first, input_ids[:32]) and torch.equal(first_answer, is_answer[:32])
 
 
+def test_corpus_haystacks_put_the_blocks_own_text_around_each_key(tiny):
+    from ropescope.passkey_format import FILLER, KEY_LINE, PasskeyPrompts
+    from ropescope.train import _identity, micro_batch
+
+    tokenizer = _tokenizer(tiny)
+    length = 300
+    text = " ".join(f"Sentence {index} tells of a river and a town." for index in range(400))
+    stream = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
+    blocks = stream[: (len(stream) // length) * length].view(-1, length)[:40]
+    config = TrainConfig(out="x", length=length, batch_size=40, retrieval_mix=0.5, seed=1, retrieval_haystack="corpus")
+    input_ids, is_answer = micro_batch(blocks, range(40), list(range(40)), config, PasskeyPrompts(tokenizer))
+    filler = tokenizer.decode(tokenizer(FILLER, add_special_tokens=False)["input_ids"][:4])
+    keyed, text_before, text_after = 0, 0, 0
+    for row in range(40):
+        decoded = tokenizer.decode(input_ids[row])
+        assert filler not in decoded
+        if is_answer[row].any():
+            keyed += 1
+            key = tokenizer.decode(input_ids[row][is_answer[row]][:6]).strip()[:5]
+            at = decoded.index(KEY_LINE.format(key=key).split(".")[0])
+            text_before += "river" in decoded[:at]  # the block's own text, unless the depth drawn was near 0
+            text_after += "river" in decoded[at:]  # and after it, unless the depth was near 100%
+    assert 10 <= keyed <= 30 and text_before >= keyed // 2 and text_after >= keyed // 2
+    # filler, the default, is the same run as before the option existed; corpus is recorded
+    plain = TrainConfig(out="x", length=length, retrieval_mix=0.5)
+    assert "retrieval_haystack" not in _identity(plain, 1)
+    assert _identity(config, 40)["retrieval_haystack"] == "corpus"
+
+
+def test_an_unknown_retrieval_haystack_is_refused():
+    from ropescope.errors import RopescopeError
+    from ropescope.train import validate
+
+    with pytest.raises(RopescopeError, match="retrieval_haystack='web' is unknown; accepted: filler, corpus"):
+        validate(TrainConfig(out="x", retrieval_haystack="web"))
+
+
 def test_without_retrieval_mix_the_batch_is_the_corpus_blocks_and_the_run_identity_is_unchanged(tiny, tmp_path):
     from ropescope.train import micro_batch
 

@@ -10,6 +10,7 @@ layout of the evaluation prompt.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import torch
 
@@ -22,6 +23,8 @@ KEY_DIGITS = 5
 FILLER_SENTENCES = [sentence.strip() + "." for sentence in FILLER.split(".") if sentence.strip()]
 # Separators a training example puts around the key line and before the question.
 TRAINING_SEPARATORS = (" ", "\n", "\n\n")
+# The text around the key of a training example: the filler sentences, or a corpus haystack the caller gives.
+RETRIEVAL_HAYSTACKS = ("filler", "corpus")
 
 
 class PasskeyPrompts:
@@ -103,13 +106,16 @@ class PasskeyPrompts:
             index += 1
         return ids[:count]
 
-    def training_example(self, length: int, generator: torch.Generator) -> tuple[list[int], int]:
+    def training_example(self, length: int, generator: torch.Generator,
+                         haystack: Sequence[int] | None = None) -> tuple[list[int], int]:
         """(ids, answer_length): one training example of exactly `length` tokens (at most, if `length` is shorter
         than the key line, question and answer together) whose last `answer_length` tokens are the answer " <key>".
 
         Filler, the key line at a random depth, filler, the question, the answer; the key, the depth, the
         separators, where the filler starts and whether it is cut at a sentence or any token are drawn from
-        `generator`, in a fixed order (a seeded generator gives the same example).
+        `generator`, in a fixed order (a seeded generator gives the same example). With `haystack` (token ids of
+        at least `length`), the text around the key line is its start instead of the repeated filler sentences,
+        as in an evaluation with independent haystacks.
         """
 
         def randint(low: int, high: int) -> int:  # inclusive bounds
@@ -128,22 +134,29 @@ class PasskeyPrompts:
         start_sentence = 0 if randint(0, 2) else randint(0, len(self.sentences) - 1)
         needle = self.ids(KEY_LINE.format(key=key))
         before_count = round(depth * max(filler_budget - len(needle) - 2, 0))
-        before = self._training_filler(before_count, start_sentence, at_sentence)
+        if haystack is None:
+            before = self._training_filler(before_count, start_sentence, at_sentence)
+        else:
+            before = list(haystack[:before_count])
         if before:
             needle = self.ids(separator_before + KEY_LINE.format(key=key))
         needle = needle + self.ids(separator_after)
         after_count = max(filler_budget - len(before) - len(needle), 0)
-        after = self._training_filler(after_count, start_sentence + len(before), False)
+        if haystack is None:
+            after = self._training_filler(after_count, start_sentence + len(before), False)
+        else:
+            after = list(haystack[len(before) : len(before) + after_count])
         ids = leading + before + needle + after + question + answer
         return (ids[-length:] if len(ids) > length else ids), len(answer)
 
-    def training_row(self, length: int, generator: torch.Generator, packed: bool,
-                     min_length: int) -> tuple[list[int], list[tuple[int, int]]]:
+    def training_row(self, length: int, generator: torch.Generator, packed: bool, min_length: int,
+                     haystack: Sequence[int] | None = None) -> tuple[list[int], list[tuple[int, int]]]:
         """(ids, answer_spans): passkey examples for one training row of `length` tokens, each followed by the
         end-of-text token: one example of `min_length`..`length` tokens, or, `packed`, several short ones of
         `min_length`..2 x `min_length` tokens back to back (many retrievals per row, at short distances, where a
         retrieval circuit forms first). The ids may fall short of `length` (the caller fills the rest with corpus
         text) or pass it by the last end-of-text token (cut); answer_spans are the (start, end) of each answer.
+        With `haystack` (token ids, at least `length`), the examples take their text from it in turn.
         """
         if packed:
             lengths: list[int] = []
@@ -153,8 +166,11 @@ class PasskeyPrompts:
             lengths = [int(torch.randint(min_length, length + 1, (1,), generator=generator))]
         ids: list[int] = []
         spans = []
+        used = 0
         for example_length in lengths:
-            example, answer_length = self.training_example(example_length, generator)
+            text = None if haystack is None else haystack[used : used + example_length]
+            example, answer_length = self.training_example(example_length, generator, text)
+            used += example_length
             ids += example
             spans.append((len(ids) - answer_length, len(ids)))
             if self.eos is not None:

@@ -33,6 +33,7 @@ import torch
 
 from ropescope.errors import RopescopeError
 from ropescope.nll import CausalLMLoss
+from ropescope.passkey_format import RETRIEVAL_HAYSTACKS
 from ropescope.results import atomic_path, run_differences, run_identity, write_atomically
 from ropescope.schedule import SCHEDULES, learning_rate
 
@@ -103,6 +104,10 @@ class TrainConfig:
         "fraction of training blocks, in [0, 1), replaced by synthetic passkey examples (the generator `ropescope "
         "pretrain` uses: one example of the training length, or short ones packed), with an extra loss on the answer "
         "tokens, so that the fine-tune keeps retrieval; 0 = plain text only"))
+    retrieval_haystack: str = option("filler", (
+        "the text around the key in the passkey examples of retrieval_mix: filler (the repeated sentences `ropescope "
+        "pretrain` teaches) or corpus (the training block's own text, as in an evaluation with independent "
+        "haystacks)"))
     answer_loss_weight: float = option(1.0, (
         "weight of the extra loss term with retrieval_mix: the mean loss over the passkey answer tokens, added to the "
         "mean over all tokens (in the plain loss a key's digits are about one token in a hundred)"))
@@ -134,6 +139,9 @@ def validate(config: TrainConfig) -> None:
     original = config.original_max_position_embeddings
     if original is not None and original <= 0:
         raise RopescopeError(f"original_max_position_embeddings={original} is not a positive integer")
+    if config.retrieval_haystack not in RETRIEVAL_HAYSTACKS:
+        raise RopescopeError(f"retrieval_haystack={config.retrieval_haystack!r} is unknown; accepted: "
+                             f"{', '.join(RETRIEVAL_HAYSTACKS)}")
     if not 0 <= config.retrieval_mix < 1:
         raise RopescopeError(f"retrieval_mix={config.retrieval_mix} is outside [0, 1)")
     if config.resume and config.overwrite:
@@ -224,8 +232,13 @@ def micro_batch(blocks: torch.Tensor, slots: range, indices: list[int], config: 
         packed = float(torch.rand((), generator=generator)) < RETRIEVAL_PACKED_SHARE
         # Packed examples long enough to hold the whole key line: a cut one would ask for a key it does not show.
         shortest = max(RETRIEVAL_PACKED_MIN_LENGTH, passkeys.whole_example_length)
-        ids, answers = passkeys.training_row(config.length, generator, packed, shortest if packed else config.length)
-        ids = ids[: config.length] + input_ids[row, : max(config.length - len(ids), 0)].tolist()
+        block = input_ids[row].tolist()
+        haystack = block if config.retrieval_haystack == "corpus" else None
+        ids, answers = passkeys.training_row(config.length, generator, packed, shortest if packed else config.length,
+                                             haystack)
+        rest = max(config.length - len(ids), 0)
+        # The row is filled with corpus text; after corpus haystacks, with the block's end, which they did not use.
+        ids = ids[: config.length] + (block[len(block) - rest :] if haystack and rest else block[:rest])
         input_ids[row] = torch.tensor(ids, dtype=torch.long)
         for start, end in answers:
             is_answer[row, start:end] = True
@@ -237,6 +250,8 @@ def _identity(config: TrainConfig, global_batch: int) -> dict:
     identity = run_identity(config, ignore=_NOT_IDENTITY, global_batch=global_batch)
     if not config.retrieval_mix:
         del identity["retrieval_mix"]  # a run without it is the same run as before the option existed
+    if not config.retrieval_mix or config.retrieval_haystack == "filler":
+        del identity["retrieval_haystack"]  # filler is what runs before the option used
     if not config.retrieval_mix or config.answer_loss_weight == 1.0:
         del identity["answer_loss_weight"]  # unused without passkeys; 1.0 is what runs before the field used
     return identity

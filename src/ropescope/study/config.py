@@ -37,6 +37,9 @@ class TrainingSection:
     warmup_steps: int = 3
     # the fraction of training blocks that are synthetic passkey examples instead of corpus text
     retrieval_mix: float = field(default=0.0, metadata={"check": "fraction"})
+    # the text around the key in those examples: "filler" (the repeated sentences) or "corpus" (the block's own
+    # text, what [retrieval] independent_haystacks evaluates)
+    retrieval_haystack: str = field(default="filler", metadata={"check": "retrieval_haystack"})
     include_untrained: bool = True  # also evaluate each extension applied without training ("NAME@0")
     # independent fine-tunes per (method, length), seeds config.seed + 0 .. seeds - 1 (data order, passkey draws):
     # finding 3 compares training runs, so it needs at least 2
@@ -185,6 +188,12 @@ def _checked(key: str, value: Any, declared: Field, source: str) -> Any:
         if not isinstance(value, list) or not value or any(item not in TASKS for item in value) \
                 or len(set(value)) != len(value):
             fail(f"a non-empty list of distinct task names among {', '.join(TASKS)}")
+        return value
+    if check == "retrieval_haystack":
+        from ropescope.passkey_format import RETRIEVAL_HAYSTACKS
+
+        if value not in RETRIEVAL_HAYSTACKS:
+            fail(f"one of {', '.join(RETRIEVAL_HAYSTACKS)}")
         return value
     if check == "executor":
         if value not in EXECUTORS:

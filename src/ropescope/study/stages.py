@@ -39,6 +39,8 @@ def train_settings(config: StudyConfig, variant: Variant) -> dict:
     settings = {"length": variant.train_length, "steps": training.steps, "tokens_per_step": training.tokens_per_step,
                 "learning_rate": training.learning_rate, "warmup_steps": training.warmup_steps,
                 "retrieval_mix": training.retrieval_mix}
+    if training.retrieval_mix and training.retrieval_haystack != "filler":  # filler: the fingerprint before the option
+        settings["retrieval_haystack"] = training.retrieval_haystack
     # the first seed's fingerprint stays what it was before seeds existed, so adding seeds retrains nothing
     return {**settings, "train_seed": variant.train_seed} if variant.train_seed else settings
 
@@ -64,6 +66,7 @@ def train(context: StageContext, variant: Variant) -> list[dict]:
         overwrite=True,
         progress=context.progress,
         retrieval_mix=settings.retrieval_mix,
+        retrieval_haystack=settings.retrieval_haystack,
     ))
     with (out / "metrics.csv").open(newline="") as handle:
         return [{key: float(value) for key, value in row.items() if value != ""} for row in csv.DictReader(handle)]
