@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -72,6 +71,7 @@ def worker(mode: str, length: int, args) -> dict:
     import torch
 
     from ropescope.attention.capture import forward_for_statistics, layer_entropies
+    from ropescope.plan import peak_rss_bytes
 
     torch.set_num_threads(args.threads)
     cuda = args.device.startswith("cuda")
@@ -114,14 +114,6 @@ def worker(mode: str, length: int, args) -> dict:
             "device_name": device_name}
 
 
-def peak_rss_bytes() -> int:
-    """This process's peak resident memory since it started its program: VmHWM belongs to the address space that
-    execve made, whereas ru_maxrss keeps the parent's resident size at fork (a large pytest process's, say)."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
 
 
 def available_bytes(device: str) -> int:

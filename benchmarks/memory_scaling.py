@@ -111,7 +111,7 @@ def worker(mode: str, length: int, threads: int, model_name: str = "llama3-vocab
         model.eval()
     input_ids = torch.randint(0, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(0))
     step(mode, model, optimizer, input_ids[:, :64])  # warm-up: lazy initialisation and Adam's state exist before
-    from entropy_memory import peak_rss_bytes  # the benchmark beside this one
+    from ropescope.plan import peak_rss_bytes
 
     before = peak_rss_bytes()
     start = time.perf_counter()

@@ -18,6 +18,7 @@ from ropescope.cli import main
 from ropescope.errors import RopescopeError
 from ropescope.models import default_model_path
 from ropescope.rope import RopeSpec
+from ropescope.rows import RunLabels
 from ropescope.study.config import load_config, parse_config, quick_config_path
 from ropescope.study.plan import check_registry
 from ropescope.study.runner import DATABASE, plan_cells, plan_variants, run_study
@@ -78,10 +79,13 @@ def test_quick_study_runs_every_cell(finished_study):
     assert [cell.name for cell in cells] == [  # the registry's order, variants in study order within a stage
         "train/yarn@512", *(f"{stage}/{variant}" for stage in STAGE_NAMES[1:] for variant in ("original", "yarn@512"))]
     assert (folder / "checkpoints" / "yarn@512" / "config.json").is_file()
-    labels = {cell: (data[0]["variant"], data[0]["train_length"], "model" in data[0])
+    # the rows' labels are the CLI's (RunLabels): the model as the config names it, the extension, the variant
+    labels = {cell: (data[0]["model"], data[0]["rope"], data[0]["variant"], data[0]["train_length"])
               for cell, (_, data) in recorded(folder).items()}
-    assert labels["perplexity/original"] == ("original", None, False)  # None: not fine-tuned
-    assert labels["train/yarn@512"] == labels["retrieval/yarn@512"] == ("yarn@512", 512, False)
+    assert all(list(data[0])[: len(RunLabels.keys())] == RunLabels.keys() for _, data in recorded(folder).values())
+    assert labels["perplexity/original"] == ("default", "default", "original", None)  # None: not fine-tuned
+    yarn = ("default", QUICK.methods["yarn"].to_text(), "yarn@512", 512)
+    assert labels["train/yarn@512"] == labels["retrieval/yarn@512"] == yarn
     rows = row_counts(folder)
     evaluation, retrieval = QUICK.evaluation, QUICK.retrieval
     assert rows["retrieval/original"] == (len(retrieval.tasks) * len(retrieval.lengths) * len(retrieval.depths)
@@ -155,7 +159,7 @@ def test_training_seeds_add_runs_and_sweep_variants_are_evaluated_for_finding_on
     runs = [cells[f"train/yarn@512{suffix}"] for suffix in ("", "-s1", "-s2")]
     assert len({cell.fingerprint for cell in runs}) == 3 and [cell.variant.train_seed for cell in runs] == [0, 1, 2]
     assert cells["retrieval/yarn@512-s1"].requires == ("train/yarn@512-s1",)
-    assert cells["train/yarn@512-s2"].variant.labels()["train_seed"] == 2
+    assert cells["train/yarn@512-s2"].variant.labels("default", 256).train_seed == 2
     swept = parse_config({"model": {"original_max_position_embeddings": 256},
                           "methods": {"y": {"method": "yarn", "factor": 2.0},
                                       "y8": {"method": "yarn", "factor": 8.0, "sweep": True}}})

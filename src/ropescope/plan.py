@@ -19,6 +19,7 @@ memory (the CUDA context, about 0.5 GiB, comes on top). Checked against measured
 
 from __future__ import annotations
 
+import resource
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -185,3 +186,13 @@ def run_plan(model: str = "default", method: str = "default", *, length: int = 3
                      "fits": estimates[command] <= budget,
                      "largest_length": largest_length(shape, command, budget, gpus, dtype_bytes, on_cpu)})
     return rows
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory since it started its program: VmHWM belongs to the address space that
+    execve made, whereas ru_maxrss keeps the parent's resident size at fork (a large pytest process's, say)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux

@@ -48,11 +48,14 @@ class Row:
 
 @dataclass(frozen=True, kw_only=True)
 class RunLabels(Row):
-    """What every row of a command carries first: the model as loaded and the extension applied to it.
+    """What every row carries first, from a command or a study: the model and the extension applied to it.
 
-    model: as the user named it ('default', a folder, or a Hub id); revision: the Hub commit where known;
-    device and dtype: where and in what precision it ran; method / factor / original_max_position_embeddings:
-    the RoPE extension ('default': the model as trained), and `rope`, all its parameters as `--method` takes them.
+    model: as the user named it ('default', a folder, a .gguf file, a short name or a Hub id); revision: the Hub
+    commit or the GGUF file's hash, where known; device and dtype: where and in what precision it ran (None where
+    a study did not choose); method / factor / original_max_position_embeddings: the RoPE extension ('default':
+    the model as trained), and `rope`, all its parameters as `--method` takes them. A study's rows also name the
+    variant: its name, its [methods.NAME] key, the fine-tune's length and seed index (None: not fine-tuned, or
+    not in a study).
     """
 
     model: str
@@ -63,6 +66,10 @@ class RunLabels(Row):
     factor: float | None = None
     original_max_position_embeddings: int | None = None
     rope: str = "default"
+    variant: str | None = None
+    method_name: str | None = None
+    train_length: int | None = None
+    train_seed: int | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -9,22 +9,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import TypedDict
 
 from ropescope.errors import RopescopeError
 from ropescope.rope import RopeSpec
+from ropescope.rows import RunLabels
 from ropescope.study.config import StudyConfig
-
-
-class VariantLabels(TypedDict):
-    """The fields every study result row carries, before the stage's own fields and its `cell`."""
-
-    variant: str
-    method_name: str
-    method: str
-    factor: float | None
-    train_length: int | None  # None: the extension applied without fine-tuning
-    train_seed: int | None  # which of the `training.seeds` independent fine-tunes; None: not fine-tuned
 
 
 @dataclass(frozen=True)
@@ -46,10 +35,15 @@ class Variant:
     def fine_tuned(self) -> bool:
         return self.train_length is not None
 
-    def labels(self) -> VariantLabels:
-        return VariantLabels(
-            variant=self.name, method_name=self.method_name, method=self.spec.method,
-            factor=self.spec.params.get("factor"), train_length=self.train_length,
+    def labels(self, model: str, original_max_position_embeddings: int | None, revision: str | None = None,
+               device: str | None = None) -> RunLabels:
+        """The labels of this variant's rows: the base model as the config names it, the extension, the variant."""
+        params = self.spec.params
+        return RunLabels(
+            model=model, revision=revision, device=device, method=self.spec.method, factor=params.get("factor"),
+            original_max_position_embeddings=params.get("original_max_position_embeddings")
+            or original_max_position_embeddings, rope=self.spec.to_text(), variant=self.name,
+            method_name=self.method_name, train_length=self.train_length,
             train_seed=self.train_seed if self.fine_tuned else None,
         )
 
@@ -97,6 +91,7 @@ class StageContext:
     device: str = "cpu"
     _documents: dict[str, list[str]] = field(default_factory=dict, repr=False)
     _distributions: dict[tuple, list[dict]] = field(default_factory=dict, repr=False)
+    _revision: tuple[str | None] | None = field(default=None, repr=False)
 
     def checkpoint_dir(self, variant: Variant) -> Path:
         return checkpoint_dir(self.out, variant)
@@ -122,6 +117,15 @@ class StageContext:
             raise RopescopeError(
                 f"the validation corpus fills {len(blocks)} blocks of {length} tokens; the study needs {count}")
         return blocks
+
+    def labels(self, variant: Variant) -> RunLabels:
+        """The labels every row of the variant starts with (the model's revision is read once per process)."""
+        from ropescope.models import resolve_model
+
+        if self._revision is None:
+            self._revision = (resolve_model(self.config.model.path).revision,)
+        return variant.labels(self.config.model.path, self.config.model.original_max_position_embeddings,
+                              self._revision[0], self.device)
 
     def distance_rows(self, variant: Variant, length: int, count: int) -> list[dict]:
         """`distance_distribution` of a variant on the first `count` blocks of `length` tokens, kept for the rest

@@ -19,7 +19,8 @@ from ropescope.study.store import ResultStore
 def execute_cell(cell: Cell, context: StageContext) -> list[dict]:
     """Run a cell's stage and label its rows with the variant and the cell."""
     rows = cell.stage.run(context, cell.variant)
-    return [{**cell.variant.labels(), **row, "cell": cell.name} for row in rows]
+    labels = context.labels(cell.variant).to_dict()
+    return [{**labels, **row, "cell": cell.name} for row in rows]
 
 
 def is_finished(store: ResultStore, out: Path, cell: Cell) -> bool:

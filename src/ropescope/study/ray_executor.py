@@ -14,7 +14,6 @@ Ctrl-C cancels the outstanding tasks; recorded cells stay recorded.
 from __future__ import annotations
 
 import re
-import resource
 import socket
 import time
 import traceback
@@ -30,6 +29,7 @@ from ray.util import get_node_ip_address
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ropescope.errors import RopescopeError
+from ropescope.plan import peak_rss_bytes
 from ropescope.study.config import StudyConfig
 from ropescope.study.context import StageContext, Variant, cell_name
 from ropescope.study.execution import Recorder, execute_cell, prepare
@@ -171,7 +171,7 @@ def run_cell_task(cell: Cell, config: StudyConfig, out: str, progress: bool | No
     except Exception as error:  # recorded as a failed cell, retried on the next run
         message = f"{type(error).__name__}: {error}"
         if isinstance(error, MemoryError) or "out of memory" in str(error).lower():
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+            peak = peak_rss_bytes()
             message = memory_failure(config, cell, f"the worker's peak resident memory was {peak / 2**30:.2f} GiB "
                                                    f"({message})")
         return Outcome(None, time.perf_counter() - started, node, traceback.format_exc(), message)
