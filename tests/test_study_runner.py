@@ -267,6 +267,7 @@ def test_force_redoes_every_cell(tmp_path):
     ("[training]\nsteps = 0", "'training.steps' = 0 must be a positive integer"),
     ("[training]\nretrieval_mix = 1.0", "'training.retrieval_mix' = 1.0 must be a number in [0, 1)"),
     ("[training]\nretrieval_mix = -0.1", "'training.retrieval_mix' = -0.1 must be a number in [0, 1)"),
+    ("[training]\nretrieval_haystack = \"web\"", "'training.retrieval_haystack' = 'web' must be one of filler, corpus"),
     ("[execution]\nexecutor = 'dask'", "'execution.executor' = 'dask' must be one of local, ray"),
     ("[execution]\nmax_retries = -1", "'execution.max_retries' = -1 must be a non-negative integer"),
     ("[execution.resources]\ntrain = {gpus = 1}", "unknown key 'execution.resources.train.gpus'"),

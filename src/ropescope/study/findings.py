@@ -347,8 +347,9 @@ def finding_training_length(entropy_rows: list[dict], perplexity_rows: list[dict
             f"descriptions only.")
     trained = [row for row in entropy_rows if is_fine_tuned(row)]
     if not trained:
-        return Finding(3, claim, INCONCLUSIVE, "Inconclusive: the study fine-tunes no extension.", rule,
-                       bounds=bound_text)
+        return Finding(3, claim, INCONCLUSIVE, "Inconclusive (not testable: the study fine-tunes no extension, so "
+                       "no training length can be compared).", rule, bounds=bound_text,
+                       untested="not testable: no fine-tuned variant")
     entropy_length = max(row["length"] for row in trained)
     entropy_runs = defaultdict(list)
     for row in trained:
