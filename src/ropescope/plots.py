@@ -297,7 +297,7 @@ def plot_entropy_heatmap(rows: list[dict], path) -> Path:
 
 def _series_label(row: dict) -> str:
     # Study rows name their variant (yarn@0 and yarn@512 share model and method); command rows their model and method.
-    if "variant" in row:
+    if row.get("variant"):  # None (or "" read back from a CSV) outside a study
         return row["variant"]
     return f"{row['model']} / {method_label(row)}" if row.get("model") else method_label(row)
 
