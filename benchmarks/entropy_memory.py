@@ -114,8 +114,6 @@ def worker(mode: str, length: int, args) -> dict:
             "device_name": device_name}
 
 
-
-
 def available_bytes(device: str) -> int:
     if device.startswith("cuda"):
         import torch

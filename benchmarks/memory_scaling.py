@@ -101,6 +101,8 @@ def step(mode: str, model, optimizer, input_ids) -> None:
 def worker(mode: str, length: int, threads: int, model_name: str = "llama3-vocab") -> dict:
     import torch
 
+    from ropescope.plan import peak_rss_bytes
+
     torch.set_num_threads(threads)
     model = build_model(model_name)
     optimizer = None
@@ -111,8 +113,6 @@ def worker(mode: str, length: int, threads: int, model_name: str = "llama3-vocab
         model.eval()
     input_ids = torch.randint(0, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(0))
     step(mode, model, optimizer, input_ids[:, :64])  # warm-up: lazy initialisation and Adam's state exist before
-    from ropescope.plan import peak_rss_bytes
-
     before = peak_rss_bytes()
     start = time.perf_counter()
     step(mode, model, optimizer, input_ids)

@@ -238,7 +238,7 @@ def micro_batch(blocks: torch.Tensor, slots: range, indices: list[int], config: 
                                              haystack)
         rest = max(config.length - len(ids), 0)
         # The row is filled with corpus text; after corpus haystacks, with the block's end, which they did not use.
-        ids = ids[: config.length] + (block[len(block) - rest :] if haystack and rest else block[:rest])
+        ids = ids[: config.length] + (block[len(block) - rest :] if haystack else block[:rest])
         input_ids[row] = torch.tensor(ids, dtype=torch.long)
         for start, end in answers:
             is_answer[row, start:end] = True

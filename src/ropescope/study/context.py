@@ -5,6 +5,7 @@ both import this module; it imports neither.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import islice
@@ -91,7 +92,6 @@ class StageContext:
     device: str = "cpu"
     _documents: dict[str, list[str]] = field(default_factory=dict, repr=False)
     _distributions: dict[tuple, list[dict]] = field(default_factory=dict, repr=False)
-    _revision: tuple[str | None] | None = field(default=None, repr=False)
 
     def checkpoint_dir(self, variant: Variant) -> Path:
         return checkpoint_dir(self.out, variant)
@@ -118,14 +118,17 @@ class StageContext:
                 f"the validation corpus fills {len(blocks)} blocks of {length} tokens; the study needs {count}")
         return blocks
 
-    def labels(self, variant: Variant) -> RunLabels:
-        """The labels every row of the variant starts with (the model's revision is read once per process)."""
+    @functools.cached_property
+    def revision(self) -> str | None:
+        """The model's revision (a Hub commit, a GGUF file's hash), read once per process."""
         from ropescope.models import resolve_model
 
-        if self._revision is None:
-            self._revision = (resolve_model(self.config.model.path).revision,)
+        return resolve_model(self.config.model.path).revision
+
+    def labels(self, variant: Variant) -> RunLabels:
+        """The labels every row of the variant starts with."""
         return variant.labels(self.config.model.path, self.config.model.original_max_position_embeddings,
-                              self._revision[0], self.device)
+                              self.revision, self.device)
 
     def distance_rows(self, variant: Variant, length: int, count: int) -> list[dict]:
         """`distance_distribution` of a variant on the first `count` blocks of `length` tokens, kept for the rest
