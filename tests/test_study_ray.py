@@ -138,8 +138,9 @@ def test_a_killed_worker_is_retried_and_a_raising_cell_recorded_as_failed(cluste
     assert recorded_rows(folder) == local_reference
 
 
-# The quick study, its uncertainty cells held back a minute, so the signal always lands while cells remain (the
-# rest of the quick study can finish between two looks at the database). Ctrl-C raises KeyboardInterrupt as in a
+# The quick study, its uncertainty cells held back a minute, so the signal always lands while cells remain, and
+# lands once every other cell is recorded: a cell finishing while Ray cancels it can crash Ray's own driver (a race
+# inside Ray, ray-project/ray#54846), which this test is not about. Ctrl-C raises KeyboardInterrupt as in a
 # terminal: a process started from a shell's background job inherits SIGINT ignored, and Python keeps it so.
 DRIVER = """
 import signal, sys, time
@@ -162,14 +163,15 @@ run_study(load_config(quick_config_path()), sys.argv[1], executor="ray", address
 
 
 def _interrupted_driver(cluster, folder, signal_number) -> tuple[dict, str]:
-    """Start a driver in its own process, send it `signal_number` once training and one more cell are recorded;
-    (the cells recorded then, its output)."""
+    """Start a driver in its own process, send it `signal_number` once every cell but the held-back ones is
+    recorded; (the cells recorded then, its output)."""
+    held_back = {cell.name for cell in plan_cells(QUICK) if cell.stage.name == "uncertainty"}
+    rest = {cell.name for cell in plan_cells(QUICK)} - held_back
     driver = subprocess.Popen([sys.executable, "-c", DRIVER, str(folder), cluster.address], text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + 300
     while time.time() < deadline and driver.poll() is None:
-        states = _states_or_empty(folder)
-        if states.get("train/yarn@512") == "done" and len(states) >= 2:
+        if set(_states_or_empty(folder)) == rest:
             break
         time.sleep(0.2)
     assert driver.poll() is None, "the study finished before its driver could be interrupted"

@@ -249,9 +249,12 @@ def run_ray(cells: Sequence[Cell], config: StudyConfig, out: Path, store: Result
                 else:
                     recorder.done(cell, outcome.rows, outcome.seconds, f" on node {outcome.node}")
     finally:
-        # Ctrl-C, or a user mistake in one cell: nothing outstanding is recorded; the next run redoes it
+        # Ctrl-C, or a user mistake in one cell: nothing outstanding is recorded; the next run redoes it. A task
+        # that has already finished is not cancelled: cancelling one as it finishes can crash Ray's driver.
+        finished = set(ray.wait(list(running), num_returns=len(running), timeout=0)[0]) if running else set()
         for reference, cell in running.items():
-            ray.cancel(reference, force=True)
+            if reference not in finished:
+                ray.cancel(reference, force=True)
             recorder.cancelled(cell)
         if running:
             recorder.log(f"cancelled {len(running)} running cells; the next run redoes them")
