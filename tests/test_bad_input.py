@@ -206,6 +206,7 @@ CASES = [
     (f"{_TRAIN} --out o --learning-rate -1", "learning_rate=-1.0 must be > 0"),
     (f"{_TRAIN} --out o --retrieval-mix 1.5", "retrieval_mix=1.5 is outside [0, 1)"),
     (f"{_TRAIN} --out o --retrieval-haystack web", "retrieval_haystack='web' is unknown; accepted: filler, corpus"),
+    (f"{_TRAIN} --out o --retrieval-min-length 129", "retrieval_min_length=129 is outside 1..length (128)"),
     (f"{_TRAIN} --out o --resume --overwrite", "resume and overwrite both set"),
     (f"{_TRAIN} --out o --schedule nosuch", "schedule='nosuch' is unknown"),
     (f"{_TRAIN} --out o --warmup-steps 5", "warmup_steps=5 is outside 0..steps (1)"),

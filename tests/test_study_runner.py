@@ -147,6 +147,14 @@ def test_fingerprints_cover_only_what_a_cell_depends_on():
     training = replace(QUICK.training, steps=3)
     changed = {name for name, value in prints(replace(QUICK, training=training)).items() if quick[name] != value}
     assert changed == {cell.name for cell in plan_cells(QUICK) if cell.variant.name == "yarn@512"}
+    # the shortest passkey example matters only with passkey examples, and only up to the fine-tune's length
+    mixed = prints(replace(QUICK, training=replace(QUICK.training, retrieval_mix=0.5)))
+    assert prints(replace(QUICK, training=replace(QUICK.training, retrieval_min_length=256))) == quick
+    shortest = {value: prints(replace(QUICK, training=replace(QUICK.training, retrieval_mix=0.5,
+                                                              retrieval_min_length=value))) for value in (256, 512, 600)}
+    changed = {name for name, value in shortest[256].items() if mixed[name] != value}
+    assert changed == {cell.name for cell in plan_cells(QUICK) if cell.variant.name == "yarn@512"}
+    assert shortest[512] == shortest[600] != shortest[256]
 
 
 def test_training_seeds_add_runs_and_sweep_variants_are_evaluated_for_finding_one_only():
@@ -268,6 +276,7 @@ def test_force_redoes_every_cell(tmp_path):
     ("[training]\nretrieval_mix = 1.0", "'training.retrieval_mix' = 1.0 must be a number in [0, 1)"),
     ("[training]\nretrieval_mix = -0.1", "'training.retrieval_mix' = -0.1 must be a number in [0, 1)"),
     ("[training]\nretrieval_haystack = \"web\"", "'training.retrieval_haystack' = 'web' must be one of filler, corpus"),
+    ("[training]\nretrieval_min_length = 0", "'training.retrieval_min_length' = 0 must be a positive integer"),
     ("[execution]\nexecutor = 'dask'", "'execution.executor' = 'dask' must be one of local, ray"),
     ("[execution]\nmax_retries = -1", "'execution.max_retries' = -1 must be a non-negative integer"),
     ("[execution.resources]\ntrain = {gpus = 1}", "unknown key 'execution.resources.train.gpus'"),

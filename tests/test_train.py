@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -385,6 +386,37 @@ def test_corpus_haystacks_put_the_blocks_own_text_around_each_key(tiny):
     plain = TrainConfig(out="x", length=length, retrieval_mix=0.5)
     assert "retrieval_haystack" not in _identity(plain, 1)
     assert _identity(config, 40)["retrieval_haystack"] == "corpus"
+
+
+def test_retrieval_min_length_draws_single_examples_from_it_to_the_training_length(tiny):
+    from ropescope.errors import RopescopeError
+    from ropescope.passkey_format import PasskeyPrompts
+    from ropescope.train import _identity, micro_batch, validate
+
+    length, shortest = 400, 120
+    blocks = torch.randint(0, 300, (64, length), generator=torch.Generator().manual_seed(0))
+
+    def single_example_ends(config: TrainConfig) -> list[int]:
+        """Where the answer of each row holding one example ends (packed rows hold several)."""
+        _, is_answer = micro_batch(blocks, range(64), list(range(64)), config, PasskeyPrompts(_tokenizer(tiny)))
+        ends = []
+        for row in range(64):
+            marked = is_answer[row].nonzero()[:, 0].tolist()
+            runs = sum(1 for index, position in enumerate(marked) if index == 0 or position != marked[index - 1] + 1)
+            if runs == 1:
+                ends.append(marked[-1] + 1)
+        return ends
+
+    config = TrainConfig(out="x", length=length, batch_size=64, retrieval_mix=0.9, seed=2)
+    assert set(single_example_ends(config)) == {length}  # unset: every one of the training length
+    spread = single_example_ends(replace(config, retrieval_min_length=shortest))
+    assert len(spread) >= 20 and all(shortest <= end <= length for end in spread)
+    assert min(spread) < shortest + 100 and max(spread) > length - 100 and len(set(spread)) > len(spread) // 2
+    assert "retrieval_min_length" not in _identity(config, 64)  # unset: the same run as before the option
+    assert _identity(replace(config, retrieval_min_length=shortest), 64)["retrieval_min_length"] == shortest
+    for bad in (0, length + 1):
+        with pytest.raises(RopescopeError, match=f"retrieval_min_length={bad} is outside 1..length \\({length}\\)"):
+            validate(replace(config, retrieval_min_length=bad))
 
 
 def test_an_unknown_retrieval_haystack_is_refused():

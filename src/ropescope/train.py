@@ -108,6 +108,10 @@ class TrainConfig:
         "the text around the key in the passkey examples of retrieval_mix: filler (the repeated sentences `ropescope "
         "pretrain` teaches) or corpus (the training block's own text, as in an evaluation with independent "
         "haystacks)"))
+    retrieval_min_length: int | None = option(None, (
+        "tokens of the shortest single passkey example of retrieval_mix: each one's length is drawn from here up to "
+        "the training length, so the fine-tune retrieves over every distance in between, not only the longest; "
+        "unset = every one is of the training length"))
     answer_loss_weight: float = option(1.0, (
         "weight of the extra loss term with retrieval_mix: the mean loss over the passkey answer tokens, added to the "
         "mean over all tokens (in the plain loss a key's digits are about one token in a hundred)"))
@@ -144,6 +148,10 @@ def validate(config: TrainConfig) -> None:
                              f"{', '.join(RETRIEVAL_HAYSTACKS)}")
     if not 0 <= config.retrieval_mix < 1:
         raise RopescopeError(f"retrieval_mix={config.retrieval_mix} is outside [0, 1)")
+    shortest = config.retrieval_min_length
+    if shortest is not None and (isinstance(shortest, bool) or not isinstance(shortest, int)
+                                 or not 0 < shortest <= config.length):
+        raise RopescopeError(f"retrieval_min_length={shortest!r} is outside 1..length ({config.length})")
     if config.resume and config.overwrite:
         raise RopescopeError("resume and overwrite both set; pass one: resume continues the run, overwrite replaces it")
 
@@ -214,8 +222,8 @@ def micro_batch(blocks: torch.Tensor, slots: range, indices: list[int], config: 
                 passkeys=None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(input_ids, is_answer) of one micro-batch: the corpus blocks `indices`, each replaced with probability
     `retrieval_mix` (drawn per slot, so the same whatever the process count or a resume) by passkey examples from
-    `passkeys` (a `PasskeyPrompts`), as `ropescope pretrain` mixes them in: one example of the training length, or,
-    in a share RETRIEVAL_PACKED_SHARE of those rows, short examples packed back to back.
+    `passkeys` (a `PasskeyPrompts`), as `ropescope pretrain` mixes them in: one example of `retrieval_min_length`
+    to the training length, or, in a share RETRIEVAL_PACKED_SHARE of those rows, short examples packed back to back.
 
     blocks: LongTensor[num_blocks, length]. Returns input_ids: LongTensor[batch_size, length] and is_answer:
     bool [batch_size, length] marking the answer tokens, or None when no passkey was drawn.
@@ -234,8 +242,8 @@ def micro_batch(blocks: torch.Tensor, slots: range, indices: list[int], config: 
         shortest = max(RETRIEVAL_PACKED_MIN_LENGTH, passkeys.whole_example_length)
         block = input_ids[row].tolist()
         haystack = block if config.retrieval_haystack == "corpus" else None
-        ids, answers = passkeys.training_row(config.length, generator, packed, shortest if packed else config.length,
-                                             haystack)
+        single = config.retrieval_min_length or config.length
+        ids, answers = passkeys.training_row(config.length, generator, packed, shortest if packed else single, haystack)
         rest = max(config.length - len(ids), 0)
         # The row is filled with corpus text; after corpus haystacks, with the block's end, which they did not use.
         ids = ids[: config.length] + (block[len(block) - rest :] if haystack else block[:rest])
@@ -252,6 +260,8 @@ def _identity(config: TrainConfig, global_batch: int) -> dict:
         del identity["retrieval_mix"]  # a run without it is the same run as before the option existed
     if not config.retrieval_mix or config.retrieval_haystack == "filler":
         del identity["retrieval_haystack"]  # filler is what runs before the option used
+    if not config.retrieval_mix or config.retrieval_min_length is None:
+        del identity["retrieval_min_length"]  # unset: the single examples runs before the option drew
     if not config.retrieval_mix or config.answer_loss_weight == 1.0:
         del identity["answer_loss_weight"]  # unused without passkeys; 1.0 is what runs before the field used
     return identity

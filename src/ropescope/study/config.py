@@ -40,6 +40,9 @@ class TrainingSection:
     # the text around the key in those examples: "filler" (the repeated sentences) or "corpus" (the block's own
     # text, what [retrieval] independent_haystacks evaluates)
     retrieval_haystack: str = field(default="filler", metadata={"check": "retrieval_haystack"})
+    # tokens of the shortest single passkey example (drawn from here to the training length); None = the training
+    # length. Above a fine-tune's length it is that length.
+    retrieval_min_length: int | None = None
     include_untrained: bool = True  # also evaluate each extension applied without training ("NAME@0")
     # independent fine-tunes per (method, length), seeds config.seed + 0 .. seeds - 1 (data order, passkey draws):
     # finding 3 compares training runs, so it needs at least 2

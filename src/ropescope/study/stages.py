@@ -41,6 +41,8 @@ def train_settings(config: StudyConfig, variant: Variant) -> dict:
                 "retrieval_mix": training.retrieval_mix}
     if training.retrieval_mix and training.retrieval_haystack != "filler":  # filler: the fingerprint before the option
         settings["retrieval_haystack"] = training.retrieval_haystack
+    if training.retrieval_mix and training.retrieval_min_length is not None:  # unset: the fingerprint before it
+        settings["retrieval_min_length"] = min(training.retrieval_min_length, variant.train_length)
     # the first seed's fingerprint stays what it was before seeds existed, so adding seeds retrains nothing
     return {**settings, "train_seed": variant.train_seed} if variant.train_seed else settings
 
@@ -67,6 +69,7 @@ def train(context: StageContext, variant: Variant) -> list[dict]:
         progress=context.progress,
         retrieval_mix=settings.retrieval_mix,
         retrieval_haystack=settings.retrieval_haystack,
+        retrieval_min_length=train_settings(context.config, variant).get("retrieval_min_length"),
     ))
     with (out / "metrics.csv").open(newline="") as handle:
         return [{key: float(value) for key, value in row.items() if value != ""} for row in csv.DictReader(handle)]
