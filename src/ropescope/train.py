@@ -233,17 +233,18 @@ def micro_batch(blocks: torch.Tensor, slots: range, indices: list[int], config: 
         return input_ids, None
     input_ids = input_ids.clone()
     is_answer = torch.zeros_like(input_ids, dtype=torch.bool)
+    # Packed examples long enough to hold the whole key line: a cut one would ask for a key it does not show.
+    shortest_packed = max(RETRIEVAL_PACKED_MIN_LENGTH, passkeys.whole_example_length)
+    shortest_single = config.retrieval_min_length or config.length
     for row, slot in enumerate(slots):
         generator = _slot_generator(config.seed, slot)
         if float(torch.rand((), generator=generator)) >= config.retrieval_mix:
             continue
         packed = float(torch.rand((), generator=generator)) < RETRIEVAL_PACKED_SHARE
-        # Packed examples long enough to hold the whole key line: a cut one would ask for a key it does not show.
-        shortest = max(RETRIEVAL_PACKED_MIN_LENGTH, passkeys.whole_example_length)
         block = input_ids[row].tolist()
         haystack = block if config.retrieval_haystack == "corpus" else None
-        single = config.retrieval_min_length or config.length
-        ids, answers = passkeys.training_row(config.length, generator, packed, shortest if packed else single, haystack)
+        ids, answers = passkeys.training_row(config.length, generator, packed,
+                                             shortest_packed if packed else shortest_single, haystack)
         rest = max(config.length - len(ids), 0)
         # The row is filled with corpus text; after corpus haystacks, with the block's end, which they did not use.
         ids = ids[: config.length] + (block[len(block) - rest :] if haystack else block[:rest])
@@ -261,7 +262,7 @@ def _identity(config: TrainConfig, global_batch: int) -> dict:
     if not config.retrieval_mix or config.retrieval_haystack == "filler":
         del identity["retrieval_haystack"]  # filler is what runs before the option used
     if not config.retrieval_mix or config.retrieval_min_length is None:
-        del identity["retrieval_min_length"]  # unset: the single examples runs before the option drew
+        del identity["retrieval_min_length"]  # unset: single examples of the training length, as before it
     if not config.retrieval_mix or config.answer_loss_weight == 1.0:
         del identity["answer_loss_weight"]  # unused without passkeys; 1.0 is what runs before the field used
     return identity
