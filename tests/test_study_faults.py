@@ -55,7 +55,7 @@ def test_a_study_killed_at_random_moments_ends_as_an_uninterrupted_one(tmp_path)
     for attempt in range(ATTEMPTS):
         study = subprocess.Popen(study_command(config, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                  text=True, env=ENV)
-        study.stdout.readline()  # its first cell or its report has begun: the study holds the folder
+        study.stdout.readline()  # its cell count, its first cell or its report: the study holds the folder
         time.sleep(moments.uniform(0.0, 1.2))
         interrupt = attempt == 3  # once as Ctrl-C does, the other times without warning
         study.send_signal(signal.SIGINT if interrupt else signal.SIGKILL)

@@ -98,11 +98,12 @@ def test_two_studies_on_one_folder_one_runs_the_other_refuses(tmp_path):
 def test_a_killed_study_does_not_block_the_rerun(tmp_path):
     config, out = _tiny_config(tmp_path), tmp_path / "out"
     study = _study(study_command(config, out))
-    assert study.stdout.readline().startswith("train/")  # it holds the lock and is running its first cell
+    planned = len(plan_cells(parse_config(tomllib.loads(TINY_STUDY))))
+    assert study.stdout.readline().startswith(f"{planned} cells, {planned} to run (")  # it holds the lock
+    assert study.stdout.readline().startswith("train/")  # and is running its first cell
     study.kill()
     assert study.wait() == -signal.SIGKILL
     assert not (out / "report").exists()  # killed before its end
     rerun = subprocess.run(study_command(config, out), capture_output=True, text=True, timeout=300, env=ENV)
     assert rerun.returncode == 0, rerun.stderr
-    planned = len(plan_cells(parse_config(tomllib.loads(TINY_STUDY))))
     assert len(_recorded_cells(out)) == planned

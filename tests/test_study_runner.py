@@ -20,6 +20,7 @@ from ropescope.models import default_model_path
 from ropescope.rope import RopeSpec
 from ropescope.rows import RunLabels
 from ropescope.study.config import load_config, parse_config, quick_config_path
+from ropescope.study.execution import cell_time_left, format_duration
 from ropescope.study.plan import check_registry
 from ropescope.study.runner import DATABASE, plan_cells, plan_variants, run_study
 from ropescope.study.stages import STAGE_NAMES, STAGES, Stage
@@ -323,3 +324,35 @@ def test_the_shipped_default_study_is_valid():
     assert config.sweep == ("pi8", "ntk8", "yarn8") and config.training.seeds == 1
     assert config.findings.auroc_bounds == [0.44, 0.56] and config.findings.rho_bound == 0.5
     assert config.training.lengths == [512, 1024] and max(config.evaluation.perplexity_lengths) >= 4096
+
+
+def test_cell_time_left_counts_each_stage_at_its_own_mean():
+    remaining = {"train": 2, "perplexity": 3, "patterns": 0, "entropy": 1}
+    timed = {"train": [60.0, 80.0], "perplexity": [10.0], "patterns": [1.0]}
+    assert cell_time_left(remaining, timed) == (2 * 70.0 + 3 * 10.0, ["entropy"])
+    assert cell_time_left({"train": 0}, {}) == (0.0, [])
+    assert [format_duration(s) for s in (0.4, 42, 59.4, 59.6, 17 * 60 + 10, 3599, 2 * 3600 + 5 * 60)] == \
+        ["0 s", "42 s", "59 s", "1 min", "17 min", "1 h 00 min", "2 h 05 min"]
+
+
+def test_progress_lines_give_the_cell_time_left_from_every_timed_cell(tmp_path):
+    lines = []
+    run_study(QUICK, tmp_path, log=lines.append, stages=fake_stages([]))
+    cells = plan_cells(QUICK)
+    assert lines[0] == f"{len(cells)} cells, {len(cells)} to run ({', '.join(STAGE_NAMES)} not yet timed)"
+    done = [line for line in lines if " done in " in line]
+    # after the one fine-tune, the evaluation stages are still untimed: the estimate is a lower bound
+    assert done[0].startswith("train/yarn@512 done in ") and \
+        done[0].endswith(f"/{len(cells)}; {', '.join(STAGE_NAMES[1:])} not yet timed)")
+    assert done[1].startswith("perplexity/original done in ") and \
+        done[1].endswith(f"; at least 0 s of cells left, {', '.join(STAGE_NAMES[2:])} not yet timed)")
+    assert "; about " in done[-2] and "left" not in done[-1]
+    # a resumed study estimates from the recorded times before it runs a cell: two perplexity cells at 10 s each
+    with sqlite3.connect(tmp_path / DATABASE) as connection:
+        connection.execute("UPDATE cells SET seconds = CASE kind WHEN 'perplexity' THEN 10 ELSE 100 END")
+    lines.clear()
+    evaluation = replace(QUICK.evaluation, perplexity_lengths=[256, 512, 1024])
+    run_study(replace(QUICK, evaluation=evaluation), tmp_path, log=lines.append, stages=fake_stages([]))
+    assert lines[0] == f"{len(cells)} cells, 2 to run (about 20 s of cells left)"
+    # the first rerun cell took about no time: the other is estimated at the mean of 10, 10 and that
+    assert lines[1].startswith("perplexity/original ...") and lines[2].endswith("; about 7 s of cells left)")

@@ -7,7 +7,8 @@ from __future__ import annotations
 import shutil
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections import Counter, defaultdict
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from ropescope.errors import RopescopeError
@@ -48,18 +49,52 @@ def recorded_rows_reader(store: ResultStore) -> Callable[[str, Variant], list[di
     return required_rows
 
 
+def cell_time_left(remaining: Mapping[str, int], timed: Mapping[str, Sequence[float]]) -> tuple[float, list[str]]:
+    """Seconds of cell time the remaining cells should take, and the stages among them with no cell timed yet
+    (left out of the sum, so the estimate is then a lower bound).
+
+    remaining: stage -> cells of it still to finish. timed: stage -> seconds of its recorded cells. Each stage's
+    remaining cells count at the mean of its timed ones: a stage's cells cost alike, stages do not (a fine-tune
+    takes a minute, a pattern cell seconds).
+    """
+    left, untimed = 0.0, []
+    for stage, count in remaining.items():
+        if count <= 0:
+            continue
+        if timed.get(stage):
+            left += count * sum(timed[stage]) / len(timed[stage])
+        else:
+            untimed.append(stage)
+    return left, untimed
+
+
+def format_duration(seconds: float) -> str:
+    """`42 s`, `17 min`, `2 h 05 min`."""
+    if seconds < 59.5:
+        return f"{seconds:.0f} s"
+    minutes = round(seconds / 60)
+    return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
+
+
 class Recorder:
-    """Records each finished cell in its own transaction and logs a line per cell with the study's counts.
+    """Records each finished cell in its own transaction and logs a line per cell with the study's counts and,
+    on finished cells, the cell time left (`cell_time_left`, from every cell the database has timed).
 
     counts: done (run and recorded now), skipped (recorded before), failed (recorded as failed: retried on the
     next run), blocked (not run because a cell it requires failed now).
     """
 
-    def __init__(self, store: ResultStore, total: int, skipped: int, log: Callable[[str], None]):
+    def __init__(self, store: ResultStore, total: int, todo: Sequence[Cell], log: Callable[[str], None]):
         self.store, self.total, self.log = store, total, log
-        self.counts = {"done": 0, "skipped": skipped, "failed": 0, "blocked": 0}
+        self.counts = {"done": 0, "skipped": total - len(todo), "failed": 0, "blocked": 0}
         self.running = 0
         self.unavailable: set[str] = set()  # cells that failed or were blocked in this run
+        self.remaining = Counter(cell.stage.name for cell in todo)
+        # earlier runs' cells too: a resumed study estimates from its first line
+        self.timed: dict[str, list[float]] = defaultdict(list)
+        for recorded in store.cells():
+            if recorded["status"] == "done" and recorded["seconds"] is not None:
+                self.timed[recorded["kind"]].append(recorded["seconds"])
 
     @property
     def pending(self) -> int:
@@ -71,6 +106,14 @@ class Recorder:
         return (f"running {self.running}, pending {self.pending}, done {recorded}/{self.total}"
                 + (f", failed {failed}" if failed else ""))
 
+    def time_left(self) -> str:
+        seconds, untimed = cell_time_left(self.remaining, self.timed)
+        if not untimed:
+            return f"about {format_duration(seconds)} of cells left"
+        not_timed = f"{', '.join(untimed)} not yet timed"
+        timed_left = any(count > 0 and stage not in untimed for stage, count in self.remaining.items())
+        return f"at least {format_duration(seconds)} of cells left, {not_timed}" if timed_left else not_timed
+
     def started(self, cell: Cell) -> None:
         self.running += 1
         self.log(f"{cell.name} ... ({self.status()})")
@@ -80,12 +123,16 @@ class Recorder:
         self.store.record(cell.name, cell.stage.name, cell.variant.name, cell.fingerprint, rows, seconds)
         self.running -= 1
         self.counts["done"] += 1
-        self.log(f"{cell.name} done in {seconds:.1f}s{where} ({self.status()})")
+        self.remaining[cell.stage.name] -= 1
+        self.timed[cell.stage.name].append(seconds)
+        left = f"; {self.time_left()}" if self.pending + self.running else ""
+        self.log(f"{cell.name} done in {seconds:.1f}s{where} ({self.status()}{left})")
 
     def failed(self, cell: Cell, error: str, message: str, seconds: float) -> None:
         self.store.record_failure(cell.name, cell.stage.name, cell.variant.name, cell.fingerprint, error, seconds)
         self.running -= 1
         self.counts["failed"] += 1
+        self.remaining[cell.stage.name] -= 1
         self.unavailable.add(cell.name)
         self.log(f"{cell.name} FAILED after {seconds:.1f}s: {message} ({self.status()})")
 
@@ -95,6 +142,7 @@ class Recorder:
         if requirement is None:
             return False
         self.counts["blocked"] += 1
+        self.remaining[cell.stage.name] -= 1
         self.unavailable.add(cell.name)
         self.log(f"{cell.name} not run: {requirement} failed ({self.status()})")
         return True

@@ -125,7 +125,10 @@ def _start(config: StudyConfig, out: Path, cells: list[Cell], store: ResultStore
     store.set_meta("config", config.to_dict())
     store.set_meta("original_max_position_embeddings", config.model.original_max_position_embeddings)
     todo = [cell for cell in cells if force or not is_finished(store, out, cell)]
-    return Recorder(store, len(cells), len(cells) - len(todo), log), todo
+    recorder = Recorder(store, len(cells), todo, log)
+    if todo:
+        log(f"{len(cells)} cells, {len(todo)} to run ({recorder.time_left()})")
+    return recorder, todo
 
 
 def _run_with_ray(config: StudyConfig, out: Path, cells: list[Cell], *, force: bool, progress: bool | None,
