@@ -127,7 +127,8 @@ def test_within_group_spearman_removes_group_means():
     x = [1, 2, 3, 11, 12, 13, 21, 22, 23]
     y = [3, 2, 1, 13, 12, 11, 23, 22, 21]
     groups = ["a"] * 3 + ["b"] * 3 + ["c"] * 3
-    rho, p = within_group_spearman(x, y, groups, resamples=999)
+    rho, p, n = within_group_spearman(x, y, groups, resamples=999)
+    assert n == 9
     assert stats.spearmanr(x, y).statistic > 0.7 and rho == pytest.approx(-1.0)
     # exact p by brute force: y permuted within each group (3!^3 = 216 orderings), |rho of residuals| >= 1
     extreme = 0
@@ -137,7 +138,10 @@ def test_within_group_spearman_removes_group_means():
         centred = [v - np.mean(x[(k // 3) * 3:(k // 3) * 3 + 3]) for k, v in enumerate(x)]
         extreme += abs(stats.spearmanr(centred, residual).statistic) >= 1 - 1e-9
     assert abs(p - extreme / 216) < 0.03
-    assert all(math.isnan(value) for value in within_group_spearman([1, 2], [1, 2], ["a", "b"]))
+    assert all(math.isnan(value) for value in within_group_spearman([1, 2], [1, 2], ["a", "b"])[:2])
+    # a group of one has nothing to compare within it: left out, the rest gives the same rho and p
+    alone = within_group_spearman(x + [5], y + [40], groups + ["d"], resamples=999)
+    assert alone == pytest.approx((rho, p, 9))
 
 
 def test_pair_weighted_auroc_counts_within_stratum_pairs():
@@ -449,6 +453,13 @@ def test_finding_one_pools_training_seeds_and_reports_the_within_method_rho():
     assert finding.tests[0].n == 9  # 3 methods x (untrained + 2 lengths), seeds averaged
     within = finding.tests[1]
     assert within.statistic < -0.9 and within.verdict is None  # within methods: the reverse
+    assert (within.n, within.unit) == (9, "variants in 3 methods")
+    # a sweep variant alone in its method joins the pooled rho but has nothing to compare within its method
+    swept = finding_pattern(rows + [ppl_row("pi8@0", 4096, math.exp(5), "pi8")],
+                            pattern_rows({**divergence, "pi8@0": 0.05}))
+    assert swept.tests[0].n == 10
+    assert (swept.tests[1].n, swept.tests[1].unit) == (9, "variants in 3 methods (1 alone in their method left out)")
+    assert swept.tests[1].statistic == pytest.approx(within.statistic)
 
 
 def uncertainty_rows(spec, seed=0, spread=0.2):

@@ -140,26 +140,30 @@ def spearman_test(x: Sequence[float], y: Sequence[float], *, resamples: int = RE
 
 
 def within_group_spearman(x: Sequence[float], y: Sequence[float], groups: Sequence[Hashable], *,
-                          resamples: int = RESAMPLES, seed: int = 0) -> tuple[float, float]:
+                          resamples: int = RESAMPLES, seed: int = 0) -> tuple[float, float, int]:
     """Spearman's rho of x and y after subtracting each group's mean from both: the association left within groups
-    (e.g. within methods), and its two-sided permutation p-value with y permuted within groups. x, y, groups: [n].
-    (NaN, NaN) when fewer than 3 values vary within their group."""
+    (e.g. within methods), its two-sided permutation p-value with y permuted within groups, and n, the values in
+    groups of two or more. x, y, groups: [n]. A group of one is left out: its residuals are 0 by construction, not
+    a measurement, and would count as within-group evidence that it is not. (NaN, NaN, n) when n < 3."""
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    index = _group(groups)
+    index = {key: members for key, members in _group(groups).items() if len(members) > 1}
+    kept = np.sort(np.concatenate(list(index.values()))) if index else np.zeros(0, dtype=np.int64)
+    if len(kept) < 3:
+        return math.nan, math.nan, len(kept)
     rx, ry = x.copy(), y.copy()
     for members in index.values():
         rx[members] -= x[members].mean()
         ry[members] -= y[members].mean()
-    if sum(len(members) for members in index.values() if len(members) > 1) < 3:
-        return math.nan, math.nan
+    rx, ry = rx[kept], ry[kept]
     rho = float(_spearman(rx, ry))
     rng = np.random.default_rng(seed)
     permuted = np.tile(ry, (resamples, 1))
     for members in index.values():
-        permuted[:, members] = rng.permuted(np.tile(ry[members], (resamples, 1)), axis=1)
+        position = np.searchsorted(kept, members)  # the group's places among the kept values
+        permuted[:, position] = rng.permuted(np.tile(ry[position], (resamples, 1)), axis=1)
     null = _spearman(np.broadcast_to(rx, permuted.shape), permuted)
     extreme = int(np.sum(np.abs(null) >= abs(rho) - 1e-12))
-    return rho, (1 + extreme) / (1 + resamples)
+    return rho, (1 + extreme) / (1 + resamples), len(kept)
 
 
 @dataclass(frozen=True)

@@ -142,8 +142,9 @@ def finding_pattern(perplexity_rows: list[dict], pattern_rows: list[dict], *, bo
             f"at the longest evaluated length; two-sided permutation test over variants (exact up to 9 variants), "
             f"Fisher-z intervals. Reproduced if p < {ALPHA} and rho > 0 (more divergence, higher perplexity), "
             f"contradicted if p < {ALPHA} and rho < 0, equivalent if the {EQUIVALENCE_CONFIDENCE:.0%} interval lies "
-            f"within {bound_text} (TOST). The correlation within methods (each method's means removed) is shown "
-            f"beside the pooled one as a description.")
+            f"within {bound_text} (TOST). The correlation within methods (each method's means removed; a variant alone "
+            f"in its method has nothing to compare within it and is left out) is shown beside the pooled one as a "
+            f"description.")
     divergence = pattern_divergence(pattern_rows)
     if not _truncated(perplexity_rows) or not divergence:
         return Finding(1, claim, INCONCLUSIVE, "Inconclusive: the study has no perplexity or pattern rows.", rule,
@@ -171,12 +172,14 @@ def finding_pattern(perplexity_rows: list[dict], pattern_rows: list[dict], *, bo
                   + f"; Fisher-z interval; TOST against {bound_text}", test.n, "variants (extensions)", "rho",
                   test.rho, test.p_value, test.interval, verdict)]
     methods = [labels[by_arm[name][0]].get("method_name") or name.split("@")[0] for name in arms]
-    within, within_p = within_group_spearman(x, y, methods, resamples=resamples, seed=seed)
+    within, within_p, within_n = within_group_spearman(x, y, methods, resamples=resamples, seed=seed)
     if math.isfinite(within):
+        alone = test.n - within_n
         tests.append(Test("the same, within methods (each method's means removed)",
-                          "Spearman rho of the residuals; permutation within methods", test.n,
-                          f"variants in {len(set(methods))} methods", "rho", within, within_p,
-                          note="description beside the pooled rho"))
+                          "Spearman rho of the residuals; permutation within methods", within_n,
+                          f"variants in {len({m for m in methods if methods.count(m) > 1})} methods"
+                          + (f" ({alone} alone in their method left out)" if alone else ""), "rho", within,
+                          within_p, note="description beside the pooled rho"))
     detectable = detectable_rho(test.n)
     best_kept = min(arms, key=lambda name: js[name])
     meaning = {REPRODUCED: "variants that keep the pretrained pattern have the lower perplexity",
