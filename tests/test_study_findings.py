@@ -454,6 +454,7 @@ def test_finding_one_pools_training_seeds_and_reports_the_within_method_rho():
     within = finding.tests[1]
     assert within.statistic < -0.9 and within.verdict is None  # within methods: the reverse
     assert (within.n, within.unit) == (9, "variants in 3 methods")
+    assert finding.numbers["method"]["ntk@512"] == "linear"  # the RoPE method the figure colours by (ppl_row's)
     # a sweep variant alone in its method joins the pooled rho but has nothing to compare within its method
     swept = finding_pattern(rows + [ppl_row("pi8@0", 4096, math.exp(5), "pi8")],
                             pattern_rows({**divergence, "pi8@0": 0.05}))
@@ -581,6 +582,9 @@ def test_finding_three_clear_effect_is_reproduced_over_training_runs():
     by_length = {length: np.mean([np.mean(v) for k, v in runs.items() if k[1] == length]) for length in (512, 1024)}
     assert primary[0].statistic == pytest.approx(by_length[1024] - by_length[512])  # balanced: the mean difference
     assert "Bounds of no effect: |entropy difference| < 0.05 nats" in finding.verdict_line()
+    # the figure draws the pooled tests against the bounds
+    assert finding.numbers["pooled"] == {"entropy": primary[0], "perplexity": primary[1]}
+    assert finding.numbers["bounds"] == {"entropy": 0.05, "perplexity": 0.02}
     assert finding_training_length(*training_rows(+0.2, -0.1)).verdict == CONTRADICTED
     assert finding_training_length(*training_rows(-0.2, +0.1)).verdict == CONTRADICTED
 

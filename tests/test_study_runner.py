@@ -22,6 +22,7 @@ from ropescope.rows import RunLabels
 from ropescope.study.config import load_config, parse_config, quick_config_path
 from ropescope.study.execution import cell_time_left, format_duration
 from ropescope.study.plan import check_registry
+from ropescope.study.context import repeated_extensions
 from ropescope.study.runner import DATABASE, plan_cells, plan_variants, run_study
 from ropescope.study.stages import STAGE_NAMES, STAGES, Stage
 
@@ -291,6 +292,10 @@ def test_force_redoes_every_cell(tmp_path):
     ("[findings]\nmin_cases = 5", "unknown key 'findings.min_cases'; accepted: rho_bound"),
     ("[methods.y]\nmethod = 'yarn'\nfactor = 2.0\nsweep = 'yes'", "'methods.y.sweep' = 'yes' must be true or false"),
     ("[methods.o]\nmethod = 'default'\nsweep = true", "only extensions can be sweep = true"),
+    # beta_fast 32 and 64 both start YaRN's ramp at the first pair at 256 tokens: one extension, twice
+    ("[methods.y]\nmethod = 'yarn'\nfactor = 4.0\nsweep = true\n[methods.y64]\nmethod = 'yarn'\nfactor = 4.0\n"
+     "beta_fast = 64.0\nsweep = true", "[methods.y] and [methods.y64] are the same extension on this model (equal "
+                                        "rotary frequencies and scale at rotary dimension 32, base 10000)"),
 ])
 def test_bad_config_is_one_line_naming_the_key(text, message, tmp_path, capsys):
     path = tmp_path / "study.toml"
@@ -324,6 +329,18 @@ def test_the_shipped_default_study_is_valid():
     assert config.sweep == ("pi8", "ntk8", "yarn8") and config.training.seeds == 1
     assert config.findings.auroc_bounds == [0.44, 0.56] and config.findings.rho_bound == 0.5
     assert config.training.lengths == [512, 1024] and max(config.evaluation.perplexity_lengths) >= 4096
+
+
+def test_the_shipped_configs_repeat_no_extension():
+    # on the shipped model (rotary dimension 32, base 10000); a repeated one is refused (the bad-config cases)
+    for name in ("default.toml", "thorough.toml", "quick.toml"):
+        config = load_config(quick_config_path().parent / name)
+        assert repeated_extensions(config, 32, 10000.0) == [], name
+    thorough = load_config(quick_config_path().parent / "thorough.toml")
+    beta64 = RopeSpec("yarn", factor=4.0, beta_fast=64.0, original_max_position_embeddings=256)
+    doubled = replace(thorough, methods={**thorough.methods, "yarn_beta64": beta64})
+    assert repeated_extensions(doubled, 32, 10000.0) == [("yarn", "yarn_beta64")]
+    assert repeated_extensions(doubled, 128, 10000.0) == []  # a wider head starts beta_fast 32's ramp later
 
 
 def test_cell_time_left_counts_each_stage_at_its_own_mean():

@@ -351,15 +351,19 @@ def spec_from_config(config) -> RopeSpec | None:
     )
 
 
+def rotary_dim(config, rope: dict) -> int:
+    """The dimensions of a head that RoPE rotates: head_dim (else hidden_size / heads) x partial_rotary_factor."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return int(head_dim * (rope.get("partial_rotary_factor") or 1.0))
+
+
 def _transformers_dynamic_yarn(config, device=None, seq_len=None, layer_type=None):
     """`dynamic_yarn` in transformers' own registry, so plain `from_pretrained` loads such checkpoints."""
     rope = _layer_parameters(config.rope_parameters, layer_type)
     accepted = METHODS["dynamic_yarn"].params
     spec = RopeSpec("dynamic_yarn", **{key: value for key, value in rope.items() if key in accepted})
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    dim = int(head_dim * (rope.get("partial_rotary_factor") or 1.0))
     length = None if seq_len is None else int(seq_len)
-    inv_freq, attention_scale = rope_frequencies(spec, dim, float(rope["rope_theta"]), length)
+    inv_freq, attention_scale = rope_frequencies(spec, rotary_dim(config, rope), float(rope["rope_theta"]), length)
     return inv_freq.to(device), attention_scale
 
 

@@ -70,7 +70,7 @@ def plot_frequencies(rows: list[dict], path: str | Path,
     return save_figure(frequencies_figure(rows, original_max_position_embeddings), path)
 
 
-def _perplexity_axis(axis, values: list[float]) -> None:
+def perplexity_axis(axis, values: list[float]) -> None:
     """A log y axis only where the range needs it (over 20x), and plain tick numbers (not 2.2 x 10^2) either way."""
     if values and max(values) > 20 * min(values):
         axis.set_yscale("log")
@@ -323,7 +323,7 @@ def perplexity_figure(rows: list[dict], original_max_position_embeddings: int | 
         axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", color=colors[label],
                   linestyle=styles[protocol], label=name)
     axes.set_xscale("log", base=2)
-    _perplexity_axis(axes, [float(row["perplexity"]) for row in rows])
+    perplexity_axis(axes, [float(row["perplexity"]) for row in rows])
     lengths = sorted({int(row["length"]) for row in rows})
     if lengths:
         axes.set_xticks(lengths, [str(length) for length in lengths])

@@ -71,6 +71,29 @@ def plan_variants(config: StudyConfig) -> list[Variant]:
     return variants
 
 
+def repeated_extensions(config: StudyConfig, rotary_dim: int, base: float) -> list[tuple[str, str]]:
+    """Pairs of [methods.NAME] that are the same extension on a model of this rotary dimension and base: equal
+    inverse frequencies and attention scale at every length the study uses (dynamic methods change with it). Such
+    a pair evaluates one model twice and would count it twice in finding 1 (e.g. YaRN's beta_fast above what the
+    pretrained length allows: its ramp starts at the first pair either way)."""
+    from ropescope.rope import rope_frequencies
+
+    lengths = sorted({*config.evaluation.perplexity_lengths, *config.analysis.entropy_lengths,
+                      *config.training.lengths})
+    seen: dict[tuple, str] = {}
+    pairs = []
+    for name, spec in config.methods.items():
+        if spec.method == "default":
+            continue
+        key = tuple((tuple(inv_freq.tolist()), scale) for inv_freq, scale in
+                    (rope_frequencies(spec, rotary_dim, base, length) for length in (None, *lengths)))
+        if key in seen:
+            pairs.append((seen[key], name))
+        else:
+            seen[key] = name
+    return pairs
+
+
 def cell_name(stage: str, variant: Variant) -> str:
     return f"{stage}/{variant.name}"
 

@@ -158,7 +158,8 @@ def finding_pattern(perplexity_rows: list[dict], pattern_rows: list[dict], *, bo
     js = {name: mean(divergence[v] for v in members) for name, members in by_arm.items()}
     log_ppl = {name: mean(math.log(perplexities[v]) for v in members) for name, members in by_arm.items()}
     arms = sorted(by_arm)
-    numbers = {"length": longest, "js": js, "perplexity": {name: math.exp(log_ppl[name]) for name in arms}}
+    numbers = {"length": longest, "js": js, "perplexity": {name: math.exp(log_ppl[name]) for name in arms},
+               "method": {name: labels[by_arm[name][0]].get("method") or name.split("@")[0] for name in arms}}
     if len(arms) < 4:
         return Finding(1, claim, INCONCLUSIVE, f"Inconclusive: {len(arms)} extension variants are too few to rank "
                        f"with an interval (at least 4).", rule, numbers=numbers, bounds=bound_text,
@@ -407,7 +408,8 @@ def finding_training_length(entropy_rows: list[dict], perplexity_rows: list[dict
             entry[f"{key}_test"] = test
             tests.append(test)
         details[method] = entry
-    numbers = {"methods": details, "entropy_length": entropy_length, "perplexity_length": ppl_length, "seeds": seeds}
+    numbers = {"methods": details, "entropy_length": entropy_length, "perplexity_length": ppl_length, "seeds": seeds,
+               "bounds": {"entropy": bounds.entropy_bound, "perplexity": bounds.log_perplexity_bound}}
     parts = [f"{method} {d['train_lengths'][0]}->{d['train_lengths'][1]}: entropy {d['entropy'][0]:.3f}->"
              f"{d['entropy'][1]:.3f}, perplexity {math.exp(d['perplexity'][0]):.1f}->"
              f"{math.exp(d['perplexity'][1]):.1f}" for method, d in details.items()]
@@ -448,6 +450,7 @@ def finding_training_length(entropy_rows: list[dict], perplexity_rows: list[dict
         verdict = INCONCLUSIVE
     numbers["verdicts"] = verdicts
     numbers["effects"] = {key: effect.effect for key, effect in effects.items()}
+    numbers["pooled"] = dict(zip(verdicts, primary))
     e, p = effects["entropy"], effects["perplexity"]
     sentence = (
         f"{verdict.capitalize()}: over {e.runs} training runs ({seeds} or more per method and length), a longer "

@@ -14,6 +14,7 @@ from pathlib import Path
 from statistics import mean, median
 
 import matplotlib.pyplot as plt
+from matplotlib.lines import Line2D
 
 from ropescope import plots
 from ropescope.errors import RopescopeError
@@ -185,18 +186,35 @@ def _html_table(header: list[str], table: list[list[str]], css: str = "") -> str
 
 # The findings' figures draw the test's own comparison, so they read the findings' numbers as well as the rows.
 
+LABELLED_POINTS = 15  # above this many variants, names overlap: colour and marker say method and training length
+
+
 def plot_finding_pattern(finding: Finding, path: Path) -> Path:
-    """Finding 1: pattern divergence against perplexity at the longest length, one point per variant, with rho."""
+    """Finding 1: pattern divergence against perplexity at the longest length, one point per variant (colour: the
+    RoPE method; marker: untrained or the training length), with rho."""
     numbers = finding.numbers
-    figure, axis = plt.subplots(figsize=(7, 4.6))
+    methods = numbers.get("method", {})
+    colours = {m: f"C{i % 10}" for i, m in enumerate(sorted(set(methods.values())))}
+    lengths = sorted({variant.split("@")[-1] for variant in numbers["js"]}, key=lambda t: int(t) if t.isdigit() else 0)
+    markers = {length: "os^Dvp*h"[i % 8] for i, length in enumerate(lengths)}
+    figure, axis = plt.subplots(figsize=(7.5, 4.8))
     for variant, js in numbers["js"].items():
-        axis.scatter(js, numbers["perplexity"][variant], s=40, color="tab:blue")
-        axis.annotate(variant, (js, numbers["perplexity"][variant]), fontsize=8, xytext=(4, 3),
-                      textcoords="offset points")
-    axis.set_yscale("log")
+        axis.scatter(js, numbers["perplexity"][variant], s=40, color=colours.get(methods.get(variant), "tab:blue"),
+                     marker=markers[variant.split("@")[-1]])
+        if len(numbers["js"]) <= LABELLED_POINTS:
+            axis.annotate(variant, (js, numbers["perplexity"][variant]), fontsize=8, xytext=(4, 3),
+                          textcoords="offset points")
+    handles = [Line2D([], [], color=colour, marker="o", linestyle="", label=method)
+               for method, colour in colours.items()]
+    handles += [Line2D([], [], color="gray", marker=marker, linestyle="",
+                       label="untrained" if length == "0" else f"trained at {length}")
+                for length, marker in markers.items()]
+    if len(handles) > 1:
+        axis.legend(handles=handles, fontsize=8, loc="best")
+    plots.perplexity_axis(axis, list(numbers["perplexity"].values()))
     test = finding.tests[0]
     axis.set(xlabel="Jensen-Shannon divergence from the pretrained pattern (lower = preserved)",
-             ylabel=f"perplexity at {numbers['length']} tokens (log scale)",
+             ylabel=f"perplexity at {numbers['length']} tokens",
              title=f"Spearman rho = {test.statistic:+.2f}, permutation {_p_label(test.p_value)}, "
                    f"n = {test.n} variants: {finding.verdict}")
     axis.grid(True, which="both", alpha=0.3)
@@ -255,18 +273,25 @@ def plot_finding_entropy_errors(finding: Finding, rows: list[dict], path: Path) 
 
 
 def plot_finding_training_length(finding: Finding, path: Path) -> Path:
-    """Finding 3: per extension, the entropy and log-perplexity differences (longer minus shorter training) with
-    their intervals (over training runs, or with one run per arm over evaluation units); below 0 is the paper's
-    direction."""
+    """Finding 3: the pooled effect (with two or more runs per arm) and per extension the entropy and log-perplexity
+    differences (longer minus shorter training) with their intervals (over training runs, or with one run per arm
+    over evaluation units), against the bounds of no effect; below 0 is the paper's direction."""
     methods = finding.numbers["methods"]
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for axis, key, label in ((axes[0], "entropy_test",
-                              f"entropy difference at {finding.numbers['entropy_length']} tokens (nats)"),
-                             (axes[1], "perplexity_test",
-                              f"log-perplexity difference at {finding.numbers['perplexity_length']} tokens")):
-        for index, (method, details) in enumerate(methods.items()):
-            test: Test = details[key]
+    pooled, bounds = finding.numbers.get("pooled", {}), finding.numbers.get("bounds", {})
+    names = (["all (pooled)"] if pooled else []) + [f"{m} {d['train_lengths'][0]}->{d['train_lengths'][1]}"
+                                                    for m, d in methods.items()]
+    figure, axes = plt.subplots(1, 2, figsize=(max(11, 1.6 * len(names)), 4.6))
+    for axis, key, label in ((axes[0], "entropy", f"entropy difference at {finding.numbers['entropy_length']} "
+                                                   f"tokens (nats)"),
+                             (axes[1], "perplexity", f"log-perplexity difference at "
+                                                     f"{finding.numbers['perplexity_length']} tokens")):
+        if key in bounds:
+            axis.axhspan(-bounds[key], bounds[key], color="tab:blue", alpha=0.12,
+                         label=f"bounds of no effect (±{bounds[key]:g})")
+        tests = ([pooled[key]] if pooled else []) + [details[f"{key}_test"] for details in methods.values()]
+        for index, test in enumerate(tests):
             colour = {"reproduced": "tab:green", "contradicted": "tab:red"}.get(test.verdict, "tab:gray")
+            marker = "D" if pooled and index == 0 else "o"
             if test.interval is None:
                 axis.scatter(index, test.statistic, marker="x", color=colour, s=50)
                 axis.annotate("no interval", (index, test.statistic), xytext=(6, 0), textcoords="offset points",
@@ -274,12 +299,13 @@ def plot_finding_training_length(finding: Finding, path: Path) -> Path:
             else:
                 low, high = test.interval
                 axis.errorbar(index, test.statistic, yerr=[[test.statistic - low], [high - test.statistic]],
-                              fmt="o", color=colour, capsize=5)
+                              fmt=marker, color=colour, capsize=5)
         axis.axhline(0, color="black", linewidth=0.8)
-        axis.set_xticks(range(len(methods)), [f"{m}\n{d['train_lengths'][0]}->{d['train_lengths'][1]}"
-                                              for m, d in methods.items()])
-        axis.set(ylabel=label, xlim=(-0.6, len(methods) - 0.4))
+        axis.set_xticks(range(len(names)), names, rotation=30, ha="right")
+        axis.set(ylabel=label, xlim=(-0.6, len(names) - 0.4))
         axis.grid(True, axis="y", alpha=0.3)
+        if key in bounds:
+            axis.legend(fontsize=8, loc="best")
     unit = "training runs" if finding.numbers.get("seeds", 1) >= 2 else "evaluation units of one run"
     figure.suptitle(f"Longer minus shorter training, {CONFIDENCE:.0%} intervals over {unit} "
                     f"(below 0: the paper's direction): {finding.verdict}")

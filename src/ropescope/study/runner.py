@@ -12,7 +12,7 @@ from pathlib import Path
 from ropescope.errors import RopescopeError
 from ropescope.results import check_output_folder, remove_stale_temporaries
 from ropescope.study.config import EXECUTORS, StudyConfig
-from ropescope.study.context import StageContext, Variant, plan_variants
+from ropescope.study.context import StageContext, Variant, plan_variants, repeated_extensions
 from ropescope.study.execution import Recorder, is_finished, recorded_rows_reader, run_local
 from ropescope.study.lock import folder_lock
 from ropescope.study.plan import Cell, plan_cells
@@ -92,9 +92,17 @@ def check_inputs(config: StudyConfig) -> None:
     never a column of failed cells."""
     from ropescope.eval.perplexity import long_documents
     from ropescope.models import load_config, load_tokenizer, resolve_model
+    from ropescope.patch import pretrained_rope, pretrained_rope_parameters, rotary_dim
 
     source = resolve_model(config.model.path)
-    load_config(source)
+    model_config = load_config(source)
+    base, _ = pretrained_rope(model_config)
+    dim = rotary_dim(model_config, pretrained_rope_parameters(model_config))
+    for first, second in repeated_extensions(config, dim, base):
+        raise RopescopeError(
+            f"[methods.{first}] and [methods.{second}] are the same extension on this model (equal rotary "
+            f"frequencies and scale at rotary dimension {dim}, base {base:g}): one model would count as two "
+            f"variants; change or drop [methods.{second}]")
     tokenizer = load_tokenizer(source)
     context = StageContext(config, Path(), required_rows=lambda stage, variant: [])
     long_documents(tokenizer, context.documents("validation"), max(config.evaluation.perplexity_lengths), 1)
