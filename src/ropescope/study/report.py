@@ -348,7 +348,8 @@ def draw_figures(rows: dict[str, list[dict]], findings: list[Finding], original_
     if finding_one.tests:
         add("finding1", "Finding 1: pattern preservation",
             "One point per variant: its divergence from the pretrained attention pattern against its perplexity at "
-            "the longest length; the claim is a positive rank correlation.",
+            "the longest length (colour: the RoPE method; marker: untrained or its training length); the claim is a "
+            "positive rank correlation.",
             lambda path: plot_finding_pattern(finding_one, path))
     if "stratified_by" in finding_two.numbers:
         add("finding2", "Finding 2: entropy and retrieval errors",
@@ -358,8 +359,9 @@ def draw_figures(rows: dict[str, list[dict]], findings: list[Finding], original_
             lambda path: plot_finding_entropy_errors(finding_two, rows["uncertainty"], path))
     if finding_three.numbers.get("methods"):
         add("finding3", "Finding 3: continual-pretraining length",
-            "Per extension, the change from the shorter to the longer training length with its interval: Welch's over "
-            "training runs, or with one run per arm a bootstrap over evaluation units (evaluation noise only).",
+            "The change from the shorter to the longer training length with its interval: first (with two or more "
+            "runs per arm) the pooled model's, the test; then per extension Welch's over training runs, or with one "
+            "run per arm a bootstrap over evaluation units (evaluation noise only). Shaded: the bounds of no effect.",
             lambda path: plot_finding_training_length(finding_three, path))
     return figures
 
