@@ -13,7 +13,7 @@ gives the reasons for the bounds and the tests.
 from __future__ import annotations
 
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from statistics import mean
 
@@ -178,7 +178,7 @@ def finding_pattern(perplexity_rows: list[dict], pattern_rows: list[dict], *, bo
         alone = test.n - within_n
         tests.append(Test("the same, within methods (each method's means removed)",
                           "Spearman rho of the residuals; permutation within methods", within_n,
-                          f"variants in {len({m for m in methods if methods.count(m) > 1})} methods"
+                          f"variants in {sum(count > 1 for count in Counter(methods).values())} methods"
                           + (f" ({alone} alone in their method left out)" if alone else ""), "rho", within,
                           within_p, note="description beside the pooled rho"))
     detectable = detectable_rho(test.n)

@@ -98,7 +98,9 @@ def check_inputs(config: StudyConfig) -> None:
     model_config = load_config(source)
     base, _ = pretrained_rope(model_config)
     dim = rotary_dim(model_config, pretrained_rope_parameters(model_config))
-    for first, second in repeated_extensions(config, dim, base):
+    repeated = repeated_extensions(config, dim, base)
+    if repeated:
+        first, second = repeated[0]
         raise RopescopeError(
             f"[methods.{first}] and [methods.{second}] are the same extension on this model (equal rotary "
             f"frequencies and scale at rotary dimension {dim}, base {base:g}): one model would count as two "
