@@ -4,7 +4,7 @@
 
 `two passes` is what `ropescope train --retrieval-mix` did before: transformers' causal-LM loss (labels passed to
 the model) plus a second cross-entropy over a slice of the logits for the answer tokens. `one pass` is
-`ropescope.nll.answer_weighted_loss`: one cross-entropy over the unsliced logits, the targets moved left instead,
+`ropescope.eval.nll.answer_weighted_loss`: one cross-entropy over the unsliced logits, the targets moved left instead,
 both terms read from it. Same model (the shipped one with YaRN x4), same blocks, half of the rows with answer
 tokens marked; the two losses are checked equal first. Rounds alternate the two ways so that a busy machine slows
 both alike. Prints seconds per step per round and the ratio of the medians.
@@ -19,8 +19,8 @@ import time
 import torch
 
 from ropescope import extend
-from ropescope.models import load_model
-from ropescope.nll import answer_nll, answer_weighted_loss, token_nll
+from ropescope.model.load import load_model
+from ropescope.eval.nll import answer_nll, answer_weighted_loss, token_nll
 from ropescope.rope import simple_spec
 
 

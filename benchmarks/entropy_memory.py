@@ -49,7 +49,7 @@ def build_model(model_name: str, device: str, dtype: str):
 
     torch_dtype = getattr(torch, dtype)
     if model_name not in SHAPES:
-        from ropescope.models import load_model
+        from ropescope.model.load import load_model
 
         model, _ = load_model(model_name, dtype=torch_dtype, device=device)
         return model
@@ -71,7 +71,7 @@ def worker(mode: str, length: int, args) -> dict:
     import torch
 
     from ropescope.attention.capture import forward_for_statistics, layer_entropies
-    from ropescope.plan import peak_rss_bytes
+    from ropescope.train.memory import peak_rss_bytes
 
     torch.set_num_threads(args.threads)
     cuda = args.device.startswith("cuda")
@@ -132,7 +132,7 @@ def eager_bytes_needed(model_name: str, length: int, dtype: str) -> int:
     if model_name in SHAPES:
         layers, heads = SHAPES[model_name]["num_hidden_layers"], SHAPES[model_name]["num_attention_heads"]
     else:
-        from ropescope.models import load_config  # any model name ropescope takes: a folder, a GGUF file, ...
+        from ropescope.model.load import load_config  # any model name ropescope takes: a folder, a GGUF file, ...
 
         config = load_config(model_name)
         layers, heads = config.num_hidden_layers, config.num_attention_heads

@@ -2,7 +2,7 @@
 
     python benchmarks/extension_finetunes.py --out runs/finetunes
 
-Each extension (factor 4 over the pretrained 256 tokens) is fine-tuned with `ropescope.train` at each length on
+Each extension (factor 4 over the pretrained 256 tokens) is fine-tuned with `ropescope.train.continual` at each length on
 the same number of tokens per step (the study's plan: batch = tokens_per_step / length), one run at a time. Then
 the original model, each extension applied without training, and every fine-tuned model are scored on the validation split: perplexity over non-overlapping
 windows of `--eval-length` tokens (every token of a window predicted from the window's earlier tokens only), and
@@ -19,12 +19,12 @@ from pathlib import Path
 
 import torch
 
-from ropescope.data import load_corpus, token_blocks
-from ropescope.models import load_model
-from ropescope.nll import blocks_nll, perplexity_from_nll
-from ropescope.results import write_rows
+from ropescope.io.data import load_corpus, token_blocks
+from ropescope.model.load import load_model
+from ropescope.eval.nll import blocks_nll, perplexity_from_nll
+from ropescope.io.results import write_rows
 from ropescope.rope import simple_spec
-from ropescope.train import TrainConfig, train
+from ropescope.train.continual import TrainConfig, train
 
 METHODS = {"pi": "linear", "ntk": "ntk", "yarn": "yarn"}
 

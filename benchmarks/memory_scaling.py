@@ -7,7 +7,7 @@ allocated memory on CUDA). Modes, with the reference each is divided by:
 
   train-hidden    one AdamW step with a loss on the backbone's hidden states: same weights, gradients and optimizer
                   state, no logits (the reference of the train modes)
-  train           one AdamW step with ropescope's training loss (`ropescope.nll.causal_lm_loss`: output head and
+  train           one AdamW step with ropescope's training loss (`ropescope.eval.nll.causal_lm_loss`: output head and
                   cross-entropy over chunks of positions, recomputed in the backward)
   train-logits    the same step with the loss over the model's full [tokens x vocabulary] logits (`answer_weighted_loss`
                   over `model(...).logits`, what train and pretrain did before)
@@ -48,13 +48,13 @@ PLANNED = {"train": "training", "ppl": "evaluation", "capture": "capture"}  # ro
 
 
 def build_model(name: str = "llama3-vocab"):
-    """The random Llama with Llama 3's vocabulary, or a model `ropescope.models.load_model` loads ("default", a
+    """The random Llama with Llama 3's vocabulary, or a model `ropescope.model.load.load_model` loads ("default", a
     folder) in float32."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if name != "llama3-vocab":
-        from ropescope.models import load_model
+        from ropescope.model.load import load_model
 
         return load_model(name, device="cpu", dtype="float32")[0]
     torch.manual_seed(0)
@@ -69,7 +69,7 @@ def step(mode: str, model, optimizer, input_ids) -> None:
 
     from ropescope.attention.capture import layer_entropies
     from ropescope.eval.perplexity import window_nll
-    from ropescope.nll import answer_weighted_loss, causal_lm_loss
+    from ropescope.eval.nll import answer_weighted_loss, causal_lm_loss
 
     if mode.startswith("train"):
         if mode == "train":
@@ -101,7 +101,7 @@ def step(mode: str, model, optimizer, input_ids) -> None:
 def worker(mode: str, length: int, threads: int, model_name: str = "llama3-vocab") -> dict:
     import torch
 
-    from ropescope.plan import peak_rss_bytes
+    from ropescope.train.memory import peak_rss_bytes
 
     torch.set_num_threads(threads)
     model = build_model(model_name)
@@ -151,7 +151,7 @@ def main() -> None:
 
     from entropy_memory import available_bytes  # the benchmark beside this one
 
-    from ropescope.plan import estimate, model_shape, read_config
+    from ropescope.train.memory import estimate, model_shape, read_config
 
     gib = 2**30
     model_config = LlamaConfig(**LLAMA3_VOCAB_TINY) if args.model == "llama3-vocab" else read_config(args.model)

@@ -21,14 +21,14 @@ from pathlib import Path
 
 import torch
 
-from ropescope.data import load_corpus
+from ropescope.io.data import load_corpus
 from ropescope.eval.perplexity import evaluate_perplexity
 from ropescope.eval.retrieval import evaluate_retrieval
-from ropescope.eval.tasks import get_task
-from ropescope.models import load_model
-from ropescope.passkey_format import RETRIEVAL_HAYSTACKS
-from ropescope.results import write_rows
-from ropescope.train import TrainConfig, train
+from ropescope.tasks.registry import get_task
+from ropescope.model.load import load_model
+from ropescope.tasks.passkey_format import RETRIEVAL_HAYSTACKS
+from ropescope.io.results import write_rows
+from ropescope.train.continual import TrainConfig, train
 
 
 def main() -> None:

@@ -29,7 +29,7 @@ TIMING = {"tokens_per_s"}
 
 
 def rows_by_cell(folder: Path) -> dict[str, list[dict]]:
-    from ropescope.study.store import DATABASE
+    from ropescope.study.run.store import DATABASE
 
     with sqlite3.connect(folder / DATABASE) as connection:
         cells: dict[str, list[dict]] = {}
@@ -39,7 +39,7 @@ def rows_by_cell(folder: Path) -> dict[str, list[dict]]:
 
 
 def cell_seconds(folder: Path) -> dict[str, float]:
-    from ropescope.study.store import DATABASE
+    from ropescope.study.run.store import DATABASE
 
     with sqlite3.connect(folder / DATABASE) as connection:
         return dict(connection.execute("SELECT cell, seconds FROM cells"))
@@ -49,9 +49,9 @@ def serial_overheads(config, folder: Path) -> list[tuple[str, float, float]]:
     """(cell, seconds inside the task, driver-side seconds) for each cell run alone as a Ray task."""
     import ray
 
-    from ropescope.study.plan import plan_cells
-    from ropescope.study.ray_executor import run_cell_task
-    from ropescope.study.store import DATABASE, ResultStore
+    from ropescope.study.cells import plan_cells
+    from ropescope.study.run.ray import run_cell_task
+    from ropescope.study.run.store import DATABASE, ResultStore
 
     remote = ray.remote(run_cell_task)
     results = []
@@ -69,7 +69,7 @@ def main() -> None:
     import torch
 
     from ropescope.study.config import load_config, quick_config_path
-    from ropescope.study.runner import run_study
+    from ropescope.study.run.runner import run_study
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="study TOML (default: the shipped quick study)")

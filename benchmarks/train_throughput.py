@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 
 from ropescope import extend
-from ropescope.data import load_corpus, token_blocks
-from ropescope.models import load_model
+from ropescope.io.data import load_corpus, token_blocks
+from ropescope.model.load import load_model
 from ropescope.rope import simple_spec
-from ropescope.train import TrainConfig, _LrMultiplier, train
+from ropescope.train.continual import TrainConfig, _LrMultiplier, train
 
 
 def hand_written_tokens_per_s(config: TrainConfig, skip: int) -> float:

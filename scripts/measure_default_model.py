@@ -7,10 +7,10 @@
 - perplexity of the model, original RoPE, on consecutive validation blocks of 256, 1024 and 2048 tokens
   (mean negative log-likelihood over every predicted token of a block), and over the tokens past position 256
   only, where original RoPE meets relative distances it never saw;
-- passkey retrieval at 256 and 1024 tokens with the evaluation's own prompts (`ropescope.eval.passkey`): depths
+- passkey retrieval at 256 and 1024 tokens with the evaluation's own prompts (`ropescope.tasks.passkey`): depths
   0, 10, ..., 100 %, several trials each, greedy decoding, the first integer compared with the key exactly.
 
-Every measurement is a library function (`ropescope.nll`, `ropescope.eval.passkey`); tests/test_default_model.py
+Every measurement is a library function (`ropescope.eval.nll`, `ropescope.tasks.passkey`); tests/test_default_model.py
 checks the same claims on a smaller sample.
 """
 
@@ -24,11 +24,11 @@ from pathlib import Path
 
 import torch
 
-from ropescope.data import load_corpus, token_blocks
-from ropescope.eval.passkey import evaluate_passkey
-from ropescope.models import default_model_path, load_model
-from ropescope.nll import blocks_nll, perplexity_from_nll, unigram_perplexity
-from ropescope.results import write_atomically
+from ropescope.io.data import load_corpus, token_blocks
+from ropescope.tasks.passkey import evaluate_passkey
+from ropescope.model.load import default_model_path, load_model
+from ropescope.eval.nll import blocks_nll, perplexity_from_nll, unigram_perplexity
+from ropescope.io.results import write_atomically
 
 ORIGINAL_MAX_POSITION_EMBEDDINGS = 256
 DEPTHS = list(range(0, 101, 10))

@@ -24,8 +24,8 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from ropescope.passkey_format import FILLER, KEY_LINE, QUESTION
-from ropescope.study.store import ResultStore
+from ropescope.tasks.passkey_format import FILLER, KEY_LINE, QUESTION
+from ropescope.study.run.store import ResultStore
 
 PROSE = (
     "It was the best of times, it was the worst of times. The king walked slowly through the garden, "

@@ -6,7 +6,7 @@ import torch
 from tests.helpers import VOCAB, eager_entropies, tiny_model
 from ropescope.attention.capture import LayerAttention, capture_attention, layer_entropies
 from ropescope.errors import RopescopeError
-from ropescope.patch import extend
+from ropescope.model.patch import extend
 from ropescope.rope import simple_spec
 
 

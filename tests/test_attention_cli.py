@@ -6,12 +6,12 @@ import json
 import pytest
 
 from tests.helpers import tiny_folders
-from ropescope.results import read_rows, write_rows
-from ropescope.attention.runs import evaluation_groups
+from ropescope.io.results import read_rows, write_rows
+from ropescope.commands.attention import evaluation_groups
 from ropescope.cli import main
 from ropescope.rope import RopeSpec, method_spec
 from ropescope.errors import RopescopeError
-from ropescope.rows import EntropyProfileRow, RetrievalRow, RunLabels, UncertaintySummaryRow
+from ropescope.io.rows import EntropyProfileRow, RetrievalRow, RunLabels, UncertaintySummaryRow
 
 
 @pytest.fixture(scope="module")

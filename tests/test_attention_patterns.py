@@ -9,7 +9,7 @@ from tests.helpers import VOCAB, tiny_model
 from ropescope.attention.entropy import distance_bin_edges
 from ropescope.attention.patterns import distance_distribution, jensen_shannon, pattern_preservation
 from ropescope.errors import RopescopeError
-from ropescope.rows import DistanceRow, PreservationRow
+from ropescope.io.rows import DistanceRow, PreservationRow
 
 
 def brute_force_js(p, q):

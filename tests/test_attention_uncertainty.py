@@ -8,7 +8,7 @@ import torch
 from tests.helpers import VOCAB, tiny_model
 from ropescope.attention.uncertainty import answer_attention, failure_summary, retrieval_attention
 from ropescope.errors import RopescopeError
-from ropescope.eval.cases import Fact, PromptCase
+from ropescope.tasks.cases import Fact, PromptCase
 
 
 def make_case(length, needle_start, seed, extra=()):

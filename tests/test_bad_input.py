@@ -11,7 +11,7 @@ import sqlite3
 import pytest
 
 from ropescope.cli import main
-from ropescope.study.store import DATABASE
+from ropescope.study.run.store import DATABASE
 from tests.helpers import TINY_STUDY, tiny_folders
 
 

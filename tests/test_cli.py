@@ -7,7 +7,7 @@ import pytest
 
 from ropescope.cli import _add_config_fields, _HelpFormatter, _Parser, build_parser, main
 from ropescope.rope import RopeSpec, method_spec, parse_method, yarn_correction_range
-from ropescope.rows import FrequencyRow
+from ropescope.io.rows import FrequencyRow
 
 COMMANDS = ["study", "report", "methods", "freqs", "pretrain", "train", "plan", "ppl", "tasks", "retrieval", "passkey",
             "needle", "entropy", "patterns", "uncertainty"]

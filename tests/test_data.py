@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from ropescope.data import SPLITS, default_corpus_path, load_corpus, read_jsonl, split_documents, token_blocks
+from ropescope.io.data import SPLITS, default_corpus_path, load_corpus, read_jsonl, split_documents, token_blocks
 from ropescope.errors import RopescopeError
 
 DOCUMENTS = [f"Document number {i}.\nIt has a second line.\nAnd a third one about {i * 7}.\n" for i in range(30)]

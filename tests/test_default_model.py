@@ -8,10 +8,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import ropescope
-from ropescope.data import load_corpus, token_blocks
-from ropescope.eval.passkey import evaluate_passkey
-from ropescope.models import default_model_path
-from ropescope.nll import blocks_nll, perplexity_from_nll, unigram_perplexity
+from ropescope.io.data import load_corpus, token_blocks
+from ropescope.tasks.passkey import evaluate_passkey
+from ropescope.model.load import default_model_path
+from ropescope.eval.nll import blocks_nll, perplexity_from_nll, unigram_perplexity
 
 MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 

@@ -4,8 +4,8 @@ import pytest
 
 from tests.helpers import tiny_folders
 from ropescope.cli import main
-from ropescope.results import read_rows
-from ropescope.rows import PerplexityRow, RetrievalRow, RunLabels
+from ropescope.io.results import read_rows
+from ropescope.io.rows import PerplexityRow, RetrievalRow, RunLabels
 
 
 @pytest.fixture(scope="module")

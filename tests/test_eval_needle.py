@@ -5,7 +5,7 @@ import torch
 
 from tests.helpers import DOCUMENTS, tiny_llama, tiny_tokenizer
 from ropescope.errors import RopescopeError
-from ropescope.eval.needle import (
+from ropescope.tasks.needle import (
     ANSWER,
     NEEDLE,
     QUESTION,
@@ -14,8 +14,8 @@ from ropescope.eval.needle import (
     needle_case,
     score_needle,
 )
-from ropescope.eval.haystack import check_haystack
-from ropescope.rows import RetrievalRow
+from ropescope.tasks.haystack import check_haystack
+from ropescope.io.rows import RetrievalRow
 
 
 @pytest.mark.parametrize("with_bos", [True, False])

@@ -8,12 +8,12 @@ import torch
 from tests.helpers import tiny_llama, tiny_tokenizer
 from ropescope.cli import main
 from ropescope.errors import RopescopeError
-from ropescope.models import load_model
+from ropescope.model.load import load_model
 from ropescope.eval.decoding import greedy_continuations
-from ropescope.eval.passkey import evaluate_passkey, passkey_case, passkey_key, run_passkey, score_passkey
-from ropescope.passkey_format import KEY_DIGITS, KEY_LINE, QUESTION
-from ropescope.plots import plot_retrieval
-from ropescope.rows import RetrievalRow
+from ropescope.tasks.passkey import evaluate_passkey, passkey_case, passkey_key, run_passkey, score_passkey
+from ropescope.tasks.passkey_format import KEY_DIGITS, KEY_LINE, QUESTION
+from ropescope.io.plots import plot_retrieval
+from ropescope.io.rows import RetrievalRow
 
 
 @pytest.mark.parametrize("with_bos", [True, False])

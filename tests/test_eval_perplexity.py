@@ -14,9 +14,9 @@ from ropescope.eval.perplexity import (
     sliding_windows,
     window_nll,
 )
-from ropescope.results import write_rows
-from ropescope.plots import plot_perplexity
-from ropescope.rows import PerplexityRow
+from ropescope.io.results import write_rows
+from ropescope.io.plots import plot_perplexity
+from ropescope.io.rows import PerplexityRow
 
 
 @pytest.fixture(scope="module")

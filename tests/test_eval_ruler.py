@@ -7,13 +7,13 @@ from collections import Counter
 import pytest
 import torch
 
-from ropescope.data import load_corpus
+from ropescope.io.data import load_corpus
 from ropescope.errors import RopescopeError
-from ropescope.eval.cases import CaseRequest
+from ropescope.tasks.cases import CaseRequest
 from ropescope.eval.decoding import special_prefix
-from ropescope.eval.ruler import NIAH, TASKS, corpus_words, score_all, string_match_all
-from ropescope.eval.tasks import get_task
-from ropescope.models import load_tokenizer, resolve_model
+from ropescope.tasks.ruler import NIAH, TASKS, corpus_words, score_all, string_match_all
+from ropescope.tasks.registry import get_task
+from ropescope.model.load import load_tokenizer, resolve_model
 from tests.helpers import tiny_tokenizer
 
 NAMES = [task.name for task in TASKS]
@@ -174,11 +174,11 @@ def test_independent_haystacks_give_each_trial_its_own_text(tokenizer):
 @pytest.mark.slow
 def test_every_task_runs_on_the_shipped_model_from_the_cli_and_the_study(tmp_path, capsys):
     from ropescope.cli import main
-    from ropescope.results import read_rows, write_rows
+    from ropescope.io.results import read_rows, write_rows
     from ropescope.study.config import parse_config
-    from ropescope.study.report import build_report
-    from ropescope.study.runner import run_study
-    from ropescope.study.store import DATABASE, ResultStore
+    from ropescope.study.report.page import build_report
+    from ropescope.study.run.runner import run_study
+    from ropescope.study.run.store import DATABASE, ResultStore
 
     rows = []
     for name in NAMES:

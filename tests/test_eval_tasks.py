@@ -6,14 +6,14 @@ import torch
 
 from ropescope.cli import main
 from ropescope.errors import RopescopeError
-from ropescope.eval.cases import DISTRACTOR, NEEDLE, CaseRequest, Fact, PromptCase, RetrievalTask, Score
+from ropescope.tasks.cases import DISTRACTOR, NEEDLE, CaseRequest, Fact, PromptCase, RetrievalTask, Score
 from ropescope.eval.decoding import encode, special_prefix
-from ropescope.eval.tasks import TASKS, get_task, rebuild_cases, register
-from ropescope.results import read_rows
+from ropescope.tasks.registry import TASKS, get_task, rebuild_cases, register
+from ropescope.io.results import read_rows
 from ropescope.study.config import parse_config
-from ropescope.study.report import build_report
-from ropescope.study.runner import run_study
-from ropescope.study.store import DATABASE, ResultStore
+from ropescope.study.report.page import build_report
+from ropescope.study.run.runner import run_study
+from ropescope.study.run.store import DATABASE, ResultStore
 from tests.helpers import tiny_tokenizer
 
 WORDS = ("apple", "river", "stone", "cloud", "lamp", "glass")
@@ -104,7 +104,7 @@ def test_a_task_registered_here_runs_through_every_path(tmp_path, capsys):
 def test_the_worked_example_in_the_docs_builds_and_scores():
     from pathlib import Path
 
-    from ropescope.eval.haystack import haystack_ids
+    from ropescope.tasks.haystack import haystack_ids
 
     text = (Path(__file__).parents[1] / "docs" / "tasks.md").read_text()
     source = text.split("```python\n")[1].split("```")[0]

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from ropescope import RopescopeError, RopeSpec, extend
 from ropescope.attention.capture import layer_entropies
-from ropescope.patch import ExtendedRotaryEmbedding, is_rotary_module, spec_from_config
+from ropescope.model.patch import ExtendedRotaryEmbedding, is_rotary_module, spec_from_config
 
 VOCAB = 96
 PRETRAINED = 32  # max_position_embeddings of the tiny models

@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 import torch
 
-from ropescope.nll import (
+from ropescope.eval.nll import (
     LOSS_CHUNK_MIN_ELEMENTS,
     answer_nll,
     answer_weighted_loss,

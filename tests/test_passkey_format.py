@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from ropescope.models import default_model_path
-from ropescope.passkey_format import FILLER, FILLER_SENTENCES, KEY_LINE, QUESTION, PasskeyPrompts
+from ropescope.model.load import default_model_path
+from ropescope.tasks.passkey_format import FILLER, FILLER_SENTENCES, KEY_LINE, QUESTION, PasskeyPrompts
 
 
 @pytest.fixture(scope="module")

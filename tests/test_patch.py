@@ -18,7 +18,7 @@ from transformers import (
 )
 
 from ropescope import RopescopeError, RopeSpec, extend, load_model
-from ropescope.patch import ExtendedRotaryEmbedding, spec_from_config
+from ropescope.model.patch import ExtendedRotaryEmbedding, spec_from_config
 
 PRETRAINED = 64  # max_position_embeddings of the tiny models
 SHORT, LONG = 40, 3 * PRETRAINED + 5  # one length inside the pretrained window, one well past it

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from ropescope import plots
+from ropescope.io import plots
 
 
 def _lines(axis) -> dict[str, tuple[list, list]]:

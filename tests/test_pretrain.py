@@ -5,11 +5,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import ropescope.pretrain as pretrain_module
+import ropescope.train.pretrain as pretrain_module
 from ropescope.cli import main
 from ropescope.errors import RopescopeError
-from ropescope.passkey_format import QUESTION, PasskeyPrompts
-from ropescope.pretrain import PretrainConfig, pretrain, train_tokenizer
+from ropescope.tasks.passkey_format import QUESTION, PasskeyPrompts
+from ropescope.train.pretrain import PretrainConfig, pretrain, train_tokenizer
 
 TEXT = [
     f"Scene {i}. Enter the king and the queen, with lords attending. The king speaks of the storm, "

@@ -18,12 +18,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ropescope import RopeSpec, extend
 from ropescope.attention.capture import layer_entropies
-from ropescope.data import load_corpus
+from ropescope.io.data import load_corpus
 from ropescope.errors import RopescopeError
-from ropescope.eval.passkey import evaluate_passkey, passkey_key
+from ropescope.tasks.passkey import evaluate_passkey, passkey_key
 from ropescope.eval.perplexity import evaluate_perplexity
-from ropescope.gguf_files import PACKAGED, packaged_gguf_path, read_header
-from ropescope.models import load, resolve_model
+from ropescope.model.gguf import PACKAGED, packaged_gguf_path, read_header
+from ropescope.model.load import load, resolve_model
 from tests.helpers import eager_entropies
 
 NAME = "smollm2-135m"
@@ -171,7 +171,7 @@ def test_passkey_retrieval_agrees_with_an_independent_harness(smollm2):
 
 
 def test_lora_training_from_the_gguf_file_saves_a_checkpoint_plain_transformers_loads(gguf_file, tmp_path):
-    from ropescope.train import TrainConfig, train
+    from ropescope.train.continual import TrainConfig, train
 
     out = tmp_path / "run"
     train(TrainConfig(model=str(gguf_file), method="yarn", factor=2.0, length=512, steps=2, lora_rank=4,

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from ropescope.errors import RopescopeError
-from ropescope.results import atomic_path, read_rows, run_differences, run_identity, write_atomically, write_rows
+from ropescope.io.results import atomic_path, read_rows, run_differences, run_identity, write_atomically, write_rows
 
 
 def test_write_atomically_writes_text_and_bytes_and_leaves_nothing_beside(tmp_path):
@@ -78,7 +78,7 @@ def test_run_identity_and_differences():
 
 
 def test_stale_temporaries_of_a_killed_writer_are_removed(tmp_path):
-    from ropescope.results import atomic_path, remove_stale_temporaries
+    from ropescope.io.results import atomic_path, remove_stale_temporaries
 
     (tmp_path / "report").mkdir()
     (tmp_path / "report" / ".keep.tmp").write_text("a file the user named so: kept")

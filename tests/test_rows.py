@@ -3,7 +3,7 @@
 import pytest
 
 from ropescope.errors import RopescopeError
-from ropescope.rows import PerplexityRow, RetrievalRow, RunLabels, as_bool, cell_means
+from ropescope.io.rows import PerplexityRow, RetrievalRow, RunLabels, as_bool, cell_means
 
 
 def passkey(**changes):

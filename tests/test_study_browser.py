@@ -7,8 +7,8 @@ import subprocess
 
 import pytest
 
-from ropescope.study.report import build_report
-from ropescope.study.runner import DATABASE
+from ropescope.study.report.page import build_report
+from ropescope.study.run.runner import DATABASE
 from tests.helpers import fill_store
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from ropescope.study.store import DATABASE
+from ropescope.study.run.store import DATABASE
 from tests.helpers import TINY_STUDY, study_command
 
 pytestmark = pytest.mark.slow

@@ -14,7 +14,7 @@ from ropescope.statistics import (CONTRADICTED, EQUIVALENT, INCONCLUSIVE, REPROD
                                   fisher_z_interval, holm, mean_difference, pair_weighted_auroc, run_level_effect,
                                   spearman_test, stratified_auroc, welch_difference, within_group_spearman)
 from ropescope.study.config import FindingsSection
-from ropescope.study.findings import finding_entropy_errors, finding_pattern, finding_training_length
+from ropescope.study.report.findings import finding_entropy_errors, finding_pattern, finding_training_length
 
 
 def brute_auroc(scores, positives):
@@ -60,7 +60,7 @@ def test_auroc_edge_cases():
 def test_the_package_has_one_auroc():
     from ropescope.attention import uncertainty
     from ropescope import statistics
-    from ropescope.study import findings
+    from ropescope.study.report import findings
 
     assert uncertainty.auroc is statistics.auroc and findings.auroc is statistics.auroc
 

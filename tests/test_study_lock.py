@@ -10,14 +10,14 @@ import pytest
 
 from ropescope.errors import RopescopeError
 from ropescope.study.config import parse_config
-from ropescope.study.lock import folder_lock
-from ropescope.study.plan import plan_cells
-from ropescope.study.store import DATABASE
+from ropescope.study.run.lock import folder_lock
+from ropescope.study.cells import plan_cells
+from ropescope.study.run.store import DATABASE
 from tests.helpers import TINY_STUDY, study_command
 
 HOLD = """
 import sys, time
-from ropescope.study.lock import folder_lock
+from ropescope.study.run.lock import folder_lock
 with folder_lock(sys.argv[1]):
     print("held", flush=True)
     time.sleep(60)

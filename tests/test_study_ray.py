@@ -19,10 +19,10 @@ import torch
 from ray.cluster_utils import Cluster
 
 from ropescope.errors import RopescopeError
-from ropescope.study import ray_executor
+from ropescope.study.run import ray as ray_executor
 from ropescope.study.config import load_config, quick_config_path
-from ropescope.study.report import build_report
-from ropescope.study.runner import DATABASE, plan_cells, run_study
+from ropescope.study.report.page import build_report
+from ropescope.study.run.runner import DATABASE, plan_cells, run_study
 from ropescope.study.stages import STAGES
 
 pytestmark = pytest.mark.slow
@@ -148,7 +148,7 @@ signal.signal(signal.SIGINT, signal.default_int_handler)
 from dataclasses import replace
 from pathlib import Path
 from ropescope.study.config import load_config, quick_config_path
-from ropescope.study.runner import run_study
+from ropescope.study.run.runner import run_study
 from ropescope.study.stages import STAGES
 
 def held_back(run):
@@ -224,7 +224,7 @@ def test_a_ray_study_on_a_folder_another_study_holds_is_refused(cluster, tmp_pat
     folder = tmp_path / "study"
     folder.mkdir()
     holder = subprocess.Popen(  # another study holding the folder's lock, as a local or a Ray study does
-        [sys.executable, "-c", "import sys, time\nfrom ropescope.study.lock import folder_lock\n"
+        [sys.executable, "-c", "import sys, time\nfrom ropescope.study.run.lock import folder_lock\n"
          "with folder_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(120)\n", str(folder)],
         stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(SRC)})
     try:

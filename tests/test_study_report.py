@@ -4,9 +4,9 @@ import re
 
 from scipy import stats
 
-from ropescope.study.report import build_report
-from ropescope.study.runner import DATABASE
-from ropescope.study.store import ResultStore
+from ropescope.study.report.page import build_report
+from ropescope.study.run.runner import DATABASE
+from ropescope.study.run.store import ResultStore
 from tests.helpers import fill_store
 
 
@@ -90,7 +90,7 @@ def test_report_is_rebuilt_identically_and_reads_old_databases(tmp_path):
 
 def test_rows_follow_the_recorded_config_order_not_completion_or_name():
     from ropescope.study.config import parse_config
-    from ropescope.study.report import canonical_order
+    from ropescope.study.report.page import canonical_order
 
     config = parse_config({"model": {"original_max_position_embeddings": 256},
                            "methods": {"yarn": {"method": "yarn", "factor": 2.0}, "original": {"method": "default"}},

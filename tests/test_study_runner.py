@@ -16,14 +16,14 @@ import pytest
 
 from ropescope.cli import main
 from ropescope.errors import RopescopeError
-from ropescope.models import default_model_path
+from ropescope.model.load import default_model_path
 from ropescope.rope import RopeSpec
-from ropescope.rows import RunLabels
+from ropescope.io.rows import RunLabels
 from ropescope.study.config import load_config, parse_config, quick_config_path
-from ropescope.study.execution import cell_time_left, format_duration
-from ropescope.study.plan import check_registry
+from ropescope.study.run.local import cell_time_left, format_duration
+from ropescope.study.cells import check_registry
 from ropescope.study.context import repeated_extensions
-from ropescope.study.runner import DATABASE, plan_cells, plan_variants, run_study
+from ropescope.study.run.runner import DATABASE, plan_cells, plan_variants, run_study
 from ropescope.study.stages import STAGE_NAMES, STAGES, Stage
 
 QUICK = load_config(quick_config_path())

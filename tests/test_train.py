@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from ropescope.cli import main
-from ropescope.train import TrainConfig, block_indices, lr_at, train
+from ropescope.train.continual import TrainConfig, block_indices, lr_at, train
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 WORDS = ("the river ran past old stone walls while green birds sang of rain and light over quiet hills "
@@ -118,7 +118,7 @@ def test_train_writes_a_checkpoint_that_loads_with_the_extension_active(tiny, tm
     from transformers import AutoModelForCausalLM
 
     from ropescope import extend
-    from ropescope.models import load_model
+    from ropescope.model.load import load_model
     from ropescope.rope import simple_spec
 
     out = train(_config(tiny, tmp_path / "run", steps=3))
@@ -203,7 +203,7 @@ def test_a_run_killed_during_its_final_save_is_finished_by_the_rerun(tiny, tmp_p
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
-    import ropescope.train as train_module
+    import ropescope.train.continual as train_module
 
     reference = train(_config(tiny, tmp_path / "reference", steps=3, checkpoint_every=2))
     config = _config(tiny, tmp_path / "killed", steps=3, checkpoint_every=2)
@@ -314,15 +314,15 @@ def _tokenizer(tiny):
 @pytest.mark.parametrize("mix", [-0.1, 1.0, 1.5])
 def test_retrieval_mix_outside_zero_to_one_is_refused(mix):
     from ropescope.errors import RopescopeError
-    from ropescope.train import validate
+    from ropescope.train.continual import validate
 
     with pytest.raises(RopescopeError, match=f"retrieval_mix={mix} is outside"):
         validate(TrainConfig(out="x", retrieval_mix=mix))
 
 
 def test_retrieval_mix_puts_passkey_examples_of_the_training_length_with_answer_masks(tiny):
-    from ropescope.passkey_format import KEY_LINE, QUESTION, PasskeyPrompts
-    from ropescope.train import micro_batch
+    from ropescope.tasks.passkey_format import KEY_LINE, QUESTION, PasskeyPrompts
+    from ropescope.train.continual import micro_batch
 
     tokenizer = _tokenizer(tiny)
     length = 400
@@ -360,8 +360,8 @@ def test_retrieval_mix_puts_passkey_examples_of_the_training_length_with_answer_
 
 
 def test_corpus_haystacks_put_the_blocks_own_text_around_each_key(tiny):
-    from ropescope.passkey_format import FILLER, KEY_LINE, PasskeyPrompts
-    from ropescope.train import _identity, micro_batch
+    from ropescope.tasks.passkey_format import FILLER, KEY_LINE, PasskeyPrompts
+    from ropescope.train.continual import _identity, micro_batch
 
     tokenizer = _tokenizer(tiny)
     length = 300
@@ -390,8 +390,8 @@ def test_corpus_haystacks_put_the_blocks_own_text_around_each_key(tiny):
 
 def test_retrieval_min_length_draws_single_examples_from_it_to_the_training_length(tiny):
     from ropescope.errors import RopescopeError
-    from ropescope.passkey_format import PasskeyPrompts
-    from ropescope.train import _identity, micro_batch, validate
+    from ropescope.tasks.passkey_format import PasskeyPrompts
+    from ropescope.train.continual import _identity, micro_batch, validate
 
     length, shortest = 400, 120
     blocks = torch.randint(0, 300, (64, length), generator=torch.Generator().manual_seed(0))
@@ -421,14 +421,14 @@ def test_retrieval_min_length_draws_single_examples_from_it_to_the_training_leng
 
 def test_an_unknown_retrieval_haystack_is_refused():
     from ropescope.errors import RopescopeError
-    from ropescope.train import validate
+    from ropescope.train.continual import validate
 
     with pytest.raises(RopescopeError, match="retrieval_haystack='web' is unknown; accepted: filler, corpus"):
         validate(TrainConfig(out="x", retrieval_haystack="web"))
 
 
 def test_without_retrieval_mix_the_batch_is_the_corpus_blocks_and_the_run_identity_is_unchanged(tiny, tmp_path):
-    from ropescope.train import micro_batch
+    from ropescope.train.continual import micro_batch
 
     blocks = torch.randint(0, 300, (10, 8))
     input_ids, is_answer = micro_batch(blocks, range(3), [4, 1, 7], TrainConfig(out="x", length=8), None)
@@ -440,7 +440,7 @@ def test_without_retrieval_mix_the_batch_is_the_corpus_blocks_and_the_run_identi
 def test_the_answer_loss_is_added_to_the_language_model_loss(tiny):
     from transformers import AutoModelForCausalLM
 
-    from ropescope.nll import CausalLMLoss
+    from ropescope.eval.nll import CausalLMLoss
 
     model = AutoModelForCausalLM.from_pretrained(tiny["model"]).eval()
     with_answers, plain = CausalLMLoss(model, answer_weight=1.0), CausalLMLoss(model, answer_weight=1.0, chunk_size=7)
@@ -470,8 +470,8 @@ def test_gradient_checkpointing_recomputes_every_decoder_layer_of_every_family(f
     and the gradients are those of the step without checkpointing."""
     from transformers import AutoModelForCausalLM
 
-    from ropescope.nll import causal_lm_loss
-    from ropescope.train import _prepare_model
+    from ropescope.eval.nll import causal_lm_loss
+    from ropescope.train.continual import _prepare_model
     from tests.test_families import VOCAB, family_config
 
     torch.manual_seed(0)
@@ -494,7 +494,7 @@ def test_gradient_checkpointing_recomputes_every_decoder_layer_of_every_family(f
 def test_gradient_checkpointing_is_on_where_it_pays_and_the_run_records_it(tiny, tmp_path):
     from transformers import AutoConfig, LlamaConfig
 
-    from ropescope.train import uses_checkpointing
+    from ropescope.train.continual import uses_checkpointing
 
     tiny_config = AutoConfig.from_pretrained(tiny["model"])  # 2 layers of hidden 64: activations pass the state soon
     assert not uses_checkpointing(TrainConfig(out="x", length=48), tiny_config, "no")

@@ -2,8 +2,8 @@
 
 from ropescope.attention.entropy import attention_entropy
 from ropescope.errors import RopescopeError
-from ropescope.models import ModelOptions, default_model_path, load_model
-from ropescope.patch import extend
+from ropescope.model.load import ModelOptions, default_model_path, load_model
+from ropescope.model.patch import extend
 from ropescope.rope import METHODS, RopeSpec, method_spec, rope_frequencies, simple_spec
 
 __all__ = [

@@ -134,7 +134,7 @@ def _text(text: str) -> str:
 
 
 def _add_model(parser: argparse.ArgumentParser) -> None:
-    from ropescope.models import DTYPES
+    from ropescope.model.load import DTYPES
 
     group = parser.add_argument_group("model")
     group.add_argument("--model", default="default",
@@ -213,7 +213,7 @@ def _call(function, args) -> object:
     parameters = inspect.signature(function).parameters
     arguments = {name: value for name, value in vars(args).items() if name in parameters and value is not None}
     if "options" in parameters:
-        from ropescope.models import ModelOptions
+        from ropescope.model.load import ModelOptions
 
         arguments["options"] = ModelOptions(args.device, args.dtype, args.device_map, args.attn_implementation)
     return function(**arguments)
@@ -242,7 +242,7 @@ def _add_methods_command(subparsers) -> None:
 
 
 def _add_freqs(subparsers) -> None:
-    from ropescope.frequencies import run_frequencies
+    from ropescope.commands.freqs import run_frequencies
 
     parser = _command(subparsers, "freqs", run_frequencies, _show_frequencies,
                       "per-pair wavelengths of several methods, side by side")
@@ -257,8 +257,8 @@ def _study(config: str | None = None, quick: bool = False, out: str = "results",
            executor: str | None = None, address: str | None = None):
     """Run the study of `config` (or the quick plan) into `out`, then build its report: (counts, report paths)."""
     from ropescope.study.config import load_config, quick_config_path
-    from ropescope.study.report import report_paths
-    from ropescope.study.runner import run_study
+    from ropescope.study.report.page import report_paths
+    from ropescope.study.run.runner import run_study
 
     counts = run_study(load_config(quick_config_path() if quick else config), out, force=force, executor=executor,
                        address=address, report=True)
@@ -280,7 +280,7 @@ def _add_study(subparsers) -> None:
 
 
 def _add_report(subparsers) -> None:
-    from ropescope.study.report import build_report
+    from ropescope.study.report.page import build_report
 
     parser = _command(subparsers, "report", build_report, _show_report,
                       "rebuild a study's report from its results database")
@@ -314,7 +314,7 @@ def _add_independent_haystacks(parser: argparse.ArgumentParser) -> None:
 
 
 def _list_tasks() -> str:
-    from ropescope.eval.tasks import list_tasks
+    from ropescope.tasks.registry import list_tasks
 
     return list_tasks()
 
@@ -325,7 +325,7 @@ def _add_tasks_command(subparsers) -> None:
 
 
 def _add_retrieval(subparsers) -> None:
-    from ropescope.eval.tasks import run_task
+    from ropescope.tasks.registry import run_task
 
     parser = _command(subparsers, "retrieval", run_task, _show_cells,
                       "a retrieval task (`ropescope tasks`) over lengths x depths")
@@ -339,7 +339,7 @@ def _add_retrieval(subparsers) -> None:
 
 
 def _add_passkey(subparsers) -> None:
-    from ropescope.eval.passkey import run_passkey
+    from ropescope.tasks.passkey import run_passkey
 
     parser = _command(subparsers, "passkey", run_passkey, _show_cells,
                       "passkey retrieval accuracy over lengths x depths")
@@ -350,7 +350,7 @@ def _add_passkey(subparsers) -> None:
 
 
 def _add_needle(subparsers) -> None:
-    from ropescope.eval.needle import run_needle
+    from ropescope.tasks.needle import run_needle
 
     parser = _command(subparsers, "needle", run_needle, _show_cells,
                       "needle-in-a-haystack retrieval over lengths x depths")
@@ -374,7 +374,7 @@ def _add_attention_inputs(parser: argparse.ArgumentParser, compares_methods: boo
 
 
 def _add_entropy(subparsers) -> None:
-    from ropescope.attention.runs import run_entropy
+    from ropescope.commands.attention import run_entropy
 
     parser = _command(subparsers, "entropy", run_entropy, _show_written,
                       "attention entropy against position, per method (streamed)")
@@ -385,7 +385,7 @@ def _add_entropy(subparsers) -> None:
 
 
 def _add_patterns(subparsers) -> None:
-    from ropescope.attention.runs import run_patterns
+    from ropescope.commands.attention import run_patterns
 
     parser = _command(subparsers, "patterns", run_patterns, _show_preservation,
                       "attention against key distance and pattern preservation (the original is always included)")
@@ -399,7 +399,7 @@ def _add_patterns(subparsers) -> None:
 
 
 def _add_uncertainty(subparsers) -> None:
-    from ropescope.attention.runs import run_uncertainty
+    from ropescope.commands.attention import run_uncertainty
 
     parser = _command(subparsers, "uncertainty", run_uncertainty, _show_uncertainty,
                       "answering-query entropy and attention on the facts against retrieval errors")
@@ -451,7 +451,7 @@ def _add_config_command(subparsers, name: str, config_class, function, summary: 
 
 
 def _add_train(subparsers) -> None:
-    from ropescope.train import TrainConfig, train
+    from ropescope.train.continual import TrainConfig, train
 
     _add_config_command(
         subparsers, "train", TrainConfig, train,
@@ -462,7 +462,7 @@ def _add_train(subparsers) -> None:
 
 
 def _add_pretrain(subparsers) -> None:
-    from ropescope.pretrain import PretrainConfig, pretrain
+    from ropescope.train.pretrain import PretrainConfig, pretrain
 
     _add_config_command(
         subparsers, "pretrain", PretrainConfig, pretrain,
@@ -473,7 +473,7 @@ def _add_pretrain(subparsers) -> None:
 
 
 def _add_plan(subparsers) -> None:
-    from ropescope.plan import run_plan
+    from ropescope.train.memory import run_plan
 
     parser = _command(subparsers, "plan", run_plan, _show_plan,
                       "estimated peak memory per GPU of evaluation, capture and training, from the config alone",
@@ -519,7 +519,7 @@ def _show_report(paths) -> None:
 
 
 def _show_frequencies(rows) -> None:
-    from ropescope.frequencies import wavelength_table
+    from ropescope.commands.freqs import wavelength_table
 
     print(wavelength_table(rows))
 
@@ -531,7 +531,7 @@ def _show_perplexity(rows) -> None:
 
 
 def _show_cells(rows) -> None:
-    from ropescope.rows import cell_means
+    from ropescope.io.rows import cell_means
 
     for cell in cell_means(rows, "score"):
         print(f"length {cell['length']:>7}  depth {cell['depth_percent']:>5g}%  score {cell['score']:.3f}  "
@@ -549,7 +549,7 @@ def _show_preservation(rows) -> None:
 
 
 def _show_uncertainty(rows) -> None:
-    from ropescope.rows import UncertaintySummaryRow
+    from ropescope.io.rows import UncertaintySummaryRow
 
     for row in map(UncertaintySummaryRow.from_dict, rows):
         if row.layer == "mean":
@@ -583,7 +583,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _run(args) -> object:
     """Call the command's function: with its config dataclass built from the flags, or with the flags. An output
     folder that cannot be written is refused first, before any work (`report` reads its --out)."""
-    from ropescope.results import check_output_folder
+    from ropescope.io.results import check_output_folder
 
     out = getattr(args, "output", None) or getattr(args, "out", None)
     if out and args.command != "report":

@@ -26,7 +26,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ropescope.attention.entropy import DEFAULT_CHUNK_SIZE, AttentionStatistics, attention_statistics
 from ropescope.errors import RopescopeError
-from ropescope.patch import SUPPORTED_MODELS, require_supported
+from ropescope.model.patch import SUPPORTED_MODELS, require_supported
 
 _CAPTURE_PREFIX = "ropescope_capture_"
 

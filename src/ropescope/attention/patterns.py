@@ -25,7 +25,7 @@ from ropescope.attention.capture import LayerAttention, capture_attention, forwa
 from ropescope.attention.entropy import DEFAULT_CHUNK_SIZE, distance_bin_edges
 from ropescope.attention.profiles import one_length_samples
 from ropescope.errors import RopescopeError
-from ropescope.rows import DistanceRow, PreservationRow
+from ropescope.io.rows import DistanceRow, PreservationRow
 
 def distance_distribution(
     model,

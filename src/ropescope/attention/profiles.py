@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from ropescope.attention.capture import layer_entropies
 from ropescope.attention.entropy import DEFAULT_CHUNK_SIZE
 from ropescope.errors import RopescopeError
-from ropescope.rows import EntropyProfileRow
+from ropescope.io.rows import EntropyProfileRow
 
 
 def position_bins(length: int, bin_size: int) -> list[tuple[int, int]]:

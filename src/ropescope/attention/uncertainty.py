@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from ropescope.attention.capture import LayerAttention, capture_attention, forward_for_statistics
 from ropescope.attention.entropy import DEFAULT_CHUNK_SIZE
 from ropescope.errors import RopescopeError
-from ropescope.rows import as_bool
+from ropescope.io.rows import as_bool
 from ropescope.statistics import auroc  # the package's one AUROC; imported here for failure_summary
 
 GROUP_FIELDS = ("model", "method", "factor", "task")

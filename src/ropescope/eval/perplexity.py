@@ -21,10 +21,10 @@ from tqdm.auto import tqdm
 
 from ropescope.errors import RopescopeError
 from ropescope.eval.decoding import encode, special_prefix
-from ropescope.models import ModelOptions
+from ropescope.model.load import ModelOptions
 from ropescope.rope import RopeSpec
-from ropescope.rows import PerplexityRow
-from ropescope.nll import logit_transform, token_nll
+from ropescope.io.rows import PerplexityRow
+from ropescope.eval.nll import logit_transform, token_nll
 
 PROTOCOLS = ("truncated", "sliding")
 DEFAULT_CHUNK = 1024
@@ -172,10 +172,10 @@ def run_perplexity(model: str = "default", method: str | RopeSpec = "default", *
                    out="results/ppl", progress: bool | None = None) -> list[dict]:
     """`ropescope ppl`: load the model (extended by `method`) and the corpus, evaluate, and write
     out/perplexity.csv and out/perplexity.png. The corpus is checked before the weights load."""
-    from ropescope.data import load_corpus
-    from ropescope.models import extension_specs, load, load_tokenizer, resolve_model
-    from ropescope.plots import plot_perplexity
-    from ropescope.results import write_rows
+    from ropescope.io.data import load_corpus
+    from ropescope.model.load import extension_specs, load, load_tokenizer, resolve_model
+    from ropescope.io.plots import plot_perplexity
+    from ropescope.io.results import write_rows
 
     source = resolve_model(model)
     (spec,) = extension_specs(source, [method], factor, original_max_position_embeddings)

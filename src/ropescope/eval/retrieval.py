@@ -10,11 +10,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from ropescope.eval.cases import CaseRequest, PromptCase, RetrievalTask
+from ropescope.tasks.cases import CaseRequest, PromptCase, RetrievalTask
 from ropescope.eval.decoding import retrieval_grid
-from ropescope.models import ModelOptions
+from ropescope.model.load import ModelOptions
 from ropescope.rope import RopeSpec
-from ropescope.rows import RetrievalRow
+from ropescope.io.rows import RetrievalRow
 
 
 def case_builder(task: RetrievalTask, tokenizer, seed: int = 0, documents: Sequence[str] | None = None,
@@ -70,11 +70,11 @@ def run_retrieval(task: RetrievalTask, model: str = "default", method: str | Rop
     """Load the model (extended by `method`) and the corpus where the task needs one, run the grid, and write
     out/<task>.csv and out/<task>.png (out: results/<task> by default). The shortest and the longest prompt are
     built before the weights load, so a too-short length or a too-small corpus fails first."""
-    from ropescope.data import load_corpus
-    from ropescope.eval.haystack import check_haystack
-    from ropescope.models import extension_specs, load, load_tokenizer, resolve_model
-    from ropescope.plots import plot_retrieval
-    from ropescope.results import write_rows
+    from ropescope.io.data import load_corpus
+    from ropescope.tasks.haystack import check_haystack
+    from ropescope.model.load import extension_specs, load, load_tokenizer, resolve_model
+    from ropescope.io.plots import plot_retrieval
+    from ropescope.io.results import write_rows
 
     source = resolve_model(model)
     (spec,) = extension_specs(source, [method], factor, original_max_position_embeddings)

@@ -186,14 +186,14 @@ def _checked(key: str, value: Any, declared: Field, source: str) -> Any:
             fail("[low, high] with 0 <= low < 0.5 < high <= 1")
         return [float(item) for item in value]
     if check == "tasks":
-        from ropescope.eval.tasks import TASKS
+        from ropescope.tasks.registry import TASKS
 
         if not isinstance(value, list) or not value or any(item not in TASKS for item in value) \
                 or len(set(value)) != len(value):
             fail(f"a non-empty list of distinct task names among {', '.join(TASKS)}")
         return value
     if check == "retrieval_haystack":
-        from ropescope.passkey_format import RETRIEVAL_HAYSTACKS
+        from ropescope.tasks.passkey_format import RETRIEVAL_HAYSTACKS
 
         if value not in RETRIEVAL_HAYSTACKS:
             fail(f"one of {', '.join(RETRIEVAL_HAYSTACKS)}")
@@ -304,7 +304,7 @@ def _methods(data: Any, original_max_position_embeddings: int,
 
 
 def _model_length(model: str, source: str) -> int:
-    from ropescope.models import resolve_model_path
+    from ropescope.model.load import resolve_model_path
 
     config = json.loads((resolve_model_path(model) / "config.json").read_text())
     if not isinstance(config.get("max_position_embeddings"), int):

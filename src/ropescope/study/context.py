@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ropescope.errors import RopescopeError
 from ropescope.rope import RopeSpec
-from ropescope.rows import RunLabels
+from ropescope.io.rows import RunLabels
 from ropescope.study.config import StudyConfig
 
 
@@ -121,11 +121,11 @@ class StageContext:
 
     @property
     def corpus(self) -> str | None:
-        """The corpus path for ropescope.data: None is the shipped corpus."""
+        """The corpus path for ropescope.io.data: None is the shipped corpus."""
         return None if self.config.corpus.path == "default" else self.config.corpus.path
 
     def documents(self, split: str) -> list[str]:
-        from ropescope.data import load_corpus
+        from ropescope.io.data import load_corpus
 
         if split not in self._documents:
             self._documents[split] = load_corpus(self.corpus, split=split)
@@ -133,7 +133,7 @@ class StageContext:
 
     def samples(self, tokenizer, length: int, count: int) -> list:
         """The first `count` validation blocks of `length` tokens (the same blocks for every variant)."""
-        from ropescope.data import token_blocks
+        from ropescope.io.data import token_blocks
 
         blocks = list(islice(token_blocks(tokenizer, self.documents("validation"), length), count))
         if len(blocks) < count:
@@ -144,7 +144,7 @@ class StageContext:
     @functools.cached_property
     def revision(self) -> str | None:
         """The model's revision (a Hub commit, a GGUF file's hash), read once per process."""
-        from ropescope.models import resolve_model
+        from ropescope.model.load import resolve_model
 
         return resolve_model(self.config.model.path).revision
 
@@ -170,7 +170,7 @@ class StageContext:
 
     def load(self, variant: Variant):
         """(model, tokenizer) of a variant: its fine-tuned checkpoint, or the base model extended as is."""
-        from ropescope.models import load_model
+        from ropescope.model.load import load_model
 
         if variant.fine_tuned:
             return load_model(self.checkpoint_dir(variant), device=self.device)

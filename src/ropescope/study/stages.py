@@ -49,8 +49,8 @@ def train_settings(config: StudyConfig, variant: Variant) -> dict:
 
 def train(context: StageContext, variant: Variant) -> list[dict]:
     """Continual pretraining of the extension at `variant.train_length`; rows are the training curve."""
-    from ropescope.train import TrainConfig
-    from ropescope.train import train as run_training
+    from ropescope.train.continual import TrainConfig
+    from ropescope.train.continual import train as run_training
 
     settings = context.config.training
     out = context.checkpoint_dir(variant)
@@ -99,7 +99,7 @@ def retrieval_settings(config: StudyConfig, variant: Variant) -> dict:
 def retrieval(context: StageContext, variant: Variant) -> list[dict]:
     """Every configured retrieval task over the retrieval grid; rows carry their task."""
     from ropescope.eval.retrieval import evaluate_retrieval, needs_documents
-    from ropescope.eval.tasks import get_task
+    from ropescope.tasks.registry import get_task
 
     model, tokenizer = context.load(variant)
     settings = context.config.retrieval
@@ -167,7 +167,7 @@ def uncertainty(context: StageContext, variant: Variant) -> list[dict]:
     """The answering query's attention entropy, needle and distractor mass for every retrieval cell of this
     variant."""
     from ropescope.attention.uncertainty import retrieval_attention
-    from ropescope.eval.tasks import rebuild_cases
+    from ropescope.tasks.registry import rebuild_cases
 
     evaluated = context.required_rows("retrieval", variant)
     model, tokenizer = context.load(variant)

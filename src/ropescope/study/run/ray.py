@@ -29,12 +29,12 @@ from ray.util import get_node_ip_address
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ropescope.errors import RopescopeError
-from ropescope.plan import peak_rss_bytes
+from ropescope.train.memory import peak_rss_bytes
 from ropescope.study.config import StudyConfig
 from ropescope.study.context import StageContext, Variant, cell_name
-from ropescope.study.execution import Recorder, execute_cell, prepare
-from ropescope.study.plan import Cell
-from ropescope.study.store import ResultStore
+from ropescope.study.run.local import Recorder, execute_cell, prepare
+from ropescope.study.cells import Cell
+from ropescope.study.run.store import ResultStore
 
 CONNECT_TIMEOUT_S = 10
 ATTEMPTS_FOLDER = ".ropescope-attempts"  # one file per running cell: how many workers have started it

@@ -16,11 +16,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ropescope.errors import RopescopeError
-from ropescope.eval.cases import CaseRequest, PromptCase, RetrievalTask, Score, single_needle_case
+from ropescope.tasks.cases import CaseRequest, PromptCase, RetrievalTask, Score, single_needle_case
 from ropescope.eval.decoding import encode, special_prefix
-from ropescope.eval.haystack import haystack_ids, independent_haystack_ids, insert_facts
+from ropescope.tasks.haystack import haystack_ids, independent_haystack_ids, insert_facts
 from ropescope.eval.retrieval import evaluate_retrieval, run_retrieval
-from ropescope.models import ModelOptions
+from ropescope.model.load import ModelOptions
 from ropescope.rope import RopeSpec
 
 NEEDLE = "The secret ingredient of the king's pie is a spoonful of wild honey."

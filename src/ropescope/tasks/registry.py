@@ -6,10 +6,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from ropescope.errors import RopescopeError
-from ropescope.eval import needle, passkey, ruler
-from ropescope.eval.cases import CaseRequest, PromptCase, RetrievalTask
+from ropescope.tasks import needle
+from ropescope.tasks import passkey
+from ropescope.tasks import ruler
+from ropescope.tasks.cases import CaseRequest, PromptCase, RetrievalTask
 from ropescope.eval.retrieval import needs_documents, run_retrieval
-from ropescope.rows import as_bool
+from ropescope.io.rows import as_bool
 
 _BUILT_IN: tuple[RetrievalTask, ...] = (
     passkey.TASK,

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from ropescope.errors import RopescopeError
 from ropescope.study.context import StageContext, Variant, cell_name, checkpoint_dir
-from ropescope.study.plan import Cell
-from ropescope.study.store import ResultStore
+from ropescope.study.cells import Cell
+from ropescope.study.run.store import ResultStore
 
 
 def execute_cell(cell: Cell, context: StageContext) -> list[dict]:

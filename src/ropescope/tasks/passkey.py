@@ -11,12 +11,12 @@ import random
 from pathlib import Path
 
 from ropescope.errors import RopescopeError
-from ropescope.eval.cases import CaseRequest, PromptCase, RetrievalTask, Score, single_needle_case
+from ropescope.tasks.cases import CaseRequest, PromptCase, RetrievalTask, Score, single_needle_case
 from ropescope.eval.decoding import encode, first_integer, special_prefix
-from ropescope.eval.haystack import independent_haystack_ids, insert_facts
+from ropescope.tasks.haystack import independent_haystack_ids, insert_facts
 from ropescope.eval.retrieval import evaluate_retrieval, run_retrieval
-from ropescope.models import ModelOptions
-from ropescope.passkey_format import KEY_DIGITS, KEY_LINE, QUESTION, PasskeyPrompts
+from ropescope.model.load import ModelOptions
+from ropescope.tasks.passkey_format import KEY_DIGITS, KEY_LINE, QUESTION, PasskeyPrompts
 from ropescope.rope import RopeSpec
 
 

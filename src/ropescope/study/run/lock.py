@@ -17,7 +17,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from ropescope.errors import RopescopeError
-from ropescope.results import write_atomically
+from ropescope.io.results import write_atomically
 
 LOCK_FILE = ".ropescope.lock"
 HOLDER_FILE = ".ropescope.lock.json"

@@ -1,7 +1,7 @@
 """The attention analyses end to end, as the CLI runs them: load models, build inputs, compute, write rows and plots.
 
 Each `run_*` resolves the model and the methods' specs and tokenizes its inputs (corpus long enough) before any
-weights load or any file is written, then composes the library. Models load through `ropescope.models.load`, as
+weights load or any file is written, then composes the library. Models load through `ropescope.model.load.load`, as
 the evaluation loads them, so rows from both line up. Each writes fixed file names into its `out` folder.
 """
 
@@ -12,13 +12,13 @@ from dataclasses import replace
 from pathlib import Path
 
 from ropescope.errors import RopescopeError
-from ropescope.models import ModelOptions, ModelSource
+from ropescope.model.load import ModelOptions, ModelSource
 from ropescope.rope import RopeSpec
 
 
 def token_samples(tokenizer, length: int, samples: int, corpus: str | Path | None, split: str) -> list:
     """The first `samples` token blocks of `length` tokens from the corpus split (None: the shipped corpus)."""
-    from ropescope.data import load_corpus, token_blocks
+    from ropescope.io.data import load_corpus, token_blocks
 
     blocks = []
     for block in token_blocks(tokenizer, load_corpus(corpus, split=split), block_length=length):
@@ -31,7 +31,7 @@ def token_samples(tokenizer, length: int, samples: int, corpus: str | Path | Non
 def _samples_by_length(source: ModelSource, lengths: Sequence[int], samples: int, corpus,
                        split: str) -> dict[int, list]:
     """Token blocks for every length, tokenized once with the model's tokenizer (before any weights load)."""
-    from ropescope.models import load_tokenizer
+    from ropescope.model.load import load_tokenizer
 
     tokenizer = load_tokenizer(source)
     return {length: token_samples(tokenizer, length, samples, corpus, split) for length in sorted(set(lengths))}
@@ -39,7 +39,7 @@ def _samples_by_length(source: ModelSource, lengths: Sequence[int], samples: int
 
 def _load(source: ModelSource, spec: RopeSpec, options: ModelOptions | None, original: int, split: str):
     """The model with `spec` applied and the labels its rows start with (the analysis' pretrained length)."""
-    from ropescope.models import load
+    from ropescope.model.load import load
 
     loaded = load(source, spec, options)
     labels = replace(loaded.labels, original_max_position_embeddings=original)
@@ -48,7 +48,7 @@ def _load(source: ModelSource, spec: RopeSpec, options: ModelOptions | None, ori
 
 def _setup(model, methods: Sequence[str | RopeSpec], factor: float | None, original: int | None):
     """(source, specs, original length): every name checked before anything loads."""
-    from ropescope.models import extension_specs, original_max_position_embeddings_of, resolve_model
+    from ropescope.model.load import extension_specs, original_max_position_embeddings_of, resolve_model
 
     source = resolve_model(model)
     original = original or original_max_position_embeddings_of(source)
@@ -63,8 +63,8 @@ def run_entropy(model: str = "default", methods: Sequence[str | RopeSpec] = ("de
     """Entropy profiles of every method at every length (default: 1x, 2x and 4x the pretrained length) ->
     out/entropy.csv and out/entropy.png."""
     from ropescope.attention.profiles import entropy_profile
-    from ropescope.plots import plot_entropy_position
-    from ropescope.results import write_rows
+    from ropescope.io.plots import plot_entropy_position
+    from ropescope.io.results import write_rows
 
     source, specs, original = _setup(model, methods, factor, original_max_position_embeddings)
     lengths = list(lengths or [original, 2 * original, 4 * original])
@@ -92,8 +92,8 @@ def run_patterns(model: str = "default", methods: Sequence[str | RopeSpec] = (),
     out/patterns_preservation.csv, out/attention_distance.png and out/pattern_preservation.png; returns the
     preservation rows."""
     from ropescope.attention.patterns import distance_distribution, pattern_preservation
-    from ropescope.plots import plot_attention_distance, plot_pattern_preservation
-    from ropescope.results import write_rows
+    from ropescope.io.plots import plot_attention_distance, plot_pattern_preservation
+    from ropescope.io.results import write_rows
 
     # The reference is the original model at its pretrained length: include it even when not asked for.
     source, specs, original = _setup(model, ["default", *methods], factor, original_max_position_embeddings)
@@ -136,9 +136,9 @@ def read_evaluation_rows(path: str | Path, only_methods: Sequence[str] | None = 
                          only_factors: Sequence[float] | None = None) -> list[dict]:
     """Retrieval rows of registered tasks from a rows file, each checked as a `RetrievalRow`, kept where the
     filters match (a row without a factor matches every factor)."""
-    from ropescope.eval.tasks import TASKS
-    from ropescope.results import read_rows
-    from ropescope.rows import RetrievalRow
+    from ropescope.tasks.registry import TASKS
+    from ropescope.io.results import read_rows
+    from ropescope.io.rows import RetrievalRow
 
     rows = read_rows(path)
     if only_methods:
@@ -173,11 +173,11 @@ def run_uncertainty(rows: str | Path, model: str | None = None, *, only_methods:
     out/uncertainty.csv, out/uncertainty_summary.json and out/entropy_heatmap.png; returns the summary rows."""
     from ropescope.attention.uncertainty import failure_summary, retrieval_attention
     from ropescope.eval.retrieval import needs_documents
-    from ropescope.eval.tasks import get_task, rebuild_cases
-    from ropescope.models import extension_specs, load, load_tokenizer, resolve_model
-    from ropescope.plots import plot_entropy_heatmap
-    from ropescope.results import write_rows
-    from ropescope.rows import as_bool
+    from ropescope.tasks.registry import get_task, rebuild_cases
+    from ropescope.model.load import extension_specs, load, load_tokenizer, resolve_model
+    from ropescope.io.plots import plot_entropy_heatmap
+    from ropescope.io.results import write_rows
+    from ropescope.io.rows import as_bool
 
     evaluated = read_evaluation_rows(rows, only_methods, only_factors)
     groups = evaluation_groups(evaluated)
@@ -186,7 +186,7 @@ def run_uncertainty(rows: str | Path, model: str | None = None, *, only_methods:
     haystack = None
     if any(needs_documents(get_task(row["task"]), as_bool(row.get("independent_haystacks") or False))
            for row in evaluated):
-        from ropescope.data import load_corpus
+        from ropescope.io.data import load_corpus
 
         haystack = load_corpus(corpus, split=split)
     tokenizer = load_tokenizer(source)

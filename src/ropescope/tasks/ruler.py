@@ -31,10 +31,10 @@ from dataclasses import dataclass
 import torch
 
 from ropescope.errors import RopescopeError
-from ropescope.eval.cases import DISTRACTOR, NEEDLE, CaseRequest, Fact, PromptCase, RetrievalTask, Score
+from ropescope.tasks.cases import DISTRACTOR, NEEDLE, CaseRequest, Fact, PromptCase, RetrievalTask, Score
 from ropescope.eval.decoding import encode, special_prefix
-from ropescope.eval.haystack import haystack_ids, independent_haystack_ids, insert_facts
-from ropescope.passkey_format import FILLER
+from ropescope.tasks.haystack import haystack_ids, independent_haystack_ids, insert_facts
+from ropescope.tasks.passkey_format import FILLER
 
 ADJECTIVES = ("amber", "bitter", "brave", "bright", "calm", "clever", "crisp", "curious", "dark", "eager", "early",
               "faint", "fancy", "fierce", "gentle", "giant", "golden", "grumpy", "hollow", "humble", "icy", "jolly",

@@ -16,15 +16,15 @@ from statistics import mean, median
 import matplotlib.pyplot as plt
 from matplotlib.lines import Line2D
 
-from ropescope import plots
+from ropescope.io import plots
 from ropescope.errors import RopescopeError
-from ropescope.results import write_atomically
+from ropescope.io.results import write_atomically
 from ropescope.statistics import CONFIDENCE, VERDICT_RULE
 from ropescope.study.config import FindingsSection, parse_config
 from ropescope.study.context import plan_variants
-from ropescope.study.findings import (Finding, Test, finding_entropy_errors, pattern_divergence, retrieval_floor,
+from ropescope.study.report.findings import (Finding, Test, finding_entropy_errors, pattern_divergence, retrieval_floor,
                                       study_findings)
-from ropescope.study.store import DATABASE, ResultStore, check_database_file
+from ropescope.study.run.store import DATABASE, ResultStore, check_database_file
 
 
 @dataclass

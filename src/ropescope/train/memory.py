@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ropescope.errors import RopescopeError
-from ropescope.nll import loss_chunk_size
+from ropescope.eval.nll import loss_chunk_size
 
 GIB = 2**30
 # Per token and layer, in elements: what autograd keeps of a decoder layer (fitted on Llama layers of hidden 64-256,
@@ -55,8 +55,8 @@ def read_config(model: str):
     file or a packaged one's short name (`smollm2-135m`). RopescopeError in one line when it cannot be read."""
     from transformers import AutoConfig
 
-    from ropescope.gguf_files import PACKAGED, packaged_gguf_path
-    from ropescope.models import default_model_path
+    from ropescope.model.gguf import PACKAGED, packaged_gguf_path
+    from ropescope.model.load import default_model_path
 
     if model in PACKAGED:
         path = packaged_gguf_path(model)  # says how to fetch it when it is not installed

@@ -10,14 +10,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ropescope.errors import RopescopeError
-from ropescope.results import check_output_folder, remove_stale_temporaries
+from ropescope.io.results import check_output_folder, remove_stale_temporaries
 from ropescope.study.config import EXECUTORS, StudyConfig
 from ropescope.study.context import StageContext, Variant, plan_variants, repeated_extensions
-from ropescope.study.execution import Recorder, is_finished, recorded_rows_reader, run_local
-from ropescope.study.lock import folder_lock
-from ropescope.study.plan import Cell, plan_cells
+from ropescope.study.run.local import Recorder, is_finished, recorded_rows_reader, run_local
+from ropescope.study.run.lock import folder_lock
+from ropescope.study.cells import Cell, plan_cells
 from ropescope.study.stages import STAGES, Stage
-from ropescope.study.store import DATABASE, ResultStore, check_database_file, remove_database
+from ropescope.study.run.store import DATABASE, ResultStore, check_database_file, remove_database
 
 __all__ = ["DATABASE", "Cell", "Variant", "plan_cells", "plan_variants", "run_study"]
 
@@ -80,7 +80,7 @@ def _opened(out: Path, force: bool):
 def _report(out: Path, report: bool, log: Callable[[str], None]) -> None:
     """Build the report while the lock is held, so no other study writes the folder meanwhile."""
     if report:
-        from ropescope.study.report import build_report
+        from ropescope.study.report.page import build_report
 
         log(f"report: writing {out / 'report'} ...")
         build_report(out)
@@ -91,8 +91,8 @@ def check_inputs(config: StudyConfig) -> None:
     the longest length it is cut to) are readable: a bad input is one error line before any file is written,
     never a column of failed cells."""
     from ropescope.eval.perplexity import long_documents
-    from ropescope.models import load_config, load_tokenizer, resolve_model
-    from ropescope.patch import pretrained_rope, pretrained_rope_parameters, rotary_dim
+    from ropescope.model.load import load_config, load_tokenizer, resolve_model
+    from ropescope.model.patch import pretrained_rope, pretrained_rope_parameters, rotary_dim
 
     source = resolve_model(config.model.path)
     model_config = load_config(source)
@@ -114,7 +114,7 @@ def check_inputs(config: StudyConfig) -> None:
     if config.training.lengths:
         from itertools import islice
 
-        from ropescope.data import token_blocks
+        from ropescope.io.data import token_blocks
 
         documents = context.documents("train")
         # a token spans at least one byte in the tokenizers we meet: a corpus far too small is refused without
@@ -144,7 +144,7 @@ def _start(config: StudyConfig, out: Path, cells: list[Cell], store: ResultStore
 def _run_with_ray(config: StudyConfig, out: Path, cells: list[Cell], *, force: bool, progress: bool | None,
                   stop_after: int | None, log, address: str | None, report: bool) -> dict:
     try:
-        from ropescope.study import ray_executor
+        from ropescope.study.run import ray as ray_executor
     except ModuleNotFoundError as error:
         if error.name.split(".")[0] != "ray":
             raise

@@ -43,7 +43,7 @@ PART_SUFFIX = re.compile(r" \[\d+/\d+\]$")
 
 def default_corpus_path() -> Path:
     """The folder of the shipped corpus: one `<split>.jsonl.gz` per split, records `{"title", "text"}`."""
-    return Path(__file__).parent / "default" / "corpus"
+    return Path(__file__).parent.parent / "default" / "corpus"
 
 
 def load_corpus(path: str | Path | None = None, split: str = "validation") -> list[str]:

@@ -32,10 +32,10 @@ from pathlib import Path
 import torch
 
 from ropescope.errors import RopescopeError
-from ropescope.nll import CausalLMLoss
-from ropescope.passkey_format import RETRIEVAL_HAYSTACKS
-from ropescope.results import atomic_path, run_differences, run_identity, write_atomically
-from ropescope.schedule import SCHEDULES, learning_rate
+from ropescope.eval.nll import CausalLMLoss
+from ropescope.tasks.passkey_format import RETRIEVAL_HAYSTACKS
+from ropescope.io.results import atomic_path, run_differences, run_identity, write_atomically
+from ropescope.train.schedule import SCHEDULES, learning_rate
 
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]  # the attention projections, where RoPE acts
@@ -72,7 +72,7 @@ class TrainConfig:
     spec: dict | None = None  # a full RopeSpec.to_dict(); when given, replaces the three above (Python only)
     length: int = option(1024, "tokens per training block")
     steps: int = option(100, "optimizer steps")
-    corpus: str | None = option(None, "a corpus path for ropescope.data.load_corpus (its train split is used); "
+    corpus: str | None = option(None, "a corpus path for ropescope.io.data.load_corpus (its train split is used); "
                                       "unset = the shipped corpus")
     batch_size: int = option(1, "blocks of `length` tokens per process per micro-step")
     grad_accum: int = option(1, "gradient accumulation: micro-steps per optimizer step")
@@ -88,7 +88,7 @@ class TrainConfig:
     gradient_checkpointing: bool | None = option(None, (
         "recompute each decoder layer's activations in the backward instead of keeping them: less memory, about a "
         "third more time; unset = on where the activations a micro-step keeps would exceed the weights, gradients "
-        "and optimizer state and the step would take over half the device (ropescope.plan.checkpointing_pays); "
+        "and optimizer state and the step would take over half the device (ropescope.train.memory.checkpointing_pays); "
         "run.json records what was used"))
     lora_rank: int = option(0, "0 = full fine-tune; > 0 trains LoRA adapters of this rank on the attention "
                                "projections (peft) and saves them merged")
@@ -157,7 +157,7 @@ def validate(config: TrainConfig) -> None:
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
-    """Learning rate for optimizer step `step` (0-based): `ropescope.schedule.learning_rate` with the run's settings."""
+    """Learning rate for optimizer step `step` (0-based): `ropescope.train.schedule.learning_rate` with the run's settings."""
     return learning_rate(step, config.learning_rate, config.steps, config.warmup_steps, config.min_lr_ratio,
                          config.schedule)
 
@@ -296,7 +296,7 @@ def _check_out(config: TrainConfig, identity: dict) -> None:
 
 def _is_complete(out: Path, steps: int) -> bool:
     """The last step's metrics are written and the final checkpoint published (its config.json is moved in last)."""
-    from ropescope.models import TOKENIZER_FILES
+    from ropescope.model.load import TOKENIZER_FILES
 
     return _trained(out, steps) and not (out / STAGED).exists() and (out / "config.json").is_file() \
         and (out / "tokenizer_config.json").is_file() and any((out / name).is_file() for name in TOKENIZER_FILES)
@@ -315,7 +315,7 @@ def _training_blocks(tokenizer, config: TrainConfig, global_batch: int) -> torch
     """
     from itertools import islice
 
-    from ropescope.data import load_corpus, token_blocks
+    from ropescope.io.data import load_corpus, token_blocks
 
     documents = load_corpus(config.corpus, split="train")
     needed = config.steps * global_batch  # a run that outlasts the corpus goes round it again, reshuffled
@@ -394,7 +394,7 @@ def _setup_accelerator(config: TrainConfig):
 def _rope_spec(config: TrainConfig, model_path: Path):
     from transformers import AutoConfig
 
-    from ropescope.patch import pretrained_rope
+    from ropescope.model.patch import pretrained_rope
     from ropescope.rope import RopeSpec, method_spec
 
     if config.spec is not None:
@@ -424,10 +424,10 @@ def _start_run_folder(accelerator, config: TrainConfig, identity: dict, spec, nu
 def uses_checkpointing(config: TrainConfig, model_config, mixed_precision: str,
                        device_memory: int | None = None) -> bool:
     """The run's gradient checkpointing: as the config says, or, unset, where it pays for this model and
-    micro-batch on a device of `device_memory` bytes (`ropescope.plan.checkpointing_pays`)."""
+    micro-batch on a device of `device_memory` bytes (`ropescope.train.memory.checkpointing_pays`)."""
     if config.gradient_checkpointing is not None:
         return config.gradient_checkpointing
-    from ropescope.plan import checkpointing_pays, model_shape
+    from ropescope.train.memory import checkpointing_pays, model_shape
 
     dtype_bytes = 4 if mixed_precision == "no" else 2
     return checkpointing_pays(model_shape(model_config), config.batch_size * config.length, dtype_bytes=dtype_bytes,
@@ -544,8 +544,8 @@ def train(config: TrainConfig) -> Path:
     from accelerate.utils import set_seed
 
     from ropescope import extend
-    from ropescope.models import load_model, load_tokenizer, resolve_model_path
-    from ropescope.passkey_format import PasskeyPrompts
+    from ropescope.model.load import load_model, load_tokenizer, resolve_model_path
+    from ropescope.tasks.passkey_format import PasskeyPrompts
 
     validate(config)
     accelerator = _setup_accelerator(config)
@@ -578,7 +578,7 @@ def train(config: TrainConfig) -> Path:
                                                   _device_memory(accelerator.device))
     resume_from = _start_run_folder(accelerator, config, identity, spec, len(blocks), checkpointing)
     # The loss goes through the wrapper's forward: the output head runs over chunks of positions, never holding
-    # [tokens x vocabulary] logits (ropescope.nll.causal_lm_loss).
+    # [tokens x vocabulary] logits (ropescope.eval.nll.causal_lm_loss).
     model = CausalLMLoss(_prepare_model(config, model, checkpointing and not by_fsdp), config.answer_loss_weight)
     model, optimizer, scheduler, state = _setup_optimizer(accelerator, config, model, resume_from)
     passkeys = PasskeyPrompts(tokenizer) if config.retrieval_mix else None

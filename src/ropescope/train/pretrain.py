@@ -2,7 +2,7 @@
 
 Reads top to bottom: train a byte-level BPE tokenizer on the train split, tokenize the split once, then a plain
 AdamW loop over random windows of `length` tokens, of which a share are synthetic passkey examples
-(format in `ropescope.passkey_format`) so the model learns to retrieve a key from anywhere in its context.
+(format in `ropescope.tasks.passkey_format`) so the model learns to retrieve a key from anywhere in its context.
 Seeded and deterministic on a given machine; checkpoints every `checkpoint_every` steps and resumes from the
 last one; the output folder (HF config, safetensors weights, tokenizer) appears atomically at the end.
 """
@@ -20,13 +20,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ropescope.data import load_corpus
+from ropescope.io.data import load_corpus
 from ropescope.errors import RopescopeError
-from ropescope.nll import causal_lm_loss
-from ropescope.passkey_format import PasskeyPrompts
-from ropescope.results import atomic_path, run_differences
-from ropescope.schedule import learning_rate
-from ropescope.train import option
+from ropescope.eval.nll import causal_lm_loss
+from ropescope.tasks.passkey_format import PasskeyPrompts
+from ropescope.io.results import atomic_path, run_differences
+from ropescope.train.schedule import learning_rate
+from ropescope.train.continual import option
 
 END_OF_TEXT = "<|endoftext|>"
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -44,7 +44,7 @@ class PretrainConfig:
 
     out: str = option(help="output folder: the Hugging Face model (config, safetensors weights, tokenizer) and "
                            "training_summary.json, written whole at the end")
-    corpus: str | None = option(None, "a corpus path for ropescope.data.load_corpus (its train split is used); "
+    corpus: str | None = option(None, "a corpus path for ropescope.io.data.load_corpus (its train split is used); "
                                       "unset = the shipped corpus")
     seed: int = option(0, "seed of the initial weights, the windows drawn and the passkey examples")
     steps: int = option(1000, "optimizer steps")
@@ -109,7 +109,7 @@ def validate(config: PretrainConfig) -> None:
     if not config.passkey_min_length <= config.length:
         raise RopescopeError(f"passkey_min_length={config.passkey_min_length} exceeds length={config.length}")
     if config.init_from is not None:
-        from ropescope.models import resolve_model
+        from ropescope.model.load import resolve_model
 
         if not (Path(config.init_from) / "config.json").is_file():
             raise RopescopeError(f"init_from={config.init_from!r} is not a saved model folder (no config.json in it)")
@@ -229,7 +229,7 @@ def _setup_tokenizer(config: PretrainConfig, documents: list[str], resuming: boo
     same ids."""
     from transformers import AutoTokenizer
 
-    from ropescope.models import load_tokenizer
+    from ropescope.model.load import load_tokenizer
 
     folder = config.checkpoint_path / "tokenizer"
     if resuming and folder.is_dir():

@@ -1,7 +1,7 @@
 """The one way to name and load a model: every command, the study and the attention analyses go through here.
 
 A model is named as `default` (the shipped model), a local Hugging Face folder, a GGUF file (`*.gguf`, or a short
-name of a packaged one such as `smollm2-135m`: see `ropescope.gguf_files`), or a Hub repo id `org/name[@revision]`,
+name of a packaged one such as `smollm2-135m`: see `ropescope.model.gguf`), or a Hub repo id `org/name[@revision]`,
 which huggingface_hub resolves from its local cache when offline (`HF_HUB_OFFLINE=1`) and downloads otherwise. `ModelOptions` says where and how to load it (device, dtype, accelerate's device map,
 attention implementation); it is checked once, when it is built.
 """
@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 
-from ropescope import gguf_files
+from ropescope.model import gguf as gguf_files
 from ropescope.errors import RopescopeError
 from ropescope.rope import RopeSpec
-from ropescope.rows import RunLabels
+from ropescope.io.rows import RunLabels
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
@@ -32,7 +32,7 @@ SKIPPED_HUB_FILES = ["original/*", "*.pth", "*.gguf", "*.msgpack", "*.h5", "*.ot
 
 def default_model_path() -> Path:
     """The folder of the shipped model (a small Llama pretrained at 256 tokens), in Hugging Face format."""
-    return Path(__file__).parent / "default" / "model"
+    return Path(__file__).parent.parent / "default" / "model"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -168,7 +168,7 @@ def _causal_lm_class(config):
 
 def original_max_position_embeddings_of(model: str | Path | ModelSource) -> int:
     """The context length the model was pretrained at (before any extension recorded in its config)."""
-    from ropescope.patch import pretrained_rope
+    from ropescope.model.patch import pretrained_rope
 
     return pretrained_rope(load_config(model))[1]
 
@@ -265,7 +265,7 @@ def load(model: str | Path | ModelSource = "default", spec: RopeSpec | None = No
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
-    from ropescope.patch import extend, pretrained_rope, spec_from_config
+    from ropescope.model.patch import extend, pretrained_rope, spec_from_config
 
     options = options or ModelOptions()
     source = model if isinstance(model, ModelSource) else resolve_model(model)

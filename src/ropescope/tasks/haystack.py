@@ -14,7 +14,7 @@ import re
 from collections.abc import Sequence
 
 from ropescope.errors import RopescopeError
-from ropescope.eval.cases import Fact
+from ropescope.tasks.cases import Fact
 from ropescope.eval.decoding import encode
 
 DOCUMENT_SEPARATOR = "\n\n"

@@ -14,8 +14,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from ropescope.results import atomic_path  # noqa: E402
-from ropescope.rows import as_bool  # noqa: E402
+from ropescope.io.results import atomic_path  # noqa: E402
+from ropescope.io.rows import as_bool  # noqa: E402
 
 
 def save_figure(figure, path: str | Path) -> Path:

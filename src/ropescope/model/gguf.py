@@ -161,7 +161,7 @@ def converted_folder(path: Path) -> ConvertedGguf:
     (a file whose hash matches a finished conversion was whole when it was converted)."""
     from filelock import FileLock
 
-    from ropescope.results import atomic_path
+    from ropescope.io.results import atomic_path
 
     _check_magic(path)
     sha256 = file_sha256(path)
