@@ -27,6 +27,8 @@ import re
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
+import pyarrow as pa
+import pyarrow.parquet as parquet
 import torch
 
 from ropescope.errors import RopescopeError
@@ -214,8 +216,6 @@ def _read_documents(path: Path) -> list[str]:
 
 
 def _read_parquet(path: Path) -> list[str]:
-    import pyarrow.parquet as parquet
-
     try:
         schema = parquet.read_schema(path)
     except Exception as error:  # pyarrow raises several types for a damaged or foreign file
@@ -237,8 +237,6 @@ def _read_saved_dataset_dict(path: Path) -> dict[str, list[str]]:
 
 def _read_arrow_folder(path: Path) -> list[str]:
     """The `text` column of a `save_to_disk` Dataset folder (Arrow IPC stream files listed in state.json)."""
-    import pyarrow as pa
-
     state_file = path / "state.json"
     if state_file.is_file():
         files = [path / entry["filename"] for entry in json.loads(state_file.read_text(encoding="utf-8"))["_data_files"]]
