@@ -131,3 +131,23 @@ def test_imports_stand_at_the_top():
                 continue
             inside.append(f"{name}:{line} {imported}")
     assert not inside, "imports inside functions (move them to the top):\n" + "\n".join(sorted(set(inside)))
+
+
+LONGEST_FUNCTION = 60  # lines of a function's body, its docstring left out
+
+
+def test_functions_are_short():
+    long = []
+    for name, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant):
+                body = body[1:]  # the docstring
+            if not body:
+                continue
+            lines = body[-1].end_lineno - body[0].lineno + 1
+            if lines > LONGEST_FUNCTION:
+                long.append(f"{name}.{node.name}: {lines} lines")
+    assert not long, f"functions over {LONGEST_FUNCTION} lines (split them):\n" + "\n".join(long)
