@@ -185,10 +185,10 @@ def extension_specs(model: str | Path | ModelSource, methods: Iterable, factor: 
     with `factor` and the original length (default: the model's pretrained length) filled in where a method
     takes them."""
     methods = list(methods)
-    original = original_max_position_embeddings
-    if original is None and any(not isinstance(method, RopeSpec) for method in methods):
-        original = pretrained_length_of(model)
-    specs = [parse_spec(method, factor, original) for method in methods]
+    pretrained_length = original_max_position_embeddings
+    if pretrained_length is None and any(not isinstance(method, RopeSpec) for method in methods):
+        pretrained_length = pretrained_length_of(model)
+    specs = [parse_spec(method, factor, pretrained_length) for method in methods]
     if factor is not None and not any("factor" in METHODS[spec.method].params for spec in specs):
         raise RopescopeError(f"factor {factor:g} is given but no method takes one; add e.g. --method yarn")
     return specs
