@@ -116,7 +116,8 @@ def validated_params(name: str, params: dict[str, Any]) -> dict[str, Any]:
     filled = {key: params.get(key, default) for key, default in accepted.items()}
     missing = [key for key, value in filled.items() if value is REQUIRED or value is None and accepted[key] is REQUIRED]
     if missing:
-        raise RopescopeError(f"{name} needs {missing[0]!r} (e.g. {method.example or f'RopeSpec({name!r})'})")
+        example = method.example or f'RopeSpec("{name}")'
+        raise RopescopeError(f"{name} needs {missing[0]!r} (e.g. {example})")
     for key in ("factor", "attention_factor"):
         if key in filled:
             filled[key] = number(name, key, filled[key])
