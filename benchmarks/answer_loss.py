@@ -19,9 +19,9 @@ import time
 import torch
 
 from ropescope import extend
-from ropescope.model.load import load_model
+from ropescope.model.load import load
 from ropescope.eval.nll import answer_nll, answer_weighted_loss, token_nll
-from ropescope.rope import simple_spec
+from ropescope.rope import parse_spec
 
 
 def two_passes(model, input_ids: torch.Tensor, is_answer: torch.Tensor) -> torch.Tensor:
@@ -52,8 +52,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model, _ = load_model("default")
-    extend(model, simple_spec("yarn", 4.0, 256))
+    model = load("default").model
+    extend(model, parse_spec("yarn", 4.0, 256))
     model.train()
     input_ids = torch.randint(0, model.config.vocab_size, (args.batch_size, args.length))
     is_answer = torch.zeros_like(input_ids, dtype=torch.bool)

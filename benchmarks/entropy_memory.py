@@ -49,10 +49,9 @@ def build_model(model_name: str, device: str, dtype: str):
 
     torch_dtype = getattr(torch, dtype)
     if model_name not in SHAPES:
-        from ropescope.model.load import load_model
+        from ropescope.model.load import ModelOptions, load
 
-        model, _ = load_model(model_name, dtype=torch_dtype, device=device)
-        return model
+        return load(model_name, options=ModelOptions(device=device, dtype=dtype)).model
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -132,9 +131,9 @@ def eager_bytes_needed(model_name: str, length: int, dtype: str) -> int:
     if model_name in SHAPES:
         layers, heads = SHAPES[model_name]["num_hidden_layers"], SHAPES[model_name]["num_attention_heads"]
     else:
-        from ropescope.model.load import load_config  # any model name ropescope takes: a folder, a GGUF file, ...
+        from ropescope.model.resolve import read_model_config  # any model name ropescope takes: a folder, a GGUF file, ...
 
-        config = load_config(model_name)
+        config = read_model_config(model_name)
         layers, heads = config.num_hidden_layers, config.num_attention_heads
     element = 4 if dtype == "float32" else 2
     return (layers + 2) * heads * length * length * element

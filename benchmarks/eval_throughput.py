@@ -31,9 +31,9 @@ def load(model_name: str):
                              num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
                              tie_word_embeddings=True, attn_implementation="sdpa")
         return LlamaForCausalLM(config).eval(), "random Llama (hidden 128, 4 layers, vocab 4096)"
-    from ropescope.model.load import load_model
+    from ropescope.model.load import load
 
-    model, _ = load_model(model_name)
+    model = load(model_name).model
     return model.eval(), model_name
 
 

@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 
 from ropescope.io.data import load_corpus, token_blocks
-from ropescope.model.load import load_model
+from ropescope.model.load import load
 from ropescope.eval.nll import blocks_nll, perplexity_from_nll
 from ropescope.io.results import write_rows
-from ropescope.rope import simple_spec
+from ropescope.rope import parse_spec
 from ropescope.train.continual import TrainConfig, train
 
 METHODS = {"pi": "linear", "ntk": "ntk", "yarn": "yarn"}
@@ -64,7 +64,8 @@ def main() -> None:
 
     def score(name: str, model_path, method: str, train_length: int, train_seconds: float | None,
               spec=None) -> None:
-        model, tokenizer = load_model(model_path, spec)  # a fine-tuned checkpoint comes back with its extension
+        loaded = load(model_path, spec)  # a fine-tuned checkpoint comes back with its extension
+        model, tokenizer = loaded.model, loaded.tokenizer
         ppl, ppl_beyond, windows = window_perplexity(model, tokenizer, validation, args.eval_length,
                                                      args.eval_windows, args.original_max_position_embeddings)
         rows.append({"name": name, "method": method, "factor": None if method == "default" else args.factor,
@@ -80,7 +81,7 @@ def main() -> None:
 
     score("original", args.model, "default", 0, None)
     for name, method in METHODS.items():  # each extension applied as it is, without fine-tuning
-        spec = simple_spec(method, factor=args.factor, original_max_position_embeddings=args.original_max_position_embeddings)
+        spec = parse_spec(method, factor=args.factor, original_max_position_embeddings=args.original_max_position_embeddings)
         score(f"{name}@0", args.model, method, 0, None, spec)
     for name, method in METHODS.items():
         for length in args.lengths:

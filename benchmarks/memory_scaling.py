@@ -48,15 +48,15 @@ PLANNED = {"train": "training", "ppl": "evaluation", "capture": "capture"}  # ro
 
 
 def build_model(name: str = "llama3-vocab"):
-    """The random Llama with Llama 3's vocabulary, or a model `ropescope.model.load.load_model` loads ("default", a
+    """The random Llama with Llama 3's vocabulary, or a model `ropescope.model.load.load` loads ("default", a
     folder) in float32."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if name != "llama3-vocab":
-        from ropescope.model.load import load_model
+        from ropescope.model.load import ModelOptions, load
 
-        return load_model(name, device="cpu", dtype="float32")[0]
+        return load(name, options=ModelOptions(device="cpu", dtype="float32")).model
     torch.manual_seed(0)
     model = LlamaForCausalLM._from_config(LlamaConfig(**LLAMA3_VOCAB_TINY), attn_implementation="sdpa",
                                           dtype=torch.float32)
@@ -136,7 +136,7 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per measurement")
     parser.add_argument("--model", default="llama3-vocab",
-                        help="llama3-vocab (the random Llama above), or 'default' or a folder for load_model")
+                        help="llama3-vocab (the random Llama above), or 'default' or a folder for load")
     parser.add_argument("--memory-fraction", type=float, default=0.4,
                         help="skip a mode holding full logits when they would need more than this fraction of the "
                              "available memory")
@@ -151,10 +151,11 @@ def main() -> None:
 
     from entropy_memory import available_bytes  # the benchmark beside this one
 
-    from ropescope.train.memory import estimate, model_shape, read_config
+    from ropescope.model.resolve import read_model_config
+    from ropescope.train.memory import estimate, model_shape
 
     gib = 2**30
-    model_config = LlamaConfig(**LLAMA3_VOCAB_TINY) if args.model == "llama3-vocab" else read_config(args.model)
+    model_config = LlamaConfig(**LLAMA3_VOCAB_TINY) if args.model == "llama3-vocab" else read_model_config(args.model, config_only=True)
     shape = model_shape(model_config)
     vocab = shape.vocab_size
     print(f"model {args.model} ({shape}); threads={args.threads} available={available_bytes('cpu') / gib:.1f} GiB")

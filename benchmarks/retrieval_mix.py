@@ -25,7 +25,7 @@ from ropescope.io.data import load_corpus
 from ropescope.eval.perplexity import evaluate_perplexity
 from ropescope.eval.retrieval import evaluate_retrieval
 from ropescope.tasks.registry import get_task
-from ropescope.model.load import load_model
+from ropescope.model.load import load
 from ropescope.tasks.passkey_format import RETRIEVAL_HAYSTACKS
 from ropescope.io.results import write_rows
 from ropescope.train.continual import TrainConfig, train
@@ -62,7 +62,8 @@ def main() -> None:
                           warmup_steps=args.warmup_steps, retrieval_mix=mix, retrieval_haystack=args.haystack,
                           retrieval_min_length=shortest or None, seed=seed, overwrite=True, progress=False))
         train_seconds = time.perf_counter() - started
-        model, tokenizer = load_model(run)
+        loaded = load(run)
+        model, tokenizer = loaded.model, loaded.tokenizer
         lengths = sorted({256, args.length})
         passkey = evaluate_retrieval(model, tokenizer, get_task("passkey"), lengths, trials=args.trials,
                                      documents=validation if independent else None,

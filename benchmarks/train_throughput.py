@@ -22,16 +22,17 @@ import torch
 
 from ropescope import extend
 from ropescope.io.data import load_corpus, token_blocks
-from ropescope.model.load import load_model
-from ropescope.rope import simple_spec
+from ropescope.model.load import ModelOptions, load
+from ropescope.rope import parse_spec
 from ropescope.train.continual import TrainConfig, _LrMultiplier, train
 
 
 def hand_written_tokens_per_s(config: TrainConfig, skip: int) -> float:
     """The floor: the plainest loop that does the same optimisation, timed over steps `skip`.. ."""
-    model, tokenizer = load_model(config.model, device="cpu", dtype="float32")
-    extend(model, simple_spec(config.method, factor=config.factor,
-                              original_max_position_embeddings=model.config.max_position_embeddings))
+    loaded = load(config.model, options=ModelOptions(device="cpu", dtype="float32"))
+    model, tokenizer = loaded.model, loaded.tokenizer
+    extend(model, parse_spec(config.method, factor=config.factor,
+                             original_max_position_embeddings=model.config.max_position_embeddings))
     model.train()
     model.config.use_cache = False
     documents = load_corpus(config.corpus, split="train")

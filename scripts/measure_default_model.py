@@ -26,7 +26,8 @@ import torch
 
 from ropescope.io.data import load_corpus, token_blocks
 from ropescope.tasks.passkey import evaluate_passkey
-from ropescope.model.load import default_model_path, load_model
+from ropescope.model.load import load
+from ropescope.model.resolve import default_model_path
 from ropescope.eval.nll import blocks_nll, perplexity_from_nll, unigram_perplexity
 from ropescope.io.results import write_atomically
 
@@ -51,7 +52,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     started = time.time()
-    model, tokenizer = load_model(args.model)
+    loaded = load(args.model)
+    model, tokenizer = loaded.model, loaded.tokenizer
     summary: dict = {"model": str(args.model.name), "parameters": sum(p.numel() for p in model.parameters())}
 
     original = ORIGINAL_MAX_POSITION_EMBEDDINGS

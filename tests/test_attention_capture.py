@@ -7,7 +7,7 @@ from tests.helpers import VOCAB, eager_entropies, tiny_model
 from ropescope.attention.capture import LayerAttention, capture_attention, layer_entropies
 from ropescope.errors import RopescopeError
 from ropescope.model.patch import extend
-from ropescope.rope import simple_spec
+from ropescope.rope import parse_spec
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
@@ -28,7 +28,7 @@ def test_capture_sees_the_rotation_of_an_extended_model(method):
     model = tiny_model("llama")
     input_ids = torch.randint(0, VOCAB, (1, 70), generator=torch.Generator().manual_seed(5))
     original = layer_entropies(model, input_ids)
-    extend(model, simple_spec(method, factor=4.0, original_max_position_embeddings=32))
+    extend(model, parse_spec(method, factor=4.0, original_max_position_embeddings=32))
     captured = layer_entropies(model, input_ids)
     torch.testing.assert_close(captured.double(), eager_entropies(model, input_ids), atol=1e-4, rtol=0)
     assert not torch.allclose(captured, original, atol=1e-3)

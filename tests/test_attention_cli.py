@@ -9,7 +9,7 @@ from tests.helpers import tiny_folders
 from ropescope.io.results import read_rows, write_rows
 from ropescope.commands.attention import evaluation_groups
 from ropescope.cli import main
-from ropescope.rope import RopeSpec, method_spec
+from ropescope.rope import RopeSpec, parse_spec
 from ropescope.errors import RopescopeError
 from ropescope.io.rows import EntropyProfileRow, RetrievalRow, RunLabels, UncertaintySummaryRow
 
@@ -61,7 +61,7 @@ def test_uncertainty_on_passkey_and_needle_rows(folders, tmp_path, capsys):
     combined = read_rows(tmp_path / "passkey" / "passkey.csv") + read_rows(tmp_path / "yarn" / "passkey.csv")
     combined += read_rows(tmp_path / "needle" / "needle.csv")
     (yarn_group,) = evaluation_groups(read_rows(tmp_path / "yarn" / "passkey.csv"))
-    assert method_spec(yarn_group[0]) == RopeSpec("yarn", factor=2.0, original_max_position_embeddings=32,
+    assert parse_spec(yarn_group[0]) == RopeSpec("yarn", factor=2.0, original_max_position_embeddings=32,
                                                   beta_fast=16.0)
     for row in combined:  # a random model fails every cell; pretend trial 0 succeeded to have both classes
         row["correct"] = row["trial"] == 0

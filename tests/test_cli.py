@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 
 from ropescope.cli import _add_config_fields, _HelpFormatter, _Parser, build_parser, main
-from ropescope.rope import RopeSpec, method_spec, parse_method, yarn_correction_range
+from ropescope.rope import RopeSpec, parse_spec, yarn_correction_range
 from ropescope.io.rows import FrequencyRow
 
 COMMANDS = ["study", "report", "methods", "freqs", "pretrain", "train", "plan", "ppl", "tasks", "retrieval", "passkey",
@@ -62,17 +62,17 @@ def test_bad_input_is_one_line_with_exit_code_2(argv, message, capsys, tmp_path)
 
 
 def test_method_syntax_parses_parameters_as_json():
-    assert parse_method("yarn") == ("yarn", {})
-    assert parse_method(" yarn : factor=4, beta_fast=32,truncate=false") == (
-        "yarn", {"factor": 4, "beta_fast": 32, "truncate": False})
-    assert parse_method("longrope:short_factor=[1,1.5],long_factor=[2,3],factor=8") == (
-        "longrope", {"short_factor": [1, 1.5], "long_factor": [2, 3], "factor": 8})
-    spec = method_spec("yarn:beta_fast=16", factor=4, original_max_position_embeddings=256)
+    assert parse_spec("default") == RopeSpec("default")
+    assert parse_spec(" yarn : factor=4, beta_fast=32,truncate=false", original_max_position_embeddings=64) == (
+        RopeSpec("yarn", factor=4, beta_fast=32, truncate=False, original_max_position_embeddings=64))
+    longrope = parse_spec("longrope:short_factor=[1,1.5],long_factor=[2,3],factor=8", None, 16)
+    assert (longrope.params["short_factor"], longrope.params["long_factor"]) == ([1.0, 1.5], [2.0, 3.0])
+    spec = parse_spec("yarn:beta_fast=16", factor=4, original_max_position_embeddings=256)
     assert spec == RopeSpec("yarn", factor=4.0, original_max_position_embeddings=256, beta_fast=16.0)
-    assert method_spec(spec.to_text()) == spec and spec.to_text() == (
+    assert parse_spec(spec.to_text()) == spec and spec.to_text() == (
         "yarn:factor=4.0,original_max_position_embeddings=256,beta_fast=16.0")
     # parameters given in the name win over the shared --factor
-    assert method_spec("linear:factor=2", factor=8).params["factor"] == 2.0
+    assert parse_spec("linear:factor=2", factor=8).params["factor"] == 2.0
 
 
 @pytest.mark.parametrize("command", [action for action in COMMANDS])

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import ropescope
 from ropescope.io.data import load_corpus, token_blocks
 from ropescope.tasks.passkey import evaluate_passkey
-from ropescope.model.load import default_model_path
+from ropescope.model.resolve import default_model_path
 from ropescope.eval.nll import blocks_nll, perplexity_from_nll, unigram_perplexity
 
 MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")

@@ -8,7 +8,7 @@ import torch
 from tests.helpers import tiny_llama, tiny_tokenizer
 from ropescope.cli import main
 from ropescope.errors import RopescopeError
-from ropescope.model.load import load_model
+from ropescope.model.load import load
 from ropescope.eval.decoding import greedy_continuations
 from ropescope.tasks.passkey import evaluate_passkey, passkey_case, passkey_key, run_passkey, score_passkey
 from ropescope.tasks.passkey_format import KEY_DIGITS, KEY_LINE, QUESTION
@@ -92,7 +92,8 @@ def test_too_short_length_and_cli_error_line(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def shipped_accuracy():
     """Original RoPE on the shipped model: passkey accuracy at the pretrained length (256) and at 4x it."""
-    model, tokenizer = load_model("default")
+    loaded = load("default")
+    model, tokenizer = loaded.model, loaded.tokenizer
     rows = evaluate_passkey(model, tokenizer, [256, 1024], depths=[0, 25, 50, 75, 100], trials=4, batch_size=10,
                             progress=False)
     return {length: sum(r["score"] for r in rows if r["length"] == length) / 20 for length in (256, 1024)}

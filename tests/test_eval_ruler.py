@@ -13,7 +13,8 @@ from ropescope.tasks.cases import CaseRequest
 from ropescope.eval.decoding import special_prefix
 from ropescope.tasks.ruler import NIAH, TASKS, corpus_words, score_all, string_match_all
 from ropescope.tasks.registry import get_task
-from ropescope.model.load import load_tokenizer, resolve_model
+from ropescope.model.load import load_tokenizer
+from ropescope.model.resolve import resolve_model
 from tests.helpers import tiny_tokenizer
 
 NAMES = [task.name for task in TASKS]

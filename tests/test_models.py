@@ -12,7 +12,8 @@ import torch
 from tests.helpers import tiny_folders, tiny_tokenizer
 from ropescope.cli import main
 from ropescope.errors import RopescopeError
-from ropescope.model.load import ModelOptions, load, resolve_model
+from ropescope.model.load import ModelOptions, load
+from ropescope.model.resolve import resolve_model
 from ropescope.io.results import read_rows
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -68,7 +69,7 @@ def test_hub_environment_variables_are_honoured(folders, tmp_path):
     lay_out_cache(tmp_path / "hf" / "hub", folders / "model")
     environment = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
     environment.pop("HF_HUB_CACHE", None)
-    script = "from ropescope.model.load import resolve_model; print(resolve_model('org/tiny').revision)"
+    script = "from ropescope.model.resolve import resolve_model; print(resolve_model('org/tiny').revision)"
     done = subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == COMMIT

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from ropescope.model.load import default_model_path
+from ropescope.model.resolve import default_model_path
 from ropescope.tasks.passkey_format import FILLER, FILLER_SENTENCES, KEY_LINE, QUESTION, PasskeyPrompts
 
 

@@ -17,7 +17,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from ropescope import RopescopeError, RopeSpec, extend, load_model
+from ropescope import RopescopeError, RopeSpec, extend, load
 from ropescope.model.patch import ExtendedRotaryEmbedding, spec_from_config
 
 PRETRAINED = 64  # max_position_embeddings of the tiny models
@@ -127,7 +127,7 @@ def test_extensions_replace_rather_than_compound():
     assert back.config.max_position_embeddings == PRETRAINED
 
 
-def test_load_model_applies_the_recorded_extension(tmp_path):
+def test_load_applies_the_recorded_extension(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -137,7 +137,8 @@ def test_load_model_applies_the_recorded_extension(tmp_path):
     backend = Tokenizer(models.WordLevel({f"w{i}": i for i in range(97)} | {"[UNK]": 0}, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]").save_pretrained(tmp_path)
-    model, tokenizer = load_model(tmp_path)
+    loaded = load(tmp_path)
+    model, tokenizer = loaded.model, loaded.tokenizer
     assert isinstance(model.model.rotary_emb, ExtendedRotaryEmbedding) and model.model.rotary_emb.spec == spec
     torch.testing.assert_close(logits(model, LONG), logits(extended, LONG), atol=1e-5, rtol=0)
     assert tokenizer("w3 w5")["input_ids"] == [3, 5]
@@ -153,12 +154,12 @@ def test_a_model_without_rotary_embeddings_is_refused():
         extend(tiny_model("llama"), {"method": "linear"})
 
 
-def test_load_model_errors_name_the_path(tmp_path):
+def test_load_errors_name_the_path(tmp_path):
     with pytest.raises(RopescopeError, match="is not a folder"):
-        load_model(tmp_path / "missing")
+        load(tmp_path / "missing")
     tiny_model("llama").save_pretrained(tmp_path)
     with pytest.raises(RopescopeError, match="has no tokenizer"):
-        load_model(tmp_path)
+        load(tmp_path)
 
 
 def test_extend_keeps_the_model_device_and_is_in_place():

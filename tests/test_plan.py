@@ -12,7 +12,8 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from ropescope.cli import main
-from ropescope.train.memory import COMMANDS, GIB, estimate, largest_length, model_shape, read_config, run_plan
+from ropescope.model.resolve import read_model_config
+from ropescope.train.memory import COMMANDS, GIB, estimate, largest_length, model_shape, run_plan
 from tests.test_families import family_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,7 +28,7 @@ def test_the_parameter_count_is_the_built_model_s(family):
 
 
 def test_the_largest_length_is_the_last_that_fits():
-    shape = model_shape(read_config("default"))
+    shape = model_shape(read_model_config("default", config_only=True))
     for command in COMMANDS:
         budget = int(0.8 * GIB)
         largest = largest_length(shape, command, budget, 1, 4, True)
@@ -77,7 +78,7 @@ def test_a_gguf_file_is_read_for_its_config_alone(tmp_path, capsys):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    shape = model_shape(read_config(str(tmp_path / "tiny.gguf")))
+    shape = model_shape(read_model_config(str(tmp_path / "tiny.gguf"), config_only=True))
     assert (shape.hidden_size, shape.intermediate_size, shape.layers, shape.heads, shape.kv_size, shape.vocab_size) \
         == (64, 128, 2, 4, 2 * 16, 300)
     assert main(["plan", "--model", str(tmp_path / "tiny.gguf"), "--length", "1024"]) == 0
@@ -103,6 +104,6 @@ def test_the_estimate_is_within_a_quarter_of_the_measured_cpu_peak(model, mode, 
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from memory_scaling import LLAMA3_VOCAB_TINY
 
-    config = LlamaConfig(**LLAMA3_VOCAB_TINY) if model == "llama3-vocab" else read_config(model)
+    config = LlamaConfig(**LLAMA3_VOCAB_TINY) if model == "llama3-vocab" else read_model_config(model, config_only=True)
     planned = estimate(model_shape(config), length, dtype_bytes=4, on_cpu=True)[command]
     assert planned == pytest.approx(_measured_peak(model, mode, length), rel=0.25)

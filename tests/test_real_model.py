@@ -23,7 +23,8 @@ from ropescope.errors import RopescopeError
 from ropescope.tasks.passkey import evaluate_passkey, passkey_key
 from ropescope.eval.perplexity import evaluate_perplexity
 from ropescope.model.gguf import PACKAGED, packaged_gguf_path, read_header
-from ropescope.model.load import load, resolve_model
+from ropescope.model.load import load
+from ropescope.model.resolve import resolve_model
 from tests.helpers import eager_entropies
 
 NAME = "smollm2-135m"

@@ -10,7 +10,7 @@ import torch
 from transformers import LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from ropescope import METHODS, RopescopeError, RopeSpec, rope_frequencies, simple_spec
+from ropescope import METHODS, RopescopeError, RopeSpec, parse_spec, rope_frequencies
 from ropescope.rope import yarn_correction_range
 
 HEAD_DIMS = [32, 64, 96, 128]
@@ -166,19 +166,19 @@ def test_longrope_factor_lists_must_match_head_dim():
         rope_frequencies(spec, head_dim=32)
 
 
-def test_simple_spec_passes_each_method_only_what_it_takes():
+def test_parse_spec_passes_each_method_only_what_it_takes():
     for method in METHODS:
         if method == "longrope":
             continue
-        spec = simple_spec(method, factor=4.0, original_max_position_embeddings=256)
+        spec = parse_spec(method, factor=4.0, original_max_position_embeddings=256)
         assert spec.method == method
         assert ("factor" in spec.params) == ("factor" in METHODS[method].params)
-    assert simple_spec("ntk", factor=4.0).params == {"factor": 4.0, "b": None}
+    assert parse_spec("ntk", factor=4.0).params == {"factor": 4.0, "b": None}
     with pytest.raises(RopescopeError, match="longrope needs 'short_factor'"):
-        simple_spec("longrope", factor=4.0, original_max_position_embeddings=256)
+        parse_spec("longrope", factor=4.0, original_max_position_embeddings=256)
 
 
 def test_spec_round_trips_through_a_dict():
     spec = RopeSpec("yarn", factor=4, original_max_position_embeddings=256)
-    assert RopeSpec.from_dict(spec.to_dict()) == spec
+    assert parse_spec(spec.to_dict()) == spec and parse_spec(spec) is spec
     assert spec.params["factor"] == 4.0 and spec.params["beta_fast"] == 32.0 and spec.label() == "yarn x4"

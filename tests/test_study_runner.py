@@ -16,7 +16,7 @@ import pytest
 
 from ropescope.cli import main
 from ropescope.errors import RopescopeError
-from ropescope.model.load import default_model_path
+from ropescope.model.resolve import default_model_path
 from ropescope.rope import RopeSpec
 from ropescope.io.rows import RunLabels
 from ropescope.study.config import load_config, parse_config, quick_config_path

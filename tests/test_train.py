@@ -118,8 +118,8 @@ def test_train_writes_a_checkpoint_that_loads_with_the_extension_active(tiny, tm
     from transformers import AutoModelForCausalLM
 
     from ropescope import extend
-    from ropescope.model.load import load_model
-    from ropescope.rope import simple_spec
+    from ropescope.model.load import load
+    from ropescope.rope import parse_spec
 
     out = train(_config(tiny, tmp_path / "run", steps=3))
     assert [step for step, _ in _losses(out)] == [1, 2, 3]
@@ -128,14 +128,14 @@ def test_train_writes_a_checkpoint_that_loads_with_the_extension_active(tiny, tm
 
     loaded = AutoModelForCausalLM.from_pretrained(out).eval()
     # The same trained weights on the original model with the extension applied by hand: same logits.
-    reference, _ = load_model(tiny["model"])
-    extend(reference, simple_spec("yarn", factor=2.0, original_max_position_embeddings=64))
+    reference = load(tiny["model"]).model
+    extend(reference, parse_spec("yarn", factor=2.0, original_max_position_embeddings=64))
     reference.load_state_dict(load_file(out / "model.safetensors"), strict=False)
     reference.tie_weights()
     input_ids = torch.randint(0, 300, (1, 150))  # past the original 64 positions and the 48 trained on
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids).logits, reference.eval()(input_ids).logits, atol=1e-5, rtol=1e-5)
-    base, _ = load_model(tiny["model"])
+    base = load(tiny["model"]).model
     with torch.no_grad():
         assert not torch.allclose(loaded(input_ids).logits, base(input_ids).logits, atol=1e-3)
 

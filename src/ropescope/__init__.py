@@ -2,21 +2,25 @@
 
 from ropescope.attention.entropy import attention_entropy
 from ropescope.errors import RopescopeError
-from ropescope.model.load import ModelOptions, default_model_path, load_model
+from ropescope.model.load import LoadedModel, ModelOptions, load
 from ropescope.model.patch import extend
-from ropescope.rope import METHODS, RopeSpec, method_spec, rope_frequencies, simple_spec
+from ropescope.model.resolve import default_model_path, resolve_model
+from ropescope.rope import METHODS, RopeMethod, RopeSpec, parse_spec, register, rope_frequencies
 
 __all__ = [
     "METHODS",
+    "LoadedModel",
     "ModelOptions",
+    "RopeMethod",
     "RopeSpec",
     "RopescopeError",
     "attention_entropy",
     "default_model_path",
     "extend",
-    "load_model",
-    "method_spec",
+    "load",
+    "parse_spec",
+    "register",
+    "resolve_model",
     "rope_frequencies",
-    "simple_spec",
 ]
 __version__ = "0.1.0"

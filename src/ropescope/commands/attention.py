@@ -12,7 +12,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from ropescope.errors import RopescopeError
-from ropescope.model.load import ModelOptions, ModelSource
+from ropescope.model.load import ModelOptions
+from ropescope.model.resolve import ModelSource
 from ropescope.rope import RopeSpec
 
 
@@ -48,10 +49,11 @@ def _load(source: ModelSource, spec: RopeSpec, options: ModelOptions | None, ori
 
 def _setup(model, methods: Sequence[str | RopeSpec], factor: float | None, original: int | None):
     """(source, specs, original length): every name checked before anything loads."""
-    from ropescope.model.load import extension_specs, original_max_position_embeddings_of, resolve_model
+    from ropescope.model.load import extension_specs
+    from ropescope.model.resolve import pretrained_length_of, resolve_model
 
     source = resolve_model(model)
-    original = original or original_max_position_embeddings_of(source)
+    original = original or pretrained_length_of(source)
     return source, extension_specs(source, methods, factor, original), original
 
 
@@ -174,7 +176,8 @@ def run_uncertainty(rows: str | Path, model: str | None = None, *, only_methods:
     from ropescope.attention.uncertainty import failure_summary, retrieval_attention
     from ropescope.eval.retrieval import needs_documents
     from ropescope.tasks.registry import get_task, rebuild_cases
-    from ropescope.model.load import extension_specs, load, load_tokenizer, resolve_model
+    from ropescope.model.load import extension_specs, load, load_tokenizer
+    from ropescope.model.resolve import resolve_model
     from ropescope.io.plots import plot_entropy_heatmap
     from ropescope.io.results import write_rows
     from ropescope.io.rows import as_bool

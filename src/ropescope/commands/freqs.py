@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from ropescope.rope import RopeSpec, method_spec, rope_frequencies
+from ropescope.rope import RopeSpec, parse_spec, rope_frequencies
 from ropescope.io.rows import FrequencyRow
 
 
@@ -39,12 +39,12 @@ def wavelength_table(rows: list[dict]) -> str:
 def run_frequencies(methods=("default", "linear", "ntk", "yarn", "llama3"), *, factor: float | None = 4.0,
                     original_max_position_embeddings: int = 256, head_dim: int = 64, base: float = 10000.0,
                     seq_len: int | None = None, out: str | Path = "results/freqs") -> list[dict]:
-    """`ropescope freqs`: the rows of `methods` (named as in `rope.method_spec`) -> out/frequencies.csv and
+    """`ropescope freqs`: the rows of `methods` (named as in `rope.parse_spec`) -> out/frequencies.csv and
     out/frequencies.png; returns the rows."""
     from ropescope.io.plots import plot_frequencies
     from ropescope.io.results import write_rows
 
-    specs = [method_spec(method, factor, original_max_position_embeddings) for method in methods]
+    specs = [parse_spec(method, factor, original_max_position_embeddings) for method in methods]
     rows = frequency_rows(specs, head_dim, base, seq_len)
     out = Path(out)
     write_rows(rows, out / "frequencies.csv")

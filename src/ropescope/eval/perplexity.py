@@ -173,7 +173,8 @@ def run_perplexity(model: str = "default", method: str | RopeSpec = "default", *
     """`ropescope ppl`: load the model (extended by `method`) and the corpus, evaluate, and write
     out/perplexity.csv and out/perplexity.png. The corpus is checked before the weights load."""
     from ropescope.io.data import load_corpus
-    from ropescope.model.load import extension_specs, load, load_tokenizer, resolve_model
+    from ropescope.model.load import extension_specs, load, load_tokenizer
+    from ropescope.model.resolve import resolve_model
     from ropescope.io.plots import plot_perplexity
     from ropescope.io.results import write_rows
 

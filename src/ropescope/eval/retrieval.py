@@ -72,7 +72,8 @@ def run_retrieval(task: RetrievalTask, model: str = "default", method: str | Rop
     built before the weights load, so a too-short length or a too-small corpus fails first."""
     from ropescope.io.data import load_corpus
     from ropescope.tasks.haystack import check_haystack
-    from ropescope.model.load import extension_specs, load, load_tokenizer, resolve_model
+    from ropescope.model.load import extension_specs, load, load_tokenizer
+    from ropescope.model.resolve import resolve_model
     from ropescope.io.plots import plot_retrieval
     from ropescope.io.results import write_rows
 

@@ -22,7 +22,14 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import gguf
+import torch
+from filelock import FileLock
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
 from ropescope.errors import RopescopeError
+from ropescope.io.results import atomic_path
 
 GGUF_MAGIC = b"GGUF"
 # Read in blocks so that hashing a multi-gigabyte file never holds it in memory.
@@ -80,19 +87,13 @@ class GgufHeader:
 
 def supported_architectures() -> list[str]:
     """The GGUF architectures transformers' loader maps to a model class."""
-    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
-
     return [name for name in GGUF_SUPPORTED_ARCHITECTURES if name not in ("general", "tokenizer")]
 
 
 def read_header(path: Path) -> GgufHeader:
     """Check that `path` is a whole GGUF file whose architecture transformers loads; one line naming what is
-    wrong otherwise (not GGUF, truncated, unknown architecture, `gguf` not installed)."""
+    wrong otherwise (not GGUF, truncated, unknown architecture)."""
     _check_magic(path)
-    try:
-        import gguf
-    except ImportError:
-        raise RopescopeError("reading GGUF files needs the gguf package: pip install gguf==0.19.0") from None
     try:
         reader = gguf.GGUFReader(path)
         end = max(int(tensor.data_offset) + int(tensor.n_bytes) for tensor in reader.tensors)
@@ -159,10 +160,6 @@ class ConvertedGguf:
 def converted_folder(path: Path) -> ConvertedGguf:
     """The Hugging Face folder holding `path` dequantised: converted on first use; later calls only hash the file
     (a file whose hash matches a finished conversion was whole when it was converted)."""
-    from filelock import FileLock
-
-    from ropescope.io.results import atomic_path
-
     _check_magic(path)
     sha256 = file_sha256(path)
     folder = cache_root() / "gguf" / sha256[:32]
@@ -182,9 +179,6 @@ def converted_folder(path: Path) -> ConvertedGguf:
 
 def _convert(path: Path, out: Path) -> None:
     """Dequantise `path` to float32 and save config, weights and tokenizer as plain transformers writes them."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     folder, name = str(path.parent), path.name
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)

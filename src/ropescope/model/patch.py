@@ -7,7 +7,9 @@ frequencies come from `rope_frequencies`, and its config gets the standard `rope
 `save_pretrained` then the family's own `from_pretrained` gives back the same model. The wrapped module keeps the
 family's own layout of cos and sin; the rotary dimension is read from its frequency buffer (partial rotary
 models); models with one RoPE per layer type (Gemma 3) are extended on their full-attention layers.
-`dynamic_yarn`, which transformers lacks, is registered with transformers when ropescope is imported.
+A method that transformers lacks (`transformers_type` None, such as `dynamic_yarn`) is registered with transformers
+under its own name when this module is imported and when `extend` first applies it, so plain `from_pretrained`
+loads what `extend` saved. Nothing here names a method: what a method saves is its `RopeMethod`'s to say.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from transformers import modeling_rope_utils
 from transformers.modeling_rope_utils import RotaryEmbeddingConfigMixin
 
 from ropescope.errors import RopescopeError
-from ropescope.rope import METHODS, RopeSpec, ntk_base, rope_frequencies
+from ropescope.rope import METHODS, RopeMethod, RopeSpec, parse_spec, rope_frequencies
 
 CONFIG_KEY = "ropescope_rope"  # config attribute: the spec, plus the RoPE and length the model was pretrained with
 SUPPORTED_MODELS = (
@@ -190,7 +192,8 @@ def _layer_parameters(parameters: dict, layer_type: str | None) -> dict:
 
 
 def pretrained_rope(config) -> tuple[float, int]:
-    """The base and max_position_embeddings the model had before any `extend`, so extensions never compound.
+    """The base and length (max_position_embeddings) the model was pretrained with, before any `extend`, so
+    extensions never compound: `(base, pretrained_length)`.
 
     A model with one RoPE per layer type (Gemma 3) gives the base of its first layer type that `extend` changes.
     """
@@ -199,8 +202,8 @@ def pretrained_rope(config) -> tuple[float, int]:
     # NoPE layer types (None parameters, as in Beam's full-attention layers) have no base
     layer_types = [name for name, value in parameters.items() if value] if _per_layer_type(parameters) else [None]
     layer_type = _extended_layer_types(layer_types)[0]
-    length = recorded.get("pretrained_max_position_embeddings", config.max_position_embeddings)
-    return float(_layer_parameters(parameters, layer_type)["rope_theta"]), int(length)
+    pretrained_length = recorded.get("pretrained_max_position_embeddings", config.max_position_embeddings)
+    return float(_layer_parameters(parameters, layer_type)["rope_theta"]), int(pretrained_length)
 
 
 def _extended_layer_types(layer_types: list[str | None]) -> list[str | None]:
@@ -219,6 +222,7 @@ def extend(model: nn.Module, spec: RopeSpec) -> nn.Module:
     if not isinstance(spec, RopeSpec):
         raise RopescopeError(f"extend needs a RopeSpec, got {type(spec).__name__}: e.g. RopeSpec('linear', factor=4)")
     targets = require_supported(model)
+    teach_transformers(METHODS[spec.method])
     config = model.config
     parameters = pretrained_rope_parameters(config)
     _, pretrained_length = pretrained_rope(config)
@@ -277,17 +281,18 @@ _SCALING_KEYS = {
 
 
 def _method_parameters(spec: RopeSpec, pretrained: dict, rotary_dim: int) -> dict:
-    """One layer type's `rope_parameters` for `spec`, in transformers' form. The family's own keys
-    (partial_rotary_factor, Ministral 3's llama_4_scaling_beta, the pretrained original length) stay."""
-    base = float(pretrained["rope_theta"])
-    rope = {"rope_type": METHODS[spec.method].transformers_type or spec.method, "rope_theta": base}
-    rope.update({key: value for key, value in pretrained.items() if key not in _SCALING_KEYS})
-    if spec.method == "ntk":  # NTK-aware is the original RoPE with a larger base
-        rope["rope_theta"] = ntk_base(spec.params, rotary_dim, base)
-    else:
-        rope.update({key: value for key, value in spec.params.items() if value is not None})
-    if spec.method == "dynamic":  # transformers reads the original length from max_position_embeddings alone
-        rope.pop("original_max_position_embeddings", None)
+    """One layer type's `rope_parameters` for `spec`, in transformers' form (`RopeMethod.rope_parameters`). The
+    family's own keys (partial_rotary_factor, Ministral 3's llama_4_scaling_beta, the pretrained original length)
+    stay unless the method writes them."""
+    own = {key: value for key, value in pretrained.items() if key not in _SCALING_KEYS}
+    written = METHODS[spec.method].rope_parameters(spec.params, rotary_dim, float(pretrained["rope_theta"]))
+    rope = {key: written.pop(key) for key in ("rope_type", "rope_theta")}
+    rope.update(own)
+    for key, value in written.items():
+        if value is None:  # the method leaves the key out, the family's own too
+            rope.pop(key, None)
+        else:
+            rope[key] = value
     return rope
 
 
@@ -301,35 +306,20 @@ def _rope_parameters_for(spec: RopeSpec, pretrained: dict, layers: dict) -> dict
     return rope
 
 
-# Methods whose published configs write the extended length as max_position_embeddings (Llama 3.1: 131072 with
-# original 8192; Phi-3: 131072 with a top-level original 4096; fixed-base NTK, as Code Llama's larger theta, is the
-# original RoPE to a serving engine). Dynamic NTK and YaRN write the original length there (a YaRN-extended
-# Qwen2.5 keeps 32768): transformers' dynamic scaling grows from it, its YaRN check wants the two equal or their
-# ratio the factor, and vLLM multiplies it by the factor itself. Linear keeps the pretrained length, which vLLM
-# multiplies by the factor too.
-EXTENDED_LENGTH_WRITTEN = ("ntk", "llama3", "longrope")
-ORIGINAL_LENGTH_WRITTEN = ("dynamic", "dynamic_yarn", "yarn")
-
-
 def saved_max_position_embeddings(spec: RopeSpec, pretrained_length: int) -> int:
-    """The `max_position_embeddings` a config extended with `spec` says (see EXTENDED_LENGTH_WRITTEN)."""
-    original = spec.params.get("original_max_position_embeddings") or pretrained_length
-    if spec.method in ORIGINAL_LENGTH_WRITTEN:
-        return int(original)
-    factor = spec.params.get("factor")
-    if spec.method in EXTENDED_LENGTH_WRITTEN and factor is not None:
-        return int(round(original * factor))
-    return pretrained_length
+    """The `max_position_embeddings` a config extended with `spec` says (`RopeMethod.saved_length`)."""
+    return METHODS[spec.method].saved_max_position_embeddings(spec.params, pretrained_length)
 
 
 def _record(config, spec: RopeSpec, rope: dict, pretrained: dict, pretrained_length: int) -> None:
     """Write the spec into the config: transformers' own `rope_parameters`, the length the extension may run to
-    (`saved_max_position_embeddings`), plus ropescope's record."""
+    (`saved_max_position_embeddings`), the method's top-level attributes, plus ropescope's record."""
     config.max_position_embeddings = saved_max_position_embeddings(spec, pretrained_length)
-    if spec.method == "longrope":  # Phi-3 keeps the pretrained length beside max_position_embeddings
-        config.original_max_position_embeddings = int(spec.params["original_max_position_embeddings"])
-    elif "original_max_position_embeddings" in config.__dict__ and not hasattr(type(config), "original_max_position_embeddings"):
-        del config.original_max_position_embeddings  # a replaced longrope's, never the family's own field
+    for key in _top_level_keys():  # a replaced method's, never the family's own field
+        if key in config.__dict__ and not hasattr(type(config), key):
+            delattr(config, key)
+    for key, value in METHODS[spec.method].top_level_attributes(spec.params).items():
+        setattr(config, key, value)
     if hasattr(config, "head_dim") and config.head_dim is None:
         # Mixtral leaves head_dim None; transformers' yarn and LongRoPE read it with a default that None defeats.
         config.head_dim = config.hidden_size // config.num_attention_heads
@@ -341,14 +331,17 @@ def _record(config, spec: RopeSpec, rope: dict, pretrained: dict, pretrained_len
     })
 
 
+def _top_level_keys() -> set[str]:
+    """The config attributes any registered method writes at the top level."""
+    return {key for method in METHODS.values() for key in method.top_level}
+
+
 def spec_from_config(config) -> RopeSpec | None:
     """The spec `extend` recorded in a config, or None for a model ropescope never extended."""
     recorded = getattr(config, CONFIG_KEY, None)
     if not recorded:
         return None
-    return RopeSpec.from_dict(
-        {key: value for key, value in recorded.items() if not key.startswith("pretrained_")}
-    )
+    return parse_spec({key: value for key, value in recorded.items() if not key.startswith("pretrained_")})
 
 
 def rotary_dim(config, rope: dict) -> int:
@@ -357,24 +350,41 @@ def rotary_dim(config, rope: dict) -> int:
     return int(head_dim * (rope.get("partial_rotary_factor") or 1.0))
 
 
-def _transformers_dynamic_yarn(config, device=None, seq_len=None, layer_type=None):
-    """`dynamic_yarn` in transformers' own registry, so plain `from_pretrained` loads such checkpoints."""
-    rope = _layer_parameters(config.rope_parameters, layer_type)
-    accepted = METHODS["dynamic_yarn"].params
-    spec = RopeSpec("dynamic_yarn", **{key: value for key, value in rope.items() if key in accepted})
-    length = None if seq_len is None else int(seq_len)
-    inv_freq, attention_scale = rope_frequencies(spec, rotary_dim(config, rope), float(rope["rope_theta"]), length)
-    return inv_freq.to(device), attention_scale
+def _transformers_init(name: str):
+    """A transformers RoPE init function computing the registered method `name` through `rope_frequencies`."""
+
+    def init(config, device=None, seq_len=None, layer_type=None):
+        rope = _layer_parameters(config.rope_parameters, layer_type)
+        accepted = METHODS[name].params
+        spec = RopeSpec(name, **{key: value for key, value in rope.items() if key in accepted})
+        length = None if seq_len is None else int(seq_len)
+        inv_freq, attention_scale = rope_frequencies(spec, rotary_dim(config, rope), float(rope["rope_theta"]), length)
+        return inv_freq.to(device), attention_scale
+
+    return init
 
 
-def _validate_dynamic_yarn(self, rope_parameters, ignore_keys=None):
-    RopeSpec("dynamic_yarn", **{
-        key: value for key, value in rope_parameters.items()
-        if key not in ("rope_type", "rope_theta", "partial_rotary_factor")
-    })
+def _transformers_validator(name: str):
+    """A transformers config validator for the registered method `name`: `RopeSpec` checks the parameters."""
+
+    def validate(self, rope_parameters, ignore_keys=None):
+        RopeSpec(name, **{key: value for key, value in rope_parameters.items()
+                          if key not in ("rope_type", "rope_theta", "partial_rotary_factor")})
+
+    return validate
 
 
-# transformers invites new rope types in ROPE_INIT_FUNCTIONS; "dynamic" in the name makes it recompute per length
-modeling_rope_utils.ROPE_INIT_FUNCTIONS.setdefault("dynamic_yarn", _transformers_dynamic_yarn)
-if not hasattr(RotaryEmbeddingConfigMixin, "_validate_dynamic_yarn_rope_parameters"):
-    RotaryEmbeddingConfigMixin._validate_dynamic_yarn_rope_parameters = _validate_dynamic_yarn
+def teach_transformers(method: RopeMethod) -> None:
+    """Register a method transformers lacks in transformers' own registries (`ROPE_INIT_FUNCTIONS`, which invites
+    new rope types, and the config's validator), so that plain `from_pretrained` loads a model saved with it.
+    transformers recomputes per length the types with "dynamic" in their name."""
+    if method.transformers_type is not None:
+        return
+    modeling_rope_utils.ROPE_INIT_FUNCTIONS.setdefault(method.name, _transformers_init(method.name))
+    validator = f"_validate_{method.name}_rope_parameters"
+    if not hasattr(RotaryEmbeddingConfigMixin, validator):
+        setattr(RotaryEmbeddingConfigMixin, validator, _transformers_validator(method.name))
+
+
+for _method in METHODS.values():
+    teach_transformers(_method)

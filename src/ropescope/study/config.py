@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ropescope.errors import RopescopeError
-from ropescope.rope import METHODS, RopeSpec
+from ropescope.rope import METHODS, RopeSpec, parse_spec
 
 @dataclass(frozen=True)
 class ModelSection:
@@ -292,21 +292,18 @@ def _methods(data: Any, original_max_position_embeddings: int,
                 f"{source}: [methods.{name}] is the original model; only extensions can be sweep = true")
         if table.get("sweep"):
             sweep.append(name)
-        params = {key: value for key, value in table.items() if key not in ("method", "sweep")}
-        accepted = METHODS.get(table["method"], None)
-        if accepted and "original_max_position_embeddings" in accepted.params:
-            params.setdefault("original_max_position_embeddings", original_max_position_embeddings)
         try:
-            methods[name] = RopeSpec(table["method"], **params)
+            methods[name] = parse_spec({key: value for key, value in table.items() if key != "sweep"},
+                                       original_max_position_embeddings=original_max_position_embeddings)
         except RopescopeError as error:
             raise RopescopeError(f"{source}: [methods.{name}]: {error}") from None
     return methods, tuple(sweep)
 
 
 def _model_length(model: str, source: str) -> int:
-    from ropescope.model.load import resolve_model_path
+    from ropescope.model.resolve import resolve_model
 
-    config = json.loads((resolve_model_path(model) / "config.json").read_text())
+    config = json.loads((resolve_model(model).path / "config.json").read_text())
     if not isinstance(config.get("max_position_embeddings"), int):
         raise RopescopeError(
             f"{source}: set 'model.original_max_position_embeddings': the model config does not give it")

@@ -144,7 +144,7 @@ class StageContext:
     @functools.cached_property
     def revision(self) -> str | None:
         """The model's revision (a Hub commit, a GGUF file's hash), read once per process."""
-        from ropescope.model.load import resolve_model
+        from ropescope.model.resolve import resolve_model
 
         return resolve_model(self.config.model.path).revision
 
@@ -170,8 +170,11 @@ class StageContext:
 
     def load(self, variant: Variant):
         """(model, tokenizer) of a variant: its fine-tuned checkpoint, or the base model extended as is."""
-        from ropescope.model.load import load_model
+        from ropescope.model.load import ModelOptions, load
 
+        options = ModelOptions(device=self.device)
         if variant.fine_tuned:
-            return load_model(self.checkpoint_dir(variant), device=self.device)
-        return load_model(self.config.model.path, None if variant.is_original else variant.spec, device=self.device)
+            loaded = load(self.checkpoint_dir(variant), options=options)
+        else:
+            loaded = load(self.config.model.path, None if variant.is_original else variant.spec, options)
+        return loaded.model, loaded.tokenizer

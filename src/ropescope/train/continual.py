@@ -296,7 +296,7 @@ def _check_out(config: TrainConfig, identity: dict) -> None:
 
 def _is_complete(out: Path, steps: int) -> bool:
     """The last step's metrics are written and the final checkpoint published (its config.json is moved in last)."""
-    from ropescope.model.load import TOKENIZER_FILES
+    from ropescope.model.resolve import TOKENIZER_FILES
 
     return _trained(out, steps) and not (out / STAGED).exists() and (out / "config.json").is_file() \
         and (out / "tokenizer_config.json").is_file() and any((out / name).is_file() for name in TOKENIZER_FILES)
@@ -395,13 +395,13 @@ def _rope_spec(config: TrainConfig, model_path: Path):
     from transformers import AutoConfig
 
     from ropescope.model.patch import pretrained_rope
-    from ropescope.rope import RopeSpec, method_spec
+    from ropescope.rope import parse_spec
 
     if config.spec is not None:
-        return RopeSpec.from_dict(config.spec)
+        return parse_spec(config.spec)
     # The length the model was pretrained at, even when the checkpoint already carries an extension.
     original = config.original_max_position_embeddings or pretrained_rope(AutoConfig.from_pretrained(model_path))[1]
-    return method_spec(config.method, factor=config.factor, original_max_position_embeddings=original)
+    return parse_spec(config.method, factor=config.factor, original_max_position_embeddings=original)
 
 
 def _start_run_folder(accelerator, config: TrainConfig, identity: dict, spec, num_blocks: int,
@@ -544,7 +544,8 @@ def train(config: TrainConfig) -> Path:
     from accelerate.utils import set_seed
 
     from ropescope import extend
-    from ropescope.model.load import load_model, load_tokenizer, resolve_model_path
+    from ropescope.model.load import ModelOptions, load, load_tokenizer
+    from ropescope.model.resolve import resolve_model
     from ropescope.tasks.passkey_format import PasskeyPrompts
 
     validate(config)
@@ -562,12 +563,13 @@ def train(config: TrainConfig) -> Path:
 
     # The extension, the data, the model: all checked before the first file is written; the model last, so
     # a bad factor or a corpus too short for the length does not wait for a large model to load.
-    model_path = resolve_model_path(config.model)
+    model_path = resolve_model(config.model).path
     spec = _rope_spec(config, model_path)
     blocks = _training_blocks(load_tokenizer(model_path), config, global_batch)
     set_seed(config.seed)
     # Float32 on the CPU: accelerate places the model and casts for mixed precision itself.
-    model, tokenizer = load_model(model_path, device="cpu", dtype="float32")
+    loaded = load(model_path, options=ModelOptions(device="cpu", dtype="float32"))
+    model, tokenizer = loaded.model, loaded.tokenizer
     extend(model, spec)
     accelerator.wait_for_everyone()  # every process has looked at `out` before the main one changes it
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import resource
 from dataclasses import dataclass
-from pathlib import Path
 
 from ropescope.errors import RopescopeError
 from ropescope.eval.nll import loss_chunk_size
@@ -48,30 +47,6 @@ class Shape:
     kv_size: int  # key-value heads x head size
     layers: int
     heads: int
-
-
-def read_config(model: str):
-    """The transformers config of `model`: "default", a folder, a Hub id (from the cache when offline), a `.gguf`
-    file or a packaged one's short name (`smollm2-135m`). RopescopeError in one line when it cannot be read."""
-    from transformers import AutoConfig
-
-    from ropescope.model.gguf import PACKAGED, packaged_gguf_path
-    from ropescope.model.load import default_model_path
-
-    if model in PACKAGED:
-        path = packaged_gguf_path(model)  # says how to fetch it when it is not installed
-    else:
-        path = default_model_path() if model == "default" else Path(model)
-    try:
-        if path.suffix == ".gguf":
-            if not path.is_file():
-                raise OSError(f"no such file {str(path)!r}")
-            return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
-        return AutoConfig.from_pretrained(str(path) if path.exists() else model)
-    except Exception as error:  # transformers raises OSError, ValueError, KeyError, ... for an unreadable config
-        text = str(error).strip().splitlines()
-        raise RopescopeError(f"model {model!r}: cannot read its config ({text[0] if text else type(error).__name__}); "
-                             "give 'default', a model folder, a Hub id or a .gguf file") from None
 
 
 def model_shape(config) -> Shape:
@@ -160,7 +135,8 @@ def run_plan(model: str = "default", method: str = "default", *, length: int = 3
              gpu_memory: float = 80.0, dtype: str = "bfloat16", device: str = "cuda") -> list[dict]:
     """Rows, one per command: estimated peak GiB per device at `length`, whether it fits in `gpu_memory` GiB, and
     the largest length that fits. device "cpu" counts the process's own memory and float32, as on a laptop."""
-    from ropescope.rope import method_spec
+    from ropescope.model.resolve import read_model_config
+    from ropescope.rope import parse_spec
 
     if length < 1:
         raise RopescopeError(f"length={length} is not a positive integer")
@@ -172,8 +148,8 @@ def run_plan(model: str = "default", method: str = "default", *, length: int = 3
         raise RopescopeError(f"dtype={dtype!r} is unknown; accepted: bfloat16, float16, float32")
     if device not in ("cuda", "cpu"):
         raise RopescopeError(f"device={device!r} is unknown; accepted: cuda, cpu")
-    spec = method_spec(method, factor=4.0, original_max_position_embeddings=4096)  # a bad method: one line here
-    shape = model_shape(read_config(model))
+    spec = parse_spec(method, factor=4.0, original_max_position_embeddings=4096)  # a bad method: one line here
+    shape = model_shape(read_model_config(model, config_only=True))
     dtype_bytes = 4 if dtype == "float32" else 2
     on_cpu = device == "cpu"
     budget = int(gpu_memory * GIB)

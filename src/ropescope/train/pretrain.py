@@ -109,7 +109,7 @@ def validate(config: PretrainConfig) -> None:
     if not config.passkey_min_length <= config.length:
         raise RopescopeError(f"passkey_min_length={config.passkey_min_length} exceeds length={config.length}")
     if config.init_from is not None:
-        from ropescope.model.load import resolve_model
+        from ropescope.model.resolve import resolve_model
 
         if not (Path(config.init_from) / "config.json").is_file():
             raise RopescopeError(f"init_from={config.init_from!r} is not a saved model folder (no config.json in it)")

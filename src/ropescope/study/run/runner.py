@@ -91,11 +91,12 @@ def check_inputs(config: StudyConfig) -> None:
     the longest length it is cut to) are readable: a bad input is one error line before any file is written,
     never a column of failed cells."""
     from ropescope.eval.perplexity import long_documents
-    from ropescope.model.load import load_config, load_tokenizer, resolve_model
+    from ropescope.model.load import load_tokenizer
+    from ropescope.model.resolve import read_model_config, resolve_model
     from ropescope.model.patch import pretrained_rope, pretrained_rope_parameters, rotary_dim
 
     source = resolve_model(config.model.path)
-    model_config = load_config(source)
+    model_config = read_model_config(source)
     base, _ = pretrained_rope(model_config)
     dim = rotary_dim(model_config, pretrained_rope_parameters(model_config))
     repeated = repeated_extensions(config, dim, base)
