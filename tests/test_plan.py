@@ -12,7 +12,8 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from ropescope.cli import main
-from ropescope.train.memory import COMMANDS, GIB, estimate, largest_length, model_shape, read_config, run_plan
+from ropescope.commands.plan import run_plan
+from ropescope.train.memory import COMMANDS, GIB, estimate, largest_length, model_shape, read_config
 from tests.test_families import family_config
 
 ROOT = Path(__file__).resolve().parents[1]

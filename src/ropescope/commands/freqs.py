@@ -5,8 +5,10 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from ropescope.rope import RopeSpec, method_spec, rope_frequencies
+from ropescope.io.plots import plot_frequencies
+from ropescope.io.results import write_rows
 from ropescope.io.rows import FrequencyRow
+from ropescope.rope import RopeSpec, method_spec, rope_frequencies
 
 
 def frequency_rows(
@@ -41,9 +43,6 @@ def run_frequencies(methods=("default", "linear", "ntk", "yarn", "llama3"), *, f
                     seq_len: int | None = None, out: str | Path = "results/freqs") -> list[dict]:
     """`ropescope freqs`: the rows of `methods` (named as in `rope.method_spec`) -> out/frequencies.csv and
     out/frequencies.png; returns the rows."""
-    from ropescope.io.plots import plot_frequencies
-    from ropescope.io.results import write_rows
-
     specs = [method_spec(method, factor, original_max_position_embeddings) for method in methods]
     rows = frequency_rows(specs, head_dim, base, seq_len)
     out = Path(out)

@@ -33,7 +33,7 @@ import torch
 
 from ropescope.errors import RopescopeError
 from ropescope.eval.nll import CausalLMLoss
-from ropescope.tasks.passkey_format import RETRIEVAL_HAYSTACKS
+from ropescope.tasks.passkey import RETRIEVAL_HAYSTACKS
 from ropescope.io.results import atomic_path, run_differences, run_identity, write_atomically
 from ropescope.train.schedule import SCHEDULES, learning_rate
 
@@ -545,7 +545,7 @@ def train(config: TrainConfig) -> Path:
 
     from ropescope import extend
     from ropescope.model.load import load_model, load_tokenizer, resolve_model_path
-    from ropescope.tasks.passkey_format import PasskeyPrompts
+    from ropescope.tasks.passkey import PasskeyPrompts
 
     validate(config)
     accelerator = _setup_accelerator(config)
