@@ -32,9 +32,9 @@ def wavelength_table(rows: list[dict]) -> str:
     """The wavelengths of `frequency_rows` as a text table: one line per pair, one column per method."""
     methods = list(dict.fromkeys(row["method"] for row in rows))
     pairs = sorted({row["pair"] for row in rows})
-    by_cell = {(row["method"], row["pair"]): row["wavelength"] for row in rows}
+    wavelengths = {(row["method"], row["pair"]): row["wavelength"] for row in rows}
     lines = [f"{'pair':>4} " + " ".join(f"{method:>14}" for method in methods) + "   (wavelength in tokens)"]
-    lines += [f"{pair:>4} " + " ".join(f"{by_cell[(method, pair)]:>14.1f}" for method in methods) for pair in pairs]
+    lines += [f"{pair:>4} " + " ".join(f"{wavelengths[(method, pair)]:>14.1f}" for method in methods) for pair in pairs]
     return "\n".join(lines)
 
 

@@ -139,7 +139,8 @@ def evaluate_perplexity(model, tokenizer, documents: list[str], lengths, protoco
 
     plan = [(protocol, length) for protocol in protocols for length in lengths]
     rows = []
-    with tqdm(total=sum(forward_tokens(*cell) for cell in plan), desc="perplexity", unit="tok", unit_scale=True,
+    total_tokens = sum(forward_tokens(protocol, length) for protocol, length in plan)
+    with tqdm(total=total_tokens, desc="perplexity", unit="tok", unit_scale=True,
               disable=None if progress is None else not progress) as bar:
         for protocol, length in plan:
             step = stride or max(1, length // 2)

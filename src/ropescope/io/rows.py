@@ -165,14 +165,15 @@ class PreservationRow(Row):
 
 @dataclass(frozen=True, kw_only=True)
 class UncertaintySummaryRow(Row):
-    """Answering-query entropy, needle and distractor mass on correct vs failed cells of one (model, method, factor, task)."""
+    """Answering-query entropy, needle and distractor mass on correct vs failed prompts of one (model, method, factor,
+    task)."""
 
     model: str | None = None
     method: str | None = None
     factor: float | None = None
     task: str
     layer: int | str  # "mean": the mean over layers
-    cells: int
+    cells: int  # prompts read (the column keeps the name it has on disk)
     failures: int
     entropy_correct: float
     entropy_failed: float
