@@ -237,8 +237,8 @@ def _call(function, args) -> object:
 
 def _add_methods_command(subparsers) -> None:
     _command(subparsers, "methods", list_methods, print, "list the RoPE methods and their parameters",
-                      description="List the RoPE methods and their parameters. Name one in any command as "
-                                  "--method NAME[:KEY=VALUE,...], e.g. --method yarn:factor=4,beta_fast=32.")
+             description="List the RoPE methods and their parameters. Name one in any command as "
+                         "--method NAME[:KEY=VALUE,...], e.g. --method yarn:factor=4,beta_fast=32.")
 
 
 def _add_freqs(subparsers) -> None:
