@@ -26,7 +26,7 @@ from ropescope.eval.perplexity import evaluate_perplexity
 from ropescope.eval.retrieval import evaluate_retrieval
 from ropescope.tasks.registry import get_task
 from ropescope.model.load import load
-from ropescope.tasks.passkey_format import RETRIEVAL_HAYSTACKS
+from ropescope.tasks.passkey import RETRIEVAL_HAYSTACKS
 from ropescope.io.results import write_rows
 from ropescope.train.continual import TrainConfig, train
 

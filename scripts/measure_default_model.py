@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 from ropescope.io.data import load_corpus, token_blocks
-from ropescope.tasks.passkey import evaluate_passkey
+from ropescope.eval.retrieval import evaluate_retrieval
+from ropescope.tasks import passkey
 from ropescope.model.load import load
 from ropescope.model.resolve import default_model_path
 from ropescope.eval.nll import blocks_nll, perplexity_from_nll, unigram_perplexity
@@ -70,7 +71,7 @@ def main() -> None:
                   flush=True)
     print(f"unigram baseline perplexity: {summary['unigram_perplexity']:.2f}", flush=True)
 
-    rows = evaluate_passkey(model, tokenizer, [256, 1024], DEPTHS, trials=args.trials, progress=False)
+    rows = evaluate_retrieval(model, tokenizer, passkey.TASK, [256, 1024], DEPTHS, trials=args.trials, progress=False)
     for length in (256, 1024):
         length_rows = [row for row in rows if row["length"] == length]
         summary[f"passkey_accuracy_{length}"] = accuracy(length_rows)

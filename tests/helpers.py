@@ -24,7 +24,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from ropescope.tasks.passkey_format import FILLER, KEY_LINE, QUESTION
+from ropescope.tasks.passkey import FILLER, KEY_LINE, QUESTION
 from ropescope.study.run.store import ResultStore
 
 PROSE = (

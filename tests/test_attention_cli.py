@@ -63,7 +63,7 @@ def test_uncertainty_on_passkey_and_needle_rows(folders, tmp_path, capsys):
     (yarn_group,) = evaluation_groups(read_rows(tmp_path / "yarn" / "passkey.csv"))
     assert parse_spec(yarn_group[0]) == RopeSpec("yarn", factor=2.0, original_max_position_embeddings=32,
                                                   beta_fast=16.0)
-    for row in combined:  # a random model fails every cell; pretend trial 0 succeeded to have both classes
+    for row in combined:  # a random model fails every prompt; pretend trial 0 succeeded to have both classes
         row["correct"] = row["trial"] == 0
     rows_path = write_rows(combined, tmp_path / "all.json")
     out = tmp_path / "uncertainty"

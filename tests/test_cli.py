@@ -100,6 +100,16 @@ def test_every_out_is_a_folder():
                        for option in action.option_strings), name
 
 
+def test_passkey_and_needle_are_retrieval_with_their_own_defaults():
+    commands = build_parser()._subparsers._group_actions[0].choices
+    defaults = {name: {key: commands[name].get_default(key) for key in ("trials", "batch_size", "out", "lengths")}
+                for name in ("retrieval", "passkey", "needle")}
+    assert defaults["retrieval"] == {"trials": 5, "batch_size": 8, "out": None, "lengths": [256, 512, 1024]}
+    assert defaults["passkey"] == {"trials": 5, "batch_size": 8, "out": "results/passkey", "lengths": [256, 512, 1024]}
+    assert defaults["needle"] == {"trials": 1, "batch_size": 4, "out": "results/needle", "lengths": [256, 512, 1024]}
+    assert commands["retrieval"].get_default("task") == "passkey"
+
+
 def test_config_flags_follow_the_dataclass_fields():
     @dataclasses.dataclass
     class Config:

@@ -9,7 +9,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import ropescope
 from ropescope.io.data import load_corpus, token_blocks
-from ropescope.tasks.passkey import evaluate_passkey
+from ropescope.eval.retrieval import evaluate_retrieval
+from ropescope.tasks import passkey
 from ropescope.model.resolve import default_model_path
 from ropescope.eval.nll import blocks_nll, perplexity_from_nll, unigram_perplexity
 
@@ -83,15 +84,15 @@ def test_perplexity_from_a_position_scores_only_the_later_tokens():
 
 def test_passkey_retrieval_within_256(shipped):
     model, tokenizer = shipped
-    within = evaluate_passkey(model, tokenizer, [256], depths=(0, 20, 40, 60, 80, 100), trials=2, seed=1,
-                              progress=False)
+    within = evaluate_retrieval(model, tokenizer, passkey.TASK, [256], depths=(0, 20, 40, 60, 80, 100), trials=2,
+                                seed=1, progress=False)
     assert len(within) == 12 and all(row["length"] == 256 for row in within)
     assert accuracy(within) >= 0.9
 
 
 def test_passkey_retrieval_collapses_at_1024(shipped):
     model, tokenizer = shipped
-    beyond = evaluate_passkey(model, tokenizer, [1024], depths=(0, 25, 50, 75, 100), trials=1, seed=1,
-                              progress=False)
+    beyond = evaluate_retrieval(model, tokenizer, passkey.TASK, [1024], depths=(0, 25, 50, 75, 100), trials=1,
+                                seed=1, progress=False)
     assert len(beyond) == 5 and all(row["length"] == 1024 for row in beyond)
     assert accuracy(beyond) <= 0.2

@@ -9,11 +9,12 @@ from ropescope.tasks.needle import (
     ANSWER,
     NEEDLE,
     QUESTION,
+    TASK,
     check_needle_text,
-    evaluate_needle,
     needle_case,
     score_needle,
 )
+from ropescope.eval.retrieval import evaluate_retrieval
 from ropescope.tasks.haystack import check_haystack
 from ropescope.io.rows import RetrievalRow
 
@@ -61,8 +62,8 @@ def test_scores_exact_and_graded():
 def test_grid_rows():
     tokenizer = tiny_tokenizer()
     model = tiny_llama(len(tokenizer))
-    rows = evaluate_needle(model, tokenizer, DOCUMENTS, [100, 160], depths=[0, 100], trials=2, max_new_tokens=3,
-                           progress=False)
+    rows = evaluate_retrieval(model, tokenizer, TASK, [100, 160], depths=[0, 100], trials=2, documents=DOCUMENTS,
+                              max_new_tokens=3, progress=False)
     assert len(rows) == 8
     for row in rows:
         case = needle_case(tokenizer, DOCUMENTS, row["length"], row["depth_percent"], row["trial"])

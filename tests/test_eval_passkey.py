@@ -10,8 +10,10 @@ from ropescope.cli import main
 from ropescope.errors import RopescopeError
 from ropescope.model.load import load
 from ropescope.eval.decoding import greedy_continuations
-from ropescope.tasks.passkey import evaluate_passkey, passkey_case, passkey_key, run_passkey, score_passkey
-from ropescope.tasks.passkey_format import KEY_DIGITS, KEY_LINE, QUESTION
+from ropescope.commands.retrieval import run_passkey
+from ropescope.eval.retrieval import evaluate_retrieval
+from ropescope.tasks.passkey import TASK, passkey_case, passkey_key, score_passkey
+from ropescope.tasks.passkey import KEY_DIGITS, KEY_LINE, QUESTION
 from ropescope.io.plots import plot_retrieval
 from ropescope.io.rows import RetrievalRow
 
@@ -57,8 +59,8 @@ def test_scoring_takes_the_first_integer_exactly():
 def test_grid_rows_and_heatmap(tmp_path):
     tokenizer = tiny_tokenizer()
     model = tiny_llama(len(tokenizer))
-    rows = evaluate_passkey(model, tokenizer, [80, 120], depths=[0, 50, 100], trials=2, batch_size=2,
-                            labels={"model": "tiny", "method": "ntk", "factor": 2.0}, progress=False)
+    rows = evaluate_retrieval(model, tokenizer, TASK, [80, 120], depths=[0, 50, 100], trials=2, batch_size=2,
+                              labels={"model": "tiny", "method": "ntk", "factor": 2.0}, progress=False)
     assert len(rows) == 2 * 3 * 2
     for row in rows:
         assert list(row) == ["model", "method", "factor", *RetrievalRow.keys()]
@@ -94,8 +96,8 @@ def shipped_accuracy():
     """Original RoPE on the shipped model: passkey accuracy at the pretrained length (256) and at 4x it."""
     loaded = load("default")
     model, tokenizer = loaded.model, loaded.tokenizer
-    rows = evaluate_passkey(model, tokenizer, [256, 1024], depths=[0, 25, 50, 75, 100], trials=4, batch_size=10,
-                            progress=False)
+    rows = evaluate_retrieval(model, tokenizer, TASK, [256, 1024], depths=[0, 25, 50, 75, 100], trials=4,
+                              batch_size=10, progress=False)
     return {length: sum(r["score"] for r in rows if r["length"] == length) / 20 for length in (256, 1024)}
 
 

@@ -10,7 +10,7 @@ import torch
 from ropescope.io.data import load_corpus
 from ropescope.errors import RopescopeError
 from ropescope.tasks.cases import CaseRequest
-from ropescope.eval.decoding import special_prefix
+from ropescope.tasks.text import special_prefix
 from ropescope.tasks.ruler import NIAH, TASKS, corpus_words, score_all, string_match_all
 from ropescope.tasks.registry import get_task
 from ropescope.model.load import load_tokenizer
@@ -50,7 +50,7 @@ def test_every_task_is_registered_and_fills_the_length_exactly(tokenizer):
             assert [f.start for f in case.facts] == sorted(f.start for f in case.facts)
             assert all(a.end <= b.start for a, b in zip(case.facts, case.facts[1:]))  # facts never overlap
         assert torch.equal(case.input_ids, build(tokenizer, name, 1500).input_ids)  # deterministic
-        assert build(tokenizer, name, 1500, trial=1).answers != case.answers  # each cell its own draw
+        assert build(tokenizer, name, 1500, trial=1).answers != case.answers  # each point its own draw
 
 
 @pytest.mark.parametrize("name", list(NIAH))
@@ -167,7 +167,7 @@ def test_independent_haystacks_give_each_trial_its_own_text(tokenizer):
                 assert not lines[first] & lines[second], (name, first, second)
         if name != "needle":  # the needle's sentence is the user's, the same in every prompt
             assert len({case.answer for case in cases}) == 6, name  # each its own values
-    # the usual passkey filler is shared by every trial, its key by every cell of a trial
+    # the usual passkey filler is shared by every trial, its key by every point of a trial
     usual = [build(tokenizer, "passkey", 512, depth=depth, trial=0) for depth in (0, 50)]
     assert usual[0].answer == usual[1].answer
 

@@ -7,7 +7,7 @@ import torch
 from ropescope.cli import main
 from ropescope.errors import RopescopeError
 from ropescope.tasks.cases import DISTRACTOR, NEEDLE, CaseRequest, Fact, PromptCase, RetrievalTask, Score
-from ropescope.eval.decoding import encode, special_prefix
+from ropescope.tasks.text import encode, special_prefix
 from ropescope.tasks.registry import TASKS, get_task, rebuild_cases, register
 from ropescope.io.results import read_rows
 from ropescope.study.config import parse_config

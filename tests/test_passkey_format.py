@@ -10,7 +10,7 @@ import torch
 from transformers import AutoTokenizer
 
 from ropescope.model.resolve import default_model_path
-from ropescope.tasks.passkey_format import FILLER, FILLER_SENTENCES, KEY_LINE, QUESTION, PasskeyPrompts
+from ropescope.tasks.passkey import FILLER, FILLER_SENTENCES, KEY_LINE, QUESTION, PasskeyPrompts
 
 
 @pytest.fixture(scope="module")

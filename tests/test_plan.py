@@ -12,8 +12,9 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from ropescope.cli import main
+from ropescope.commands.plan import run_plan
 from ropescope.model.resolve import read_model_config
-from ropescope.train.memory import COMMANDS, GIB, estimate, largest_length, model_shape, run_plan
+from ropescope.train.memory import COMMANDS, GIB, estimate, largest_length, model_shape
 from tests.test_families import family_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import ropescope.train.pretrain as pretrain_module
 from ropescope.cli import main
 from ropescope.errors import RopescopeError
-from ropescope.tasks.passkey_format import QUESTION, PasskeyPrompts
+from ropescope.tasks.passkey import QUESTION, PasskeyPrompts
 from ropescope.train.pretrain import PretrainConfig, pretrain, train_tokenizer
 
 TEXT = [

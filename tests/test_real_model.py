@@ -20,7 +20,8 @@ from ropescope import RopeSpec, extend
 from ropescope.attention.capture import layer_entropies
 from ropescope.io.data import load_corpus
 from ropescope.errors import RopescopeError
-from ropescope.tasks.passkey import evaluate_passkey, passkey_key
+from ropescope.eval.retrieval import evaluate_retrieval
+from ropescope.tasks.passkey import TASK as PASSKEY, passkey_key
 from ropescope.eval.perplexity import evaluate_perplexity
 from ropescope.model.gguf import PACKAGED, packaged_gguf_path, read_header
 from ropescope.model.load import load
@@ -162,7 +163,7 @@ def _independent_passkey(model, tokenizer, length: int, depth: float, key: str) 
 def test_passkey_retrieval_agrees_with_an_independent_harness(smollm2):
     model, tokenizer, _ = smollm2
     lengths, depths, trials = [1024, 2048], [10, 50, 90], 2
-    rows = evaluate_passkey(model, tokenizer, lengths, depths, trials=trials, progress=False)
+    rows = evaluate_retrieval(model, tokenizer, PASSKEY, lengths, depths, trials=trials, progress=False)
     ours = sum(row["correct"] for row in rows) / len(rows)
     theirs = [_independent_passkey(model, tokenizer, length, depth, passkey_key(trial))
               for length in lengths for depth in depths for trial in range(trials)]

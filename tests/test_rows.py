@@ -3,7 +3,7 @@
 import pytest
 
 from ropescope.errors import RopescopeError
-from ropescope.io.rows import PerplexityRow, RetrievalRow, RunLabels, as_bool, cell_means
+from ropescope.io.rows import PerplexityRow, RetrievalRow, RunLabels, as_bool, point_means
 
 
 def passkey(**changes):
@@ -28,11 +28,11 @@ def test_from_dict_names_the_first_missing_field():
         RetrievalRow.from_dict(row)
 
 
-def test_cell_means_against_a_hand_count():
+def test_point_means_against_a_hand_count():
     rows = [passkey(length=length, depth_percent=depth, trial=trial, score=score).to_dict()
             for length, depth, trial, score in [(80, 0, 0, 1.0), (80, 0, 1, 0.0), (80, 0, 2, 0.0), (80, 50, 0, 1.0),
                                                 (40, 50, 0, 0.0)]]
-    assert cell_means(rows) == [
+    assert point_means(rows) == [
         {"length": 40, "depth_percent": 50, "score": 0.0, "trials": 1},
         {"length": 80, "depth_percent": 0, "score": pytest.approx(1 / 3), "trials": 3},
         {"length": 80, "depth_percent": 50, "score": 1.0, "trials": 1},

@@ -321,7 +321,7 @@ def test_retrieval_mix_outside_zero_to_one_is_refused(mix):
 
 
 def test_retrieval_mix_puts_passkey_examples_of_the_training_length_with_answer_masks(tiny):
-    from ropescope.tasks.passkey_format import KEY_LINE, QUESTION, PasskeyPrompts
+    from ropescope.tasks.passkey import KEY_LINE, QUESTION, PasskeyPrompts
     from ropescope.train.continual import micro_batch
 
     tokenizer = _tokenizer(tiny)
@@ -360,7 +360,7 @@ def test_retrieval_mix_puts_passkey_examples_of_the_training_length_with_answer_
 
 
 def test_corpus_haystacks_put_the_blocks_own_text_around_each_key(tiny):
-    from ropescope.tasks.passkey_format import FILLER, KEY_LINE, PasskeyPrompts
+    from ropescope.tasks.passkey import FILLER, KEY_LINE, PasskeyPrompts
     from ropescope.train.continual import _identity, micro_batch
 
     tokenizer = _tokenizer(tiny)
@@ -390,7 +390,7 @@ def test_corpus_haystacks_put_the_blocks_own_text_around_each_key(tiny):
 
 def test_retrieval_min_length_draws_single_examples_from_it_to_the_training_length(tiny):
     from ropescope.errors import RopescopeError
-    from ropescope.tasks.passkey_format import PasskeyPrompts
+    from ropescope.tasks.passkey import PasskeyPrompts
     from ropescope.train.continual import _identity, micro_batch, validate
 
     length, shortest = 400, 120

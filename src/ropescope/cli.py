@@ -26,7 +26,23 @@ import sys
 import typing
 from pathlib import Path
 
+from transformers.utils import logging as transformers_logging
+
+from ropescope.commands.attention import run_entropy, run_patterns, run_uncertainty
+from ropescope.commands.freqs import run_frequencies, wavelength_table
+from ropescope.commands.methods import list_methods
+from ropescope.commands.plan import run_plan
+from ropescope.commands.ppl import run_perplexity
+from ropescope.commands.retrieval import list_tasks, run_needle, run_passkey, run_retrieval
+from ropescope.commands.study import run_and_report
 from ropescope.errors import RopescopeError
+from ropescope.eval.perplexity import PROTOCOLS
+from ropescope.io.results import check_output_folder
+from ropescope.io.rows import UncertaintySummaryRow, point_means
+from ropescope.model.load import DTYPES, ModelOptions
+from ropescope.study.report.page import build_report
+from ropescope.train.continual import TrainConfig, train
+from ropescope.train.pretrain import PretrainConfig, pretrain
 
 
 class _UsageError(Exception):
@@ -134,8 +150,6 @@ def _text(text: str) -> str:
 
 
 def _add_model(parser: argparse.ArgumentParser) -> None:
-    from ropescope.model.load import DTYPES
-
     group = parser.add_argument_group("model")
     group.add_argument("--model", default="default",
                        help="'default' (the shipped model), a local Hugging Face folder, a .gguf file, "
@@ -190,7 +204,7 @@ def _add_retrieval_grid(parser: argparse.ArgumentParser, hidden: str, trial: str
     _add_methods(parser, several=False)
     parser.add_argument("--lengths", type=_lengths, help="prompt lengths in tokens, increasing")
     parser.add_argument("--depths", type=_depths, help=f"depth percents of the {hidden}, 0..100")
-    parser.add_argument("--trials", type=_positive_int, help=f"{trial} per cell")
+    parser.add_argument("--trials", type=_positive_int, help=f"{trial} per point of the grid")
     parser.add_argument("--seed", type=int, help=f"picks the {trial}")
     parser.add_argument("--batch-size", type=_positive_int, help="prompts per forward pass")
 
@@ -213,8 +227,6 @@ def _call(function, args) -> object:
     parameters = inspect.signature(function).parameters
     arguments = {name: value for name, value in vars(args).items() if name in parameters and value is not None}
     if "options" in parameters:
-        from ropescope.model.load import ModelOptions
-
         arguments["options"] = ModelOptions(args.device, args.dtype, args.device_map, args.attn_implementation)
     return function(**arguments)
 
@@ -223,27 +235,13 @@ def _call(function, args) -> object:
 # Commands
 
 
-def _list_methods() -> str:
-    from ropescope.rope import METHODS, REQUIRED
-
-    lines = []
-    for method in METHODS.values():
-        origin = f"transformers rope_type {method.transformers_type!r}" if method.transformers_type else "ropescope"
-        lines.append(f"{method.name:<13} {method.summary}  [{origin}]")
-        lines += [f"{'':<15}{name} = {'(required)' if default is REQUIRED else repr(default)}"
-                  for name, default in method.params.items()]
-    return "\n".join(lines)
-
-
 def _add_methods_command(subparsers) -> None:
-    parser = _command(subparsers, "methods", _list_methods, print, "list the RoPE methods and their parameters",
-                      description="List the RoPE methods and their parameters. Name one in any command as "
-                                  "--method NAME[:KEY=VALUE,...], e.g. --method yarn:factor=4,beta_fast=32.")
+    _command(subparsers, "methods", list_methods, print, "list the RoPE methods and their parameters",
+             description="List the RoPE methods and their parameters. Name one in any command as "
+                         "--method NAME[:KEY=VALUE,...], e.g. --method yarn:factor=4,beta_fast=32.")
 
 
 def _add_freqs(subparsers) -> None:
-    from ropescope.commands.freqs import run_frequencies
-
     parser = _command(subparsers, "freqs", run_frequencies, _show_frequencies,
                       "per-pair wavelengths of several methods, side by side")
     _add_methods(parser, several=True)
@@ -253,20 +251,8 @@ def _add_freqs(subparsers) -> None:
     _add_out(parser, "frequencies.csv, frequencies.png")
 
 
-def _study(config: str | None = None, quick: bool = False, out: str = "results", force: bool = False,
-           executor: str | None = None, address: str | None = None):
-    """Run the study of `config` (or the quick plan) into `out`, then build its report: (counts, report paths)."""
-    from ropescope.study.config import load_config, quick_config_path
-    from ropescope.study.report.page import report_paths
-    from ropescope.study.run.runner import run_study
-
-    counts = run_study(load_config(quick_config_path() if quick else config), out, force=force, executor=executor,
-                       address=address, report=True)
-    return counts, report_paths(out)
-
-
 def _add_study(subparsers) -> None:
-    parser = _command(subparsers, "study", _study, _show_study,
+    parser = _command(subparsers, "study", run_and_report, _show_study,
                       "train, evaluate and analyse every method of a config, then write the report")
     plan = parser.add_mutually_exclusive_group()
     plan.add_argument("config", nargs="?", help="study TOML (default: the shipped default study)")
@@ -280,8 +266,6 @@ def _add_study(subparsers) -> None:
 
 
 def _add_report(subparsers) -> None:
-    from ropescope.study.report.page import build_report
-
     parser = _command(subparsers, "report", build_report, _show_report,
                       "rebuild a study's report from its results database")
     _add_out(parser, "the study's folder; its report/ is rewritten")
@@ -289,8 +273,6 @@ def _add_report(subparsers) -> None:
 
 
 def _add_ppl(subparsers) -> None:
-    from ropescope.eval.perplexity import PROTOCOLS, run_perplexity
-
     parser = _command(subparsers, "ppl", run_perplexity, _show_perplexity,
                       "perplexity against length (truncated and sliding-window protocols)")
     _add_model(parser)
@@ -310,57 +292,46 @@ def _add_ppl(subparsers) -> None:
 def _add_independent_haystacks(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--independent-haystacks", action="store_true",
                         help="give every length, depth and trial its own corpus text and values (no two trials of a "
-                             "cell share haystack text)")
-
-
-def _list_tasks() -> str:
-    from ropescope.tasks.registry import list_tasks
-
-    return list_tasks()
+                             "point share haystack text)")
 
 
 def _add_tasks_command(subparsers) -> None:
-    _command(subparsers, "tasks", _list_tasks, print, "list the retrieval tasks",
+    _command(subparsers, "tasks", list_tasks, print, "list the retrieval tasks",
              description="List the retrieval tasks. Run one with `ropescope retrieval --task NAME`.")
 
 
-def _add_retrieval(subparsers) -> None:
-    from ropescope.tasks.registry import run_task
+def _add_haystack_and_out(parser: argparse.ArgumentParser, files: str) -> None:
+    """The flags every retrieval command ends with: where its haystack text comes from, and where it writes."""
+    _add_independent_haystacks(parser)
+    _add_corpus(parser)
+    _add_out(parser, files)
 
-    parser = _command(subparsers, "retrieval", run_task, _show_cells,
+
+def _add_retrieval(subparsers) -> None:
+    parser = _command(subparsers, "retrieval", run_retrieval, _show_points,
                       "a retrieval task (`ropescope tasks`) over lengths x depths")
     parser.add_argument("--task", help="the task's name, as `ropescope tasks` lists it")
     _add_retrieval_grid(parser, "facts", "prompts")
     parser.add_argument("--max-new-tokens", type=_positive_int, help="tokens generated per prompt "
                                                                      "(default: what the task's answer needs)")
-    _add_independent_haystacks(parser)
-    _add_corpus(parser)
-    _add_out(parser, "TASK.csv, TASK.png (default: results/TASK)")
+    _add_haystack_and_out(parser, "TASK.csv, TASK.png (default: results/TASK)")
 
 
 def _add_passkey(subparsers) -> None:
-    from ropescope.tasks.passkey import run_passkey
-
-    parser = _command(subparsers, "passkey", run_passkey, _show_cells,
+    parser = _command(subparsers, "passkey", run_passkey, _show_points,
                       "passkey retrieval accuracy over lengths x depths")
     _add_retrieval_grid(parser, "key", "keys")
-    _add_independent_haystacks(parser)
-    _add_corpus(parser)
-    _add_out(parser, "passkey.csv, passkey.png")
+    _add_haystack_and_out(parser, "passkey.csv, passkey.png")
 
 
 def _add_needle(subparsers) -> None:
-    from ropescope.tasks.needle import run_needle
-
-    parser = _command(subparsers, "needle", run_needle, _show_cells,
+    parser = _command(subparsers, "needle", run_needle, _show_points,
                       "needle-in-a-haystack retrieval over lengths x depths")
     _add_retrieval_grid(parser, "needle", "haystacks")
     parser.add_argument("--needle", type=_text, help="the sentence hidden in the haystack")
     parser.add_argument("--question", type=_text, help="the question, ending where the answer should start")
     parser.add_argument("--answer", type=_text, help="what a correct continuation contains")
-    _add_independent_haystacks(parser)
-    _add_corpus(parser)
-    _add_out(parser, "needle.csv, needle.png")
+    _add_haystack_and_out(parser, "needle.csv, needle.png")
 
 
 def _add_attention_inputs(parser: argparse.ArgumentParser, compares_methods: bool) -> None:
@@ -374,8 +345,6 @@ def _add_attention_inputs(parser: argparse.ArgumentParser, compares_methods: boo
 
 
 def _add_entropy(subparsers) -> None:
-    from ropescope.commands.attention import run_entropy
-
     parser = _command(subparsers, "entropy", run_entropy, _show_written,
                       "attention entropy against position, per method (streamed)")
     _add_attention_inputs(parser, compares_methods=True)
@@ -385,8 +354,6 @@ def _add_entropy(subparsers) -> None:
 
 
 def _add_patterns(subparsers) -> None:
-    from ropescope.commands.attention import run_patterns
-
     parser = _command(subparsers, "patterns", run_patterns, _show_preservation,
                       "attention against key distance and pattern preservation (the original is always included)")
     _add_attention_inputs(parser, compares_methods=True)
@@ -399,8 +366,6 @@ def _add_patterns(subparsers) -> None:
 
 
 def _add_uncertainty(subparsers) -> None:
-    from ropescope.commands.attention import run_uncertainty
-
     parser = _command(subparsers, "uncertainty", run_uncertainty, _show_uncertainty,
                       "answering-query entropy and attention on the facts against retrieval errors")
     parser.add_argument("rows", help="retrieval rows (.csv or .json) from `ropescope retrieval`, `passkey` or "
@@ -451,8 +416,6 @@ def _add_config_command(subparsers, name: str, config_class, function, summary: 
 
 
 def _add_train(subparsers) -> None:
-    from ropescope.train.continual import TrainConfig, train
-
     _add_config_command(
         subparsers, "train", TrainConfig, train,
         "continual pretraining with a RoPE extension (also under `accelerate launch`)",
@@ -462,8 +425,6 @@ def _add_train(subparsers) -> None:
 
 
 def _add_pretrain(subparsers) -> None:
-    from ropescope.train.pretrain import PretrainConfig, pretrain
-
     _add_config_command(
         subparsers, "pretrain", PretrainConfig, pretrain,
         "pretrain a small Llama with original RoPE (the shipped model's recipe is in its MODEL_CARD)",
@@ -473,8 +434,6 @@ def _add_pretrain(subparsers) -> None:
 
 
 def _add_plan(subparsers) -> None:
-    from ropescope.train.memory import run_plan
-
     parser = _command(subparsers, "plan", run_plan, _show_plan,
                       "estimated peak memory per GPU of evaluation, capture and training, from the config alone",
                       "Estimate, from a model's config alone (no weights loaded), the peak memory per device of "
@@ -519,8 +478,6 @@ def _show_report(paths) -> None:
 
 
 def _show_frequencies(rows) -> None:
-    from ropescope.commands.freqs import wavelength_table
-
     print(wavelength_table(rows))
 
 
@@ -530,12 +487,10 @@ def _show_perplexity(rows) -> None:
               f"nll {row['nll']:.4f}  tokens {row['tokens_scored']}")
 
 
-def _show_cells(rows) -> None:
-    from ropescope.io.rows import cell_means
-
-    for cell in cell_means(rows, "score"):
-        print(f"length {cell['length']:>7}  depth {cell['depth_percent']:>5g}%  score {cell['score']:.3f}  "
-              f"(n={cell['trials']})")
+def _show_points(rows) -> None:
+    for point in point_means(rows, "score"):
+        print(f"length {point['length']:>7}  depth {point['depth_percent']:>5g}%  score {point['score']:.3f}  "
+              f"(n={point['trials']})")
 
 
 def _show_written(rows) -> None:
@@ -549,8 +504,6 @@ def _show_preservation(rows) -> None:
 
 
 def _show_uncertainty(rows) -> None:
-    from ropescope.io.rows import UncertaintySummaryRow
-
     for row in map(UncertaintySummaryRow.from_dict, rows):
         if row.layer == "mean":
             print(f"{row.method} {row.task}: entropy correct {row.entropy_correct:.3f} vs failed "
@@ -583,8 +536,6 @@ def build_parser() -> argparse.ArgumentParser:
 def _run(args) -> object:
     """Call the command's function: with its config dataclass built from the flags, or with the flags. An output
     folder that cannot be written is refused first, before any work (`report` reads its --out)."""
-    from ropescope.io.results import check_output_folder
-
     out = getattr(args, "output", None) or getattr(args, "out", None)
     if out and args.command != "report":
         check_output_folder(out)
@@ -609,8 +560,6 @@ def _main(argv: list[str] | None) -> int:
     except _UsageError as error:
         print(error, file=sys.stderr)
         return 2
-    from transformers.utils import logging as transformers_logging
-
     transformers_logging.disable_progress_bar()  # ropescope's own bars say what is going on
     try:
         result = _run(args)

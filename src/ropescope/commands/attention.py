@@ -2,7 +2,7 @@
 
 Each `run_*` resolves the model and the methods' specs and tokenizes its inputs (corpus long enough) before any
 weights load or any file is written, then composes the library. Models load through `ropescope.model.load.load`, as
-the evaluation loads them, so rows from both line up. Each writes fixed file names into its `out` folder.
+the evaluation commands load them, so rows from both line up. Each writes fixed file names into its `out` folder.
 """
 
 from __future__ import annotations
@@ -11,16 +11,24 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
+from ropescope.attention.patterns import distance_distribution, pattern_preservation
+from ropescope.attention.profiles import entropy_profile
+from ropescope.attention.uncertainty import failure_summary, retrieval_attention
 from ropescope.errors import RopescopeError
-from ropescope.model.load import ModelOptions
-from ropescope.model.resolve import ModelSource
+from ropescope.io.data import load_corpus, token_blocks
+from ropescope.io.plots import (plot_attention_distance, plot_entropy_heatmap, plot_entropy_position,
+                                plot_pattern_preservation)
+from ropescope.io.results import read_rows, write_rows
+from ropescope.io.rows import RetrievalRow, as_bool
+from ropescope.model.load import ModelOptions, extension_specs, load, load_tokenizer
+from ropescope.model.resolve import ModelSource, pretrained_length_of, resolve_model
 from ropescope.rope import RopeSpec
+from ropescope.tasks.cases import needs_documents
+from ropescope.tasks.registry import TASKS, get_task, rebuild_cases
 
 
 def token_samples(tokenizer, length: int, samples: int, corpus: str | Path | None, split: str) -> list:
     """The first `samples` token blocks of `length` tokens from the corpus split (None: the shipped corpus)."""
-    from ropescope.io.data import load_corpus, token_blocks
-
     blocks = []
     for block in token_blocks(tokenizer, load_corpus(corpus, split=split), block_length=length):
         blocks.append(block)
@@ -32,16 +40,12 @@ def token_samples(tokenizer, length: int, samples: int, corpus: str | Path | Non
 def _samples_by_length(source: ModelSource, lengths: Sequence[int], samples: int, corpus,
                        split: str) -> dict[int, list]:
     """Token blocks for every length, tokenized once with the model's tokenizer (before any weights load)."""
-    from ropescope.model.load import load_tokenizer
-
     tokenizer = load_tokenizer(source)
     return {length: token_samples(tokenizer, length, samples, corpus, split) for length in sorted(set(lengths))}
 
 
 def _load(source: ModelSource, spec: RopeSpec, options: ModelOptions | None, original: int, split: str):
     """The model with `spec` applied and the labels its rows start with (the analysis' pretrained length)."""
-    from ropescope.model.load import load
-
     loaded = load(source, spec, options)
     labels = replace(loaded.labels, original_max_position_embeddings=original)
     return loaded, {**labels.to_dict(), "split": split}
@@ -49,9 +53,6 @@ def _load(source: ModelSource, spec: RopeSpec, options: ModelOptions | None, ori
 
 def _setup(model, methods: Sequence[str | RopeSpec], factor: float | None, original: int | None):
     """(source, specs, original length): every name checked before anything loads."""
-    from ropescope.model.load import extension_specs
-    from ropescope.model.resolve import pretrained_length_of, resolve_model
-
     source = resolve_model(model)
     original = original or pretrained_length_of(source)
     return source, extension_specs(source, methods, factor, original), original
@@ -64,10 +65,6 @@ def run_entropy(model: str = "default", methods: Sequence[str | RopeSpec] = ("de
                 out: str | Path = "results/entropy", progress: bool | None = None) -> list[dict]:
     """Entropy profiles of every method at every length (default: 1x, 2x and 4x the pretrained length) ->
     out/entropy.csv and out/entropy.png."""
-    from ropescope.attention.profiles import entropy_profile
-    from ropescope.io.plots import plot_entropy_position
-    from ropescope.io.results import write_rows
-
     source, specs, original = _setup(model, methods, factor, original_max_position_embeddings)
     lengths = list(lengths or [original, 2 * original, 4 * original])
     blocks = _samples_by_length(source, lengths, samples, corpus, split)
@@ -93,10 +90,6 @@ def run_patterns(model: str = "default", methods: Sequence[str | RopeSpec] = (),
     from the original model at the pretrained length). Writes out/patterns_distance.csv,
     out/patterns_preservation.csv, out/attention_distance.png and out/pattern_preservation.png; returns the
     preservation rows."""
-    from ropescope.attention.patterns import distance_distribution, pattern_preservation
-    from ropescope.io.plots import plot_attention_distance, plot_pattern_preservation
-    from ropescope.io.results import write_rows
-
     # The reference is the original model at its pretrained length: include it even when not asked for.
     source, specs, original = _setup(model, ["default", *methods], factor, original_max_position_embeddings)
     specs = [specs[0], *[spec for spec in specs[1:] if spec.method != "default"]]
@@ -138,10 +131,6 @@ def read_evaluation_rows(path: str | Path, only_methods: Sequence[str] | None = 
                          only_factors: Sequence[float] | None = None) -> list[dict]:
     """Retrieval rows of registered tasks from a rows file, each checked as a `RetrievalRow`, kept where the
     filters match (a row without a factor matches every factor)."""
-    from ropescope.tasks.registry import TASKS
-    from ropescope.io.results import read_rows
-    from ropescope.io.rows import RetrievalRow
-
     rows = read_rows(path)
     if only_methods:
         rows = [row for row in rows if (row.get("method") or "default") in only_methods]
@@ -170,18 +159,9 @@ def run_uncertainty(rows: str | Path, model: str | None = None, *, only_methods:
                     chunk_size: int = 512, options: ModelOptions | None = None,
                     out: str | Path = "results/uncertainty", progress: bool | None = None) -> list[dict]:
     """Answering-query entropy, needle and distractor mass for every retrieval row (from `ropescope retrieval`,
-    `passkey` or `needle`),
-    each group of rows on the model it was evaluated with (`model`; None: the one the rows name). Writes
-    out/uncertainty.csv, out/uncertainty_summary.json and out/entropy_heatmap.png; returns the summary rows."""
-    from ropescope.attention.uncertainty import failure_summary, retrieval_attention
-    from ropescope.eval.retrieval import needs_documents
-    from ropescope.tasks.registry import get_task, rebuild_cases
-    from ropescope.model.load import extension_specs, load, load_tokenizer
-    from ropescope.model.resolve import resolve_model
-    from ropescope.io.plots import plot_entropy_heatmap
-    from ropescope.io.results import write_rows
-    from ropescope.io.rows import as_bool
-
+    `passkey` or `needle`), each group of rows on the model it was evaluated with (`model`; None: the one the rows
+    name). Writes out/uncertainty.csv, out/uncertainty_summary.json and out/entropy_heatmap.png; returns the
+    summary rows."""
     evaluated = read_evaluation_rows(rows, only_methods, only_factors)
     groups = evaluation_groups(evaluated)
     source = resolve_model(model or evaluated_model(evaluated, rows))
@@ -189,8 +169,6 @@ def run_uncertainty(rows: str | Path, model: str | None = None, *, only_methods:
     haystack = None
     if any(needs_documents(get_task(row["task"]), as_bool(row.get("independent_haystacks") or False))
            for row in evaluated):
-        from ropescope.io.data import load_corpus
-
         haystack = load_corpus(corpus, split=split)
     tokenizer = load_tokenizer(source)
     cases = {key: rebuild_cases(tokenizer, group, documents=haystack) for key, group in groups.items()}

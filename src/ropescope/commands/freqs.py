@@ -5,8 +5,10 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from ropescope.rope import RopeSpec, parse_spec, rope_frequencies
+from ropescope.io.plots import plot_frequencies
+from ropescope.io.results import write_rows
 from ropescope.io.rows import FrequencyRow
+from ropescope.rope import RopeSpec, parse_spec, rope_frequencies
 
 
 def frequency_rows(
@@ -30,9 +32,9 @@ def wavelength_table(rows: list[dict]) -> str:
     """The wavelengths of `frequency_rows` as a text table: one line per pair, one column per method."""
     methods = list(dict.fromkeys(row["method"] for row in rows))
     pairs = sorted({row["pair"] for row in rows})
-    by_cell = {(row["method"], row["pair"]): row["wavelength"] for row in rows}
+    wavelengths = {(row["method"], row["pair"]): row["wavelength"] for row in rows}
     lines = [f"{'pair':>4} " + " ".join(f"{method:>14}" for method in methods) + "   (wavelength in tokens)"]
-    lines += [f"{pair:>4} " + " ".join(f"{by_cell[(method, pair)]:>14.1f}" for method in methods) for pair in pairs]
+    lines += [f"{pair:>4} " + " ".join(f"{wavelengths[(method, pair)]:>14.1f}" for method in methods) for pair in pairs]
     return "\n".join(lines)
 
 
@@ -41,9 +43,6 @@ def run_frequencies(methods=("default", "linear", "ntk", "yarn", "llama3"), *, f
                     seq_len: int | None = None, out: str | Path = "results/freqs") -> list[dict]:
     """`ropescope freqs`: the rows of `methods` (named as in `rope.parse_spec`) -> out/frequencies.csv and
     out/frequencies.png; returns the rows."""
-    from ropescope.io.plots import plot_frequencies
-    from ropescope.io.results import write_rows
-
     specs = [parse_spec(method, factor, original_max_position_embeddings) for method in methods]
     rows = frequency_rows(specs, head_dim, base, seq_len)
     out = Path(out)

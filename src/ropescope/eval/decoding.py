@@ -1,25 +1,9 @@
-"""Tokens and greedy decoding shared by the retrieval tasks and the perplexity evaluation."""
+"""Greedy decoding of retrieval prompts, in batches of equal-length prompts with a KV cache."""
 
 from __future__ import annotations
 
-import re
-
 import torch
 from tqdm.auto import tqdm
-
-
-def special_prefix(tokenizer) -> list[int]:
-    """Token ids the tokenizer puts before the text by default (a BOS token for Llama; none for GPT-2 style)."""
-    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
-    full = tokenizer("a")["input_ids"]
-    for start in range(len(full) - len(plain) + 1):
-        if full[start : start + len(plain)] == plain:
-            return list(full[:start])
-    return []
-
-
-def encode(tokenizer, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def input_device(model) -> torch.device:
@@ -71,7 +55,3 @@ def retrieval_grid(model, tokenizer, lengths, depths, trials: int, build_case, m
                                                                             skip_special_tokens=True)
                     bar.update(len(batch))
 
-
-def first_integer(text: str) -> str | None:
-    match = re.search(r"\d+", text)
-    return match.group(0) if match else None

@@ -14,17 +14,14 @@ alone are 16 GB).
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from ropescope.errors import RopescopeError
-from ropescope.eval.decoding import encode, special_prefix
-from ropescope.model.load import ModelOptions
-from ropescope.rope import RopeSpec
-from ropescope.io.rows import PerplexityRow
 from ropescope.eval.nll import logit_transform, token_nll
+from ropescope.io.rows import PerplexityRow
+from ropescope.tasks.text import encode, special_prefix
 
 PROTOCOLS = ("truncated", "sliding")
 DEFAULT_CHUNK = 1024
@@ -142,7 +139,8 @@ def evaluate_perplexity(model, tokenizer, documents: list[str], lengths, protoco
 
     plan = [(protocol, length) for protocol in protocols for length in lengths]
     rows = []
-    with tqdm(total=sum(forward_tokens(*cell) for cell in plan), desc="perplexity", unit="tok", unit_scale=True,
+    total_tokens = sum(forward_tokens(protocol, length) for protocol, length in plan)
+    with tqdm(total=total_tokens, desc="perplexity", unit="tok", unit_scale=True,
               disable=None if progress is None else not progress) as bar:
         for protocol, length in plan:
             step = stride or max(1, length // 2)
@@ -163,30 +161,3 @@ def evaluate_perplexity(model, tokenizer, documents: list[str], lengths, protoco
             ).to_dict(labels))
     return rows
 
-
-def run_perplexity(model: str = "default", method: str | RopeSpec = "default", *, lengths=(256, 512, 1024, 2048),
-                   protocols=PROTOCOLS, stride: int | None = None, factor: float | None = None,
-                   original_max_position_embeddings: int | None = None, corpus=None, split: str = "validation",
-                   documents: int | None = 4, head_chunk_size: int = DEFAULT_CHUNK,
-                   options: ModelOptions | None = None,
-                   out="results/ppl", progress: bool | None = None) -> list[dict]:
-    """`ropescope ppl`: load the model (extended by `method`) and the corpus, evaluate, and write
-    out/perplexity.csv and out/perplexity.png. The corpus is checked before the weights load."""
-    from ropescope.io.data import load_corpus
-    from ropescope.model.load import extension_specs, load, load_tokenizer
-    from ropescope.model.resolve import resolve_model
-    from ropescope.io.plots import plot_perplexity
-    from ropescope.io.results import write_rows
-
-    source = resolve_model(model)
-    (spec,) = extension_specs(source, [method], factor, original_max_position_embeddings)
-    check_stride(stride, lengths)
-    texts = load_corpus(corpus, split=split)
-    long_documents(load_tokenizer(source), texts, max(lengths), 1)
-    loaded = load(source, spec, options)
-    rows = evaluate_perplexity(loaded.model, loaded.tokenizer, texts, lengths, protocols, stride, documents,
-                               head_chunk_size, labels=loaded.labels.to_dict(), progress=progress)
-    out = Path(out)
-    write_rows(rows, out / "perplexity.csv")
-    plot_perplexity(rows, out / "perplexity.png", loaded.labels.original_max_position_embeddings)
-    return rows

@@ -165,14 +165,15 @@ class PreservationRow(Row):
 
 @dataclass(frozen=True, kw_only=True)
 class UncertaintySummaryRow(Row):
-    """Answering-query entropy, needle and distractor mass on correct vs failed cells of one (model, method, factor, task)."""
+    """Answering-query entropy, needle and distractor mass on correct vs failed prompts of one (model, method, factor,
+    task)."""
 
     model: str | None = None
     method: str | None = None
     factor: float | None = None
     task: str
     layer: int | str  # "mean": the mean over layers
-    cells: int
+    cells: int  # prompts read (the column keeps the name it has on disk)
     failures: int
     entropy_correct: float
     entropy_failed: float
@@ -209,11 +210,11 @@ def as_bool(value) -> bool:
     return bool(value)
 
 
-def cell_means(rows: list[Mapping], value: str = "score") -> list[dict]:
-    """The mean of `value` per (length, depth_percent) cell of retrieval rows, cells in sorted order:
+def point_means(rows: list[Mapping], value: str = "score") -> list[dict]:
+    """The mean of `value` at each (length, depth_percent) point of a retrieval grid, points in sorted order:
     [{length, depth_percent, <value>, trials}]."""
-    cells: dict[tuple, list[float]] = {}
+    points: dict[tuple, list[float]] = {}
     for row in rows:
-        cells.setdefault((row["length"], row["depth_percent"]), []).append(float(row[value]))
+        points.setdefault((row["length"], row["depth_percent"]), []).append(float(row[value]))
     return [{"length": length, "depth_percent": depth, value: sum(scores) / len(scores), "trials": len(scores)}
-            for (length, depth), scores in sorted(cells.items())]
+            for (length, depth), scores in sorted(points.items())]

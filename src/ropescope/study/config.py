@@ -193,7 +193,7 @@ def _checked(key: str, value: Any, declared: Field, source: str) -> Any:
             fail(f"a non-empty list of distinct task names among {', '.join(TASKS)}")
         return value
     if check == "retrieval_haystack":
-        from ropescope.tasks.passkey_format import RETRIEVAL_HAYSTACKS
+        from ropescope.tasks.passkey import RETRIEVAL_HAYSTACKS
 
         if value not in RETRIEVAL_HAYSTACKS:
             fail(f"one of {', '.join(RETRIEVAL_HAYSTACKS)}")

@@ -98,7 +98,8 @@ def retrieval_settings(config: StudyConfig, variant: Variant) -> dict:
 
 def retrieval(context: StageContext, variant: Variant) -> list[dict]:
     """Every configured retrieval task over the retrieval grid; rows carry their task."""
-    from ropescope.eval.retrieval import evaluate_retrieval, needs_documents
+    from ropescope.eval.retrieval import evaluate_retrieval
+    from ropescope.tasks.cases import needs_documents
     from ropescope.tasks.registry import get_task
 
     model, tokenizer = context.load(variant)

@@ -68,7 +68,7 @@ def single_needle_case(ids: list[int], answer: str, needle_start: int, needle_en
 
 @dataclass(frozen=True)
 class CaseRequest:
-    """What a task's builder is asked for: one cell of the grid and where its text may come from.
+    """What a task's builder is asked for: one point of the grid and where its text may come from.
 
     documents: the haystack corpus (documents of text), for tasks that use one.
     independent_haystacks: every (length, depth, trial) gets its own haystack text from the corpus and its own
@@ -108,3 +108,9 @@ class RetrievalTask:
     score: Callable[[str, PromptCase], Score]
     max_new_tokens: Callable[[object, PromptCase], int] = field(default=lambda tokenizer, case: 8)
     uses_corpus: bool = False
+
+
+def needs_documents(task: RetrievalTask, independent_haystacks: bool) -> bool:
+    """Whether building `task`'s prompts needs the haystack corpus: its own text comes from one, or every point of
+    the grid takes its own window of one."""
+    return task.uses_corpus or independent_haystacks

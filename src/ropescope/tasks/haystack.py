@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from ropescope.errors import RopescopeError
 from ropescope.tasks.cases import Fact
-from ropescope.eval.decoding import encode
+from ropescope.tasks.text import encode
 
 DOCUMENT_SEPARATOR = "\n\n"
 SENTENCE_END = re.compile(r"[.!?][\"')\]]*\s*$")

@@ -13,15 +13,11 @@ import random
 import re
 from collections import Counter
 from collections.abc import Sequence
-from pathlib import Path
 
 from ropescope.errors import RopescopeError
 from ropescope.tasks.cases import CaseRequest, PromptCase, RetrievalTask, Score, single_needle_case
-from ropescope.eval.decoding import encode, special_prefix
 from ropescope.tasks.haystack import haystack_ids, independent_haystack_ids, insert_facts
-from ropescope.eval.retrieval import evaluate_retrieval, run_retrieval
-from ropescope.model.load import ModelOptions
-from ropescope.rope import RopeSpec
+from ropescope.tasks.text import encode, special_prefix
 
 NEEDLE = "The secret ingredient of the king's pie is a spoonful of wild honey."
 QUESTION = "What is the secret ingredient of the king's pie? The secret ingredient of the king's pie is"
@@ -93,19 +89,6 @@ def needle_task(needle: str = NEEDLE, question: str = QUESTION, answer: str = AN
 TASK = needle_task()
 
 
-def evaluate_needle(model, tokenizer, documents: list[str], lengths, depths=(0, 25, 50, 75, 100), trials: int = 1,
-                    seed: int = 0, needle: str = NEEDLE, question: str = QUESTION, answer: str = ANSWER,
-                    max_new_tokens: int | None = None, batch_size: int = 4, labels: dict | None = None,
-                    progress: bool | None = None) -> list[dict]:
-    """Needle retrieval over lengths x depths x trials on a loaded model; one `RetrievalRow` per trial, as a dict.
-
-    The texts and the haystack's size are as `check_needle_text` and `check_haystack` accept them.
-    """
-    return evaluate_retrieval(model, tokenizer, needle_task(needle, question, answer), lengths, depths, trials, seed,
-                              documents, max_new_tokens=max_new_tokens, batch_size=batch_size, labels=labels,
-                              progress=progress)
-
-
 def check_needle_text(needle: str, question: str, answer: str) -> None:
     """Needle, question and answer are non-empty, and the answer has words to score."""
     for name, text in (("needle", needle), ("question", question), ("answer", answer)):
@@ -114,18 +97,3 @@ def check_needle_text(needle: str, question: str, answer: str) -> None:
     if not _words(answer):
         raise RopescopeError(f"answer={answer!r} has no words or digits to score")
 
-
-def run_needle(model: str = "default", method: str | RopeSpec = "default", *, lengths=(256, 512, 1024),
-               depths=(0, 25, 50, 75, 100), trials: int = 1, seed: int = 0, factor: float | None = None,
-               original_max_position_embeddings: int | None = None, corpus=None, split: str = "validation",
-               independent_haystacks: bool = False, needle: str = NEEDLE, question: str = QUESTION,
-               answer: str = ANSWER, max_new_tokens: int | None = None, batch_size: int = 4,
-               options: ModelOptions | None = None, out="results/needle", progress: bool | None = None) -> list[dict]:
-    """`ropescope needle`: load model and corpus, run the grid, and write out/needle.csv and out/needle.png.
-    The texts and the haystack's size are checked before the weights load."""
-    check_needle_text(needle, question, answer)
-    return run_retrieval(needle_task(needle, question, answer), model, method, lengths=lengths, depths=depths,
-                         trials=trials, seed=seed, factor=factor,
-                         original_max_position_embeddings=original_max_position_embeddings, corpus=corpus,
-                         split=split, independent_haystacks=independent_haystacks, max_new_tokens=max_new_tokens,
-                         batch_size=batch_size, options=options, out=Path(out), progress=progress)

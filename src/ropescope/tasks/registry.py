@@ -1,4 +1,4 @@
-"""The retrieval tasks by name: `TASKS`. Adding a task is one module declaring a `RetrievalTask` (eval/cases.py)
+"""The retrieval tasks by name: `TASKS`. Adding a task is one module declaring a `RetrievalTask` (tasks/cases.py)
 and one line in `_BUILT_IN` below; `register` adds one from anywhere else (a test, a user's script)."""
 
 from __future__ import annotations
@@ -9,9 +9,8 @@ from ropescope.errors import RopescopeError
 from ropescope.tasks import needle
 from ropescope.tasks import passkey
 from ropescope.tasks import ruler
-from ropescope.tasks.cases import CaseRequest, PromptCase, RetrievalTask
-from ropescope.eval.retrieval import needs_documents, run_retrieval
 from ropescope.io.rows import as_bool
+from ropescope.tasks.cases import CaseRequest, PromptCase, RetrievalTask, needs_documents
 
 _BUILT_IN: tuple[RetrievalTask, ...] = (
     passkey.TASK,
@@ -40,25 +39,6 @@ def get_task(name: str) -> RetrievalTask:
     if name not in TASKS:
         raise RopescopeError(f"unknown retrieval task {name!r}; accepted: {', '.join(TASKS)}")
     return TASKS[name]
-
-
-def list_tasks() -> str:
-    """One line per registered task: its name and summary (`ropescope tasks`)."""
-    width = max(map(len, TASKS))
-    return "\n".join(f"{task.name:<{width}}  {task.summary}" for task in TASKS.values())
-
-
-def run_task(task: str = "passkey", model: str = "default", method="default", *, lengths=(256, 512, 1024),
-             depths=(0, 25, 50, 75, 100), trials: int = 5, seed: int = 0, factor: float | None = None,
-             original_max_position_embeddings: int | None = None, corpus=None, split: str = "validation",
-             independent_haystacks: bool = False, max_new_tokens: int | None = None, batch_size: int = 8,
-             options=None, out=None, progress: bool | None = None) -> list[dict]:
-    """`ropescope retrieval --task NAME`: `run_retrieval` of the registered task (out: results/NAME by default)."""
-    return run_retrieval(get_task(task), model, method, lengths=lengths, depths=depths, trials=trials, seed=seed,
-                         factor=factor, original_max_position_embeddings=original_max_position_embeddings,
-                         corpus=corpus, split=split, independent_haystacks=independent_haystacks,
-                         max_new_tokens=max_new_tokens, batch_size=batch_size, options=options, out=out,
-                         progress=progress)
 
 
 def rebuild_cases(tokenizer, rows: Sequence[Mapping], *, documents: Sequence[str] | None = None,

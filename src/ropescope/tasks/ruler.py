@@ -14,9 +14,9 @@ Models?", Section 3 and Appendix B) on the task registry, in our own words but R
   dots; the answer is the next three.
 
 Every task is scored by RULER's string_match_all: the share of expected strings found in the continuation (case
-ignored); `correct` when all are. Each cell (length, depth, trial, seed) draws its own keys, values and words;
+ignored); `correct` when all are. Each prompt (length, depth, trial, seed) draws its own keys, values and words;
 the depth places the first asked needle (niah) or the start of the chain (vt); cwe and fwe ignore it for placement
-(their cells are independent draws). A prompt is exactly `length` tokens: where whole pieces (list entries,
+(their prompts are independent draws). A prompt is exactly `length` tokens: where whole pieces (list entries,
 needles) leave a gap, newlines after the special prefix fill it.
 """
 
@@ -32,9 +32,9 @@ import torch
 
 from ropescope.errors import RopescopeError
 from ropescope.tasks.cases import DISTRACTOR, NEEDLE, CaseRequest, Fact, PromptCase, RetrievalTask, Score
-from ropescope.eval.decoding import encode, special_prefix
 from ropescope.tasks.haystack import haystack_ids, independent_haystack_ids, insert_facts
-from ropescope.tasks.passkey_format import FILLER
+from ropescope.tasks.passkey import FILLER
+from ropescope.tasks.text import encode, special_prefix
 
 ADJECTIVES = ("amber", "bitter", "brave", "bright", "calm", "clever", "crisp", "curious", "dark", "eager", "early",
               "faint", "fancy", "fierce", "gentle", "giant", "golden", "grumpy", "hollow", "humble", "icy", "jolly",
@@ -153,7 +153,7 @@ class Niah:
         for key in keys:
             role = NEEDLE if key in asked else DISTRACTOR
             for value in values[key]:
-                # the first asked needle at the cell's depth, every other one where the draw puts it
+                # the first asked needle at the point's depth, every other one where the draw puts it
                 depth = request.depth_percent if not inserts else rng.uniform(0, 100)
                 inserts.append((needle(key, value), depth, role))
         budget = request.length - len(special_prefix(tokenizer)) - len(before) - len(after) \
@@ -192,7 +192,7 @@ VARIABLE_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
 def variable_tracking(request: CaseRequest, hops: int = 4) -> PromptCase:
-    """A chain of `hops` + 1 assignments in the noise haystack, from the cell's depth spread evenly to the end."""
+    """A chain of `hops` + 1 assignments in the noise haystack, from the point's depth spread evenly to the end."""
     tokenizer, rng = request.tokenizer, _rng("vt", request)
     value = str(rng.randrange(10**4, 10**5))
     names: list[str] = []

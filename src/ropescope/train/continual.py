@@ -33,7 +33,7 @@ import torch
 
 from ropescope.errors import RopescopeError
 from ropescope.eval.nll import CausalLMLoss
-from ropescope.tasks.passkey_format import RETRIEVAL_HAYSTACKS
+from ropescope.tasks.passkey import RETRIEVAL_HAYSTACKS
 from ropescope.io.results import atomic_path, run_differences, run_identity, write_atomically
 from ropescope.train.schedule import SCHEDULES, learning_rate
 
@@ -546,7 +546,7 @@ def train(config: TrainConfig) -> Path:
     from ropescope import extend
     from ropescope.model.load import ModelOptions, load, load_tokenizer
     from ropescope.model.resolve import resolve_model
-    from ropescope.tasks.passkey_format import PasskeyPrompts
+    from ropescope.tasks.passkey import PasskeyPrompts
 
     validate(config)
     accelerator = _setup_accelerator(config)

@@ -2,7 +2,7 @@
 
 Reads top to bottom: train a byte-level BPE tokenizer on the train split, tokenize the split once, then a plain
 AdamW loop over random windows of `length` tokens, of which a share are synthetic passkey examples
-(format in `ropescope.tasks.passkey_format`) so the model learns to retrieve a key from anywhere in its context.
+(format in `ropescope.tasks.passkey`) so the model learns to retrieve a key from anywhere in its context.
 Seeded and deterministic on a given machine; checkpoints every `checkpoint_every` steps and resumes from the
 last one; the output folder (HF config, safetensors weights, tokenizer) appears atomically at the end.
 """
@@ -23,7 +23,7 @@ from tqdm import tqdm
 from ropescope.io.data import load_corpus
 from ropescope.errors import RopescopeError
 from ropescope.eval.nll import causal_lm_loss
-from ropescope.tasks.passkey_format import PasskeyPrompts
+from ropescope.tasks.passkey import PasskeyPrompts
 from ropescope.io.results import atomic_path, run_differences
 from ropescope.train.schedule import learning_rate
 from ropescope.train.continual import option
