@@ -23,6 +23,9 @@ import resource
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from transformers import AutoModelForCausalLM
+
 from ropescope.errors import RopescopeError
 from ropescope.eval.nll import loss_chunk_size
 
@@ -76,9 +79,6 @@ def read_config(model: str):
 
 def model_shape(config) -> Shape:
     """Parameter count (the model built on the meta device: no memory, no weights) and the widths of `config`."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     text = config.get_text_config()

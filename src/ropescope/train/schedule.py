@@ -22,3 +22,10 @@ def learning_rate(step: int, peak: float, total_steps: int, warmup_steps: int = 
     decay = 0.5 * (1 + math.cos(math.pi * progress)) if shape == "cosine" else 1 - progress
     floor = min_ratio * peak
     return floor + (peak - floor) * decay
+
+
+def lr_at(step: int, config) -> float:
+    """`learning_rate` of step `step` (0-based) with a run's settings: `config` has learning_rate, steps,
+    warmup_steps, min_lr_ratio and schedule (a `TrainConfig` or a `PretrainConfig`)."""
+    return learning_rate(step, config.learning_rate, config.steps, config.warmup_steps, config.min_lr_ratio,
+                         config.schedule)
