@@ -22,7 +22,9 @@ import pytest
 import torch
 
 from ropescope.cli import main
-from ropescope.train.continual import TrainConfig, block_indices, lr_at, train
+from ropescope.train.batch import batch_size_for
+from ropescope.train.continual import TrainConfig, block_indices, train
+from ropescope.train.schedule import lr_at
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 WORDS = ("the river ran past old stone walls while green birds sang of rain and light over quiet hills "
@@ -167,6 +169,15 @@ def test_two_processes_with_half_the_batch_follow_the_one_process_trajectory(tin
     assert [s for s, _ in got] == [s for s, _ in expected] == [1, 2, 3, 4]
     torch.testing.assert_close([l for _, l in got], [l for _, l in expected], rtol=1e-5, atol=1e-6)
     assert expected[-1][1] < expected[0][1]  # it learns
+
+
+def test_the_batch_arithmetic_is_one_function_and_printed_once_at_the_start(tiny, tmp_path, capsys):
+    assert [batch_size_for(8192, length) for length in (512, 1024, 3000, 16384)] == [16, 8, 2, 1]
+    out = train(_config(tiny, tmp_path / "run", steps=2, batch_size=2, grad_accum=2, progress=True))
+    printed = capsys.readouterr().err
+    line = "tokens per optimizer step: 192 = batch_size 2 x processes 1 x grad_accum 2 x length 48"
+    assert printed.count(line) == 1
+    assert (out / "metrics.csv").read_text().splitlines()[0] == "step,loss,lr,tokens_per_s"  # not in the metrics
 
 
 def test_a_killed_run_resumes_on_the_exact_trajectory(tiny, tmp_path):

@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
+from ropescope.train.batch import batch_arithmetic
 from ropescope.train.metrics import StepRecord
 
 
@@ -46,19 +47,6 @@ class PlainTorch:
 
     def no_sync(self, model):
         return nullcontext()
-
-
-def batch_size_for(tokens_per_step: int, length: int) -> int:
-    """Blocks of `length` tokens in a step of about `tokens_per_step` tokens (at least one): how a study sizes the
-    batch of each training length, so that every length trains on the same number of tokens."""
-    return max(1, tokens_per_step // length)
-
-
-def batch_arithmetic(batch_size: int, num_processes: int, grad_accum: int, length: int) -> str:
-    """The line a run prints at its start: the tokens of one optimizer step, and the product they come from."""
-    tokens = batch_size * num_processes * grad_accum * length
-    return (f"tokens per optimizer step: {tokens:,} = {batch_size} blocks x {num_processes} processes x "
-            f"{grad_accum} micro-steps x {length} tokens")
 
 
 @dataclass

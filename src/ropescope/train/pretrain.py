@@ -30,7 +30,8 @@ from ropescope.io.results import atomic_path, run_differences
 from ropescope.model.load import load_tokenizer, resolve_model
 from ropescope.tasks.passkey_format import PasskeyPrompts
 from ropescope.train.checkpoint import load_file, save_file
-from ropescope.train.loop import PlainTorch, Steps, batch_arithmetic, run_steps
+from ropescope.train.batch import batch_arithmetic
+from ropescope.train.loop import PlainTorch, Steps, run_steps
 from ropescope.train.metrics import StepRecord
 from ropescope.train.options import check_learning_rate, check_not_negative, check_positive_integers, option
 from ropescope.train.schedule import lr_at
