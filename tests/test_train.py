@@ -24,7 +24,7 @@ import torch
 from ropescope.cli import main
 from ropescope.train.batch import batch_size_for
 from ropescope.train.continual import TrainConfig, block_indices, train
-from ropescope.train.schedule import lr_at
+from ropescope.train.schedule import lr_at, lr_by_multiplier
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 WORDS = ("the river ran past old stone walls while green birds sang of rain and light over quiet hills "
@@ -102,6 +102,20 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
     assert lr_at(6, config) == pytest.approx(0.1 + 0.9 * 0.5)  # halfway through the cosine
     linear = TrainConfig(out="x", steps=10, warmup_steps=0, learning_rate=1.0, min_lr_ratio=0.0, schedule="linear")
     assert lr_at(5, linear) == pytest.approx(0.5)
+
+
+def test_the_rate_of_train_is_the_one_lambda_lr_gave_it_to_the_last_bit():
+    """Runs made while train stepped a LambdaLR stay bit-identical: its rate is the peak times lr_at / peak."""
+    config = TrainConfig(out="x", steps=50, warmup_steps=3, learning_rate=1e-3)
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=config.learning_rate)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, config) / config.learning_rate)
+    rates = []
+    for _ in range(config.steps):
+        rates.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert rates == [lr_by_multiplier(step, config) for step in range(config.steps)]
+    assert rates == pytest.approx([lr_at(step, config) for step in range(config.steps)], rel=1e-15)
 
 
 def test_each_global_batch_is_the_same_blocks_whatever_the_process_count():

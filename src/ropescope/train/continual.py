@@ -45,7 +45,7 @@ from ropescope.train.loop import Steps, run_steps
 from ropescope.train.memory import checkpointing_pays, model_shape
 from ropescope.train.metrics import MetricsFile, metrics_rows
 from ropescope.train.options import check_learning_rate, check_not_negative, check_positive_integers, option
-from ropescope.train.schedule import SCHEDULES, lr_at
+from ropescope.train.schedule import SCHEDULES, lr_by_multiplier
 
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]  # the attention projections, where RoPE acts
@@ -151,13 +151,6 @@ def validate(config: TrainConfig) -> None:
         raise RopescopeError(f"retrieval_min_length={shortest!r} is outside 1..length ({config.length})")
     if config.resume and config.overwrite:
         raise RopescopeError("resume and overwrite both set; pass one: resume continues the run, overwrite replaces it")
-
-
-def step_lr(step: int, config: TrainConfig) -> float:
-    """The learning rate of step `step` (0-based): `lr_at` as torch's LambdaLR made it when it stepped this loop,
-    the peak times the ratio lr_at / peak. That can differ from `lr_at` in the last bit, and the weights with it:
-    kept so that runs (the default study's among them) stay bit-identical to the ones already made."""
-    return config.learning_rate * (lr_at(step, config) / config.learning_rate)
 
 
 def block_slots(step: int, micro_step: int, process_index: int, config: TrainConfig, num_processes: int) -> range:
@@ -391,7 +384,7 @@ def _setup_optimizer(accelerator, config: TrainConfig, model, resume_from: Path 
 def _train_loop(accelerator, config: TrainConfig, model, optimizer, state: LoopState, blocks: torch.Tensor,
                 passkeys, label: str) -> None:
     """`run_steps` from `state.step` to `config.steps` with this recipe's data (`micro_batch`, a pure function of
-    the step), learning rate (`step_lr`), metrics.csv and accelerate checkpoints."""
+    the step), learning rate (`lr_by_multiplier`), metrics.csv and accelerate checkpoints."""
     out = Path(config.out)
     num_processes = accelerator.num_processes
     metrics = MetricsFile(out / "metrics.csv", state.step) if accelerator.is_main_process else None
@@ -409,7 +402,7 @@ def _train_loop(accelerator, config: TrainConfig, model, optimizer, state: LoopS
 
     steps = Steps(steps=config.steps, batch_size=config.batch_size, grad_accum=config.grad_accum,
                   length=config.length, max_grad_norm=config.max_grad_norm, checkpoint_every=config.checkpoint_every,
-                  batch_at=batch_at, lr_at=lambda step: step_lr(step, config),
+                  batch_at=batch_at, lr_at=lambda step: lr_by_multiplier(step, config),
                   after_step=metrics.write if metrics else lambda record: None, save_checkpoint=save_checkpoint,
                   label=f"train {label} @ {config.length}", progress=config.progress)
     try:

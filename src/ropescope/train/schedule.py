@@ -29,3 +29,10 @@ def lr_at(step: int, config) -> float:
     warmup_steps, min_lr_ratio and schedule (a `TrainConfig` or a `PretrainConfig`)."""
     return learning_rate(step, config.learning_rate, config.steps, config.warmup_steps, config.min_lr_ratio,
                          config.schedule)
+
+
+def lr_by_multiplier(step: int, config) -> float:
+    """`lr_at` as torch's LambdaLR computes it, the peak times the ratio lr_at / peak: the rate of `ropescope train`.
+    It can differ from `lr_at` in the last bit, and the weights with it; `train` stepped a LambdaLR before its loop
+    was shared with `pretrain`, and this keeps its runs (the default study's among them) bit-identical."""
+    return config.learning_rate * (lr_at(step, config) / config.learning_rate)
