@@ -1,4 +1,4 @@
-"""Continual pretraining with a RoPE extension: a plain loop over accelerate, readable top to bottom.
+"""Continual pretraining with a RoPE extension: the training loop of `ropescope.train.loop` over accelerate.
 
     ropescope train --model default --method yarn --factor 4 --length 1024 --steps 200 --out runs/yarn-1024
     accelerate launch --num_processes 8 -m ropescope train ...        # the same loop, data parallel (or FSDP)
