@@ -24,7 +24,8 @@ from ropescope import extend
 from ropescope.io.data import load_corpus, token_blocks
 from ropescope.model.load import ModelOptions, load
 from ropescope.rope import parse_spec
-from ropescope.train.continual import TrainConfig, _LrMultiplier, train
+from ropescope.train.continual import TrainConfig, train
+from ropescope.train.schedule import lr_at
 
 
 def hand_written_tokens_per_s(config: TrainConfig, skip: int) -> float:
@@ -39,17 +40,17 @@ def hand_written_tokens_per_s(config: TrainConfig, skip: int) -> float:
     blocks = list(islice(token_blocks(tokenizer, documents, block_length=config.length),
                          config.steps * config.batch_size))
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, betas=(0.9, 0.95), weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _LrMultiplier(config))
     for step in range(config.steps):
         if step == skip:
             started = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, config)
         start = step * config.batch_size % len(blocks)
         input_ids = torch.stack(blocks[start:start + config.batch_size])
         loss = model(input_ids=input_ids, labels=input_ids).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
         optimizer.step()
-        scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         loss.item()  # the same one synchronisation per step that logging the loss costs
     return (config.steps - skip) * config.batch_size * config.length / (time.perf_counter() - started)

@@ -212,7 +212,7 @@ CASES = [
     (f"{_TRAIN} --out o --warmup-steps 5", "warmup_steps=5 is outside 0..steps (1)"),
     (f"{_TRAIN} --out o --method nosuch", "unknown RoPE method 'nosuch'"),
     (f"{_TRAIN} --out o --length 100000", "length=100000"),
-    (f"{_PRETRAIN} --out o --steps 0", "steps=0 must be a positive integer"),
+    (f"{_PRETRAIN} --out o --steps 0", "steps=0 is not a positive integer"),
     (f"{_PRETRAIN} --out o --retrieval-mix 2", "retrieval_mix=2.0 is outside 0..1"),
     (f"{_PRETRAIN} --out o --num-heads 3", "hidden_size=32 is not divisible by num_heads=3"),
     ("study nowhere.toml --out o", "study config 'nowhere.toml' does not exist"),

@@ -35,8 +35,10 @@ def tiny(corpus, output, **overrides):
     return PretrainConfig(**settings)
 
 
-def test_tiny_pretraining_loss_falls_and_output_loads(corpus, tmp_path):
+def test_tiny_pretraining_loss_falls_and_output_loads(corpus, tmp_path, capsys):
     output = pretrain(tiny(corpus, tmp_path / "model"), progress=False)
+    assert "tokens per optimizer step: 256 = batch_size 4 x processes 1 x grad_accum 1 x length 64" in \
+        capsys.readouterr().out
     summary = json.loads((output / "training_summary.json").read_text())
     assert summary["loss_curve"][-1] < summary["loss_curve"][0] - 1.0
     model = AutoModelForCausalLM.from_pretrained(output)

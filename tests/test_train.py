@@ -22,7 +22,9 @@ import pytest
 import torch
 
 from ropescope.cli import main
-from ropescope.train.continual import TrainConfig, block_indices, lr_at, train
+from ropescope.train.batch import batch_size_for
+from ropescope.train.continual import TrainConfig, block_indices, train
+from ropescope.train.schedule import lr_at, lr_by_multiplier
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 WORDS = ("the river ran past old stone walls while green birds sang of rain and light over quiet hills "
@@ -102,6 +104,20 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
     assert lr_at(5, linear) == pytest.approx(0.5)
 
 
+def test_the_rate_of_train_is_the_one_lambda_lr_gave_it_to_the_last_bit():
+    """Runs made while train stepped a LambdaLR stay bit-identical: its rate is the peak times lr_at / peak."""
+    config = TrainConfig(out="x", steps=50, warmup_steps=3, learning_rate=1e-3)
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=config.learning_rate)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, config) / config.learning_rate)
+    rates = []
+    for _ in range(config.steps):
+        rates.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert rates == [lr_by_multiplier(step, config) for step in range(config.steps)]
+    assert rates == pytest.approx([lr_at(step, config) for step in range(config.steps)], rel=1e-15)
+
+
 def test_each_global_batch_is_the_same_blocks_whatever_the_process_count():
     for step in range(7):  # 7 steps of 8 blocks over 20 blocks: crosses two epoch boundaries
         one = block_indices(step, 0, 0, 20, TrainConfig(out="x", batch_size=8), 1)
@@ -167,6 +183,15 @@ def test_two_processes_with_half_the_batch_follow_the_one_process_trajectory(tin
     assert [s for s, _ in got] == [s for s, _ in expected] == [1, 2, 3, 4]
     torch.testing.assert_close([l for _, l in got], [l for _, l in expected], rtol=1e-5, atol=1e-6)
     assert expected[-1][1] < expected[0][1]  # it learns
+
+
+def test_the_batch_arithmetic_is_one_function_and_printed_once_at_the_start(tiny, tmp_path, capsys):
+    assert [batch_size_for(8192, length) for length in (512, 1024, 3000, 16384)] == [16, 8, 2, 1]
+    out = train(_config(tiny, tmp_path / "run", steps=2, batch_size=2, grad_accum=2, progress=True))
+    printed = capsys.readouterr().err
+    line = "tokens per optimizer step: 192 = batch_size 2 x processes 1 x grad_accum 2 x length 48"
+    assert printed.count(line) == 1
+    assert (out / "metrics.csv").read_text().splitlines()[0] == "step,loss,lr,tokens_per_s"  # not in the metrics
 
 
 def test_a_killed_run_resumes_on_the_exact_trajectory(tiny, tmp_path):

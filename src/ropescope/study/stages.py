@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 
 from ropescope.study.config import StudyConfig
 from ropescope.study.context import ORIGINAL_VARIANT, StageContext, Variant
+from ropescope.train.batch import batch_size_for
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ def train(context: StageContext, variant: Variant) -> list[dict]:
         length=variant.train_length,
         steps=settings.steps,
         corpus=context.corpus,
-        batch_size=max(1, settings.tokens_per_step // variant.train_length),
+        batch_size=batch_size_for(settings.tokens_per_step, variant.train_length),
         learning_rate=settings.learning_rate,
         warmup_steps=settings.warmup_steps,
         seed=context.config.seed + variant.train_seed,

@@ -1,4 +1,4 @@
-"""Continual pretraining with a RoPE extension: a plain loop over accelerate, readable top to bottom.
+"""Continual pretraining with a RoPE extension: the training loop of `ropescope.train.loop` over accelerate.
 
     ropescope train --model default --method yarn --factor 4 --length 1024 --steps 200 --out runs/yarn-1024
     accelerate launch --num_processes 8 -m ropescope train ...        # the same loop, data parallel (or FSDP)
@@ -18,28 +18,38 @@ seed, so the same holds for them.
 
 from __future__ import annotations
 
-import csv
-import dataclasses
-import io
 import json
 import os
 import shutil
-import time
-from contextlib import ExitStack, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
+import psutil
 import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from peft import LoraConfig, get_peft_model
+from transformers import AutoConfig
 
 from ropescope.errors import RopescopeError
 from ropescope.eval.nll import CausalLMLoss
-from ropescope.tasks.passkey import RETRIEVAL_HAYSTACKS
-from ropescope.io.results import atomic_path, run_differences, run_identity, write_atomically
-from ropescope.train.schedule import SCHEDULES, learning_rate
+from ropescope.io.data import load_corpus, token_blocks
+from ropescope.io.results import run_differences, run_identity, write_atomically
+from ropescope.model.load import ModelOptions, load, load_tokenizer
+from ropescope.model.patch import extend, pretrained_rope
+from ropescope.model.resolve import TOKENIZER_FILES, resolve_model
+from ropescope.rope import RopeSpec, parse_spec
+from ropescope.tasks.passkey import RETRIEVAL_HAYSTACKS, PasskeyPrompts
+from ropescope.train.checkpoint import LoopState, newest_state_folder, save_state_folder
+from ropescope.train.loop import Steps, run_steps
+from ropescope.train.memory import checkpointing_pays, model_shape
+from ropescope.train.metrics import MetricsFile, metrics_rows
+from ropescope.train.options import check_learning_rate, check_not_negative, check_positive_integers, option
+from ropescope.train.schedule import SCHEDULES, lr_by_multiplier
 
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]  # the attention projections, where RoPE acts
-METRICS_FIELDS = ["step", "loss", "lr", "tokens_per_s"]
 # With retrieval_mix: the share of passkey rows packed with short examples of 40-80 tokens (as in the later stages
 # of the shipped model's pretraining); the other passkey rows hold one example of the training length.
 RETRIEVAL_PACKED_SHARE = 0.3
@@ -51,11 +61,6 @@ STAGING, STAGED = ".final.partial", ".final.staged"
 # Fields that do not change what the run computes: a resumed run may differ in these.
 _NOT_IDENTITY = {"out", "resume", "overwrite", "progress", "checkpoint_every", "keep_checkpoints", "batch_size",
                  "gradient_checkpointing"}
-
-
-def option(default=dataclasses.MISSING, help: str = ""):
-    """A config field with the help text that `--help` prints for its flag (no default: a required field)."""
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass
@@ -119,13 +124,8 @@ class TrainConfig:
 
 def validate(config: TrainConfig) -> None:
     """Check every value a user can get wrong that needs no model or data: one RopescopeError line each."""
-    positive = {"length": config.length, "steps": config.steps, "batch_size": config.batch_size,
-                "grad_accum": config.grad_accum}
-    for name, value in positive.items():
-        if not isinstance(value, int) or value <= 0:
-            raise RopescopeError(f"{name}={value!r} is not a positive integer")
-    if not config.learning_rate > 0:
-        raise RopescopeError(f"learning_rate={config.learning_rate} must be > 0")
+    check_positive_integers(config, ("length", "steps", "batch_size", "grad_accum"))
+    check_learning_rate(config)
     if config.schedule not in SCHEDULES:
         raise RopescopeError(f"schedule={config.schedule!r} is unknown; accepted: {', '.join(SCHEDULES)}")
     if not 0 <= config.warmup_steps <= config.steps:
@@ -135,9 +135,7 @@ def validate(config: TrainConfig) -> None:
     if config.mixed_precision not in MIXED_PRECISION:
         raise RopescopeError(
             f"mixed_precision={config.mixed_precision!r} is unknown; accepted: {', '.join(MIXED_PRECISION)}")
-    for name in ("checkpoint_every", "lora_rank", "max_grad_norm", "weight_decay", "answer_loss_weight"):
-        if getattr(config, name) < 0:
-            raise RopescopeError(f"{name}={getattr(config, name)} must be >= 0")
+    check_not_negative(config, ("checkpoint_every", "lora_rank", "max_grad_norm", "weight_decay", "answer_loss_weight"))
     if config.keep_checkpoints < 1:
         raise RopescopeError(f"keep_checkpoints={config.keep_checkpoints} must be >= 1")
     original = config.original_max_position_embeddings
@@ -154,35 +152,6 @@ def validate(config: TrainConfig) -> None:
         raise RopescopeError(f"retrieval_min_length={shortest!r} is outside 1..length ({config.length})")
     if config.resume and config.overwrite:
         raise RopescopeError("resume and overwrite both set; pass one: resume continues the run, overwrite replaces it")
-
-
-def lr_at(step: int, config: TrainConfig) -> float:
-    """Learning rate for optimizer step `step` (0-based): `ropescope.train.schedule.learning_rate` with the run's settings."""
-    return learning_rate(step, config.learning_rate, config.steps, config.warmup_steps, config.min_lr_ratio,
-                         config.schedule)
-
-
-class _LrMultiplier:
-    """LambdaLR's factor for `lr_at`; a class, not a lambda, so the scheduler's state_dict can hold it."""
-
-    def __init__(self, config: TrainConfig):
-        self.config = config
-
-    def __call__(self, step: int) -> float:
-        return lr_at(step, self.config) / self.config.learning_rate
-
-
-class _TrainState:
-    """The loop position, saved with every checkpoint: the data position is a function of `step` alone."""
-
-    def __init__(self):
-        self.step = 0  # optimizer steps finished
-
-    def state_dict(self) -> dict:
-        return {"step": self.step}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step = int(state["step"])
 
 
 def block_slots(step: int, micro_step: int, process_index: int, config: TrainConfig, num_processes: int) -> range:
@@ -296,15 +265,13 @@ def _check_out(config: TrainConfig, identity: dict) -> None:
 
 def _is_complete(out: Path, steps: int) -> bool:
     """The last step's metrics are written and the final checkpoint published (its config.json is moved in last)."""
-    from ropescope.model.resolve import TOKENIZER_FILES
-
     return _trained(out, steps) and not (out / STAGED).exists() and (out / "config.json").is_file() \
         and (out / "tokenizer_config.json").is_file() and any((out / name).is_file() for name in TOKENIZER_FILES)
 
 
 def _trained(out: Path, steps: int) -> bool:
     """Every step's metrics are written: the training itself is over."""
-    rows = _metrics_rows(out / "metrics.csv", steps)
+    rows = metrics_rows(out / "metrics.csv", steps)
     return bool(rows) and int(rows[-1]["step"]) == steps
 
 
@@ -313,10 +280,6 @@ def _training_blocks(tokenizer, config: TrainConfig, global_batch: int) -> torch
 
     Returns: LongTensor[num_blocks, length]. Raises RopescopeError if the corpus cannot fill one global batch.
     """
-    from itertools import islice
-
-    from ropescope.io.data import load_corpus, token_blocks
-
     documents = load_corpus(config.corpus, split="train")
     needed = config.steps * global_batch  # a run that outlasts the corpus goes round it again, reshuffled
     try:
@@ -336,45 +299,6 @@ def _training_blocks(tokenizer, config: TrainConfig, global_batch: int) -> torch
     return torch.stack(blocks)
 
 
-def _newest_checkpoint(out: Path) -> Path | None:
-    folders = sorted((out / "checkpoints").glob("step-*")) if (out / "checkpoints").exists() else []
-    return folders[-1] if folders else None
-
-
-def _save_checkpoint(accelerator, out: Path, step: int, keep: int) -> None:
-    """Save model, optimizer, scheduler, RNG and loop state for `step`, atomically: a temp folder, then rename."""
-    from accelerate.utils import broadcast_object_list
-
-    folder = out / "checkpoints" / f"step-{step:08d}"
-    with ExitStack() as stack:
-        # The main process picks the unique temporary folder; every process writes its part there.
-        temporary = [stack.enter_context(atomic_path(folder)) if accelerator.is_main_process else None]
-        temporary = broadcast_object_list(temporary)[0]
-        accelerator.save_state(str(temporary))
-        accelerator.wait_for_everyone()  # every process has written its part (its RNG state, its FSDP shard)
-    if accelerator.is_main_process:
-        for old in sorted((out / "checkpoints").glob("step-*"))[:-keep]:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-
-
-def _metrics_rows(path: Path, up_to_step: int) -> list[dict]:
-    if not path.exists():
-        return []
-    with path.open(newline="") as file:
-        return [row for row in csv.DictReader(file) if int(row["step"]) <= up_to_step]
-
-
-def _start_metrics(path: Path, keep_rows: list[dict]):
-    """Rewrite metrics.csv with the rows the resumed state has already produced; return it open for appending."""
-    buffer = io.StringIO(newline="")
-    writer = csv.DictWriter(buffer, fieldnames=METRICS_FIELDS)
-    writer.writeheader()
-    writer.writerows(keep_rows)
-    write_atomically(path, buffer.getvalue())
-    return path.open("a", newline="")
-
-
 def _mixed_precision(config: TrainConfig) -> str:
     if config.mixed_precision != "auto":
         return config.mixed_precision
@@ -383,8 +307,6 @@ def _mixed_precision(config: TrainConfig) -> str:
 
 
 def _setup_accelerator(config: TrainConfig):
-    from accelerate import Accelerator
-
     # Launched as several processes on a machine without CUDA, accelerate would run each process alone unless
     # told it is on CPU; told, it joins them with gloo (torchrun and `accelerate launch --multi_gpu` both work).
     launched_on_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
@@ -392,11 +314,6 @@ def _setup_accelerator(config: TrainConfig):
 
 
 def _rope_spec(config: TrainConfig, model_path: Path):
-    from transformers import AutoConfig
-
-    from ropescope.model.patch import pretrained_rope
-    from ropescope.rope import parse_spec
-
     if config.spec is not None:
         return parse_spec(config.spec)
     # The length the model was pretrained at, even when the checkpoint already carries an extension.
@@ -408,7 +325,7 @@ def _start_run_folder(accelerator, config: TrainConfig, identity: dict, spec, nu
                       checkpointing: bool) -> Path | None:
     """Create (or clear, on overwrite) the run folder and write run.json; return the checkpoint to resume from."""
     out = Path(config.out)
-    resume_from = _newest_checkpoint(out) if config.resume else None
+    resume_from = newest_state_folder(out / "checkpoints") if config.resume else None
     if accelerator.is_main_process:
         if config.overwrite and out.exists():
             shutil.rmtree(out)
@@ -427,8 +344,6 @@ def uses_checkpointing(config: TrainConfig, model_config, mixed_precision: str,
     micro-batch on a device of `device_memory` bytes (`ropescope.train.memory.checkpointing_pays`)."""
     if config.gradient_checkpointing is not None:
         return config.gradient_checkpointing
-    from ropescope.train.memory import checkpointing_pays, model_shape
-
     dtype_bytes = 4 if mixed_precision == "no" else 2
     return checkpointing_pays(model_shape(model_config), config.batch_size * config.length, dtype_bytes=dtype_bytes,
                               device_memory=device_memory)
@@ -438,8 +353,6 @@ def _device_memory(device: torch.device) -> int:
     """Bytes a training step may use: the GPU's memory, or the memory this machine has available."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
-    import psutil
-
     return psutil.virtual_memory().available
 
 
@@ -450,8 +363,6 @@ def _prepare_model(config: TrainConfig, model, checkpointing: bool):
     if checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if config.lora_rank:
-        from peft import LoraConfig, get_peft_model
-
         lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                           target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
         model = get_peft_model(model, lora)
@@ -459,81 +370,47 @@ def _prepare_model(config: TrainConfig, model, checkpointing: bool):
 
 
 def _setup_optimizer(accelerator, config: TrainConfig, model, resume_from: Path | None):
-    """(model, optimizer, scheduler, state), prepared by accelerate and restored from `resume_from` if given."""
+    """(model, optimizer, state), prepared by accelerate and restored from `resume_from` if given."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay,
                                   betas=(0.9, 0.95))
     model, optimizer = accelerator.prepare(model, optimizer)
-    # Not prepared: accelerate would step a prepared scheduler once per process, and our step is global.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _LrMultiplier(config))
-    state = _TrainState()
-    accelerator.register_for_checkpointing(scheduler, state)
+    state = LoopState()
+    accelerator.register_for_checkpointing(state)
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
-    return model, optimizer, scheduler, state
+    return model, optimizer, state
 
 
-def _train_loop(accelerator, config: TrainConfig, model, optimizer, scheduler, state: _TrainState,
-                blocks: torch.Tensor, passkeys, label: str) -> None:
-    """Optimizer steps from `state.step` to `config.steps`: metrics.csv, the progress bar, periodic checkpoints."""
-    from tqdm import tqdm
-
+def _train_loop(accelerator, config: TrainConfig, model, optimizer, state: LoopState, blocks: torch.Tensor,
+                passkeys, label: str) -> None:
+    """`run_steps` from `state.step` to `config.steps` with this recipe's data (`micro_batch`, a pure function of
+    the step), learning rate (`lr_by_multiplier`), metrics.csv and accelerate checkpoints."""
     out = Path(config.out)
     num_processes = accelerator.num_processes
-    metrics_path = out / "metrics.csv"
-    metrics_file = None
-    if accelerator.is_main_process:
-        metrics_file = _start_metrics(metrics_path, _metrics_rows(metrics_path, state.step))
-    metrics = csv.DictWriter(metrics_file, fieldnames=METRICS_FIELDS) if metrics_file else None
-
-    tokens_per_step = config.batch_size * num_processes * config.grad_accum * config.length
-    show = accelerator.is_local_main_process and config.progress is not False
-    bar = tqdm(total=config.steps, initial=state.step, desc=f"train {label} @ {config.length}",
-               disable=None if (show and config.progress is None) else not show)
+    metrics = MetricsFile(out / "metrics.csv", state.step) if accelerator.is_main_process else None
     permutations: dict = {}
-    last_step_end = time.perf_counter()
-    try:
-        while state.step < config.steps:
-            loss_sum = torch.zeros((), device=accelerator.device)
-            for micro_step in range(config.grad_accum):
-                slots = block_slots(state.step, micro_step, accelerator.process_index, config, num_processes)
-                indices = block_indices(state.step, micro_step, accelerator.process_index, len(blocks), config,
-                                        num_processes, permutations)
-                input_ids, is_answer = micro_batch(blocks, slots, indices, config, passkeys)
-                input_ids = input_ids.to(accelerator.device, non_blocking=True)
-                is_answer = None if is_answer is None else is_answer.to(accelerator.device)
-                last = micro_step == config.grad_accum - 1
-                # Gradients are all-reduced only on the last micro-step: the others accumulate locally.
-                with nullcontext() if last else accelerator.no_sync(model):
-                    loss = model(input_ids, is_answer)
-                    accelerator.backward(loss / config.grad_accum)
-                loss_sum += loss.detach()
-            if config.max_grad_norm:
-                accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            # Every block has the same token count, so the mean of the per-process means is the global mean.
-            step_loss = accelerator.reduce(loss_sum / config.grad_accum, reduction="mean").item()
-            # Wall clock from one step's end to the next: the bookkeeping (metrics, bar, checkpoints) counts too.
-            now = time.perf_counter()
-            tokens_per_s = tokens_per_step / (now - last_step_end)
-            last_step_end = now
-            state.step += 1
 
-            if metrics is not None:
-                metrics.writerow({"step": state.step, "loss": repr(step_loss), "lr": repr(lr),
-                                  "tokens_per_s": f"{tokens_per_s:.1f}"})
-                metrics_file.flush()
-            bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens_per_s:.0f}")
-            bar.update(1)
-            if config.checkpoint_every and state.step % config.checkpoint_every == 0 and state.step < config.steps:
-                _save_checkpoint(accelerator, out, state.step, config.keep_checkpoints)
+    def batch_at(step: int, micro_step: int):
+        slots = block_slots(step, micro_step, accelerator.process_index, config, num_processes)
+        indices = block_indices(step, micro_step, accelerator.process_index, len(blocks), config, num_processes,
+                                permutations)
+        return micro_batch(blocks, slots, indices, config, passkeys)
+
+    def save_checkpoint(step: int) -> None:
+        state.step = step
+        save_state_folder(accelerator, out / "checkpoints", step, config.keep_checkpoints)
+
+    steps = Steps(steps=config.steps, batch_size=config.batch_size, grad_accum=config.grad_accum,
+                  length=config.length, max_grad_norm=config.max_grad_norm, checkpoint_every=config.checkpoint_every,
+                  batch_at=batch_at, lr_at=lambda step: lr_by_multiplier(step, config),
+                  after_step=metrics.write if metrics else lambda record: None, save_checkpoint=save_checkpoint,
+                  label=f"train {label} @ {config.length}", progress=config.progress)
+    try:
+        run_steps(accelerator, model, optimizer, steps, state.step)
     finally:
-        bar.close()
-        if metrics_file is not None:
-            metrics_file.close()
+        if metrics is not None:
+            metrics.close()
 
 
 def train(config: TrainConfig) -> Path:
@@ -541,13 +418,6 @@ def train(config: TrainConfig) -> Path:
 
     Runs as it is on one process, and under `accelerate launch` on many (DDP or FSDP, as accelerate is set up).
     """
-    from accelerate.utils import set_seed
-
-    from ropescope import extend
-    from ropescope.model.load import ModelOptions, load, load_tokenizer
-    from ropescope.model.resolve import resolve_model
-    from ropescope.tasks.passkey import PasskeyPrompts
-
     validate(config)
     accelerator = _setup_accelerator(config)
     global_batch = config.batch_size * accelerator.num_processes * config.grad_accum
@@ -582,9 +452,9 @@ def train(config: TrainConfig) -> Path:
     # The loss goes through the wrapper's forward: the output head runs over chunks of positions, never holding
     # [tokens x vocabulary] logits (ropescope.eval.nll.causal_lm_loss).
     model = CausalLMLoss(_prepare_model(config, model, checkpointing and not by_fsdp), config.answer_loss_weight)
-    model, optimizer, scheduler, state = _setup_optimizer(accelerator, config, model, resume_from)
+    model, optimizer, state = _setup_optimizer(accelerator, config, model, resume_from)
     passkeys = PasskeyPrompts(tokenizer) if config.retrieval_mix else None
-    _train_loop(accelerator, config, model, optimizer, scheduler, state, blocks, passkeys, spec.label())
+    _train_loop(accelerator, config, model, optimizer, state, blocks, passkeys, spec.label())
     _save_final(accelerator, model, tokenizer, Path(config.out), lora=bool(config.lora_rank))
     return Path(config.out)
 

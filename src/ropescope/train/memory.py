@@ -22,6 +22,9 @@ from __future__ import annotations
 import resource
 from dataclasses import dataclass
 
+import torch
+from transformers import AutoModelForCausalLM
+
 from ropescope.errors import RopescopeError
 from ropescope.eval.nll import loss_chunk_size
 
@@ -51,9 +54,6 @@ class Shape:
 
 def model_shape(config) -> Shape:
     """Parameter count (the model built on the meta device: no memory, no weights) and the widths of `config`."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     text = config.get_text_config()

@@ -1,10 +1,11 @@
 """Pretrain the shipped default: a small LlamaForCausalLM with original RoPE at a short context.
 
-Reads top to bottom: train a byte-level BPE tokenizer on the train split, tokenize the split once, then a plain
-AdamW loop over random windows of `length` tokens, of which a share are synthetic passkey examples
-(format in `ropescope.tasks.passkey`) so the model learns to retrieve a key from anywhere in its context.
-Seeded and deterministic on a given machine; checkpoints every `checkpoint_every` steps and resumes from the
-last one; the output folder (HF config, safetensors weights, tokenizer) appears atomically at the end.
+Reads top to bottom: train a byte-level BPE tokenizer on the train split, tokenize the split once, then the
+training loop of `ropescope train` (`ropescope.train.loop`), in plain torch on one process, over random windows of
+`length` tokens, of which a share are synthetic passkey examples (format in `ropescope.tasks.passkey`) so
+the model learns to retrieve a key from anywhere in its context. Seeded and deterministic on a given machine;
+checkpoints every `checkpoint_every` steps and resumes from the last one; the output folder (HF config,
+safetensors weights, tokenizer) appears atomically at the end.
 """
 
 from __future__ import annotations
@@ -16,17 +17,25 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
-from tqdm import tqdm
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from ropescope.io.data import load_corpus
 from ropescope.errors import RopescopeError
-from ropescope.eval.nll import causal_lm_loss
-from ropescope.tasks.passkey import PasskeyPrompts
+from ropescope.eval.nll import CausalLMLoss
+from ropescope.io.data import load_corpus
 from ropescope.io.results import atomic_path, run_differences
-from ropescope.train.schedule import learning_rate
-from ropescope.train.continual import option
+from ropescope.model.load import load_tokenizer
+from ropescope.model.resolve import resolve_model
+from ropescope.tasks.passkey import PasskeyPrompts
+from ropescope.train.checkpoint import load_file, save_file
+from ropescope.train.batch import batch_arithmetic
+from ropescope.train.loop import PlainTorch, Steps, run_steps
+from ropescope.train.metrics import StepRecord
+from ropescope.train.options import check_learning_rate, check_not_negative, check_positive_integers, option
+from ropescope.train.schedule import lr_at
 
 END_OF_TEXT = "<|endoftext|>"
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -78,6 +87,7 @@ class PretrainConfig:
                                               "the output folder")
     init_from: str | None = option(None, "continue from a saved model folder: its tokenizer and architecture (the "
                                          "size settings are then unused)")
+    schedule: ClassVar[str] = "cosine"  # the learning rate decays by cosine after the warm-up (not a setting)
 
     @property
     def checkpoint_path(self) -> Path:
@@ -87,19 +97,13 @@ class PretrainConfig:
 
 def validate(config: PretrainConfig) -> None:
     """Check every value a user can get wrong before anything is read or written: one RopescopeError line each."""
-    positive = ("steps", "batch_size", "length", "vocab_size", "hidden_size", "num_layers", "num_heads",
-                "intermediate_size", "threads", "checkpoint_every", "log_every")
-    for name in positive:
-        value = getattr(config, name)
-        if not isinstance(value, int) or value < 1:
-            raise RopescopeError(f"{name}={value!r} must be a positive integer")
-    if config.answer_loss_weight < 0:
-        raise RopescopeError(f"answer_loss_weight={config.answer_loss_weight} must be at least 0")
+    check_positive_integers(config, ("steps", "batch_size", "length", "vocab_size", "hidden_size", "num_layers",
+                                     "num_heads", "intermediate_size", "threads", "checkpoint_every", "log_every"))
+    check_not_negative(config, ("answer_loss_weight",))
     for name in ("retrieval_mix", "passkey_packed_share"):
         if not 0.0 <= getattr(config, name) <= 1.0:
             raise RopescopeError(f"{name}={getattr(config, name)} is outside 0..1")
-    if not config.learning_rate > 0:
-        raise RopescopeError(f"learning_rate={config.learning_rate} must be positive")
+    check_learning_rate(config)
     if config.hidden_size % config.num_heads:
         raise RopescopeError(f"hidden_size={config.hidden_size} is not divisible by num_heads={config.num_heads}")
     if (config.hidden_size // config.num_heads) % 2:
@@ -109,8 +113,6 @@ def validate(config: PretrainConfig) -> None:
     if not config.passkey_min_length <= config.length:
         raise RopescopeError(f"passkey_min_length={config.passkey_min_length} exceeds length={config.length}")
     if config.init_from is not None:
-        from ropescope.model.resolve import resolve_model
-
         if not (Path(config.init_from) / "config.json").is_file():
             raise RopescopeError(f"init_from={config.init_from!r} is not a saved model folder (no config.json in it)")
         resolve_model(config.init_from)  # a damaged folder is refused here, before anything is written
@@ -122,9 +124,6 @@ def train_tokenizer(documents: list[str], vocab_size: int):
     Digits are split before BPE so a number is read and written digit by digit: a passkey is copied one digit
     per step instead of depending on which digit groups happened to be merged.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
@@ -149,8 +148,6 @@ def train_tokenizer(documents: list[str], vocab_size: int):
 
 def build_model(config: PretrainConfig, tokenizer):
     """A freshly initialised LlamaForCausalLM (original RoPE, tied embeddings, sdpa attention)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     model_config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=config.hidden_size,
@@ -190,13 +187,10 @@ def _batch(tokens: torch.Tensor, passkeys: PasskeyPrompts, config: PretrainConfi
     return rows, is_answer
 
 
-def _learning_rate(step: int, config: PretrainConfig) -> float:
-    return learning_rate(step, config.learning_rate, config.steps, config.warmup_steps, config.min_lr_ratio)
-
-
 def _save_checkpoint(folder: Path, model, optimizer, step: int, generator: torch.Generator, config: PretrainConfig,
                      elapsed: float) -> None:
-    state = {
+    """The whole run after `step` steps, with the generator the windows are drawn from, in one file."""
+    save_file(folder / CHECKPOINT_FILE, {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "step": step,
@@ -204,17 +198,14 @@ def _save_checkpoint(folder: Path, model, optimizer, step: int, generator: torch
         "torch_rng": torch.get_rng_state(),
         "config": dataclasses.asdict(config),
         "elapsed_seconds": elapsed,
-    }
-    with atomic_path(folder / CHECKPOINT_FILE) as temporary:
-        torch.save(state, temporary)
+    })
 
 
 def _load_checkpoint(config: PretrainConfig) -> dict | None:
     """The saved state of this run, if a checkpoint exists; a checkpoint of another run is refused."""
-    path = config.checkpoint_path / CHECKPOINT_FILE
-    if not path.is_file():
+    saved = load_file(config.checkpoint_path / CHECKPOINT_FILE)
+    if saved is None:
         return None
-    saved = torch.load(path, weights_only=False)
     saved["config"] = {OLD_NAMES.get(key, key): value for key, value in saved["config"].items()}
     if run_differences(saved["config"], dataclasses.asdict(config), ignore=NOT_IDENTITY):
         raise RopescopeError(
@@ -227,10 +218,6 @@ def _load_checkpoint(config: PretrainConfig) -> dict | None:
 def _setup_tokenizer(config: PretrainConfig, documents: list[str], resuming: bool):
     """The run's tokenizer, kept in the checkpoint folder (`_keep_tokenizer`): a resumed run must see exactly the
     same ids."""
-    from transformers import AutoTokenizer
-
-    from ropescope.model.load import load_tokenizer
-
     folder = config.checkpoint_path / "tokenizer"
     if resuming and folder.is_dir():
         return AutoTokenizer.from_pretrained(folder)  # the run's own tokenizer alone, no model config beside it
@@ -263,8 +250,6 @@ def _setup_tokens(tokenizer, documents: list[str], length: int) -> torch.Tensor:
 def _setup_model(config: PretrainConfig, tokenizer):
     """The model (fresh, or `init_from`) and its AdamW optimizer (no weight decay on norms and biases)."""
     if config.init_from is not None:
-        from transformers import AutoModelForCausalLM
-
         model = AutoModelForCausalLM.from_pretrained(config.init_from, dtype=torch.float32, attn_implementation="sdpa")
     else:
         model = build_model(config, tokenizer)
@@ -280,33 +265,31 @@ def _setup_model(config: PretrainConfig, tokenizer):
 def _train_loop(config: PretrainConfig, model, optimizer, tokens: torch.Tensor, passkeys: PasskeyPrompts,
                 generator: torch.Generator, start_step: int, elapsed_before: float,
                 progress: bool | None) -> list[float]:
-    """Optimizer steps `start_step`..`steps`, checkpointing every `checkpoint_every`; returns each step's loss."""
+    """`run_steps` from `start_step` to `steps` with this recipe's data (`_batch`, drawn from `generator`), a loss
+    line every `log_every` steps and a checkpoint every `checkpoint_every`; returns each step's loss."""
     model.train()
     started = time.time()
     losses: list[float] = []
-    bar = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps, desc="pretrain", unit="step",
-               disable=None if progress is None else not progress)  # None: a bar only on a terminal
-    for step in bar:
-        for group in optimizer.param_groups:
-            group["lr"] = _learning_rate(step, config)
-        input_ids, is_answer = _batch(tokens, passkeys, config, generator)
-        loss = causal_lm_loss(model, input_ids, is_answer, config.answer_loss_weight)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        losses.append(loss.item())
-        done = step + 1
-        bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
-        if done % config.log_every == 0 or done == config.steps:
+
+    def log(record: StepRecord) -> None:
+        losses.append(record.loss)
+        if record.step % config.log_every == 0 or record.step == config.steps:
             seconds = time.time() - started
             recent = sum(losses[-config.log_every:]) / len(losses[-config.log_every:])
-            rate = (done - start_step) * config.batch_size * config.length / max(seconds, 1e-9)
-            print(f"step {done}/{config.steps} loss {recent:.4f} lr {_learning_rate(step, config):.2e} "
+            rate = (record.step - start_step) * config.batch_size * config.length / max(seconds, 1e-9)
+            print(f"step {record.step}/{config.steps} loss {recent:.4f} lr {record.lr:.2e} "
                   f"{rate:.0f} tokens/s elapsed {elapsed_before + seconds:.0f}s", flush=True)
-        if done % config.checkpoint_every == 0 and done < config.steps:
-            _save_checkpoint(config.checkpoint_path, model, optimizer, done, generator, config,
-                             elapsed_before + time.time() - started)
+
+    def save_checkpoint(step: int) -> None:
+        _save_checkpoint(config.checkpoint_path, model, optimizer, step, generator, config,
+                         elapsed_before + time.time() - started)
+
+    steps = Steps(steps=config.steps, batch_size=config.batch_size, grad_accum=1, length=config.length,
+                  max_grad_norm=1.0, checkpoint_every=config.checkpoint_every,
+                  batch_at=lambda step, micro_step: _batch(tokens, passkeys, config, generator),
+                  lr_at=lambda step: lr_at(step, config), after_step=log, save_checkpoint=save_checkpoint,
+                  label="pretrain", progress=progress)
+    run_steps(PlainTorch(), CausalLMLoss(model, config.answer_loss_weight), optimizer, steps, start_step)
     return losses
 
 
@@ -369,11 +352,8 @@ def pretrain(config: PretrainConfig, progress: bool | None = None) -> Path:
     del saved_state
 
     parameters = sum(p.numel() for p in model.parameters())
-    print(
-        f"pretraining {parameters / 1e6:.2f}M parameters on {tokens.numel()} train tokens, "
-        f"{config.steps} steps of {config.batch_size}x{config.length} tokens",
-        flush=True,
-    )
+    print(f"pretraining {parameters / 1e6:.2f}M parameters on {tokens.numel()} train tokens, {config.steps} steps; "
+          + batch_arithmetic(config.batch_size, 1, 1, config.length), flush=True)
     started = time.time()
     losses = _train_loop(config, model, optimizer, tokens, PasskeyPrompts(tokenizer), generator, start_step,
                          elapsed_before, progress)

@@ -18,6 +18,7 @@ from ropescope.study.run.lock import folder_lock
 from ropescope.study.cells import Cell, plan_cells
 from ropescope.study.stages import STAGES, Stage
 from ropescope.study.run.store import DATABASE, ResultStore, check_database_file, remove_database
+from ropescope.train.batch import batch_size_for
 
 __all__ = ["DATABASE", "Cell", "Variant", "plan_cells", "plan_variants", "run_study"]
 
@@ -122,7 +123,7 @@ def check_inputs(config: StudyConfig) -> None:
         # tokenizing it all
         corpus_bytes = sum(len(document.encode("utf-8")) + 1 for document in documents)
         for length in config.training.lengths:
-            batch = max(1, config.training.tokens_per_step // length)  # as the train stage asks
+            batch = batch_size_for(config.training.tokens_per_step, length)  # as the train stage asks
             if 2 * corpus_bytes < batch * length or \
                     len(list(islice(token_blocks(tokenizer, documents, length), batch))) < batch:
                 raise RopescopeError(
