@@ -256,12 +256,13 @@ def _add_freqs(subparsers) -> None:
 def _study(config: str | None = None, quick: bool = False, out: str = "results", force: bool = False,
            executor: str | None = None, address: str | None = None):
     """Run the study of `config` (or the quick plan) into `out`, then build its report: (counts, report paths)."""
-    from ropescope.study.config import load_config, quick_config_path
+    from ropescope.study.config import load_study_config, quick_config_path
     from ropescope.study.report.page import report_paths
     from ropescope.study.run.runner import run_study
+    from ropescope.study.stages import STAGES
 
-    counts = run_study(load_config(quick_config_path() if quick else config), out, force=force, executor=executor,
-                       address=address, report=True)
+    counts = run_study(load_study_config(quick_config_path() if quick else config, STAGES), out, force=force,
+                       executor=executor, address=address, report=True)
     return counts, report_paths(out)
 
 

@@ -462,12 +462,14 @@ def finding_training_length(entropy_rows: list[dict], perplexity_rows: list[dict
     return Finding(3, claim, verdict, sentence, rule, primary + tests, numbers, bound_text)
 
 
-def retrieval_floor(passkey_rows: list[dict], length: int, floor: float) -> list[tuple[str, float, bool]]:
-    """Each fine-tuned NTK-aware or YaRN variant's passkey accuracy at `length` tokens and whether it reaches
-    `floor`: [(variant, accuracy, kept)]. PI (linear) is exempt (docs/statistics.md)."""
+def retrieval_floor(passkey_rows: list[dict], length: int, floor: float,
+                    methods: tuple[str, ...] | list[str] = ("ntk", "yarn")) -> list[tuple[str, float, bool]]:
+    """Each fine-tuned variant of `methods` (the [findings] retrieval_methods; PI is exempt by default,
+    docs/statistics.md) with its passkey accuracy at `length` tokens and whether it reaches `floor`:
+    [(variant, accuracy, kept)]."""
     scores = defaultdict(list)
     for row in passkey_rows:
-        if is_fine_tuned(row) and row.get("method") in ("ntk", "yarn") and row["length"] == length:
+        if is_fine_tuned(row) and row.get("method") in methods and row["length"] == length:
             scores[row["variant"]].append(float(row["score"]))
     return [(variant, mean(values), mean(values) >= floor) for variant, values in sorted(scores.items())]
 
