@@ -352,15 +352,11 @@ def _model_length(model: str, source: str) -> int:
     return config["max_position_embeddings"]
 
 
-FIXED_TABLES = {"model": ModelSection, "corpus": CorpusSection, "execution": ExecutionSection,
-                "findings": FindingsSection}
-
-
 def parse_config(data: dict, stages: Iterable, source: str = "study config") -> StudyConfig:
     """A study config from its TOML data. stages: the stage registry; each stage's `table` (a `ConfigTable`, or
     None) is read from the table of its name."""
     tables = [stage.table for stage in stages if stage.table is not None]
-    accepted = [*FIXED_TABLES, *(table.name for table in tables), "methods", "seed"]
+    accepted = ["model", "corpus", *(table.name for table in tables), "execution", "findings", "methods", "seed"]
     for table in tables:
         if table.check_raw and isinstance(data.get(table.name), dict):
             table.check_raw(data[table.name], source)

@@ -18,6 +18,7 @@ from ropescope.study.config import EXECUTORS, StudyConfig
 from ropescope.study.context import StageContext, Variant, plan_variants, repeated_extensions
 from ropescope.study.report.page import build_report
 from ropescope.study.run.local import Recorder, is_finished, recorded_rows_reader, run_local
+from ropescope.study.run import ray as ray_executor
 from ropescope.study.run.lock import folder_lock
 from ropescope.study.run.store import DATABASE, ResultStore, check_database_file, remove_database
 from ropescope.study.stage import Stage
@@ -124,14 +125,7 @@ def _start(config: StudyConfig, out: Path, cells: list[Cell], store: ResultStore
 
 def _run_with_ray(config: StudyConfig, out: Path, cells: list[Cell], *, force: bool, progress: bool | None,
                   stop_after: int | None, log, address: str | None, report: bool, stages: Sequence[Stage]) -> dict:
-    try:
-        # lazy: Ray is an optional dependency, imported only by a study that runs on it
-        from ropescope.study.run import ray as ray_executor
-    except ModuleNotFoundError as error:
-        if error.name.split(".")[0] != "ray":
-            raise
-        raise RopescopeError("the Ray executor needs Ray: pip install 'ropescope[ray]'") from None
-    with ray_executor.connected(address):
+    with ray_executor.connected(address):  # imports Ray, which only this path needs
         created = not out.exists()
         out.mkdir(parents=True, exist_ok=True)
         try:
