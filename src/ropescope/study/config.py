@@ -22,10 +22,6 @@ from ropescope.errors import RopescopeError
 from ropescope.model.load import resolve_model_path
 from ropescope.rope import METHODS, RopeSpec
 
-# A value check: (value, fail) -> the value as the config keeps it; `fail(expected)` raises naming the key.
-Check = Callable[[Any, "Fail"], Any]
-
-
 @dataclass(frozen=True)
 class Fail:
     """Raises for one config value: `fail("a positive integer")` names the key, the value and what is accepted."""
@@ -38,30 +34,35 @@ class Fail:
         raise RopescopeError(f"{self.source}: '{self.key}' = {self.value!r} must be {expected}")
 
 
+# A value check, declared as a field's `check` metadata: (value, fail) -> the value as the config keeps it;
+# `fail(expected)` raises naming the key.
+Check = Callable[[Any, Fail], Any]
+
+
 def _number(value: Any) -> bool:
     return not isinstance(value, bool) and isinstance(value, (int, float))
 
 
-def check_fraction(value: Any, fail) -> float:
+def check_fraction(value: Any, fail: Fail) -> float:
     if not _number(value) or not 0 <= value < 1:
         fail("a number in [0, 1)")
     return float(value)
 
 
-def check_open_fraction(value: Any, fail) -> float:
+def check_open_fraction(value: Any, fail: Fail) -> float:
     if not _number(value) or not 0 < value < 1:
         fail("a number in (0, 1)")
     return float(value)
 
 
-def check_auroc_bounds(value: Any, fail) -> list[float]:
+def check_auroc_bounds(value: Any, fail: Fail) -> list[float]:
     if not isinstance(value, list) or len(value) != 2 or not all(map(_number, value)) \
             or not 0 <= value[0] < 0.5 < value[1] <= 1:
         fail("[low, high] with 0 <= low < 0.5 < high <= 1")
     return [float(item) for item in value]
 
 
-def check_count(value: Any, fail) -> int:
+def check_count(value: Any, fail: Fail) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         fail("a non-negative integer")
     return value
@@ -69,7 +70,7 @@ def check_count(value: Any, fail) -> int:
 
 def one_of(accepted: Iterable[str]) -> Check:
     """A check that the value is one of `accepted` (read when the check runs, so a registry may grow)."""
-    def check(value: Any, fail) -> Any:
+    def check(value: Any, fail: Fail) -> Any:
         names = list(accepted)
         if value not in names:
             fail(f"one of {', '.join(names)}")
@@ -80,7 +81,7 @@ def one_of(accepted: Iterable[str]) -> Check:
 
 def distinct_names(accepted: Iterable[str], what: str) -> Check:
     """A check that the value is a non-empty list of distinct names among `accepted`."""
-    def check(value: Any, fail) -> list[str]:
+    def check(value: Any, fail: Fail) -> list[str]:
         names = list(accepted)
         if not isinstance(value, list) or not value or any(item not in names for item in value) \
                 or len(set(value)) != len(value):
@@ -90,38 +91,38 @@ def distinct_names(accepted: Iterable[str], what: str) -> Check:
     return check
 
 
-def _positive_int(value: Any, fail) -> int:
+def _positive_int(value: Any, fail: Fail) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         fail("a positive integer")
     return value
 
 
-def _positive_float(value: Any, fail) -> float:
+def _positive_float(value: Any, fail: Fail) -> float:
     if not _number(value) or value <= 0:
         fail("a positive number")
     return float(value)
 
 
-def _boolean(value: Any, fail) -> bool:
+def _boolean(value: Any, fail: Fail) -> bool:
     if not isinstance(value, bool):
         fail("true or false")
     return value
 
 
-def _text(value: Any, fail) -> str:
+def _text(value: Any, fail: Fail) -> str:
     if not isinstance(value, str) or not value:
         fail("a non-empty string")
     return value
 
 
-def _depths(value: Any, fail) -> list[float]:
+def _depths(value: Any, fail: Fail) -> list[float]:
     if not isinstance(value, list) or not value or any(not _number(item) or not 0 <= item <= 100 for item in value):
         fail("a non-empty list of depths in percent, each within 0..100")
     return [float(item) for item in value]
 
 
 def _lengths(may_be_empty: bool) -> Check:
-    def check(value: Any, fail) -> list[int]:
+    def check(value: Any, fail: Fail) -> list[int]:
         if not isinstance(value, list) or not (value or may_be_empty) or any(
                 isinstance(item, bool) or not isinstance(item, int) or item <= 0 for item in value):
             fail("a list of positive integers" if may_be_empty else "a non-empty list of positive integers")
@@ -144,15 +145,24 @@ TYPE_CHECKS: dict[str, Check] = {
 }
 
 
+def _type_name(declared: type | str) -> str:
+    """A field's type as written: a string already under `from __future__ import annotations`, else its text
+    ("int", "list[int]", "int | None")."""
+    if isinstance(declared, str):
+        return declared
+    return declared.__name__ if isinstance(declared, type) else str(declared)
+
+
 def _checked(key: str, value: Any, declared: Field, source: str) -> Any:
     """Check one value against its field's `check` metadata, or else its declared type."""
     fail = Fail(key, value, source)
+    type_name = _type_name(declared.type)
     check = declared.metadata.get("check")
-    if check is None and declared.type == "list[int]":
+    if check is None and type_name == "list[int]":
         check = _lengths(declared.metadata.get("empty", False))
-    check = check or TYPE_CHECKS.get(declared.type)
+    check = check or TYPE_CHECKS.get(type_name)
     if check is None:
-        raise AssertionError(f"no checker for {declared.type}")  # a field type this parser does not know: a bug
+        raise AssertionError(f"no checker for {type_name}")  # a field type this parser does not know: a bug
     return check(value, fail)
 
 
