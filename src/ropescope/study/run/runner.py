@@ -106,7 +106,9 @@ def check_inputs(config: StudyConfig, stages: Sequence[Stage] = STAGES) -> None:
             f"variants; change or drop [methods.{second}]")
     tokenizer = load_tokenizer(source)
     context = StageContext(config, Path(), required_rows=lambda stage, variant: [])
-    for stage in stages:
+    # the training stage's check last: it tokenizes the train split, the slowest check, and the validation split's
+    # problems are the ones every variant meets
+    for stage in sorted(stages, key=lambda stage: stage.writes_checkpoint):
         if stage.check_inputs:
             stage.check_inputs(config, context, tokenizer)
 
