@@ -68,14 +68,15 @@ def main() -> None:
     import ray
     import torch
 
-    from ropescope.study.config import load_config, quick_config_path
+    from ropescope.study.config import load_study_config, quick_config_path
+    from ropescope.study.stages import STAGES
     from ropescope.study.run.runner import run_study
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="study TOML (default: the shipped quick study)")
     parser.add_argument("--workers", type=int, default=2, help="CPUs of the local Ray instance")
     args = parser.parse_args()
-    config = load_config(args.config or quick_config_path())
+    config = load_study_config(args.config or quick_config_path(), STAGES)
     with tempfile.TemporaryDirectory() as scratch:
         local, remote, warm = Path(scratch) / "local", Path(scratch) / "ray", Path(scratch) / "warm"
         torch.set_num_threads(1)

@@ -180,6 +180,7 @@ def test_every_task_runs_on_the_shipped_model_from_the_cli_and_the_study(tmp_pat
     from ropescope.study.report.page import build_report
     from ropescope.study.run.runner import run_study
     from ropescope.study.run.store import DATABASE, ResultStore
+    from ropescope.study.stages import STAGES
 
     rows = []
     for name in NAMES:
@@ -200,7 +201,7 @@ def test_every_task_runs_on_the_shipped_model_from_the_cli_and_the_study(tmp_pat
         "evaluation": {"perplexity_lengths": [256], "perplexity_documents": 1},
         "retrieval": {"tasks": NAMES, "lengths": [512], "depths": [50], "trials": 1},
         "analysis": {"entropy_lengths": [256], "entropy_samples": 1, "pattern_length": 256},
-    })
+    }, STAGES)
     assert run_study(config, tmp_path / "study", log=lambda line: None)["failed"] == 0
     with ResultStore(tmp_path / "study" / DATABASE) as store:
         assert [row["task"] for row in store.rows("retrieval")] == NAMES

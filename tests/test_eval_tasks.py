@@ -14,6 +14,7 @@ from ropescope.study.config import parse_config
 from ropescope.study.report.page import build_report
 from ropescope.study.run.runner import run_study
 from ropescope.study.run.store import DATABASE, ResultStore
+from ropescope.study.stages import STAGES
 from tests.helpers import tiny_tokenizer
 
 WORDS = ("apple", "river", "stone", "cloud", "lamp", "glass")
@@ -90,7 +91,7 @@ def test_a_task_registered_here_runs_through_every_path(tmp_path, capsys):
         "evaluation": {"perplexity_lengths": [256], "perplexity_documents": 1},
         "retrieval": {"tasks": ["colour", "passkey"], "lengths": [256], "depths": [50], "trials": 2},
         "analysis": {"entropy_lengths": [256], "entropy_samples": 1, "pattern_length": 256},
-    })
+    }, STAGES)
     study = tmp_path / "study"
     assert run_study(config, study, log=lambda line: None)["failed"] == 0
     with ResultStore(study / DATABASE) as store:

@@ -10,7 +10,8 @@ import pytest
 
 from ropescope.cli import main
 from ropescope.io.results import read_rows
-from ropescope.study.config import load_config, quick_config_path
+from ropescope.study.config import load_study_config, quick_config_path
+from ropescope.study.stages import STAGES
 from ropescope.study.run.runner import run_study
 from ropescope.study.run.store import DATABASE, ResultStore
 from ropescope.tasks.registry import TASKS
@@ -56,7 +57,7 @@ def test_a_task_in_its_own_module_runs_through_the_command_the_study_and_the_rea
     config_path.write_text(re.sub(r'^tasks = \["passkey"\]$', 'tasks = ["passkey", "colour"]', quick,
                                   flags=re.MULTILINE))
     study = tmp_path / "study"
-    assert run_study(load_config(config_path), study, log=lambda line: None, report=True)["failed"] == 0
+    assert run_study(load_study_config(config_path, STAGES), study, log=lambda line: None, report=True)["failed"] == 0
     with ResultStore(study / DATABASE) as store:
         assert {row["task"] for row in store.rows("retrieval")} == {"passkey", "colour"}
         assert "colour" in {row["task"] for row in store.rows("uncertainty")}

@@ -13,6 +13,7 @@ from ropescope.study.config import parse_config
 from ropescope.study.run.lock import folder_lock
 from ropescope.study.cells import plan_cells
 from ropescope.study.run.store import DATABASE
+from ropescope.study.stages import STAGES
 from tests.helpers import TINY_STUDY, study_command
 
 HOLD = """
@@ -90,7 +91,7 @@ def test_two_studies_on_one_folder_one_runs_the_other_refuses(tmp_path):
     lines = refused[2].strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in refused[2]
     assert f"is in use by another ropescope study (process {runner[0]} on " in lines[0]
-    planned = len(plan_cells(parse_config(tomllib.loads(TINY_STUDY))))
+    planned = len(plan_cells(parse_config(tomllib.loads(TINY_STUDY), STAGES)))
     assert len(_recorded_cells(out)) == planned
     assert f"cells: {planned} run, 0 already recorded" in runner[1]
 
@@ -98,7 +99,7 @@ def test_two_studies_on_one_folder_one_runs_the_other_refuses(tmp_path):
 def test_a_killed_study_does_not_block_the_rerun(tmp_path):
     config, out = _tiny_config(tmp_path), tmp_path / "out"
     study = _study(study_command(config, out))
-    planned = len(plan_cells(parse_config(tomllib.loads(TINY_STUDY))))
+    planned = len(plan_cells(parse_config(tomllib.loads(TINY_STUDY), STAGES)))
     assert study.stdout.readline().startswith(f"{planned} cells, {planned} to run (")  # it holds the lock
     assert study.stdout.readline().startswith("train/")  # and is running its first cell
     study.kill()

@@ -20,13 +20,13 @@ from ray.cluster_utils import Cluster
 
 from ropescope.errors import RopescopeError
 from ropescope.study.run import ray as ray_executor
-from ropescope.study.config import load_config, quick_config_path
+from ropescope.study.config import load_study_config, quick_config_path
 from ropescope.study.report.page import build_report
 from ropescope.study.run.runner import DATABASE, plan_cells, run_study
 from ropescope.study.stages import STAGES
 
 pytestmark = pytest.mark.slow
-QUICK = load_config(quick_config_path())
+QUICK = load_study_config(quick_config_path(), STAGES)
 TIMING = {"tokens_per_s"}  # measured, not computed: differs from run to run
 
 
@@ -147,7 +147,7 @@ import signal, sys, time
 signal.signal(signal.SIGINT, signal.default_int_handler)
 from dataclasses import replace
 from pathlib import Path
-from ropescope.study.config import load_config, quick_config_path
+from ropescope.study.config import load_study_config, quick_config_path
 from ropescope.study.run.runner import run_study
 from ropescope.study.stages import STAGES
 
@@ -158,7 +158,7 @@ def held_back(run):
     return run_later
 
 stages = tuple(replace(stage, run=held_back(stage.run)) if stage.name == "uncertainty" else stage for stage in STAGES)
-run_study(load_config(quick_config_path()), sys.argv[1], executor="ray", address=sys.argv[2], stages=stages)
+run_study(load_study_config(quick_config_path(), STAGES), sys.argv[1], executor="ray", address=sys.argv[2], stages=stages)
 """
 
 

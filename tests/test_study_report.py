@@ -91,10 +91,11 @@ def test_report_is_rebuilt_identically_and_reads_old_databases(tmp_path):
 def test_rows_follow_the_recorded_config_order_not_completion_or_name():
     from ropescope.study.config import parse_config
     from ropescope.study.report.page import canonical_order
+    from ropescope.study.stages import STAGES
 
     config = parse_config({"model": {"original_max_position_embeddings": 256},
                            "methods": {"yarn": {"method": "yarn", "factor": 2.0}, "original": {"method": "default"}},
-                           "training": {"lengths": [512]}}).to_dict()  # as the runner records it
+                           "training": {"lengths": [512]}}, STAGES).to_dict()  # as the runner records it
     finished = [{"variant": name, "n": index} for index, name in
                 enumerate(["original", "old", "yarn@512", "yarn@0", "original"])]
     ordered = canonical_order({"retrieval": finished}, config)["retrieval"]

@@ -19,14 +19,15 @@ from ropescope.errors import RopescopeError
 from ropescope.model.resolve import default_model_path
 from ropescope.rope import RopeSpec
 from ropescope.io.rows import RunLabels
-from ropescope.study.config import load_config, parse_config, quick_config_path
+from ropescope.study.config import load_study_config, parse_config, quick_config_path
 from ropescope.study.run.local import cell_time_left, format_duration
 from ropescope.study.cells import check_registry
 from ropescope.study.context import repeated_extensions
 from ropescope.study.run.runner import DATABASE, plan_cells, plan_variants, run_study
-from ropescope.study.stages import STAGE_NAMES, STAGES, Stage
+from ropescope.study.stage import Stage
+from ropescope.study.stages import STAGE_NAMES, STAGES
 
-QUICK = load_config(quick_config_path())
+QUICK = load_study_config(quick_config_path(), STAGES)
 
 
 def row_counts(folder) -> Counter:
@@ -118,7 +119,7 @@ def _grown_study(finished_study, tmp_path, config) -> tuple[dict, dict, list[str
 
 
 def test_one_more_training_length_runs_only_the_new_variant(finished_study, tmp_path):
-    config = replace(QUICK, training=replace(QUICK.training, lengths=[512, 768]))
+    config = QUICK.with_table("training", lengths=[512, 768])
     before, after, ran = _grown_study(finished_study, tmp_path, config)
     new = [cell.name for cell in plan_cells(config) if cell.variant.name == "yarn@768"]
     assert sorted(ran) == sorted(new) and len(new) == len(STAGES)
@@ -139,28 +140,28 @@ def test_fingerprints_cover_only_what_a_cell_depends_on():
         return {cell.name: cell.fingerprint for cell in plan_cells(config)}
 
     quick = prints(QUICK)
-    grown = prints(replace(QUICK, training=replace(QUICK.training, lengths=[512, 768], include_untrained=True)))
+    grown = prints(QUICK.with_table("training", lengths=[512, 768], include_untrained=True))
     assert quick.items() <= grown.items()
     # a retrieval length changes that stage's cells only (and the uncertainty cells, which read retrieval rows)
-    retrieval = replace(QUICK.retrieval, lengths=[256, 512, 1024])
-    changed = {name for name, value in prints(replace(QUICK, retrieval=retrieval)).items() if quick[name] != value}
+    retrieval = QUICK.with_table("retrieval", lengths=[256, 512, 1024])
+    changed = {name for name, value in prints(retrieval).items() if quick[name] != value}
     assert changed == {"retrieval/original", "retrieval/yarn@512", "uncertainty/original", "uncertainty/yarn@512"}
     # a training setting changes the fine-tuned variant's cells only
-    training = replace(QUICK.training, steps=3)
-    changed = {name for name, value in prints(replace(QUICK, training=training)).items() if quick[name] != value}
+    training = QUICK.with_table("training", steps=3)
+    changed = {name for name, value in prints(training).items() if quick[name] != value}
     assert changed == {cell.name for cell in plan_cells(QUICK) if cell.variant.name == "yarn@512"}
     # the shortest passkey example matters only with passkey examples, and only up to the fine-tune's length
-    mixed = prints(replace(QUICK, training=replace(QUICK.training, retrieval_mix=0.5)))
-    assert prints(replace(QUICK, training=replace(QUICK.training, retrieval_min_length=256))) == quick
-    shortest = {value: prints(replace(QUICK, training=replace(QUICK.training, retrieval_mix=0.5,
-                                                              retrieval_min_length=value))) for value in (256, 512, 600)}
+    mixed = prints(QUICK.with_table("training", retrieval_mix=0.5))
+    assert prints(QUICK.with_table("training", retrieval_min_length=256)) == quick
+    shortest = {value: prints(QUICK.with_table("training", retrieval_mix=0.5,
+                                               retrieval_min_length=value)) for value in (256, 512, 600)}
     changed = {name for name, value in shortest[256].items() if mixed[name] != value}
     assert changed == {cell.name for cell in plan_cells(QUICK) if cell.variant.name == "yarn@512"}
     assert shortest[512] == shortest[600] != shortest[256]
 
 
 def test_training_seeds_add_runs_and_sweep_variants_are_evaluated_for_finding_one_only():
-    seeded = replace(QUICK, training=replace(QUICK.training, seeds=3))
+    seeded = QUICK.with_table("training", seeds=3)
     assert [variant.name for variant in plan_variants(seeded)] == ["original", "yarn@512", "yarn@512-s1", "yarn@512-s2"]
     cells = {cell.name: cell for cell in plan_cells(seeded)}
     # the first seed's cells are the cells of a study without seeds: adding seeds retrains nothing
@@ -172,7 +173,7 @@ def test_training_seeds_add_runs_and_sweep_variants_are_evaluated_for_finding_on
     assert cells["train/yarn@512-s2"].variant.labels("default", 256).train_seed == 2
     swept = parse_config({"model": {"original_max_position_embeddings": 256},
                           "methods": {"y": {"method": "yarn", "factor": 2.0},
-                                      "y8": {"method": "yarn", "factor": 8.0, "sweep": True}}})
+                                      "y8": {"method": "yarn", "factor": 8.0, "sweep": True}}}, STAGES)
     assert swept.sweep == ("y8",) and swept.methods["y8"].params["factor"] == 8.0
     sweep_cells = [cell for cell in plan_cells(swept) if cell.variant.method_name == "y8"]
     assert sorted(cell.name for cell in sweep_cells) == ["patterns/y8@0", "perplexity/y8@0"]
@@ -185,8 +186,8 @@ def test_an_evaluation_length_reruns_only_that_stage(tmp_path):
     calls = []
     run_study(QUICK, tmp_path, log=lambda line: None, stages=fake_stages(calls))
     calls.clear()
-    evaluation = replace(QUICK.evaluation, perplexity_lengths=[256, 512, 1024])
-    counts = run_study(replace(QUICK, evaluation=evaluation), tmp_path, log=lambda line: None,
+    evaluation = QUICK.with_table("evaluation", perplexity_lengths=[256, 512, 1024])
+    counts = run_study(evaluation, tmp_path, log=lambda line: None,
                        stages=fake_stages(calls))
     assert sorted(calls) == ["perplexity/original", "perplexity/yarn@512"] and counts["done"] == 2
 
@@ -308,23 +309,23 @@ def test_bad_config_is_one_line_naming_the_key(text, message, tmp_path, capsys):
 
 def test_config_parsing_fills_the_pretrained_length(tmp_path):
     config = parse_config({"model": {"original_max_position_embeddings": 512},
-                           "methods": {"y": {"method": "yarn", "factor": 2.0}}})
+                           "methods": {"y": {"method": "yarn", "factor": 2.0}}}, STAGES)
     assert config.methods["y"].params["original_max_position_embeddings"] == 512
     assert config.training.retrieval_mix == 0.0
     read = parse_config({"model": {"path": "default"}, "training": {"retrieval_mix": 0.25},
-                         "methods": {"y": {"method": "yarn", "factor": 2.0}}})
+                         "methods": {"y": {"method": "yarn", "factor": 2.0}}}, STAGES)
     assert read.training.retrieval_mix == 0.25
     shipped = json.loads((Path(default_model_path()) / "config.json").read_text())["max_position_embeddings"]
     assert read.model.original_max_position_embeddings == shipped
     with pytest.raises(RopescopeError, match="does not exist"):
-        load_config(tmp_path / "missing.toml")
+        load_study_config(tmp_path / "missing.toml", STAGES)
     (tmp_path / "bad.toml").write_text("[model\n")
     with pytest.raises(RopescopeError, match="is not valid TOML"):
-        load_config(tmp_path / "bad.toml")
+        load_study_config(tmp_path / "bad.toml", STAGES)
 
 
 def test_the_shipped_default_study_is_valid():
-    config = load_config()
+    config = load_study_config(None, STAGES)
     assert set(config.methods) == {"original", "pi", "ntk", "yarn", "pi8", "ntk8", "yarn8"}
     assert config.sweep == ("pi8", "ntk8", "yarn8") and config.training.seeds == 1
     assert config.findings.auroc_bounds == [0.44, 0.56] and config.findings.rho_bound == 0.5
@@ -334,9 +335,9 @@ def test_the_shipped_default_study_is_valid():
 def test_the_shipped_configs_repeat_no_extension():
     # on the shipped model (rotary dimension 32, base 10000); a repeated one is refused (the bad-config cases)
     for name in ("default.toml", "thorough.toml", "quick.toml"):
-        config = load_config(quick_config_path().parent / name)
+        config = load_study_config(quick_config_path().parent / name, STAGES)
         assert repeated_extensions(config, 32, 10000.0) == [], name
-    thorough = load_config(quick_config_path().parent / "thorough.toml")
+    thorough = load_study_config(quick_config_path().parent / "thorough.toml", STAGES)
     beta64 = RopeSpec("yarn", factor=4.0, beta_fast=64.0, original_max_position_embeddings=256)
     doubled = replace(thorough, methods={**thorough.methods, "yarn_beta64": beta64})
     assert repeated_extensions(doubled, 32, 10000.0) == [("yarn", "yarn_beta64")]
@@ -368,8 +369,8 @@ def test_progress_lines_give_the_cell_time_left_from_every_timed_cell(tmp_path):
     with sqlite3.connect(tmp_path / DATABASE) as connection:
         connection.execute("UPDATE cells SET seconds = CASE kind WHEN 'perplexity' THEN 10 ELSE 100 END")
     lines.clear()
-    evaluation = replace(QUICK.evaluation, perplexity_lengths=[256, 512, 1024])
-    run_study(replace(QUICK, evaluation=evaluation), tmp_path, log=lines.append, stages=fake_stages([]))
+    evaluation = QUICK.with_table("evaluation", perplexity_lengths=[256, 512, 1024])
+    run_study(evaluation, tmp_path, log=lines.append, stages=fake_stages([]))
     assert lines[0] == f"{len(cells)} cells, 2 to run (about 20 s of cells left)"
     # the first rerun cell took about no time: the other is estimated at the mean of 10, 10 and that
     assert lines[1].startswith("perplexity/original ...") and lines[2].endswith("; about 7 s of cells left)")

@@ -32,7 +32,10 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import statsmodels.api as sm
 from scipy import stats
+from statsmodels.discrete.conditional_models import ConditionalLogit
+from statsmodels.stats.multitest import multipletests
 
 ALPHA = 0.05  # significance level of every verdict
 CONFIDENCE = 0.95  # of every interval shown
@@ -436,8 +439,6 @@ def conditional_logit(scores: Sequence[float], positives: Sequence[bool],
     each stratum its own intercept, conditioned away), the score in units of its pooled within-stratum standard
     deviation. [n] each. None when no stratum holds both outcomes, the score does not vary within strata or the
     fit does not converge (e.g. perfect separation)."""
-    from statsmodels.discrete.conditional_models import ConditionalLogit
-
     scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(positives, dtype=bool)
     keep = np.zeros(len(scores), dtype=bool)
     deviations = np.zeros(len(scores))
@@ -482,8 +483,6 @@ def run_level_effect(values: Sequence[float], groups: Sequence[Hashable], treate
     (statsmodels OLS; the t-test assumes one residual variance for all runs). values, groups, treated: [runs], one
     value per independent run (e.g. a fine-tune's mean entropy). None without residual degrees of freedom or
     without both levels in some group."""
-    import statsmodels.api as sm
-
     values, treated = np.asarray(values, dtype=np.float64), np.asarray(treated, dtype=bool)
     names = sorted({repr(group) for group in groups})
     design = np.zeros((len(values), len(names) + 1))
@@ -503,6 +502,4 @@ def run_level_effect(values: Sequence[float], groups: Sequence[Hashable], treate
 
 def holm(p_values: Sequence[float]) -> list[float]:
     """Holm's step-down adjusted p-values (statsmodels multipletests), controlling the family-wise error rate."""
-    from statsmodels.stats.multitest import multipletests
-
     return [float(p) for p in multipletests(list(p_values), alpha=ALPHA, method="holm")[1]]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from pathlib import Path
+from statistics import median
 
 import matplotlib
 import matplotlib.ticker
@@ -13,6 +14,7 @@ import matplotlib.ticker
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 
 from ropescope.io.results import atomic_path  # noqa: E402
 from ropescope.io.rows import as_bool  # noqa: E402
@@ -343,3 +345,130 @@ def perplexity_figure(rows: list[dict], original_max_position_embeddings: int | 
 def plot_perplexity(rows: list[dict], path, original_max_position_embeddings: int | None = None) -> Path:
     """`perplexity_figure`, saved to `path`."""
     return save_figure(perplexity_figure(rows, original_max_position_embeddings=original_max_position_embeddings), path)
+
+
+# The findings' figures draw the test's own comparison: they read the numbers a finding keeps for its figure
+# (`Finding.numbers` of study/report/findings.py) and a title the report words.
+
+LABELLED_POINTS = 15  # above this many variants, names overlap: colour and marker say method and training length
+
+
+def plot_finding_pattern(numbers: dict, title: str, path: str | Path) -> Path:
+    """Finding 1: pattern divergence against perplexity at the longest length, one point per variant (colour: the
+    RoPE method; marker: untrained or the training length). numbers: {"js", "perplexity", "method": {variant:
+    value}, "length"}."""
+    methods = numbers.get("method", {})
+    colours = {m: f"C{i % 10}" for i, m in enumerate(sorted(set(methods.values())))}
+    lengths = sorted({variant.split("@")[-1] for variant in numbers["js"]}, key=lambda t: int(t) if t.isdigit() else 0)
+    markers = {length: "os^Dvp*h"[i % 8] for i, length in enumerate(lengths)}
+    figure, axis = plt.subplots(figsize=(7.5, 4.8))
+    for variant, js in numbers["js"].items():
+        axis.scatter(js, numbers["perplexity"][variant], s=40, color=colours.get(methods.get(variant), "tab:blue"),
+                     marker=markers[variant.split("@")[-1]])
+        if len(numbers["js"]) <= LABELLED_POINTS:
+            axis.annotate(variant, (js, numbers["perplexity"][variant]), fontsize=8, xytext=(4, 3),
+                          textcoords="offset points")
+    handles = [Line2D([], [], color=colour, marker="o", linestyle="", label=method)
+               for method, colour in colours.items()]
+    handles += [Line2D([], [], color="gray", marker=marker, linestyle="",
+                       label="untrained" if length == "0" else f"trained at {length}")
+                for length, marker in markers.items()]
+    if len(handles) > 1:
+        axis.legend(handles=handles, fontsize=8, loc="best")
+    perplexity_axis(axis, list(numbers["perplexity"].values()))
+    axis.set(xlabel="Jensen-Shannon divergence from the pretrained pattern (lower = preserved)",
+             ylabel=f"perplexity at {numbers['length']} tokens", title=title)
+    axis.grid(True, which="both", alpha=0.3)
+    return save_figure(figure, path)
+
+
+def plot_finding_entropy_errors(numbers: dict, rows: list[dict], p_label: str, path: str | Path) -> Path:
+    """Finding 2: the answering query's entropy on correct and failed retrievals per length: as measured (left,
+    what the pooled AUROC compares) and minus its stratum's median in the strata that hold both outcomes (right,
+    what the stratified test compares). numbers: {"stratified_by", "by_length", "pooled_auroc", "stratified_auroc"};
+    rows: the uncertainty rows; p_label: the stratified test's p-value as the title shows it ("p = 0.012")."""
+    keys = {"variant x length x depth": ("variant", "length", "depth_percent"),
+            "variant x length": ("variant", "length")}[numbers["stratified_by"]]
+    rows = [row for row in rows if row.get("entropy") is not None]
+    by_stratum = defaultdict(list)
+    for row in rows:
+        by_stratum[tuple(row.get(key) for key in keys)].append(row)
+    centre = {key: median(row["entropy"] for row in group) for key, group in by_stratum.items()}
+    both = {key for key, group in by_stratum.items() if len({bool(row["correct"]) for row in group}) == 2}
+    lengths = sorted({row["length"] for row in rows})
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    for axis, centred in zip(axes, (False, True)):
+        shown = [row for row in rows if not centred or tuple(row.get(key) for key in keys) in both]
+        for offset, outcome, colour in ((-0.17, True, "tab:green"), (0.17, False, "tab:red")):
+            groups = []
+            for length in lengths:
+                groups.append([row["entropy"] - (centre[tuple(row.get(key) for key in keys)] if centred else 0.0)
+                               for row in shown if row["length"] == length and bool(row["correct"]) is outcome])
+            positions = [index + offset for index, values in enumerate(groups) if values]
+            filled = [values for values in groups if values]
+            if filled:
+                axis.boxplot(filled, positions=positions, widths=0.28, showfliers=False,
+                             medianprops={"color": colour}, boxprops={"color": colour},
+                             whiskerprops={"color": colour}, capprops={"color": colour})
+            for position, values in zip(positions, filled):
+                spread = [position + 0.1 * ((i * 0.618) % 1 - 0.5) for i in range(len(values))]
+                axis.scatter(spread, values, s=8, alpha=0.45, color=colour,
+                             label=("correct" if outcome else "failed") if position == positions[0] else None)
+        axis.set_xticks(range(len(lengths)), [str(length) for length in lengths])
+        axis.set_xlabel("context length (tokens)")
+        axis.grid(True, alpha=0.3)
+    by_length = numbers["by_length"]
+    axes[0].set(ylabel="entropy of the answering query (nats)",
+                title=f"As measured: pooled AUROC {numbers['pooled_auroc']:.2f} (confounded)")
+    axes[1].set(ylabel="entropy minus its stratum's median (nats)",
+                title=f"Within {numbers['stratified_by']}: AUROC {numbers['stratified_auroc']:.2f}, "
+                      f"{p_label}")
+    for index, length in enumerate(lengths):
+        value = by_length.get(length, math.nan)
+        axes[1].annotate("no pair" if not math.isfinite(value) else f"AUROC {value:.2f}", (index, 1.0),
+                         xycoords=("data", "axes fraction"), xytext=(0, -12), textcoords="offset points",
+                         ha="center", fontsize=8)
+    axes[1].margins(y=0.15)  # room for the per-length AUROCs along the top
+    axes[0].legend(fontsize=8)
+    figure.tight_layout()
+    return save_figure(figure, path)
+
+
+def plot_finding_training_length(numbers: dict, title: str, path: str | Path) -> Path:
+    """Finding 3: the pooled effect (with two or more runs per arm) and per extension the entropy and log-perplexity
+    differences (longer minus shorter training) with their intervals (over training runs, or with one run per arm
+    over evaluation units), against the bounds of no effect; below 0 is the paper's direction. numbers: {"methods",
+    "pooled", "bounds", "entropy_length", "perplexity_length"}, whose tests carry statistic, interval and verdict."""
+    methods = numbers["methods"]
+    pooled, bounds = numbers.get("pooled", {}), numbers.get("bounds", {})
+    names = (["all (pooled)"] if pooled else []) + [f"{m} {d['train_lengths'][0]}->{d['train_lengths'][1]}"
+                                                    for m, d in methods.items()]
+    figure, axes = plt.subplots(1, 2, figsize=(max(11, 1.6 * len(names)), 4.6))
+    for axis, key, label in ((axes[0], "entropy", f"entropy difference at {numbers['entropy_length']} "
+                                                   f"tokens (nats)"),
+                             (axes[1], "perplexity", f"log-perplexity difference at "
+                                                     f"{numbers['perplexity_length']} tokens")):
+        if key in bounds:
+            axis.axhspan(-bounds[key], bounds[key], color="tab:blue", alpha=0.12,
+                         label=f"bounds of no effect (±{bounds[key]:g})")
+        tests = ([pooled[key]] if pooled else []) + [details[f"{key}_test"] for details in methods.values()]
+        for index, test in enumerate(tests):
+            colour = {"reproduced": "tab:green", "contradicted": "tab:red"}.get(test.verdict, "tab:gray")
+            marker = "D" if pooled and index == 0 else "o"
+            if test.interval is None:
+                axis.scatter(index, test.statistic, marker="x", color=colour, s=50)
+                axis.annotate("no interval", (index, test.statistic), xytext=(6, 0), textcoords="offset points",
+                              fontsize=8, va="center")
+            else:
+                low, high = test.interval
+                axis.errorbar(index, test.statistic, yerr=[[test.statistic - low], [high - test.statistic]],
+                              fmt=marker, color=colour, capsize=5)
+        axis.axhline(0, color="black", linewidth=0.8)
+        axis.set_xticks(range(len(names)), names, rotation=30, ha="right")
+        axis.set(ylabel=label, xlim=(-0.6, len(names) - 0.4))
+        axis.grid(True, axis="y", alpha=0.3)
+        if key in bounds:
+            axis.legend(fontsize=8, loc="best")
+    figure.suptitle(title)
+    figure.tight_layout()
+    return save_figure(figure, path)

@@ -16,7 +16,8 @@ from dataclasses import asdict, dataclass
 
 from ropescope.study.config import StudyConfig, fingerprint
 from ropescope.study.context import Variant, cell_name, plan_variants
-from ropescope.study.stages import STAGES, Stage
+from ropescope.study.stage import Stage
+from ropescope.study.stages import STAGES
 
 
 @dataclass(frozen=True)

@@ -11,16 +11,19 @@ from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 
+from ropescope.attention.patterns import distance_distribution
 from ropescope.errors import RopescopeError
-from ropescope.rope import RopeSpec
+from ropescope.io.data import load_corpus, token_blocks
 from ropescope.io.rows import RunLabels
+from ropescope.model.load import ModelOptions, load
+from ropescope.model.resolve import resolve_model
+from ropescope.rope import RopeSpec, rope_frequencies
 from ropescope.study.config import StudyConfig
 
 
 @dataclass(frozen=True)
 class Variant:
     """One model the study evaluates: a method, fine-tuned at `train_length` tokens or (None) applied as is."""
-
     name: str  # "original", "yarn@0", "yarn@1024", "yarn@1024-s1" (the second training seed)
     method_name: str  # the [methods.NAME] key
     spec: RopeSpec
@@ -76,8 +79,6 @@ def repeated_extensions(config: StudyConfig, rotary_dim: int, base: float) -> li
     inverse frequencies and attention scale at every length the study uses (dynamic methods change with it). Such
     a pair evaluates one model twice and would count it twice in finding 1 (e.g. YaRN's beta_fast above what the
     pretrained length allows: its ramp starts at the first pair either way)."""
-    from ropescope.rope import rope_frequencies
-
     lengths = sorted({*config.evaluation.perplexity_lengths, *config.analysis.entropy_lengths,
                       *config.training.lengths})
     seen: dict[tuple, str] = {}
@@ -107,7 +108,6 @@ def checkpoint_dir(out: str | Path, variant: Variant) -> Path:
 class StageContext:
     """Everything a stage may use besides its variant. `required_rows(stage, variant)` returns the recorded rows
     of a cell the running stage declared in `requires` (the runner fills it; a stage never reads the database)."""
-
     config: StudyConfig
     out: Path
     required_rows: Callable[[str, Variant], list[dict]]
@@ -125,7 +125,6 @@ class StageContext:
         return None if self.config.corpus.path == "default" else self.config.corpus.path
 
     def documents(self, split: str) -> list[str]:
-        from ropescope.io.data import load_corpus
 
         if split not in self._documents:
             self._documents[split] = load_corpus(self.corpus, split=split)
@@ -133,8 +132,6 @@ class StageContext:
 
     def samples(self, tokenizer, length: int, count: int) -> list:
         """The first `count` validation blocks of `length` tokens (the same blocks for every variant)."""
-        from ropescope.io.data import token_blocks
-
         blocks = list(islice(token_blocks(tokenizer, self.documents("validation"), length), count))
         if len(blocks) < count:
             raise RopescopeError(
@@ -144,8 +141,6 @@ class StageContext:
     @functools.cached_property
     def revision(self) -> str | None:
         """The model's revision (a Hub commit, a GGUF file's hash), read once per process."""
-        from ropescope.model.resolve import resolve_model
-
         return resolve_model(self.config.model.path).revision
 
     def labels(self, variant: Variant) -> RunLabels:
@@ -157,8 +152,6 @@ class StageContext:
         """`distance_distribution` of a variant on the first `count` blocks of `length` tokens, kept for the rest
         of this process: the original model at its pretrained length is every variant's pattern reference, and a
         16K-token capture of a real model takes minutes."""
-        from ropescope.attention.patterns import distance_distribution
-
         key = ("original" if variant.is_original and not variant.fine_tuned else variant.name, length, count)
         if key not in self._distributions:
             model, tokenizer = self.load(variant)
@@ -170,8 +163,6 @@ class StageContext:
 
     def load(self, variant: Variant):
         """(model, tokenizer) of a variant: its fine-tuned checkpoint, or the base model extended as is."""
-        from ropescope.model.load import ModelOptions, load
-
         options = ModelOptions(device=self.device)
         if variant.fine_tuned:
             loaded = load(self.checkpoint_dir(variant), options=options)

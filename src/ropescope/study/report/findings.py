@@ -125,18 +125,8 @@ def _interval(interval: tuple[float, float] | None, form: str = "{:+.2f}") -> st
     return f"{CONFIDENCE:.0%} CI [{form.format(interval[0])}, {form.format(interval[1])}]"
 
 
-def _interval(interval: tuple[float, float] | None, form: str = "{:+.2f}") -> str:
-    if interval is None:
-        return "no interval"
-    return f"{CONFIDENCE:.0%} CI [{form.format(interval[0])}, {form.format(interval[1])}]"
-
-
-def finding_pattern(perplexity_rows: list[dict], pattern_rows: list[dict], *, bounds: FindingsSection | None = None,
-                    resamples: int = RESAMPLES, seed: int = 0) -> Finding:
-    bounds = bounds or FindingsSection()
-    claim = "Extensions that keep the pretrained attention pattern extrapolate better."
-    bound_text = f"|rho| < {bounds.rho_bound:g}"
-    rule = (f"Population: the extensions (every method but the original model, untrained and fine-tuned, sweep "
+def _pattern_rule(bound_text: str) -> str:
+    return (f"Population: the extensions (every method but the original model, untrained and fine-tuned, sweep "
             f"variants included; a fine-tuned (method, length) is one variant, its training seeds averaged). "
             f"Spearman's rho between each variant's pattern divergence (JS, mean over layers) and its log perplexity "
             f"at the longest evaluated length; two-sided permutation test over variants (exact up to 9 variants), "
@@ -145,6 +135,14 @@ def finding_pattern(perplexity_rows: list[dict], pattern_rows: list[dict], *, bo
             f"within {bound_text} (TOST). The correlation within methods (each method's means removed; a variant alone "
             f"in its method has nothing to compare within it and is left out) is shown beside the pooled one as a "
             f"description.")
+
+
+def finding_pattern(perplexity_rows: list[dict], pattern_rows: list[dict], *, bounds: FindingsSection | None = None,
+                    resamples: int = RESAMPLES, seed: int = 0) -> Finding:
+    bounds = bounds or FindingsSection()
+    claim = "Extensions that keep the pretrained attention pattern extrapolate better."
+    bound_text = f"|rho| < {bounds.rho_bound:g}"
+    rule = _pattern_rule(bound_text)
     divergence = pattern_divergence(pattern_rows)
     if not _truncated(perplexity_rows) or not divergence:
         return Finding(1, claim, INCONCLUSIVE, "Inconclusive: the study has no perplexity or pattern rows.", rule,
@@ -211,14 +209,8 @@ def _prompt(row: dict) -> tuple:
     return tuple(row.get(key) for key in PROMPT)
 
 
-def finding_entropy_errors(uncertainty_rows: list[dict], *, bounds: FindingsSection | None = None,
-                           resamples: int = RESAMPLES, seed: int = 0) -> Finding:
-    bounds = bounds or FindingsSection()
-    low, high = bounds.auroc_bounds
-    minimum = bounds.min_cases_per_outcome
-    claim = "High attention entropy goes with retrieval errors."
-    bound_text = f"AUROC within {low:g}-{high:g}"
-    rule = (f"AUROC of the answering query's entropy as a predictor of failure within strata, pair-weighted, over "
+def _entropy_errors_rule(minimum: int, bound_text: str) -> str:
+    return (f"AUROC of the answering query's entropy as a predictor of failure within strata, pair-weighted, over "
             f"the strata that hold at least {minimum} failed and {minimum} correct retrievals: variant x length x key "
             f"depth when any stratum does, else variant x length, else inconclusive. The independent unit is the "
             f"prompt (its key and haystack), which every variant evaluates: the stratified permutation test permutes "
@@ -227,14 +219,13 @@ def finding_entropy_errors(uncertainty_rows: list[dict], *, bounds: FindingsSect
             f"the {EQUIVALENCE_CONFIDENCE:.0%} bootstrap interval lies within {bound_text} (TOST). Shown as "
             f"descriptions: the conditional logistic regression of failure on entropy (cases as independent), the "
             f"coarser strata as a sensitivity analysis, and the pooled AUROC, which mixes lengths and variants.")
-    rows = [row for row in uncertainty_rows if row.get("entropy") is not None]
-    failed_all = [not row["correct"] for row in rows]
-    pooled = auroc([row["entropy"] for row in rows], failed_all) if rows else math.nan
-    numbers = {"cases": len(rows), "failed": sum(failed_all), "correct": len(rows) - sum(failed_all),
-               "pooled_auroc": pooled}
-    pooled_test = Test("pooled over lengths and variants", "AUROC (confounded: longer contexts raise entropy and fail "
-                       "more)", len(rows), "cases", "AUROC", pooled, note="confounded, not used for the verdict")
-    chosen, results = None, {}
+
+
+def _stratified_aurocs(rows: list[dict], failed_all: list[bool], minimum: int, resamples: int,
+                       seed: int) -> dict[str, tuple]:
+    """Per stratification (finest first) with at least one stratum holding `minimum` of each outcome: (the
+    (row, failed) pairs in such strata, their strata, the clustered stratified AUROC, the strata left out)."""
+    results = {}
     for name, keys in STRATIFICATIONS.items():
         counts = defaultdict(lambda: [0, 0])
         for row, failed in zip(rows, failed_all):
@@ -248,19 +239,14 @@ def finding_entropy_errors(uncertainty_rows: list[dict], *, bounds: FindingsSect
         result = clustered_stratified_auroc(scores, failed, strata, [_prompt(row) for row, _ in subset],
                                             resamples=resamples, seed=seed)
         results[name] = (subset, strata, result, len(counts) - len(kept))
-        chosen = chosen or name
-    if chosen is None:
-        return Finding(2, claim, INCONCLUSIVE, (
-            f"Inconclusive: no variant x length stratum holds {minimum} failed and {minimum} correct retrievals "
-            f"({numbers['failed']} failed, {numbers['correct']} correct in all), the fewest that give an AUROC "
-            f"meaning."), rule, [pooled_test], numbers, bound_text,
-            f"too few cases to test: no stratum holds {minimum} failed and {minimum} correct retrievals")
-    subset, strata, result, dropped = results[chosen]
-    equivalence = (None if result.equivalence_interval is None
-                   else (result.equivalence_interval[0] - 0.5, result.equivalence_interval[1] - 0.5))
-    verdict = decide(result.p_value, result.auroc - 0.5, +1, equivalence, (low - 0.5, high - 0.5))
+    return results
+
+
+def _stratified_tests(results: dict[str, tuple], chosen: str, verdict: str, minimum: int,
+                      bound_text: str) -> list[Test]:
+    """The test behind the verdict (the chosen stratification) and the others as sensitivity analyses."""
     tests = []
-    for name, (other_subset, other_strata, other, other_dropped) in results.items():
+    for name, (_, _, other, other_dropped) in results.items():
         primary = name == chosen
         tests.append(Test(
             f"within {name} ({len(other.informative)} strata with >= {minimum} of each outcome; {other_dropped} "
@@ -269,6 +255,57 @@ def finding_entropy_errors(uncertainty_rows: list[dict], *, bounds: FindingsSect
             + f"; bootstrap over prompts; TOST against {bound_text}", other.units, "prompts (key and haystack)",
             "AUROC", other.auroc, other.p_value, other.interval, verdict if primary else None,
             "" if primary else "sensitivity analysis"))
+    return tests
+
+
+def _auroc_by_length(subset: list[tuple[dict, bool]], strata: list[tuple]) -> dict:
+    """The pair-weighted within-stratum AUROC at each length (what the figure prints above each length)."""
+    by_length = defaultdict(list)
+    for index, (row, _) in enumerate(subset):
+        by_length[row["length"]].append(index)
+    scores, failed = [row["entropy"] for row, _ in subset], [f for _, f in subset]
+    return {length: pair_weighted_auroc([scores[i] for i in indices], [failed[i] for i in indices],
+                                        [strata[i] for i in indices])
+            for length, indices in sorted(by_length.items())}
+
+
+ENTROPY_ERRORS_MEANING = {
+    REPRODUCED: "at the same length and variant, failed retrievals have higher entropy than correct ones",
+    CONTRADICTED: "at the same length and variant, failed retrievals have lower entropy than correct ones",
+    EQUIVALENT: "at the same length and variant, entropy tells failed from correct retrievals no better than {bounds}",
+    INCONCLUSIVE: "at the same length and variant, the data show neither that entropy tells failed from correct "
+                  "retrievals nor that it does not",
+}
+
+
+def finding_entropy_errors(uncertainty_rows: list[dict], *, bounds: FindingsSection | None = None,
+                           resamples: int = RESAMPLES, seed: int = 0) -> Finding:
+    bounds = bounds or FindingsSection()
+    low, high = bounds.auroc_bounds
+    minimum = bounds.min_cases_per_outcome
+    claim = "High attention entropy goes with retrieval errors."
+    bound_text = f"AUROC within {low:g}-{high:g}"
+    rule = _entropy_errors_rule(minimum, bound_text)
+    rows = [row for row in uncertainty_rows if row.get("entropy") is not None]
+    failed_all = [not row["correct"] for row in rows]
+    pooled = auroc([row["entropy"] for row in rows], failed_all) if rows else math.nan
+    numbers = {"cases": len(rows), "failed": sum(failed_all), "correct": len(rows) - sum(failed_all),
+               "pooled_auroc": pooled}
+    pooled_test = Test("pooled over lengths and variants", "AUROC (confounded: longer contexts raise entropy and fail "
+                       "more)", len(rows), "cases", "AUROC", pooled, note="confounded, not used for the verdict")
+    results = _stratified_aurocs(rows, failed_all, minimum, resamples, seed)
+    if not results:
+        return Finding(2, claim, INCONCLUSIVE, (
+            f"Inconclusive: no variant x length stratum holds {minimum} failed and {minimum} correct retrievals "
+            f"({numbers['failed']} failed, {numbers['correct']} correct in all), the fewest that give an AUROC "
+            f"meaning."), rule, [pooled_test], numbers, bound_text,
+            f"too few cases to test: no stratum holds {minimum} failed and {minimum} correct retrievals")
+    chosen = next(iter(results))  # the finest stratification with enough cases
+    subset, strata, result, _ = results[chosen]
+    equivalence = (None if result.equivalence_interval is None
+                   else (result.equivalence_interval[0] - 0.5, result.equivalence_interval[1] - 0.5))
+    verdict = decide(result.p_value, result.auroc - 0.5, +1, equivalence, (low - 0.5, high - 0.5))
+    tests = _stratified_tests(results, chosen, verdict, minimum, bound_text)
     odds = conditional_logit([row["entropy"] for row, _ in subset], [f for _, f in subset], strata)
     if odds is not None:
         tests.append(Test(f"failure on entropy within {chosen}", "conditional logistic regression (statsmodels); "
@@ -276,24 +313,13 @@ def finding_entropy_errors(uncertainty_rows: list[dict], *, bounds: FindingsSect
                           odds.n, "cases", "odds ratio", odds.odds_ratio, odds.p_value, odds.interval,
                           note="description: treats cases as independent"))
     tests.append(pooled_test)
-    by_length = defaultdict(list)
-    for index, (row, _) in enumerate(subset):
-        by_length[row["length"]].append(index)
-    scores, failed = [row["entropy"] for row, _ in subset], [f for _, f in subset]
     numbers.update(stratified_by=chosen, stratified_auroc=result.auroc, p_value=result.p_value, prompts=result.units,
-                   by_length={length: pair_weighted_auroc([scores[i] for i in indices], [failed[i] for i in indices],
-                                                          [strata[i] for i in indices])
-                              for length, indices in sorted(by_length.items())})
-    meaning = {REPRODUCED: "at the same length and variant, failed retrievals have higher entropy than correct ones",
-               CONTRADICTED: "at the same length and variant, failed retrievals have lower entropy than correct ones",
-               EQUIVALENT: f"at the same length and variant, entropy tells failed from correct retrievals no better "
-                           f"than {bound_text}",
-               INCONCLUSIVE: "at the same length and variant, the data show neither that entropy tells failed from "
-                             "correct retrievals nor that it does not"}[verdict]
+                   by_length=_auroc_by_length(subset, strata))
     odds_text = (f" Conditional logistic regression: odds ratio {odds.odds_ratio:.2f} per within-stratum SD "
                  f"({_interval(odds.interval, '{:.2f}')})." if odds is not None else "")
     sentence = (
-        f"{verdict.capitalize()}: {meaning}. Within {len(result.informative)} strata ({chosen}) holding at least "
+        f"{verdict.capitalize()}: {ENTROPY_ERRORS_MEANING[verdict].format(bounds=bound_text)}. Within "
+        f"{len(result.informative)} strata ({chosen}) holding at least "
         f"{minimum} of each outcome ({result.positives} failed, {result.negatives} correct passkey retrievals of "
         f"{result.units} prompts), the answering query's entropy predicts failure with pair-weighted AUROC "
         f"{result.auroc:.2f} ({_interval(result.interval, '{:.2f}')}, bootstrap over prompts; stratified "
@@ -301,8 +327,6 @@ def finding_entropy_errors(uncertainty_rows: list[dict], *, bounds: FindingsSect
         f"is {pooled:.2f}, a number confounded by length: longer contexts raise entropy and fail more."
     )
     return Finding(2, claim, verdict, sentence, rule, tests, numbers, bound_text)
-
-
 def _per_unit(rows: list[dict], field_name: str) -> np.ndarray | None:
     """The mean over `rows` of their per-unit lists (per sample or per document): [units]; None when a row lacks the
     list or the lists differ in length."""
@@ -332,14 +356,8 @@ def _evaluation_noise(label: str, before: np.ndarray | None, after: np.ndarray |
                 interval=difference.interval, note="evaluation noise of one checkpoint per arm: description only")
 
 
-def finding_training_length(entropy_rows: list[dict], perplexity_rows: list[dict], *,
-                            bounds: FindingsSection | None = None, resamples: int = RESAMPLES,
-                            seed: int = 0) -> Finding:
-    bounds = bounds or FindingsSection()
-    claim = "A longer continual-pretraining length lowers attention entropy and improves results."
-    bound_text = (f"|entropy difference| < {bounds.entropy_bound:g} nats and |log-perplexity difference| < "
-                  f"{bounds.log_perplexity_bound:g}")
-    rule = (f"The unit is a training run (one fine-tune: its seed sets data order, passkey draws and new parameters). "
+def _training_length_rule(bound_text: str) -> str:
+    return (f"The unit is a training run (one fine-tune: its seed sets data order, passkey draws and new parameters). "
             f"Per run, the mean attention entropy at the longest analysed length and the log perplexity at the "
             f"longest evaluated length; per outcome one linear model pooled over the extensions (OLS of the run "
             f"values on the method and on the training length, longest vs shortest), whose training-length "
@@ -349,11 +367,30 @@ def finding_training_length(entropy_rows: list[dict], perplexity_rows: list[dict
             f"else inconclusive. With one run per (method, length) it is not testable: the intervals over token "
             f"blocks or documents of one checkpoint measure evaluation noise, not training, and are shown as "
             f"descriptions only.")
-    trained = [row for row in entropy_rows if is_fine_tuned(row)]
-    if not trained:
-        return Finding(3, claim, INCONCLUSIVE, "Inconclusive (not testable: the study fine-tunes no extension, so "
-                       "no training length can be compared).", rule, bounds=bound_text,
-                       untested="not testable: no fine-tuned variant")
+
+
+@dataclass
+class TrainingRuns:
+    """The fine-tuning runs finding 3 compares: per run (method, length, seed) its entropy rows at the longest
+    analysed length and its perplexity row at the longest evaluated length, and per method the shortest and the
+    longest training length."""
+
+    entropy_length: int
+    perplexity_length: int | None
+    entropy_runs: dict[tuple, list[dict]]
+    perplexity_runs: dict[tuple, dict]
+    methods: dict[str, tuple[int, int]]  # method -> (shortest, longest) training length
+    used: list[tuple]  # the runs at those two lengths, with both outcomes
+
+    def per_arm(self) -> dict[tuple, list[tuple]]:
+        """(method, training length) -> its runs."""
+        arms = defaultdict(list)
+        for run in self.used:
+            arms[run[:2]].append(run)
+        return arms
+
+
+def _training_runs(trained: list[dict], perplexity_rows: list[dict]) -> TrainingRuns:
     entropy_length = max(row["length"] for row in trained)
     entropy_runs = defaultdict(list)
     for row in trained:
@@ -369,45 +406,105 @@ def finding_training_length(entropy_rows: list[dict], perplexity_rows: list[dict
         if len(lengths) >= 2:
             methods[method] = (lengths[0], lengths[-1])
     used = [run for run in runs if run[0] in methods and run[1] in methods[run[0]]]
-    if not used:
+    return TrainingRuns(entropy_length, ppl_length, entropy_runs, ppl_runs, methods, used)
+
+
+def _arm_test(runs: TrainingRuns, key: str, values: dict, method: str, short: int, long: int, seeds: int,
+              resamples: int, seed: int) -> Test:
+    """One extension's longer-minus-shorter difference in one outcome: Welch over training runs, or with one run
+    per arm the evaluation noise of the two checkpoints."""
+    per_arm = runs.per_arm()
+    name, unit = {"entropy": ("entropy", "nats"), "perplexity": ("log perplexity", "nats/token")}[key]
+    before = [values[run] for run in per_arm[(method, short)]]
+    after = [values[run] for run in per_arm[(method, long)]]
+    label = (f"{method} {short} -> {long}: {name} at "
+             f"{runs.entropy_length if key == 'entropy' else runs.perplexity_length} tokens")
+    if seeds >= 2:
+        difference = welch_difference(before, after)
+        return Test(label, "difference of run means; Welch t interval", len(before) + len(after), "training runs",
+                    f"difference ({unit})", difference.difference, interval=difference.interval,
+                    note="per extension: description")
+    run_short, run_long = per_arm[(method, short)][0], per_arm[(method, long)][0]
+    if key == "entropy":
+        test = _evaluation_noise(label, _per_unit(runs.entropy_runs[run_short], "sample_entropy"),
+                                 _per_unit(runs.entropy_runs[run_long], "sample_entropy"), "token blocks",
+                                 f"difference ({unit})", resamples, seed)
+    else:
+        test = _evaluation_noise(label, _document_nll(runs.perplexity_runs[run_short]),
+                                 _document_nll(runs.perplexity_runs[run_long]), "documents",
+                                 f"difference ({unit})", resamples, seed)
+    return test or Test(label, "difference of means", 1, "training run per arm", f"difference ({unit})",
+                        mean(after) - mean(before), note="no per-unit values: no interval")
+
+
+def _per_extension(runs: TrainingRuns, outcomes: dict[str, dict], seeds: int, resamples: int,
+                   seed: int) -> tuple[dict, list[Test]]:
+    """Per extension: its lengths, run counts, arm means and tests ({method: entry}), and the tests in order."""
+    per_arm = runs.per_arm()
+    details, tests = {}, []
+    for method, (short, long) in runs.methods.items():
+        entry = {"train_lengths": [short, long], "runs": [len(per_arm[(method, short)]), len(per_arm[(method, long)])]}
+        for key, values in outcomes.items():
+            entry[key] = [mean(values[run] for run in per_arm[(method, short)]),
+                          mean(values[run] for run in per_arm[(method, long)])]
+            entry[f"{key}_test"] = _arm_test(runs, key, values, method, short, long, seeds, resamples, seed)
+            tests.append(entry[f"{key}_test"])
+        details[method] = entry
+    return details, tests
+
+
+def _combined_verdict(verdicts: list[str]) -> str:
+    """Finding 3's verdict from its two outcomes': either contradicted contradicts; both must reproduce (or be
+    equivalent) for the finding to."""
+    if CONTRADICTED in verdicts:
+        return CONTRADICTED
+    if all(v == REPRODUCED for v in verdicts):
+        return REPRODUCED
+    if all(v == EQUIVALENT for v in verdicts):
+        return EQUIVALENT
+    return INCONCLUSIVE
+
+
+def _pooled_tests(runs: TrainingRuns, effects: dict, adjusted: dict,
+                  bounds: FindingsSection) -> tuple[dict[str, str], list[Test]]:
+    """Each outcome's verdict from the pooled model and its test line."""
+    verdicts, primary = {}, []
+    for key, bound, name, length in (("entropy", bounds.entropy_bound, "entropy", runs.entropy_length),
+                                     ("perplexity", bounds.log_perplexity_bound, "log perplexity",
+                                      runs.perplexity_length)):
+        effect = effects[key]
+        verdicts[key] = decide(adjusted[key], effect.effect, -1, effect.equivalence_interval, (-bound, bound))
+        primary.append(Test(
+            f"all extensions: {name} at {length} tokens, longest minus shortest training",
+            f"OLS on run means (method + training length), t-test with {effect.degrees_of_freedom} df, Holm over 2 "
+            f"outcomes (p adjusted); TOST against |difference| < {bound:g}", effect.runs, "training runs",
+            "difference", effect.effect, adjusted[key], effect.interval, verdicts[key]))
+    return verdicts, primary
+
+
+def finding_training_length(entropy_rows: list[dict], perplexity_rows: list[dict], *,
+                            bounds: FindingsSection | None = None, resamples: int = RESAMPLES,
+                            seed: int = 0) -> Finding:
+    bounds = bounds or FindingsSection()
+    claim = "A longer continual-pretraining length lowers attention entropy and improves results."
+    bound_text = (f"|entropy difference| < {bounds.entropy_bound:g} nats and |log-perplexity difference| < "
+                  f"{bounds.log_perplexity_bound:g}")
+    rule = _training_length_rule(bound_text)
+    trained = [row for row in entropy_rows if is_fine_tuned(row)]
+    if not trained:
+        return Finding(3, claim, INCONCLUSIVE, "Inconclusive (not testable: the study fine-tunes no extension, so "
+                       "no training length can be compared).", rule, bounds=bound_text,
+                       untested="not testable: no fine-tuned variant")
+    runs = _training_runs(trained, perplexity_rows)
+    if not runs.used:
         return Finding(3, claim, INCONCLUSIVE, "Inconclusive: no extension is fine-tuned at two lengths.", rule,
                        bounds=bound_text)
-    entropy = {run: mean(row["entropy"] for row in entropy_runs[run]) for run in used}
-    log_ppl = {run: math.log(ppl_runs[run]["perplexity"]) for run in used}
-    per_arm = defaultdict(list)
-    for run in used:
-        per_arm[run[:2]].append(run)
+    outcomes = {"entropy": {run: mean(row["entropy"] for row in runs.entropy_runs[run]) for run in runs.used},
+                "perplexity": {run: math.log(runs.perplexity_runs[run]["perplexity"]) for run in runs.used}}
+    per_arm = runs.per_arm()
     seeds = min(len(members) for members in per_arm.values())
-    details, tests = {}, []
-    for method, (short, long) in methods.items():
-        entry = {"train_lengths": [short, long], "runs": [len(per_arm[(method, short)]), len(per_arm[(method, long)])]}
-        for key, values, name, unit in (("entropy", entropy, "entropy", "nats"),
-                                        ("perplexity", log_ppl, "log perplexity", "nats/token")):
-            before = [values[run] for run in per_arm[(method, short)]]
-            after = [values[run] for run in per_arm[(method, long)]]
-            entry[key] = [mean(before), mean(after)]
-            label = (f"{method} {short} -> {long}: {name} at "
-                     f"{entropy_length if key == 'entropy' else ppl_length} tokens")
-            if seeds >= 2:
-                difference = welch_difference(before, after)
-                test = Test(label, "difference of run means; Welch t interval", len(before) + len(after),
-                            "training runs", f"difference ({unit})", difference.difference,
-                            interval=difference.interval, note="per extension: description")
-            else:
-                run_short, run_long = per_arm[(method, short)][0], per_arm[(method, long)][0]
-                if key == "entropy":
-                    test = _evaluation_noise(label, _per_unit(entropy_runs[run_short], "sample_entropy"),
-                                             _per_unit(entropy_runs[run_long], "sample_entropy"), "token blocks",
-                                             f"difference ({unit})", resamples, seed)
-                else:
-                    test = _evaluation_noise(label, _document_nll(ppl_runs[run_short]),
-                                             _document_nll(ppl_runs[run_long]), "documents",
-                                             f"difference ({unit})", resamples, seed)
-                test = test or Test(label, "difference of means", 1, "training run per arm", f"difference ({unit})",
-                                    entry[key][1] - entry[key][0], note="no per-unit values: no interval")
-            entry[f"{key}_test"] = test
-            tests.append(test)
-        details[method] = entry
+    details, tests = _per_extension(runs, outcomes, seeds, resamples, seed)
+    entropy_length, ppl_length = runs.entropy_length, runs.perplexity_length
     numbers = {"methods": details, "entropy_length": entropy_length, "perplexity_length": ppl_length, "seeds": seeds,
                "bounds": {"entropy": bounds.entropy_bound, "perplexity": bounds.log_perplexity_bound}}
     parts = [f"{method} {d['train_lengths'][0]}->{d['train_lengths'][1]}: entropy {d['entropy'][0]:.3f}->"
@@ -420,34 +517,17 @@ def finding_training_length(entropy_rows: list[dict], perplexity_rows: list[dict
                     f"shorter training (entropy at {entropy_length} tokens, perplexity at {ppl_length}): "
                     + "; ".join(parts) + ". The intervals in the table are evaluation noise only.")
         return Finding(3, claim, INCONCLUSIVE, sentence, rule, tests, numbers, bound_text,
-                       f"not testable: one training run per arm (n = {len(used)} runs in {len(per_arm)} arms)")
-    groups = [run[0] for run in used]
-    longer = [run[1] == methods[run[0]][1] for run in used]
-    effects = {"entropy": run_level_effect([entropy[run] for run in used], groups, longer),
-               "perplexity": run_level_effect([log_ppl[run] for run in used], groups, longer)}
+                       f"not testable: one training run per arm (n = {len(runs.used)} runs in {len(per_arm)} arms)")
+    groups = [run[0] for run in runs.used]
+    longer = [run[1] == runs.methods[run[0]][1] for run in runs.used]
+    effects = {key: run_level_effect([values[run] for run in runs.used], groups, longer)
+               for key, values in outcomes.items()}
     if any(effect is None for effect in effects.values()):
         return Finding(3, claim, INCONCLUSIVE, "Inconclusive: the runs leave the pooled model no residual degrees "
                        "of freedom.", rule, tests, numbers, bound_text)
     adjusted = dict(zip(effects, holm([effect.p_value for effect in effects.values()])))
-    verdicts, primary = {}, []
-    for key, bound, name, length in (("entropy", bounds.entropy_bound, "entropy", entropy_length),
-                                     ("perplexity", bounds.log_perplexity_bound, "log perplexity", ppl_length)):
-        effect = effects[key]
-        verdicts[key] = decide(adjusted[key], effect.effect, -1, effect.equivalence_interval, (-bound, bound))
-        primary.append(Test(
-            f"all extensions: {name} at {length} tokens, longest minus shortest training",
-            f"OLS on run means (method + training length), t-test with {effect.degrees_of_freedom} df, Holm over 2 "
-            f"outcomes (p adjusted); TOST against |difference| < {bound:g}", effect.runs, "training runs",
-            "difference", effect.effect, adjusted[key], effect.interval, verdicts[key]))
-    values = list(verdicts.values())
-    if CONTRADICTED in values:
-        verdict = CONTRADICTED
-    elif all(v == REPRODUCED for v in values):
-        verdict = REPRODUCED
-    elif all(v == EQUIVALENT for v in values):
-        verdict = EQUIVALENT
-    else:
-        verdict = INCONCLUSIVE
+    verdicts, primary = _pooled_tests(runs, effects, adjusted, bounds)
+    verdict = _combined_verdict(list(verdicts.values()))
     numbers["verdicts"] = verdicts
     numbers["effects"] = {key: effect.effect for key, effect in effects.items()}
     numbers["pooled"] = dict(zip(verdicts, primary))
@@ -462,12 +542,14 @@ def finding_training_length(entropy_rows: list[dict], perplexity_rows: list[dict
     return Finding(3, claim, verdict, sentence, rule, primary + tests, numbers, bound_text)
 
 
-def retrieval_floor(passkey_rows: list[dict], length: int, floor: float) -> list[tuple[str, float, bool]]:
-    """Each fine-tuned NTK-aware or YaRN variant's passkey accuracy at `length` tokens and whether it reaches
-    `floor`: [(variant, accuracy, kept)]. PI (linear) is exempt (docs/statistics.md)."""
+def retrieval_floor(passkey_rows: list[dict], length: int, floor: float,
+                    methods: tuple[str, ...] | list[str] = ("ntk", "yarn")) -> list[tuple[str, float, bool]]:
+    """Each fine-tuned variant of `methods` (the [findings] retrieval_methods; PI is exempt by default,
+    docs/statistics.md) with its passkey accuracy at `length` tokens and whether it reaches `floor`:
+    [(variant, accuracy, kept)]."""
     scores = defaultdict(list)
     for row in passkey_rows:
-        if is_fine_tuned(row) and row.get("method") in ("ntk", "yarn") and row["length"] == length:
+        if is_fine_tuned(row) and row.get("method") in methods and row["length"] == length:
             scores[row["variant"]].append(float(row["score"]))
     return [(variant, mean(values), mean(values) >= floor) for variant, values in sorted(scores.items())]
 

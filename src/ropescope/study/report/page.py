@@ -9,15 +9,13 @@ import base64
 import html
 import math
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from statistics import mean, median
+from statistics import mean
 
-import matplotlib.pyplot as plt
-from matplotlib.lines import Line2D
-
-from ropescope.io import plots
 from ropescope.errors import RopescopeError
+from ropescope.io import plots
 from ropescope.io.results import write_atomically
 from ropescope.statistics import CONFIDENCE, VERDICT_RULE
 from ropescope.study.config import FindingsSection, parse_config
@@ -25,6 +23,9 @@ from ropescope.study.context import plan_variants
 from ropescope.study.report.findings import (Finding, Test, finding_entropy_errors, pattern_divergence, retrieval_floor,
                                       study_findings)
 from ropescope.study.run.store import DATABASE, ResultStore, check_database_file
+from ropescope.study.stage import ReportInputs, Stage, StageFigure
+from ropescope.study.stages import STAGES
+from ropescope.study.stages.retrieval import task_names, task_of
 
 
 @dataclass
@@ -35,7 +36,8 @@ class Figure:
     path: Path
 
 
-def canonical_order(rows: dict[str, list[dict]], config: dict | None) -> dict[str, list[dict]]:
+def canonical_order(rows: dict[str, list[dict]], config: dict | None,
+                    stages: Sequence[Stage] = STAGES) -> dict[str, list[dict]]:
     """Every kind's rows with variants in the config's study order (then any others by name), whatever order the
     cells finished in, so the local and the Ray executor report alike; within a variant, rows keep their order."""
     order: list[str] = []
@@ -48,7 +50,8 @@ def canonical_order(rows: dict[str, list[dict]], config: dict | None) -> dict[st
             sweep = set(config.get("sweep") or ())
             tables["methods"] = {name: {**spec, "sweep": True} if name in sweep else spec
                                  for name, spec in (tables.get("methods") or {}).items()}
-            order = [variant.name for variant in plan_variants(parse_config(tables, source="the recorded config"))]
+            order = [variant.name for variant in plan_variants(parse_config(tables, stages,
+                                                                            source="the recorded config"))]
         except RopescopeError:  # a config this version cannot read (an older one): names alone order it
             order = []
     names = sorted({row["variant"] for kind in rows.values() for row in kind if "variant" in row} - set(order))
@@ -61,27 +64,20 @@ def _variants_in_order(*row_lists: list[dict]) -> list[str]:
     return list(dict.fromkeys(row["variant"] for rows in row_lists for row in rows))
 
 
-def task_names(retrieval_rows: list[dict], config: dict | None = None) -> list[str]:
-    """The retrieval tasks of the rows, in the config's order where it names them."""
-    configured = list(((config or {}).get("retrieval") or {}).get("tasks") or [])
-    seen = list(dict.fromkeys(row.get("task", "passkey") for row in retrieval_rows))
-    return [task for task in configured if task in seen] + [task for task in seen if task not in configured]
-
-
 def summary_table(rows: dict[str, list[dict]], tasks: list[str] | None = None) -> tuple[list[str], list[list[str]]]:
     """One line per variant: perplexity per length, each task's score per length, entropy, pattern divergence."""
     perplexity = [row for row in rows["perplexity"] if row.get("protocol", "truncated") == "truncated"]
     retrieval, entropy = rows["retrieval"], rows["entropy"]
     tasks = tasks or task_names(retrieval)
     ppl_lengths = sorted({row["length"] for row in perplexity})
-    task_lengths = {task: sorted({row["length"] for row in retrieval if row.get("task", "passkey") == task})
+    task_lengths = {task: sorted({row["length"] for row in retrieval if task_of(row) == task})
                     for task in tasks}
     entropy_length = max((row["length"] for row in entropy), default=None)
     divergence = pattern_divergence(rows["patterns"])
     ppl = {(row["variant"], row["length"]): row["perplexity"] for row in perplexity}
     scores = defaultdict(list)
     for row in retrieval:
-        scores[(row.get("task", "passkey"), row["variant"], row["length"])].append(float(row["score"]))
+        scores[(task_of(row), row["variant"], row["length"])].append(float(row["score"]))
     entropies = defaultdict(list)
     for row in entropy:
         if row["length"] == entropy_length:
@@ -110,7 +106,7 @@ def readout_table(uncertainty: list[dict], tasks: list[str]) -> tuple[list[str],
               "distractor mass correct", "distractor mass failed"]
     table = []
     for task in tasks:
-        rows = [row for row in uncertainty if row.get("task", "passkey") == task and row.get("entropy") is not None]
+        rows = [row for row in uncertainty if task_of(row) == task and row.get("entropy") is not None]
         if not rows:
             continue
         numbers = finding_entropy_errors(rows).numbers
@@ -132,7 +128,7 @@ def finding_rows(rows: dict[str, list[dict]], tasks: list[str]) -> dict[str, lis
     """The rows the findings read: finding 2 is the paper's passkey test, so it reads one task's uncertainty rows
     (passkey where the study ran it, else its first task); every task's readouts are in `readout_table`."""
     chosen = "passkey" if "passkey" in tasks else (tasks[0] if tasks else None)
-    return {**rows, "uncertainty": [row for row in rows["uncertainty"] if row.get("task", "passkey") == chosen]}
+    return {**rows, "uncertainty": [row for row in rows["uncertainty"] if task_of(row) == chosen]}
 
 
 def _number(value, form: str) -> str:
@@ -184,218 +180,79 @@ def _html_table(header: list[str], table: list[list[str]], css: str = "") -> str
             f"<tbody>{body}</tbody></table></div>")
 
 
-# The findings' figures draw the test's own comparison, so they read the findings' numbers as well as the rows.
-
-LABELLED_POINTS = 15  # above this many variants, names overlap: colour and marker say method and training length
-
-
-def plot_finding_pattern(finding: Finding, path: Path) -> Path:
-    """Finding 1: pattern divergence against perplexity at the longest length, one point per variant (colour: the
-    RoPE method; marker: untrained or the training length), with rho."""
-    numbers = finding.numbers
-    methods = numbers.get("method", {})
-    colours = {m: f"C{i % 10}" for i, m in enumerate(sorted(set(methods.values())))}
-    lengths = sorted({variant.split("@")[-1] for variant in numbers["js"]}, key=lambda t: int(t) if t.isdigit() else 0)
-    markers = {length: "os^Dvp*h"[i % 8] for i, length in enumerate(lengths)}
-    figure, axis = plt.subplots(figsize=(7.5, 4.8))
-    for variant, js in numbers["js"].items():
-        axis.scatter(js, numbers["perplexity"][variant], s=40, color=colours.get(methods.get(variant), "tab:blue"),
-                     marker=markers[variant.split("@")[-1]])
-        if len(numbers["js"]) <= LABELLED_POINTS:
-            axis.annotate(variant, (js, numbers["perplexity"][variant]), fontsize=8, xytext=(4, 3),
-                          textcoords="offset points")
-    handles = [Line2D([], [], color=colour, marker="o", linestyle="", label=method)
-               for method, colour in colours.items()]
-    handles += [Line2D([], [], color="gray", marker=marker, linestyle="",
-                       label="untrained" if length == "0" else f"trained at {length}")
-                for length, marker in markers.items()]
-    if len(handles) > 1:
-        axis.legend(handles=handles, fontsize=8, loc="best")
-    plots.perplexity_axis(axis, list(numbers["perplexity"].values()))
-    test = finding.tests[0]
-    axis.set(xlabel="Jensen-Shannon divergence from the pretrained pattern (lower = preserved)",
-             ylabel=f"perplexity at {numbers['length']} tokens",
-             title=f"Spearman rho = {test.statistic:+.2f}, permutation {_p_label(test.p_value)}, "
-                   f"n = {test.n} variants: {finding.verdict}")
-    axis.grid(True, which="both", alpha=0.3)
-    return plots.save_figure(figure, path)
-
-
-def plot_finding_entropy_errors(finding: Finding, rows: list[dict], path: Path) -> Path:
-    """Finding 2: the answering query's entropy on correct and failed retrievals per length: as measured (left,
-    what the pooled AUROC compares) and minus its stratum's median in the strata that hold both outcomes (right,
-    what the stratified test compares)."""
-    keys = {"variant x length x depth": ("variant", "length", "depth_percent"),
-            "variant x length": ("variant", "length")}[finding.numbers["stratified_by"]]
-    rows = [row for row in rows if row.get("entropy") is not None]
-    by_stratum = defaultdict(list)
-    for row in rows:
-        by_stratum[tuple(row.get(key) for key in keys)].append(row)
-    centre = {key: median(row["entropy"] for row in group) for key, group in by_stratum.items()}
-    both = {key for key, group in by_stratum.items() if len({bool(row["correct"]) for row in group}) == 2}
-    lengths = sorted({row["length"] for row in rows})
-    figure, axes = plt.subplots(1, 2, figsize=(12, 4.6))
-    for axis, centred in zip(axes, (False, True)):
-        shown = [row for row in rows if not centred or tuple(row.get(key) for key in keys) in both]
-        for offset, outcome, colour in ((-0.17, True, "tab:green"), (0.17, False, "tab:red")):
-            groups = []
-            for length in lengths:
-                groups.append([row["entropy"] - (centre[tuple(row.get(key) for key in keys)] if centred else 0.0)
-                               for row in shown if row["length"] == length and bool(row["correct"]) is outcome])
-            positions = [index + offset for index, values in enumerate(groups) if values]
-            filled = [values for values in groups if values]
-            if filled:
-                axis.boxplot(filled, positions=positions, widths=0.28, showfliers=False,
-                             medianprops={"color": colour}, boxprops={"color": colour},
-                             whiskerprops={"color": colour}, capprops={"color": colour})
-            for position, values in zip(positions, filled):
-                spread = [position + 0.1 * ((i * 0.618) % 1 - 0.5) for i in range(len(values))]
-                axis.scatter(spread, values, s=8, alpha=0.45, color=colour,
-                             label=("correct" if outcome else "failed") if position == positions[0] else None)
-        axis.set_xticks(range(len(lengths)), [str(length) for length in lengths])
-        axis.set_xlabel("context length (tokens)")
-        axis.grid(True, alpha=0.3)
-    by_length = finding.numbers["by_length"]
-    axes[0].set(ylabel="entropy of the answering query (nats)",
-                title=f"As measured: pooled AUROC {finding.numbers['pooled_auroc']:.2f} (confounded)")
-    axes[1].set(ylabel="entropy minus its stratum's median (nats)",
-                title=f"Within {finding.numbers['stratified_by']}: AUROC {finding.numbers['stratified_auroc']:.2f}, "
-                      f"{_p_label(finding.numbers['p_value'])}")
-    for index, length in enumerate(lengths):
-        value = by_length.get(length, math.nan)
-        axes[1].annotate("no pair" if not math.isfinite(value) else f"AUROC {value:.2f}", (index, 1.0),
-                         xycoords=("data", "axes fraction"), xytext=(0, -12), textcoords="offset points",
-                         ha="center", fontsize=8)
-    axes[1].margins(y=0.15)  # room for the per-length AUROCs along the top
-    axes[0].legend(fontsize=8)
-    figure.tight_layout()
-    return plots.save_figure(figure, path)
-
-
-def plot_finding_training_length(finding: Finding, path: Path) -> Path:
-    """Finding 3: the pooled effect (with two or more runs per arm) and per extension the entropy and log-perplexity
-    differences (longer minus shorter training) with their intervals (over training runs, or with one run per arm
-    over evaluation units), against the bounds of no effect; below 0 is the paper's direction."""
-    methods = finding.numbers["methods"]
-    pooled, bounds = finding.numbers.get("pooled", {}), finding.numbers.get("bounds", {})
-    names = (["all (pooled)"] if pooled else []) + [f"{m} {d['train_lengths'][0]}->{d['train_lengths'][1]}"
-                                                    for m, d in methods.items()]
-    figure, axes = plt.subplots(1, 2, figsize=(max(11, 1.6 * len(names)), 4.6))
-    for axis, key, label in ((axes[0], "entropy", f"entropy difference at {finding.numbers['entropy_length']} "
-                                                   f"tokens (nats)"),
-                             (axes[1], "perplexity", f"log-perplexity difference at "
-                                                     f"{finding.numbers['perplexity_length']} tokens")):
-        if key in bounds:
-            axis.axhspan(-bounds[key], bounds[key], color="tab:blue", alpha=0.12,
-                         label=f"bounds of no effect (±{bounds[key]:g})")
-        tests = ([pooled[key]] if pooled else []) + [details[f"{key}_test"] for details in methods.values()]
-        for index, test in enumerate(tests):
-            colour = {"reproduced": "tab:green", "contradicted": "tab:red"}.get(test.verdict, "tab:gray")
-            marker = "D" if pooled and index == 0 else "o"
-            if test.interval is None:
-                axis.scatter(index, test.statistic, marker="x", color=colour, s=50)
-                axis.annotate("no interval", (index, test.statistic), xytext=(6, 0), textcoords="offset points",
-                              fontsize=8, va="center")
-            else:
-                low, high = test.interval
-                axis.errorbar(index, test.statistic, yerr=[[test.statistic - low], [high - test.statistic]],
-                              fmt=marker, color=colour, capsize=5)
-        axis.axhline(0, color="black", linewidth=0.8)
-        axis.set_xticks(range(len(names)), names, rotation=30, ha="right")
-        axis.set(ylabel=label, xlim=(-0.6, len(names) - 0.4))
-        axis.grid(True, axis="y", alpha=0.3)
-        if key in bounds:
-            axis.legend(fontsize=8, loc="best")
-    unit = "training runs" if finding.numbers.get("seeds", 1) >= 2 else "evaluation units of one run"
-    figure.suptitle(f"Longer minus shorter training, {CONFIDENCE:.0%} intervals over {unit} "
-                    f"(below 0: the paper's direction): {finding.verdict}")
-    figure.tight_layout()
-    return plots.save_figure(figure, path)
-
-
-def draw_figures(rows: dict[str, list[dict]], findings: list[Finding], original_max_position_embeddings: int,
-                 folder: Path, tasks: list[str]) -> list[Figure]:
-    figures = []
-
-    def add(key, title, caption, draw):
-        figures.append(Figure(key, title, caption, draw(folder / f"{key}.png")))
-
-    pretrained = original_max_position_embeddings
-    perplexity = [row for row in rows["perplexity"] if row.get("protocol", "truncated") == "truncated"]
-    if perplexity:
-        add("perplexity", "Perplexity against length",
-            f"Each variant's perplexity on validation documents cut to each length; dashed: the pretrained length "
-            f"({pretrained}).",
-            lambda path: plots.plot_perplexity(perplexity, path, pretrained))
-    for task in tasks:
-        task_rows = [row for row in rows["retrieval"] if row.get("task", "passkey") == task]
-        add(task, f"Retrieval: {task}", "Score per context length and depth, one panel per variant.",
-            lambda path, task_rows=task_rows, task=task: plots.plot_retrieval(
-                task_rows, path, title=f"{task}: score per length and depth"))
-    if rows["entropy"]:
-        add("entropy_position", "Attention entropy against position",
-            "Mean over layers, heads and samples, at the longest analysed length: entropy grows past the length "
-            "a model was trained on unless the extension (or training) holds it down.",
-            lambda path: plots.plot_entropy_position(rows["entropy"], path, pretrained,
-                                                     length=max(row["length"] for row in rows["entropy"])))
-    distribution = [row for row in rows["patterns"] if row.get("row_type") == "distribution"]
-    if distribution:
-        add("attention_distance", "Attention against distance",
-            "Attention mass per key-distance bin at the pretrained length and at the extended length, distance "
-            "divided by the length ratio: overlapping curves mean the extension kept the pretrained pattern.",
-            lambda path: plots.plot_attention_distance(distribution, path))
+def finding_figures(findings: list[Finding], uncertainty: list[dict]) -> list[StageFigure]:
+    """The findings' figures, each drawing what its finding's test compares."""
     finding_one, finding_two, finding_three = findings
+    figures = []
     if finding_one.tests:
-        add("finding1", "Finding 1: pattern preservation",
+        test = finding_one.tests[0]
+        title = (f"Spearman rho = {test.statistic:+.2f}, permutation {_p_label(test.p_value)}, n = {test.n} "
+                 f"variants: {finding_one.verdict}")
+        figures.append(StageFigure(
+            "finding1", "Finding 1: pattern preservation",
             "One point per variant: its divergence from the pretrained attention pattern against its perplexity at "
             "the longest length (colour: the RoPE method; marker: untrained or its training length); the claim is a "
             "positive rank correlation.",
-            lambda path: plot_finding_pattern(finding_one, path))
+            lambda path: plots.plot_finding_pattern(finding_one.numbers, title, path)))
     if "stratified_by" in finding_two.numbers:
-        add("finding2", "Finding 2: entropy and retrieval errors",
+        figures.append(StageFigure(
+            "finding2", "Finding 2: entropy and retrieval errors",
             "Correct (green) and failed (red) passkey retrievals per context length. Left: entropy as measured, "
             "which mixes variants and depths. Right: in the strata that hold both outcomes, entropy minus its "
             "stratum's median, the comparison the stratified test makes; above each length, its pair-weighted AUROC.",
-            lambda path: plot_finding_entropy_errors(finding_two, rows["uncertainty"], path))
+            lambda path: plots.plot_finding_entropy_errors(finding_two.numbers, uncertainty,
+                                                           _p_label(finding_two.numbers["p_value"]), path)))
     if finding_three.numbers.get("methods"):
-        add("finding3", "Finding 3: continual-pretraining length",
+        unit = "training runs" if finding_three.numbers.get("seeds", 1) >= 2 else "evaluation units of one run"
+        title = (f"Longer minus shorter training, {CONFIDENCE:.0%} intervals over {unit} (below 0: the paper's "
+                 f"direction): {finding_three.verdict}")
+        figures.append(StageFigure(
+            "finding3", "Finding 3: continual-pretraining length",
             "The change from the shorter to the longer training length with its interval: first (with two or more "
             "runs per arm) the pooled model's, the test; then per extension Welch's over training runs, or with one "
             "run per arm a bootstrap over evaluation units (evaluation noise only). Shaded: the bounds of no effect.",
-            lambda path: plot_finding_training_length(finding_three, path))
+            lambda path: plots.plot_finding_training_length(finding_three.numbers, title, path)))
     return figures
 
 
-def build_report(out: str | Path) -> dict[str, Path]:
-    """Write `report/summary.md`, `report/report.html` and `report/figures/*.png` from `out`'s database."""
+def draw_figures(declared: list[StageFigure], folder: Path) -> list[Figure]:
+    """Draw each declared figure into `folder` as KEY.png."""
+    return [Figure(figure.key, figure.title, figure.caption, figure.draw(folder / f"{figure.key}.png"))
+            for figure in declared]
+
+
+def build_report(out: str | Path, stages: Sequence[Stage] = STAGES) -> dict[str, Path]:
+    """Write `report/summary.md`, `report/report.html` and `report/figures/*.png` from `out`'s database; each
+    stage's rows are read by its name in `stages` (the registry) and drawn by its declared figures."""
     out = Path(out)
     if not (out / DATABASE).is_file():
         raise RopescopeError(f"{str(out)!r} holds no study results ({DATABASE}); run `ropescope study --out {out}`")
     check_database_file(out / DATABASE)  # read-only: a damaged file is refused as it is
     with ResultStore(out / DATABASE) as store:
-        kinds = ("train", "perplexity", "retrieval", "entropy", "patterns", "uncertainty")
-        rows = {kind: store.rows(kind) for kind in kinds}
+        rows = {stage.name: store.rows(stage.name) for stage in stages}
         # Databases written before the task registry hold passkey rows under their own kind.
-        rows["retrieval"] += [{"task": "passkey", **row} for row in store.rows("passkey")]
+        rows["retrieval"] = rows.get("retrieval", []) + [{"task": "passkey", **row} for row in store.rows("passkey")]
         cells = store.cells()
         # Databases written before the rename name the pretrained length `pretrained_length`.
         pretrained = store.meta("original_max_position_embeddings", store.meta("pretrained_length"))
         config = store.meta("config") or {}
-    rows = canonical_order(rows, config)
+    rows = canonical_order(rows, config, stages)
     tasks = task_names(rows["retrieval"], config)
     bounds = study_bounds(config)
-    findings = study_findings(finding_rows(rows, tasks), bounds)
-    folder = out / "report"
-    figures = draw_figures(finding_rows(rows, tasks), findings, pretrained, folder / "figures", tasks)
+    chosen = finding_rows(rows, tasks)
+    findings = study_findings(chosen, bounds)
+    inputs = ReportInputs(chosen, config, pretrained)
+    declared = [figure for stage in stages if stage.figures for figure in stage.figures(inputs)]
+    figures = draw_figures(declared + finding_figures(findings, chosen["uncertainty"]), out / "report" / "figures")
     header, table = summary_table(rows, tasks)
     readouts = readout_table(rows["uncertainty"], tasks)
     failed = [cell for cell in cells if cell["status"] == "failed"]
-    passkey_rows = [row for row in rows["retrieval"] if row.get("task", "passkey") == "passkey"]
+    passkey_rows = [row for row in rows["retrieval"] if task_of(row) == "passkey"]
     retrieval = retrieval_lines(passkey_rows, pretrained, bounds, config.get("training", {}))
     summary = _summary_markdown(header, table, readouts, findings, figures, failed, pretrained, retrieval)
     page = _report_html(header, table, readouts, findings, figures, failed, pretrained, retrieval)
-    write_atomically(folder / "summary.md", summary)
-    write_atomically(folder / "report.html", page)
+    write_atomically(out / "report" / "summary.md", summary)
+    write_atomically(out / "report" / "report.html", page)
     return report_paths(out)
 
 
@@ -411,21 +268,31 @@ PI_RETRIEVAL_BUDGET = ("200 steps of 4,096 tokens bring PI fine-tuned at 512 tok
                        "PI fine-tuned at 1024 to 35% at 256 tokens and 15% at 1024")
 
 
+METHOD_WORDS = {"ntk": "NTK-aware", "yarn": "YaRN", "linear": "PI"}  # how the report names a RoPE method
+
+
+def _methods_in_words(methods: list[str]) -> str:
+    words = [METHOD_WORDS.get(method, method) for method in methods]
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} and {words[-1]}"
+
+
 def retrieval_lines(passkey_rows: list[dict], pretrained: int, bounds: FindingsSection, training: dict) -> list[str]:
-    """The retrieval target after fine-tuning: NTK-aware and YaRN fine-tunes keep at least `retrieval_floor` at the
-    pretrained length; PI is exempt, and the lines say why."""
-    kept = retrieval_floor(passkey_rows, pretrained, bounds.retrieval_floor)
+    """The retrieval target after fine-tuning: fine-tunes of the [findings] retrieval_methods (NTK-aware and YaRN)
+    keep at least `retrieval_floor` at the pretrained length; PI is exempt, and the lines say why."""
+    kept = retrieval_floor(passkey_rows, pretrained, bounds.retrieval_floor, bounds.retrieval_methods)
     if not kept:
         return []
     budget = (f"{training['steps']} steps of {training['tokens_per_step']:,} tokens"
               if {"steps", "tokens_per_step"} <= set(training) else "the study's fine-tune")
-    lines = [f"Target: every NTK-aware and YaRN fine-tune keeps at least {bounds.retrieval_floor:.0%} passkey "
-             f"accuracy at {pretrained} tokens: {sum(ok for _, _, ok in kept)} of {len(kept)} do."]
+    lines = [f"Target: every {_methods_in_words(bounds.retrieval_methods)} fine-tune keeps at least "
+             f"{bounds.retrieval_floor:.0%} passkey accuracy at {pretrained} tokens: {sum(ok for _, _, ok in kept)} "
+             f"of {len(kept)} do."]
     lines += [f"- {variant}: {accuracy:.0%} at {pretrained} tokens, {'kept' if ok else 'below the target'}"
               for variant, accuracy, ok in kept]
-    lines.append(f"PI is exempt: it compresses every rotation, so a fine-tune has to relearn the position resolution "
-                 f"that copying a key digit by digit needs, and a fine-tune this size ({budget}) does not: measured "
-                 f"on the shipped model at factor 4, {PI_RETRIEVAL_BUDGET} (docs/training.md).")
+    if "linear" not in bounds.retrieval_methods:
+        lines.append(f"PI is exempt: it compresses every rotation, so a fine-tune has to relearn the position "
+                     f"resolution that copying a key digit by digit needs, and a fine-tune this size ({budget}) does "
+                     f"not: measured on the shipped model at factor 4, {PI_RETRIEVAL_BUDGET} (docs/training.md).")
     return lines
 
 

@@ -23,18 +23,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import ray
-from ray.exceptions import GetTimeoutError, OutOfMemoryError, RayError, RayTaskError
-from ray.util import get_node_ip_address
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
 from ropescope.errors import RopescopeError
-from ropescope.train.memory import peak_rss_bytes
+from ropescope.study.cells import Cell
 from ropescope.study.config import StudyConfig
 from ropescope.study.context import StageContext, Variant, cell_name
 from ropescope.study.run.local import Recorder, execute_cell, prepare
-from ropescope.study.cells import Cell
 from ropescope.study.run.store import ResultStore
+from ropescope.train.memory import peak_rss_bytes
+
+# Ray is imported inside the functions that use it ("lazy"): an optional dependency, and a second of import time
+# that a process which never runs a study on Ray should not pay. The runner imports this module at its top.
 
 CONNECT_TIMEOUT_S = 10
 ATTEMPTS_FOLDER = ".ropescope-attempts"  # one file per running cell: how many workers have started it
@@ -44,7 +42,15 @@ MARKER_TIMEOUT_S = 120  # a node that cannot start a zero-CPU task in this long 
 @contextmanager
 def connected(address: str | None) -> Iterator[None]:
     """Inside: connected to the Ray instance this process already uses, or to `address` (None: RAY_ADDRESS or a
-    new local instance), disconnected at the end when this call connected."""
+    new local instance), disconnected at the end when this call connected. Without Ray installed: a
+    RopescopeError saying how to install it."""
+    try:
+        # lazy: Ray is optional, and only a study that runs on it imports it
+        import ray
+    except ModuleNotFoundError as error:
+        if error.name.split(".")[0] != "ray":
+            raise
+        raise RopescopeError("the Ray executor needs Ray: pip install 'ropescope[ray]'") from None
     if ray.is_initialized():
         yield
         return
@@ -56,6 +62,9 @@ def connected(address: str | None) -> Iterator[None]:
 
 
 def _connect(address: str | None) -> None:
+    # lazy: Ray is optional, and only a study that runs on it imports it
+    import ray
+
     if address and ":" in address:  # Ray retries an unreachable address without end: try it once first
         host, _, port = address.removeprefix("ray://").rpartition(":")
         try:
@@ -79,17 +88,21 @@ def _read_marker(path: str) -> str | None:
 def check_shared_storage(out: Path) -> None:
     """Refuse (RopescopeError) when a node of the cluster does not see `out`: the driver writes a marker file,
     and one task per alive node reads it."""
+    # lazy: Ray is optional, and only a study that runs on it imports it
+    import ray
+
     token = uuid.uuid4().hex
     marker = out / f".ropescope-marker-{token}"
     marker.write_text(token)
     try:
         reader = ray.remote(num_cpus=0, max_retries=0)(_read_marker)
         nodes = [node for node in ray.nodes() if node["Alive"]]
-        answers = [reader.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False))
-                   .remote(str(marker)) for node in nodes]
+        on_node = ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy
+        answers = [reader.options(scheduling_strategy=on_node(node["NodeID"], soft=False)).remote(str(marker))
+                   for node in nodes]
         try:
             seen = ray.get(answers, timeout=MARKER_TIMEOUT_S)
-        except GetTimeoutError:
+        except ray.exceptions.GetTimeoutError:
             raise RopescopeError(f"Ray nodes did not answer within {MARKER_TIMEOUT_S}s whether they see {out}")
         blind = [node["NodeManagerAddress"] for node, text in zip(nodes, seen) if text != token]
         if blind:
@@ -151,12 +164,15 @@ def oom_usage(message: str) -> str:
 def run_cell_task(cell: Cell, config: StudyConfig, out: str, progress: bool | None,
                   required: dict[str, list[dict]]) -> Outcome:
     """Runs on a worker. A task given a GPU evaluates on it. A RopescopeError (a user mistake) propagates."""
+    # lazy: Ray is optional, and only a study that runs on it imports it
+    import ray
+
     def required_rows(stage: str, variant: Variant) -> list[dict]:
         return required[cell_name(stage, variant)]
 
     device = "cuda" if ray.get_gpu_ids() else "cpu"
     context = StageContext(config, Path(out), required_rows, progress, device=device)
-    node = f"{ray.get_runtime_context().get_node_id()[:8]} ({get_node_ip_address()})"
+    node = f"{ray.get_runtime_context().get_node_id()[:8]} ({ray.util.get_node_ip_address()})"
     attempt = _count_attempt(Path(out), cell)
     if attempt > config.execution.max_retries + 1:
         # Ray reruns a task its memory monitor killed by a count of its own (RAY_task_oom_retries): stop here.
@@ -181,6 +197,9 @@ def run_cell_task(cell: Cell, config: StudyConfig, out: str, progress: bool | No
 def warn_unschedulable(cells: Sequence[Cell], resources: dict[str, dict], log) -> None:
     """A stage asking for more of a resource than any node has would wait forever (unless an autoscaler adds
     such a node): say so once."""
+    # lazy: Ray is optional, and only a study that runs on it imports it
+    import ray
+
     largest: dict[str, float] = {}
     for node in ray.nodes():
         if node["Alive"]:
@@ -196,9 +215,32 @@ def warn_unschedulable(cells: Sequence[Cell], resources: dict[str, dict], log) -
                     f"{largest.get(name, 0.0):g}: its cells wait until such a node joins")
 
 
+def _outcome(reference, cell: Cell, config: StudyConfig, recorder: Recorder) -> Outcome:
+    """A finished task's outcome; a worker that died (for memory or otherwise) as a failed outcome; a user mistake
+    in the cell raised, as the local executor does."""
+    # lazy: Ray is optional, and only a study that runs on it imports it
+    import ray
+
+    try:
+        return ray.get(reference)
+    except ray.exceptions.RayTaskError as error:
+        if isinstance(error.cause, RopescopeError):
+            recorder.cancelled(cell)
+            raise error.cause from None
+        raise
+    except ray.exceptions.OutOfMemoryError as error:  # Ray's memory monitor killed it and gave up retrying
+        return Outcome(None, 0.0, "", str(error), memory_failure(config, cell, oom_usage(str(error))))
+    except ray.exceptions.RayError as error:  # the worker or its node died, max_retries times over
+        return Outcome(None, 0.0, "", str(error), f"{type(error).__name__} (after "
+                       f"{config.execution.max_retries} retries)")
+
+
 def run_ray(cells: Sequence[Cell], config: StudyConfig, out: Path, store: ResultStore, recorder: Recorder, *,
             force: bool, stop_after: int | None, progress: bool | None) -> None:
     """Submit each cell once the cells it requires are recorded; record each result as it arrives."""
+    # lazy: Ray is optional, and only a study that runs on it imports it
+    import ray
+
     execution = config.execution
     remote = ray.remote(run_cell_task)
     warn_unschedulable(cells, execution.resources, recorder.log)
@@ -232,18 +274,7 @@ def run_ray(cells: Sequence[Cell], config: StudyConfig, out: Path, store: Result
             for reference in finished:
                 cell = running.pop(reference)
                 _attempts_file(out, cell).unlink(missing_ok=True)
-                try:
-                    outcome = ray.get(reference)
-                except RayTaskError as error:
-                    if isinstance(error.cause, RopescopeError):  # a user mistake: stop, as the local executor does
-                        recorder.cancelled(cell)
-                        raise error.cause from None
-                    raise
-                except OutOfMemoryError as error:  # Ray's memory monitor killed it and gave up retrying
-                    outcome = Outcome(None, 0.0, "", str(error), memory_failure(config, cell, oom_usage(str(error))))
-                except RayError as error:  # the worker or its node died, max_retries times over
-                    outcome = Outcome(None, 0.0, "", str(error), f"{type(error).__name__} (after "
-                                      f"{execution.max_retries} retries)")
+                outcome = _outcome(reference, cell, config, recorder)
                 if outcome.rows is None:
                     recorder.failed(cell, outcome.error, outcome.message, outcome.seconds)
                 else:

@@ -11,14 +11,19 @@ from pathlib import Path
 
 from ropescope.errors import RopescopeError
 from ropescope.io.results import check_output_folder, remove_stale_temporaries
+from ropescope.model.load import load_tokenizer
+from ropescope.model.resolve import read_model_config, resolve_model
+from ropescope.model.patch import pretrained_rope, pretrained_rope_parameters, rotary_dim
+from ropescope.study.cells import Cell, plan_cells
 from ropescope.study.config import EXECUTORS, StudyConfig
 from ropescope.study.context import StageContext, Variant, plan_variants, repeated_extensions
+from ropescope.study.report.page import build_report
 from ropescope.study.run.local import Recorder, is_finished, recorded_rows_reader, run_local
+from ropescope.study.run import ray as ray_executor
 from ropescope.study.run.lock import folder_lock
-from ropescope.study.cells import Cell, plan_cells
-from ropescope.study.stages import STAGES, Stage
 from ropescope.study.run.store import DATABASE, ResultStore, check_database_file, remove_database
-from ropescope.train.batch import batch_size_for
+from ropescope.study.stage import Stage
+from ropescope.study.stages import STAGES
 
 __all__ = ["DATABASE", "Cell", "Variant", "plan_cells", "plan_variants", "run_study"]
 
@@ -50,19 +55,19 @@ def run_study(
     cells = plan_cells(config, stages)
     out = Path(out).resolve()  # Ray workers have their own working directory
     # Check, then write: nothing exists in `out` before the model, the corpus and the folder are known good.
-    check_inputs(config)
+    check_inputs(config, stages)
     check_output_folder(out)
     if not force:
         check_database_file(out / DATABASE)
     if executor == "ray":
         return _run_with_ray(config, out, cells, force=force, progress=progress, stop_after=stop_after, log=log,
-                             address=address or config.execution.address, report=report)
+                             address=address or config.execution.address, report=report, stages=stages)
     out.mkdir(parents=True, exist_ok=True)
     with _opened(out, force) as store:
         recorder, todo = _start(config, out, cells, store, force, log)
         context = StageContext(config, out, recorded_rows_reader(store), progress)
         run_local(todo, context, recorder, force=force, stop_after=stop_after)
-        _report(out, report, log)
+        _report(out, report, log, stages)
     return recorder.counts
 
 
@@ -78,24 +83,17 @@ def _opened(out: Path, force: bool):
             yield store
 
 
-def _report(out: Path, report: bool, log: Callable[[str], None]) -> None:
+def _report(out: Path, report: bool, log: Callable[[str], None], stages: Sequence[Stage]) -> None:
     """Build the report while the lock is held, so no other study writes the folder meanwhile."""
     if report:
-        from ropescope.study.report.page import build_report
-
         log(f"report: writing {out / 'report'} ...")
-        build_report(out)
+        build_report(out, stages)
 
 
-def check_inputs(config: StudyConfig) -> None:
-    """The model (config, tokenizer, weight headers) and the corpus (each split a stage reads, long enough for
-    the longest length it is cut to) are readable: a bad input is one error line before any file is written,
-    never a column of failed cells."""
-    from ropescope.eval.perplexity import long_documents
-    from ropescope.model.load import load_tokenizer
-    from ropescope.model.resolve import read_model_config, resolve_model
-    from ropescope.model.patch import pretrained_rope, pretrained_rope_parameters, rotary_dim
-
+def check_inputs(config: StudyConfig, stages: Sequence[Stage] = STAGES) -> None:
+    """The model (config, tokenizer, weight headers) and every stage's inputs (each corpus split a stage reads,
+    long enough for the longest length it is cut to) are readable: a bad input is one error line before any file
+    is written, never a column of failed cells."""
     source = resolve_model(config.model.path)
     model_config = read_model_config(source)
     base, _ = pretrained_rope(model_config)
@@ -109,26 +107,11 @@ def check_inputs(config: StudyConfig) -> None:
             f"variants; change or drop [methods.{second}]")
     tokenizer = load_tokenizer(source)
     context = StageContext(config, Path(), required_rows=lambda stage, variant: [])
-    long_documents(tokenizer, context.documents("validation"), max(config.evaluation.perplexity_lengths), 1)
-    analysis = config.analysis
-    longest = max([*analysis.entropy_lengths, analysis.pattern_length, config.model.original_max_position_embeddings])
-    context.samples(tokenizer, longest, analysis.entropy_samples)
-    if config.training.lengths:
-        from itertools import islice
-
-        from ropescope.io.data import token_blocks
-
-        documents = context.documents("train")
-        # a token spans at least one byte in the tokenizers we meet: a corpus far too small is refused without
-        # tokenizing it all
-        corpus_bytes = sum(len(document.encode("utf-8")) + 1 for document in documents)
-        for length in config.training.lengths:
-            batch = batch_size_for(config.training.tokens_per_step, length)  # as the train stage asks
-            if 2 * corpus_bytes < batch * length or \
-                    len(list(islice(token_blocks(tokenizer, documents, length), batch))) < batch:
-                raise RopescopeError(
-                    f"corpus {config.corpus.path!r} (train split) does not fill {batch} blocks of {length} tokens, "
-                    f"one training step at training.lengths {length}; give shorter lengths or a larger corpus")
+    # the training stage's check last: it tokenizes the train split, the slowest check, and the validation split's
+    # problems are the ones every variant meets
+    for stage in sorted(stages, key=lambda stage: stage.writes_checkpoint):
+        if stage.check_inputs:
+            stage.check_inputs(config, context, tokenizer)
 
 
 def _start(config: StudyConfig, out: Path, cells: list[Cell], store: ResultStore, force: bool,
@@ -144,14 +127,8 @@ def _start(config: StudyConfig, out: Path, cells: list[Cell], store: ResultStore
 
 
 def _run_with_ray(config: StudyConfig, out: Path, cells: list[Cell], *, force: bool, progress: bool | None,
-                  stop_after: int | None, log, address: str | None, report: bool) -> dict:
-    try:
-        from ropescope.study.run import ray as ray_executor
-    except ModuleNotFoundError as error:
-        if error.name.split(".")[0] != "ray":
-            raise
-        raise RopescopeError("the Ray executor needs Ray: pip install 'ropescope[ray]'") from None
-    with ray_executor.connected(address):
+                  stop_after: int | None, log, address: str | None, report: bool, stages: Sequence[Stage]) -> dict:
+    with ray_executor.connected(address):  # imports Ray, which only this path needs
         created = not out.exists()
         out.mkdir(parents=True, exist_ok=True)
         try:
@@ -164,7 +141,7 @@ def _run_with_ray(config: StudyConfig, out: Path, cells: list[Cell], *, force: b
             recorder, todo = _start(config, out, cells, store, force, log)
             ray_executor.run_ray(todo, config, out, store, recorder, force=force, stop_after=stop_after,
                                  progress=progress)
-            _report(out, report, log)
+            _report(out, report, log, stages)
     return recorder.counts
 
 
