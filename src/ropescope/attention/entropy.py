@@ -448,28 +448,15 @@ class _QueryBlock:
         return entropy, mass
 
 
-def attention_entropy(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    *,
-    causal: bool = True,
-    scale: float | None = None,
-    softcap: float | None = None,
-    sinks: torch.Tensor | None = None,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-    sliding_window: int | None = None,
-    backend: str = "auto",
-) -> torch.Tensor:
+def attention_entropy(q: torch.Tensor, k: torch.Tensor, **options) -> torch.Tensor:
     """Natural-log entropy of each query's attention distribution, never holding the full attention matrix.
 
     q: [batch, heads, q_len, head_dim], k: [batch, kv_heads, k_len, head_dim] (post-RoPE, GQA allowed; with
     q_len < k_len the queries are the last q_len positions). Returns float32 [batch, heads, q_len].
     Equal to the entropy of softmax(scale * q k^T) (softcapped where `softcap` is set, with one more outcome per
     head where `sinks` are given) with the causal (and sliding-window) mask: to float32 precision for float32
-    inputs; within 0.05 nats where a half-precision kernel rounds its output (float16 / bfloat16 on CUDA). See
-    `attention_statistics`.
+    inputs; within 0.05 nats where a half-precision kernel rounds its output (float16 / bfloat16 on CUDA).
+    options: the keywords of `attention_statistics` (causal, scale, softcap, sinks, chunk_size, sliding_window,
+    backend, ...), with its defaults.
     """
-    return attention_statistics(
-        q, k, causal=causal, scale=scale, softcap=softcap, sinks=sinks, chunk_size=chunk_size,
-        sliding_window=sliding_window, backend=backend,
-    ).entropy
+    return attention_statistics(q, k, **options).entropy

@@ -75,11 +75,14 @@ class PretrainConfig:
                                               "(passkey_min_length to twice that many tokens each)")
     passkey_min_length: int = option(48, "tokens of the shortest packed passkey example")
     vocab_size: int = option(4096, "size of the byte-level BPE vocabulary trained on the corpus")
-    hidden_size: int = option(128, "width of the model")
+    hidden_size: int = option(128, "width of the model (the shipped model: 4 heads of 32 dimensions, so RoPE "
+                                   "rotates 16 pairs per head)")
     num_layers: int = option(4, "decoder layers")
-    num_heads: int = option(4, "attention heads per layer (head size hidden_size / num_heads, even)")
-    intermediate_size: int = option(384, "width of the MLP")
-    rope_theta: float = option(10000.0, "RoPE base")
+    num_heads: int = option(4, "attention heads per layer (head size hidden_size / num_heads must be even: RoPE "
+                               "rotates pairs)")
+    intermediate_size: int = option(384, "width of the SwiGLU MLP (3 x hidden_size in the shipped model)")
+    rope_theta: float = option(10000.0, "RoPE base: pair i turns by base^(-2i/d) per token (Su et al. 2021; "
+                                        "10,000 as in Llama 2)")
     threads: int = option(2, "torch threads")
     checkpoint_every: int = option(100, "steps between the checkpoints a rerun resumes from")
     log_every: int = option(25, "steps between printed loss lines")
