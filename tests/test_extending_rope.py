@@ -125,7 +125,7 @@ def test_a_study_runs_it_from_a_methods_table(method, tmp_path):
     data = tomllib.loads(Path(quick_config_path()).read_text())
     data["methods"] = {"original": {"method": "default"}, "mine": {"method": NAME, "factor": 2.0}}
     data["training"].update(lengths=[], include_untrained=True)  # no fine-tuning: seconds, not a minute
-    config = parse_config(data)
+    config = parse_config(data, STAGES)
     assert config.methods["mine"] == RopeSpec(NAME, factor=2.0, original_max_position_embeddings=PRETRAINED)
     stages = tuple(stage for stage in STAGES if stage.name in ("train", "perplexity"))
     run_study(config, tmp_path, log=lambda line: None, stages=stages)

@@ -19,7 +19,7 @@ from transformers import AutoConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from ropescope.errors import RopescopeError
-from ropescope.model import gguf as gguf_files
+from ropescope.model import gguf
 from ropescope.model.patch import pretrained_rope
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
@@ -58,9 +58,9 @@ def resolve_model(model: str | Path | ModelSource) -> ModelSource:
     text = str(model)
     if text == "default":
         source = ModelSource("default", default_model_path())
-    elif gguf_files.is_gguf_name(text) and not Path(text).is_dir():
-        file = gguf_files.packaged_gguf_path(text) if text in gguf_files.PACKAGED else Path(text)
-        converted = gguf_files.converted_folder(file)
+    elif gguf.is_gguf_name(text) and not Path(text).is_dir():
+        file = gguf.packaged_gguf_path(text) if text in gguf.PACKAGED else Path(text)
+        converted = gguf.converted_folder(file)
         source = ModelSource(text, converted.folder, converted.revision)
     elif Path(text).is_dir() or not HUB_ID.match(text):
         source = ModelSource(text, Path(text))
@@ -70,7 +70,7 @@ def resolve_model(model: str | Path | ModelSource) -> ModelSource:
     if not path.is_dir():
         raise RopescopeError(
             f"model {text!r} is not a folder; give 'default', a local Hugging Face model folder, a .gguf file, "
-            f"{', '.join(repr(name) for name in gguf_files.PACKAGED)} or a Hub id org/name[@revision]"
+            f"{', '.join(repr(name) for name in gguf.PACKAGED)} or a Hub id org/name[@revision]"
         )
     if not (path / "config.json").is_file():
         raise RopescopeError(f"model folder {str(path)!r} has no config.json")
@@ -152,8 +152,8 @@ def read_model_config(model: str | Path | ModelSource, *, config_only: bool = Fa
 
 def _config_alone(model: str):
     """The config of `model` read without its weights; one line when it cannot be read."""
-    if model in gguf_files.PACKAGED:
-        path = gguf_files.packaged_gguf_path(model)  # says how to fetch it when it is not installed
+    if model in gguf.PACKAGED:
+        path = gguf.packaged_gguf_path(model)  # says how to fetch it when it is not installed
     else:
         path = default_model_path() if model == "default" else Path(model)
     try:
