@@ -298,6 +298,26 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny, tmp_path, capsys, change
     assert not out.exists()
 
 
+def test_a_checkpoint_of_the_earlier_layout_resumes(tiny, tmp_path):
+    # Earlier versions registered a LambdaLR before the loop state: custom_checkpoint_0 was the scheduler (pickled
+    # with module paths that have moved since) and _1 the step. Such a folder resumes without reading the former.
+    steps = 6
+    reference = train(_config(tiny, tmp_path / "reference", steps=steps, batch_size=2, length=32))
+    stopped = _config(tiny, tmp_path / "stopped", steps=steps, batch_size=2, length=32, checkpoint_every=3)
+    train(stopped)
+    (folder,) = (stopped.out / "checkpoints").glob("step-*")
+    (folder / "custom_checkpoint_0.pkl").rename(folder / "custom_checkpoint_1.pkl")
+    (folder / "custom_checkpoint_0.pkl").write_bytes(b"a scheduler this version cannot unpickle")
+    for name in ("model.safetensors", "config.json"):
+        (stopped.out / name).unlink()
+    metrics = (stopped.out / "metrics.csv").read_text().splitlines()
+    (stopped.out / "metrics.csv").write_text("\n".join(metrics[:4]) + "\n")  # the header and steps 1-3
+    stopped.resume = True
+    train(stopped)
+    assert [s for s, _ in _losses(stopped.out)] == list(range(1, steps + 1))
+    assert (stopped.out / "model.safetensors").read_bytes() == (reference / "model.safetensors").read_bytes()
+
+
 def test_an_output_folder_with_another_run_is_refused_unless_resume_or_overwrite(tiny, tmp_path, capsys):
     config = _config(tiny, tmp_path / "run", steps=1)
     argv = ["train", *_cli_args(config)]

@@ -9,6 +9,7 @@ whole state, with the generator its windows are drawn from, is one file: `save_f
 from __future__ import annotations
 
 import shutil
+import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -45,6 +46,21 @@ def save_state_folder(accelerator, checkpoints: Path, step: int, keep: int) -> N
         for old in sorted(checkpoints.glob("step-*"))[:-keep]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
+
+
+def load_state_folder(accelerator, folder: Path) -> None:
+    """Restore what `save_state_folder` saved in `folder`. A folder of an earlier version, which registered its
+    LambdaLR before the loop state (custom_checkpoint_0 and _1), is read through a view that leaves the scheduler
+    out: the rate is now a function of the step, and the scheduler's pickle names modules that have moved."""
+    if not (folder / "custom_checkpoint_1.pkl").is_file():
+        accelerator.load_state(str(folder))
+        return
+    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".earlier-") as view:
+        for item in folder.iterdir():
+            if not item.name.startswith("custom_checkpoint_"):
+                (Path(view) / item.name).symlink_to(item.resolve())
+        (Path(view) / "custom_checkpoint_0.pkl").symlink_to((folder / "custom_checkpoint_1.pkl").resolve())
+        accelerator.load_state(view)
 
 
 def newest_state_folder(checkpoints: Path) -> Path | None:

@@ -41,7 +41,7 @@ from ropescope.model.patch import extend, pretrained_rope
 from ropescope.model.resolve import TOKENIZER_FILES, resolve_model
 from ropescope.rope import RopeSpec, parse_spec
 from ropescope.tasks.passkey import RETRIEVAL_HAYSTACKS, PasskeyPrompts
-from ropescope.train.checkpoint import LoopState, newest_state_folder, save_state_folder
+from ropescope.train.checkpoint import LoopState, load_state_folder, newest_state_folder, save_state_folder
 from ropescope.train.loop import Steps, run_steps
 from ropescope.train.memory import checkpointing_pays, model_shape
 from ropescope.train.metrics import MetricsFile, metrics_rows
@@ -378,7 +378,7 @@ def _setup_optimizer(accelerator, config: TrainConfig, model, resume_from: Path 
     state = LoopState()
     accelerator.register_for_checkpointing(state)
     if resume_from is not None:
-        accelerator.load_state(str(resume_from))
+        load_state_folder(accelerator, resume_from)
     return model, optimizer, state
 
 
