@@ -39,7 +39,7 @@ from ropescope.io.results import run_differences, run_identity, write_atomically
 from ropescope.model.load import ModelOptions, load, load_tokenizer
 from ropescope.model.patch import extend, pretrained_rope
 from ropescope.model.resolve import TOKENIZER_FILES, resolve_model
-from ropescope.rope import RopeSpec, parse_spec
+from ropescope.rope import parse_spec
 from ropescope.tasks.passkey import RETRIEVAL_HAYSTACKS, PasskeyPrompts
 from ropescope.train.checkpoint import LoopState, load_state_folder, newest_state_folder, save_state_folder
 from ropescope.train.loop import Steps, run_steps

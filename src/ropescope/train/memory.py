@@ -25,7 +25,6 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoModelForCausalLM
 
-from ropescope.errors import RopescopeError
 from ropescope.eval.nll import loss_chunk_size
 
 GIB = 2**30

@@ -20,7 +20,7 @@ from ropescope.io.results import write_atomically
 from ropescope.statistics import CONFIDENCE, VERDICT_RULE
 from ropescope.study.config import FindingsSection, parse_config
 from ropescope.study.context import plan_variants
-from ropescope.study.report.findings import (Finding, Test, finding_entropy_errors, pattern_divergence, retrieval_floor,
+from ropescope.study.report.findings import (Finding, finding_entropy_errors, pattern_divergence, retrieval_floor,
                                       study_findings)
 from ropescope.study.run.store import DATABASE, ResultStore, check_database_file
 from ropescope.study.stage import ReportInputs, Stage, StageFigure
