@@ -14,19 +14,23 @@ attention really used.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from transformers import AttentionInterface
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
 from ropescope.attention.entropy import DEFAULT_CHUNK_SIZE, AttentionStatistics, attention_statistics
 from ropescope.errors import RopescopeError
-from ropescope.model.patch import SUPPORTED_MODELS, require_supported
+from ropescope.model.attention import (
+    SUPPORTED_MODELS,
+    attention_configs,
+    attention_function,
+    attention_modules,
+    base_implementation,
+    register_implementation,
+    scaled_attention_inputs,
+)
+from ropescope.model.patch import require_supported
 
 _CAPTURE_PREFIX = "ropescope_capture_"
 
@@ -65,7 +69,7 @@ LayerCallback = Callable[[LayerAttention], None]
 @dataclass
 class _Hook:
     callback: LayerCallback
-    inner: Callable  # the attention function the model would have called
+    inner: Callable  # the attention function the model would have called (its own, under any logit scale)
     calls: int = 0
 
 
@@ -77,6 +81,14 @@ def _capturing_attention(module, query, key, value, attention_mask, *args, **kwa
     if hook is None:  # a module of a model outside any capture block that shares our implementation name
         raise RuntimeError(f"{type(module).__name__} called ropescope's capture outside `capture_attention`")
     hook.calls += 1
+    with torch.no_grad():
+        hook.callback(_layer_attention(module, *scaled_attention_inputs(module, query, key, kwargs), key))
+    # the logits attention uses, scale and all; a callback may set the layer's scale (fit_logit_scale does)
+    query, kwargs = scaled_attention_inputs(module, query, key, kwargs)
+    return hook.inner(module, query, key, value, attention_mask, *args, **kwargs)
+
+
+def _layer_attention(module, query, kwargs, key) -> LayerAttention:
     scaling = kwargs.get("scaling")
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling  # the default of every attention function
     softcap = kwargs.get("softcap")
@@ -84,43 +96,9 @@ def _capturing_attention(module, query, key, value, attention_mask, *args, **kwa
     if window is None:  # Qwen2-MoE keeps its window on the module and in the mask, not in the call
         window = getattr(module, "sliding_window", None)
     sinks = kwargs.get("s_aux")  # gpt-oss: one learned logit per head joins each softmax
-    with torch.no_grad():
-        hook.callback(LayerAttention(
-            module.layer_idx, query, key, float(scaling), int(window) if window else None,  # 0 means off
-            float(softcap) if softcap else None, None if sinks is None else sinks.detach(),
-        ))
-    return hook.inner(module, query, key, value, attention_mask, *args, **kwargs)
-
-
-def attention_modules(model) -> list[torch.nn.Module]:
-    """The causal self-attention modules (those with a `layer_idx`) of a supported model, in layer order.
-
-    Supported: a model with a rotary embedding module and causal attention modules; whether their attention goes
-    through `AttentionInterface` shows only when they run (`capture_attention` checks it).
-    """
-    require_supported(model)
-    modules = [
-        module
-        for module in model.modules()
-        if isinstance(getattr(module, "layer_idx", None), int) and getattr(module, "is_causal", None) is True
-    ]
-    if not modules:
-        raise RopescopeError(
-            f"{type(model).__name__} has no causal attention modules; ropescope supports {SUPPORTED_MODELS}"
-        )
-    return sorted(modules, key=lambda module: module.layer_idx)
-
-
-def _inner_function(module, implementation: str) -> Callable:
-    if implementation in ALL_ATTENTION_FUNCTIONS:
-        return ALL_ATTENTION_FUNCTIONS[implementation]
-    eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
-    if implementation == "eager" and eager is not None:  # eager lives in each model's own modeling file
-        return eager
-    raise RopescopeError(
-        f"attention implementation {implementation!r} of {type(module).__name__} is not supported; accepted: eager "
-        f"(the family's eager_attention_forward) and those registered with transformers' AttentionInterface "
-        f"({', '.join(name for name in ALL_ATTENTION_FUNCTIONS if not name.startswith(_CAPTURE_PREFIX))})"
+    return LayerAttention(
+        module.layer_idx, query, key, float(scaling), int(window) if window else None,  # 0 means off
+        float(softcap) if softcap else None, None if sinks is None else sinks.detach(),
     )
 
 
@@ -133,19 +111,17 @@ def capture_attention(model, callback: LayerCallback) -> Iterator[None]:
     assume the causal (and sliding-window) mask only. Not reentrant for the same model. Raises RopescopeError for
     a model that is not supported, or whose layers ran attention outside `AttentionInterface` (found on exit).
     """
+    require_supported(model)
     modules = attention_modules(model)
     # The attention modules read the implementation from their own config (the text config of a composite model).
-    configs = list({id(config): config for config in [model.config, *(
-        module.config for module in modules if getattr(module, "config", None) is not None
-    )]}.values())
+    configs = attention_configs(model, modules)
     implementation = model.config._attn_implementation
     if implementation.startswith(_CAPTURE_PREFIX):
         raise RopescopeError("capture_attention is already active on this model; nested captures are not supported")
     name = _CAPTURE_PREFIX + implementation
-    AttentionInterface.register(name, _capturing_attention)
-    # Masks are built exactly as for the wrapped implementation (sdpa may skip the mask and use is_causal).
-    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[implementation])
-    hooks = {id(module): _Hook(callback, _inner_function(module, implementation)) for module in modules}
+    base = base_implementation(implementation)
+    register_implementation(name, _capturing_attention, base)
+    hooks = {id(module): _Hook(callback, attention_function(module, base)) for module in modules}
     _ACTIVE.update(hooks)
     previous = [config._attn_implementation for config in configs]
     for config in configs:
@@ -182,7 +158,7 @@ def layer_entropies(
 ) -> torch.Tensor:
     """Attention entropy of every layer, head and query position during one forward pass of `input_ids`.
 
-    input_ids: LongTensor[batch, seq] (or [seq]), unpadded. Returns float32 [layers, batch, heads, seq],
+    input_ids: LongTensor[batch, seq] (or [seq]), unpadded. Returns float32 (float64 for a float64 model) [layers, batch, heads, seq],
     natural log. Memory stays near that of a plain forward: each layer's q, k are reduced as they appear.
     backend: as in `attention_statistics` ("auto", or one of `KERNELS` such as "blocks").
     """

@@ -31,8 +31,8 @@ DEFAULT_CHUNK_SIZE = 512  # 512 x 512 scores per head: a few MB per block, big e
 class AttentionStatistics(NamedTuple):
     """What one streaming pass returns.
 
-    entropy: [batch, heads, q_len], natural log, float32.
-    distance_mass: [batch, heads, q_len, n_bins] float32, each query's attention mass per key-distance bin
+    entropy: [batch, heads, q_len], natural log, float32 (float64 for float64 inputs).
+    distance_mass: [batch, heads, q_len, n_bins] float32 (float64 for float64 inputs), each query's attention mass per key-distance bin
         (sums to 1 over bins), or None when no bins were asked for.
     """
 
@@ -320,8 +320,9 @@ def _blocked_statistics(
     # softmax denominator and the score average, the way flash attention computes P @ V, instead of
     # elementwise passes over the block.
     keys_and_ones = torch.cat([k, torch.ones(*k.shape[:-1], 1, dtype=compute_dtype, device=device)], dim=-1)
-    entropy = torch.empty(batch, heads, q_len, dtype=torch.float32, device=device)
-    distance_mass = torch.empty(batch, heads, q_len, n_bins, dtype=torch.float32, device=device) if n_bins else None
+    out_dtype = torch.float64 if compute_dtype == torch.float64 else torch.float32  # float64 in, float64 out
+    entropy = torch.empty(batch, heads, q_len, dtype=out_dtype, device=device)
+    distance_mass = torch.empty(batch, heads, q_len, n_bins, dtype=out_dtype, device=device) if n_bins else None
     for q_start in range(0, q_len, query_chunk_size):
         q_end = min(q_start + query_chunk_size, q_len)
         block = _QueryBlock(q, q_start, q_end, k, scale=scale, softcapped=softcap is not None, sinks=sinks,

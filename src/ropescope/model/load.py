@@ -137,8 +137,8 @@ def load(model: str | Path | ModelSource = "default", spec: RopeSpec | None = No
     if not options.device_map:
         network = network.to(device)
     network.eval()
-    if spec is not None and spec.method == "default":
-        spec = None
+    if spec is not None and spec.method == "default" and spec.logit_scale is None:
+        spec = None  # the model as trained (a scaled original keeps its spec: its logits change)
     # a checkpoint saved after `extend` gets its recorded extension back through ropescope's rotary module, so
     # that dynamic methods follow the current length exactly
     applied = spec or spec_from_config(network.config)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
 
 import torch
 from torch import nn
@@ -23,14 +24,10 @@ from transformers import modeling_rope_utils
 from transformers.modeling_rope_utils import RotaryEmbeddingConfigMixin
 
 from ropescope.errors import RopescopeError
+from ropescope.model.attention import SUPPORTED_MODELS, apply_logit_scale, attention_modules, layer_scales
 from ropescope.rope import METHODS, RopeMethod, RopeSpec, parse_spec, rope_frequencies
 
 CONFIG_KEY = "ropescope_rope"  # config attribute: the spec, plus the RoPE and length the model was pretrained with
-SUPPORTED_MODELS = (
-    "causal LMs with a rotary embedding module whose attention goes through transformers' AttentionInterface "
-    "(Llama, Mistral, Mixtral, Qwen2, Qwen3 and their MoE, Gemma 1-3, Phi-3, StableLM, OLMo 2, Granite, Cohere, "
-    "SmolLM3, gpt-oss and models of the same shape)"
-)
 # Layers of this type never see a key farther than their window, so `extend` keeps their pretrained rotation (as
 # Gemma 3 ships its own long-context scaling on its full-attention layers only).
 SLIDING_LAYER_TYPE = "sliding_attention"
@@ -231,8 +228,10 @@ def extend(model: nn.Module, spec: RopeSpec) -> nn.Module:
     shared = [layers for (_, _, original), layers in zip(targets, per_module) if _own_config(original, config) is None]
     rope = _rope_parameters_for(spec, parameters, (shared or per_module)[0])
     _check_family_accepts(config, rope, spec, pretrained_length)
+    layer_scales(spec, len(attention_modules(model)))  # a bad logit scale is refused before anything changes
     for (parent, attribute, original), layers in zip(targets, per_module):
         setattr(parent, attribute, ExtendedRotaryEmbedding(original, spec, layers))
+    apply_logit_scale(model, spec, pretrained_length)
     _record(config, spec, rope, parameters, pretrained_length)
     return model
 
@@ -285,7 +284,7 @@ def _method_parameters(spec: RopeSpec, pretrained: dict, rotary_dim: int) -> dic
     family's own keys (partial_rotary_factor, Ministral 3's llama_4_scaling_beta, the pretrained original length)
     stay unless the method writes them."""
     own = {key: value for key, value in pretrained.items() if key not in _SCALING_KEYS}
-    written = METHODS[spec.method].rope_parameters(spec.params, rotary_dim, float(pretrained["rope_theta"]))
+    written = METHODS[spec.method].rope_parameters(spec.method_params, rotary_dim, float(pretrained["rope_theta"]))
     rope = {key: written.pop(key) for key in ("rope_type", "rope_theta")}
     rope.update(own)
     for key, value in written.items():
@@ -293,7 +292,26 @@ def _method_parameters(spec: RopeSpec, pretrained: dict, rotary_dim: int) -> dic
             rope.pop(key, None)
         else:
             rope[key] = value
+    attention_factor = _constant_attention_factor(spec, pretrained, rotary_dim)
+    if attention_factor is not None:
+        # cos and sin both carry the attention factor, so the logits carry its square: sqrt(s) more is exactly s
+        rope["attention_factor"] = attention_factor * math.sqrt(spec.logit_scale)
     return rope
+
+
+def _constant_attention_factor(spec: RopeSpec, pretrained: dict, rotary_dim: int) -> float | None:
+    """The method's attention factor where plain transformers can carry `spec`'s logit scale in it: a constant
+    scale, a method with an attention factor that does not follow the length (LongRoPE's does not; dynamic YaRN's
+    does), and every dimension rotated (on partial rotary models the factor scales the rotated ones only). None
+    otherwise: those scales live in ropescope's record alone (`spec_from_config`), which ropescope's loader applies."""
+    if not isinstance(spec.logit_scale, float) or "attention_factor" not in METHODS[spec.method].params:
+        return None
+    if (pretrained.get("partial_rotary_factor") or 1.0) != 1.0:
+        return None
+    original = spec.params.get("original_max_position_embeddings") or 1
+    factors = {rope_frequencies(spec, rotary_dim, float(pretrained["rope_theta"]), length)[1]
+               for length in (None, original, 4 * original, 64 * original)}
+    return factors.pop() if len(factors) == 1 else None
 
 
 def _rope_parameters_for(spec: RopeSpec, pretrained: dict, layers: dict) -> dict:
@@ -308,7 +326,7 @@ def _rope_parameters_for(spec: RopeSpec, pretrained: dict, layers: dict) -> dict
 
 def saved_max_position_embeddings(spec: RopeSpec, pretrained_length: int) -> int:
     """The `max_position_embeddings` a config extended with `spec` says (`RopeMethod.saved_length`)."""
-    return METHODS[spec.method].saved_max_position_embeddings(spec.params, pretrained_length)
+    return METHODS[spec.method].saved_max_position_embeddings(spec.method_params, pretrained_length)
 
 
 def _record(config, spec: RopeSpec, rope: dict, pretrained: dict, pretrained_length: int) -> None:
@@ -318,7 +336,7 @@ def _record(config, spec: RopeSpec, rope: dict, pretrained: dict, pretrained_len
     for key in _top_level_keys():  # a replaced method's, never the family's own field
         if key in config.__dict__ and not hasattr(type(config), key):
             delattr(config, key)
-    for key, value in METHODS[spec.method].top_level_attributes(spec.params).items():
+    for key, value in METHODS[spec.method].top_level_attributes(spec.method_params).items():
         setattr(config, key, value)
     if hasattr(config, "head_dim") and config.head_dim is None:
         # Mixtral leaves head_dim None; transformers' yarn and LongRoPE read it with a default that None defeats.

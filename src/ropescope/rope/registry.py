@@ -2,8 +2,9 @@
 
 A method is its formula, its parameters with defaults, its own rules, how a saved config writes it and an example;
 adding one is building that object and passing it to `register`. The checks every method shares (unknown and
-missing keys, the common knobs `factor`, `original_max_position_embeddings` and `attention_factor`) live in
-`validated_params`, as transformers checks required and optional keys as sets with one function.
+missing keys, the common knobs `factor`, `original_max_position_embeddings`, `attention_factor` and the
+`logit_scale` every method takes) live in `validated_params`, as transformers checks required and optional keys
+as sets with one function.
 """
 
 from __future__ import annotations
@@ -18,6 +19,13 @@ import torch
 from ropescope.errors import RopescopeError
 
 REQUIRED = object()  # marks a parameter without a default
+
+# Every method takes `logit_scale`: each attention logit multiplied by a number, by one number per layer, or by
+# a rule. "logn" multiplies the query at position i by max(1, ln(i + 1) / ln L), L the pretrained length (Qwen's
+# logn attention, Scalable-Softmax); "fit" is resolved to numbers by `ropescope fit-scale` or a study.
+LOGIT_SCALE = "logit_scale"
+LOGIT_SCALE_RULES = ("logn", "fit")
+_LOGIT_SCALE_ACCEPTED = "a positive number, a list of positive numbers (one per layer), 'logn' or 'fit'"
 
 # Which length a saved config writes as max_position_embeddings (see `RopeMethod.saved_length`).
 SavedLength = Literal["pretrained", "original", "extended"]
@@ -110,6 +118,8 @@ def validated_params(name: str, params: dict[str, Any]) -> dict[str, Any]:
         raise RopescopeError(f"unknown RoPE method {name!r}; accepted: {', '.join(METHODS)}")
     method = METHODS[name]
     accepted = method.params
+    params = dict(params)
+    logit_scale = checked_logit_scale(name, params.pop(LOGIT_SCALE, None))  # every method takes it
     unknown = sorted(set(params) - set(accepted))
     if unknown:
         raise RopescopeError(f"{name} takes no parameter {unknown[0]!r}; accepted: {', '.join(accepted) or 'none'}")
@@ -127,7 +137,34 @@ def validated_params(name: str, params: dict[str, Any]) -> dict[str, Any]:
     if "original_max_position_embeddings" in filled:
         filled["original_max_position_embeddings"] = tokens(
             name, "original_max_position_embeddings", filled["original_max_position_embeddings"])
-    return filled if method.check is None else method.check(filled)
+    filled = filled if method.check is None else method.check(filled)
+    if logit_scale is not None:  # kept out when unset, so specs, their text and fingerprints stay as they were
+        filled[LOGIT_SCALE] = logit_scale
+    return filled
+
+
+def checked_logit_scale(method: str, value: Any) -> float | list[float] | str | None:
+    """`logit_scale` as a spec keeps it: None for unset or 1 (no change), a positive float, a list of positive
+    floats (one per layer; its length is checked against the model in `extend`), or one of `LOGIT_SCALE_RULES`."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if value not in LOGIT_SCALE_RULES:
+            raise RopescopeError(f"{method} logit_scale={value!r} is unknown; accepted: {_LOGIT_SCALE_ACCEPTED}")
+        return value
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise RopescopeError(f"{method} logit_scale=[] is empty; accepted: {_LOGIT_SCALE_ACCEPTED}")
+        return [_positive_scale(method, item) for item in value]
+    scale = _positive_scale(method, value)
+    return None if scale == 1.0 else scale
+
+
+def _positive_scale(method: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise RopescopeError(f"{method} logit_scale={value!r} must be a positive finite number; "
+                             f"accepted: {_LOGIT_SCALE_ACCEPTED}")
+    return float(value)
 
 
 def number(method: str, name: str, value: Any) -> float | None:

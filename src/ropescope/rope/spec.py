@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from ropescope.errors import RopescopeError
-from ropescope.rope.registry import METHODS, validated_params
+from ropescope.rope.registry import LOGIT_SCALE, METHODS, validated_params
 
 # The knobs most methods share, which a command line offers once (`--factor`, `--original-max-position-embeddings`).
 SHARED_KNOBS = ("factor", "original_max_position_embeddings")
@@ -39,12 +39,32 @@ class RopeSpec:
         parameters that differ from their defaults, e.g. `yarn:factor=4.0,original_max_position_embeddings=256`."""
         defaults = METHODS[self.method].params
         changed = [f"{name}={json.dumps(value, separators=(',', ':'))}" for name, value in self.params.items()
-                   if value != defaults[name]]
+                   if name not in defaults or value != defaults[name]]
         return self.method + (":" + ",".join(changed) if changed else "")
 
+    @property
+    def method_params(self) -> dict[str, Any]:
+        """The parameters of the method's own formula: `params` less the `logit_scale` every method takes."""
+        return {key: value for key, value in self.params.items() if key != LOGIT_SCALE}
+
+    @property
+    def logit_scale(self) -> float | list[float] | str | None:
+        """The attention logits' extra scale (None: none; see `ropescope.rope.registry.LOGIT_SCALE`)."""
+        return self.params.get(LOGIT_SCALE)
+
+    def without_logit_scale(self) -> RopeSpec:
+        return RopeSpec(self.method, **self.method_params)
+
     def label(self) -> str:
-        """A short name for plots and tables, e.g. `yarn x4` (the method says how: `RopeMethod.label`)."""
-        return METHODS[self.method].label(self.params)
+        """A short name for plots and tables, e.g. `yarn x4`, and `yarn x4 s=1.25` with a logit scale (the method
+        says how: `RopeMethod.label`)."""
+        label = METHODS[self.method].label(self.method_params)
+        scale = self.logit_scale
+        if scale is None:
+            return label
+        if isinstance(scale, list):
+            return f"{label} s=per-layer"
+        return f"{label} s={scale}" if isinstance(scale, str) else f"{label} s={scale:g}"
 
     def __hash__(self) -> int:
         return hash((self.method, tuple(sorted((k, repr(v)) for k, v in self.params.items()))))
@@ -125,5 +145,5 @@ def rope_frequencies(
         raise RopescopeError(f"base={base!r} must be a number greater than 1")
     if seq_len is not None and (isinstance(seq_len, bool) or int(seq_len) < 1):
         raise RopescopeError(f"seq_len={seq_len!r} must be a positive number of tokens or None")
-    inv_freq, attention_scale = METHODS[spec.method].compute(spec.params, head_dim, float(base), seq_len)
+    inv_freq, attention_scale = METHODS[spec.method].compute(spec.method_params, head_dim, float(base), seq_len)
     return inv_freq, float(attention_scale)
