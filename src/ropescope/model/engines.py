@@ -19,17 +19,23 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from ropescope.errors import RopescopeError
 from ropescope.model.patch import extend, pretrained_rope, rotary_dim, spec_from_config
 from ropescope.model.resolve import causal_lm_class, read_model_config
-from ropescope.rope import METHODS, RopeSpec, rope_frequencies
+from ropescope.rope import METHODS, RopeSpec, parse_spec, rope_frequencies
 from ropescope.rope.engines import ENGINES, Engine, EngineView, ServedConfig, Unreadable
 
 FULL_ATTENTION = "full_attention"  # the layer type an extension changes where a config has one RoPE per type
 
 
-def saved_config(model: str, spec: RopeSpec | None = None):
-    """The transformers config of `model` as saved with `spec` applied (None: as it is), read back from disk."""
+def saved_config(model: str, spec: RopeSpec | None = None, factor: float | None = None,
+                 original_max_position_embeddings: int | None = None):
+    """The transformers config of `model` (its config alone: no weights are read) as saved with `spec` applied
+    (a RopeSpec or a `--method` text, with `factor` and the original length, default the model's pretrained
+    one, filled in as every command does; None: as it is), read back from disk as an engine reads it."""
     config = read_model_config(model, config_only=True).get_text_config()
     if spec is None:
+        if factor is not None:
+            raise RopescopeError(f"factor {factor:g} is given but no method; add e.g. --method yarn")
         return config
+    spec = parse_spec(spec, factor, original_max_position_embeddings or pretrained_rope(config)[1])
     with torch.device("meta"):  # extend only needs the rotary modules' shapes
         network = causal_lm_class(config)._from_config(config)
     extend(network, spec)

@@ -27,9 +27,11 @@ VERSION = "0.3.36 (llama-cpp-python; llama.cpp 0c1e570)"
 
 SCALING_TYPES = ("none", "linear", "yarn", "longrope")
 # Keys the converter may write that the llama architecture never reads (grok reads the first two, deepseek2 the
-# log multiplier): llama.cpp takes ext_factor 1, attn_factor 1, beta_fast 32 and beta_slow 1 for every yarn model.
-UNREAD_KEYS = ("rope.scaling.yarn_ext_factor", "rope.scaling.yarn_attn_factor", "rope.scaling.yarn_beta_fast",
-               "rope.scaling.yarn_beta_slow", "rope.scaling.yarn_log_multiplier")
+# log multiplier), with what llama.cpp takes instead for every yarn model (None: its temperature 0.1 ln s + 1, times
+# rope.scaling.attn_factor, whatever the key says).
+UNREAD_KEYS = {"rope.scaling.yarn_ext_factor": 1.0, "rope.scaling.yarn_attn_factor": None,
+               "rope.scaling.yarn_beta_fast": 32.0, "rope.scaling.yarn_beta_slow": 1.0,
+               "rope.scaling.yarn_log_multiplier": 0.0}
 _CONVERTED = ("default", "linear", "yarn", "longrope", "su", "dynamic", "llama3")
 
 
@@ -107,11 +109,13 @@ def derive_gguf(metadata: dict[str, Any], tensors: dict[str, torch.Tensor] | Non
         theta = theta / divisors.to(torch.float64)
     inv_freq = freq_scale * theta
     if ext_factor != 0:  # rope_yarn: blend by the ramp between the correction dims, then the temperature
-        low, high = yarn_correction_range(32.0, 1.0, n_rot, base, n_ctx_orig)
+        low, high = yarn_correction_range(UNREAD_KEYS["rope.scaling.yarn_beta_fast"],
+                                          UNREAD_KEYS["rope.scaling.yarn_beta_slow"], n_rot, base, n_ctx_orig)
         mix = (1 - yarn_ramp(low, high, n_rot // 2)) * ext_factor
         inv_freq = inv_freq * (1 - mix) + theta * mix
         attention *= 1.0 + 0.1 * math.log(1.0 / freq_scale)
-    unread = [key for key in UNREAD_KEYS if key in metadata]
+    unread = [f"{key}={metadata[key]:g} (takes {'0.1 ln s + 1' if used is None else f'{used:g}'})"
+              for key, used in UNREAD_KEYS.items() if key in metadata and metadata[key] != used]
     note = f"its llama architecture does not read {', '.join(unread)}" if unread else ""
     return EngineView(inv_freq, float(attention), n_ctx, scaling_type == "longrope", note)
 
