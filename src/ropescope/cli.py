@@ -537,7 +537,8 @@ def _show_uncertainty(rows) -> None:
 
 # the `_add_*` functions, in the order `ropescope --help` lists them
 SUBCOMMANDS: list = [
-    _add_study, _add_report, _add_methods_command, _add_freqs, _add_engines, _add_pretrain, _add_train, _add_plan, _add_ppl,
+    _add_study, _add_report, _add_methods_command, _add_freqs, _add_engines, _add_pretrain, _add_train, _add_plan,
+    _add_ppl,
     _add_tasks_command, _add_retrieval, _add_passkey, _add_needle, _add_entropy, _add_patterns, _add_uncertainty,
 ]
 
