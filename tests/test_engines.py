@@ -15,9 +15,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Phi3Config, Qwen2Config
 
 from ropescope.cli import main
-from ropescope.commands.engines import engine_rows
 from ropescope.io.rows import EngineRow, RunLabels
-from ropescope.model.engines import ALL_ENGINES, ropescope_frequencies, saved_config, served_config
+from ropescope.model.engines import ALL_ENGINES, engine_rows, ropescope_frequencies, saved_config, served_config
 from ropescope.rope import METHODS
 from ropescope.rope.engines import ENGINES, EngineView, Unreadable, compare
 from ropescope.rope.engines.llamacpp import derive_gguf, gguf_metadata

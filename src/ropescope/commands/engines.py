@@ -5,57 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ropescope.errors import RopescopeError
 from ropescope.io.results import write_rows
-from ropescope.io.rows import EngineRow, RunLabels
-from ropescope.model.engines import ALL_ENGINES, reference, ropescope_frequencies, saved_config, served_config
-from ropescope.model.patch import pretrained_rope
-from ropescope.rope.engines import compare
-
-
-def _engines(names: list[str] | None) -> list:
-    unknown = [name for name in names or [] if name not in ALL_ENGINES]
-    if unknown:
-        raise RopescopeError(f"unknown engine {unknown[0]!r}; accepted: {', '.join(ALL_ENGINES)}")
-    return [ALL_ENGINES[name] for name in names or ALL_ENGINES]
-
-
-def _lengths(config, spec, lengths: list[int] | None) -> list[int]:
-    """The lengths asked, else the pretrained length and the extended one (x factor, or x 2 without one)."""
-    if lengths:
-        if any(isinstance(length, bool) or int(length) < 1 for length in lengths):
-            raise RopescopeError(f"lengths {lengths} must be positive numbers of tokens")
-        return [int(length) for length in lengths]
-    original = spec.params.get("original_max_position_embeddings") or pretrained_rope(config)[1]
-    return sorted({int(original), int(round(original * (spec.params.get("factor") or 2.0)))})
-
-
-def engine_rows(model: str = "default", method: str | None = None, *, factor: float | None = None,
-                original_max_position_embeddings: int | None = None, lengths: list[int] | None = None,
-                engines: list[str] | None = None) -> list[dict]:
-    """One `EngineRow` dict per (engine, length): `model`'s saved config (with `method` applied where given, as
-    `extend` would save it) read by each engine, against ropescope's own frequencies at that length."""
-    chosen = _engines(engines)
-    config = saved_config(model, method, factor, original_max_position_embeddings)
-    applied, _, _ = reference(config)
-    served = served_config(config)
-    labels = RunLabels(model=str(model), method=applied.method, factor=applied.params.get("factor"),
-                       original_max_position_embeddings=applied.params.get("original_max_position_embeddings"),
-                       rope=applied.to_text())
-    rows = []
-    for length in _lengths(config, applied, lengths):
-        inv_freq, attention_scale = ropescope_frequencies(config, length)
-        for engine in chosen:
-            view = engine.derive(served, length)
-            result = compare(view, served.rope_type, inv_freq, attention_scale, length)
-            rows.append(EngineRow(
-                engine=engine.name, engine_version=engine.version, rope_type=served.rope_type, length=length,
-                inv_freq_difference=result["inv_freq_difference"], attention_scale=result["engine_attention_scale"],
-                ropescope_attention_scale=attention_scale,
-                attention_scale_difference=result["attention_scale_difference"],
-                longest_length=result["longest_length"], verdict=result["verdict"], note=getattr(view, "note", ""),
-            ).to_dict(labels))
-    return rows
+from ropescope.model.engines import engine_rows
 
 
 def engine_table(rows: list[dict]) -> str:

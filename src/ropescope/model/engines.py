@@ -3,7 +3,8 @@
 `saved_config(model, spec)` is the config.json a user would serve: the model's own, or the one `extend` writes for
 `spec` (the model built on the meta device, so no weights are read), saved and read back by transformers.
 `served_config` turns it into what an engine reads (`ServedConfig`), `reference` is what ropescope applies, and
-`ALL_ENGINES` puts transformers beside the engines re-derived in `ropescope.rope.engines`.
+`ALL_ENGINES` puts transformers beside the engines re-derived in `ropescope.rope.engines`, and `engine_rows`
+sets every engine against ropescope at each length (the rows of `ropescope engines` and of a study's report).
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from transformers import AutoConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from ropescope.errors import RopescopeError
+from ropescope.io.rows import EngineRow, RunLabels
 from ropescope.model.patch import extend, pretrained_rope, rotary_dim, spec_from_config
 from ropescope.model.resolve import causal_lm_class, read_model_config
 from ropescope.rope import METHODS, RopeSpec, parse_spec, rope_frequencies
-from ropescope.rope.engines import ENGINES, Engine, EngineView, ServedConfig, Unreadable
+from ropescope.rope.engines import ENGINES, Engine, EngineView, ServedConfig, Unreadable, compare
 
 FULL_ATTENTION = "full_attention"  # the layer type an extension changes where a config has one RoPE per type
 
@@ -114,3 +116,48 @@ def transformers_derive(config: ServedConfig, length: int) -> EngineView | Unrea
 TRANSFORMERS = Engine("transformers", transformers.__version__,
                       "transformers/modeling_rope_utils.py ROPE_INIT_FUNCTIONS[rope_type] (run)", transformers_derive)
 ALL_ENGINES: dict[str, Engine] = {"transformers": TRANSFORMERS, **ENGINES}
+
+
+def _engines(names: list[str] | None) -> list:
+    unknown = [name for name in names or [] if name not in ALL_ENGINES]
+    if unknown:
+        raise RopescopeError(f"unknown engine {unknown[0]!r}; accepted: {', '.join(ALL_ENGINES)}")
+    return [ALL_ENGINES[name] for name in names or ALL_ENGINES]
+
+
+def _lengths(config, spec, lengths: list[int] | None) -> list[int]:
+    """The lengths asked, else the pretrained length and the extended one (x factor, or x 2 without one)."""
+    if lengths:
+        if any(isinstance(length, bool) or int(length) < 1 for length in lengths):
+            raise RopescopeError(f"lengths {lengths} must be positive numbers of tokens")
+        return [int(length) for length in lengths]
+    original = spec.params.get("original_max_position_embeddings") or pretrained_rope(config)[1]
+    return sorted({int(original), int(round(original * (spec.params.get("factor") or 2.0)))})
+
+
+def engine_rows(model: str = "default", method: str | None = None, *, factor: float | None = None,
+                original_max_position_embeddings: int | None = None, lengths: list[int] | None = None,
+                engines: list[str] | None = None) -> list[dict]:
+    """`ropescope engines`' rows, one `EngineRow` dict per (engine, length): `model`'s saved config (with `method` applied where given, as
+    `extend` would save it) read by each engine, against ropescope's own frequencies at that length."""
+    chosen = _engines(engines)
+    config = saved_config(model, method, factor, original_max_position_embeddings)
+    applied, _, _ = reference(config)
+    served = served_config(config)
+    labels = RunLabels(model=str(model), method=applied.method, factor=applied.params.get("factor"),
+                       original_max_position_embeddings=applied.params.get("original_max_position_embeddings"),
+                       rope=applied.to_text())
+    rows = []
+    for length in _lengths(config, applied, lengths):
+        inv_freq, attention_scale = ropescope_frequencies(config, length)
+        for engine in chosen:
+            view = engine.derive(served, length)
+            result = compare(view, served.rope_type, inv_freq, attention_scale, length)
+            rows.append(EngineRow(
+                engine=engine.name, engine_version=engine.version, rope_type=served.rope_type, length=length,
+                inv_freq_difference=result["inv_freq_difference"], attention_scale=result["engine_attention_scale"],
+                ropescope_attention_scale=attention_scale,
+                attention_scale_difference=result["attention_scale_difference"],
+                longest_length=result["longest_length"], verdict=result["verdict"], note=getattr(view, "note", ""),
+            ).to_dict(labels))
+    return rows
