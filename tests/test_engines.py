@@ -36,6 +36,8 @@ METHOD_SPECS = {
     "longrope": [f"longrope:short_factor={json.dumps(SHORT)},long_factor={json.dumps(LONG)}"],
 }
 LENGTHS = (256, 257, 258, 1024)
+SPECS = [spec for specs in METHOD_SPECS.values() for spec in specs]
+SPEC_IDS = [spec.split(":")[0] if spec.startswith("longrope") else spec for spec in SPECS]
 
 
 def test_every_method_is_covered():
@@ -189,7 +191,7 @@ def check_against_hand(engine: str, config, length: int):
 
 
 @pytest.mark.parametrize("engine", list(HAND))
-@pytest.mark.parametrize("method", [spec for specs in METHOD_SPECS.values() for spec in specs])
+@pytest.mark.parametrize("method", SPECS, ids=SPEC_IDS)
 def test_every_engine_and_method_matches_a_hand_computation_from_its_code(engine, method):
     for length in LENGTHS:
         check_against_hand(engine, shipped_saved(method), length)
@@ -204,7 +206,7 @@ def test_dynamic_yarn_cannot_be_read(engine):
     assert rows[0]["inv_freq_difference"] is None and "ropescope" in rows[1]["note"]
 
 
-@pytest.mark.parametrize("method", [spec for specs in METHOD_SPECS.values() for spec in specs])
+@pytest.mark.parametrize("method", SPECS, ids=SPEC_IDS)
 def test_transformers_run_on_the_saved_config_gives_what_ropescope_applies(method):
     config = shipped_saved(method)
     for length in LENGTHS:
