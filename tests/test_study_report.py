@@ -103,3 +103,25 @@ def test_rows_follow_the_recorded_config_order_not_completion_or_name():
         ("yarn@0", 3), ("yarn@512", 2), ("original", 0), ("original", 4), ("old", 1)]  # unknown variants last
     assert [row["variant"] for row in canonical_order({"r": finished}, None)["r"]] == [
         "old", "original", "original", "yarn@0", "yarn@512"]  # no config: by name
+
+
+def test_report_says_whether_each_extension_is_served_as_measured(tmp_path):
+    from ropescope.study.config import parse_config
+    from ropescope.study.stages import STAGES
+
+    fill_store(tmp_path / DATABASE)
+    config = parse_config({"model": {"path": "default", "original_max_position_embeddings": 256},
+                           "methods": {"original": {"method": "default"},
+                                       "yarn": {"method": "yarn", "factor": 4.0, "attention_factor": 1.0}}}, STAGES)
+    with ResultStore(tmp_path / DATABASE) as store:
+        store.set_meta("config", config.to_dict())
+    paths = build_report(tmp_path)
+    summary, page = paths["summary"].read_text(), paths["html"].read_text()
+    section = summary[summary.index("## Served as measured?"):summary.index("## Figures")]
+    assert "| extension | length | transformers | vllm | sglang | llama.cpp |" in section
+    lines = [line for line in section.splitlines() if line.startswith("| yarn (yarn x4) |")]
+    assert [line.split(" | ")[1] for line in lines] == ["256", str(max(config.evaluation.perplexity_lengths))]
+    # SGLang does not read transformers' attention_factor: the temperature 1 + 0.1 ln 4 comes back
+    assert all(line.split(" | ")[2] == "same" and "attention scale by 0.139" in line.split(" | ")[4]
+               for line in lines)
+    assert "<h2>Served as measured?</h2>" in page

@@ -29,6 +29,7 @@ from pathlib import Path
 from transformers.utils import logging as transformers_logging
 
 from ropescope.commands.attention import run_entropy, run_patterns, run_uncertainty
+from ropescope.commands.engines import engine_table, run_engines
 from ropescope.commands.freqs import run_frequencies, wavelength_table
 from ropescope.commands.methods import list_methods
 from ropescope.commands.plan import run_plan
@@ -39,6 +40,7 @@ from ropescope.errors import RopescopeError
 from ropescope.eval.perplexity import PROTOCOLS
 from ropescope.io.results import check_output_folder
 from ropescope.io.rows import UncertaintySummaryRow, point_means
+from ropescope.model.engines import ALL_ENGINES
 from ropescope.model.load import DTYPES, ModelOptions
 from ropescope.study.report.page import build_report
 from ropescope.train.continual import TrainConfig, train
@@ -249,6 +251,24 @@ def _add_freqs(subparsers) -> None:
     parser.add_argument("--base", type=_number("base"), help="RoPE base (rope_theta)")
     parser.add_argument("--seq-len", type=_positive_int, help="current length, for dynamic methods")
     _add_out(parser, "frequencies.csv, frequencies.png")
+
+
+def _add_engines(subparsers) -> None:
+    parser = _command(subparsers, "engines", run_engines, _show_engines,
+                      "what vLLM, SGLang, llama.cpp and transformers compute from a saved config, against ropescope",
+                      "For each serving engine, the inverse frequencies, attention scale and longest length it "
+                      "derives from the model's saved config (with --method applied as `extend` saves it), against "
+                      "what ropescope applies, at each --length: the largest relative difference of each and a "
+                      "verdict (same / differs / serves it statically / cannot read). No weights are read.")
+    parser.add_argument("model", nargs="?", help="'default', a saved model folder, a .gguf file, 'smollm2-135m' or "
+                                                 "a Hub id (its config only)")
+    _add_methods(parser, several=False)
+    parser.add_argument("--length", action="append", dest="lengths", type=_positive_int, metavar="TOKENS",
+                        help="a sequence length to compare at; repeatable (default: the pretrained length and the "
+                             "extended one)")
+    parser.add_argument("--engine", action="append", dest="engines", choices=list(ALL_ENGINES),
+                        help="an engine to compare; repeatable (default: all)")
+    _add_out(parser, "engines.csv, engines.json")
 
 
 def _add_study(subparsers) -> None:
@@ -481,6 +501,10 @@ def _show_frequencies(rows) -> None:
     print(wavelength_table(rows))
 
 
+def _show_engines(rows) -> None:
+    print(engine_table(rows))
+
+
 def _show_perplexity(rows) -> None:
     for row in rows:
         print(f"{row['protocol']:>9}  length {row['length']:>7}  ppl {row['perplexity']:10.3f}  "
@@ -513,7 +537,8 @@ def _show_uncertainty(rows) -> None:
 
 # the `_add_*` functions, in the order `ropescope --help` lists them
 SUBCOMMANDS: list = [
-    _add_study, _add_report, _add_methods_command, _add_freqs, _add_pretrain, _add_train, _add_plan, _add_ppl,
+    _add_study, _add_report, _add_methods_command, _add_freqs, _add_engines, _add_pretrain, _add_train, _add_plan,
+    _add_ppl,
     _add_tasks_command, _add_retrieval, _add_passkey, _add_needle, _add_entropy, _add_patterns, _add_uncertainty,
 ]
 

@@ -199,6 +199,28 @@ class FrequencyRow(Row):
     seq_len: int | None
 
 
+@dataclass(frozen=True, kw_only=True)
+class EngineRow(Row):
+    """One serving engine at one length: what it computes from the saved config against what ropescope applies.
+
+    The differences are the largest relative ones over the dimension pairs (None: the engine cannot read the
+    config); longest_length is the most tokens the engine serves by default (None: no limit); verdict is "same",
+    "differs: ...", "serves it statically: ..." or "cannot read TYPE: ..." (`ropescope.rope.engines.compare`).
+    """
+
+    engine: str
+    engine_version: str
+    rope_type: str  # as the saved config names it
+    length: int
+    inv_freq_difference: float | None
+    attention_scale: float | None  # the engine's
+    ropescope_attention_scale: float
+    attention_scale_difference: float | None
+    longest_length: int | None
+    verdict: str
+    note: str = ""
+
+
 def as_bool(value) -> bool:
     """A `correct` field from JSON (bool, number) or CSV (text)."""
     if isinstance(value, str):

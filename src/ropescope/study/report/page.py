@@ -22,6 +22,7 @@ from ropescope.study.config import FindingsSection, parse_config
 from ropescope.study.context import plan_variants
 from ropescope.study.report.findings import (Finding, finding_entropy_errors, pattern_divergence, retrieval_floor,
                                       study_findings)
+from ropescope.study.report.serving import SERVED_TEXT, SERVED_TITLE, served_table
 from ropescope.study.run.store import DATABASE, ResultStore, check_database_file
 from ropescope.study.stage import ReportInputs, Stage, StageFigure
 from ropescope.study.stages import STAGES
@@ -249,8 +250,9 @@ def build_report(out: str | Path, stages: Sequence[Stage] = STAGES) -> dict[str,
     failed = [cell for cell in cells if cell["status"] == "failed"]
     passkey_rows = [row for row in rows["retrieval"] if task_of(row) == "passkey"]
     retrieval = retrieval_lines(passkey_rows, pretrained, bounds, config.get("training", {}))
-    summary = _summary_markdown(header, table, readouts, findings, figures, failed, pretrained, retrieval)
-    page = _report_html(header, table, readouts, findings, figures, failed, pretrained, retrieval)
+    served = served_table(config)
+    summary = _summary_markdown(header, table, readouts, findings, figures, failed, pretrained, retrieval, served)
+    page = _report_html(header, table, readouts, findings, figures, failed, pretrained, retrieval, served)
     write_atomically(out / "report" / "summary.md", summary)
     write_atomically(out / "report" / "report.html", page)
     return report_paths(out)
@@ -308,7 +310,7 @@ READOUT_TEXT = ("Entropy of the answering query as a predictor of failure, teste
                 "the distractors for correct and failed answers.")
 
 
-def _summary_markdown(header, table, readouts, findings, figures, failed, pretrained, retrieval) -> str:
+def _summary_markdown(header, table, readouts, findings, figures, failed, pretrained, retrieval, served) -> str:
     parts = [f"# ropescope study summary\n\nPretrained length: {pretrained} tokens.\n",
              "## Findings of arXiv 2406.13282\n", f"Verdicts: {VERDICT_RULE}\n"]
     for finding in findings:
@@ -323,6 +325,7 @@ def _summary_markdown(header, table, readouts, findings, figures, failed, pretra
     parts += ["## Results\n", _markdown_table(header, table)]
     if readouts[1]:
         parts += [f"\n## {READOUT_TITLE}\n", READOUT_TEXT + "\n", _markdown_table(*readouts)]
+    parts += [f"\n## {SERVED_TITLE}\n", SERVED_TEXT + "\n", _markdown_table(*served[:2]) if served[1] else served[2]]
     parts += ["\n## Figures\n"]
     parts += [f"![{figure.title}](figures/{figure.path.name})" for figure in figures]
     if failed:
@@ -346,7 +349,7 @@ def _image(path: Path) -> str:
     return f'<img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'
 
 
-def _report_html(header, table, readouts, findings, figures, failed, pretrained, retrieval) -> str:
+def _report_html(header, table, readouts, findings, figures, failed, pretrained, retrieval, served) -> str:
     by_key = {figure.key: figure for figure in figures}
     body = [f"<h1>ropescope study</h1><p>Pretrained length: {pretrained} tokens. Findings tested against "
             "<em>Understanding the RoPE Extensions of Long-Context LLMs: An Attention Perspective</em> "
@@ -370,6 +373,8 @@ def _report_html(header, table, readouts, findings, figures, failed, pretrained,
     body.append("<h2>Results</h2>" + _html_table(header, table, css="results"))
     if readouts[1]:
         body.append(f"<h2>{READOUT_TITLE}</h2><p>{html.escape(READOUT_TEXT)}</p>" + _html_table(*readouts))
+    body.append(f"<h2>{SERVED_TITLE}</h2><p>{html.escape(SERVED_TEXT)}</p>"
+                + (_html_table(*served[:2], css="tests") if served[1] else f"<p>{html.escape(served[2])}</p>"))
     for figure in figures:
         if not figure.key.startswith("finding"):
             body.append(f"<h2>{html.escape(figure.title)}</h2><figure>{_image(figure.path)}"
