@@ -24,7 +24,7 @@ from ropescope.eval.retrieval import evaluate_retrieval
 from ropescope.tasks.passkey import TASK as PASSKEY, passkey_key
 from ropescope.eval.perplexity import evaluate_perplexity
 from ropescope.model.gguf import PACKAGED, packaged_gguf_path, read_header
-from ropescope.model.load import load
+from ropescope.model.load import ModelOptions, load
 from ropescope.model.resolve import resolve_model
 from tests.helpers import eager_entropies
 
@@ -49,8 +49,9 @@ def gguf_file():
 
 @pytest.fixture(scope="module")
 def smollm2(gguf_file):
-    """(model in float32 on the CPU, tokenizer, converted folder)."""
-    loaded = load(NAME)
+    """(model in float32 on the CPU, tokenizer, converted folder); asked for explicitly, since `auto` runs a model
+    of its size in bfloat16 on a CPU that multiplies it natively, and these tests compare at float32 tolerances."""
+    loaded = load(NAME, options=ModelOptions(device="cpu", dtype="float32"))
     return loaded.model, loaded.tokenizer, resolve_model(NAME).path
 
 

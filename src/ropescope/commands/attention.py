@@ -45,8 +45,9 @@ def _samples_by_length(source: ModelSource, lengths: Sequence[int], samples: int
 
 
 def _load(source: ModelSource, spec: RopeSpec, options: ModelOptions | None, original: int, split: str):
-    """The model with `spec` applied and the labels its rows start with (the analysis' pretrained length)."""
-    loaded = load(source, spec, options)
+    """The model with `spec` applied, for whole-sequence attention readouts (`ModelOptions.entropy_capture`), and
+    the labels its rows start with (the analysis' pretrained length)."""
+    loaded = load(source, spec, replace(options or ModelOptions(), entropy_capture=True))
     labels = replace(loaded.labels, original_max_position_embeddings=original)
     return loaded, {**labels.to_dict(), "split": split}
 

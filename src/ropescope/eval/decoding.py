@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 from tqdm.auto import tqdm
+
+from ropescope.attention.capture import LayerCallback, capture_attention
 
 
 def input_device(model) -> torch.device:
@@ -12,14 +16,18 @@ def input_device(model) -> torch.device:
 
 
 @torch.inference_mode()
-def greedy_continuations(model, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+def greedy_continuations(model, input_ids: torch.Tensor, max_new_tokens: int,
+                         prefill_callback: LayerCallback | None = None) -> torch.Tensor:
     """Greedy decoding with a KV cache.
 
-    input_ids: LongTensor[batch, prompt_length] (equal-length prompts, no padding).
+    input_ids: LongTensor[batch, prompt_length] (equal-length prompts, no padding). prefill_callback: shown every
+    layer's attention (`capture_attention`) during the prefill, the forward over the prompts that gives the first
+    token, and never during the decoding steps.
     Returns LongTensor[batch, max_new_tokens], the generated tokens.
     """
     input_ids = input_ids.to(input_device(model))
-    output = model(input_ids=input_ids, use_cache=True, logits_to_keep=1)
+    with capture_attention(model, prefill_callback) if prefill_callback is not None else nullcontext():
+        output = model(input_ids=input_ids, use_cache=True, logits_to_keep=1)
     generated = []
     for step in range(max_new_tokens):
         next_token = output.logits[:, -1, :].argmax(dim=-1, keepdim=True)
@@ -32,11 +40,14 @@ def greedy_continuations(model, input_ids: torch.Tensor, max_new_tokens: int) ->
 
 
 def retrieval_grid(model, tokenizer, lengths, depths, trials: int, build_case, max_new_tokens,
-                   batch_size: int, desc: str, progress: bool | None):
+                   batch_size: int, desc: str, progress: bool | None, prefill_readout=None):
     """Greedy continuations over lengths x depths x trials, generated in batches of equal-length prompts.
 
     build_case(length, depth, trial) -> PromptCase. max_new_tokens: a count, or case -> count (a batch generates
-    the most any of its prompts needs). Yields (depth, trial, case, continuation text).
+    the most any of its prompts needs). prefill_readout: None, or cases -> a `greedy_continuations`
+    prefill_callback whose `statistics()` gives one result per case of the batch afterwards (as
+    `attention.uncertainty.AnswerReadout`). Yields (depth, trial, case, continuation text, the case's readout or
+    None).
     """
     tokens_for = max_new_tokens if callable(max_new_tokens) else (lambda case: max_new_tokens)
     model.eval()
@@ -47,11 +58,13 @@ def retrieval_grid(model, tokenizer, lengths, depths, trials: int, build_case, m
                 cases = [build_case(length, depth, trial) for trial in range(trials)]
                 for start in range(0, trials, batch_size):
                     batch = cases[start : start + batch_size]
+                    readout = prefill_readout(batch) if prefill_readout is not None else None
                     generated = greedy_continuations(model, torch.stack([c.input_ids for c in batch]),
-                                                     max(map(tokens_for, batch)))
-                    for offset, (case, tokens) in enumerate(zip(batch, generated)):
+                                                     max(map(tokens_for, batch)), readout)
+                    read = readout.statistics() if readout is not None else [None] * len(batch)
+                    for offset, (case, tokens, statistics) in enumerate(zip(batch, generated, read)):
                         # each prompt reads only its own count, so a batch's neighbours never change its answer
                         yield depth, start + offset, case, tokenizer.decode(tokens[: tokens_for(case)],
-                                                                            skip_special_tokens=True)
+                                                                            skip_special_tokens=True), statistics
                     bar.update(len(batch))
 

@@ -51,8 +51,8 @@ class RunLabels(Row):
     """What every row carries first, from a command or a study: the model and the extension applied to it.
 
     model: as the user named it ('default', a folder, a .gguf file, a short name or a Hub id); revision: the Hub
-    commit or the GGUF file's hash, where known; device and dtype: where and in what precision it ran (None where
-    a study did not choose); method / factor / original_max_position_embeddings: the RoPE extension ('default':
+    commit or the GGUF file's hash, where known; device and dtype: where and in what precision it ran (None in rows
+    written before they were recorded); method / factor / original_max_position_embeddings: the RoPE extension ('default':
     the model as trained), and `rope`, all its parameters as `--method` takes them. A study's rows also name the
     variant: its name, its [methods.NAME] key, the fine-tune's length and seed index (None: not fine-tuned, or
     not in a study).
@@ -114,6 +114,9 @@ class RetrievalRow(Row):
     prediction: str
     facts: list = field(default_factory=list)
     independent_haystacks: bool = False  # each trial had its own corpus haystack and values
+    # the answering query's attention read in the prompt's own prefill, per layer (means over heads): {"entropy",
+    # "needle_mass", "distractor_mass" (None without distractors)}; None where it was not read
+    answer_attention: dict | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -7,6 +7,9 @@ a `LoadedModel`: the network, its tokenizer and the labels every row it produces
 
 from __future__ import annotations
 
+import functools
+import logging
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +34,15 @@ from ropescope.model.resolve import (
 from ropescope.rope import METHODS, RopeSpec, parse_spec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# `--dtype auto` runs a model of at least this many parameters in bfloat16 on a CPU that multiplies it natively.
+# Below it the matrix products are too small for bfloat16's speed to show (the shipped 1.4M-parameter model runs
+# 1.4x faster, not SmolLM2's 1.6x: benchmarks/cpu_bfloat16.py), while its rounding changes the small model's
+# results: the default study's numbers stay those of float32. A model whose every query's attention is captured
+# (entropy profiles, attention against distance) stays in float32 under `auto`: bfloat16 moved SmolLM2's
+# last-layer mean entropy by 0.033 nats over 2K tokens (tests/test_bfloat16.py), beyond the 0.02 its readouts allow.
+CPU_BFLOAT16_MIN_PARAMETERS = 50_000_000
+_LOG = logging.getLogger(__name__)
+_WARNED: set[str] = set()
 
 
 def load_tokenizer(model: str | Path | ModelSource = "default"):
@@ -70,20 +82,40 @@ def _device_of(name: str) -> torch.device:
     return device
 
 
+def cpuinfo_multiplies_bfloat16(cpuinfo: str) -> bool:
+    """Whether the flags of a /proc/cpuinfo text name a native bfloat16 matrix product: AVX512-BF16 or AMX-BF16."""
+    return re.search(r"\b(avx512_bf16|amx_bf16)\b", cpuinfo) is not None
+
+
+@functools.cache
+def cpu_multiplies_bfloat16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX), read once per process: from
+    /proc/cpuinfo where there is one, else from the instruction set PyTorch dispatches to (AMX names it)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
+            return cpuinfo_multiplies_bfloat16(handle.read())
+    except OSError:  # not Linux
+        return "AMX" in torch.backends.cpu.get_cpu_capability()
+
+
 @dataclass(frozen=True)
 class ModelOptions:
     """Where and how to load a model; checked on construction.
 
     device: auto (cuda if available, else mps, else cpu), cpu, cuda, cuda:N or mps. dtype: auto (bfloat16 on a
-    GPU that supports it, else float32), float32, bfloat16 or float16. device_map: accelerate's big-model
+    GPU that supports it, and on a CPU that multiplies it natively for a model of at least
+    CPU_BFLOAT16_MIN_PARAMETERS parameters; else float32), float32, bfloat16 or float16. device_map: accelerate's big-model
     dispatch (e.g. 'auto': layers spread over the GPUs, then CPU memory), which then decides placement instead of
     `device`. attn_implementation: None picks sdpa where the model class supports it, else eager.
+    entropy_capture: the model is loaded for whole-sequence attention readouts (entropy profiles, attention
+    against distance), which `auto` keeps in float32 on a CPU.
     """
 
     device: str = "auto"
     dtype: str = "auto"
     device_map: str | None = None
     attn_implementation: str | None = None
+    entropy_capture: bool = False
 
     def __post_init__(self):
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -97,13 +129,31 @@ class ModelOptions:
     def torch_device(self) -> torch.device:
         return _device_of(self.device)
 
-    def torch_dtype(self) -> torch.dtype:
+    def torch_dtype(self, parameters: int | None = None) -> torch.dtype:
+        """The dtype to load in; `auto` on a CPU reads the model's `parameters` (None: float32)."""
         if self.dtype != "auto":
             return DTYPES[self.dtype]
         device = self.torch_device()
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
             return torch.bfloat16
+        if (device.type == "cpu" and not self.device_map and not self.entropy_capture and parameters is not None
+                and parameters >= CPU_BFLOAT16_MIN_PARAMETERS and cpu_multiplies_bfloat16()):
+            return torch.bfloat16
         return torch.float32
+
+
+def _warn_slow_bfloat16(device: torch.device, dtype: torch.dtype) -> None:
+    """Say once per process that bfloat16 asked for on a CPU without a native bfloat16 product runs emulated."""
+    if device.type == "cpu" and dtype == torch.bfloat16 and not cpu_multiplies_bfloat16() and "cpu" not in _WARNED:
+        _WARNED.add("cpu")
+        _LOG.warning("bfloat16 on this CPU (no AVX512-BF16 or AMX) is emulated: slower than float32, same results")
+
+
+def model_dtype(model: str | Path | ModelSource = "default", options: ModelOptions | None = None) -> str:
+    """The dtype `load(model, options=options)` loads in, as rows name it ('float32', 'bfloat16'), without
+    loading the weights (the config on the meta device gives the parameter count)."""
+    options = options or ModelOptions()
+    return _dtype_name(options.torch_dtype(_parameter_count(read_model_config(resolve_model(model)))))
 
 
 @dataclass
@@ -123,11 +173,12 @@ def load(model: str | Path | ModelSource = "default", spec: RopeSpec | None = No
     source = resolve_model(model)
     config = read_model_config(source)
     tokenizer = load_tokenizer(source)
-    device, dtype = options.torch_device(), options.torch_dtype()
+    parameters = _check_weights_fit(source, config)
+    device, dtype = options.torch_device(), options.torch_dtype(parameters)
+    _warn_slow_bfloat16(device, dtype)
     attn_implementation = options.attn_implementation or (
         "sdpa" if getattr(causal_lm_class(config), "_supports_sdpa", False) else "eager")
     placement = {"device_map": options.device_map} if options.device_map else {}
-    _check_weights_fit(source, config)
     try:
         network = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype,
                                                        attn_implementation=attn_implementation, **placement)
@@ -159,12 +210,13 @@ def _labels(source: ModelSource, network: torch.nn.Module, applied: RopeSpec | N
     )
 
 
-def _check_weights_fit(source: ModelSource, config) -> None:
+def _check_weights_fit(source: ModelSource, config) -> int:
     """Refuse, in one line, weights whose shapes differ from what the config builds (transformers would print a
-    load report and raise from deep inside); compared on a meta-device model, so nothing is allocated."""
+    load report and raise from deep inside); compared on a meta-device model, so nothing is allocated. Returns
+    the model's parameter count (tied weights once)."""
     with torch.device("meta"):
-        expected = {name: tuple(tensor.shape)
-                    for name, tensor in causal_lm_class(config)(config).state_dict().items()}
+        network = causal_lm_class(config)(config)
+    expected = {name: tuple(tensor.shape) for name, tensor in network.state_dict().items()}
     for weights in sorted(source.path.glob("*.safetensors")):
         with safe_open(weights, "pt") as handle:
             for name in handle.keys():
@@ -173,6 +225,13 @@ def _check_weights_fit(source: ModelSource, config) -> None:
                     raise RopescopeError(
                         f"model {source.name!r}: weight {name!r} in {weights.name} has shape {list(shape)}, but "
                         f"its config.json builds {list(expected[name])}; the config does not fit the weights")
+    return sum(parameter.numel() for parameter in network.parameters())
+
+
+def _parameter_count(config) -> int:
+    """The parameters the config builds, tied weights counted once; on the meta device, so nothing is allocated."""
+    with torch.device("meta"):
+        return sum(parameter.numel() for parameter in causal_lm_class(config)(config).parameters())
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

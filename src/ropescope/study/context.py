@@ -15,7 +15,7 @@ from ropescope.attention.patterns import distance_distribution
 from ropescope.errors import RopescopeError
 from ropescope.io.data import load_corpus, token_blocks
 from ropescope.io.rows import RunLabels
-from ropescope.model.load import ModelOptions, load
+from ropescope.model.load import ModelOptions, load, model_dtype
 from ropescope.model.resolve import resolve_model
 from ropescope.rope import RopeSpec, rope_frequencies
 from ropescope.study.config import StudyConfig
@@ -40,11 +40,11 @@ class Variant:
         return self.train_length is not None
 
     def labels(self, model: str, original_max_position_embeddings: int | None, revision: str | None = None,
-               device: str | None = None) -> RunLabels:
+               device: str | None = None, dtype: str | None = None) -> RunLabels:
         """The labels of this variant's rows: the base model as the config names it, the extension, the variant."""
         params = self.spec.params
         return RunLabels(
-            model=model, revision=revision, device=device, method=self.spec.method, factor=params.get("factor"),
+            model=model, revision=revision, device=device, dtype=dtype, method=self.spec.method, factor=params.get("factor"),
             original_max_position_embeddings=params.get("original_max_position_embeddings")
             or original_max_position_embeddings, rope=self.spec.to_text(), variant=self.name,
             method_name=self.method_name, train_length=self.train_length,
@@ -115,6 +115,7 @@ class StageContext:
     device: str = "cpu"
     _documents: dict[str, list[str]] = field(default_factory=dict, repr=False)
     _distributions: dict[tuple, list[dict]] = field(default_factory=dict, repr=False)
+    _loaded_dtype: str | None = field(default=None, repr=False)
 
     def checkpoint_dir(self, variant: Variant) -> Path:
         return checkpoint_dir(self.out, variant)
@@ -143,10 +144,22 @@ class StageContext:
         """The model's revision (a Hub commit, a GGUF file's hash), read once per process."""
         return resolve_model(self.config.model.path).revision
 
+    @functools.cached_property
+    def evaluation_dtype(self) -> str:
+        """The dtype a variant loads in for evaluation (`ModelOptions`' auto: bfloat16 for a large model on a CPU
+        that multiplies it natively), read once per process from the model's config."""
+        return model_dtype(self.config.model.path, ModelOptions(device=self.device))
+
+    @property
+    def dtype(self) -> str:
+        """The dtype of the rows of the cell running now: that of the model it last loaded, else (a cell that
+        reads recorded rows) the evaluation dtype that produced them."""
+        return self._loaded_dtype or self.evaluation_dtype
+
     def labels(self, variant: Variant) -> RunLabels:
         """The labels every row of the variant starts with."""
         return variant.labels(self.config.model.path, self.config.model.original_max_position_embeddings,
-                              self.revision, self.device)
+                              self.revision, self.device, self.dtype)
 
     def distance_rows(self, variant: Variant, length: int, count: int) -> list[dict]:
         """`distance_distribution` of a variant on the first `count` blocks of `length` tokens, kept for the rest
@@ -154,18 +167,22 @@ class StageContext:
         16K-token capture of a real model takes minutes."""
         key = ("original" if variant.is_original and not variant.fine_tuned else variant.name, length, count)
         if key not in self._distributions:
-            model, tokenizer = self.load(variant)
+            model, tokenizer = self.load(variant, entropy_capture=True)
             self._distributions[key] = distance_distribution(
                 model, self.samples(tokenizer, length, count),
                 original_max_position_embeddings=self.config.model.original_max_position_embeddings,
                 progress=self.progress)
+        self._loaded_dtype = model_dtype(self.config.model.path, ModelOptions(device=self.device,
+                                                                              entropy_capture=True))
         return self._distributions[key]
 
-    def load(self, variant: Variant):
-        """(model, tokenizer) of a variant: its fine-tuned checkpoint, or the base model extended as is."""
-        options = ModelOptions(device=self.device)
+    def load(self, variant: Variant, entropy_capture: bool = False):
+        """(model, tokenizer) of a variant: its fine-tuned checkpoint, or the base model extended as is.
+        entropy_capture: for whole-sequence attention readouts (see `ModelOptions`)."""
+        options = ModelOptions(device=self.device, entropy_capture=entropy_capture)
         if variant.fine_tuned:
             loaded = load(self.checkpoint_dir(variant), options=options)
         else:
             loaded = load(self.config.model.path, None if variant.is_original else variant.spec, options)
+        self._loaded_dtype = loaded.labels.dtype
         return loaded.model, loaded.tokenizer

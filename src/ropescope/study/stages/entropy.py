@@ -38,7 +38,7 @@ def _with_position(rows: list[dict]) -> list[dict]:
 
 def run(context: StageContext, variant: Variant) -> list[dict]:
     """Attention entropy per layer, head and query-position bin at each analysis length."""
-    model, tokenizer = context.load(variant)
+    model, tokenizer = context.load(variant, entropy_capture=True)
     analysis = context.config.analysis
     rows = []
     for length in analysis.entropy_lengths:

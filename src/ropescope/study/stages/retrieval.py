@@ -42,7 +42,8 @@ def run(context: StageContext, variant: Variant) -> list[dict]:
                      else None)
         rows += evaluate_retrieval(model, tokenizer, task, retrieval.lengths, retrieval.depths,
                                    trials=retrieval.trials, seed=context.config.seed, documents=documents,
-                                   independent_haystacks=retrieval.independent_haystacks, progress=context.progress)
+                                   independent_haystacks=retrieval.independent_haystacks, progress=context.progress,
+                                   read_attention=True)  # the uncertainty stage reads it: no second forward
     return rows
 
 
