@@ -1,0 +1,140 @@
+"""Finding 2 by intervention: its statistics against data whose answer is known, and against an independent
+computation of the conditional likelihood."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+from scipy import optimize
+
+from ropescope.statistics import (CONTRADICTED, EQUIVALENT, INCONCLUSIVE, REPRODUCED, dose_response,
+                                  intervention_effect, wilson_interval)
+from ropescope.study.config import FindingsSection
+from ropescope.study.report.findings import finding_intervention
+
+SCALES = ("0.8", "1.0", "1.25", "logn", "fit")
+SHIFT = {"0.8": 0.6, "1.0": 0.3, "1.25": 0.0, "logn": -0.2, "fit": -0.4}  # the entropy each scale induces (nats)
+
+
+def synthetic_rows(prompts: int, slope: float, *, seed: int = 0, lengths=(256, 512), moved: float = 1.0) -> list[dict]:
+    """Intervention rows: every prompt asked at every scale. Its entropy is its own base plus the scale's shift
+    (times `moved`); it fails with log-odds = its own difficulty + slope x (entropy - its base): slope > 0 is a
+    scale that causes errors through entropy, slope 0 one that changes entropy but not accuracy."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for index in range(prompts):
+        length = lengths[index % len(lengths)]
+        base, difficulty = rng.normal(2.0, 0.3), rng.normal(0.0, 1.0)
+        for scale in SCALES:
+            entropy = base + moved * SHIFT[scale] + rng.normal(0, 0.02)
+            failure = 1 / (1 + math.exp(-(difficulty + slope * (entropy - base))))
+            rows.append({"task": "passkey", "length": length, "depth_percent": 50.0, "trial": index,
+                         "logit_scale": scale, "entropy": entropy, "correct": bool(rng.random() >= failure),
+                         "variant": "yarn@0"})
+    return rows
+
+
+def test_a_scale_that_causes_errors_through_entropy_reproduces():
+    finding = finding_intervention(synthetic_rows(150, 4.0), resamples=999)
+    assert finding.verdict == REPRODUCED, finding.sentence
+    assert finding.numbers["odds_ratio"] > 1 and finding.numbers["p_value"] < 0.05
+    # the entropy each scale reached is reported, in the order the scales were asked
+    levels = finding.numbers["levels"]
+    assert [level.level for level in levels] == list(SCALES)
+    assert [round(level.entropy - levels[2].entropy, 1) for level in levels] == [0.6, 0.3, 0.0, -0.2, -0.4]
+    assert levels[0].accuracy < levels[-1].accuracy
+    assert set(finding.numbers["by_length"]) == {256, 512}
+    assert "reproduced" in finding.verdict_line() and "prompts" in finding.verdict_line()
+
+
+def test_the_opposite_direction_contradicts():
+    assert finding_intervention(synthetic_rows(150, -4.0), resamples=999).verdict == CONTRADICTED
+
+
+def test_a_scale_that_changes_entropy_but_not_accuracy_is_equivalent():
+    finding = finding_intervention(synthetic_rows(600, 0.0, seed=1), resamples=999)
+    assert finding.verdict == EQUIVALENT, finding.sentence
+    low, high = finding.tests[0].interval
+    assert 1 / 1.44 < low < 1 < high < 1.44
+
+
+def test_too_few_prompts_is_inconclusive_and_says_so():
+    finding = finding_intervention(synthetic_rows(6, 4.0), resamples=99)
+    assert finding.verdict == INCONCLUSIVE
+    assert "too few prompts" in finding.sentence and "at least 10" in finding.sentence
+    # the bound is the pre-registered one of [findings]
+    lowered = finding_intervention(synthetic_rows(6, 4.0), bounds=FindingsSection(min_informative_prompts=2),
+                                   resamples=99)
+    assert "too few prompts" not in lowered.sentence
+
+
+def test_scales_that_do_not_move_entropy_are_inconclusive():
+    finding = finding_intervention(synthetic_rows(150, 4.0, moved=0.01), resamples=99)
+    assert finding.verdict == INCONCLUSIVE and "moved the mean entropy by" in finding.sentence
+
+
+def test_no_rows_is_inconclusive():
+    assert finding_intervention([]).verdict == INCONCLUSIVE
+
+
+def test_prompts_without_both_outcomes_are_counted_out():
+    rows = synthetic_rows(40, 4.0)
+    for row in rows:
+        if row["trial"] < 5:
+            row["correct"] = True
+        elif row["trial"] < 8:
+            row["correct"] = False
+    effect = intervention_effect([(row["length"], row["trial"]) for row in rows], [row["entropy"] for row in rows],
+                                 [not row["correct"] for row in rows])
+    assert effect.all_correct >= 5 and effect.all_failed >= 3
+    assert effect.prompts + effect.all_correct + effect.all_failed == 40
+    assert effect.cases == 5 * effect.prompts == effect.odds.n
+
+
+def _conditional_log_likelihood(beta: float, groups: list[tuple[np.ndarray, np.ndarray]]) -> float:
+    """The conditional likelihood written out: per prompt, the chance that exactly its failed cases fail among all
+    ways of choosing that many of its cases."""
+    total = 0.0
+    for x, failed in groups:
+        k = int(failed.sum())
+        subsets = [beta * x[list(chosen)].sum() for chosen in itertools.combinations(range(len(x)), k)]
+        total += beta * x[failed].sum() - np.logaddexp.reduce(subsets)
+    return total
+
+
+def test_the_odds_ratio_is_the_brute_force_conditional_maximum_likelihood():
+    rows = synthetic_rows(30, 3.0, seed=3)
+    prompts = [(row["length"], row["trial"]) for row in rows]
+    entropies = np.array([row["entropy"] for row in rows])
+    failed = np.array([not row["correct"] for row in rows])
+    effect = intervention_effect(prompts, entropies, failed)
+    groups = []
+    for key in dict.fromkeys(prompts):
+        members = np.array([i for i, p in enumerate(prompts) if p == key])
+        if 0 < failed[members].sum() < len(members):
+            groups.append((entropies[members] / effect.odds.scale, failed[members]))
+    best = optimize.minimize_scalar(lambda b: -_conditional_log_likelihood(b, groups), bounds=(-20, 20),
+                                    method="bounded", options={"xatol": 1e-10})
+    assert math.log(effect.odds.odds_ratio) == pytest.approx(best.x, abs=1e-4)
+    # the scale is the pooled within-prompt SD of entropy over the informative prompts
+    deviations = np.concatenate([x * effect.odds.scale - (x * effect.odds.scale).mean() for x, _ in groups])
+    assert effect.odds.scale == pytest.approx(math.sqrt((deviations ** 2).sum() / (len(deviations) - len(groups))))
+
+
+def test_wilson_interval_by_hand():
+    correct, cases, z = 7, 20, 1.959963984540054
+    p = correct / cases
+    centre = (p + z * z / (2 * cases)) / (1 + z * z / cases)
+    half = z * math.sqrt(p * (1 - p) / cases + z * z / (4 * cases * cases)) / (1 + z * z / cases)
+    assert wilson_interval(correct, cases) == pytest.approx((centre - half, centre + half), abs=1e-12)
+
+
+def test_dose_response_per_scale():
+    levels, trend = dose_response(["a", "a", "b", "b", "c", "c"], [1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
+                                  [False, False, False, True, True, True])
+    assert [(level.level, level.cases, level.correct, level.entropy) for level in levels] == [
+        ("a", 2, 2, 1.5), ("b", 2, 1, 3.5), ("c", 2, 0, 5.5)]
+    assert trend.rho == pytest.approx(1.0) and trend.exact and trend.p_value == pytest.approx(2 / 6)
