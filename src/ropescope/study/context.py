@@ -161,11 +161,13 @@ class StageContext:
                 progress=self.progress)
         return self._distributions[key]
 
-    def load(self, variant: Variant):
-        """(model, tokenizer) of a variant: its fine-tuned checkpoint, or the base model extended as is."""
+    def load(self, variant: Variant, spec: RopeSpec | None = None):
+        """(model, tokenizer) of a variant: its fine-tuned checkpoint, or the base model extended as is. spec: the
+        extension to apply in place of the variant's own (the same method with another logit scale), to the
+        checkpoint or the base model."""
         options = ModelOptions(device=self.device)
         if variant.fine_tuned:
-            loaded = load(self.checkpoint_dir(variant), options=options)
+            loaded = load(self.checkpoint_dir(variant), spec, options=options)
         else:
-            loaded = load(self.config.model.path, None if variant.is_original else variant.spec, options)
+            loaded = load(self.config.model.path, spec or (None if variant.is_original else variant.spec), options)
         return loaded.model, loaded.tokenizer
