@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 
 import numpy as np
 import pytest
 from scipy import optimize
 
+from ropescope.io.plots import plot_finding_intervention
 from ropescope.statistics import (CONTRADICTED, EQUIVALENT, INCONCLUSIVE, REPRODUCED, dose_response,
                                   intervention_effect, wilson_interval)
 from ropescope.study.config import FindingsSection
 from ropescope.study.report.findings import finding_intervention
+from ropescope.study.report.page import build_report
+from ropescope.study.run.store import DATABASE, ResultStore
+from tests.helpers import fill_store
 
 SCALES = ("0.8", "1.0", "1.25", "logn", "fit")
 SHIFT = {"0.8": 0.6, "1.0": 0.3, "1.25": 0.0, "logn": -0.2, "fit": -0.4}  # the entropy each scale induces (nats)
@@ -138,3 +143,24 @@ def test_dose_response_per_scale():
     assert [(level.level, level.cases, level.correct, level.entropy) for level in levels] == [
         ("a", 2, 2, 1.5), ("b", 2, 1, 3.5), ("c", 2, 0, 5.5)]
     assert trend.rho == pytest.approx(1.0) and trend.exact and trend.p_value == pytest.approx(2 / 6)
+
+
+def test_the_report_shows_the_verdict_the_entropy_each_scale_reached_and_the_figure(tmp_path):
+    fill_store(tmp_path / DATABASE)
+    with ResultStore(tmp_path / DATABASE) as store:
+        store.record("intervention/yarn@0", "intervention", "yarn@0", "h", synthetic_rows(150, 4.0), 1.0)
+    paths = build_report(tmp_path)
+    summary, page = paths["summary"].read_text(), paths["html"].read_text()
+    assert "2b. **Finding 2, by intervention: lowering the attention entropy" in summary
+    assert "**Verdict: reproduced. Test: conditional logistic regression, one stratum per prompt" in summary
+    assert "| length | logit scale | prompts | mean entropy (nats) | accuracy | 95% Wilson |" in summary
+    assert re.search(r"\| 256 \| 0\.8 \| 75 \| 2\.\d{3} \| \d+% \| \[\d+%, \d+%\] \|", summary)
+    assert (paths["figures"] / "finding2b.png").stat().st_size > 0
+    assert "![Finding 2, by intervention](figures/finding2b.png)" in summary
+    assert page.count("data:image/png;base64,") == 8 and "Finding 2, by intervention" in page
+
+
+def test_the_figure_draws_accuracy_and_entropy_per_length(tmp_path):
+    finding = finding_intervention(synthetic_rows(40, 4.0), resamples=99)
+    path = plot_finding_intervention(finding.numbers, "title", tmp_path / "figure.png")
+    assert path.stat().st_size > 0
