@@ -6,18 +6,24 @@ from __future__ import annotations
 import itertools
 import math
 import re
+import tomllib
 
 import numpy as np
 import pytest
 from scipy import optimize
 
+from ropescope.errors import RopescopeError
 from ropescope.io.plots import plot_finding_intervention
+from ropescope.rope import parse_spec
 from ropescope.statistics import (CONTRADICTED, EQUIVALENT, INCONCLUSIVE, REPRODUCED, dose_response,
                                   intervention_effect, wilson_interval)
-from ropescope.study.config import FindingsSection
+from ropescope.study.cells import plan_cells
+from ropescope.study.config import FindingsSection, parse_config, quick_config_path
 from ropescope.study.report.findings import finding_intervention
 from ropescope.study.report.page import build_report
+from ropescope.study.run.runner import run_study
 from ropescope.study.run.store import DATABASE, ResultStore
+from ropescope.study.stages import STAGES
 from tests.helpers import fill_store
 
 SCALES = ("0.8", "1.0", "1.25", "logn", "fit")
@@ -164,3 +170,55 @@ def test_the_figure_draws_accuracy_and_entropy_per_length(tmp_path):
     finding = finding_intervention(synthetic_rows(40, 4.0), resamples=99)
     path = plot_finding_intervention(finding.numbers, "title", tmp_path / "figure.png")
     assert path.stat().st_size > 0
+
+
+INTERVENTION = '[intervention]\nmethod = "yarn@512"\nlogit_scales = [0.8, 1.0, 1.25, "logn"]\nlengths = [256, 512]\n'
+
+
+def quick_config(table: str = INTERVENTION):
+    return parse_config(tomllib.loads(quick_config_path().read_text() + table), STAGES, source="quick.toml")
+
+
+def test_the_stage_has_one_cell_for_the_variant_it_names_and_none_without_the_table():
+    without = {cell.name: cell.fingerprint for cell in plan_cells(quick_config(""))}
+    assert not [name for name in without if name.startswith("intervention/")]
+    cells = {cell.name: cell.fingerprint for cell in plan_cells(quick_config())}
+    assert [name for name in cells if name.startswith("intervention/")] == ["intervention/yarn@512"]
+    assert {name: value for name, value in cells.items() if not name.startswith("intervention/")} == without
+    # a [methods] name means its untrained variant, the original model is one too
+    config = parse_config({**tomllib.loads(quick_config_path().read_text()), "intervention": {"method": "original"}},
+                          STAGES)
+    assert [cell.name for cell in plan_cells(config) if cell.stage.name == "intervention"] == ["intervention/original"]
+
+
+def _logit_scale_known() -> bool:
+    try:
+        parse_spec({"method": "yarn", "factor": 2.0, "logit_scale": 1.25})
+    except RopescopeError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _logit_scale_known(), reason="RopeSpec has no logit_scale yet")
+def test_every_scale_asks_the_same_prompts_in_a_quick_study(tmp_path):
+    config = quick_config()
+    stages = tuple(stage for stage in STAGES if stage.name in ("train", "intervention"))
+    assert run_study(config, tmp_path, stages=stages, log=lambda line: None)["failed"] == 0
+    with ResultStore(tmp_path / DATABASE) as store:
+        rows = store.rows("intervention")
+    assert [row["logit_scale"] for row in rows] == [scale for scale in ("0.8", "1.0", "1.25", "logn")
+                                                     for _ in range(4)]  # 2 lengths x 2 depths x 1 trial
+    prompts = {}
+    for row in rows:
+        prompt = (row["length"], row["depth_percent"], row["trial"])
+        seen = (row["answer"], row["needle_start"], row["needle_end"], row["question_position"])
+        assert prompts.setdefault(prompt, seen) == seen
+        assert row["variant"] == "yarn@512" and 0 < row["entropy"] <= row["entropy_max"]
+        assert 0 <= row["needle_mass"] <= 1
+    assert len(prompts) == 4
+    by_scale = {row["logit_scale"]: [] for row in rows}
+    for row in rows:
+        by_scale[row["logit_scale"]].append(row["entropy"])
+    # a larger logit scale sharpens attention: entropy falls with the scale on every prompt
+    assert all(a > b for a, b in zip(by_scale["0.8"], by_scale["1.0"]))
+    assert all(a > b for a, b in zip(by_scale["1.0"], by_scale["1.25"]))
