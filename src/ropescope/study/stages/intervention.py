@@ -86,14 +86,16 @@ def scaled_spec(variant: Variant, value: float | list[float] | str):
     return parse_spec({**variant.spec.to_dict(), "logit_scale": value})
 
 
-def _ask(context: StageContext, variant: Variant, text: str, value, cases: dict, tokenizer) -> list[dict]:
-    """Every task's prompts at one logit scale: the retrieval rows and the answering query's attention."""
+def _ask(context: StageContext, variant: Variant, text: str, value, cases: dict, tokenizer,
+         lengths: list[int]) -> list[dict]:
+    """Every task's prompts at one logit scale and `lengths`: the retrieval rows and the answering query's
+    attention."""
     model, _ = context.load(variant, scaled_spec(variant, value))
     retrieval, rows = context.config.retrieval, []
     for name, task_cases in cases.items():
         task = get_task(name)
         evaluated = evaluate_retrieval(
-            model, tokenizer, task, context.config.intervention.lengths, retrieval.depths, trials=retrieval.trials,
+            model, tokenizer, task, lengths, retrieval.depths, trials=retrieval.trials,
             seed=context.config.seed, independent_haystacks=retrieval.independent_haystacks,
             progress=context.progress, cases=task_cases)
         ordered = [task_cases[(row["length"], row["depth_percent"], row["trial"])] for row in evaluated]
@@ -113,9 +115,14 @@ def run(context: StageContext, variant: Variant) -> list[dict]:
                      else None)
         cases[name] = build_cases(task, tokenizer, config.intervention.lengths, retrieval.depths, retrieval.trials,
                                   config.seed, documents, retrieval.independent_haystacks)
-    rows = []
+    rows, lengths = [], config.intervention.lengths
     for value in config.intervention.logit_scales:
-        rows += _ask(context, variant, scale_text(value), value, cases, tokenizer)
+        if value == "fit":  # fitted per length by the scale_fit cell: one model per length
+            fitted = {row["length"]: row["logit_scale"] for row in context.required_rows("scale_fit", variant)}
+            for length in lengths:
+                rows += _ask(context, variant, "fit", fitted[length], cases, tokenizer, [length])
+        else:
+            rows += _ask(context, variant, scale_text(value), value, cases, tokenizer, lengths)
     return rows
 
 
