@@ -13,7 +13,9 @@ import pytest
 from scipy import optimize
 
 from ropescope.errors import RopescopeError
+from ropescope.eval.retrieval import build_cases, evaluate_retrieval
 from ropescope.io.plots import plot_finding_intervention
+from ropescope.model.load import load
 from ropescope.rope import parse_spec
 from ropescope.statistics import (CONTRADICTED, EQUIVALENT, INCONCLUSIVE, REPRODUCED, dose_response,
                                   intervention_effect, wilson_interval)
@@ -23,7 +25,8 @@ from ropescope.study.report.findings import finding_intervention
 from ropescope.study.report.page import build_report
 from ropescope.study.run.runner import run_study
 from ropescope.study.run.store import DATABASE, ResultStore
-from ropescope.study.stages import STAGES
+from ropescope.study.stages import STAGES, intervention
+from ropescope.tasks.registry import get_task
 from tests.helpers import fill_store
 
 SCALES = ("0.8", "1.0", "1.25", "logn", "fit")
@@ -222,3 +225,30 @@ def test_every_scale_asks_the_same_prompts_in_a_quick_study(tmp_path):
     # a larger logit scale sharpens attention: entropy falls with the scale on every prompt
     assert all(a > b for a, b in zip(by_scale["0.8"], by_scale["1.0"]))
     assert all(a > b for a, b in zip(by_scale["1.0"], by_scale["1.25"]))
+
+
+def test_the_stage_asks_each_scale_the_same_prompts_and_records_their_attention(tmp_path, monkeypatch):
+    # every scale applied as the variant itself: the same prompts must then give the very same rows
+    monkeypatch.setattr(intervention, "scaled_spec", lambda variant, value: variant.spec)
+    config = quick_config(INTERVENTION.replace('[0.8, 1.0, 1.25, "logn"]', '[1.0, 2.0]'))
+    stages = tuple(stage for stage in STAGES if stage.name in ("train", "intervention"))
+    assert run_study(config, tmp_path, stages=stages, log=lambda line: None)["failed"] == 0
+    with ResultStore(tmp_path / DATABASE) as store:
+        rows = store.rows("intervention")
+    assert [row["logit_scale"] for row in rows] == ["1.0"] * 4 + ["2.0"] * 4
+    first, second = rows[:4], rows[4:]
+    varying = {"logit_scale", "cell"}
+    assert [{k: v for k, v in row.items() if k not in varying} for row in first] == [
+        {k: v for k, v in row.items() if k not in varying} for row in second]
+    assert {(row["length"], row["depth_percent"]) for row in first} == {(256, 0.0), (256, 100.0), (512, 0.0),
+                                                                         (512, 100.0)}
+    assert all(0 < row["entropy"] <= row["entropy_max"] and 0 <= row["needle_mass"] <= 1 for row in rows)
+
+
+def test_prompts_built_once_give_the_rows_evaluate_retrieval_builds():
+    loaded = load("default")
+    model, tokenizer = loaded.model, loaded.tokenizer
+    task = get_task("passkey")
+    cases = build_cases(task, tokenizer, [256], [0.0, 50.0], 2, seed=3)
+    built = evaluate_retrieval(model, tokenizer, task, [256], [0.0, 50.0], trials=2, seed=3)
+    assert evaluate_retrieval(model, tokenizer, task, [256], [0.0, 50.0], trials=2, seed=3, cases=cases) == built
