@@ -92,6 +92,11 @@ def workspace(tmp_path_factory):
         "unknown-key": _study_config(**{"seed = 0": "seed = 0\ncolour = 'red'"}),
         "bad-pattern-length": _study_config(**{"pattern_length = 256": "pattern_length = 300"}),
         "long-training": _study_config(**{"lengths = [512]": "lengths = [100000000]"}),
+        **{f"intervention-{name}": TINY_STUDY + f"[intervention]\nmethod = {method}\nlogit_scales = {scales}\n"
+           for name, method, scales in (("zero", '"yarn@512"', "[0, 1.0]"), ("negative", '"yarn@512"', "[-1.25]"),
+                                        ("nan", '"yarn@512"', "[nan]"), ("unknown", '"yarn@512"', '["sqrt"]'),
+                                        ("repeated", '"yarn@512"', "[1, 1.0]"), ("variant", '"yarn"', "[1.0]"),
+                                        ("fit", '"yarn@512"', '[1.0, "fit"]'))},
     }
     for name, text in configs.items():
         (root / f"{name}.toml").write_text(text)
@@ -220,6 +225,17 @@ CASES = [
     ("study unknown-key.toml --out o", "unknown key 'colour'"),
     ("study bad-pattern-length.toml --out o", "'analysis.pattern_length' = 300 must be one of"),
     ("study long-training.toml --out o", "blocks of 100000000 tokens"),
+    ("study intervention-zero.toml --out o", "'intervention.logit_scales' = [0, 1.0] must be a non-empty list of "
+                                             "distinct logit scales, each a positive number, \"logn\" or \"fit\"; 0 is "
+                                             "not"),
+    ("study intervention-negative.toml --out o", "; -1.25 is not"),
+    ("study intervention-nan.toml --out o", "; nan is not"),
+    ("study intervention-unknown.toml --out o", "; 'sqrt' is not"),
+    ("study intervention-repeated.toml --out o", "(a scale is repeated)"),
+    ("study intervention-fit.toml --out o", "'intervention.logit_scales' holds \"fit\", which this version "
+                                            "cannot fit yet"),
+    ("study intervention-variant.toml --out o", "'intervention.method' = 'yarn' names no variant of the study that "
+                                                "is evaluated in full; accepted: original, yarn@512"),
     ("study study.toml --quick", "not allowed with argument config"),
     ("study --executor dask", "invalid choice: 'dask'"),
 ]

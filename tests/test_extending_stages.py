@@ -109,8 +109,8 @@ def quick_config(stages, table: str = "[accuracy]\nthreshold = 0.75\n"):
 def test_the_stage_declares_its_config_table(stages):
     config = quick_config(stages)
     assert config.accuracy.threshold == 0.75 and config.accuracy.lengths == [256, 512]
-    assert list(config.to_dict())[:8] == ["model", "corpus", "methods", "training", "evaluation", "retrieval",
-                                           "analysis", "accuracy"]
+    assert list(config.to_dict())[:9] == ["model", "corpus", "methods", "training", "evaluation", "retrieval",
+                                           "analysis", "intervention", "accuracy"]
     with pytest.raises(RopescopeError, match=r"'accuracy.threshold' = 2 must be a number in \[0, 1\)"):
         quick_config(stages, "[accuracy]\nthreshold = 2\n")
     with pytest.raises(RopescopeError, match="unknown key 'accuracy.colour'; accepted: threshold, lengths"):

@@ -13,6 +13,10 @@ have the test.
   bootstrap move whole units, the same way in every stratum that holds them.
 - `conditional_logit`: conditional logistic regression of an outcome on a score, conditioned on strata, with its
   odds ratio per within-stratum standard deviation (statsmodels' ConditionalLogit).
+- `intervention_effect`: the conditional logistic regression above with the prompt as the stratum, for an
+  intervention that changes entropy on the same prompts (finding 2 by intervention), counting the prompts that carry
+  information; `dose_response`: accuracy (Wilson interval) and mean entropy per intervention level, and Spearman's
+  rho between them across levels.
 - `run_level_effect`: the effect of a two-level factor on per-run means in a linear model with group effects (OLS),
   its t-test and intervals; `holm`: Holm's step-down adjustment (statsmodels).
 - `mean_difference`: a difference of means with a bootstrap interval; `welch_difference`: with Welch's t interval.
@@ -36,6 +40,7 @@ import statsmodels.api as sm
 from scipy import stats
 from statsmodels.discrete.conditional_models import ConditionalLogit
 from statsmodels.stats.multitest import multipletests
+from statsmodels.stats.proportion import proportion_confint
 
 ALPHA = 0.05  # significance level of every verdict
 CONFIDENCE = 0.95  # of every interval shown
@@ -431,6 +436,7 @@ class OddsRatio:
     p_value: float  # Wald
     scale: float  # the pooled within-stratum standard deviation of the score
     n: int  # cases in strata that hold both outcomes
+    equivalence_interval: tuple[float, float] | None = None  # Wald, at EQUIVALENCE_CONFIDENCE
 
 
 def conditional_logit(scores: Sequence[float], positives: Sequence[bool],
@@ -461,10 +467,79 @@ def conditional_logit(scores: Sequence[float], positives: Sequence[bool],
         except (np.linalg.LinAlgError, ValueError):
             return None
     beta, low, high = float(fit.params[0]), *map(float, fit.conf_int(alpha=1 - CONFIDENCE)[0])
+    tost_low, tost_high = map(float, fit.conf_int(alpha=1 - EQUIVALENCE_CONFIDENCE)[0])
     converged = (getattr(fit, "mle_retvals", None) or {}).get("converged", True)
     if not converged or not np.isfinite([beta, low, high]).all() or abs(beta) > 20:  # |beta| > 20: separation
         return None
-    return OddsRatio(math.exp(beta), (math.exp(low), math.exp(high)), float(fit.pvalues[0]), scale, int(keep.sum()))
+    return OddsRatio(math.exp(beta), (math.exp(low), math.exp(high)), float(fit.pvalues[0]), scale, int(keep.sum()),
+                     (math.exp(tost_low), math.exp(tost_high)))
+
+
+@dataclass(frozen=True)
+class InterventionEffect:
+    """Failure on the entropy an intervention induced, within prompts: `odds` is None when the regression cannot
+    run (no informative prompt, no entropy change within them, or separation)."""
+
+    odds: OddsRatio | None  # odds ratio of failure per within-prompt SD of entropy
+    prompts: int  # informative prompts: failed at some level and correct at another
+    all_correct: int  # prompts correct at every level: no information on the effect
+    all_failed: int  # prompts failed at every level
+    cases: int  # (prompt, level) cases in the informative prompts
+
+
+def intervention_effect(prompts: Sequence[Hashable], entropies: Sequence[float],
+                        failed: Sequence[bool]) -> InterventionEffect:
+    """Conditional logistic regression of failure on entropy, one stratum per prompt: every prompt is asked at
+    each level of an intervention (a logit scale), so its own difficulty (key, haystack, length) is conditioned
+    away and only the entropy the levels induced within it is compared. prompts, entropies, failed: [n] cases, a
+    prompt once per level. A prompt that is correct (or failed) at every level adds nothing to the conditional
+    likelihood; they are counted and left out."""
+    labels = np.asarray(failed, dtype=bool)
+    outcomes = {key: labels[members] for key, members in _group(prompts).items()}
+    all_correct = sum(not values.any() for values in outcomes.values())
+    all_failed = sum(bool(values.all()) for values in outcomes.values())
+    informative = len(outcomes) - all_correct - all_failed
+    cases = sum(len(values) for values in outcomes.values() if 0 < values.sum() < len(values))
+    return InterventionEffect(conditional_logit(entropies, labels, prompts), informative, all_correct, all_failed,
+                              cases)
+
+
+@dataclass(frozen=True)
+class Level:
+    """One intervention level: its cases, accuracy with a Wilson interval, and the mean entropy it reached."""
+
+    level: Hashable
+    cases: int
+    correct: int
+    accuracy: float
+    interval: tuple[float, float]  # Wilson score interval at CONFIDENCE
+    entropy: float  # mean over its cases (nats)
+
+
+def wilson_interval(correct: int, cases: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """The Wilson score interval of a proportion correct / cases (statsmodels proportion_confint); (0, 1) without
+    cases."""
+    if cases == 0:
+        return 0.0, 1.0
+    low, high = proportion_confint(correct, cases, alpha=1 - confidence, method="wilson")
+    return float(low), float(high)
+
+
+def dose_response(levels: Sequence[Hashable], entropies: Sequence[float], failed: Sequence[bool], *,
+                  resamples: int = RESAMPLES, seed: int = 0) -> tuple[list[Level], Correlation | None]:
+    """Per intervention level (in order of first appearance): accuracy with its Wilson interval and mean entropy;
+    and Spearman's rho between the levels' mean entropy and their failure rate (exact permutation p; None below 3
+    levels or when either side is constant). levels, entropies, failed: [n] cases."""
+    entropies, labels = np.asarray(entropies, dtype=np.float64), np.asarray(failed, dtype=bool)
+    table = []
+    for key, members in _group(levels).items():
+        correct = int((~labels[members]).sum())
+        table.append(Level(key, len(members), correct, correct / len(members), wilson_interval(correct, len(members)),
+                           float(entropies[members].mean())))
+    means, rates = [level.entropy for level in table], [1 - level.accuracy for level in table]
+    if len(table) < 3 or len(set(means)) < 2 or len(set(rates)) < 2:
+        return table, None
+    return table, spearman_test(means, rates, resamples=resamples, seed=seed)
 
 
 @dataclass(frozen=True)

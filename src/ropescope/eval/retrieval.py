@@ -6,7 +6,7 @@ commands/retrieval.py). Tasks are `RetrievalTask`s (tasks/cases.py); the registr
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from ropescope.attention.uncertainty import AnswerReadout, layer_means
 from ropescope.eval.decoding import retrieval_grid
@@ -22,6 +22,15 @@ def case_builder(task: RetrievalTask, tokenizer, seed: int = 0, documents: Seque
                                       independent_haystacks))
 
     return build
+
+
+def build_cases(task: RetrievalTask, tokenizer, lengths, depths, trials: int, seed: int = 0,
+                documents: Sequence[str] | None = None,
+                independent_haystacks: bool = False) -> dict[tuple[int, float, int], PromptCase]:
+    """Every prompt of the grid by (length, depth, trial), as `evaluate_retrieval` would build them."""
+    build = case_builder(task, tokenizer, seed, documents, independent_haystacks)
+    return {(length, depth, trial): build(length, depth, trial)
+            for length in lengths for depth in depths for trial in range(trials)}
 
 
 def retrieval_row(task: RetrievalTask, case: PromptCase, continuation: str, depth_percent: float, trial: int,
@@ -43,16 +52,22 @@ def evaluate_retrieval(model, tokenizer, task: RetrievalTask, lengths, depths=(0
                        trials: int = 5, seed: int = 0, documents: Sequence[str] | None = None,
                        independent_haystacks: bool = False, max_new_tokens: int | None = None,
                        batch_size: int = 8, labels: dict | None = None, progress: bool | None = None,
-                       read_attention: bool = False) -> list[dict]:
+                       read_attention: bool = False,
+                       cases: Mapping[tuple[int, float, int], PromptCase] | None = None) -> list[dict]:
     """`task` over lengths x depths x trials on a loaded model; one `RetrievalRow` per trial, as a dict.
 
     lengths: positive token counts; depths: percents in 0..100. max_new_tokens: None takes the task's own (the
     most any prompt of a batch needs). labels: fields every row starts with. read_attention: also read each
     prompt's answering-query attention (`answer_attention`'s numbers, as per-layer means) in the prefill that
     gives its first answer token, into the row's `answer_attention`: the uncertainty readout then needs no
-    forward of its own.
+    forward of its own. cases: the prompts by (length, depth, trial), built once (`build_cases`) when several
+    models must answer the very same ones; None builds them.
     """
-    build = case_builder(task, tokenizer, seed, documents, independent_haystacks)
+    built = case_builder(task, tokenizer, seed, documents, independent_haystacks)
+
+    def build(length: int, depth_percent: float, trial: int) -> PromptCase:
+        return built(length, depth_percent, trial) if cases is None else cases[(length, depth_percent, trial)]
+
     grid = retrieval_grid(model, tokenizer, lengths, depths, trials, build,
                           max_new_tokens or (lambda case: task.max_new_tokens(tokenizer, case)),
                           batch_size, task.name, progress, AnswerReadout if read_attention else None)

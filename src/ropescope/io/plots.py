@@ -472,3 +472,34 @@ def plot_finding_training_length(numbers: dict, title: str, path: str | Path) ->
     figure.suptitle(title)
     figure.tight_layout()
     return save_figure(figure, path)
+
+
+def plot_finding_intervention(numbers: dict, title: str, path: str | Path) -> Path:
+    """Finding 2 by intervention: per context length, retrieval accuracy (left, Wilson intervals) and the answering
+    query's mean entropy (right) against the logit scale, the same prompts at every scale. numbers: {"by_length":
+    {length: [levels]}}, each level with .level (the scale as text), .accuracy, .interval and .entropy; scales in
+    the order they were asked."""
+    by_length = numbers["by_length"]
+    scales = list(dict.fromkeys(level.level for levels in by_length.values() for level in levels))
+    figure, axes = plt.subplots(1, 2, figsize=(max(10, 1.4 * len(scales) * 2), 4.4))
+    for index, (length, levels) in enumerate(by_length.items()):
+        colour = plt.get_cmap("viridis")(0.85 * index / max(1, len(by_length) - 1))  # its last yellow is faint
+        positions = [scales.index(level.level) + 0.06 * (index - (len(by_length) - 1) / 2) for level in levels]
+        accuracy = [level.accuracy for level in levels]
+        errors = [[a - level.interval[0] for a, level in zip(accuracy, levels)],
+                  [level.interval[1] - a for a, level in zip(accuracy, levels)]]
+        axes[0].errorbar(positions, accuracy, yerr=errors, marker="o", capsize=4, color=colour,
+                         label=f"{length} tokens")
+        axes[1].plot(positions, [level.entropy for level in levels], marker="o", color=colour,
+                     label=f"{length} tokens")
+    axes[0].set(ylabel="retrieval accuracy (95% Wilson interval)", ylim=(-0.03, 1.03))
+    axes[0].yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+    axes[1].set(ylabel="entropy of the answering query (nats)")
+    for axis in axes:
+        axis.set_xticks(range(len(scales)), scales)
+        axis.set_xlabel("logit scale")
+        axis.grid(True, alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.suptitle(title)
+    figure.tight_layout()
+    return save_figure(figure, path)

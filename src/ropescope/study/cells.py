@@ -50,9 +50,10 @@ def plan_cells(config: StudyConfig, stages: Sequence[Stage] = STAGES) -> list[Ce
     cells: dict[str, Cell] = {}
     for stage in stages:
         for variant in plan_variants(config):
-            if not stage.applies(variant):
+            if not stage.has_cell(config, variant):
                 continue
-            requires = tuple(cell_name(name, variant) for name in stage.requires if by_stage[name].applies(variant))
+            requires = tuple(cell_name(name, variant) for name in stage.requires
+                             if by_stage[name].has_cell(config, variant))
             cell_fingerprint = fingerprint(
                 stage.name, variant.name, variant.spec.to_dict(), shared, stage.settings(config, variant),
                 [cells[name].fingerprint for name in requires],

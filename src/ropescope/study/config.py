@@ -62,6 +62,12 @@ def check_auroc_bounds(value: Any, fail: Fail) -> list[float]:
     return [float(item) for item in value]
 
 
+def check_odds_ratio_bound(value: Any, fail: Fail) -> float:
+    if not _number(value) or not value > 1:
+        fail("a number above 1 (the bounds are [1 / value, value])")
+    return float(value)
+
+
 def check_count(value: Any, fail: Fail) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         fail("a non-negative integer")
@@ -211,6 +217,11 @@ class FindingsSection:
     entropy_bound: float = 0.05  # finding 3: |entropy difference| (nats) below it
     log_perplexity_bound: float = 0.02  # finding 3: |log-perplexity difference| (nats per token) below it
     min_cases_per_outcome: int = 5  # finding 2: a stratum enters the test with at least this many failed and correct
+    # finding 2 by intervention: an odds ratio of failure per within-prompt SD of entropy in [1 / this, this] is
+    # negligible
+    odds_ratio_bound: float = field(default=1.44, metadata={"check": check_odds_ratio_bound})
+    # finding 2 by intervention: the fewest prompts, failed at one logit scale and correct at another, it is tested on
+    min_informative_prompts: int = 10
     # fine-tuned variants of these methods keep at least this passkey accuracy at the pretrained length
     retrieval_floor: float = field(default=0.8, metadata={"check": check_fraction})
     # the methods the retrieval floor holds for: PI (linear) is exempt, docs/statistics.md says why

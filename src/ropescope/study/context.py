@@ -176,13 +176,14 @@ class StageContext:
                                                                               entropy_capture=True))
         return self._distributions[key]
 
-    def load(self, variant: Variant, entropy_capture: bool = False):
-        """(model, tokenizer) of a variant: its fine-tuned checkpoint, or the base model extended as is.
-        entropy_capture: for whole-sequence attention readouts (see `ModelOptions`)."""
+    def load(self, variant: Variant, spec: RopeSpec | None = None, entropy_capture: bool = False):
+        """(model, tokenizer) of a variant: its fine-tuned checkpoint, or the base model extended as is. spec: the
+        extension to apply in place of the variant's own (the same method with another logit scale), to the
+        checkpoint or the base model. entropy_capture: for whole-sequence attention readouts (see `ModelOptions`)."""
         options = ModelOptions(device=self.device, entropy_capture=entropy_capture)
         if variant.fine_tuned:
-            loaded = load(self.checkpoint_dir(variant), options=options)
+            loaded = load(self.checkpoint_dir(variant), spec, options=options)
         else:
-            loaded = load(self.config.model.path, None if variant.is_original else variant.spec, options)
+            loaded = load(self.config.model.path, spec or (None if variant.is_original else variant.spec), options)
         self._loaded_dtype = loaded.labels.dtype
         return loaded.model, loaded.tokenizer

@@ -52,11 +52,18 @@ class Stage:
     # (config, context, tokenizer): raise a RopescopeError for an input the stage cannot use, before any cell runs
     check_inputs: Callable[[StudyConfig, StageContext, Any], None] | None = None
     figures: Callable[[ReportInputs], list[StageFigure]] | None = None  # the report's figures of its rows
+    # (config, variant) -> whether the stage has a cell for this variant, for a stage whose config names the
+    # variants it runs on (None: every variant `applies` allows); raise a RopescopeError for a name it cannot use
+    selects: Callable[[StudyConfig, Variant], bool] | None = None
 
     def applies(self, variant: Variant) -> bool:
         if variant.sweep and not self.sweep:
             return False
         return variant.fine_tuned or not self.fine_tuned_only
+
+    def has_cell(self, config: StudyConfig, variant: Variant) -> bool:
+        """Whether the study has a cell of this stage for `variant`."""
+        return self.applies(variant) and (self.selects is None or self.selects(config, variant))
 
 
 def no_settings(config: StudyConfig, variant: Variant) -> dict:

@@ -33,7 +33,9 @@ from ropescope.statistics import (
     conditional_logit,
     decide,
     detectable_rho,
+    dose_response,
     holm,
+    intervention_effect,
     mean_difference,
     pair_weighted_auroc,
     run_level_effect,
@@ -62,7 +64,7 @@ class Test:
 
 @dataclass
 class Finding:
-    number: int
+    number: int | str  # 1, 2, 3, or "2b" for finding 2 tested by intervention
     claim: str
     verdict: str  # one of statistics.VERDICTS (statistics.VERDICT_RULE)
     sentence: str
@@ -542,6 +544,114 @@ def finding_training_length(entropy_rows: list[dict], perplexity_rows: list[dict
     return Finding(3, claim, verdict, sentence, rule, primary + tests, numbers, bound_text)
 
 
+INTERVENTION_PROMPT = ("task", "length", "depth_percent", "trial")  # one prompt, asked at every logit scale
+
+
+def _intervention_rule(bound_text: str, minimum: int, entropy_bound: float) -> str:
+    return (f"The unit is the prompt (its key, haystack and depth at one length), asked once at every logit scale of "
+            f"one variant: each prompt is its own control. Conditional logistic regression of failure on the "
+            f"answering query's entropy, one stratum per prompt (statsmodels ConditionalLogit), so only the entropy "
+            f"the scales induced within a prompt is compared; prompts correct (or failed) at every scale carry no "
+            f"information and are counted out. Odds ratio per within-prompt SD of entropy, Wald test and intervals. "
+            f"Reproduced if p < {ALPHA} and the odds ratio > 1 (lower entropy, fewer errors), contradicted if p < "
+            f"{ALPHA} and it is < 1, equivalent if the {EQUIVALENCE_CONFIDENCE:.0%} interval lies within {bound_text} "
+            f"(TOST); inconclusive with fewer than {minimum} informative prompts or when the scales move the mean "
+            f"entropy by less than {entropy_bound:g} nats (the intervention did not change what it is meant to). "
+            f"Shown as a description: the dose-response, Spearman's rho between each scale's mean entropy and its "
+            f"failure rate across scales (exact permutation test).")
+
+
+INTERVENTION_MEANING = {
+    REPRODUCED: "on the same prompts, the logit scales that lower the answering query's entropy reduce retrieval "
+                "errors",
+    CONTRADICTED: "on the same prompts, the logit scales that lower the answering query's entropy raise retrieval "
+                  "errors",
+    EQUIVALENT: "on the same prompts, changing the answering query's entropy by the logit scale changes retrieval "
+                "errors by less than {bounds}",
+    INCONCLUSIVE: "the data show neither that changing entropy on the same prompts changes retrieval errors nor that "
+                  "it does not",
+}
+
+
+def _scale_levels(rows: list[dict], resamples: int, seed: int) -> tuple[list, object, dict]:
+    """Per logit scale (in the rows' order) accuracy, interval and mean entropy, overall and per length; and the
+    dose-response correlation across the scales."""
+    failed = [not row["correct"] for row in rows]
+    levels, trend = dose_response([row["logit_scale"] for row in rows], [row["entropy"] for row in rows], failed,
+                                  resamples=resamples, seed=seed)
+    by_length = {}
+    for length in sorted({row["length"] for row in rows}):
+        chosen = [row for row in rows if row["length"] == length]
+        by_length[length] = dose_response([row["logit_scale"] for row in chosen], [row["entropy"] for row in chosen],
+                                          [not row["correct"] for row in chosen], resamples=resamples, seed=seed)[0]
+    return levels, trend, by_length
+
+
+def _intervention_tests(effect, trend, bound_text: str, verdict: str) -> list[Test]:
+    tests = []
+    if effect.odds is not None:
+        tests.append(Test("failure on the entropy the logit scales induced, within prompts",
+                          f"conditional logistic regression, one stratum per prompt (statsmodels); odds ratio per "
+                          f"within-prompt SD of entropy ({effect.odds.scale:.3f} nats); Wald; TOST against "
+                          f"{bound_text}", effect.prompts, "informative prompts",
+                          "odds ratio", effect.odds.odds_ratio, effect.odds.p_value, effect.odds.interval, verdict))
+    if trend is not None:
+        tests.append(Test("dose-response: mean entropy vs failure rate across logit scales",
+                          "Spearman rho; two-sided permutation test" + (" (exact)" if trend.exact else ""), trend.n,
+                          "logit scales", "rho", trend.rho, trend.p_value, trend.interval,
+                          note="description beside the regression"))
+    return tests
+
+
+def finding_intervention(intervention_rows: list[dict], *, bounds: FindingsSection | None = None,
+                         resamples: int = RESAMPLES, seed: int = 0) -> Finding:
+    """Finding 2 tested by intervention: the [intervention] stage asks the same prompts at several logit scales of
+    one variant; lowering the entropy should reduce the errors."""
+    bounds = bounds or FindingsSection()
+    claim = ("Finding 2, by intervention: lowering the attention entropy at a fixed extension reduces retrieval "
+             "errors.")
+    bound_text = f"odds ratio within {1 / bounds.odds_ratio_bound:.2f}-{bounds.odds_ratio_bound:g}"
+    minimum = bounds.min_informative_prompts
+    rule = _intervention_rule(bound_text, minimum, bounds.entropy_bound)
+    rows = [row for row in intervention_rows if row.get("entropy") is not None]
+    if not rows:
+        return Finding("2b", claim, INCONCLUSIVE, "Inconclusive: the study has no intervention rows.", rule,
+                       bounds=bound_text, untested="no intervention rows")
+    levels, trend, by_length = _scale_levels(rows, resamples, seed)
+    effect = intervention_effect([tuple(row.get(key) for key in INTERVENTION_PROMPT) for row in rows],
+                                 [row["entropy"] for row in rows], [not row["correct"] for row in rows])
+    moved = max(level.entropy for level in levels) - min(level.entropy for level in levels)
+    numbers = {"levels": levels, "by_length": by_length, "variant": rows[0].get("variant"), "moved": moved,
+               "prompts": effect.prompts, "all_correct": effect.all_correct, "all_failed": effect.all_failed}
+    reached = "; ".join(f"scale {level.level}: entropy {level.entropy:.3f} nats, accuracy {level.accuracy:.0%} "
+                        f"({_interval(level.interval, '{:.0%}')})" for level in levels)
+    counted = (f"{effect.prompts} informative prompts ({effect.all_correct} correct and {effect.all_failed} failed "
+               f"at every scale, left out)")
+    if moved < bounds.entropy_bound:
+        why = f"the logit scales moved the mean entropy by {moved:.3f} nats, less than {bounds.entropy_bound:g}"
+    elif effect.prompts < minimum:
+        why = f"too few prompts to test: {counted}, at least {minimum}"
+    elif effect.odds is None:
+        why = f"the regression could not be fitted (no entropy change within prompts, or separation): {counted}"
+    else:
+        why = ""
+    if why:
+        return Finding("2b", claim, INCONCLUSIVE, f"Inconclusive: {why}. Per scale: {reached}.", rule,
+                       _intervention_tests(effect, trend, bound_text, INCONCLUSIVE), numbers, bound_text, why)
+    odds, bound = effect.odds, math.log(bounds.odds_ratio_bound)
+    verdict = decide(odds.p_value, math.log(odds.odds_ratio), +1,
+                     tuple(math.log(value) for value in odds.equivalence_interval), (-bound, bound))
+    numbers.update(odds_ratio=odds.odds_ratio, p_value=odds.p_value)
+    trend_text = (f" Across the {trend.n} scales, Spearman rho between mean entropy and failure rate is "
+                  f"{trend.rho:+.2f} ({_p(trend.p_value)})." if trend is not None else "")
+    sentence = (f"{verdict.capitalize()}: {INTERVENTION_MEANING[verdict].format(bounds=bound_text)}. On "
+                f"{numbers['variant']}, over {counted}, the odds of failure change by a factor of {odds.odds_ratio:.2f} "
+                f"per within-prompt SD of entropy ({odds.scale:.3f} nats; {_interval(odds.interval, '{:.2f}')}, "
+                f"Wald {_p(odds.p_value)}).{trend_text} Per scale: {reached}.")
+    return Finding("2b", claim, verdict, sentence, rule, _intervention_tests(effect, trend, bound_text, verdict),
+                   numbers, bound_text)
+
+
 def retrieval_floor(passkey_rows: list[dict], length: int, floor: float,
                     methods: tuple[str, ...] | list[str] = ("ntk", "yarn")) -> list[tuple[str, float, bool]]:
     """Each fine-tuned variant of `methods` (the [findings] retrieval_methods; PI is exempt by default,
@@ -556,9 +666,13 @@ def retrieval_floor(passkey_rows: list[dict], length: int, floor: float,
 
 def study_findings(rows: dict[str, list[dict]], bounds: FindingsSection | None = None, *,
                    resamples: int = RESAMPLES, seed: int = 0) -> list[Finding]:
-    """The three findings from a study's rows by kind (perplexity, patterns, uncertainty, entropy)."""
-    return [
+    """The three findings from a study's rows by kind (perplexity, patterns, uncertainty, entropy), and finding 2
+    by intervention where the study ran the intervention stage."""
+    findings = [
         finding_pattern(rows["perplexity"], rows["patterns"], bounds=bounds, resamples=resamples, seed=seed),
         finding_entropy_errors(rows["uncertainty"], bounds=bounds, resamples=resamples, seed=seed),
         finding_training_length(rows["entropy"], rows["perplexity"], bounds=bounds, resamples=resamples, seed=seed),
     ]
+    if rows.get("intervention"):
+        findings.append(finding_intervention(rows["intervention"], bounds=bounds, resamples=resamples, seed=seed))
+    return findings

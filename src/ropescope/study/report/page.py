@@ -183,7 +183,7 @@ def _html_table(header: list[str], table: list[list[str]], css: str = "") -> str
 
 def finding_figures(findings: list[Finding], uncertainty: list[dict]) -> list[StageFigure]:
     """The findings' figures, each drawing what its finding's test compares."""
-    finding_one, finding_two, finding_three = findings
+    finding_one, finding_two, finding_three = findings[:3]
     figures = []
     if finding_one.tests:
         test = finding_one.tests[0]
@@ -213,7 +213,36 @@ def finding_figures(findings: list[Finding], uncertainty: list[dict]) -> list[St
             "runs per arm) the pooled model's, the test; then per extension Welch's over training runs, or with one "
             "run per arm a bootstrap over evaluation units (evaluation noise only). Shaded: the bounds of no effect.",
             lambda path: plots.plot_finding_training_length(finding_three.numbers, title, path)))
+    for finding in findings[3:]:
+        if finding.number == "2b" and finding.numbers.get("by_length"):
+            figures.append(_intervention_figure(finding))
     return figures
+
+
+def _intervention_figure(finding: Finding) -> StageFigure:
+    odds = finding.numbers.get("odds_ratio")
+    title = (f"{finding.numbers['variant']}: odds ratio of failure {odds:.2f} per within-prompt SD of entropy, "
+             f"{_p_label(finding.numbers['p_value'])}, n = {finding.numbers['prompts']} prompts: {finding.verdict}"
+             if odds is not None else f"{finding.numbers['variant']}: {finding.verdict}")
+    return StageFigure(
+        "finding2b", "Finding 2, by intervention",
+        "The same prompts at every logit scale, one line per context length. Left: retrieval accuracy with 95% "
+        "Wilson intervals; right: the answering query's mean entropy, so a reader sees how far each scale moved "
+        "it. The claim: where a scale lowers the entropy, accuracy rises.",
+        lambda path: plots.plot_finding_intervention(finding.numbers, title, path))
+
+
+def intervention_table(finding: Finding) -> tuple[list[str], list[list[str]]] | None:
+    """Finding 2 by intervention, per length and logit scale: the entropy the scale reached and the accuracy with
+    its Wilson interval (None for the other findings)."""
+    by_length = finding.numbers.get("by_length") if finding.number == "2b" else None
+    if not by_length:
+        return None
+    header = ["length", "logit scale", "prompts", "mean entropy (nats)", "accuracy", f"{CONFIDENCE:.0%} Wilson"]
+    table = [[str(length), str(level.level), str(level.cases), f"{level.entropy:.3f}", f"{level.accuracy:.0%}",
+              f"[{level.interval[0]:.0%}, {level.interval[1]:.0%}]"]
+             for length, levels in by_length.items() for level in levels]
+    return header, table
 
 
 def draw_figures(declared: list[StageFigure], folder: Path) -> list[Figure]:
@@ -319,6 +348,9 @@ def _summary_markdown(header, table, readouts, findings, figures, failed, pretra
         parts.append(f"**{finding.verdict_line()}**\n")
         if finding.tests:
             parts.append(_markdown_table(*test_table(finding)) + "\n")
+        levels = intervention_table(finding)
+        if levels:
+            parts.append(_markdown_table(*levels) + "\n")
         parts.append(f"Rule: {finding.rule}\n")
     if retrieval:
         parts += ["## Retrieval after fine-tuning\n", "\n".join(retrieval) + "\n"]
@@ -361,6 +393,9 @@ def _report_html(header, table, readouts, findings, figures, failed, pretrained,
                     f"<p><strong>{html.escape(finding.verdict_line())}</strong></p>")
         if finding.tests:
             body.append(_html_table(*test_table(finding), css="tests"))
+        levels = intervention_table(finding)
+        if levels:
+            body.append(_html_table(*levels))
         body.append(f"<p class='rule'>Rule: {html.escape(finding.rule)}</p>")
         figure = by_key.get(f"finding{finding.number}")
         if figure:

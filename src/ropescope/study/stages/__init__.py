@@ -5,8 +5,8 @@ is its module and one line below."""
 from __future__ import annotations
 
 from ropescope.study.stage import Stage
-from ropescope.study.stages import entropy, patterns, perplexity, retrieval, train, uncertainty
+from ropescope.study.stages import entropy, intervention, patterns, perplexity, retrieval, train, uncertainty
 
 STAGES: tuple[Stage, ...] = (train.STAGE, perplexity.STAGE, retrieval.STAGE, entropy.STAGE, patterns.STAGE,
-                             uncertainty.STAGE)
+                             uncertainty.STAGE, intervention.STAGE)
 STAGE_NAMES: tuple[str, ...] = tuple(stage.name for stage in STAGES)
