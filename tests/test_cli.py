@@ -9,7 +9,7 @@ from ropescope.cli import _add_config_fields, _HelpFormatter, _Parser, build_par
 from ropescope.rope import RopeSpec, parse_spec, yarn_correction_range
 from ropescope.io.rows import FrequencyRow
 
-COMMANDS = ["study", "report", "methods", "freqs", "pretrain", "train", "plan", "ppl", "tasks", "retrieval", "passkey",
+COMMANDS = ["study", "report", "methods", "freqs", "pretrain", "train", "plan", "export", "ppl", "tasks", "retrieval", "passkey",
             "needle", "entropy", "patterns", "uncertainty"]
 
 
