@@ -9,8 +9,8 @@ from ropescope.cli import _add_config_fields, _HelpFormatter, _Parser, build_par
 from ropescope.rope import RopeSpec, parse_spec, yarn_correction_range
 from ropescope.io.rows import FrequencyRow
 
-COMMANDS = ["study", "report", "methods", "freqs", "engines", "pretrain", "train", "plan", "ppl", "tasks", "retrieval",
-            "passkey", "needle", "entropy", "patterns", "uncertainty"]
+COMMANDS = ["study", "report", "methods", "freqs", "engines", "pretrain", "train", "plan", "export", "ppl",
+            "tasks", "retrieval", "passkey", "needle", "entropy", "patterns", "uncertainty"]
 
 
 def test_methods_lists_every_method_with_its_parameters(capsys):

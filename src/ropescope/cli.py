@@ -30,6 +30,7 @@ from transformers.utils import logging as transformers_logging
 
 from ropescope.commands.attention import run_entropy, run_patterns, run_uncertainty
 from ropescope.commands.engines import engine_table, run_engines
+from ropescope.commands.export import run_export
 from ropescope.commands.freqs import run_frequencies, wavelength_table
 from ropescope.commands.methods import list_methods
 from ropescope.commands.plan import run_plan
@@ -269,6 +270,20 @@ def _add_engines(subparsers) -> None:
     parser.add_argument("--engine", action="append", dest="engines", choices=list(ALL_ENGINES),
                         help="an engine to compare; repeatable (default: all)")
     _add_out(parser, "engines.csv, engines.json")
+
+
+def _add_export(subparsers) -> None:
+    parser = _command(subparsers, "export", run_export, _show_export,
+                      "write a saved model folder, with its RoPE extension, as a GGUF file llama.cpp runs",
+                      description="Write a model folder ropescope saved (extended, or fine-tuned) as one GGUF file "
+                                  "for llama.cpp, with the RoPE keys llama.cpp reads for its extension (see "
+                                  "docs/export.md). An extension llama.cpp cannot compute is refused, nothing "
+                                  "written.")
+    parser.add_argument("model", metavar="FOLDER", help="the saved model folder (or any model name --model takes)")
+    parser.add_argument("--gguf", required=True, metavar="OUT.gguf", help="the GGUF file to write")
+    parser.add_argument("--dtype", choices=["f32", "f16", "bf16"],
+                        help="weights' type in the file (f32: what llama.cpp's logits are checked against)")
+    parser.add_argument("--force", action="store_true", default=None, help="replace OUT.gguf if it exists")
 
 
 def _add_study(subparsers) -> None:
@@ -517,6 +532,11 @@ def _show_points(rows) -> None:
               f"(n={point['trials']})")
 
 
+def _show_export(row) -> None:
+    print(f"wrote {row['gguf']} ({row['bytes'] / 2**20:.1f} MiB, {row['dtype']}): {row['method']} as llama.cpp "
+          f"rope scaling {row['rope_scaling_type']}{' with rope_freqs' if row['rope_freqs'] else ''}")
+
+
 def _show_written(rows) -> None:
     print(f"{len(rows)} rows")
 
@@ -538,6 +558,7 @@ def _show_uncertainty(rows) -> None:
 # the `_add_*` functions, in the order `ropescope --help` lists them
 SUBCOMMANDS: list = [
     _add_study, _add_report, _add_methods_command, _add_freqs, _add_engines, _add_pretrain, _add_train, _add_plan,
+    _add_export,
     _add_ppl,
     _add_tasks_command, _add_retrieval, _add_passkey, _add_needle, _add_entropy, _add_patterns, _add_uncertainty,
 ]

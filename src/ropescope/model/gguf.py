@@ -30,6 +30,8 @@ from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURE
 
 from ropescope.errors import RopescopeError
 from ropescope.io.results import atomic_path
+from ropescope.model.llamacpp import RECORD_KEY, LlamaCppRope, llamacpp_rope
+from ropescope.model.patch import CONFIG_KEY, extend, pretrained_rope, spec_from_config
 
 GGUF_MAGIC = b"GGUF"
 # Read in blocks so that hashing a multi-gigabyte file never holds it in memory.
@@ -189,5 +191,65 @@ def _convert(path: Path, out: Path) -> None:
     # The weights are dequantised tensors now; the gguf quantizer only forbids saving them.
     model.hf_quantizer = None
     model.config.__dict__.pop("quantization_config", None)
+    _apply_rope(path, model)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+
+
+def file_rope(reader: gguf.GGUFReader, architecture: str) -> LlamaCppRope:
+    """The RoPE keys of a GGUF file as llama.cpp reads them (llama-model.cpp `load_hparams`: a file without a
+    scaling type is linear, without a factor unscaled)."""
+    def key(name: str, default=None):
+        value = _field(reader, f"{architecture}.rope.{name}")
+        return default if value is None else value
+
+    freqs = [tensor for tensor in reader.tensors if tensor.name == "rope_freqs.weight"]
+    dim = key("dimension_count")
+    if dim is None:  # llama.cpp's n_rot defaults to the head size
+        dim = _field(reader, f"{architecture}.embedding_length") // _field(reader, f"{architecture}.attention.head_count")
+    return LlamaCppRope(
+        float(key("freq_base", 10000.0)), int(dim), key("scaling.type", "linear"),
+        float(key("scaling.factor")) if key("scaling.factor") else None,
+        int(key("scaling.original_context_length")) if key("scaling.original_context_length") else None,
+        float(key("scaling.attn_factor", 1.0)),
+        tuple(float(value) for value in freqs[0].data) if freqs else None,
+    )
+
+
+def _apply_rope(path: Path, model) -> None:
+    """Give the model loaded from GGUF file `path` the RoPE the file says, which transformers' loader leaves out:
+    the spec a ropescope export records, checked against the llama.cpp keys beside it (a file whose keys compute
+    other frequencies is refused); a file with llama.cpp scaling keys and no record is refused."""
+    reader = gguf.GGUFReader(path)
+    architecture = _field(reader, "general.architecture")
+    found = file_rope(reader, architecture)
+    recorded = _field(reader, RECORD_KEY)
+    if recorded is None:
+        if found.rope_freqs is not None or (found.factor or 1.0) != 1.0 or found.attn_factor != 1.0:
+            raise RopescopeError(
+                f"model {str(path)!r}: its RoPE is scaled the llama.cpp way (rope scaling {found.scaling_type}"
+                f"{', rope_freqs' if found.rope_freqs is not None else ''}), which transformers' GGUF loader ignores; "
+                "ropescope reads RoPE scaling from the GGUF files it exported (ropescope export)"
+            )
+        return
+    config = model.config
+    record = json.loads(recorded)
+    config.rope_parameters = record["pretrained_rope_parameters"]
+    config.max_position_embeddings = int(record["pretrained_max_position_embeddings"])
+    setattr(config, CONFIG_KEY, record)
+    spec = spec_from_config(config)
+    base, _ = pretrained_rope(config)
+    delattr(config, CONFIG_KEY)  # extend records it again, from the pretrained RoPE set above
+    expected = llamacpp_rope(spec, found.dimension_count, base)
+    if not _same_frequencies(expected, found):
+        raise RopescopeError(f"model {str(path)!r}: its llama.cpp RoPE keys compute other frequencies or another "
+                             f"attention factor than the {spec.label()} it records; the file was altered after export")
+    extend(model, spec)
+
+
+def _same_frequencies(expected: LlamaCppRope, found: LlamaCppRope, tolerance: float = 1e-6) -> bool:
+    (inv_expected, scale_expected), (inv_found, scale_found) = expected.frequencies(), found.frequencies()
+    if inv_expected.shape != inv_found.shape:
+        return False
+    relative = ((inv_expected - inv_found).abs() / inv_expected).max().item()
+    return relative <= tolerance and abs(scale_expected - scale_found) <= tolerance * scale_expected
