@@ -194,15 +194,6 @@ def test_the_stage_has_one_cell_for_the_variant_it_names_and_none_without_the_ta
     assert [cell.name for cell in plan_cells(config) if cell.stage.name == "intervention"] == ["intervention/original"]
 
 
-def _logit_scale_known() -> bool:
-    try:
-        parse_spec({"method": "yarn", "factor": 2.0, "logit_scale": 1.25})
-    except RopescopeError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _logit_scale_known(), reason="RopeSpec has no logit_scale yet")
 def test_every_scale_asks_the_same_prompts_in_a_quick_study(tmp_path):
     config = quick_config()
     stages = tuple(stage for stage in STAGES if stage.name in ("train", "intervention"))

@@ -46,7 +46,7 @@ def test_the_fit_meets_the_target_and_an_independent_forward_agrees(per_layer, t
         assert len(set(fit.scales)) == len(fit.scales)
     else:
         assert abs(sum(measured) - sum(goal)) / len(goal) <= 0.02 and len(set(fit.scales)) == 1
-    assert all(before > want + 0.1 for before, want in zip(fit.before, goal))  # yarn x4 alone spreads attention
+    assert all(before > want for before, want in zip(fit.before, goal))  # yarn x4 alone spreads attention
 
 
 def test_the_sampled_entropy_is_the_exact_entropy_of_those_queries(target):
