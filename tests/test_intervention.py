@@ -12,11 +12,9 @@ import numpy as np
 import pytest
 from scipy import optimize
 
-from ropescope.errors import RopescopeError
 from ropescope.eval.retrieval import build_cases, evaluate_retrieval
 from ropescope.io.plots import plot_finding_intervention
 from ropescope.model.load import load
-from ropescope.rope import parse_spec
 from ropescope.statistics import (CONTRADICTED, EQUIVALENT, INCONCLUSIVE, REPRODUCED, dose_response,
                                   intervention_effect, wilson_interval)
 from ropescope.study.cells import plan_cells
