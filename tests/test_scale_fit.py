@@ -8,7 +8,9 @@ from ropescope import RopescopeError
 from ropescope.attention.capture import LayerAttention, capture_attention, forward_for_statistics
 from ropescope.attention.entropy import attention_statistics
 from ropescope.attention.scale_fit import fit_logit_scale, query_spans, sampled_entropy, target_entropies
+from ropescope.cli import main
 from ropescope.io.data import load_corpus, token_blocks
+from ropescope.io.results import read_rows
 from ropescope.model.load import ModelOptions, load
 from ropescope.rope import RopeSpec
 
@@ -74,3 +76,26 @@ def test_bad_fits_are_refused_in_one_line(target):
         fit_logit_scale(model, blocks(tokenizer, 300, 1), goal[:2])
     with pytest.raises(RopescopeError, match="max_forwards=1 must be at least 2"):
         fit_logit_scale(model, blocks(tokenizer, 300, 1), goal, max_forwards=1)
+
+
+def test_the_command_prints_the_method_that_applies_the_fit(tmp_path, capsys):
+    assert main(["fit-scale", "--method", "linear", "--factor", "2", "--samples", "1", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    fitted = next(line for line in printed.splitlines() if line.startswith("--method ")).removeprefix("--method ")
+    assert fitted.startswith("linear:factor=2.0,logit_scale=[") and "within the tolerance" in printed
+    rows = read_rows(tmp_path / "fit_scale.csv")
+    assert [row["layer"] for row in rows] == [0, 1, 2, 3] and (tmp_path / "fit_scale.png").stat().st_size > 0
+    assert all(abs(row["entropy_after"] - row["target_entropy"]) <= 0.02 for row in rows)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["fit-scale", "--method", "yarn:factor=4,logit_scale=1.5"], "sets a logit_scale; fit-scale fits it"),
+    (["ppl", "--method", "yarn:factor=4,logit_scale=fit"], "logit_scale='fit' is found by `ropescope fit-scale`"),
+    (["ppl", "--method", "yarn:factor=4,logit_scale=-2"], "logit_scale=-2 must be a positive finite number"),
+    (["ppl", "--method", "yarn:factor=4,logit_scale=[1,2]"], "logit_scale has 2 numbers but the model has 4"),
+])
+def test_bad_scales_on_the_command_line_are_one_line_and_exit_2(argv, message, tmp_path, capsys):
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert message in error and len(error.splitlines()) == 1
+    assert not (tmp_path / "out").exists()

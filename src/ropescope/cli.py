@@ -31,6 +31,7 @@ from transformers.utils import logging as transformers_logging
 from ropescope.commands.attention import run_entropy, run_patterns, run_uncertainty
 from ropescope.commands.engines import engine_table, run_engines
 from ropescope.commands.export import run_export
+from ropescope.commands.fit_scale import run_fit_scale
 from ropescope.commands.freqs import run_frequencies, wavelength_table
 from ropescope.commands.methods import list_methods
 from ropescope.commands.plan import run_plan
@@ -388,6 +389,26 @@ def _add_entropy(subparsers) -> None:
     _add_out(parser, "entropy.csv, entropy.png")
 
 
+def _add_fit_scale(subparsers) -> None:
+    parser = _command(subparsers, "fit-scale", run_fit_scale, _show_scale_fit,
+                      "the logit scale at which an extension keeps the original model's attention entropy",
+                      "Fit the logit scale (per layer, or one with --global) at which the extended model's mean "
+                      "attention entropy at --length tokens of corpus text equals the original model's at its "
+                      "pretrained length, layer by layer, in a few forwards; prints the scales, the entropy before "
+                      "and after, and the --method string that applies them.")
+    _add_model(parser)
+    _add_methods(parser, several=False)
+    parser.add_argument("--length", type=_positive_int, help="the length the scale is for (default: factor x "
+                                                              "pretrained, 4x without a factor)")
+    parser.add_argument("--samples", type=_positive_int, help="corpus blocks per length (one forward holds them all)")
+    parser.add_argument("--global", dest="global_scale", action="store_true", default=None,
+                        help="one scale for every layer, meeting the targets' mean over layers")
+    parser.add_argument("--tolerance", type=_number("tolerance"), help="nats within which the fit stops")
+    parser.add_argument("--max-forwards", type=_positive_int, help="forwards at --length, the first measuring")
+    _add_corpus(parser)
+    _add_out(parser, "fit_scale.csv, fit_scale.png")
+
+
 def _add_patterns(subparsers) -> None:
     parser = _command(subparsers, "patterns", run_patterns, _show_preservation,
                       "attention against key distance and pattern preservation (the original is always included)")
@@ -555,12 +576,25 @@ def _show_uncertainty(rows) -> None:
                   f"({row.failures}/{row.cells} failed)")
 
 
+def _show_scale_fit(rows) -> None:
+    print(f"{'layer':>5} {'target':>8} {'before':>8} {'after':>8} {'scale':>8}")
+    for row in rows:
+        print(f"{row.layer:>5} {row.target_entropy:8.3f} {row.entropy_before:8.3f} {row.entropy_after:8.3f} "
+              f"{row.logit_scale:8.4g}")
+    first = rows[0]
+    state = "within" if first.converged else "NOT within"
+    print(f"{first.forwards} forwards at {first.length} tokens, {state} the tolerance of the target at "
+          f"{first.target_length}")
+    print(f"--method {first.fitted_method}")
+
+
 # the `_add_*` functions, in the order `ropescope --help` lists them
 SUBCOMMANDS: list = [
     _add_study, _add_report, _add_methods_command, _add_freqs, _add_engines, _add_pretrain, _add_train, _add_plan,
     _add_export,
     _add_ppl,
     _add_tasks_command, _add_retrieval, _add_passkey, _add_needle, _add_entropy, _add_patterns, _add_uncertainty,
+    _add_fit_scale,
 ]
 
 

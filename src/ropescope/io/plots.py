@@ -503,3 +503,32 @@ def plot_finding_intervention(numbers: dict, title: str, path: str | Path) -> Pa
     figure.suptitle(title)
     figure.tight_layout()
     return save_figure(figure, path)
+
+
+def scale_fit_figure(rows: list[dict]) -> Figure:
+    """A fitted logit scale (`ropescope fit-scale`): each layer's mean entropy before the scale, after it and its
+    target (left), and the fitted scale per layer (right).
+
+    rows: scale-fit rows (layer, target_entropy, entropy_before, entropy_after, logit_scale, length, target_length).
+    """
+    rows = sorted(rows, key=lambda row: row["layer"])
+    layers = [row["layer"] for row in rows]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(9.5, 3.2))
+    left.plot(layers, [row["entropy_before"] for row in rows], marker="o", label=f"before, {rows[0]['length']} tokens")
+    left.plot(layers, [row["entropy_after"] for row in rows], marker="o", label="with the fitted scale")
+    left.plot(layers, [row["target_entropy"] for row in rows], marker="x", linestyle="--", color="black",
+              label=f"original at {rows[0]['target_length']} (target)")
+    left.set(xlabel="layer", ylabel="mean attention entropy (nats)")
+    left.legend(fontsize=8)
+    right.bar(layers, [row["logit_scale"] for row in rows], color="tab:green")
+    right.axhline(1.0, color="black", linewidth=0.8)
+    right.set(xlabel="layer", ylabel="fitted logit scale")
+    for axis in (left, right):
+        axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    figure.tight_layout()
+    return figure
+
+
+def plot_scale_fit(rows: list[dict], path) -> Path:
+    """`scale_fit_figure`, saved to `path`."""
+    return save_figure(scale_fit_figure(rows), path)

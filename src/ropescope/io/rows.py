@@ -139,6 +139,25 @@ class EntropyProfileRow(Row):
 
 
 @dataclass(frozen=True, kw_only=True)
+class ScaleFitRow(Row):
+    """One layer of a fitted logit scale (`ropescope fit-scale`): the scale, and the layer's mean attention entropy
+    (nats) at `length` before and after it, against the target measured on the original model at
+    `target_length`. fitted_method: the `--method` string that applies every layer's fitted scale."""
+
+    length: int
+    target_length: int
+    layer: int
+    logit_scale: float
+    target_entropy: float
+    entropy_before: float
+    entropy_after: float
+    per_layer: bool
+    forwards: int
+    converged: bool
+    fitted_method: str
+
+
+@dataclass(frozen=True, kw_only=True)
 class DistanceRow(Row):
     """Attention mass of one head in one rescaled key-distance bin [distance_start, distance_end)."""
 
