@@ -10,7 +10,7 @@ from ropescope.rope import RopeSpec, parse_spec, yarn_correction_range
 from ropescope.io.rows import FrequencyRow
 
 COMMANDS = ["study", "report", "methods", "freqs", "engines", "pretrain", "train", "plan", "export", "ppl",
-            "tasks", "retrieval", "passkey", "needle", "entropy", "patterns", "uncertainty"]
+            "tasks", "retrieval", "passkey", "needle", "entropy", "patterns", "uncertainty", "fit-scale"]
 
 
 def test_methods_lists_every_method_with_its_parameters(capsys):
