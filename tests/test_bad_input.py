@@ -95,8 +95,7 @@ def workspace(tmp_path_factory):
         **{f"intervention-{name}": TINY_STUDY + f"[intervention]\nmethod = {method}\nlogit_scales = {scales}\n"
            for name, method, scales in (("zero", '"yarn@512"', "[0, 1.0]"), ("negative", '"yarn@512"', "[-1.25]"),
                                         ("nan", '"yarn@512"', "[nan]"), ("unknown", '"yarn@512"', '["sqrt"]'),
-                                        ("repeated", '"yarn@512"', "[1, 1.0]"), ("variant", '"yarn"', "[1.0]"),
-                                        ("fit", '"yarn@512"', '[1.0, "fit"]'))},
+                                        ("repeated", '"yarn@512"', "[1, 1.0]"), ("variant", '"yarn"', "[1.0]"))},
     }
     for name, text in configs.items():
         (root / f"{name}.toml").write_text(text)
@@ -232,8 +231,6 @@ CASES = [
     ("study intervention-nan.toml --out o", "; nan is not"),
     ("study intervention-unknown.toml --out o", "; 'sqrt' is not"),
     ("study intervention-repeated.toml --out o", "(a scale is repeated)"),
-    ("study intervention-fit.toml --out o", "'intervention.logit_scales' holds \"fit\", which this version "
-                                            "cannot fit yet"),
     ("study intervention-variant.toml --out o", "'intervention.method' = 'yarn' names no variant of the study that "
                                                 "is evaluated in full; accepted: original, yarn@512"),
     ("study study.toml --quick", "not allowed with argument config"),

@@ -12,9 +12,12 @@ import numpy as np
 import pytest
 from scipy import optimize
 
+from ropescope.eval.perplexity import evaluate_perplexity
 from ropescope.eval.retrieval import build_cases, evaluate_retrieval
+from ropescope.io.data import load_corpus
 from ropescope.io.plots import plot_finding_intervention
 from ropescope.model.load import load
+from ropescope.rope import parse_spec
 from ropescope.statistics import (CONTRADICTED, EQUIVALENT, INCONCLUSIVE, REPRODUCED, dose_response,
                                   intervention_effect, wilson_interval)
 from ropescope.study.cells import plan_cells
@@ -24,6 +27,7 @@ from ropescope.study.report.page import build_report
 from ropescope.study.run.runner import run_study
 from ropescope.study.run.store import DATABASE, ResultStore
 from ropescope.study.stages import STAGES, intervention
+from ropescope.study.context import fitted_scales
 from ropescope.tasks.registry import get_task
 from tests.helpers import fill_store
 
@@ -194,7 +198,7 @@ def test_the_stage_has_one_cell_for_the_variant_it_names_and_none_without_the_ta
 
 def test_every_scale_asks_the_same_prompts_in_a_quick_study(tmp_path):
     config = quick_config()
-    stages = tuple(stage for stage in STAGES if stage.name in ("train", "intervention"))
+    stages = tuple(stage for stage in STAGES if stage.name in ("train", "scale_fit", "intervention"))
     assert run_study(config, tmp_path, stages=stages, log=lambda line: None)["failed"] == 0
     with ResultStore(tmp_path / DATABASE) as store:
         rows = store.rows("intervention")
@@ -220,7 +224,7 @@ def test_the_stage_asks_each_scale_the_same_prompts_and_records_their_attention(
     # every scale applied as the variant itself: the same prompts must then give the very same rows
     monkeypatch.setattr(intervention, "scaled_spec", lambda variant, value: variant.spec)
     config = quick_config(INTERVENTION.replace('[0.8, 1.0, 1.25, "logn"]', '[1.0, 2.0]'))
-    stages = tuple(stage for stage in STAGES if stage.name in ("train", "intervention"))
+    stages = tuple(stage for stage in STAGES if stage.name in ("train", "scale_fit", "intervention"))
     assert run_study(config, tmp_path, stages=stages, log=lambda line: None)["failed"] == 0
     with ResultStore(tmp_path / DATABASE) as store:
         rows = store.rows("intervention")
@@ -241,3 +245,58 @@ def test_prompts_built_once_give_the_rows_evaluate_retrieval_builds():
     cases = build_cases(task, tokenizer, [256], [0.0, 50.0], 2, seed=3)
     built = evaluate_retrieval(model, tokenizer, task, [256], [0.0, 50.0], trials=2, seed=3)
     assert evaluate_retrieval(model, tokenizer, task, [256], [0.0, 50.0], trials=2, seed=3, cases=cases) == built
+
+
+def test_fit_plans_a_scale_fit_cell_only_when_asked():
+    without = [cell.name for cell in plan_cells(quick_config())]
+    assert not [name for name in without if name.startswith("scale_fit/")]
+    cells = {cell.name: cell for cell in plan_cells(quick_config(INTERVENTION.replace('"logn"]', '"fit"]')))}
+    assert [name for name in cells if name.startswith("scale_fit/")] == ["scale_fit/yarn@512"]
+    assert "scale_fit/yarn@512" in cells["intervention/yarn@512"].requires
+
+
+def test_fit_asks_the_per_layer_scales_its_scale_fit_cell_found(tmp_path):
+    config = quick_config('[intervention]\nmethod = "yarn@512"\nlogit_scales = [1.0, "fit"]\nlengths = [512]\n')
+    stages = tuple(stage for stage in STAGES if stage.name in ("train", "scale_fit", "intervention"))
+    assert run_study(config, tmp_path, stages=stages, log=lambda line: None)["failed"] == 0
+    with ResultStore(tmp_path / DATABASE) as store:
+        fits, rows = store.rows("scale_fit"), store.rows("intervention")
+    layers = load("default").model.config.num_hidden_layers
+    assert [row["layer"] for row in fits] == list(range(layers)) and {row["length"] for row in fits} == {512}
+    assert all(row["target_length"] == 256 and row["converged"] and row["forwards"] <= 10 for row in fits)
+    assert all(abs(row["entropy_after"] - row["target_entropy"]) <= 0.02 for row in fits)
+    scales = fitted_scales(fits)[512]
+    assert parse_spec(fits[0]["fitted_method"]).logit_scale == pytest.approx(scales)
+    assert any(abs(scale - 1) > 0.01 for scale in scales)  # yarn@512 at 512 is not at its pretrained entropy
+    by_scale = {"1.0": [], "fit": []}
+    for row in rows:
+        by_scale[row["logit_scale"]].append(row)
+    assert len(by_scale["1.0"]) == len(by_scale["fit"]) == 2  # 2 depths x 1 trial, the same prompts
+    assert [row["answer"] for row in by_scale["1.0"]] == [row["answer"] for row in by_scale["fit"]]
+    assert all(a["entropy"] != b["entropy"] for a, b in zip(by_scale["1.0"], by_scale["fit"]))
+
+
+def test_a_variant_whose_own_scale_is_fit_is_evaluated_with_the_scale_its_cell_fitted(tmp_path):
+    text = quick_config_path().read_text().replace('method = "yarn"\n', 'method = "yarn"\nlogit_scale = "fit"\n', 1)
+    config = parse_config(tomllib.loads(text), STAGES, source="quick.toml")
+    cells = {cell.name: cell for cell in plan_cells(config)}
+    assert [name for name in cells if name.startswith("scale_fit/")] == ["scale_fit/yarn@512"]
+    assert "scale_fit/yarn@512" in cells["perplexity/yarn@512"].requires
+    stages = tuple(stage for stage in STAGES if stage.name in ("train", "scale_fit", "perplexity"))
+    assert run_study(config, tmp_path, stages=stages, log=lambda line: None)["failed"] == 0
+    with ResultStore(tmp_path / DATABASE) as store:
+        fits, rows = store.rows("scale_fit"), store.rows("perplexity")
+    assert {row["length"] for row in fits} == {512}  # the length yarn x2 of 256 is meant for
+    assert all(abs(row["entropy_after"] - row["target_entropy"]) <= 0.02 for row in fits)
+    # the fine-tune trained without a scale; its perplexity cell is the fine-tune with exactly the fitted scales
+    checkpoint = tmp_path / "checkpoints" / "yarn@512"
+    loaded = load(checkpoint, parse_spec(fits[0]["fitted_method"]))
+    expected = evaluate_perplexity(loaded.model, loaded.tokenizer, load_corpus(None, split="validation"), [256, 512],
+                                   protocols=("truncated",), max_documents=1)
+    measured = [row for row in rows if row["variant"] == "yarn@512"]
+    assert [row["perplexity"] for row in measured] == pytest.approx([row["perplexity"] for row in expected],
+                                                                     rel=1e-6)
+    unscaled = load(checkpoint)
+    plain = evaluate_perplexity(unscaled.model, unscaled.tokenizer, load_corpus(None, split="validation"), [512],
+                                protocols=("truncated",), max_documents=1)
+    assert plain[0]["perplexity"] != pytest.approx(measured[1]["perplexity"], rel=1e-4)

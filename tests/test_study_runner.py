@@ -288,7 +288,7 @@ def test_force_redoes_every_cell(tmp_path):
     ("[execution]\nmax_retries = -1", "'execution.max_retries' = -1 must be a non-negative integer"),
     ("[execution.resources]\ntrain = {gpus = 1}", "unknown key 'execution.resources.train.gpus'"),
     ("[execution.resources]\ntrain = {num_gpus = -1}", "'execution.resources.train.num_gpus' = -1 must be"),
-    ("[execution.resources]\ntrian = {num_gpus = 1}", "unknown stage 'execution.resources.trian'; accepted: train, perp"),
+    ("[execution.resources]\ntrian = {num_gpus = 1}", "unknown stage 'execution.resources.trian'; accepted: train, scale_fit, perp"),
     ("[retrieval]\nlengths = [1024, 512]", "must be sorted ascending"),
     ("[training]\nseeds = 0", "'training.seeds' = 0 must be a positive integer"),
     ("[findings]\nrho_bound = 1.5", "'findings.rho_bound' = 1.5 must be a number in (0, 1)"),

@@ -23,7 +23,7 @@ from ropescope.rope import RopeSpec
 
 def fitted_spec(spec: RopeSpec, scales: list[float], per_layer: bool) -> RopeSpec:
     """`spec` with the fitted logit scale: one number per layer, or the one number of a global fit."""
-    return RopeSpec(spec.method, **spec.method_params, logit_scale=scales if per_layer else scales[0])
+    return spec.with_logit_scale(scales if per_layer else scales[0])
 
 
 def run_fit_scale(model: str = "default", method: str | RopeSpec = "yarn", *, factor: float | None = None,
@@ -48,10 +48,7 @@ def run_fit_scale(model: str = "default", method: str | RopeSpec = "yarn", *, fa
                           per_layer=not global_scale, tolerance=tolerance, max_forwards=max_forwards,
                           progress=progress)
     text = fitted_spec(spec, fit.scales, fit.per_layer).to_text()
-    rows = [ScaleFitRow(length=length, target_length=original, layer=layer, logit_scale=scale, target_entropy=want,
-                        entropy_before=before, entropy_after=after, per_layer=fit.per_layer, forwards=fit.forwards,
-                        converged=fit.converged, fitted_method=text)
-            for layer, (scale, want, before, after) in enumerate(zip(fit.scales, fit.target, fit.before, fit.after))]
+    rows = ScaleFitRow.of_fit(fit, length, original, text)
     if out is not None:
         write_rows([row.to_dict(loaded.labels) for row in rows], Path(out) / "fit_scale.csv")
         plot_scale_fit([row.to_dict() for row in rows], Path(out) / "fit_scale.png")

@@ -156,6 +156,15 @@ class ScaleFitRow(Row):
     converged: bool
     fitted_method: str
 
+    @classmethod
+    def of_fit(cls, fit, length: int, target_length: int, fitted_method: str) -> list[ScaleFitRow]:
+        """One row per layer of a `ropescope.attention.scale_fit.ScaleFit` found at `length`."""
+        return [cls(length=length, target_length=target_length, layer=layer, logit_scale=scale,
+                    target_entropy=want, entropy_before=before, entropy_after=after, per_layer=fit.per_layer,
+                    forwards=fit.forwards, converged=fit.converged, fitted_method=fitted_method)
+                for layer, (scale, want, before, after) in enumerate(zip(fit.scales, fit.target, fit.before,
+                                                                         fit.after))]
+
 
 @dataclass(frozen=True, kw_only=True)
 class DistanceRow(Row):

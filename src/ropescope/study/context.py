@@ -99,6 +99,25 @@ def cell_name(stage: str, variant: Variant) -> str:
     return f"{stage}/{variant.name}"
 
 
+def fits_own_scale(variant: Variant) -> bool:
+    """A variant whose own `logit_scale` is "fit": the scale-fit cell finds it, every other cell loads it."""
+    return variant.spec.logit_scale == "fit"
+
+
+def fit_length(config: StudyConfig, variant: Variant) -> int:
+    """The length a variant's own `logit_scale = "fit"` is fitted at: the length its extension is meant for, its
+    factor times the pretrained length (the pretrained length for a method without a factor)."""
+    return int(round(config.model.original_max_position_embeddings * (variant.spec.params.get("factor") or 1)))
+
+
+def fitted_scales(rows: list[dict]) -> dict[int, list[float]]:
+    """Length -> each layer's fitted scale, in layer order, from the scale-fit cell's rows (one per layer)."""
+    by_length: dict[int, dict[int, float]] = {}
+    for row in rows:
+        by_length.setdefault(row["length"], {})[row["layer"]] = row["logit_scale"]
+    return {length: [scales[layer] for layer in sorted(scales)] for length, scales in by_length.items()}
+
+
 def checkpoint_dir(out: str | Path, variant: Variant) -> Path:
     """Where a fine-tuned variant's checkpoint lives inside the study folder."""
     return Path(out) / "checkpoints" / variant.name
@@ -179,8 +198,13 @@ class StageContext:
     def load(self, variant: Variant, spec: RopeSpec | None = None, entropy_capture: bool = False):
         """(model, tokenizer) of a variant: its fine-tuned checkpoint, or the base model extended as is. spec: the
         extension to apply in place of the variant's own (the same method with another logit scale), to the
-        checkpoint or the base model. entropy_capture: for whole-sequence attention readouts (see `ModelOptions`)."""
+        checkpoint or the base model. entropy_capture: for whole-sequence attention readouts (see `ModelOptions`).
+        A variant whose logit scale is "fit" loads with the scales its scale-fit cell found (a stage that loads it
+        requires "scale_fit")."""
         options = ModelOptions(device=self.device, entropy_capture=entropy_capture)
+        if spec is None and fits_own_scale(variant):
+            scales = fitted_scales(self.required_rows("scale_fit", variant))[fit_length(self.config, variant)]
+            spec = variant.spec.with_logit_scale(scales)
         if variant.fine_tuned:
             loaded = load(self.checkpoint_dir(variant), spec, options=options)
         else:

@@ -66,6 +66,6 @@ def figures(report: ReportInputs) -> list[StageFigure]:
                                                  length=max(row["length"] for row in rows)))]
 
 
-STAGE = Stage("entropy", run, settings, requires=("train",),
+STAGE = Stage("entropy", run, settings, requires=("train", "scale_fit"),
               table=ConfigTable("analysis", AnalysisSection, check=check_analysis), check_inputs=check_inputs,
               figures=figures)

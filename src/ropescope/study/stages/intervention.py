@@ -14,9 +14,8 @@ from ropescope.attention.uncertainty import retrieval_attention
 from ropescope.errors import RopescopeError
 from ropescope.eval.retrieval import build_cases, evaluate_retrieval
 from ropescope.model.load import load_tokenizer
-from ropescope.rope import parse_spec
 from ropescope.study.config import ConfigTable, Fail, StudyConfig
-from ropescope.study.context import StageContext, Variant, plan_variants
+from ropescope.study.context import StageContext, Variant, fitted_scales, plan_variants
 from ropescope.study.stage import Stage
 from ropescope.tasks.cases import needs_documents
 from ropescope.tasks.registry import get_task
@@ -54,14 +53,6 @@ class InterventionSection:
     lengths: list[int] = field(default_factory=lambda: [512, 1024])
 
 
-def check_intervention(section: InterventionSection, source: str) -> None:
-    # "fit" is resolved by a scale-fit cell (fit_logit_scale of the attention package) that this version does not
-    # have yet: refused here in one line rather than failing the cell after the others have run
-    if "fit" in section.logit_scales:
-        raise RopescopeError(f"{source}: 'intervention.logit_scales' holds \"fit\", which this version cannot fit "
-                             f"yet; give positive numbers and \"logn\"")
-
-
 def intervention_variant(config: StudyConfig) -> str | None:
     """The name of the variant [intervention] names (None: no intervention); a RopescopeError for a name that is
     no variant of the study."""
@@ -91,7 +82,7 @@ def settings(config: StudyConfig, variant: Variant) -> dict:
 
 def scaled_spec(variant: Variant, value: float | list[float] | str):
     """The variant's extension with its logit scale set to `value`."""
-    return parse_spec({**variant.spec.to_dict(), "logit_scale": value})
+    return variant.spec.with_logit_scale(value)
 
 
 def _ask(context: StageContext, variant: Variant, text: str, value, cases: dict, tokenizer,
@@ -126,7 +117,7 @@ def run(context: StageContext, variant: Variant) -> list[dict]:
     rows, lengths = [], config.intervention.lengths
     for value in config.intervention.logit_scales:
         if value == "fit":  # fitted per length by the scale_fit cell: one model per length
-            fitted = {row["length"]: row["logit_scale"] for row in context.required_rows("scale_fit", variant)}
+            fitted = fitted_scales(context.required_rows("scale_fit", variant))
             for length in lengths:
                 rows += _ask(context, variant, "fit", fitted[length], cases, tokenizer, [length])
         else:
@@ -134,6 +125,5 @@ def run(context: StageContext, variant: Variant) -> list[dict]:
     return rows
 
 
-STAGE = Stage("intervention", run, settings, requires=("train",),
-              table=ConfigTable("intervention", InterventionSection, check=check_intervention),
-              selects=selects)
+STAGE = Stage("intervention", run, settings, requires=("train", "scale_fit"),
+              table=ConfigTable("intervention", InterventionSection), selects=selects)

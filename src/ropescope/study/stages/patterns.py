@@ -46,5 +46,5 @@ def figures(report: ReportInputs) -> list[StageFigure]:
         lambda path: plots.plot_attention_distance(distribution, path))]
 
 
-STAGE = Stage("patterns", run, settings, requires=("train",), sweep=True, check_inputs=check_inputs,
+STAGE = Stage("patterns", run, settings, requires=("train", "scale_fit"), sweep=True, check_inputs=check_inputs,
               figures=figures)

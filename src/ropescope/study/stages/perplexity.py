@@ -63,6 +63,6 @@ def figures(report: ReportInputs) -> list[StageFigure]:
         lambda path: plots.plot_perplexity(rows, path, pretrained))]
 
 
-STAGE = Stage("perplexity", run, settings, requires=("train",), sweep=True,
+STAGE = Stage("perplexity", run, settings, requires=("train", "scale_fit"), sweep=True,
               table=ConfigTable("evaluation", EvaluationSection, check_raw=refuse_moved_keys),
               check_inputs=check_inputs, figures=figures)

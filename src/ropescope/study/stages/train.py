@@ -10,7 +10,7 @@ from itertools import islice
 from ropescope.errors import RopescopeError
 from ropescope.io.data import token_blocks
 from ropescope.study.config import ConfigTable, StudyConfig, check_fraction, one_of
-from ropescope.study.context import StageContext, Variant
+from ropescope.study.context import StageContext, Variant, fits_own_scale
 from ropescope.study.stage import Stage
 from ropescope.tasks.passkey import RETRIEVAL_HAYSTACKS
 from ropescope.train.batch import batch_size_for
@@ -65,7 +65,8 @@ def run(context: StageContext, variant: Variant) -> list[dict]:
     out = context.checkpoint_dir(variant)
     run_training(TrainConfig(
         model=context.config.model.path,
-        spec=variant.spec.to_dict(),
+        # a "fit" scale is fitted to the fine-tune afterwards (scale_fit): it trains without one
+        spec=(variant.spec.without_logit_scale() if fits_own_scale(variant) else variant.spec).to_dict(),
         length=variant.train_length,
         steps=training.steps,
         corpus=context.corpus,

@@ -27,4 +27,4 @@ def run(context: StageContext, variant: Variant) -> list[dict]:
     return [{key: row[key] for key in UNCERTAINTY_FIELDS} for row in read]
 
 
-STAGE = Stage("uncertainty", run, no_settings, requires=("train", "retrieval"))
+STAGE = Stage("uncertainty", run, no_settings, requires=("train", "scale_fit", "retrieval"))
