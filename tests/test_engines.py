@@ -388,3 +388,22 @@ def test_a_folder_without_a_rope_config_is_refused(tmp_path, capsys):
     error = capsys.readouterr().err
     assert "not a causal LM with rotary position embeddings" in error and error.count("\n") == 1
     assert not (tmp_path / "never").exists()
+
+
+def test_a_saved_logit_scale_is_read_where_the_attention_factor_carries_it():
+    # yarn: the constant scale rides on the saved attention_factor (x sqrt 1.25 on cos and sin): transformers and
+    # vLLM read it, SGLang and llama.cpp take their own factor and lose it
+    yarn_factor = 0.1 * math.log(4) + 1
+    rows = by_engine(engine_rows("default", "yarn:factor=4,logit_scale=1.25", lengths=[256]), 256)
+    assert rows["transformers"]["ropescope_attention_scale"] == pytest.approx(yarn_factor * math.sqrt(1.25))
+    assert [name for name, row in rows.items() if row["attention_scale_difference"] <= 1e-5] == ["transformers",
+                                                                                                  "vllm"]
+    assert rows["sglang"]["attention_scale"] == pytest.approx(yarn_factor)
+    # linear interpolation has no attention factor: the scale is in ropescope's record alone, and every engine
+    # serves the logits unscaled
+    rows = by_engine(engine_rows("default", "linear:factor=4,logit_scale=1.25", lengths=[256]), 256)
+    assert all(row["attention_scale"] == pytest.approx(1.0) and row["verdict"].startswith("differs: attention scale")
+               for row in rows.values())
+    for scale in ("logn", "[" + ",".join(["1.1"] * 4) + "]"):
+        rows = engine_rows("default", f"yarn:factor=4,logit_scale={scale}", lengths=[256])
+        assert all(row["verdict"].startswith("cannot read logit_scale=") for row in rows)

@@ -9,6 +9,7 @@ sets every engine against ropescope at each length (the rows of `ropescope engin
 
 from __future__ import annotations
 
+import math
 import sys
 import tempfile
 
@@ -85,9 +86,24 @@ def reference(config) -> tuple[RopeSpec, float, int]:
 
 
 def ropescope_frequencies(config, length: int) -> tuple[torch.Tensor, float]:
-    """ropescope's inverse frequencies `[rotary_dim // 2]` and attention scale for `config` at `length` tokens."""
+    """ropescope's inverse frequencies `[rotary_dim // 2]` and attention scale for `config` at `length` tokens,
+    a constant logit scale folded into the scale (cos and sin both carry it: its square root)."""
     spec, base, dim = reference(config)
-    return rope_frequencies(spec, dim, base, length)
+    inv_freq, attention_scale = rope_frequencies(spec, dim, base, length)
+    if isinstance(spec.logit_scale, float):
+        attention_scale *= math.sqrt(spec.logit_scale)
+    return inv_freq, attention_scale
+
+
+def unserved_scale(spec: RopeSpec) -> str | None:
+    """The verdict of every engine for a logit scale that no rotary attention factor expresses (one per layer, or
+    logn): only ropescope's loader applies it. None for no scale or a constant one."""
+    scale = spec.logit_scale
+    if scale is None or isinstance(scale, float):
+        return None
+    shown = "per-layer" if isinstance(scale, list) else scale
+    return (f"cannot read logit_scale={shown}: it is in ropescope's record of the config only, which ropescope's "
+            f"loader applies")
 
 
 def _default_init(config):
@@ -153,6 +169,7 @@ def engine_rows(model: str = "default", method: str | None = None, *, factor: fl
         for engine in chosen:
             view = engine.derive(served, length)
             result = compare(view, served.rope_type, inv_freq, attention_scale, length)
+            result["verdict"] = unserved_scale(applied) or result["verdict"]
             rows.append(EngineRow(
                 engine=engine.name, engine_version=engine.version, rope_type=served.rope_type, length=length,
                 inv_freq_difference=result["inv_freq_difference"], attention_scale=result["engine_attention_scale"],
