@@ -96,6 +96,8 @@ def test_each_method_gets_the_llamacpp_form_convert_hf_to_gguf_writes():
               factor=4.0), "two factor sets"),
     (RopeSpec("yarn", factor=4.0, original_max_position_embeddings=256, beta_fast=16.0), "beta_fast=16"),
     (RopeSpec("yarn", factor=4.0, original_max_position_embeddings=256, truncate=False), "truncate=false"),
+    (RopeSpec("linear", factor=4.0, logit_scale=1.25), "logit_scale=1.25"),
+    (RopeSpec("yarn", factor=4.0, original_max_position_embeddings=256, logit_scale="logn"), "logit_scale=logn"),
 ])
 def test_what_llamacpp_cannot_compute_is_refused_saying_why(spec, reason):
     with pytest.raises(RopescopeError, match="llama.cpp cannot express") as error:

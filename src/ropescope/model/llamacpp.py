@@ -75,6 +75,11 @@ def llamacpp_rope(spec: RopeSpec, dim: int, base: float) -> LlamaCppRope:
     """The llama.cpp keys computing `spec` for a rotary dimension `dim` and pretrained base; RopescopeError in one
     line for what llama.cpp cannot express (it computes the frequencies once per file, never per length)."""
     params, method = spec.params, spec.method
+    if spec.logit_scale is not None:
+        # the llama architecture scales the logits by 1/sqrt(head_dim) and its YaRN factor alone (docs/export.md)
+        raise RopescopeError(
+            f"llama.cpp cannot express logit_scale={spec.to_dict()['logit_scale']}: its llama architecture takes no "
+            f"extra attention scale from the file; accepted: a model extended without a logit_scale")
     inv_freq, attention_scale = rope_frequencies(spec, dim, base)
     if method == "default":
         return LlamaCppRope(base, dim, "none")
