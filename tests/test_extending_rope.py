@@ -127,7 +127,7 @@ def test_a_study_runs_it_from_a_methods_table(method, tmp_path):
     data["training"].update(lengths=[], include_untrained=True)  # no fine-tuning: seconds, not a minute
     config = parse_config(data, STAGES)
     assert config.methods["mine"] == RopeSpec(NAME, factor=2.0, original_max_position_embeddings=PRETRAINED)
-    stages = tuple(stage for stage in STAGES if stage.name in ("train", "perplexity"))
+    stages = tuple(stage for stage in STAGES if stage.name in ("train", "scale_fit", "perplexity"))
     run_study(config, tmp_path, log=lambda line: None, stages=stages)
     with sqlite3.connect(tmp_path / DATABASE) as connection:
         methods = {row for (row,) in connection.execute("SELECT json_extract(data, '$.method') FROM rows")}
