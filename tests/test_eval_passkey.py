@@ -114,3 +114,29 @@ def test_greedy_decoding_equals_transformers_generate():
     expected = model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=6, do_sample=False,
                               pad_token_id=tokenizer.eos_token_id)[:, prompts.shape[1] :]
     assert torch.equal(greedy_continuations(model, prompts, 6), expected)
+
+
+def test_independent_keys_give_every_point_its_own_key_and_filler_start_and_rebuild_the_same():
+    from ropescope.tasks.registry import rebuild_cases
+
+    tokenizer = tiny_tokenizer()
+    points = [(length, depth) for length in (96, 128) for depth in (0, 50, 100)]
+    shared = {passkey_case(tokenizer, length, depth, trial=1).answer for length, depth in points}
+    own = [passkey_case(tokenizer, length, depth, trial=1, independent_keys=True) for length, depth in points]
+    assert len(shared) == 1 and len({case.answer for case in own}) == len(points)
+    again = passkey_case(tokenizer, 128, 50, trial=1, independent_keys=True)
+    assert torch.equal(again.input_ids, own[4].input_ids)
+    # the filler's start varies too: the same key placed by both layouts differs around it in some prompt
+    starts = set()
+    for trial in range(8):
+        case = passkey_case(tokenizer, 128, 50, trial, independent_keys=True)
+        starts.add(tokenizer.decode(case.input_ids[case.needle_end:case.needle_end + 3].tolist()))
+    assert len(starts) > 1
+    model = tiny_llama(len(tokenizer))
+    rows = evaluate_retrieval(model, tokenizer, TASK, [96], depths=[0, 100], trials=2, progress=False,
+                              independent_keys=True)
+    assert all(row["independent_keys"] for row in rows)
+    for row, case in zip(rows, rebuild_cases(tokenizer, rows)):
+        assert case.answer == row["answer"] and case.needle_start == row["needle_start"]
+        assert torch.equal(case.input_ids, passkey_case(tokenizer, 96, row["depth_percent"], row["trial"],
+                                                        independent_keys=True).input_ids)

@@ -100,3 +100,21 @@ def test_training_examples_vary_the_layout_and_end_with_the_answer(tokenizer):
     again = torch.Generator().manual_seed(0)
     first = prompts.training_example(200, again)
     assert first == prompts.training_example(200, torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("offset", [1, 3, 4])
+def test_an_offset_starts_the_filler_cycle_later_and_changes_nothing_else(tokenizer, offset):
+    key, length, depth = "48213", 512, 50
+    prompts = PasskeyPrompts(tokenizer)
+    plain, plain_start, plain_end = prompts.evaluation_prompt(length, depth, key, prefix=[7])
+    ids, needle_start, needle_end = prompts.evaluation_prompt(length, depth, key, prefix=[7], offset=offset)
+    assert len(ids) == length and ids != plain and ids[-8:] == plain[-8:]
+    assert ids[needle_start:needle_end] == plain[plain_start:plain_end]
+    text = tokenizer.decode(ids[needle_end:])
+    sentences = re.findall(r" [^.]+\.", text[: -len(" " + QUESTION)])
+    cycle = len(FILLER_SENTENCES)
+    assert sentences == [" " + FILLER_SENTENCES[(offset + i) % cycle] for i in range(len(sentences))]
+    # the filler before the key ends with the sentence before the offset one
+    before = tokenizer.decode(ids[1:needle_start])
+    assert before.endswith(FILLER_SENTENCES[(offset - 1) % cycle])
+    assert prompts.evaluation_prompt(length, depth, key, prefix=[7], offset=cycle) == (plain, plain_start, plain_end)

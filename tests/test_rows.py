@@ -19,7 +19,7 @@ def test_to_dict_puts_labels_first_and_round_trips():
     assert list(row) == [*RunLabels.keys(), *RetrievalRow.keys()] and row["task"] == "passkey"
     assert RunLabels.from_dict(row) == labels and RetrievalRow.from_dict(row) == passkey()
     assert PerplexityRow.keys()[0] == "task"
-    assert RetrievalRow.keys()[-3:] == ["facts", "independent_haystacks", "answer_attention"]
+    assert RetrievalRow.keys()[-4:] == ["facts", "independent_haystacks", "independent_keys", "answer_attention"]
 
 
 def test_from_dict_names_the_first_missing_field():

@@ -114,6 +114,7 @@ class RetrievalRow(Row):
     prediction: str
     facts: list = field(default_factory=list)
     independent_haystacks: bool = False  # each trial had its own corpus haystack and values
+    independent_keys: bool = False  # in the repeated filler, each trial had its own key and filler start
     # the answering query's attention read in the prompt's own prefill, per layer (means over heads): {"entropy",
     # "needle_mass", "distractor_mass" (None without distractors)}; None where it was not read
     answer_attention: dict | None = None

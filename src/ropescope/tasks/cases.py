@@ -73,6 +73,8 @@ class CaseRequest:
     documents: the haystack corpus (documents of text), for tasks that use one.
     independent_haystacks: every (length, depth, trial) gets its own haystack text from the corpus and its own
         values, instead of the task's usual haystack (tasks that have no usual one ignore it).
+    independent_keys: in the task's usual (repeated) filler, every (length, depth, trial) gets its own values and
+        its own start in the filler (passkey; tasks without such a filler ignore it).
     """
 
     tokenizer: object
@@ -82,6 +84,7 @@ class CaseRequest:
     seed: int = 0
     documents: Sequence[str] | None = None
     independent_haystacks: bool = False
+    independent_keys: bool = False
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,9 @@ layout of the evaluation prompt.
 
 The task (`TASK`): a grid of lengths (tokens of the model's own tokenizer) x depths (percent of the filler before
 the key), N trials per point, each trial a different random key; greedy decoding of a few tokens, the first
-integer compared exactly. With independent haystacks, every (length, depth, trial) has its own key and its own
-corpus text as filler.
+integer compared exactly. With independent keys, every (length, depth, trial) has its own key and starts the
+filler's cycle at its own sentence, so prompts share only the five filler sentences and the question (the task
+itself). With independent haystacks, every (length, depth, trial) has its own key and its own corpus text as filler.
 """
 
 from __future__ import annotations
@@ -54,14 +55,16 @@ class PasskeyPrompts:
         return encode(self.tokenizer, text)
 
     def evaluation_prompt(self, length: int, depth_percent: float, key: str,
-                          prefix: list[int] = ()) -> tuple[list[int], int, int]:
+                          prefix: list[int] = (), offset: int = 0) -> tuple[list[int], int, int]:
         """(ids, needle_start, needle_end): the evaluation prompt of exactly `length` tokens.
 
         Layout: prefix (the tokenizer's special tokens), filler-before, key line, filler-after, question. The
         filler-after is whole filler sentences (so the question follows a complete sentence) and the filler-before
         ends with a complete FILLER repetition right before the key line; the filler-before is cut at its start to
         make the total exact, as a window into a longer document would be. The key line sits within one sentence
-        of `depth_percent` of the filler; its tokens are ids[needle_start:needle_end].
+        of `depth_percent` of the filler; its tokens are ids[needle_start:needle_end]. `offset`: the filler's cycle
+        starts `offset` sentences later (the filler-after starts at that sentence, the filler-before ends just
+        before it), which changes the text around the key and nothing else.
         """
         prefix = list(prefix)
         needle = self.ids(" " + KEY_LINE.format(key=key))
@@ -71,7 +74,8 @@ class PasskeyPrompts:
             raise RopescopeError(
                 f"length={length} is too short for a passkey prompt; it needs at least {length - filler_budget} tokens"
             )
-        sentences = self.spaced_sentences
+        offset %= len(self.spaced_sentences)
+        sentences = self.spaced_sentences[offset:] + self.spaced_sentences[:offset]
 
         # Filler after the key: whole sentences continuing the cycle, as many as brings the key nearest the depth.
         target_after = filler_budget - round(filler_budget * depth_percent / 100)
@@ -195,14 +199,25 @@ def passkey_key(trial: int, seed: int = 0, point: tuple = ()) -> str:
     return str(rng.randrange(10 ** (KEY_DIGITS - 1), 10**KEY_DIGITS))
 
 
-def passkey_case(tokenizer, length: int, depth_percent: float, trial: int, seed: int = 0) -> PromptCase:
+def filler_offset(trial: int, seed: int, point: tuple) -> int:
+    """The sentence of the filler's cycle an independent-key prompt starts at: drawn per (length, depth, trial)."""
+    rng = random.Random(":".join(["filler", str(seed), *map(str, point), str(trial)]))
+    return rng.randrange(len(FILLER_SENTENCES))
+
+
+def passkey_case(tokenizer, length: int, depth_percent: float, trial: int, seed: int = 0,
+                 independent_keys: bool = False) -> PromptCase:
     """The passkey prompt of exactly `length` tokens with the key line at `depth_percent` of the filler.
 
-    The layout is `PasskeyPrompts.evaluation_prompt`'s, after the tokenizer's special prefix (a BOS token).
+    The layout is `PasskeyPrompts.evaluation_prompt`'s, after the tokenizer's special prefix (a BOS token). Without
+    `independent_keys`, trial t has the same key and filler at every length and depth (one key per trial); with
+    them, every (length, depth, trial) draws its own key and the sentence its filler's cycle starts at.
     """
-    key = passkey_key(trial, seed)
+    point = (length, float(depth_percent))
+    key = passkey_key(trial, seed, point if independent_keys else ())
+    offset = filler_offset(trial, seed, point) if independent_keys else 0
     ids, needle_start, needle_end = PasskeyPrompts(tokenizer).evaluation_prompt(length, depth_percent, key,
-                                                                                special_prefix(tokenizer))
+                                                                                special_prefix(tokenizer), offset)
     return single_needle_case(ids, key, needle_start, needle_end)
 
 
@@ -227,7 +242,8 @@ def independent_passkey_case(request: CaseRequest) -> PromptCase:
 def build(request: CaseRequest) -> PromptCase:
     if request.independent_haystacks:
         return independent_passkey_case(request)
-    return passkey_case(request.tokenizer, request.length, request.depth_percent, request.trial, request.seed)
+    return passkey_case(request.tokenizer, request.length, request.depth_percent, request.trial, request.seed,
+                        request.independent_keys)
 
 
 def score_passkey(continuation: str, key: str) -> tuple[str | None, bool]:

@@ -57,5 +57,6 @@ def rebuild_cases(tokenizer, rows: Sequence[Mapping], *, documents: Sequence[str
         row_seed = row.get("seed")
         cases.append(task.build(CaseRequest(
             tokenizer, int(row["length"]), float(row["depth_percent"]), int(row["trial"]),
-            seed if row_seed in (None, "") else int(row_seed), documents, independent)))
+            seed if row_seed in (None, "") else int(row_seed), documents, independent,
+            as_bool(row.get("independent_keys") or False))))
     return cases

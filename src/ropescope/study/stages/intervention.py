@@ -77,7 +77,8 @@ def settings(config: StudyConfig, variant: Variant) -> dict:
     retrieval = config.retrieval
     return {"logit_scales": [scale_text(value) for value in config.intervention.logit_scales],
             "lengths": config.intervention.lengths, "tasks": retrieval.tasks, "depths": retrieval.depths,
-            "trials": retrieval.trials, "independent_haystacks": retrieval.independent_haystacks}
+            "trials": retrieval.trials, "independent_haystacks": retrieval.independent_haystacks,
+            **({"independent_keys": True} if retrieval.independent_keys else {})}
 
 
 def scaled_spec(variant: Variant, value: float | list[float] | str):
@@ -96,7 +97,7 @@ def _ask(context: StageContext, variant: Variant, text: str, value, cases: dict,
         evaluated = evaluate_retrieval(
             model, tokenizer, task, lengths, retrieval.depths, trials=retrieval.trials,
             seed=context.config.seed, independent_haystacks=retrieval.independent_haystacks,
-            progress=context.progress, cases=task_cases)
+            progress=context.progress, cases=task_cases, independent_keys=retrieval.independent_keys)
         ordered = [task_cases[(row["length"], row["depth_percent"], row["trial"])] for row in evaluated]
         rows += [{**row, "logit_scale": text}
                  for row in retrieval_attention(model, ordered, evaluated, progress=context.progress)]
@@ -113,7 +114,8 @@ def run(context: StageContext, variant: Variant) -> list[dict]:
         documents = (context.documents("validation") if needs_documents(task, retrieval.independent_haystacks)
                      else None)
         cases[name] = build_cases(task, tokenizer, config.intervention.lengths, retrieval.depths, retrieval.trials,
-                                  config.seed, documents, retrieval.independent_haystacks)
+                                  config.seed, documents, retrieval.independent_haystacks,
+                                  retrieval.independent_keys)
     rows, lengths = [], config.intervention.lengths
     for value in config.intervention.logit_scales:
         if value == "fit":  # fitted per length by the scale_fit cell: one model per length

@@ -25,10 +25,16 @@ class RetrievalSection:
     trials: int = 4  # per task, length and depth
     # every (length, depth, trial) its own corpus text and values, so no two trials of a stratum share filler
     independent_haystacks: bool = False
+    # in the repeated filler, every (length, depth, trial) its own key and its own start in the filler's cycle, so
+    # that prompts share only the task's five sentences and question, not a key (passkey; ignored with haystacks)
+    independent_keys: bool = False
 
 
 def settings(config: StudyConfig, variant: Variant) -> dict:
-    return asdict(config.retrieval)
+    found = asdict(config.retrieval)
+    if not found["independent_keys"]:
+        del found["independent_keys"]  # the prompts as before the key existed: their cells keep their fingerprints
+    return found
 
 
 def run(context: StageContext, variant: Variant) -> list[dict]:
@@ -43,7 +49,8 @@ def run(context: StageContext, variant: Variant) -> list[dict]:
         rows += evaluate_retrieval(model, tokenizer, task, retrieval.lengths, retrieval.depths,
                                    trials=retrieval.trials, seed=context.config.seed, documents=documents,
                                    independent_haystacks=retrieval.independent_haystacks, progress=context.progress,
-                                   read_attention=True)  # the uncertainty stage reads it: no second forward
+                                   read_attention=True,  # the uncertainty stage reads it: no second forward
+                                   independent_keys=retrieval.independent_keys)
     return rows
 
 
