@@ -15,8 +15,8 @@ import math
 import torch
 
 from ropescope.rope.engines.views import (
-    Engine, EngineView, ServedConfig, Unreadable, default_inv_freq, yarn_correction_range, yarn_ramp,
-    yarn_temperature,
+    Engine, EngineView, ServedConfig, Unreadable, default_inv_freq, llama3_inv_freq, yarn_correction_range,
+    yarn_ramp, yarn_temperature,
 )
 
 VERSION = "0.5.23"
@@ -57,14 +57,9 @@ def _yarn(config: ServedConfig, dim: int) -> tuple[torch.Tensor, float]:
 
 
 def _llama3(config: ServedConfig, dim: int) -> torch.Tensor:
-    factor, low = float(config.get("factor", 1.0)), config.get("low_freq_factor", 1.0)
-    high, original = config.get("high_freq_factor", 4.0), _original(config)
-    inv_freq = default_inv_freq(config.base, dim)
-    wavelength = 2 * math.pi / inv_freq
-    smooth = (original / wavelength - low) / (high - low) if low != high else torch.zeros_like(inv_freq)
-    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
-    return torch.where(wavelength < original / high, inv_freq,
-                       torch.where(wavelength > original / low, inv_freq / factor, blended))
+    # its defaults where the config leaves a key out: factor 1, low 1, high 4
+    return llama3_inv_freq(config.base, dim, float(config.get("factor", 1.0)), config.get("low_freq_factor", 1.0),
+                           config.get("high_freq_factor", 4.0), _original(config))
 
 
 def _longrope(config: ServedConfig, dim: int, length: int) -> tuple[torch.Tensor, float]:

@@ -89,6 +89,17 @@ def default_inv_freq(base: float, dim: int) -> torch.Tensor:
     return 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
 
 
+def llama3_inv_freq(base: float, dim: int, factor: float, low: float, high: float, original: int) -> torch.Tensor:
+    """Llama 3.1's per-pair rule as vLLM and SGLang both write it: keep short wavelengths, divide long ones by
+    `factor`, blend between `original / high` and `original / low`."""
+    inv_freq = default_inv_freq(base, dim)
+    wavelength = 2 * math.pi / inv_freq
+    smooth = (original / wavelength - low) / (high - low) if low != high else torch.zeros_like(inv_freq)
+    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    return torch.where(wavelength < original / high, inv_freq,
+                       torch.where(wavelength > original / low, inv_freq / factor, blended))
+
+
 def yarn_ramp(low: float, high: float, pairs: int) -> torch.Tensor:
     """YaRN's ramp over pair indices, 0 below `low`, 1 above `high` (a zero width made 0.001). `[pairs]` float64"""
     if low == high:

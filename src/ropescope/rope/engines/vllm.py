@@ -14,8 +14,8 @@ import math
 import torch
 
 from ropescope.rope.engines.views import (
-    Engine, EngineView, ServedConfig, Unreadable, default_inv_freq, yarn_correction_range, yarn_ramp,
-    yarn_temperature,
+    Engine, EngineView, ServedConfig, Unreadable, default_inv_freq, llama3_inv_freq, yarn_correction_range,
+    yarn_ramp, yarn_temperature,
 )
 
 VERSION = "0.34.0"
@@ -65,14 +65,8 @@ def _yarn(config: ServedConfig, dim: int) -> tuple[torch.Tensor, float, int]:
 
 def _llama3(config: ServedConfig, dim: int) -> torch.Tensor:
     # Llama3RotaryEmbedding._compute_inv_freq: keep short wavelengths, divide long ones, blend between
-    factor, low, high = float(config.get("factor")), config.get("low_freq_factor"), config.get("high_freq_factor")
-    original = config.get("original_max_position_embeddings")
-    inv_freq = default_inv_freq(config.base, dim)
-    wavelength = 2 * math.pi / inv_freq
-    smooth = (original / wavelength - low) / (high - low) if low != high else torch.zeros_like(inv_freq)
-    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
-    return torch.where(wavelength < original / high, inv_freq,
-                       torch.where(wavelength > original / low, inv_freq / factor, blended))
+    return llama3_inv_freq(config.base, dim, float(config.get("factor")), config.get("low_freq_factor"),
+                           config.get("high_freq_factor"), config.get("original_max_position_embeddings"))
 
 
 def _longrope(config: ServedConfig, dim: int) -> tuple[torch.Tensor, float, str]:
