@@ -78,7 +78,7 @@ def llamacpp_rope(spec: RopeSpec, dim: int, base: float) -> LlamaCppRope:
     if spec.logit_scale is not None:
         # the llama architecture scales the logits by 1/sqrt(head_dim) and its YaRN factor alone (docs/export.md)
         raise RopescopeError(
-            f"llama.cpp cannot express logit_scale={spec.to_dict()['logit_scale']}: its llama architecture takes no "
+            f"llama.cpp cannot express logit_scale={spec.logit_scale}: its llama architecture takes no "
             f"extra attention scale from the file; accepted: a model extended without a logit_scale")
     inv_freq, attention_scale = rope_frequencies(spec, dim, base)
     if method == "default":

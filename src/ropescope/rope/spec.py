@@ -55,10 +55,9 @@ class RopeSpec:
     def without_logit_scale(self) -> RopeSpec:
         return RopeSpec(self.method, **self.method_params)
 
-    def with_logit_scale(self, value: float | list[float] | str | None) -> RopeSpec:
-        """The same extension with its logit scale set to `value` (None: none)."""
-        return self.without_logit_scale() if value is None else RopeSpec(self.method, **self.method_params,
-                                                                         logit_scale=value)
+    def with_logit_scale(self, value: float | list[float] | str) -> RopeSpec:
+        """The same extension with its logit scale set to `value`."""
+        return RopeSpec(self.method, **self.method_params, logit_scale=value)
 
     def label(self) -> str:
         """A short name for plots and tables, e.g. `yarn x4`, and `yarn x4 s=1.25` with a logit scale (the method

@@ -79,5 +79,5 @@ def figures(report: ReportInputs) -> list[StageFigure]:
     return found
 
 
-STAGE = Stage("retrieval", run, settings, requires=("train", "scale_fit"), table=ConfigTable("retrieval", RetrievalSection),
-              figures=figures)
+STAGE = Stage("retrieval", run, settings, requires=("train", "scale_fit"),
+              table=ConfigTable("retrieval", RetrievalSection), figures=figures)
