@@ -42,6 +42,35 @@ def test_a_second_holder_is_refused_with_the_holding_process_named(tmp_path):
         holder.wait()
 
 
+SLOW_HOLD = """
+import sys, time
+import ropescope.study.run.lock as lock
+write = lock.write_atomically
+def late_write(*args):  # the instant between taking the lock and writing who holds it, stretched
+    print("locked", flush=True)
+    time.sleep(0.5)
+    write(*args)
+lock.write_atomically = late_write
+with lock.folder_lock(sys.argv[1]):
+    time.sleep(60)
+"""
+
+
+def test_a_refusal_in_the_instant_before_the_holder_is_written_still_names_it(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / ".ropescope.lock.json").write_text(
+        f'{{"pid": {int(dead.stdout)}, "host": "{os.uname().nodename}", "started": "earlier"}}')  # a finished run's
+    holder = subprocess.Popen([sys.executable, "-c", SLOW_HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RopescopeError, match=rf"in use by another ropescope study \(process {holder.pid} on "):
+            with folder_lock(tmp_path):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_a_killed_holder_does_not_block_the_next_run(tmp_path):
     holder = _start_holder(tmp_path)
     os.kill(holder.pid, signal.SIGKILL)

@@ -23,12 +23,37 @@ LOCK_FILE = ".ropescope.lock"
 HOLDER_FILE = ".ropescope.lock.json"
 
 
-def _holder(folder: Path) -> str:
+def _read_holder(folder: Path) -> dict | None:
     try:
         holder = json.loads((folder / HOLDER_FILE).read_text())
-        return f"process {holder['pid']} on {holder['host']}, since {holder['started']}"
-    except (OSError, ValueError, KeyError, TypeError):
-        return "another process"
+        return holder if {"pid", "host", "started"} <= set(holder) else None
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _alive(holder: dict) -> bool:
+    if holder["host"] != socket.gethostname():
+        return True  # another machine's process cannot be checked from here
+    try:
+        os.kill(int(holder["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError):
+        return True
+    return True
+
+
+def _holder(folder: Path, wait_s: float = 2.0) -> str:
+    # The holder writes its record just after it takes the lock, so a refusal in that instant may find no record,
+    # or a dead run's record: wait briefly for a live one.
+    deadline = time.monotonic() + wait_s
+    while True:
+        holder = _read_holder(folder)
+        if holder is not None and _alive(holder):
+            return f"process {holder['pid']} on {holder['host']}, since {holder['started']}"
+        if time.monotonic() >= deadline:
+            return "another process"
+        time.sleep(0.05)
 
 
 @contextmanager
