@@ -2,10 +2,13 @@
 `ropescope passkey` / `ropescope needle`."""
 
 import json
+import math
 
 import pytest
+import torch
+import transformers
 
-from tests.helpers import tiny_folders
+from tests.helpers import tiny_folders, tiny_tokenizer
 from ropescope.io.results import read_rows, write_rows
 from ropescope.commands.attention import evaluation_groups
 from ropescope.cli import main
@@ -124,3 +127,54 @@ def test_rows_round_trip(tmp_path):
         assert back[0]["d"] is None
     with pytest.raises(RopescopeError, match="must end in"):
         write_rows(rows, tmp_path / "rows.txt")
+
+
+@pytest.fixture(scope="module")
+def gemma3_folders(tmp_path_factory):
+    """A tiny random Gemma 3 (layer 0 sliding with an 8-token window, layer 1 global) with the tiny tokenizer and
+    corpus: the readouts must keep its two layer types apart."""
+    root = tiny_folders(tmp_path_factory.mktemp("tiny_gemma3"), max_position_embeddings=32)
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(0)
+    config = transformers.Gemma3TextConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=32, initializer_range=0.2, sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 500.0},
+                         "full_attention": {"rope_type": "default", "rope_theta": 10000.0}})
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(root / "gemma3")
+    tokenizer.save_pretrained(root / "gemma3")
+    return root
+
+
+def test_readouts_of_a_model_with_two_layer_types_report_each_type_apart(gemma3_folders, tmp_path, capsys):
+    arguments = ["--model", str(gemma3_folders / "gemma3"), "--corpus", str(gemma3_folders / "corpus"),
+                 "--split", "train", "--samples", "1"]
+    entropy_out, patterns_out = tmp_path / "entropy", tmp_path / "patterns"
+    assert main(["entropy", *arguments, "--lengths", "48", "--out", str(entropy_out)]) == 0
+    rows = read_rows(entropy_out / "entropy.csv")
+    assert {(row["layer"], row["layer_type"]) for row in rows} == {(0, "sliding_attention"), (1, "full_attention")}
+    printed = capsys.readouterr().out
+    for layer, layer_type in [(0, "sliding_attention"), (1, "full_attention")]:
+        # the printed mean is the plain mean of the layer's rows (every bin holds the same number of queries here)
+        values = [row["entropy"] for row in rows if row["layer"] == layer]
+        assert f"1 {layer_type} layers: {sum(values) / len(values):.3f}" in printed
+        assert (entropy_out / f"entropy_{layer_type}.png").stat().st_size > 1000
+    # the sliding layer sees at most its window: its entropy stays below log(8) where the global one's may not
+    assert max(row["entropy"] for row in rows if row["layer"] == 0) <= math.log(8) + 1e-6
+    assert main(["patterns", *arguments, "--method", "yarn", "--factor", "2", "--out", str(patterns_out)]) == 0
+    preservation = read_rows(patterns_out / "patterns_preservation.csv")
+    assert {(row["layer"], row["layer_type"]) for row in preservation} == {
+        (0, "sliding_attention"), (1, "full_attention"), ("mean", "all")}
+    distances = read_rows(patterns_out / "patterns_distance.csv")
+    assert {(row["layer"], row["layer_type"]) for row in distances} == {(0, "sliding_attention"), (1, "full_attention")}
+    assert "1 full_attention layers:" in capsys.readouterr().out
+    for layer_type in ("sliding_attention", "full_attention"):
+        assert (patterns_out / f"attention_distance_{layer_type}.png").exists()
+
+
+def test_a_model_of_one_layer_type_gets_no_per_type_figures(folders, tmp_path):
+    out = tmp_path / "entropy"
+    assert main(["entropy", *corpus_arguments(folders), "--lengths", "32", "--samples", "1", "--out", str(out)]) == 0
+    assert {row["layer_type"] for row in read_rows(out / "entropy.csv")} == {"full_attention"}
+    assert sorted(path.name for path in out.iterdir()) == ["entropy.csv", "entropy.png"]

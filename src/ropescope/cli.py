@@ -40,8 +40,9 @@ from ropescope.commands.retrieval import list_tasks, run_needle, run_passkey, ru
 from ropescope.commands.study import run_and_report
 from ropescope.errors import RopescopeError
 from ropescope.eval.perplexity import PROTOCOLS
+from ropescope.io.plots import method_label
 from ropescope.io.results import check_output_folder
-from ropescope.io.rows import UncertaintySummaryRow, point_means
+from ropescope.io.rows import UncertaintySummaryRow, layer_type_means, point_means
 from ropescope.model.engines import ALL_ENGINES
 from ropescope.model.load import DTYPES, ModelOptions
 from ropescope.study.report.page import build_report
@@ -382,7 +383,7 @@ def _add_attention_inputs(parser: argparse.ArgumentParser, compares_methods: boo
 
 
 def _add_entropy(subparsers) -> None:
-    parser = _command(subparsers, "entropy", run_entropy, _show_written,
+    parser = _command(subparsers, "entropy", run_entropy, _show_entropy,
                       "attention entropy against position, per method (streamed)")
     _add_attention_inputs(parser, compares_methods=True)
     parser.add_argument("--lengths", type=_lengths, help="sequence lengths (default: 1x, 2x, 4x the pretrained length)")
@@ -559,14 +560,22 @@ def _show_export(row) -> None:
           f"rope scaling {row['rope_scaling_type']}{' with rope_freqs' if row['rope_freqs'] else ''}")
 
 
-def _show_written(rows) -> None:
-    print(f"{len(rows)} rows")
+def _show_entropy(rows) -> None:
+    print(f"{len(rows)} rows; mean entropy (nats) per layer type:")
+    for mean in layer_type_means(rows, "entropy"):
+        print(f"{method_label(mean):>14} @ {mean['length']:>6}, {mean['layers']:>2} {mean['layer_type']} layers: "
+              f"{mean['entropy']:.3f}")
 
 
 def _show_preservation(rows) -> None:
+    by_type = layer_type_means(rows, "js_divergence")
+    several = len({mean["layer_type"] for mean in by_type}) > 1
     for row in rows:
         if row["layer"] == "mean":
             print(f"{row['method']:>14} @ {row['length']:>6}: JS from pretrained pattern {row['js_divergence']:.4f}")
+            for mean in by_type if several else []:
+                if (mean["method"], mean["factor"], mean["length"]) == (row["method"], row["factor"], row["length"]):
+                    print(f"{'':>14}   {mean['layers']:>6} {mean['layer_type']} layers: {mean['js_divergence']:.4f}")
 
 
 def _show_uncertainty(rows) -> None:

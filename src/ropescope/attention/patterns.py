@@ -25,7 +25,8 @@ from ropescope.attention.capture import LayerAttention, capture_attention, forwa
 from ropescope.attention.entropy import DEFAULT_CHUNK_SIZE, distance_bin_edges
 from ropescope.attention.profiles import one_length_samples
 from ropescope.errors import RopescopeError
-from ropescope.io.rows import DistanceRow, PreservationRow
+from ropescope.io.rows import FULL_LAYER_TYPE, DistanceRow, PreservationRow
+from ropescope.model.attention import layer_types
 
 def distance_distribution(
     model,
@@ -66,12 +67,13 @@ def distance_distribution(
         count += 1
     ends = edges.tolist()[1:] + [original_max_position_embeddings]
     rows = []
+    types = layer_types(model)
     for layer in sorted(sums):
         for head, masses in enumerate(sums[layer] / count):
             for index, (start, end) in enumerate(zip(edges.tolist(), ends)):
                 rows.append(DistanceRow(
                     length=length, original_max_position_embeddings=original_max_position_embeddings,
-                    distance_scale=distance_scale, layer=layer, head=head, bin=index, distance_start=start,
+                    distance_scale=distance_scale, layer=layer, layer_type=types[layer], head=head, bin=index, distance_start=start,
                     distance_end=end, mass=float(masses[index]), queries=queries, samples=count,
                 ).to_dict(labels))
     return rows
@@ -115,7 +117,8 @@ def pattern_preservation(reference_rows: list[dict], rows: list[dict], labels: M
 
     Both are rows of one `distance_distribution` each, with the same pretrained length and bins (so distances
     are already on the same rescaled axis). Returns one row per layer {**labels, length, reference_length,
-    layer, js_divergence (mean over heads), js_divergence_max_head} and a last row with layer "mean".
+    layer, layer_type, js_divergence (mean over heads), js_divergence_max_head} and a last row with layer "mean"
+    (layer_type "all").
     """
     reference, reference_edges = distribution_tensor(reference_rows)
     mass, edges = distribution_tensor(rows)
@@ -126,9 +129,10 @@ def pattern_preservation(reference_rows: list[dict], rows: list[dict], labels: M
         )
     divergence = jensen_shannon(mass, reference)  # [layers, heads]
     lengths = {"length": rows[0]["length"], "reference_length": reference_rows[0]["length"]}
-    per_layer = [(layer, values) for layer, values in enumerate(divergence)] + [("mean", divergence)]
+    types = {row["layer"]: row.get("layer_type", FULL_LAYER_TYPE) for row in rows}  # rows before the column: one type
+    per_layer = [(layer, types[layer], values) for layer, values in enumerate(divergence)] + [("mean", "all", divergence)]
     return [
-        PreservationRow(**lengths, layer=layer, js_divergence=float(values.mean()),
+        PreservationRow(**lengths, layer=layer, layer_type=layer_type, js_divergence=float(values.mean()),
                         js_divergence_max_head=float(values.max())).to_dict(labels)
-        for layer, values in per_layer
+        for layer, layer_type, values in per_layer
     ]

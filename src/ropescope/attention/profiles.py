@@ -8,6 +8,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ropescope.attention.capture import layer_entropies
+from ropescope.model.attention import layer_types
 from ropescope.attention.entropy import DEFAULT_CHUNK_SIZE
 from ropescope.errors import RopescopeError
 from ropescope.io.rows import EntropyProfileRow
@@ -77,11 +78,12 @@ def entropy_profile(
     uniform = bin_positions(torch.log(torch.arange(1, length + 1, dtype=torch.float64)), position_bin_size)
     rows = []
     layers, heads, _ = sums.shape
+    types = layer_types(model)
     for layer in range(layers):
         for head in range(heads):
             for index, (start, end) in enumerate(bins):
                 rows.append(EntropyProfileRow(
-                    length=length, layer=layer, head=head, position_start=start, position_end=end,
+                    length=length, layer=layer, layer_type=types[layer], head=head, position_start=start, position_end=end,
                     entropy=float(sums[layer, head, index]) / (count * (end - start)),
                     entropy_max=float(uniform[index]) / (end - start), samples=count,
                     sample_entropy=[float(binned[layer, head, index]) / (end - start) for binned in per_sample],

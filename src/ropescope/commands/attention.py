@@ -52,6 +52,12 @@ def _load(source: ModelSource, spec: RopeSpec, options: ModelOptions | None, ori
     return loaded, {**labels.to_dict(), "split": split}
 
 
+def _several_layer_types(rows: Sequence[dict]) -> list[str]:
+    """The layer types of a model with more than one (Gemma 3's sliding and global layers), each drawn apart."""
+    types = list(dict.fromkeys(row["layer_type"] for row in rows))
+    return types if len(types) > 1 else []
+
+
 def _setup(model, methods: Sequence[str | RopeSpec], factor: float | None, original: int | None):
     """(source, specs, original length): every name checked before anything loads."""
     source = resolve_model(model)
@@ -65,7 +71,7 @@ def run_entropy(model: str = "default", methods: Sequence[str | RopeSpec] = ("de
                 chunk_size: int = 512, position_bin_size: int | None = None, options: ModelOptions | None = None,
                 out: str | Path = "results/entropy", progress: bool | None = None) -> list[dict]:
     """Entropy profiles of every method at every length (default: 1x, 2x and 4x the pretrained length) ->
-    out/entropy.csv and out/entropy.png."""
+    out/entropy.csv and out/entropy.png (and out/entropy_<layer type>.png for a model of several layer types)."""
     source, specs, original = _setup(model, methods, factor, original_max_position_embeddings)
     lengths = list(lengths or [original, 2 * original, 4 * original])
     blocks = _samples_by_length(source, lengths, samples, corpus, split)
@@ -78,6 +84,8 @@ def run_entropy(model: str = "default", methods: Sequence[str | RopeSpec] = ("de
     out = Path(out)
     write_rows(rows, out / "entropy.csv")
     plot_entropy_position(rows, out / "entropy.png", original)
+    for layer_type in _several_layer_types(rows):
+        plot_entropy_position(rows, out / f"entropy_{layer_type}.png", original, layer_type=layer_type)
     return rows
 
 
@@ -89,8 +97,8 @@ def run_patterns(model: str = "default", methods: Sequence[str | RopeSpec] = (),
     """Attention against distance at the pretrained and the extended length (default: factor x pretrained, 4x
     without a factor) for the original model and every method, and each one's pattern preservation (JS divergence
     from the original model at the pretrained length). Writes out/patterns_distance.csv,
-    out/patterns_preservation.csv, out/attention_distance.png and out/pattern_preservation.png; returns the
-    preservation rows."""
+    out/patterns_preservation.csv, out/attention_distance.png (and out/attention_distance_<layer type>.png for a
+    model of several layer types) and out/pattern_preservation.png; returns the preservation rows."""
     # The reference is the original model at its pretrained length: include it even when not asked for.
     source, specs, original = _setup(model, ["default", *methods], factor, original_max_position_embeddings)
     specs = [specs[0], *[spec for spec in specs[1:] if spec.method != "default"]]
@@ -112,6 +120,8 @@ def run_patterns(model: str = "default", methods: Sequence[str | RopeSpec] = (),
     write_rows(distance_rows, out / "patterns_distance.csv")
     write_rows(preservation, out / "patterns_preservation.csv")
     plot_attention_distance(distance_rows, out / "attention_distance.png")
+    for layer_type in _several_layer_types(distance_rows):
+        plot_attention_distance(distance_rows, out / f"attention_distance_{layer_type}.png", layer_type=layer_type)
     plot_pattern_preservation(preservation, out / "pattern_preservation.png")
     return preservation
 

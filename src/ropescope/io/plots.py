@@ -17,7 +17,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
 from ropescope.io.results import atomic_path  # noqa: E402
-from ropescope.io.rows import as_bool  # noqa: E402
+from ropescope.io.rows import FULL_LAYER_TYPE, as_bool  # noqa: E402
 
 
 def save_figure(figure, path: str | Path) -> Path:
@@ -146,17 +146,26 @@ def _mean(values) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
+def _of_layer_type(row: dict, layer_type: str | None) -> bool:
+    return layer_type is None or row.get("layer_type", FULL_LAYER_TYPE) == layer_type
+
+
+def _layers_named(layer_type: str | None) -> str:
+    return "mean over layers and heads)" if layer_type is None else f"mean over {layer_type} layers and heads)"
+
+
 def entropy_position_figure(rows: list[dict], original_max_position_embeddings: int | None = None, *,
-                            length: int | None = None, layer: int | None = None) -> Figure:
+                            length: int | None = None, layer: int | None = None,
+                            layer_type: str | None = None) -> Figure:
     """Attention entropy against query position, one line per series (a study's variant, or a command's method)
     and length, the mean over the rows at each position (layers and heads, or one `layer`); the entropy of uniform
     attention where the rows give it, and the pretrained length as a vertical line.
 
     rows: entropy profile rows (length, layer, position_start / position_end or position, entropy, entropy_max).
-    length: draw only that length (default: every length in the rows).
+    length: draw only that length (default: every length in the rows). layer_type: only the layers of that type.
     """
     rows = [row for row in rows if (length is None or int(row["length"]) == length)
-            and (layer is None or row["layer"] == layer)]
+            and (layer is None or row["layer"] == layer) and _of_layer_type(row, layer_type)]
     lengths = sorted({int(row["length"]) for row in rows})
     lines: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
     uniform: dict[float, float] = {}
@@ -177,7 +186,7 @@ def entropy_position_figure(rows: list[dict], original_max_position_embeddings: 
         axis.axvline(original_max_position_embeddings, color="black", linestyle="--", linewidth=1,
                      label="pretrained length")
     axis.set(xlabel="query position (tokens)",
-             ylabel="attention entropy (nats, " + ("mean over layers and heads)" if layer is None else f"layer {layer})"),
+             ylabel="attention entropy (nats, " + (_layers_named(layer_type) if layer is None else f"layer {layer})"),
              title="Attention entropy against position" + (f", {lengths[0]}-token inputs" if len(lengths) == 1 else ""))
     axis.grid(True, alpha=0.3)
     axis.legend(fontsize=8)
@@ -185,20 +194,20 @@ def entropy_position_figure(rows: list[dict], original_max_position_embeddings: 
 
 
 def plot_entropy_position(rows: list[dict], path, original_max_position_embeddings: int | None = None, *,
-                          length: int | None = None, layer: int | None = None) -> Path:
+                          length: int | None = None, layer: int | None = None, layer_type: str | None = None) -> Path:
     """`entropy_position_figure`, saved to `path`."""
-    return save_figure(entropy_position_figure(rows, original_max_position_embeddings, length=length, layer=layer),
-                       path)
+    return save_figure(entropy_position_figure(rows, original_max_position_embeddings, length=length, layer=layer,
+                                               layer_type=layer_type), path)
 
 
-def attention_distance_figure(rows: list[dict], *, layer: int | None = None) -> Figure:
+def attention_distance_figure(rows: list[dict], *, layer: int | None = None, layer_type: str | None = None) -> Figure:
     """The paper's Figure 2 view: attention mass against key distance (divided by input length / pretrained
     length), one panel per series (a study's variant, or a command's model and method), one line per input length,
     the mean over layers and heads (or one `layer`): overlapping lines mean the extension kept the pattern.
 
-    rows: distance rows (length, layer, distance_start, mass and the series' labels).
+    rows: distance rows (length, layer, distance_start, mass and the series' labels). layer_type: only its layers.
     """
-    rows = [row for row in rows if layer is None or row["layer"] == layer]
+    rows = [row for row in rows if (layer is None or row["layer"] == layer) and _of_layer_type(row, layer_type)]
     labelled = [{**row, "series": _series_label(row)} for row in rows]
     series = list(dict.fromkeys(row["series"] for row in labelled))
     columns = min(4, len(series))
@@ -222,14 +231,15 @@ def attention_distance_figure(rows: list[dict], *, layer: int | None = None) -> 
             axis.set_xlabel("key distance x pretrained / input length")
         if index % columns == 0:
             axis.set_ylabel("attention mass" + ("" if layer is None else f", layer {layer}"))
-    figure.suptitle("Attention against distance: pretrained vs extended length")
+    figure.suptitle("Attention against distance: pretrained vs extended length"
+                    + ("" if layer_type is None else f", {layer_type} layers"))
     figure.tight_layout()
     return figure
 
 
-def plot_attention_distance(rows: list[dict], path, *, layer: int | None = None) -> Path:
+def plot_attention_distance(rows: list[dict], path, *, layer: int | None = None, layer_type: str | None = None) -> Path:
     """`attention_distance_figure`, saved to `path`."""
-    return save_figure(attention_distance_figure(rows, layer=layer), path)
+    return save_figure(attention_distance_figure(rows, layer=layer, layer_type=layer_type), path)
 
 
 def pattern_preservation_figure(rows: list[dict]) -> Figure:

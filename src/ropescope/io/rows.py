@@ -120,6 +120,11 @@ class RetrievalRow(Row):
     answer_attention: dict | None = None
 
 
+# A layer's attention type as transformers' configs name it (`layer_types`); rows written before the column came from
+# models whose layers were all of this type.
+FULL_LAYER_TYPE = "full_attention"
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Attention
 
@@ -130,6 +135,7 @@ class EntropyProfileRow(Row):
 
     length: int
     layer: int
+    layer_type: str  # as the config names it: "full_attention", or "sliding_attention" (Gemma 3's local layers)
     head: int
     position_start: int
     position_end: int
@@ -175,6 +181,7 @@ class DistanceRow(Row):
     original_max_position_embeddings: int
     distance_scale: float  # length / original_max_position_embeddings
     layer: int
+    layer_type: str
     head: int
     bin: int
     distance_start: int
@@ -191,6 +198,7 @@ class PreservationRow(Row):
     length: int
     reference_length: int
     layer: int | str  # "mean": the average over layers
+    layer_type: str  # "all" on the mean row
     js_divergence: float  # mean over heads
     js_divergence_max_head: float
 
@@ -272,3 +280,17 @@ def point_means(rows: list[Mapping], value: str = "score") -> list[dict]:
         points.setdefault((row["length"], row["depth_percent"]), []).append(float(row[value]))
     return [{"length": length, "depth_percent": depth, value: sum(scores) / len(scores), "trials": len(scores)}
             for (length, depth), scores in sorted(points.items())]
+
+
+def layer_type_means(rows: list[Mapping], value: str, by: tuple[str, ...] = ("method", "factor", "length")) -> list[dict]:
+    """The mean of `value` over the per-layer rows (layer an int) of each layer type, per `by` group, in first-seen
+    order: [{**by, layer_type, <value>, layers}]. Models of one layer type get one entry per group."""
+    groups: dict[tuple, dict[str, list]] = {}
+    for row in rows:
+        if isinstance(row["layer"], int):
+            key = (tuple(row.get(name) for name in by), row.get("layer_type", FULL_LAYER_TYPE))
+            groups.setdefault(key, {"values": [], "layers": set()})
+            groups[key]["values"].append(float(row[value]))
+            groups[key]["layers"].add(row["layer"])
+    return [{**dict(zip(by, labels)), "layer_type": layer_type, value: sum(group["values"]) / len(group["values"]),
+             "layers": len(group["layers"])} for (labels, layer_type), group in groups.items()]

@@ -20,6 +20,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ropescope.errors import RopescopeError
+from ropescope.io.rows import FULL_LAYER_TYPE
 from ropescope.rope import RopeSpec
 
 SUPPORTED_MODELS = (
@@ -47,6 +48,14 @@ def attention_modules(model) -> list[torch.nn.Module]:
             f"{type(model).__name__} has no causal attention modules; ropescope supports {SUPPORTED_MODELS}"
         )
     return sorted(modules, key=lambda module: module.layer_idx)
+
+
+def layer_types(model) -> list[str]:
+    """Each layer's attention type as the config names it (Gemma 3: "sliding_attention" or "full_attention");
+    "full_attention" for every layer of a model whose config names none."""
+    config = model.config.get_text_config()
+    types = getattr(config, "layer_types", None)
+    return list(types) if types else [FULL_LAYER_TYPE] * len(attention_modules(model))
 
 
 def attention_configs(model, modules: list[torch.nn.Module]) -> list:
