@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from ropescope import RopescopeError, RopeSpec, extend
 from ropescope.attention.capture import layer_entropies
-from ropescope.model.patch import ExtendedRotaryEmbedding, is_rotary_module, spec_from_config
+from ropescope.model.patch import ExtendedRotaryEmbedding, is_rotary_module, kept_layers, spec_from_config
 
 VOCAB = 96
 PRETRAINED = 32  # max_position_embeddings of the tiny models
@@ -179,6 +179,11 @@ def test_gemma3_keeps_its_local_rotation_and_smollm3_its_nope_layer(checkpoints)
     rope = gemma.config.rope_parameters
     assert rope["sliding_attention"] == {"rope_type": "default", "rope_theta": 500.0}
     assert rope["full_attention"] == {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}
+    assert kept_layers(gemma, RopeSpec("linear", factor=4.0)) == (
+        "linear x4 extends the 1 full_attention layers; the 1 sliding_attention layers keep their pretrained "
+        f"rotation (they never see a key past their {WINDOW}-token window)")
+    linear = RopeSpec("linear", factor=4.0)
+    assert kept_layers(extend(load(checkpoints["llama"]), linear), linear) is None
     smollm = load(checkpoints["smollm3"])
     input_ids = token_ids(LONG, batch=1)
     before = layer_entropies(smollm, input_ids)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import logging
 import math
 
 import torch
@@ -27,6 +28,8 @@ from ropescope.errors import RopescopeError
 from ropescope.model.attention import SUPPORTED_MODELS, apply_logit_scale, attention_modules, layer_scales
 from ropescope.rope import METHODS, RopeMethod, RopeSpec, parse_spec, rope_frequencies
 
+_LOG = logging.getLogger(__name__)
+_SAID: set[str] = set()
 CONFIG_KEY = "ropescope_rope"  # config attribute: the spec, plus the RoPE and length the model was pretrained with
 # Layers of this type never see a key farther than their window, so `extend` keeps their pretrained rotation (as
 # Gemma 3 ships its own long-context scaling on its full-attention layers only).
@@ -233,7 +236,27 @@ def extend(model: nn.Module, spec: RopeSpec) -> nn.Module:
         setattr(parent, attribute, ExtendedRotaryEmbedding(original, spec, layers))
     apply_logit_scale(model, spec, pretrained_length)
     _record(config, spec, rope, parameters, pretrained_length)
+    kept = kept_layers(model, spec)
+    if kept and kept not in _SAID:  # once per process: a study loads the same model many times
+        _SAID.add(kept)
+        _LOG.warning(kept)
     return model
+
+
+def kept_layers(model: nn.Module, spec: RopeSpec) -> str | None:
+    """What `extend(model, spec)` leaves as pretrained, in one line, for a model with one RoPE per layer type
+    (Gemma 3's sliding-window layers); None where the extension reaches every rotated layer."""
+    types = list(getattr(model.config.get_text_config(), "layer_types", None) or [])
+    modules = [module for module in model.modules() if isinstance(module, ExtendedRotaryEmbedding)]
+    kept = {layer_type for module in modules for layer_type in frequency_layer_types(module.original)
+            if layer_type not in module.layers}
+    if spec.method == "default" or not kept:
+        return None
+    window = getattr(model.config.get_text_config(), "sliding_window", None)
+    extended = sorted({layer_type for module in modules for layer_type in module.layers if layer_type})
+    return (f"{spec.label()} extends the {sum(t in extended for t in types)} {'/'.join(extended)} layers; the "
+            f"{sum(t in kept for t in types)} {'/'.join(sorted(kept))} layers keep their pretrained rotation"
+            + (f" (they never see a key past their {window}-token window)" if window else ""))
 
 
 def _own_config(module: nn.Module, config):
