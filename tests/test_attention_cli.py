@@ -160,7 +160,14 @@ def test_readouts_of_a_model_with_two_layer_types_report_each_type_apart(gemma3_
         values = [row["entropy"] for row in rows if row["layer"] == layer]
         assert f"1 {layer_type} layers: {sum(values) / len(values):.3f}" in printed
         assert (entropy_out / f"entropy_{layer_type}.png").stat().st_size > 1000
-    # the sliding layer sees at most its window: its entropy stays below log(8) where the global one's may not
+    # the sliding layer sees at most its window: its entropy, and the uniform attention it is drawn against, stay
+    # at or below log(8); the global layer's uniform bound is the mean of log(position + 1) over the bin
+    for row in rows:
+        start, end = row["position_start"], row["position_end"]
+        window = 8 if row["layer_type"] == "sliding_attention" else end
+        uniform = sum(math.log(min(position + 1, window)) for position in range(start, end)) / (end - start)
+        assert row["entropy_max"] == pytest.approx(uniform, rel=1e-12)
+        assert row["entropy"] <= row["entropy_max"] + 1e-6
     assert max(row["entropy"] for row in rows if row["layer"] == 0) <= math.log(8) + 1e-6
     assert main(["patterns", *arguments, "--method", "yarn", "--factor", "2", "--out", str(patterns_out)]) == 0
     preservation = read_rows(patterns_out / "patterns_preservation.csv")

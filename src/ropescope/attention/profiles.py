@@ -8,10 +8,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ropescope.attention.capture import layer_entropies
-from ropescope.model.attention import layer_types
 from ropescope.attention.entropy import DEFAULT_CHUNK_SIZE
 from ropescope.errors import RopescopeError
-from ropescope.io.rows import EntropyProfileRow
+from ropescope.io.rows import SLIDING_LAYER_TYPE, EntropyProfileRow
+from ropescope.model.attention import layer_types
 
 
 def position_bins(length: int, bin_size: int) -> list[tuple[int, int]]:
@@ -58,8 +58,8 @@ def entropy_profile(
     position_bin_size: tokens per query-position bin (default: length / 64, at least 1).
     labels: fields copied into every row (model, method, factor, ...). progress: tqdm bar (None: only on a terminal).
     Returns `EntropyProfileRow`s as dicts, labels first: entropy in nats, the mean over the bin's queries and the
-    samples; entropy_max = mean of log(position + 1),
-    the entropy of uniform attention over the visible keys, for scale.
+    samples; entropy_max = mean of log(visible keys): position + 1, at most the window on a sliding-window layer
+    (layer_type "sliding_attention"), the entropy of uniform attention over the visible keys, for scale.
     """
     sums = None
     per_sample = []
@@ -75,11 +75,15 @@ def entropy_profile(
         per_sample.append(binned)
         count += 1
     bins = position_bins(length, position_bin_size)
-    uniform = bin_positions(torch.log(torch.arange(1, length + 1, dtype=torch.float64)), position_bin_size)
+    visible = torch.arange(1, length + 1, dtype=torch.float64)
     rows = []
     layers, heads, _ = sums.shape
     types = layer_types(model)
+    window = getattr(model.config.get_text_config(), "sliding_window", None)
     for layer in range(layers):
+        # a sliding-window layer's queries see at most `window` keys
+        seen = visible.clamp(max=window) if window and types[layer] == SLIDING_LAYER_TYPE else visible
+        uniform = bin_positions(torch.log(seen), position_bin_size)
         for head in range(heads):
             for index, (start, end) in enumerate(bins):
                 rows.append(EntropyProfileRow(

@@ -123,6 +123,7 @@ class RetrievalRow(Row):
 # A layer's attention type as transformers' configs name it (`layer_types`); rows written before the column came from
 # models whose layers were all of this type.
 FULL_LAYER_TYPE = "full_attention"
+SLIDING_LAYER_TYPE = "sliding_attention"
 
 
 # ---------------------------------------------------------------------------------------------------------------

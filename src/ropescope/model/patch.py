@@ -25,15 +25,15 @@ from transformers import modeling_rope_utils
 from transformers.modeling_rope_utils import RotaryEmbeddingConfigMixin
 
 from ropescope.errors import RopescopeError
+from ropescope.io.rows import SLIDING_LAYER_TYPE
 from ropescope.model.attention import SUPPORTED_MODELS, apply_logit_scale, attention_modules, layer_scales
 from ropescope.rope import METHODS, RopeMethod, RopeSpec, parse_spec, rope_frequencies
 
 _LOG = logging.getLogger(__name__)
 _SAID: set[str] = set()
 CONFIG_KEY = "ropescope_rope"  # config attribute: the spec, plus the RoPE and length the model was pretrained with
-# Layers of this type never see a key farther than their window, so `extend` keeps their pretrained rotation (as
-# Gemma 3 ships its own long-context scaling on its full-attention layers only).
-SLIDING_LAYER_TYPE = "sliding_attention"
+# Sliding-window layers (SLIDING_LAYER_TYPE) never see a key farther than their window, so `extend` keeps their
+# pretrained rotation (as Gemma 3 ships its own long-context scaling on its full-attention layers only).
 
 
 class ExtendedRotaryEmbedding(nn.Module):
