@@ -1,6 +1,7 @@
 """`ropescope plan`: parameter counts from the meta device against built models, estimates against measured CPU
 peaks (benchmarks/memory_scaling.py's workers), the largest length that fits, and a model it cannot read."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -84,6 +85,28 @@ def test_a_gguf_file_is_read_for_its_config_alone(tmp_path, capsys):
         == (64, 128, 2, 4, 2 * 16, 300)
     assert main(["plan", "--model", str(tmp_path / "tiny.gguf"), "--length", "1024"]) == 0
     assert "training (checkpointing)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("family, sliding", [("gemma3_text", True), ("mistral", True), ("gpt_oss", True),
+                                             ("qwen2", True), ("llama", False)])
+def test_a_sliding_window_adds_its_whole_mask_once(family, sliding):
+    """Models with a sliding window get a length x length mask (booleans, then sdpa's additive floats), once per
+    forward; models of causal attention alone build none."""
+    config = family_config(family)
+    shape = model_shape(config)
+    assert shape.sliding_window is sliding
+    causal = dataclasses.replace(shape, sliding_window=False)
+    for dtype_bytes in (2, 4):
+        with_mask = estimate(shape, 4096, dtype_bytes=dtype_bytes)
+        without = estimate(causal, 4096, dtype_bytes=dtype_bytes)
+        for command in COMMANDS:
+            assert with_mask[command] - without[command] == (4096**2 * (1 + dtype_bytes) if sliding else 0)
+
+
+def test_a_config_that_turns_its_window_off_builds_no_mask():
+    config = family_config("qwen2")
+    config.use_sliding_window = False
+    assert model_shape(config).sliding_window is False
 
 
 def _measured_peak(model: str, mode: str, length: int) -> int:

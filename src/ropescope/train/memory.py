@@ -10,7 +10,8 @@ from the model built on the meta device.
 
 The activation model is counted from the tensors autograd saves in a decoder layer of transformers' Llama (float32,
 sdpa attention, measured on CPU at several widths): about 9 x hidden + 4 x intermediate + 2 x the key-value width
-elements per token per layer; a checkpointed layer keeps 2 x hidden. Training follows `ropescope train`: float32
+elements per token per layer; a checkpointed layer keeps 2 x hidden. A model with sliding-window layers
+(Gemma 2/3, Mistral) adds its length x length attention mask once. Training follows `ropescope train`: float32
 master weights, gradients and AdamW's two moments (16 bytes a parameter), the forward in the compute dtype. On a CPU
 the process itself (Python, torch, transformers) is counted as RUNTIME_CPU_BYTES; on a GPU the count is allocated
 memory (the CUDA context, about 0.5 GiB, comes on top). Checked against measured CPU peaks only
@@ -49,6 +50,14 @@ class Shape:
     kv_size: int  # key-value heads x head size
     layers: int
     heads: int
+    sliding_window: bool = False  # some layers attend within a window: their attention mask is built whole
+
+
+def _has_sliding_layers(text) -> bool:
+    if getattr(text, "sliding_window", None) is None or getattr(text, "use_sliding_window", True) is False:
+        return False
+    types = getattr(text, "layer_types", None)
+    return types is None or "sliding_attention" in types
 
 
 def model_shape(config) -> Shape:
@@ -66,7 +75,7 @@ def model_shape(config) -> Shape:
         intermediate = experts * expert_size + (getattr(text, "shared_expert_intermediate_size", None) or 0)
     return Shape(parameters=sum(p.numel() for p in model.parameters()), vocab_size=text.vocab_size,
                  hidden_size=text.hidden_size, intermediate_size=intermediate, kv_size=kv_heads * head_dim,
-                 layers=text.num_hidden_layers, heads=heads)
+                 layers=text.num_hidden_layers, heads=heads, sliding_window=_has_sliding_layers(text))
 
 
 def layer_activations(shape: Shape, tokens: int, element_bytes: int) -> int:
@@ -85,12 +94,16 @@ def estimate(shape: Shape, length: int, gpus: int = 1, dtype_bytes: int = 2, on_
     """
     runtime = RUNTIME_CPU_BYTES if on_cpu else 0
     weights = shape.parameters * dtype_bytes
+    # a sliding window is a mask, length x length booleans shared by the layers, which sdpa turns into additive
+    # floats of the compute dtype: quadratic in length, where causal attention alone needs no mask at all (Gemma 3
+    # at 32K in float32, capture: 7.85 GiB estimated, 7.36 GiB measured peak)
+    mask = length**2 * (1 + dtype_bytes) if shape.sliding_window else 0
     layer = layer_activations(shape, length, dtype_bytes)
     hidden = length * shape.hidden_size * dtype_bytes
     # evaluation: one layer's activations in flight, the final hidden states, a chunk's float32 logits and their
     # log-softmax
-    evaluation = runtime + weights + layer + hidden + 2 * min(length, EVAL_HEAD_CHUNK) * shape.vocab_size * 4
-    capture = runtime + weights + layer + hidden + shape.layers * shape.heads * length * 4  # + float32 entropies
+    evaluation = runtime + mask + weights + layer + hidden + 2 * min(length, EVAL_HEAD_CHUNK) * shape.vocab_size * 4
+    capture = runtime + mask + weights + layer + hidden + shape.layers * shape.heads * length * 4  # + float32 entropies
     state = shape.parameters * TRAIN_STATE_BYTES // gpus
     if gpus > 1:  # a sharded step gathers one layer's full parameters at a time
         state += shape.parameters // shape.layers * dtype_bytes
@@ -101,8 +114,8 @@ def estimate(shape: Shape, length: int, gpus: int = 1, dtype_bytes: int = 2, on_
     kept = shape.layers * layer
     checkpointed = shape.layers * length * CHECKPOINTED_PER_HIDDEN * shape.hidden_size * dtype_bytes + layer
     return {"evaluation": evaluation, "capture": capture,
-            "training": runtime + state + kept + backward + loss,
-            "training (checkpointing)": runtime + state + checkpointed + backward + loss}
+            "training": runtime + mask + state + kept + backward + loss,
+            "training (checkpointing)": runtime + mask + state + checkpointed + backward + loss}
 
 
 def largest_length(shape: Shape, command: str, budget: int, gpus: int, dtype_bytes: int, on_cpu: bool,
