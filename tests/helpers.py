@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import random
 
+import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -24,6 +28,10 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from ropescope.errors import RopescopeError
+from ropescope.model.gguf import packaged_gguf_path
+from ropescope.model.load import ModelOptions, load
+from ropescope.model.resolve import resolve_model
 from ropescope.tasks.passkey import FILLER, KEY_LINE, QUESTION
 from ropescope.study.run.store import ResultStore
 
@@ -97,6 +105,37 @@ def tiny_model(family: str = "llama", attn_implementation: str = "sdpa", seed: i
     torch.manual_seed(seed)
     config = config_class(**SIZES, **extra)
     return model_class._from_config(config, attn_implementation=attn_implementation).eval()
+
+
+def packaged_or_skip(name: str):
+    """The GGUF file of a packaged model; the test skips where its package is not installed, except where
+    ROPESCOPE_REQUIRE_REAL_MODEL=1 (CI) makes that a failure."""
+    try:
+        return packaged_gguf_path(name)
+    except RopescopeError as error:
+        if os.environ.get("ROPESCOPE_REQUIRE_REAL_MODEL") == "1":
+            raise
+        pytest.skip(str(error))
+
+
+def packaged_in_float32(name: str):
+    """(model in float32 on the CPU, tokenizer, converted folder) of a packaged model; asked for explicitly, since
+    `auto` runs a model of its size in bfloat16 on a CPU that multiplies it natively, and the real-model tests
+    compare at float32 tolerances."""
+    loaded = load(name, options=ModelOptions(device="cpu", dtype="float32"))
+    return loaded.model, loaded.tokenizer, resolve_model(name).path
+
+
+def against_gguf_loading(model, tokenizer, gguf_file, text: str = "The capital of France is"):
+    """(ids, our logits, transformers' own) for `text`: ropescope's converted model against transformers loading the
+    GGUF file itself, in float32, after checking that both tokenizers give the same ids."""
+    reference = AutoModelForCausalLM.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name,
+                                                     dtype=torch.float32).eval()
+    reference_tokenizer = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    assert ids.tolist() == reference_tokenizer(text, return_tensors="pt").input_ids.tolist()
+    with torch.no_grad():
+        return ids, model(ids).logits, reference(ids).logits
 
 
 def eager_entropies(model, input_ids) -> torch.Tensor:

@@ -11,45 +11,34 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import re
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from ropescope import RopeSpec, extend
 from ropescope.attention.capture import layer_entropies
 from ropescope.attention.profiles import entropy_profile
-from ropescope.errors import RopescopeError
 from ropescope.io.data import load_corpus
 from ropescope.io.rows import layer_type_means
-from ropescope.model.gguf import packaged_gguf_path, read_header
-from ropescope.model.load import ModelOptions, load
+from ropescope.model.gguf import read_header
 from ropescope.model.resolve import resolve_model
-from tests.helpers import eager_entropies
+from tests.helpers import against_gguf_loading, eager_entropies, packaged_in_float32, packaged_or_skip
 
 NAME = "gemma3-270m"
-REQUIRED = os.environ.get("ROPESCOPE_REQUIRE_REAL_MODEL") == "1"
 LAYERS, SLIDING, GLOBAL = 18, 15, 3
 WINDOW = 512
 
 
 @pytest.fixture(scope="module")
 def gguf_file():
-    try:
-        return packaged_gguf_path(NAME)
-    except RopescopeError as error:
-        if REQUIRED:
-            raise
-        pytest.skip(str(error))
+    return packaged_or_skip(NAME)
 
 
 @pytest.fixture(scope="module")
 def gemma(gguf_file):
-    """(model in float32 on the CPU, tokenizer, converted folder)."""
-    loaded = load(NAME, options=ModelOptions(device="cpu", dtype="float32"))
-    return loaded.model, loaded.tokenizer, resolve_model(NAME).path
+    return packaged_in_float32(NAME)
 
 
 def _text_ids(tokenizer, length: int, document: int = 0) -> torch.Tensor:
@@ -73,14 +62,7 @@ def test_the_packages_give_one_model_of_two_layer_types_each_with_its_own_rope(g
 
 def test_the_converted_folder_gives_the_logits_of_transformers_own_gguf_loading(gguf_file, gemma):
     model, tokenizer, _ = gemma
-    reference = AutoModelForCausalLM.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name,
-                                                     dtype=torch.float32).eval()
-    reference_tokenizer = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
-    text = "The capital of France is"
-    ids = tokenizer(text, return_tensors="pt").input_ids
-    assert ids.tolist() == reference_tokenizer(text, return_tensors="pt").input_ids.tolist()
-    with torch.no_grad():
-        ours, theirs = model(ids).logits, reference(ids).logits
+    ids, ours, theirs = against_gguf_loading(model, tokenizer, gguf_file)
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
     assert ids[0, 0] == tokenizer.bos_token_id  # Gemma reads garbage without its <bos>
     top = [tokenizer.decode(index).strip() for index in ours[0, -1].topk(5).indices]

@@ -9,12 +9,11 @@ from __future__ import annotations
 import collections
 import logging
 import math
-import os
 import re
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from ropescope import RopeSpec, extend
 from ropescope.attention.capture import layer_entropies
@@ -23,36 +22,22 @@ from ropescope.errors import RopescopeError
 from ropescope.eval.retrieval import evaluate_retrieval
 from ropescope.tasks.passkey import TASK as PASSKEY, passkey_key
 from ropescope.eval.perplexity import evaluate_perplexity
-from ropescope.model.gguf import PACKAGED, packaged_gguf_path, read_header
-from ropescope.model.load import ModelOptions, load
+from ropescope.model.gguf import PACKAGED, read_header
 from ropescope.model.resolve import resolve_model
-from tests.helpers import eager_entropies
+from tests.helpers import against_gguf_loading, eager_entropies, packaged_in_float32, packaged_or_skip
 
 NAME = "smollm2-135m"
-REQUIRED = os.environ.get("ROPESCOPE_REQUIRE_REAL_MODEL") == "1"
 PRETRAINED_LENGTH = 8192
-
-
-def _gguf_file():
-    try:
-        return packaged_gguf_path(NAME)
-    except RopescopeError as error:
-        if REQUIRED:
-            raise
-        pytest.skip(str(error))
 
 
 @pytest.fixture(scope="module")
 def gguf_file():
-    return _gguf_file()
+    return packaged_or_skip(NAME)
 
 
 @pytest.fixture(scope="module")
 def smollm2(gguf_file):
-    """(model in float32 on the CPU, tokenizer, converted folder); asked for explicitly, since `auto` runs a model
-    of its size in bfloat16 on a CPU that multiplies it natively, and these tests compare at float32 tolerances."""
-    loaded = load(NAME, options=ModelOptions(device="cpu", dtype="float32"))
-    return loaded.model, loaded.tokenizer, resolve_model(NAME).path
+    return packaged_in_float32(NAME)
 
 
 def test_the_short_name_and_the_file_are_one_model_recorded_with_its_quantisation(gguf_file, smollm2):
@@ -70,14 +55,7 @@ def test_the_short_name_and_the_file_are_one_model_recorded_with_its_quantisatio
 
 def test_the_converted_folder_gives_the_logits_of_transformers_own_gguf_loading(gguf_file, smollm2):
     model, tokenizer, _ = smollm2
-    reference = AutoModelForCausalLM.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name,
-                                                     dtype=torch.float32).eval()
-    reference_tokenizer = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
-    text = "The capital of France is"
-    ids = tokenizer(text, return_tensors="pt").input_ids
-    assert ids.tolist() == reference_tokenizer(text, return_tensors="pt").input_ids.tolist()
-    with torch.no_grad():
-        ours, theirs = model(ids).logits, reference(ids).logits
+    ids, ours, theirs = against_gguf_loading(model, tokenizer, gguf_file)
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
     assert tokenizer.decode(ours[0, -1].argmax()).strip() == "Paris"
 
