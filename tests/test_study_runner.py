@@ -258,6 +258,36 @@ def test_a_crashing_cell_is_recorded_and_retried(finished_study, tmp_path):
     assert row_counts(folder) == row_counts(finished_study[0])
 
 
+def test_an_interrupted_retrieval_cell_resumes_from_its_last_finished_point(finished_study, tmp_path, monkeypatch):
+    """Each (task, length, depth) of a retrieval cell is kept as it finishes: a crash after two of its four points
+    costs only the rest, and the resumed cell records the rows an uninterrupted run does."""
+    import ropescope.study.stages.retrieval as retrieval_stage
+
+    real, points = retrieval_stage.evaluate_retrieval, []
+
+    def crashing(model, tokenizer, task, lengths, depths, **options):
+        points.append((lengths, depths))
+        if len(points) == 3:
+            raise RuntimeError("out of memory (simulated)")
+        return real(model, tokenizer, task, lengths, depths, **options)
+
+    folder = tmp_path / "resumed"
+    monkeypatch.setattr(retrieval_stage, "evaluate_retrieval", crashing)
+    first = run_study(QUICK, folder, log=lambda line: None)
+    assert first["failed"] == 1 and cell_states(folder)["retrieval/original"] == "failed"
+    with sqlite3.connect(folder / DATABASE) as connection:
+        kept = [piece for (piece,) in connection.execute("SELECT piece FROM pieces WHERE cell = 'retrieval/original'")]
+    assert kept == ["passkey 256 0", "passkey 256 100"]
+    points.clear()
+    second = run_study(QUICK, folder, log=lambda line: None)
+    assert second["done"] == 2 and second["failed"] == 0
+    assert points == [([512], [0]), ([512], [100])]  # only the points the crash left
+    with sqlite3.connect(folder / DATABASE) as connection, sqlite3.connect(finished_study[0] / DATABASE) as other:
+        query = "SELECT data FROM rows WHERE cell = 'retrieval/original' ORDER BY rowid"
+        assert [json.loads(d) for (d,) in connection.execute(query)] == [json.loads(d) for (d,) in other.execute(query)]
+        assert connection.execute("SELECT count(*) FROM pieces").fetchone() == (0,)  # dropped once recorded
+
+
 def test_force_redoes_every_cell(tmp_path):
     redone = []
     counts = run_study(QUICK, tmp_path / "forced", log=lambda line: None, stages=fake_stages(redone))
@@ -378,3 +408,17 @@ def test_progress_lines_give_the_cell_time_left_from_every_timed_cell(tmp_path):
     assert lines[0] == f"{len(cells)} cells, 2 to run (about 20 s of cells left)"
     # the first rerun cell took about no time: the other is estimated at the mean of 10, 10 and that
     assert lines[1].startswith("perplexity/original ...") and lines[2].endswith("; about 7 s of cells left)")
+
+
+def test_pieces_of_another_fingerprint_are_not_resumed(tmp_path):
+    from ropescope.study.run.store import ResultStore
+
+    with ResultStore(tmp_path / DATABASE) as store:
+        store.keep_piece("retrieval/a", "old", "passkey 256 0", [{"x": 1}])
+        store.keep_piece("retrieval/a", "new", "passkey 256 100", [{"x": 2}])
+        store.keep_piece("retrieval/b", "old", "passkey 256 0", [{"x": 3}])
+        assert store.pieces("retrieval/a", "new") == {"passkey 256 100": [{"x": 2}]}
+        assert store.pieces("retrieval/a", "old") == {}  # the stale piece went with the first look
+        assert store.pieces("retrieval/b", "old") == {"passkey 256 0": [{"x": 3}]}
+        store.record("retrieval/b", "retrieval", "b", "old", [{"x": 3}], 1.0)
+        assert store.pieces("retrieval/b", "old") == {}

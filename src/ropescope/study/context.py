@@ -124,6 +124,25 @@ def checkpoint_dir(out: str | Path, variant: Variant) -> Path:
 
 
 @dataclass
+class CellPieces:
+    """The pieces of the running cell finished so far (a retrieval cell's grid points), each kept as it finishes,
+    so that an interrupted cell resumes from its last piece instead of from its start. The runner fills it from the
+    results database, for the cell's fingerprint; where nothing keeps them (a Ray worker) pieces live only in
+    memory. Keys are strings the stage chooses; a piece's rows are exactly what it computed."""
+
+    saved: dict[str, list[dict]] = field(default_factory=dict)
+    keep: Callable[[str, list[dict]], None] | None = None
+
+    def get(self, key: str) -> list[dict] | None:
+        return self.saved.get(key)
+
+    def put(self, key: str, rows: list[dict]) -> None:
+        self.saved[key] = rows
+        if self.keep is not None:
+            self.keep(key, rows)
+
+
+@dataclass
 class StageContext:
     """Everything a stage may use besides its variant. `required_rows(stage, variant)` returns the recorded rows
     of a cell the running stage declared in `requires` (the runner fills it; a stage never reads the database)."""
@@ -132,6 +151,7 @@ class StageContext:
     required_rows: Callable[[str, Variant], list[dict]]
     progress: bool | None = None
     device: str = "cpu"
+    pieces: CellPieces = field(default_factory=CellPieces)  # the running cell's, set by the runner
     _documents: dict[str, list[str]] = field(default_factory=dict, repr=False)
     _distributions: dict[tuple, list[dict]] = field(default_factory=dict, repr=False)
     _loaded_dtype: str | None = field(default=None, repr=False)

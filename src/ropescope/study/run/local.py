@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from ropescope.errors import RopescopeError
-from ropescope.study.context import StageContext, Variant, cell_name, checkpoint_dir
+from ropescope.study.context import CellPieces, StageContext, Variant, cell_name, checkpoint_dir
 from ropescope.study.cells import Cell
 from ropescope.study.run.store import ResultStore
 
@@ -35,6 +35,12 @@ def prepare(cell: Cell, out: Path, force: bool) -> None:
     """A forced training cell starts from an empty checkpoint folder."""
     if force and cell.stage.writes_checkpoint:
         shutil.rmtree(checkpoint_dir(out, cell.variant), ignore_errors=True)
+
+
+def cell_pieces(store: ResultStore, cell: Cell, force: bool) -> CellPieces:
+    """The cell's pieces finished by an interrupted run (none under --force), and where each new one is kept."""
+    saved = {} if force else store.pieces(cell.name, cell.fingerprint)
+    return CellPieces(saved, lambda key, rows: store.keep_piece(cell.name, cell.fingerprint, key, rows))
 
 
 def recorded_rows_reader(store: ResultStore) -> Callable[[str, Variant], list[dict]]:
@@ -163,6 +169,7 @@ def run_local(cells: Sequence[Cell], context: StageContext, recorder: Recorder, 
         prepare(cell, context.out, force)
         recorder.started(cell)
         started = time.perf_counter()
+        context.pieces = cell_pieces(recorder.store, cell, force)
         try:
             rows = execute_cell(cell, context)
         except (KeyboardInterrupt, RopescopeError):

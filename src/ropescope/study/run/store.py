@@ -32,6 +32,13 @@ CREATE TABLE IF NOT EXISTS rows (
 );
 CREATE INDEX IF NOT EXISTS rows_by_kind ON rows(kind);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS pieces (
+    cell TEXT NOT NULL,         -- a cell not finished yet
+    config_hash TEXT NOT NULL,  -- the fingerprint it was computed under: another one is not resumed
+    piece TEXT NOT NULL,        -- the stage's key, e.g. a retrieval grid point
+    data TEXT NOT NULL,         -- the piece's rows, as a JSON list
+    PRIMARY KEY (cell, piece)
+);
 """
 
 
@@ -73,7 +80,8 @@ def remove_database(path: Path) -> None:
 
 class ResultStore:
     """`ResultStore(path)`; `is_done(cell, config_hash)`, `record(...)`, `record_failure(...)`, `rows(kind)`,
-    `cell_rows(cell)`."""
+    `cell_rows(cell)`, and the finished pieces of a running cell (`pieces`, `keep_piece`), dropped when it is
+    recorded."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -106,6 +114,7 @@ class ResultStore:
         """Replace the cell's rows and mark it done, in one transaction."""
         with self.connection:
             self.connection.execute("DELETE FROM rows WHERE cell = ?", (cell,))
+            self.connection.execute("DELETE FROM pieces WHERE cell = ?", (cell,))
             self.connection.executemany(
                 "INSERT INTO rows (cell, kind, variant, data) VALUES (?, ?, ?, ?)",
                 [(cell, kind, variant, json.dumps(row, default=str)) for row in rows],
@@ -114,6 +123,19 @@ class ResultStore:
                 "INSERT OR REPLACE INTO cells VALUES (?, ?, ?, ?, 'done', NULL, ?, ?)",
                 (cell, kind, variant, config_hash, seconds, time.time()),
             )
+
+    def pieces(self, cell: str, config_hash: str) -> dict[str, list[dict]]:
+        """The finished pieces of an unfinished cell under `config_hash` (others are dropped: stale)."""
+        with self.connection:
+            self.connection.execute("DELETE FROM pieces WHERE cell = ? AND config_hash != ?", (cell, config_hash))
+        cursor = self.connection.execute("SELECT piece, data FROM pieces WHERE cell = ? ORDER BY rowid", (cell,))
+        return {piece: json.loads(data) for piece, data in cursor}
+
+    def keep_piece(self, cell: str, config_hash: str, piece: str, rows: list[dict]) -> None:
+        """Commit one finished piece of a running cell."""
+        with self.connection:
+            self.connection.execute("INSERT OR REPLACE INTO pieces VALUES (?, ?, ?, ?)",
+                                    (cell, config_hash, piece, json.dumps(rows, default=str)))
 
     def record_failure(self, cell: str, kind: str, variant: str, config_hash: str, error: str, seconds: float):
         with self.connection:

@@ -38,7 +38,9 @@ def settings(config: StudyConfig, variant: Variant) -> dict:
 
 
 def run(context: StageContext, variant: Variant) -> list[dict]:
-    """Every configured retrieval task over the retrieval grid; rows carry their task."""
+    """Every configured retrieval task over the retrieval grid; rows carry their task. Each (task, length, depth)
+    point is one piece of the cell: its prompts form their own batches whether the grid runs whole or point by
+    point, so a resumed cell gives the rows of an uninterrupted one."""
     model, tokenizer = context.load(variant)
     retrieval = context.config.retrieval
     rows = []
@@ -46,11 +48,19 @@ def run(context: StageContext, variant: Variant) -> list[dict]:
         task = get_task(name)
         documents = (context.documents("validation") if needs_documents(task, retrieval.independent_haystacks)
                      else None)
-        rows += evaluate_retrieval(model, tokenizer, task, retrieval.lengths, retrieval.depths,
-                                   trials=retrieval.trials, seed=context.config.seed, documents=documents,
-                                   independent_haystacks=retrieval.independent_haystacks, progress=context.progress,
-                                   read_attention=True,  # the uncertainty stage reads it: no second forward
-                                   independent_keys=retrieval.independent_keys)
+        for length in retrieval.lengths:
+            for depth in retrieval.depths:
+                key = f"{name} {length} {depth:g}"
+                point = context.pieces.get(key)
+                if point is None:
+                    point = evaluate_retrieval(
+                        model, tokenizer, task, [length], [depth], trials=retrieval.trials,
+                        seed=context.config.seed, documents=documents,
+                        independent_haystacks=retrieval.independent_haystacks, progress=context.progress,
+                        read_attention=True,  # the uncertainty stage reads it: no second forward
+                        independent_keys=retrieval.independent_keys)
+                    context.pieces.put(key, point)
+                rows += point
     return rows
 
 
