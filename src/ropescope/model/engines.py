@@ -122,7 +122,10 @@ def transformers_derive(config: ServedConfig, length: int) -> EngineView | Unrea
     init = _default_init(config.source) if kind == "default" else ROPE_INIT_FUNCTIONS.get(kind)
     if init is None:
         return Unreadable(f"transformers {transformers.__version__} has no rope_type {kind!r} in ROPE_INIT_FUNCTIONS")
-    inv_freq, attention = init(config.source, device=None, seq_len=length)
+    per_type = any(isinstance(value, dict) for value in (config.source.rope_parameters or {}).values())
+    # a config with one RoPE per layer type (Gemma 3): the full-attention layers', which an extension changes
+    options = {"layer_type": FULL_ATTENTION} if per_type else {}
+    inv_freq, attention = init(config.source, device=None, seq_len=length, **options)
     note = ""
     if kind in METHODS and METHODS[kind].transformers_type is None:
         note = "read through ropescope's registration: transformers without ropescope imported refuses it"
