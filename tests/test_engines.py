@@ -267,6 +267,26 @@ def test_qwen25_yarn_serves_its_original_length_by_default(tmp_path):
         assert long[engine]["attention_scale"] == pytest.approx(1 + 0.1 * math.log(4))
 
 
+def test_a_config_with_one_rope_per_layer_type_is_read_for_its_global_layers(tmp_path):
+    """Gemma 3: the sliding layers keep base 1e4, the global ones (base 1e6) carry the extension; every engine
+    is compared on the global layers' RoPE, transformers by its own init function for that layer type."""
+    from transformers import Gemma3TextConfig
+
+    config = Gemma3TextConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=1, head_dim=16,
+                              num_hidden_layers=2, intermediate_size=64, vocab_size=32, max_position_embeddings=4096,
+                              sliding_window=64, layer_types=["sliding_attention", "full_attention"],
+                              rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+                                               "full_attention": {"rope_type": "default", "rope_theta": 1e6}})
+    folder = folder_of(tmp_path, config)
+    rows = engine_rows(folder, "yarn", factor=2.0, lengths=[4096, 8192])
+    verdicts = {(row["engine"], row["length"]): row["verdict"] for row in rows}
+    assert verdicts[("transformers", 4096)] == verdicts[("transformers", 8192)] == "same"
+    inv_freq, _ = ropescope_frequencies(saved_config(folder, "yarn", 2.0), 8192)
+    assert inv_freq[0] == pytest.approx(1.0) and inv_freq[-1] < 1e6 ** -(14 / 16) / 1.5  # base 1e6, and interpolated
+    for engine in HAND:
+        assert verdicts[(engine, 4096)] == "same", engine
+
+
 def test_phi3_longrope_switch_and_temperature(tmp_path):
     short, long_ = [1.0, 1.1, 1.2, 1.5, 2.0, 3.0, 4.0, 5.0], [1.0, 1.5, 2.5, 4.0, 8.0, 16.0, 24.0, 32.0]
     config = Phi3Config(hidden_size=64, num_attention_heads=4, num_key_value_heads=4, num_hidden_layers=1,
