@@ -238,6 +238,27 @@ def test_the_stage_asks_each_scale_the_same_prompts_and_records_their_attention(
     assert all(0 < row["entropy"] <= row["entropy_max"] and 0 <= row["needle_mass"] <= 1 for row in rows)
 
 
+def test_an_interrupted_intervention_resumes_from_its_last_finished_scale_and_length(tmp_path, monkeypatch):
+    config = quick_config()
+    stages = tuple(stage for stage in STAGES if stage.name in ("train", "scale_fit", "intervention"))
+    assert run_study(config, tmp_path / "whole", stages=stages, log=lambda line: None)["failed"] == 0
+    real, asked = intervention.evaluate_retrieval, []
+
+    def crashing(model, tokenizer, task, lengths, depths, **options):
+        asked.append(lengths)
+        if len(asked) == 5:  # 0.8 and 1.0 at both lengths done, 1.25 at 256 not
+            raise RuntimeError("out of memory (simulated)")
+        return real(model, tokenizer, task, lengths, depths, **options)
+
+    monkeypatch.setattr(intervention, "evaluate_retrieval", crashing)
+    assert run_study(config, tmp_path / "resumed", stages=stages, log=lambda line: None)["failed"] == 1
+    asked.clear()
+    assert run_study(config, tmp_path / "resumed", stages=stages, log=lambda line: None)["failed"] == 0
+    assert asked == [[256], [512], [256], [512]]  # 1.25 and logn only
+    with ResultStore(tmp_path / "whole" / DATABASE) as whole, ResultStore(tmp_path / "resumed" / DATABASE) as resumed:
+        assert resumed.rows("intervention") == whole.rows("intervention")
+
+
 def test_prompts_built_once_give_the_rows_evaluate_retrieval_builds():
     loaded = load("default")
     model, tokenizer = loaded.model, loaded.tokenizer

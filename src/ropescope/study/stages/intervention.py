@@ -89,18 +89,26 @@ def scaled_spec(variant: Variant, value: float | list[float] | str):
 def _ask(context: StageContext, variant: Variant, text: str, value, cases: dict, tokenizer,
          lengths: list[int]) -> list[dict]:
     """Every task's prompts at one logit scale and `lengths`: the retrieval rows and the answering query's
-    attention."""
-    model, _ = context.load(variant, scaled_spec(variant, value))
-    retrieval, rows = context.config.retrieval, []
+    attention. Each (scale, task, length) is one piece of the cell, kept as it finishes; the model at this scale
+    loads only when a piece is still to do."""
+    retrieval, rows, model = context.config.retrieval, [], None
     for name, task_cases in cases.items():
         task = get_task(name)
-        evaluated = evaluate_retrieval(
-            model, tokenizer, task, lengths, retrieval.depths, trials=retrieval.trials,
-            seed=context.config.seed, independent_haystacks=retrieval.independent_haystacks,
-            progress=context.progress, cases=task_cases, independent_keys=retrieval.independent_keys)
-        ordered = [task_cases[(row["length"], row["depth_percent"], row["trial"])] for row in evaluated]
-        rows += [{**row, "logit_scale": text}
-                 for row in retrieval_attention(model, ordered, evaluated, progress=context.progress)]
+        for length in lengths:
+            key = f"{text} {name} {length}"
+            piece = context.pieces.get(key)
+            if piece is None:
+                if model is None:
+                    model, _ = context.load(variant, scaled_spec(variant, value))
+                evaluated = evaluate_retrieval(
+                    model, tokenizer, task, [length], retrieval.depths, trials=retrieval.trials,
+                    seed=context.config.seed, independent_haystacks=retrieval.independent_haystacks,
+                    progress=context.progress, cases=task_cases, independent_keys=retrieval.independent_keys)
+                ordered = [task_cases[(row["length"], row["depth_percent"], row["trial"])] for row in evaluated]
+                piece = [{**row, "logit_scale": text}
+                         for row in retrieval_attention(model, ordered, evaluated, progress=context.progress)]
+                context.pieces.put(key, piece)
+            rows += piece
     return rows
 
 
