@@ -125,3 +125,33 @@ def test_report_says_whether_each_extension_is_served_as_measured(tmp_path):
     assert all(line.split(" | ")[2] == "same" and "attention scale by 0.139" in line.split(" | ")[4]
                for line in lines)
     assert "<h2>Served as measured?</h2>" in page
+
+
+def test_a_model_of_two_layer_types_gets_its_entropy_and_distance_figures_per_type(tmp_path):
+    from ropescope.study.stage import ReportInputs
+    from ropescope.study.stages import entropy, patterns
+
+    def entropy_row(layer, layer_type, position, value):
+        return {"variant": "original", "method": "default", "length": 64, "layer": layer, "layer_type": layer_type,
+                "head": 0, "position_start": position, "position_end": position + 16, "entropy": value,
+                "entropy_max": 3.0}
+
+    def distance_row(layer, layer_type, length, start, mass):
+        return {"variant": "original", "method": "default", "row_type": "distribution", "length": length,
+                "layer": layer, "layer_type": layer_type, "head": 0, "distance_start": start, "mass": mass}
+
+    entropy_rows = [entropy_row(layer, kind, position, 1.0 + layer)
+                    for layer, kind in [(0, "sliding_attention"), (1, "full_attention")] for position in (0, 16, 32)]
+    distance_rows = [distance_row(layer, kind, length, start, 0.5)
+                     for layer, kind in [(0, "sliding_attention"), (1, "full_attention")]
+                     for length in (32, 64) for start in (0, 1)]
+    two = ReportInputs({"entropy": entropy_rows, "patterns": distance_rows}, {}, 32)
+    keys = [figure.key for figure in entropy.figures(two) + patterns.figures(two)]
+    assert keys == ["entropy_position", "entropy_position_sliding_attention", "entropy_position_full_attention",
+                    "attention_distance", "attention_distance_sliding_attention", "attention_distance_full_attention"]
+    for figure in entropy.figures(two) + patterns.figures(two):
+        assert figure.draw(tmp_path / f"{figure.key}.png").stat().st_size > 1000
+    one = ReportInputs({"entropy": [row for row in entropy_rows if row["layer"] == 1],
+                        "patterns": [row for row in distance_rows if row["layer"] == 1]}, {}, 32)
+    assert [figure.key for figure in entropy.figures(one) + patterns.figures(one)] == [
+        "entropy_position", "attention_distance"]

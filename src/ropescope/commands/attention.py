@@ -19,7 +19,7 @@ from ropescope.io.data import load_corpus, token_blocks
 from ropescope.io.plots import (plot_attention_distance, plot_entropy_heatmap, plot_entropy_position,
                                 plot_pattern_preservation)
 from ropescope.io.results import read_rows, write_rows
-from ropescope.io.rows import RetrievalRow, as_bool
+from ropescope.io.rows import RetrievalRow, as_bool, several_layer_types
 from ropescope.model.load import ModelOptions, extension_specs, load, load_tokenizer
 from ropescope.model.resolve import ModelSource, pretrained_length_of, resolve_model
 from ropescope.rope import RopeSpec
@@ -52,12 +52,6 @@ def _load(source: ModelSource, spec: RopeSpec, options: ModelOptions | None, ori
     return loaded, {**labels.to_dict(), "split": split}
 
 
-def _several_layer_types(rows: Sequence[dict]) -> list[str]:
-    """The layer types of a model with more than one (Gemma 3's sliding and global layers), each drawn apart."""
-    types = list(dict.fromkeys(row["layer_type"] for row in rows))
-    return types if len(types) > 1 else []
-
-
 def _setup(model, methods: Sequence[str | RopeSpec], factor: float | None, original: int | None):
     """(source, specs, original length): every name checked before anything loads."""
     source = resolve_model(model)
@@ -84,7 +78,7 @@ def run_entropy(model: str = "default", methods: Sequence[str | RopeSpec] = ("de
     out = Path(out)
     write_rows(rows, out / "entropy.csv")
     plot_entropy_position(rows, out / "entropy.png", original)
-    for layer_type in _several_layer_types(rows):
+    for layer_type in several_layer_types(rows):
         plot_entropy_position(rows, out / f"entropy_{layer_type}.png", original, layer_type=layer_type)
     return rows
 
@@ -120,7 +114,7 @@ def run_patterns(model: str = "default", methods: Sequence[str | RopeSpec] = (),
     write_rows(distance_rows, out / "patterns_distance.csv")
     write_rows(preservation, out / "patterns_preservation.csv")
     plot_attention_distance(distance_rows, out / "attention_distance.png")
-    for layer_type in _several_layer_types(distance_rows):
+    for layer_type in several_layer_types(distance_rows):
         plot_attention_distance(distance_rows, out / f"attention_distance_{layer_type}.png", layer_type=layer_type)
     plot_pattern_preservation(preservation, out / "pattern_preservation.png")
     return preservation

@@ -283,6 +283,13 @@ def point_means(rows: list[Mapping], value: str = "score") -> list[dict]:
             for (length, depth), scores in sorted(points.items())]
 
 
+def several_layer_types(rows: list[Mapping]) -> list[str]:
+    """The layer types of rows from a model with more than one (Gemma 3's sliding and global layers), in first-seen
+    order, each to be drawn apart; [] for a model of one type."""
+    types = list(dict.fromkeys(row.get("layer_type", FULL_LAYER_TYPE) for row in rows))
+    return types if len(types) > 1 else []
+
+
 def layer_type_means(rows: list[Mapping], value: str, by: tuple[str, ...] = ("method", "factor", "length")) -> list[dict]:
     """The mean of `value` over the per-layer rows (layer an int) of each layer type, per `by` group, in first-seen
     order: [{**by, layer_type, <value>, layers}]. Models of one layer type get one entry per group."""

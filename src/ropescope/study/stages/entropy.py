@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from ropescope.attention.profiles import entropy_profile
 from ropescope.errors import RopescopeError
 from ropescope.io import plots
+from ropescope.io.rows import several_layer_types
 from ropescope.study.config import ConfigTable, StudyConfig
 from ropescope.study.context import StageContext, Variant
 from ropescope.study.stage import ReportInputs, Stage, StageFigure
@@ -58,12 +59,18 @@ def figures(report: ReportInputs) -> list[StageFigure]:
     rows = report.rows["entropy"]
     if not rows:
         return []
+    longest = max(row["length"] for row in rows)
     return [StageFigure(
         "entropy_position", "Attention entropy against position",
         "Mean over layers, heads and samples, at the longest analysed length: entropy grows past the length a model "
         "was trained on unless the extension (or training) holds it down.",
         lambda path: plots.plot_entropy_position(rows, path, report.original_max_position_embeddings,
-                                                 length=max(row["length"] for row in rows)))]
+                                                 length=longest))] + [StageFigure(
+        f"entropy_position_{layer_type}", f"Attention entropy against position, {layer_type} layers",
+        f"As above, over the {layer_type} layers only.",
+        lambda path, layer_type=layer_type: plots.plot_entropy_position(
+            rows, path, report.original_max_position_embeddings, length=longest, layer_type=layer_type))
+        for layer_type in several_layer_types(rows)]
 
 
 STAGE = Stage("entropy", run, settings, requires=("train", "scale_fit"),

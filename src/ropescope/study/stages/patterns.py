@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from ropescope.attention.patterns import pattern_preservation
 from ropescope.io import plots
+from ropescope.io.rows import several_layer_types
 from ropescope.study.config import StudyConfig
 from ropescope.study.context import ORIGINAL_VARIANT, StageContext, Variant
 from ropescope.study.stage import ReportInputs, Stage, StageFigure
@@ -43,7 +44,11 @@ def figures(report: ReportInputs) -> list[StageFigure]:
         "attention_distance", "Attention against distance",
         "Attention mass per key-distance bin at the pretrained length and at the extended length, distance divided "
         "by the length ratio: overlapping curves mean the extension kept the pretrained pattern.",
-        lambda path: plots.plot_attention_distance(distribution, path))]
+        lambda path: plots.plot_attention_distance(distribution, path))] + [StageFigure(
+        f"attention_distance_{layer_type}", f"Attention against distance, {layer_type} layers",
+        f"As above, over the {layer_type} layers only.",
+        lambda path, layer_type=layer_type: plots.plot_attention_distance(distribution, path, layer_type=layer_type))
+        for layer_type in several_layer_types(distribution)]
 
 
 STAGE = Stage("patterns", run, settings, requires=("train", "scale_fit"), sweep=True, check_inputs=check_inputs,
