@@ -37,7 +37,8 @@ from ropescope.model.load import (
 )
 from ropescope.tasks.passkey import TASK as PASSKEY
 from ropescope.tasks.text import encode, special_prefix
-from tests.test_real_model import NAME as SMOLLM2, _gguf_file
+from tests.helpers import packaged_or_skip
+from tests.test_real_model import NAME as SMOLLM2
 
 LENGTHS = (2048, 8192)
 PERPLEXITY_RELATIVE = 0.01
@@ -131,7 +132,7 @@ def test_shipped_model_bfloat16_passkey_answers_are_float32s(shipped):
 
 @pytest.fixture(scope="module")
 def smollm2():
-    _gguf_file()
+    packaged_or_skip(SMOLLM2)
     return {dtype: load(SMOLLM2, options=ModelOptions(device="cpu", dtype=dtype)) for dtype in ("float32", "bfloat16")}
 
 
