@@ -73,8 +73,8 @@ def distance_distribution(
             for index, (start, end) in enumerate(zip(edges.tolist(), ends)):
                 rows.append(DistanceRow(
                     length=length, original_max_position_embeddings=original_max_position_embeddings,
-                    distance_scale=distance_scale, layer=layer, layer_type=types[layer], head=head, bin=index, distance_start=start,
-                    distance_end=end, mass=float(masses[index]), queries=queries, samples=count,
+                    distance_scale=distance_scale, layer=layer, layer_type=types[layer], head=head, bin=index,
+                    distance_start=start, distance_end=end, mass=float(masses[index]), queries=queries, samples=count,
                 ).to_dict(labels))
     return rows
 
@@ -130,7 +130,8 @@ def pattern_preservation(reference_rows: list[dict], rows: list[dict], labels: M
     divergence = jensen_shannon(mass, reference)  # [layers, heads]
     lengths = {"length": rows[0]["length"], "reference_length": reference_rows[0]["length"]}
     types = {row["layer"]: row.get("layer_type", FULL_LAYER_TYPE) for row in rows}  # rows before the column: one type
-    per_layer = [(layer, types[layer], values) for layer, values in enumerate(divergence)] + [("mean", "all", divergence)]
+    per_layer = [(layer, types[layer], values) for layer, values in enumerate(divergence)]
+    per_layer.append(("mean", "all", divergence))
     return [
         PreservationRow(**lengths, layer=layer, layer_type=layer_type, js_divergence=float(values.mean()),
                         js_divergence_max_head=float(values.max())).to_dict(labels)

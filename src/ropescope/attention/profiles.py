@@ -87,7 +87,8 @@ def entropy_profile(
         for head in range(heads):
             for index, (start, end) in enumerate(bins):
                 rows.append(EntropyProfileRow(
-                    length=length, layer=layer, layer_type=types[layer], head=head, position_start=start, position_end=end,
+                    length=length, layer=layer, layer_type=types[layer], head=head, position_start=start,
+                    position_end=end,
                     entropy=float(sums[layer, head, index]) / (count * (end - start)),
                     entropy_max=float(uniform[index]) / (end - start), samples=count,
                     sample_entropy=[float(binned[layer, head, index]) / (end - start) for binned in per_sample],

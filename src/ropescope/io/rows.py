@@ -290,7 +290,8 @@ def several_layer_types(rows: list[Mapping]) -> list[str]:
     return types if len(types) > 1 else []
 
 
-def layer_type_means(rows: list[Mapping], value: str, by: tuple[str, ...] = ("method", "factor", "length")) -> list[dict]:
+def layer_type_means(rows: list[Mapping], value: str,
+                     by: tuple[str, ...] = ("method", "factor", "length")) -> list[dict]:
     """The mean of `value` over the per-layer rows (layer an int) of each layer type, per `by` group, in first-seen
     order: [{**by, layer_type, <value>, layers}]. Models of one layer type get one entry per group."""
     groups: dict[tuple, dict[str, list]] = {}

@@ -19,13 +19,11 @@ from transformers import AutoConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from ropescope.errors import RopescopeError
-from ropescope.io.rows import EngineRow, RunLabels
-from ropescope.model.patch import extend, pretrained_rope, rotary_dim, spec_from_config
+from ropescope.io.rows import FULL_LAYER_TYPE, EngineRow, RunLabels
+from ropescope.model.patch import extend, per_layer_type, pretrained_rope, rotary_dim, spec_from_config
 from ropescope.model.resolve import causal_lm_class, read_model_config
 from ropescope.rope import METHODS, RopeSpec, parse_spec, rope_frequencies
 from ropescope.rope.engines import ENGINES, Engine, EngineView, ServedConfig, Unreadable, compare
-
-FULL_ATTENTION = "full_attention"  # the layer type an extension changes where a config has one RoPE per type
 
 
 def saved_config(model: str, spec: RopeSpec | None = None, factor: float | None = None,
@@ -49,8 +47,8 @@ def saved_config(model: str, spec: RopeSpec | None = None, factor: float | None 
 
 def _flat_rope(config) -> dict:
     rope = dict(config.rope_parameters or {})
-    if any(isinstance(value, dict) for value in rope.values()):
-        rope = dict(rope.get(FULL_ATTENTION) or next(value for value in rope.values() if value))
+    if per_layer_type(rope):  # the layer type an extension changes
+        rope = dict(rope.get(FULL_LAYER_TYPE) or next(value for value in rope.values() if value))
     return rope
 
 
@@ -122,9 +120,8 @@ def transformers_derive(config: ServedConfig, length: int) -> EngineView | Unrea
     init = _default_init(config.source) if kind == "default" else ROPE_INIT_FUNCTIONS.get(kind)
     if init is None:
         return Unreadable(f"transformers {transformers.__version__} has no rope_type {kind!r} in ROPE_INIT_FUNCTIONS")
-    per_type = any(isinstance(value, dict) for value in (config.source.rope_parameters or {}).values())
     # a config with one RoPE per layer type (Gemma 3): the full-attention layers', which an extension changes
-    options = {"layer_type": FULL_ATTENTION} if per_type else {}
+    options = {"layer_type": FULL_LAYER_TYPE} if per_layer_type(config.source.rope_parameters or {}) else {}
     inv_freq, attention = init(config.source, device=None, seq_len=length, **options)
     note = ""
     if kind in METHODS and METHODS[kind].transformers_type is None:

@@ -166,7 +166,8 @@ def require_supported(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]
     return targets
 
 
-def _per_layer_type(parameters: dict) -> bool:
+def per_layer_type(parameters: dict) -> bool:
+    """Whether `rope_parameters` hold one RoPE per layer type (Gemma 3) rather than one for every layer."""
     return any(isinstance(value, dict) for value in parameters.values())
 
 
@@ -181,7 +182,7 @@ def pretrained_rope_parameters(config) -> dict:
         current = {"rope_type": "default", "rope_theta": float(recorded["pretrained_rope_theta"])}
         if partial is not None:
             current["partial_rotary_factor"] = partial
-    if not _per_layer_type(current) and current.get("rope_theta") is None:
+    if not per_layer_type(current) and current.get("rope_theta") is None:
         theta = getattr(config, "rope_theta", None) or getattr(config, "default_theta", 10000.0)
         current = {"rope_type": "default", **current, "rope_theta": float(theta)}
     return current
@@ -200,7 +201,7 @@ def pretrained_rope(config) -> tuple[float, int]:
     recorded = getattr(config, CONFIG_KEY, None) or {}
     parameters = pretrained_rope_parameters(config)
     # NoPE layer types (None parameters, as in Beam's full-attention layers) have no base
-    layer_types = [name for name, value in parameters.items() if value] if _per_layer_type(parameters) else [None]
+    layer_types = [name for name, value in parameters.items() if value] if per_layer_type(parameters) else [None]
     layer_type = _extended_layer_types(layer_types)[0]
     pretrained_length = recorded.get("pretrained_max_position_embeddings", config.max_position_embeddings)
     return float(_layer_parameters(parameters, layer_type)["rope_theta"]), int(pretrained_length)
@@ -246,13 +247,14 @@ def extend(model: nn.Module, spec: RopeSpec) -> nn.Module:
 def kept_layers(model: nn.Module, spec: RopeSpec) -> str | None:
     """What `extend(model, spec)` leaves as pretrained, in one line, for a model with one RoPE per layer type
     (Gemma 3's sliding-window layers); None where the extension reaches every rotated layer."""
-    types = list(getattr(model.config.get_text_config(), "layer_types", None) or [])
+    text = model.config.get_text_config()
+    types = list(getattr(text, "layer_types", None) or [])
     modules = [module for module in model.modules() if isinstance(module, ExtendedRotaryEmbedding)]
     kept = {layer_type for module in modules for layer_type in frequency_layer_types(module.original)
             if layer_type not in module.layers}
     if spec.method == "default" or not kept:
         return None
-    window = getattr(model.config.get_text_config(), "sliding_window", None)
+    window = getattr(text, "sliding_window", None)
     extended = sorted({layer_type for module in modules for layer_type in module.layers if layer_type})
     return (f"{spec.label()} extends the {sum(t in extended for t in types)} {'/'.join(extended)} layers; the "
             f"{sum(t in kept for t in types)} {'/'.join(sorted(kept))} layers keep their pretrained rotation"
