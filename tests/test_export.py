@@ -183,3 +183,21 @@ def test_force_replaces_an_existing_file(saved, tmp_path):
     out.write_bytes(b"old")
     assert main(["export", str(saved["ntk"]), "--gguf", str(out), "--force"]) == 0
     assert out.read_bytes()[:4] == b"GGUF"
+
+
+def test_an_f32_export_keeps_float32_weights_bit_for_bit_where_auto_would_load_bfloat16(saved, tmp_path, monkeypatch):
+    """`auto` loads a model of 50M parameters or more in bfloat16 on a CPU that multiplies it natively; the export
+    must not inherit that (it rounded SmolLM2's float32 weights to bfloat16: 0.1 logits off in llama.cpp)."""
+    import ropescope.model.load as load_module
+
+    monkeypatch.setattr(load_module, "CPU_BFLOAT16_MIN_PARAMETERS", 0)
+    monkeypatch.setattr(load_module, "cpu_multiplies_bfloat16", lambda: True)
+    assert load(str(saved["yarn"])).model.dtype == torch.bfloat16  # what `auto` picks here
+    out = tmp_path / "yarn.gguf"
+    assert main(["export", str(saved["yarn"]), "--gguf", str(out)]) == 0
+    tensors = {tensor.name: tensor for tensor in gguf.GGUFReader(out).tensors}
+    reference = AutoModelForCausalLM.from_pretrained(saved["yarn"], dtype=torch.float32).state_dict()
+    written = torch.from_numpy(tensors["blk.0.ffn_down.weight"].data.copy()).reshape(reference[
+        "model.layers.0.mlp.down_proj.weight"].shape)
+    assert tensors["blk.0.ffn_down.weight"].tensor_type.name == "F32"
+    assert torch.equal(written, reference["model.layers.0.mlp.down_proj.weight"])

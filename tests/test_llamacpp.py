@@ -17,10 +17,8 @@ import dataclasses
 import json
 import os
 
-import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from ropescope import RopeSpec, extend
 from ropescope.commands.export import run_export
@@ -29,11 +27,12 @@ from ropescope.io.data import load_corpus
 from ropescope.model.export import check_exportable, write_gguf
 from ropescope.model.gguf import packaged_gguf_path
 from ropescope.model.llamacpp import llamacpp_mscale
+from ropescope.model.llamacpp_run import largest_difference
 from ropescope.model.load import load, load_tokenizer
 
 REQUIRED = os.environ.get("ROPESCOPE_REQUIRE_LLAMACPP") == "1"
 try:
-    import llama_cpp
+    import llama_cpp  # noqa: F401 (the module runs it through ropescope.model.llamacpp_run)
 except ImportError as error:  # the bindings build llama.cpp when installed: not every machine has them
     if REQUIRED:
         raise
@@ -48,32 +47,6 @@ METHODS = [
     RopeSpec("yarn", factor=2.0, original_max_position_embeddings=PRETRAINED),
     RopeSpec("llama3", factor=2.0, original_max_position_embeddings=PRETRAINED),
 ]
-
-
-def llamacpp_logits(path, ids: list[int], all_positions: bool = True) -> np.ndarray:
-    """llama.cpp's logits `[len(ids), vocab]` (or `[vocab]` of the last position) for `ids`, on the CPU."""
-    llm = llama_cpp.Llama(str(path), n_ctx=len(ids), n_batch=len(ids), n_ubatch=min(len(ids), 512),
-                          logits_all=all_positions, n_threads=os.cpu_count(), verbose=False,
-                          type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
-    try:
-        llm.eval(ids)
-        if all_positions:
-            return np.array(llm.scores[:len(ids)])
-        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),)).copy()
-    finally:
-        llm.close()
-
-
-def transformers_logits(folder, ids: list[int], all_positions: bool = True) -> np.ndarray:
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    with torch.no_grad():
-        logits = model(torch.tensor([ids]), logits_to_keep=0 if all_positions else 1).logits[0]
-    return logits.numpy() if all_positions else logits[-1].numpy()
-
-
-def largest_difference(gguf_file, folder, ids: list[int], all_positions: bool = True) -> float:
-    return float(np.abs(llamacpp_logits(gguf_file, ids, all_positions)
-                        - transformers_logits(folder, ids, all_positions)).max())
 
 
 @pytest.fixture(scope="module")

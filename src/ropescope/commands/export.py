@@ -8,7 +8,7 @@ from pathlib import Path
 from ropescope.errors import RopescopeError
 from ropescope.io.results import atomic_path
 from ropescope.model.export import EXPORT_DTYPES, check_exportable, export_spec, pre_tokenizer_name, write_gguf
-from ropescope.model.load import load
+from ropescope.model.load import ModelOptions, load
 from ropescope.model.resolve import first_line, read_model_config, resolve_model
 
 
@@ -35,7 +35,8 @@ def run_export(model: str, gguf: str, *, dtype: str = "f32", force: bool = False
     except (OSError, ValueError) as error:
         raise RopescopeError(f"model {source.name!r}: export needs its tokenizer.json: {first_line(error)}") from None
     pre_tokenizer_name(tokenizer_json)
-    loaded = load(source)
+    # float32 on the CPU whatever `auto` would pick: the file's dtype is applied when each tensor is written
+    loaded = load(source, options=ModelOptions(device="cpu", dtype="float32"))
     with atomic_path(out) as temporary:
         write_gguf(loaded.model, loaded.tokenizer, tokenizer_json, rope, temporary, dtype)
     return {"model": source.name, "gguf": str(out), "dtype": dtype, "method": export_spec(config).label(),
