@@ -1,12 +1,14 @@
 """The report is rebuilt from the database alone: every figure, the summary table and each finding's tests."""
 
+import gzip
 import re
 
 from scipy import stats
 
 from ropescope.study.report.page import build_report
 from ropescope.study.run.runner import DATABASE
-from ropescope.study.run.store import ResultStore
+from ropescope.cli import main
+from ropescope.study.run.store import PUBLISHED, ResultStore
 from tests.helpers import fill_store
 
 
@@ -155,3 +157,20 @@ def test_a_model_of_two_layer_types_gets_its_entropy_and_distance_figures_per_ty
                         "patterns": [row for row in distance_rows if row["layer"] == 1]}, {}, 32)
     assert [figure.key for figure in entropy.figures(one) + patterns.figures(one)] == [
         "entropy_position", "attention_distance"]
+
+
+def test_report_reads_the_published_copy_alone_and_refuses_a_damaged_one(tmp_path, capsys):
+    fill_store(tmp_path / "working" / DATABASE)
+    expected = build_report(tmp_path / "working")["summary"].read_text()
+    published = tmp_path / "published"
+    published.mkdir()
+    (published / PUBLISHED).write_bytes(gzip.compress((tmp_path / "working" / DATABASE).read_bytes()))
+    assert build_report(published)["summary"].read_text() == expected
+    assert (published / DATABASE).is_file()  # unpacked once: the next report reads it directly
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / PUBLISHED).write_bytes(b"not gzip")
+    assert main(["report", "--out", str(damaged)]) == 2
+    error = capsys.readouterr().err
+    assert "is not a gzip file of a results database" in error and error.count("\n") == 1
+    assert sorted(path.name for path in damaged.iterdir()) == [PUBLISHED]  # nothing half-written

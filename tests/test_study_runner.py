@@ -1,6 +1,7 @@
 """The study runner on the shipped model with the quick plan: resumable after a kill, failed cells retried,
 finished cells skipped, every cell recorded exactly once."""
 
+import gzip
 import json
 import shutil
 import signal
@@ -24,6 +25,7 @@ from ropescope.study.run.local import cell_time_left, format_duration
 from ropescope.study.cells import check_registry
 from ropescope.study.context import repeated_extensions
 from ropescope.study.run.runner import DATABASE, plan_cells, plan_variants, run_study
+from ropescope.study.run.store import PUBLISHED
 from ropescope.study.stage import Stage
 from ropescope.study.stages import STAGE_NAMES, STAGES
 
@@ -105,7 +107,9 @@ def test_rerun_skips_finished_cells(finished_study, tmp_path):
     folder, _ = finished_study
     before = row_counts(folder)
     counts = run_study(QUICK, folder, log=lambda line: None)
-    assert counts == {"done": 0, "skipped": len(plan_cells(QUICK)), "failed": 0, "blocked": 0}
+    train = sum(cell.stage.writes_checkpoint for cell in plan_cells(QUICK))
+    assert train >= 1 and counts == {"done": train, "skipped": len(plan_cells(QUICK)) - train, "failed": 0,
+                                     "blocked": 0}
     assert row_counts(folder) == before
 
 
@@ -422,3 +426,18 @@ def test_pieces_of_another_fingerprint_are_not_resumed(tmp_path):
         assert store.pieces("retrieval/b", "old") == {"passkey 256 0": [{"x": 3}]}
         store.record("retrieval/b", "retrieval", "b", "old", [{"x": 3}], 1.0)
         assert store.pieces("retrieval/b", "old") == {}
+
+
+def test_a_published_database_alone_resumes_the_study_with_nothing_to_run(finished_study, tmp_path):
+    """A committed study keeps only results.sqlite.gz: the same command finds every cell recorded in it, except
+    the fine-tunes, whose checkpoints are not committed (they train again; nothing after them reruns)."""
+    reference, _ = finished_study
+    folder = tmp_path / "published"
+    folder.mkdir()
+    with open(reference / DATABASE, "rb") as source, gzip.open(folder / PUBLISHED, "wb") as target:
+        target.write(source.read())
+    counts = run_study(QUICK, folder, log=lambda line: None)
+    train = sum(cell.stage.writes_checkpoint for cell in plan_cells(QUICK))
+    assert train >= 1 and counts == {"done": train, "skipped": len(plan_cells(QUICK)) - train, "failed": 0,
+                                     "blocked": 0}
+    assert row_counts(folder) == row_counts(reference)

@@ -23,7 +23,7 @@ from ropescope.study.context import plan_variants
 from ropescope.study.report.findings import (Finding, finding_entropy_errors, pattern_divergence, retrieval_floor,
                                       study_findings)
 from ropescope.study.report.serving import SERVED_TEXT, SERVED_TITLE, served_table
-from ropescope.study.run.store import DATABASE, ResultStore, check_database_file
+from ropescope.study.run.store import DATABASE, PUBLISHED, ResultStore, check_database_file, unpack_published
 from ropescope.study.stage import ReportInputs, Stage, StageFigure
 from ropescope.study.stages import STAGES
 from ropescope.study.stages.retrieval import task_names, task_of
@@ -255,8 +255,9 @@ def build_report(out: str | Path, stages: Sequence[Stage] = STAGES) -> dict[str,
     """Write `report/summary.md`, `report/report.html` and `report/figures/*.png` from `out`'s database; each
     stage's rows are read by its name in `stages` (the registry) and drawn by its declared figures."""
     out = Path(out)
+    unpack_published(out)
     if not (out / DATABASE).is_file():
-        raise RopescopeError(f"{str(out)!r} holds no study results ({DATABASE}); run `ropescope study --out {out}`")
+        raise RopescopeError(f"{str(out)!r} holds no study results ({DATABASE} or {PUBLISHED}); run `ropescope study --out {out}`")
     check_database_file(out / DATABASE)  # read-only: a damaged file is refused as it is
     with ResultStore(out / DATABASE) as store:
         rows = {stage.name: store.rows(stage.name) for stage in stages}

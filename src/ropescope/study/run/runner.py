@@ -21,7 +21,7 @@ from ropescope.study.report.page import build_report
 from ropescope.study.run.local import Recorder, is_finished, recorded_rows_reader, run_local
 from ropescope.study.run import ray as ray_executor
 from ropescope.study.run.lock import folder_lock
-from ropescope.study.run.store import DATABASE, ResultStore, check_database_file, remove_database
+from ropescope.study.run.store import DATABASE, ResultStore, check_database_file, remove_database, unpack_published
 from ropescope.study.stage import Stage
 from ropescope.study.stages import STAGES
 
@@ -58,6 +58,7 @@ def run_study(
     check_inputs(config, stages)
     check_output_folder(out)
     if not force:
+        unpack_published(out)  # a committed study resumes from its published copy
         check_database_file(out / DATABASE)
     if executor == "ray":
         return _run_with_ray(config, out, cells, force=force, progress=progress, stop_after=stop_after, log=log,
