@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ropescope import RopeSpec, extend
+from ropescope import extend
+from ropescope.rope import parse_spec
 from ropescope.commands.export import run_export
 from ropescope.io.data import load_corpus
 from ropescope.model.llamacpp_run import llamacpp_logits, transformers_logits
@@ -45,7 +46,7 @@ def main() -> None:
         lengths = [length for length in args.lengths if (method, length) not in done]
         if not lengths:
             continue
-        spec = RopeSpec(method, factor=args.factor, original_max_position_embeddings=PRETRAINED)
+        spec = parse_spec(f"{method}:factor={args.factor:g}", original_max_position_embeddings=PRETRAINED)
         with tempfile.TemporaryDirectory() as scratch:
             folder, gguf = Path(scratch) / method, Path(scratch) / f"{method}.gguf"
             model = load("smollm2-135m", options=ModelOptions(device="cpu", dtype="float32")).model
