@@ -26,7 +26,7 @@ LAYERS = (
 )
 RANK = {room: rank for rank, rooms in enumerate(LAYERS) for room in rooms}
 # Imports a function may make: a heavy optional dependency, kept out of every process that does not use it.
-LAZY = ("ray",)
+LAZY = ("ray", "llama_cpp")
 
 
 def module_name(path: Path) -> str:

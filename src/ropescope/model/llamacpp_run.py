@@ -10,11 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import AutoModelForCausalLM
 
 
 def llamacpp_logits(path: str | Path, ids: list[int], all_positions: bool = True) -> np.ndarray:
     """llama.cpp's logits `[len(ids), vocab]` (or `[vocab]` of the last position) for `ids`, on the CPU."""
-    import llama_cpp  # built from source when installed: not every machine has it
+    # lazy: llama-cpp-python builds llama.cpp from source when installed, and not every machine has it
+    import llama_cpp
 
     llm = llama_cpp.Llama(str(path), n_ctx=len(ids), n_batch=len(ids), n_ubatch=min(len(ids), 512),
                           logits_all=all_positions, n_threads=os.cpu_count(), verbose=False,
@@ -30,8 +32,6 @@ def llamacpp_logits(path: str | Path, ids: list[int], all_positions: bool = True
 
 def transformers_logits(folder: str | Path, ids: list[int], all_positions: bool = True) -> np.ndarray:
     """Plain transformers' float32 logits on the saved folder, shaped as `llamacpp_logits`'."""
-    from transformers import AutoModelForCausalLM
-
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     with torch.no_grad():
         logits = model(torch.tensor([ids]), logits_to_keep=0 if all_positions else 1).logits[0]
