@@ -107,9 +107,7 @@ def test_rerun_skips_finished_cells(finished_study, tmp_path):
     folder, _ = finished_study
     before = row_counts(folder)
     counts = run_study(QUICK, folder, log=lambda line: None)
-    train = sum(cell.stage.writes_checkpoint for cell in plan_cells(QUICK))
-    assert train >= 1 and counts == {"done": train, "skipped": len(plan_cells(QUICK)) - train, "failed": 0,
-                                     "blocked": 0}
+    assert counts == {"done": 0, "skipped": len(plan_cells(QUICK)), "failed": 0, "blocked": 0}
     assert row_counts(folder) == before
 
 
@@ -428,7 +426,7 @@ def test_pieces_of_another_fingerprint_are_not_resumed(tmp_path):
         assert store.pieces("retrieval/b", "old") == {}
 
 
-def test_a_published_database_alone_resumes_the_study_with_nothing_to_run(finished_study, tmp_path):
+def test_a_published_database_alone_resumes_the_study_rerunning_only_the_fine_tunes(finished_study, tmp_path):
     """A committed study keeps only results.sqlite.gz: the same command finds every cell recorded in it, except
     the fine-tunes, whose checkpoints are not committed (they train again; nothing after them reruns)."""
     reference, _ = finished_study
