@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 
 from ropescope import extend
-from ropescope.rope import parse_spec
 from ropescope.commands.export import run_export
 from ropescope.io.data import load_corpus
 from ropescope.model.llamacpp_run import llamacpp_logits, transformers_logits
 from ropescope.model.load import ModelOptions, load, load_tokenizer
+from ropescope.rope import parse_spec
 
 PRETRAINED = 8192
 

@@ -18,6 +18,7 @@ from ropescope.cli import main
 from ropescope.errors import RopescopeError
 from ropescope.model.export import check_exportable, write_gguf
 from ropescope.model.llamacpp import LlamaCppRope, llamacpp_mscale, llamacpp_rope
+import ropescope.model.load as load_module
 from ropescope.model.load import load, load_tokenizer
 from ropescope.rope import rope_frequencies
 
@@ -185,11 +186,10 @@ def test_force_replaces_an_existing_file(saved, tmp_path):
     assert out.read_bytes()[:4] == b"GGUF"
 
 
-def test_an_f32_export_keeps_float32_weights_bit_for_bit_where_auto_would_load_bfloat16(saved, tmp_path, monkeypatch):
+def test_an_f32_export_keeps_float32_weights_bit_for_bit_where_auto_would_load_bfloat16(saved, tmp_path,
+                                                                                         monkeypatch):
     """`auto` loads a model of 50M parameters or more in bfloat16 on a CPU that multiplies it natively; the export
     must not inherit that (it rounded SmolLM2's float32 weights to bfloat16: 0.1 logits off in llama.cpp)."""
-    import ropescope.model.load as load_module
-
     monkeypatch.setattr(load_module, "CPU_BFLOAT16_MIN_PARAMETERS", 0)
     monkeypatch.setattr(load_module, "cpu_multiplies_bfloat16", lambda: True)
     assert load(str(saved["yarn"])).model.dtype == torch.bfloat16  # what `auto` picks here

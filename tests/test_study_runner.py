@@ -432,8 +432,7 @@ def test_a_published_database_alone_resumes_the_study_rerunning_only_the_fine_tu
     reference, _ = finished_study
     folder = tmp_path / "published"
     folder.mkdir()
-    with open(reference / DATABASE, "rb") as source, gzip.open(folder / PUBLISHED, "wb") as target:
-        target.write(source.read())
+    (folder / PUBLISHED).write_bytes(gzip.compress((reference / DATABASE).read_bytes()))
     counts = run_study(QUICK, folder, log=lambda line: None)
     train = sum(cell.stage.writes_checkpoint for cell in plan_cells(QUICK))
     assert train >= 1 and counts == {"done": train, "skipped": len(plan_cells(QUICK)) - train, "failed": 0,

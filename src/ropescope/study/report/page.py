@@ -257,7 +257,8 @@ def build_report(out: str | Path, stages: Sequence[Stage] = STAGES) -> dict[str,
     out = Path(out)
     unpack_published(out)
     if not (out / DATABASE).is_file():
-        raise RopescopeError(f"{str(out)!r} holds no study results ({DATABASE} or {PUBLISHED}); run `ropescope study --out {out}`")
+        raise RopescopeError(f"{str(out)!r} holds no study results ({DATABASE} or {PUBLISHED}); "
+                             f"run `ropescope study --out {out}`")
     check_database_file(out / DATABASE)  # read-only: a damaged file is refused as it is
     with ResultStore(out / DATABASE) as store:
         rows = {stage.name: store.rows(stage.name) for stage in stages}

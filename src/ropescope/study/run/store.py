@@ -9,6 +9,7 @@ import json
 import shutil
 import sqlite3
 import time
+import zlib
 from pathlib import Path
 
 from ropescope.errors import RopescopeError
@@ -78,20 +79,19 @@ def check_database_file(path: Path) -> None:
         connection.close()
 
 
-def unpack_published(folder: Path) -> bool:
+def unpack_published(folder: Path) -> None:
     """Write `folder`'s results database from its published copy (PUBLISHED) where the folder holds only that,
-    whole or not at all; True when it did. A database already there is the working copy and is left alone."""
+    whole or not at all. A database already there is the working copy and is left alone."""
     database, published = folder / DATABASE, folder / PUBLISHED
     if database.exists() or not published.is_file():
-        return False
+        return
     try:
         with gzip.open(published, "rb") as source, atomic_path(database) as temporary:
             with open(temporary, "wb") as target:
                 shutil.copyfileobj(source, target)
-    except (OSError, EOFError) as error:  # gzip.BadGzipFile is an OSError
+    except (gzip.BadGzipFile, EOFError, zlib.error) as error:  # not gzip, cut short, damaged; a full disk raises
         raise RopescopeError(f"{str(published)!r} is not a gzip file of a results database ({error}); "
                              f"accepted: the output of `gzip -c {DATABASE}`") from None
-    return True
 
 
 def remove_database(path: Path) -> None:
