@@ -104,9 +104,9 @@ def test_passkey_and_needle_are_retrieval_with_their_own_defaults():
     commands = build_parser()._subparsers._group_actions[0].choices
     defaults = {name: {key: commands[name].get_default(key) for key in ("trials", "batch_size", "out", "lengths")}
                 for name in ("retrieval", "passkey", "needle")}
-    assert defaults["retrieval"] == {"trials": 5, "batch_size": 8, "out": None, "lengths": [256, 512, 1024]}
-    assert defaults["passkey"] == {"trials": 5, "batch_size": 8, "out": "results/passkey", "lengths": [256, 512, 1024]}
-    assert defaults["needle"] == {"trials": 1, "batch_size": 4, "out": "results/needle", "lengths": [256, 512, 1024]}
+    assert defaults["retrieval"] == {"trials": 5, "batch_size": None, "out": None, "lengths": [256, 512, 1024]}
+    assert defaults["passkey"] == {"trials": 5, "batch_size": None, "out": "results/passkey", "lengths": [256, 512, 1024]}
+    assert defaults["needle"] == {"trials": 1, "batch_size": None, "out": "results/needle", "lengths": [256, 512, 1024]}
     assert commands["retrieval"].get_default("task") == "passkey"
 
 

@@ -10,9 +10,11 @@ import torch
 
 from ropescope.attention import uncertainty
 from ropescope.attention.uncertainty import recorded_attention, retrieval_attention
+from ropescope.eval.decoding import prompts_per_forward
 from ropescope.eval.retrieval import evaluate_retrieval
 from ropescope.io.data import load_corpus
 from ropescope.model.load import ModelOptions, load
+from ropescope.rope import parse_spec
 from ropescope.study.stages.uncertainty import UNCERTAINTY_FIELDS
 from ropescope.tasks.registry import get_task, rebuild_cases
 
@@ -55,6 +57,26 @@ def test_the_prefill_readout_equals_a_second_forward(shipped, task_name, lengths
     # the stage keeps the same columns either way
     assert [list({key: row[key] for key in UNCERTAINTY_FIELDS}) for row in one_forward] == \
         [list(UNCERTAINTY_FIELDS)] * len(rows)
+
+
+@pytest.mark.parametrize("scale", [1.25, "logn"])
+def test_the_prefill_readout_reads_the_scaled_attention_a_second_forward_reads(scale):
+    # the intervention stage reads each scale's answering query in the retrieval's prefill
+    spec = parse_spec("yarn:factor=2", original_max_position_embeddings=256).with_logit_scale(scale)
+    loaded = load("default", spec, ModelOptions(device="cpu", dtype="float32"))
+    model, tokenizer = loaded.model, loaded.tokenizer
+    rows = evaluate_retrieval(model, tokenizer, get_task("passkey"), [384], depths=[0, 50], trials=3,
+                              batch_size=2, progress=False, read_attention=True)
+    plain = [{key: value for key, value in row.items() if key != "answer_attention"} for row in rows]
+    _assert_same_rows(recorded_attention(rows),
+                      retrieval_attention(model, rebuild_cases(tokenizer, plain), plain, progress=False))
+
+
+def test_a_cpu_batch_holds_about_4096_tokens_and_an_explicit_size_wins(shipped):
+    model, _ = shipped
+    assert [prompts_per_forward(model, length) for length in (256, 512, 1024, 2048, 8192, 16384)] == \
+        [8, 8, 4, 2, 1, 1]
+    assert prompts_per_forward(model, 8192, batch_size=3) == 3
 
 
 def test_the_prefill_readout_runs_no_second_forward(shipped, monkeypatch):

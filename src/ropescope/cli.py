@@ -212,7 +212,9 @@ def _add_retrieval_grid(parser: argparse.ArgumentParser, hidden: str, trial: str
     parser.add_argument("--depths", type=_depths, help=f"depth percents of the {hidden}, 0..100")
     parser.add_argument("--trials", type=_positive_int, help=f"{trial} per point of the grid")
     parser.add_argument("--seed", type=int, help=f"picks the {trial}")
-    parser.add_argument("--batch-size", type=_positive_int, help="prompts per forward pass")
+    parser.add_argument("--batch-size", type=_positive_int,
+                        help="prompts per forward pass (default: 8 on a GPU; on a CPU as many as fill 4,096 tokens, "
+                             "1 to 8)")
 
 
 def _bind_defaults(parser: argparse.ArgumentParser, function) -> None:

@@ -1,6 +1,6 @@
 """`ropescope retrieval`, `passkey`, `needle` and `tasks`: any registered retrieval task, from a model name to
 out/<task>.csv and out/<task>.png. Passkey and needle are retrieval tasks like any other; their commands keep
-their own defaults (needle: one haystack per point, batches of 4, and its own texts)."""
+their own defaults (needle: one haystack per point and its own texts)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def run_retrieval(task: str | RetrievalTask = "passkey", model: str = "default",
                   *, lengths=(256, 512, 1024), depths=(0, 25, 50, 75, 100), trials: int = 5, seed: int = 0,
                   factor: float | None = None, original_max_position_embeddings: int | None = None, corpus=None,
                   split: str = "validation", independent_haystacks: bool = False, max_new_tokens: int | None = None,
-                  batch_size: int = 8, options: ModelOptions | None = None, out: str | Path | None = None,
+                  batch_size: int | None = None, options: ModelOptions | None = None, out: str | Path | None = None,
                   progress: bool | None = None) -> list[dict]:
     """`ropescope retrieval --task NAME`: load the model (extended by `method`) and the corpus where the task needs
     one, run the grid, and write out/<task>.csv and out/<task>.png (out: results/<task> by default).
@@ -52,7 +52,7 @@ def run_retrieval(task: str | RetrievalTask = "passkey", model: str = "default",
     return rows
 
 
-# `ropescope passkey`: the passkey task with the retrieval command's own defaults (5 keys per point, batches of 8)
+# `ropescope passkey`: the passkey task with the retrieval command's own defaults (5 keys per point)
 run_passkey = functools.partial(run_retrieval, "passkey", out="results/passkey")
 
 
@@ -60,10 +60,10 @@ def run_needle(model: str = "default", method: str | RopeSpec = "default", *, ne
                question: str = QUESTION, answer: str = ANSWER, lengths=(256, 512, 1024),
                depths=(0, 25, 50, 75, 100), trials: int = 1, seed: int = 0, factor: float | None = None,
                original_max_position_embeddings: int | None = None, corpus=None, split: str = "validation",
-               independent_haystacks: bool = False, max_new_tokens: int | None = None, batch_size: int = 4,
+               independent_haystacks: bool = False, max_new_tokens: int | None = None, batch_size: int | None = None,
                options: ModelOptions | None = None, out="results/needle", progress: bool | None = None) -> list[dict]:
     """`ropescope needle`: `run_retrieval` of the needle task with these texts (checked before anything loads);
-    one haystack per point and batches of 4 by default."""
+    one haystack per point by default."""
     check_needle_text(needle, question, answer)
     return run_retrieval(needle_task(needle, question, answer), model, method, lengths=lengths, depths=depths,
                          trials=trials, seed=seed, factor=factor,

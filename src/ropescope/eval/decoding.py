@@ -39,12 +39,31 @@ def greedy_continuations(model, input_ids: torch.Tensor, max_new_tokens: int,
     return torch.cat([token.cpu() for token in generated], dim=1)
 
 
+# On a CPU a batch pays only while it stays small: measured (benchmarks/retrieval_batch.py), 8 prompts of 512
+# tokens per forward take half the time per prompt of one, while 8 of 2,048 take twice it and 4 of SmolLM2's 8,192
+# tokens 1.6 times it (the activations of a long batch outgrow the caches). So a CPU batch holds about this many
+# tokens; an accelerator keeps the full batch.
+CPU_BATCH_TOKENS = 4096
+MAX_BATCH = 8
+
+
+def prompts_per_forward(model, length: int, batch_size: int | None = None) -> int:
+    """How many prompts of `length` tokens one forward takes: batch_size where given, else MAX_BATCH on an
+    accelerator and as many as fill CPU_BATCH_TOKENS (at least 1, at most MAX_BATCH) on a CPU."""
+    if batch_size is not None:
+        return batch_size
+    if input_device(model).type != "cpu":
+        return MAX_BATCH
+    return max(1, min(MAX_BATCH, CPU_BATCH_TOKENS // length))
+
+
 def retrieval_grid(model, tokenizer, lengths, depths, trials: int, build_case, max_new_tokens,
-                   batch_size: int, desc: str, progress: bool | None, prefill_readout=None):
+                   batch_size: int | None, desc: str, progress: bool | None, prefill_readout=None):
     """Greedy continuations over lengths x depths x trials, generated in batches of equal-length prompts.
 
     build_case(length, depth, trial) -> PromptCase. max_new_tokens: a count, or case -> count (a batch generates
-    the most any of its prompts needs). prefill_readout: None, or cases -> a `greedy_continuations`
+    the most any of its prompts needs). batch_size: prompts per forward, None: `prompts_per_forward`'s choice for
+    each length. prefill_readout: None, or cases -> a `greedy_continuations`
     prefill_callback whose `statistics()` gives one result per case of the batch afterwards (as
     `attention.uncertainty.AnswerReadout`). Yields (depth, trial, case, continuation text, the case's readout or
     None).
@@ -56,8 +75,9 @@ def retrieval_grid(model, tokenizer, lengths, depths, trials: int, build_case, m
         for length in lengths:
             for depth in depths:
                 cases = [build_case(length, depth, trial) for trial in range(trials)]
-                for start in range(0, trials, batch_size):
-                    batch = cases[start : start + batch_size]
+                size = prompts_per_forward(model, length, batch_size)
+                for start in range(0, trials, size):
+                    batch = cases[start : start + size]
                     readout = prefill_readout(batch) if prefill_readout is not None else None
                     generated = greedy_continuations(model, torch.stack([c.input_ids for c in batch]),
                                                      max(map(tokens_for, batch)), readout)

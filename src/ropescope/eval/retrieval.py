@@ -53,14 +53,15 @@ def retrieval_row(task: RetrievalTask, case: PromptCase, continuation: str, dept
 def evaluate_retrieval(model, tokenizer, task: RetrievalTask, lengths, depths=(0, 25, 50, 75, 100),
                        trials: int = 5, seed: int = 0, documents: Sequence[str] | None = None,
                        independent_haystacks: bool = False, max_new_tokens: int | None = None,
-                       batch_size: int = 8, labels: dict | None = None, progress: bool | None = None,
+                       batch_size: int | None = None, labels: dict | None = None, progress: bool | None = None,
                        read_attention: bool = False,
                        cases: Mapping[tuple[int, float, int], PromptCase] | None = None,
                        independent_keys: bool = False) -> list[dict]:
     """`task` over lengths x depths x trials on a loaded model; one `RetrievalRow` per trial, as a dict.
 
     lengths: positive token counts; depths: percents in 0..100. max_new_tokens: None takes the task's own (the
-    most any prompt of a batch needs). labels: fields every row starts with. read_attention: also read each
+    most any prompt of a batch needs). batch_size: prompts per forward; None lets `eval.decoding.
+    prompts_per_forward` choose by device and length. labels: fields every row starts with. read_attention: also read each
     prompt's answering-query attention (`answer_attention`'s numbers, as per-layer means) in the prefill that
     gives its first answer token, into the row's `answer_attention`: the uncertainty readout then needs no
     forward of its own. cases: the prompts by (length, depth, trial), built once (`build_cases`) when several

@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from ropescope.attention.uncertainty import retrieval_attention
+from ropescope.attention.uncertainty import recorded_attention
 from ropescope.errors import RopescopeError
 from ropescope.eval.retrieval import build_cases, evaluate_retrieval
 from ropescope.model.load import load_tokenizer
@@ -103,10 +103,9 @@ def _ask(context: StageContext, variant: Variant, text: str, value, cases: dict,
                 evaluated = evaluate_retrieval(
                     model, tokenizer, task, [length], retrieval.depths, trials=retrieval.trials,
                     seed=context.config.seed, independent_haystacks=retrieval.independent_haystacks,
-                    progress=context.progress, cases=task_cases, independent_keys=retrieval.independent_keys)
-                ordered = [task_cases[(row["length"], row["depth_percent"], row["trial"])] for row in evaluated]
-                piece = [{**row, "logit_scale": text}
-                         for row in retrieval_attention(model, ordered, evaluated, progress=context.progress)]
+                    progress=context.progress, cases=task_cases, independent_keys=retrieval.independent_keys,
+                    read_attention=True)  # the answering query read in the prefill: one forward per prompt
+                piece = [{**row, "logit_scale": text} for row in recorded_attention(evaluated)]
                 context.pieces.put(key, piece)
             rows += piece
     return rows
