@@ -180,6 +180,11 @@ def test_the_figure_draws_accuracy_and_entropy_per_length(tmp_path):
 INTERVENTION = '[intervention]\nmethod = "yarn@512"\nlogit_scales = [0.8, 1.0, 1.25, "logn"]\nlengths = [256, 512]\n'
 
 
+def intervention_stages():
+    """The stages an intervention cell needs: its variant's training, fit and retrieval (scale 1.0 reads it)."""
+    return tuple(stage for stage in STAGES if stage.name in ("train", "scale_fit", "retrieval", "intervention"))
+
+
 def quick_config(table: str = INTERVENTION):
     return parse_config(tomllib.loads(quick_config_path().read_text() + table), STAGES, source="quick.toml")
 
@@ -198,7 +203,7 @@ def test_the_stage_has_one_cell_for_the_variant_it_names_and_none_without_the_ta
 
 def test_every_scale_asks_the_same_prompts_in_a_quick_study(tmp_path):
     config = quick_config()
-    stages = tuple(stage for stage in STAGES if stage.name in ("train", "scale_fit", "intervention"))
+    stages = intervention_stages()
     assert run_study(config, tmp_path, stages=stages, log=lambda line: None)["failed"] == 0
     with ResultStore(tmp_path / DATABASE) as store:
         rows = store.rows("intervention")
@@ -224,7 +229,7 @@ def test_the_stage_asks_each_scale_the_same_prompts_and_records_their_attention(
     # every scale applied as the variant itself: the same prompts must then give the very same rows
     monkeypatch.setattr(intervention, "scaled_spec", lambda variant, value: variant.spec)
     config = quick_config(INTERVENTION.replace('[0.8, 1.0, 1.25, "logn"]', '[1.0, 2.0]'))
-    stages = tuple(stage for stage in STAGES if stage.name in ("train", "scale_fit", "intervention"))
+    stages = intervention_stages()
     assert run_study(config, tmp_path, stages=stages, log=lambda line: None)["failed"] == 0
     with ResultStore(tmp_path / DATABASE) as store:
         rows = store.rows("intervention")
@@ -240,23 +245,45 @@ def test_the_stage_asks_each_scale_the_same_prompts_and_records_their_attention(
 
 def test_an_interrupted_intervention_resumes_from_its_last_finished_scale_and_length(tmp_path, monkeypatch):
     config = quick_config()
-    stages = tuple(stage for stage in STAGES if stage.name in ("train", "scale_fit", "intervention"))
+    stages = intervention_stages()
     assert run_study(config, tmp_path / "whole", stages=stages, log=lambda line: None)["failed"] == 0
-    real, asked = intervention.evaluate_retrieval, []
+    real, asked, crashed = intervention.evaluate_retrieval, [], []
 
     def crashing(model, tokenizer, task, lengths, depths, **options):
         asked.append(lengths)
-        if len(asked) == 5:  # 0.8 and 1.0 at both lengths done, 1.25 at 256 not
+        if len(asked) == 3 and not crashed:  # 0.8 at both lengths done (1.0 is read from the retrieval), 1.25 not
+            crashed.append(lengths)
             raise RuntimeError("out of memory (simulated)")
         return real(model, tokenizer, task, lengths, depths, **options)
 
     monkeypatch.setattr(intervention, "evaluate_retrieval", crashing)
     assert run_study(config, tmp_path / "resumed", stages=stages, log=lambda line: None)["failed"] == 1
+    assert crashed == [[256]]
     asked.clear()
     assert run_study(config, tmp_path / "resumed", stages=stages, log=lambda line: None)["failed"] == 0
     assert asked == [[256], [512], [256], [512]]  # 1.25 and logn only
     with ResultStore(tmp_path / "whole" / DATABASE) as whole, ResultStore(tmp_path / "resumed" / DATABASE) as resumed:
         assert resumed.rows("intervention") == whole.rows("intervention")
+
+
+def test_scale_one_reads_the_retrieval_cells_rows_which_a_forward_of_its_own_gives_again(tmp_path, monkeypatch):
+    config = quick_config()
+    asked = []
+    real = intervention.evaluate_retrieval
+
+    def counting(model, tokenizer, task, lengths, depths, **options):
+        asked.append(lengths)
+        return real(model, tokenizer, task, lengths, depths, **options)
+
+    monkeypatch.setattr(intervention, "evaluate_retrieval", counting)
+    assert run_study(config, tmp_path / "read", stages=intervention_stages(), log=lambda line: None)["failed"] == 0
+    assert asked == [[256], [512]] * 3  # 0.8, 1.25 and logn: 1.0 asks nothing
+    monkeypatch.setattr(intervention, "as_it_is", lambda context, variant, lengths: [])
+    assert run_study(config, tmp_path / "asked", stages=intervention_stages(), log=lambda line: None)["failed"] == 0
+    assert asked[6:] == [[256], [512]] * 4
+    with ResultStore(tmp_path / "read" / DATABASE) as read, ResultStore(tmp_path / "asked" / DATABASE) as own:
+        assert read.rows("intervention") == own.rows("intervention")
+        assert [row for row in read.rows("intervention") if row["logit_scale"] == "1.0"]
 
 
 def test_prompts_built_once_give_the_rows_evaluate_retrieval_builds():
@@ -278,7 +305,7 @@ def test_fit_plans_a_scale_fit_cell_only_when_asked():
 
 def test_fit_asks_the_per_layer_scales_its_scale_fit_cell_found(tmp_path):
     config = quick_config('[intervention]\nmethod = "yarn@512"\nlogit_scales = [1.0, "fit"]\nlengths = [512]\n')
-    stages = tuple(stage for stage in STAGES if stage.name in ("train", "scale_fit", "intervention"))
+    stages = intervention_stages()
     assert run_study(config, tmp_path, stages=stages, log=lambda line: None)["failed"] == 0
     with ResultStore(tmp_path / DATABASE) as store:
         fits, rows = store.rows("scale_fit"), store.rows("intervention")

@@ -125,14 +125,32 @@ def run(context: StageContext, variant: Variant) -> list[dict]:
                                   retrieval.independent_keys)
     rows, lengths = [], config.intervention.lengths
     for value in config.intervention.logit_scales:
+        asked = lengths
+        if value == 1.0:
+            recorded = as_it_is(context, variant, lengths)
+            rows += recorded
+            asked = [length for length in lengths if length not in {row["length"] for row in recorded}]
         if value == "fit":  # fitted per length by the scale_fit cell: one model per length
             fitted = fitted_scales(context.required_rows("scale_fit", variant))
             for length in lengths:
                 rows += _ask(context, variant, "fit", fitted[length], cases, tokenizer, [length])
-        else:
-            rows += _ask(context, variant, scale_text(value), value, cases, tokenizer, lengths)
+        elif asked:
+            rows += _ask(context, variant, scale_text(value), value, cases, tokenizer, asked)
     return rows
 
 
-STAGE = Stage("intervention", run, settings, requires=("train", "scale_fit"),
+def as_it_is(context: StageContext, variant: Variant, lengths: list[int]) -> list[dict]:
+    """Scale 1.0's rows where the variant's own retrieval cell already asked them: the same prompts (built from
+    the same [retrieval] grid and seed, in the same batches) of the same model, read in the same prefill, so the
+    very rows a forward at scale 1.0 would give (logit_scale 1 changes nothing, bit for bit). Lengths the
+    retrieval did not ask, rows without a readout, or a variant with a logit scale of its own: nothing."""
+    if variant.spec.logit_scale not in (None, 1, 1.0):
+        return []
+    recorded = [row for row in context.required_rows("retrieval", variant) if row["length"] in lengths]
+    read = recorded_attention(recorded) if recorded else None
+    return [] if read is None else [{**{key: value for key, value in row.items() if key != "cell"},
+                                     "logit_scale": scale_text(1.0)} for row in read]
+
+
+STAGE = Stage("intervention", run, settings, requires=("train", "scale_fit", "retrieval"),
               table=ConfigTable("intervention", InterventionSection), selects=selects)
