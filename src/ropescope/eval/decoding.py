@@ -40,8 +40,8 @@ def greedy_continuations(model, input_ids: torch.Tensor, max_new_tokens: int,
 
 
 # On a CPU a batch pays only while it stays small: measured (benchmarks/retrieval_batch.py), 8 prompts of 512
-# tokens per forward take half the time per prompt of one, while 8 of 2,048 take twice it and 4 of SmolLM2's 8,192
-# tokens 1.6 times it (the activations of a long batch outgrow the caches). So a CPU batch holds about this many
+# tokens per forward take 0.72 of one prompt's time each, 8 of 2,048 the same as one, and 4 of SmolLM2's 8,192
+# tokens 1.5 times it (the activations of a long batch outgrow the caches). So a CPU batch holds about this many
 # tokens; an accelerator keeps the full batch.
 CPU_BATCH_TOKENS = 4096
 MAX_BATCH = 8
