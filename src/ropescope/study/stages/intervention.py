@@ -125,17 +125,14 @@ def run(context: StageContext, variant: Variant) -> list[dict]:
                                   retrieval.independent_keys)
     rows, lengths = [], config.intervention.lengths
     for value in config.intervention.logit_scales:
-        asked = lengths
-        if value == 1.0:
-            recorded = as_it_is(context, variant, lengths)
-            rows += recorded
-            asked = [length for length in lengths if length not in {row["length"] for row in recorded}]
         if value == "fit":  # fitted per length by the scale_fit cell: one model per length
             fitted = fitted_scales(context.required_rows("scale_fit", variant))
             for length in lengths:
                 rows += _ask(context, variant, "fit", fitted[length], cases, tokenizer, [length])
-        elif asked:
-            rows += _ask(context, variant, scale_text(value), value, cases, tokenizer, asked)
+            continue
+        reused = as_it_is(context, variant, lengths) if value == 1.0 else []
+        asked = [length for length in lengths if length not in {row["length"] for row in reused}]
+        rows += reused + (_ask(context, variant, scale_text(value), value, cases, tokenizer, asked) if asked else [])
     return rows
 
 
@@ -147,7 +144,7 @@ def as_it_is(context: StageContext, variant: Variant, lengths: list[int]) -> lis
     if variant.spec.logit_scale not in (None, 1, 1.0):
         return []
     recorded = [row for row in context.required_rows("retrieval", variant) if row["length"] in lengths]
-    read = recorded_attention(recorded) if recorded else None
+    read = recorded_attention(recorded)
     return [] if read is None else [{**{key: value for key, value in row.items() if key != "cell"},
                                      "logit_scale": scale_text(1.0)} for row in read]
 
