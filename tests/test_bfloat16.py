@@ -32,6 +32,7 @@ from ropescope.model.load import (
     CPU_BFLOAT16_MIN_PARAMETERS,
     ModelOptions,
     cpuinfo_multiplies_bfloat16,
+    float32_for_want_of_bfloat16,
     load,
     model_dtype,
 )
@@ -164,6 +165,17 @@ def test_smollm2_bfloat16_passkey_answers_are_float32s(smollm2):
 
 
 # --- detection and the warning ----------------------------------------------------------------------------------
+
+
+def test_float32_for_want_of_bfloat16_names_a_large_model_on_a_cpu_without_it(monkeypatch):
+    packaged_or_skip(SMOLLM2)
+    monkeypatch.setattr(load_module, "cpu_multiplies_bfloat16", lambda: False)
+    assert float32_for_want_of_bfloat16(SMOLLM2)
+    assert not float32_for_want_of_bfloat16("default")  # below the size bound: float32 on every CPU
+    assert not float32_for_want_of_bfloat16(SMOLLM2, ModelOptions(device="cpu", dtype="float32"))  # asked for
+    assert not float32_for_want_of_bfloat16(SMOLLM2, ModelOptions(device="cpu", entropy_capture=True))
+    monkeypatch.setattr(load_module, "cpu_multiplies_bfloat16", lambda: True)
+    assert not float32_for_want_of_bfloat16(SMOLLM2)
 
 
 def test_native_bfloat16_is_read_from_the_cpu_flags():

@@ -301,6 +301,11 @@ def test_fit_plans_a_scale_fit_cell_only_when_asked():
     cells = {cell.name: cell for cell in plan_cells(quick_config(INTERVENTION.replace('"logn"]', '"fit"]')))}
     assert [name for name in cells if name.startswith("scale_fit/")] == ["scale_fit/yarn@512"]
     assert "scale_fit/yarn@512" in cells["intervention/yarn@512"].requires
+    # the variant's own cells do not read the intervention's fit: they keep their fingerprints
+    plain = {cell.name: cell.fingerprint for cell in plan_cells(quick_config(""))}
+    assert {name: cell.fingerprint for name, cell in cells.items()
+            if not name.startswith(("intervention/", "scale_fit/"))} == plain
+    assert "scale_fit/yarn@512" not in cells["perplexity/yarn@512"].requires
 
 
 def test_fit_asks_the_per_layer_scales_its_scale_fit_cell_found(tmp_path):

@@ -232,6 +232,19 @@ def test_killed_study_resumes_with_one_row_set_per_cell(finished_study, tmp_path
     assert ours == pytest.approx(theirs, rel=1e-4)  # the resumed study computes what an uninterrupted one does
 
 
+def test_a_study_resumed_in_another_dtype_says_so(finished_study, tmp_path):
+    folder = tmp_path / "elsewhere"
+    shutil.copytree(finished_study[0], folder)
+    lines = []
+    run_study(QUICK, folder, log=lines.append)
+    assert not [line for line in lines if "dtype" in line]  # every row in this machine's float32
+    with sqlite3.connect(folder / DATABASE) as connection:  # as a CPU with native bfloat16 would have recorded it
+        connection.execute("UPDATE rows SET data = json_set(data, '$.dtype', 'bfloat16') WHERE kind = 'perplexity'")
+    run_study(QUICK, folder, log=lines.append)
+    warnings = [line for line in lines if line.startswith("warning: recorded")]
+    assert len(warnings) == 1 and "in bfloat16, and this machine evaluates in float32" in warnings[0]
+
+
 def _states_or_empty(folder) -> dict:
     try:
         return cell_states(folder)
@@ -426,15 +439,34 @@ def test_pieces_of_another_fingerprint_are_not_resumed(tmp_path):
         assert store.pieces("retrieval/b", "old") == {}
 
 
-def test_a_published_database_alone_resumes_the_study_rerunning_only_the_fine_tunes(finished_study, tmp_path):
-    """A committed study keeps only results.sqlite.gz: the same command finds every cell recorded in it, except
-    the fine-tunes, whose checkpoints are not committed (they train again; nothing after them reruns)."""
+def test_a_published_database_alone_resumes_the_study_training_only_the_fine_tunes_a_cell_to_run_needs(
+        finished_study, tmp_path):
+    """A committed study keeps only results.sqlite.gz, without the fine-tunes' checkpoints: the same command finds
+    every cell recorded and runs nothing; with one cell of a fine-tuned variant missing, it trains that variant
+    again (and no other) and runs that cell."""
     reference, _ = finished_study
     folder = tmp_path / "published"
     folder.mkdir()
     (folder / PUBLISHED).write_bytes(gzip.compress((reference / DATABASE).read_bytes()))
-    counts = run_study(QUICK, folder, log=lambda line: None)
-    train = sum(cell.stage.writes_checkpoint for cell in plan_cells(QUICK))
-    assert train >= 1 and counts == {"done": train, "skipped": len(plan_cells(QUICK)) - train, "failed": 0,
-                                     "blocked": 0}
+    cells = plan_cells(QUICK)
+    assert run_study(QUICK, folder, log=lambda line: None) == {"done": 0, "skipped": len(cells), "failed": 0,
+                                                                  "blocked": 0}
+    missing = next(cell for cell in cells if cell.stage.name == "perplexity" and cell.variant.fine_tuned)
+    with sqlite3.connect(folder / DATABASE) as connection:
+        connection.execute("DELETE FROM rows WHERE cell = ?", (missing.name,))
+        connection.execute("DELETE FROM cells WHERE cell = ?", (missing.name,))
+    lines = []
+    counts = run_study(QUICK, folder, log=lines.append)
+    assert counts == {"done": 2, "skipped": len(cells) - 2, "failed": 0, "blocked": 0}
+    ran = [line.split(" ")[0] for line in lines if " done in " in line]
+    assert ran == [f"train/{missing.variant.name}", missing.name]
     assert row_counts(folder) == row_counts(reference)
+
+
+def test_cells_run_variant_by_variant_each_fine_tune_followed_by_its_own_cells(tmp_path):
+    calls = []
+    run_study(QUICK, tmp_path, log=lambda line: None, stages=fake_stages(calls))
+    variants = [call.split("/")[1] for call in calls]
+    assert len(set(variants)) > 2 and variants == sorted(variants, key=variants.index)  # each variant in one run
+    fine_tuned = [cell.variant.name for cell in plan_cells(QUICK) if cell.stage.writes_checkpoint]
+    assert fine_tuned and all(calls[variants.index(variant)] == f"train/{variant}" for variant in fine_tuned)

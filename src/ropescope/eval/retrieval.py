@@ -64,9 +64,9 @@ def evaluate_retrieval(model, tokenizer, task: RetrievalTask, lengths, depths=(0
     `eval.decoding.prompts_per_forward` choose by device and length. labels: fields every row starts with.
     read_attention: also read each prompt's answering-query attention (`answer_attention`'s numbers, as
     per-layer means) in the prefill that gives its first answer token, into the row's `answer_attention`: the
-    uncertainty readout then needs no forward of its own. cases: the prompts by (length, depth, trial), built once (`build_cases`) when several
-    models must answer the very same ones; None builds them. independent_keys: in the task's repeated filler,
-    every (length, depth, trial) its own key and filler start (`CaseRequest`).
+    uncertainty readout then needs no forward of its own. cases: the prompts by (length, depth, trial), built
+    once (`build_cases`) when several models must answer the very same ones; None builds them. independent_keys:
+    in the task's repeated filler, every (length, depth, trial) its own key and filler start (`CaseRequest`).
     """
     built = case_builder(task, tokenizer, seed, documents, independent_haystacks, independent_keys)
 

@@ -149,6 +149,18 @@ def _warn_slow_bfloat16(device: torch.device, dtype: torch.dtype) -> None:
         _LOG.warning("bfloat16 on this CPU (no AVX512-BF16 or AMX) is emulated: slower than float32, same results")
 
 
+def float32_for_want_of_bfloat16(model: str | Path | ModelSource = "default",
+                                 options: ModelOptions | None = None) -> bool:
+    """Whether `auto` loads `model` in float32 on this CPU only because the CPU has no native bfloat16 product: a
+    model that a CPU with AVX512-BF16 or AMX evaluates in bfloat16, about ten times faster (SmolLM2's 16K-token
+    perplexity: 268 s against 28 s)."""
+    options = options or ModelOptions(device="cpu")
+    if (options.dtype != "auto" or options.device_map or options.entropy_capture
+            or options.torch_device().type != "cpu" or cpu_multiplies_bfloat16()):
+        return False
+    return _parameter_count(read_model_config(resolve_model(model))) >= CPU_BFLOAT16_MIN_PARAMETERS
+
+
 def model_dtype(model: str | Path | ModelSource = "default", options: ModelOptions | None = None) -> str:
     """The dtype `load(model, options=options)` loads in, as rows name it ('float32', 'bfloat16'), without
     loading the weights (the config on the meta device gives the parameter count)."""

@@ -4,7 +4,8 @@ the cells it requires and a fingerprint of exactly what its rows depend on.
 A cell's fingerprint covers its stage's settings, the variant's name and RopeSpec, the model, corpus and seed,
 and the fingerprints of the cells it requires (so an evaluation of a fine-tuned variant depends on that
 variant's training cell, and through it on its own training length and settings, not on the other lengths of
-the config). Adding a method or a training length adds cells and changes no existing one. The unit of work is a
+the config; a required cell that a stage does not read, such as the intervention's scale fit for the variant's
+other cells, is left out). Adding a method or a training length adds cells and changes no existing one. The unit of work is a
 (stage, variant) pair, so adding an evaluation length changes the settings of that stage and reruns its cells
 (and the cells that require them), never the training.
 """
@@ -53,7 +54,7 @@ def plan_cells(config: StudyConfig, stages: Sequence[Stage] = STAGES) -> list[Ce
             if not stage.has_cell(config, variant):
                 continue
             requires = tuple(cell_name(name, variant) for name in stage.requires
-                             if by_stage[name].has_cell(config, variant))
+                             if by_stage[name].is_read_by(stage.name, config, variant))
             cell_fingerprint = fingerprint(
                 stage.name, variant.name, variant.spec.to_dict(), shared, stage.settings(config, variant),
                 [cells[name].fingerprint for name in requires],

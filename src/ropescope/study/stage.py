@@ -55,6 +55,10 @@ class Stage:
     # (config, variant) -> whether the stage has a cell for this variant, for a stage whose config names the
     # variants it runs on (None: every variant `applies` allows); raise a RopescopeError for a name it cannot use
     selects: Callable[[StudyConfig, Variant], bool] | None = None
+    # (config, variant, stage name) -> whether that stage's cell of the variant reads this stage's cell, for a
+    # stage whose cell only some of the stages that require it read (None: all of them); the others' fingerprints
+    # leave it out, so adding such a cell reruns only what reads it
+    feeds: Callable[[StudyConfig, Variant, str], bool] | None = None
 
     def applies(self, variant: Variant) -> bool:
         if variant.sweep and not self.sweep:
@@ -64,6 +68,10 @@ class Stage:
     def has_cell(self, config: StudyConfig, variant: Variant) -> bool:
         """Whether the study has a cell of this stage for `variant`."""
         return self.applies(variant) and (self.selects is None or self.selects(config, variant))
+
+    def is_read_by(self, stage: str, config: StudyConfig, variant: Variant) -> bool:
+        """Whether the cell of `stage` for `variant`, which requires this stage, reads this stage's cell."""
+        return self.has_cell(config, variant) and (self.feeds is None or self.feeds(config, variant, stage))
 
 
 def no_settings(config: StudyConfig, variant: Variant) -> dict:

@@ -11,14 +11,14 @@ from pathlib import Path
 
 from ropescope.errors import RopescopeError
 from ropescope.io.results import check_output_folder, remove_stale_temporaries
-from ropescope.model.load import load_tokenizer
+from ropescope.model.load import ModelOptions, float32_for_want_of_bfloat16, load_tokenizer, model_dtype
 from ropescope.model.resolve import read_model_config, resolve_model
 from ropescope.model.patch import pretrained_rope, pretrained_rope_parameters, rotary_dim
 from ropescope.study.cells import Cell, plan_cells
 from ropescope.study.config import EXECUTORS, StudyConfig
 from ropescope.study.context import StageContext, Variant, plan_variants, repeated_extensions
 from ropescope.study.report.page import build_report
-from ropescope.study.run.local import Recorder, is_finished, recorded_rows_reader, run_local
+from ropescope.study.run.local import Recorder, recorded_rows_reader, run_local, still_to_run
 from ropescope.study.run import ray as ray_executor
 from ropescope.study.run.lock import folder_lock
 from ropescope.study.run.store import DATABASE, ResultStore, check_database_file, remove_database, unpack_published
@@ -67,6 +67,7 @@ def run_study(
     with _opened(out, force) as store:
         recorder, todo = _start(config, out, cells, store, force, log)
         context = StageContext(config, out, recorded_rows_reader(store), progress)
+        check_evaluation_dtype(config, store, log, context.device)
         run_local(todo, context, recorder, force=force, stop_after=stop_after)
         _report(out, report, log, stages)
     return recorder.counts
@@ -120,11 +121,29 @@ def _start(config: StudyConfig, out: Path, cells: list[Cell], store: ResultStore
     """Record the config in the database; the recorder and the cells still to run."""
     store.set_meta("config", config.to_dict())
     store.set_meta("original_max_position_embeddings", config.model.original_max_position_embeddings)
-    todo = [cell for cell in cells if force or not is_finished(store, out, cell)]
+    todo = still_to_run(store, out, cells, force)
     recorder = Recorder(store, len(cells), todo, log)
     if todo:
         log(f"{len(cells)} cells, {len(todo)} to run ({recorder.time_left()})")
     return recorder, todo
+
+
+def check_evaluation_dtype(config: StudyConfig, store: ResultStore, log: Callable[[str], None],
+                           device: str = "cpu") -> None:
+    """Say when this CPU evaluates the model in float32 for want of a native bfloat16 product (the configs' timings
+    were measured with one), and warn when recorded perplexity or retrieval rows were computed in another dtype
+    than this machine's (a study resumed elsewhere): the cells still to run would mix dtypes in one report."""
+    options = ModelOptions(device=device)
+    dtype = model_dtype(config.model.path, options)
+    if float32_for_want_of_bfloat16(config.model.path, options):
+        log("note: this CPU has no native bfloat16 product (AVX512-BF16 or AMX), so the model evaluates in float32, "
+            "about 10x slower than the timings the configs and docs give")
+    others = sorted({row["dtype"] for kind in ("perplexity", "retrieval") for row in store.rows(kind)
+                     if row.get("dtype")} - {dtype})
+    if others:
+        log(f"warning: recorded perplexity or retrieval rows were computed in {', '.join(others)}, and this machine "
+            f"evaluates in {dtype}: new cells write {dtype} rows beside them (every row names its dtype); "
+            f"--force reruns the study in one dtype")
 
 
 def _run_with_ray(config: StudyConfig, out: Path, cells: list[Cell], *, force: bool, progress: bool | None,

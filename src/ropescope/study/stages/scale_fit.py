@@ -34,6 +34,11 @@ def selects(config: StudyConfig, variant: Variant) -> bool:
     return bool(fit_lengths(config, variant))
 
 
+def feeds(config: StudyConfig, variant: Variant, stage: str) -> bool:
+    """The intervention reads the fit; the variant's other cells only where its own scale is "fit"."""
+    return stage == "intervention" or fits_own_scale(variant)
+
+
 def settings(config: StudyConfig, variant: Variant) -> dict:
     return {"lengths": fit_lengths(config, variant), "samples": FIT_SAMPLES, "tolerance": TOLERANCE,
             "max_forwards": MAX_FORWARDS}
@@ -70,4 +75,5 @@ def figures(report: ReportInputs) -> list[StageFigure]:
         lambda path, rows=rows: plots.plot_scale_fit(rows, path)) for (variant, length), rows in groups.items()]
 
 
-STAGE = Stage("scale_fit", run, settings, requires=("train",), sweep=True, selects=selects, figures=figures)
+STAGE = Stage("scale_fit", run, settings, requires=("train",), sweep=True, selects=selects, feeds=feeds,
+              figures=figures)
