@@ -408,11 +408,11 @@ def test_progress_lines_give_the_cell_time_left_from_every_timed_cell(tmp_path):
     cells = plan_cells(QUICK)
     assert lines[0] == f"{len(cells)} cells, {len(cells)} to run ({', '.join(EVERY_VARIANT)} not yet timed)"
     done = [line for line in lines if " done in " in line]
-    # after the one fine-tune, the evaluation stages are still untimed: the estimate is a lower bound
-    assert done[0].startswith("train/yarn@512 done in ") and \
-        done[0].endswith(f"/{len(cells)}; {', '.join(EVERY_VARIANT[1:])} not yet timed)")
-    assert done[1].startswith("perplexity/original done in ") and \
-        done[1].endswith(f"; at least 0 s of cells left, {', '.join(EVERY_VARIANT[2:])} not yet timed)")
+    # variant by variant: after the original's first cell the other stages are still untimed, a lower bound
+    untimed = [stage for stage in EVERY_VARIANT if stage != "perplexity"]
+    assert done[0].startswith("perplexity/original done in ") and \
+        done[0].endswith(f"; at least 0 s of cells left, {', '.join(untimed)} not yet timed)")
+    assert done[1].startswith("retrieval/original done in ")
     assert "; about " in done[-2] and "left" not in done[-1]
     # a resumed study estimates from the recorded times before it runs a cell: two perplexity cells at 10 s each
     with sqlite3.connect(tmp_path / DATABASE) as connection:
@@ -467,6 +467,6 @@ def test_cells_run_variant_by_variant_each_fine_tune_followed_by_its_own_cells(t
     calls = []
     run_study(QUICK, tmp_path, log=lambda line: None, stages=fake_stages(calls))
     variants = [call.split("/")[1] for call in calls]
-    assert len(set(variants)) > 2 and variants == sorted(variants, key=variants.index)  # each variant in one run
+    assert len(set(variants)) >= 2 and variants == sorted(variants, key=variants.index)  # each variant in one run
     fine_tuned = [cell.variant.name for cell in plan_cells(QUICK) if cell.stage.writes_checkpoint]
     assert fine_tuned and all(calls[variants.index(variant)] == f"train/{variant}" for variant in fine_tuned)

@@ -31,17 +31,19 @@ def is_finished(store: ResultStore, out: Path, cell: Cell) -> bool:
     return not cell.stage.writes_checkpoint or (checkpoint_dir(out, cell.variant) / "config.json").is_file()
 
 
-def still_to_run(store: ResultStore, out: Path, cells: Sequence[Cell], force: bool = False) -> list[Cell]:
-    """The cells a run executes (all of them under `force`), variant by variant: each fine-tune followed by its
-    own cells, so that a study stopped after any cell has lost at most one fine-tune's work. Without `force`:
+def still_to_run(store: ResultStore, out: Path, cells: Sequence[Cell], variants: Sequence[str],
+                 force: bool = False) -> list[Cell]:
+    """The cells a run executes (all of them under `force`), variant by variant in the order of `variants` (the
+    study's): each fine-tune followed by its own cells, so that a study stopped after any cell has lost at most one
+    fine-tune's work. Without `force`:
     the cells not recorded under their fingerprint, and a recorded fine-tune whose checkpoint is gone (a published
     database holds none) only where one of those requires it."""
     unrecorded = {cell.name for cell in cells if force or not store.is_done(cell.name, cell.fingerprint)}
     required = {name for cell in cells if cell.name in unrecorded for name in cell.requires}
     todo = [cell for cell in cells
             if cell.name in unrecorded or (cell.name in required and not is_finished(store, out, cell))]
-    variants = list(dict.fromkeys(cell.variant.name for cell in cells))
-    return sorted(todo, key=lambda cell: variants.index(cell.variant.name))  # stable: registry order within one
+    order = {name: index for index, name in enumerate(variants)}
+    return sorted(todo, key=lambda cell: order[cell.variant.name])  # stable: registry order within a variant
 
 
 def prepare(cell: Cell, out: Path, force: bool) -> None:

@@ -121,8 +121,9 @@ def _start(config: StudyConfig, out: Path, cells: list[Cell], store: ResultStore
     """Record the config in the database; the recorder and the cells still to run."""
     store.set_meta("config", config.to_dict())
     store.set_meta("original_max_position_embeddings", config.model.original_max_position_embeddings)
-    todo = still_to_run(store, out, cells, force)
-    recorder = Recorder(store, len(cells), todo, log)
+    todo = still_to_run(store, out, cells, [variant.name for variant in plan_variants(config)], force)
+    names = {cell.name for cell in todo}
+    recorder = Recorder(store, len(cells), [cell for cell in cells if cell.name in names], log)  # stages in order
     if todo:
         log(f"{len(cells)} cells, {len(todo)} to run ({recorder.time_left()})")
     return recorder, todo
