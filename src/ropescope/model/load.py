@@ -136,10 +136,16 @@ class ModelOptions:
         device = self.torch_device()
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
             return torch.bfloat16
-        if (device.type == "cpu" and not self.device_map and not self.entropy_capture and parameters is not None
-                and parameters >= CPU_BFLOAT16_MIN_PARAMETERS and cpu_multiplies_bfloat16()):
+        if self.cpu_bfloat16_sized(parameters) and cpu_multiplies_bfloat16():
             return torch.bfloat16
         return torch.float32
+
+    def cpu_bfloat16_sized(self, parameters: int | None) -> bool:
+        """Whether `auto` runs a model of `parameters` in bfloat16 on this CPU where the CPU multiplies it natively
+        (an evaluation, not a whole-sequence readout, of a model large enough for its speed to show)."""
+        return (self.dtype == "auto" and self.torch_device().type == "cpu" and not self.device_map
+                and not self.entropy_capture and parameters is not None
+                and parameters >= CPU_BFLOAT16_MIN_PARAMETERS)
 
 
 def _warn_slow_bfloat16(device: torch.device, dtype: torch.dtype) -> None:
@@ -155,10 +161,9 @@ def float32_for_want_of_bfloat16(model: str | Path | ModelSource = "default",
     model that a CPU with AVX512-BF16 or AMX evaluates in bfloat16, about ten times faster (SmolLM2's 16K-token
     perplexity: 268 s against 28 s)."""
     options = options or ModelOptions(device="cpu")
-    if (options.dtype != "auto" or options.device_map or options.entropy_capture
-            or options.torch_device().type != "cpu" or cpu_multiplies_bfloat16()):
+    if cpu_multiplies_bfloat16():
         return False
-    return _parameter_count(read_model_config(resolve_model(model))) >= CPU_BFLOAT16_MIN_PARAMETERS
+    return options.cpu_bfloat16_sized(_parameter_count(read_model_config(resolve_model(model))))
 
 
 def model_dtype(model: str | Path | ModelSource = "default", options: ModelOptions | None = None) -> str:

@@ -5,9 +5,9 @@ A cell's fingerprint covers its stage's settings, the variant's name and RopeSpe
 and the fingerprints of the cells it requires (so an evaluation of a fine-tuned variant depends on that
 variant's training cell, and through it on its own training length and settings, not on the other lengths of
 the config; a required cell that a stage does not read, such as the intervention's scale fit for the variant's
-other cells, is left out). Adding a method or a training length adds cells and changes no existing one. The unit of work is a
-(stage, variant) pair, so adding an evaluation length changes the settings of that stage and reruns its cells
-(and the cells that require them), never the training.
+other cells, is left out). Adding a method or a training length adds cells and changes no existing one. The unit
+of work is a (stage, variant) pair, so adding an evaluation length changes the settings of that stage and reruns
+its cells (and the cells that require them), never the training.
 """
 
 from __future__ import annotations

@@ -35,9 +35,8 @@ def still_to_run(store: ResultStore, out: Path, cells: Sequence[Cell], variants:
                  force: bool = False) -> list[Cell]:
     """The cells a run executes (all of them under `force`), variant by variant in the order of `variants` (the
     study's): each fine-tune followed by its own cells, so that a study stopped after any cell has lost at most one
-    fine-tune's work. Without `force`:
-    the cells not recorded under their fingerprint, and a recorded fine-tune whose checkpoint is gone (a published
-    database holds none) only where one of those requires it."""
+    fine-tune's work. Without `force`: the cells not recorded under their fingerprint, and a recorded fine-tune
+    whose checkpoint is gone (a published database holds none) only where one of those requires it."""
     unrecorded = {cell.name for cell in cells if force or not store.is_done(cell.name, cell.fingerprint)}
     required = {name for cell in cells if cell.name in unrecorded for name in cell.requires}
     todo = [cell for cell in cells

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ropescope.errors import RopescopeError
 from ropescope.io.results import check_output_folder, remove_stale_temporaries
-from ropescope.model.load import ModelOptions, float32_for_want_of_bfloat16, load_tokenizer, model_dtype
+from ropescope.model.load import ModelOptions, float32_for_want_of_bfloat16, load_tokenizer
 from ropescope.model.resolve import read_model_config, resolve_model
 from ropescope.model.patch import pretrained_rope, pretrained_rope_parameters, rotary_dim
 from ropescope.study.cells import Cell, plan_cells
@@ -67,7 +67,7 @@ def run_study(
     with _opened(out, force) as store:
         recorder, todo = _start(config, out, cells, store, force, log)
         context = StageContext(config, out, recorded_rows_reader(store), progress)
-        check_evaluation_dtype(config, store, log, context.device)
+        check_evaluation_dtype(context, store, log)
         run_local(todo, context, recorder, force=force, stop_after=stop_after)
         _report(out, report, log, stages)
     return recorder.counts
@@ -129,14 +129,12 @@ def _start(config: StudyConfig, out: Path, cells: list[Cell], store: ResultStore
     return recorder, todo
 
 
-def check_evaluation_dtype(config: StudyConfig, store: ResultStore, log: Callable[[str], None],
-                           device: str = "cpu") -> None:
+def check_evaluation_dtype(context: StageContext, store: ResultStore, log: Callable[[str], None]) -> None:
     """Say when this CPU evaluates the model in float32 for want of a native bfloat16 product (the configs' timings
     were measured with one), and warn when recorded perplexity or retrieval rows were computed in another dtype
     than this machine's (a study resumed elsewhere): the cells still to run would mix dtypes in one report."""
-    options = ModelOptions(device=device)
-    dtype = model_dtype(config.model.path, options)
-    if float32_for_want_of_bfloat16(config.model.path, options):
+    dtype = context.evaluation_dtype
+    if float32_for_want_of_bfloat16(context.config.model.path, ModelOptions(device=context.device)):
         log("note: this CPU has no native bfloat16 product (AVX512-BF16 or AMX), so the model evaluates in float32, "
             "about 10x slower than the timings the configs and docs give")
     others = sorted({row["dtype"] for kind in ("perplexity", "retrieval") for row in store.rows(kind)
