@@ -439,6 +439,20 @@ def test_pieces_of_another_fingerprint_are_not_resumed(tmp_path):
         assert store.pieces("retrieval/b", "old") == {}
 
 
+def test_rows_and_pieces_keep_seven_significant_digits_of_every_float_and_the_rest_as_it_was(tmp_path):
+    from ropescope.study.run.store import ResultStore
+
+    row = {"entropy": 0.9033183327022319, "samples": [1.1011130213737488, 123456789.5, 2.5e-12], "n": 48,
+           "nested": {"mass": (0.037476910394616425, None)}, "correct": True, "text": "0.123456789"}
+    expected = {"entropy": 0.9033183, "samples": [1.101113, 123456800.0, 2.5e-12], "n": 48,
+                "nested": {"mass": [0.03747691, None]}, "correct": True, "text": "0.123456789"}
+    with ResultStore(tmp_path / DATABASE) as store:
+        store.keep_piece("retrieval/a", "h", "passkey 256 0", [row])
+        assert store.pieces("retrieval/a", "h") == {"passkey 256 0": [expected]}
+        store.record("retrieval/a", "retrieval", "a", "h", [row, expected], 1.0)
+        assert store.cell_rows("retrieval/a") == [expected, expected]  # rounding twice changes nothing
+
+
 def test_a_published_database_alone_resumes_the_study_training_only_the_fine_tunes_a_cell_to_run_needs(
         finished_study, tmp_path):
     """A committed study keeps only results.sqlite.gz, without the fine-tunes' checkpoints: the same command finds

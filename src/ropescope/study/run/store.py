@@ -19,6 +19,9 @@ DATABASE = "results.sqlite"  # the results database's file name inside a study f
 # A results database as committed beside the docs: the gzip of DATABASE (its JSON rows shrink about 20x: a
 # real-model study's 150 MB to 7 MB). `report` and `study` unpack it where the folder holds only it.
 PUBLISHED = DATABASE + ".gz"
+# Rows keep 7 significant digits, a float32's precision: every measurement is computed in float32 or bfloat16, so
+# the digits beyond are rounding noise, and they made half of the thorough study's published database.
+SIGNIFICANT_DIGITS = 7
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS cells (
@@ -94,6 +97,22 @@ def unpack_published(folder: Path) -> None:
                              f"accepted: the output of `gzip -c {DATABASE}`") from None
 
 
+def rounded(value):
+    """`value` with every float in it (through lists, tuples and dicts) rounded to SIGNIFICANT_DIGITS digits."""
+    if isinstance(value, float):
+        return float(f"{value:.{SIGNIFICANT_DIGITS}g}")
+    if isinstance(value, dict):
+        return {key: rounded(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [rounded(item) for item in value]
+    return value
+
+
+def encoded(rows) -> str:
+    """A row, or a list of rows, as the JSON the database holds."""
+    return json.dumps(rounded(rows), default=str)
+
+
 def remove_database(path: Path) -> None:
     """Delete a results database and its journal files (`ropescope study --force` starts over)."""
     for suffix in ("", "-journal", "-wal", "-shm"):
@@ -139,7 +158,7 @@ class ResultStore:
             self.connection.execute("DELETE FROM pieces WHERE cell = ?", (cell,))
             self.connection.executemany(
                 "INSERT INTO rows (cell, kind, variant, data) VALUES (?, ?, ?, ?)",
-                [(cell, kind, variant, json.dumps(row, default=str)) for row in rows],
+                [(cell, kind, variant, encoded(row)) for row in rows],
             )
             self.connection.execute(
                 "INSERT OR REPLACE INTO cells VALUES (?, ?, ?, ?, 'done', NULL, ?, ?)",
@@ -157,7 +176,7 @@ class ResultStore:
         """Commit one finished piece of a running cell."""
         with self.connection:
             self.connection.execute("INSERT OR REPLACE INTO pieces VALUES (?, ?, ?, ?)",
-                                    (cell, config_hash, piece, json.dumps(rows, default=str)))
+                                    (cell, config_hash, piece, encoded(rows)))
 
     def record_failure(self, cell: str, kind: str, variant: str, config_hash: str, error: str, seconds: float):
         with self.connection:
