@@ -136,7 +136,7 @@ def check_evaluation_dtype(context: StageContext, store: ResultStore, log: Calla
     dtype = context.evaluation_dtype
     if float32_for_want_of_bfloat16(context.config.model.path, ModelOptions(device=context.device)):
         log("note: this CPU has no native bfloat16 product (AVX512-BF16 or AMX), so the model evaluates in float32, "
-            "about 10x slower than the timings the configs and docs give")
+            "slower than the timings the configs and docs give (a 16K forward of SmolLM2-135M: 2.8x)")
     others = sorted({row["dtype"] for kind in ("perplexity", "retrieval") for row in store.rows(kind)
                      if row.get("dtype")} - {dtype})
     if others:
