@@ -245,6 +245,20 @@ def test_a_study_resumed_in_another_dtype_says_so(finished_study, tmp_path):
     assert len(warnings) == 1 and "in bfloat16, and this machine evaluates in float32" in warnings[0]
 
 
+def test_a_study_on_a_cpu_without_native_bfloat16_says_it_evaluates_in_float32(finished_study, tmp_path, monkeypatch):
+    import ropescope.study.run.runner as runner
+
+    folder = tmp_path / "elsewhere"
+    shutil.copytree(finished_study[0], folder)
+    lines = []
+    run_study(QUICK, folder, log=lines.append)
+    assert not [line for line in lines if line.startswith("note: this CPU")]  # the shipped model: float32 anyway
+    monkeypatch.setattr(runner, "float32_for_want_of_bfloat16", lambda path, options: True)  # as for SmolLM2 there
+    run_study(QUICK, folder, log=lines.append)
+    (note,) = [line for line in lines if line.startswith("note: this CPU")]
+    assert "no native bfloat16 product" in note and "evaluates in float32" in note
+
+
 def _states_or_empty(folder) -> dict:
     try:
         return cell_states(folder)
