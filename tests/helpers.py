@@ -208,7 +208,7 @@ def fill_store(path, meta_key="original_max_position_embeddings", untrained=None
                     for p in range(16, n, 64):
                         value = math.log(p + 1) * (1 - quality / 3)
                         entropy.append({**base, "length": n, "layer": layer, "position": p, "entropy": value,
-                                        "sample_entropy": [value - 0.05, value, value + 0.05]})
+                                        "head_sample_entropy": [value - 0.05, value, value + 0.05]})
             store.record(f"entropy/{variant}", "entropy", variant, "h", entropy, 1.0)
             patterns = [{**base, "row_type": "preservation", "layer": layer, "js_divergence": 0.3 - 0.25 * quality}
                         for layer in range(2)]

@@ -544,7 +544,7 @@ def entropy_rows(method, train_length, per_sample, length=2048, layers=2, train_
     return [{"variant": f"{method}@{train_length}", "method_name": method, "train_length": train_length,
              "train_seed": train_seed, "length": length, "layer": layer,
              "entropy": float(np.mean(per_sample)) + (layer - 0.5) * 0.1,
-             "sample_entropy": [value + (layer - 0.5) * 0.1 for value in per_sample]}
+             "head_sample_entropy": [value + (layer - 0.5) * 0.1 for value in per_sample]}
             for layer in range(layers)]
 
 
@@ -604,3 +604,9 @@ def test_finding_three_with_one_run_per_arm_is_not_testable():
     token_blocks = [test for test in finding.tests if test.unit == "token blocks"]
     assert len(token_blocks) == 3 and all(test.interval is not None for test in token_blocks)
     assert finding_training_length([], ppl).verdict == INCONCLUSIVE
+    # a database recorded before head_sample_entropy holds a list per bin: the same intervals from it
+    per_bin = [{("sample_entropy" if key == "head_sample_entropy" else key): value for key, value in row.items()}
+               for row in entropy]
+    older = [test for test in finding_training_length(per_bin, ppl).tests if test.unit == "token blocks"]
+    assert [(test.statistic, test.interval) for test in older] == [(test.statistic, test.interval)
+                                                                   for test in token_blocks]

@@ -58,8 +58,9 @@ def entropy_profile(
     position_bin_size: tokens per query-position bin (default: length / 64, at least 1).
     labels: fields copied into every row (model, method, factor, ...). progress: tqdm bar (None: only on a terminal).
     Returns `EntropyProfileRow`s as dicts, labels first: entropy in nats, the mean over the bin's queries and the
-    samples; entropy_max = mean of log(visible keys): position + 1, at most the window on a sliding-window layer
-    (layer_type "sliding_attention"), the entropy of uniform attention over the visible keys, for scale.
+    samples; head_sample_entropy, each sample's mean over all the head's queries; entropy_max = mean of log(visible
+    keys): position + 1, at most the window on a sliding-window layer (layer_type "sliding_attention"), the entropy
+    of uniform attention over the visible keys, for scale.
     """
     sums = None
     per_sample = []
@@ -80,6 +81,8 @@ def entropy_profile(
     layers, heads, _ = sums.shape
     types = layer_types(model)
     window = getattr(model.config.get_text_config(), "sliding_window", None)
+    head_samples = [[[float(binned[layer, head].double().sum()) / length for binned in per_sample] for head in range(heads)]
+                    for layer in range(layers)]
     for layer in range(layers):
         # a sliding-window layer's queries see at most `window` keys
         seen = visible.clamp(max=window) if window and types[layer] == SLIDING_LAYER_TYPE else visible
@@ -91,6 +94,6 @@ def entropy_profile(
                     position_end=end,
                     entropy=float(sums[layer, head, index]) / (count * (end - start)),
                     entropy_max=float(uniform[index]) / (end - start), samples=count,
-                    sample_entropy=[float(binned[layer, head, index]) / (end - start) for binned in per_sample],
+                    head_sample_entropy=head_samples[layer][head],
                 ).to_dict(labels))
     return rows

@@ -143,7 +143,9 @@ class EntropyProfileRow(Row):
     entropy: float
     entropy_max: float  # entropy of uniform attention over the visible keys, for scale
     samples: int
-    sample_entropy: list[float] = field(default_factory=list)  # each sample's mean over the bin, for intervals over samples
+    # Each sample's mean over all the head's queries at this length, for intervals over samples; the same list on
+    # every bin of the head (gzip stores it once), since a list per bin would be most of a study's database.
+    head_sample_entropy: list[float] = field(default_factory=list)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -340,6 +340,12 @@ def _per_unit(rows: list[dict], field_name: str) -> np.ndarray | None:
     return np.asarray(lists, dtype=np.float64).mean(axis=0)
 
 
+def _sample_entropy(rows: list[dict]) -> np.ndarray | None:
+    """Each token block's mean entropy over `rows`: [blocks]. Databases recorded before head_sample_entropy hold a
+    list per bin (sample_entropy), whose mean over the rows is the same."""
+    return _per_unit(rows, "head_sample_entropy" if rows and "head_sample_entropy" in rows[0] else "sample_entropy")
+
+
 def _document_nll(row: dict) -> np.ndarray | None:
     values = row.get("document_nll")
     return np.asarray(values, dtype=np.float64) if isinstance(values, list) and len(values) > 0 else None
@@ -428,8 +434,8 @@ def _arm_test(runs: TrainingRuns, key: str, values: dict, method: str, short: in
                     note="per extension: description")
     run_short, run_long = per_arm[(method, short)][0], per_arm[(method, long)][0]
     if key == "entropy":
-        test = _evaluation_noise(label, _per_unit(runs.entropy_runs[run_short], "sample_entropy"),
-                                 _per_unit(runs.entropy_runs[run_long], "sample_entropy"), "token blocks",
+        test = _evaluation_noise(label, _sample_entropy(runs.entropy_runs[run_short]),
+                                 _sample_entropy(runs.entropy_runs[run_long]), "token blocks",
                                  f"difference ({unit})", resamples, seed)
     else:
         test = _evaluation_noise(label, _document_nll(runs.perplexity_runs[run_short]),
