@@ -146,6 +146,10 @@ def test_wilson_interval_by_hand():
     centre = (p + z * z / (2 * cases)) / (1 + z * z / cases)
     half = z * math.sqrt(p * (1 - p) / cases + z * z / (4 * cases * cases)) / (1 + z * z / cases)
     assert wilson_interval(correct, cases) == pytest.approx((centre - half, centre + half), abs=1e-12)
+    for cases in range(1, 60):  # none, or every one correct: the interval reaches the proportion exactly
+        assert wilson_interval(0, cases)[0] == 0.0 and wilson_interval(cases, cases)[1] == 1.0
+        assert all(low <= correct / cases <= high for correct in range(cases + 1)
+                   for low, high in [wilson_interval(correct, cases)])
 
 
 def test_dose_response_per_scale():

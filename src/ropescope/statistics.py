@@ -522,7 +522,10 @@ def wilson_interval(correct: int, cases: int, confidence: float = CONFIDENCE) ->
     if cases == 0:
         return 0.0, 1.0
     low, high = proportion_confint(correct, cases, alpha=1 - confidence, method="wilson")
-    return float(low), float(high)
+    # At 0 or all correct the bound is the proportion itself, which statsmodels misses by a rounding (7 of 7: high
+    # 0.9999999999999999): an interval must hold its own estimate, and a plot's error bars must not go negative.
+    proportion = correct / cases
+    return min(float(low), proportion), max(float(high), proportion)
 
 
 def dose_response(levels: Sequence[Hashable], entropies: Sequence[float], failed: Sequence[bool], *,
