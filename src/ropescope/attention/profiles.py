@@ -63,7 +63,7 @@ def entropy_profile(
     of uniform attention over the visible keys, for scale.
     """
     sums = None
-    per_sample = []
+    head_means = []  # per sample: [layers, heads], the mean over all queries
     count = 0
     length = None
     for sample in one_length_samples(samples, "profile", "entropy", progress):
@@ -73,7 +73,7 @@ def entropy_profile(
         entropy = layer_entropies(model, sample[None], chunk_size=chunk_size)[:, 0]  # [layers, heads, length]
         binned = bin_positions(entropy, position_bin_size)
         sums = binned if sums is None else sums + binned
-        per_sample.append(binned)
+        head_means.append(entropy.double().mean(-1))
         count += 1
     bins = position_bins(length, position_bin_size)
     visible = torch.arange(1, length + 1, dtype=torch.float64)
@@ -81,8 +81,7 @@ def entropy_profile(
     layers, heads, _ = sums.shape
     types = layer_types(model)
     window = getattr(model.config.get_text_config(), "sliding_window", None)
-    head_samples = [[[float(binned[layer, head].double().sum()) / length for binned in per_sample] for head in range(heads)]
-                    for layer in range(layers)]
+    head_samples = torch.stack(head_means, dim=-1).tolist()  # [layers][heads][samples]
     for layer in range(layers):
         # a sliding-window layer's queries see at most `window` keys
         seen = visible.clamp(max=window) if window and types[layer] == SLIDING_LAYER_TYPE else visible
